@@ -1,0 +1,71 @@
+"""One registry of backends by (interface, name).
+
+A backend is registered with a factory taking keyword options; configuration keys
+under ``backends.options.<interface>`` are exactly those keyword arguments.
+``get_backend`` caches instances per process, so a long-lived worker loads each
+model once and keeps it warm.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+from typing import Any, Callable
+
+INTERFACES = ("vlm", "detector", "segmenter", "inpainter", "embedder", "quality", "verifier")
+
+_FACTORIES: dict[tuple[str, str], Callable[..., Any]] = {}
+_INSTANCES: dict[tuple[str, str, str], Any] = {}
+_LOCK = threading.Lock()
+
+# Modules that register backends when imported; imported lazily so that heavy
+# libraries (torch, transformers) load only when an `hf`/`tiny` backend is asked for.
+_PROVIDERS = {
+    "classical": "opensubject_tasks.backends.classical",
+    "none": "opensubject_tasks.backends.classical",
+    "vlm": "opensubject_tasks.backends.classical",
+    "hf": "opensubject_tasks.backends.hf",
+    "tiny": "opensubject_tasks.backends.hf",
+}
+
+
+def register(interface: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    if interface not in INTERFACES:
+        raise ValueError(f"unknown backend interface {interface!r}")
+
+    def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+        _FACTORIES[(interface, name)] = factory
+        return factory
+
+    return deco
+
+
+def available(interface: str) -> list[str]:
+    for module in set(_PROVIDERS.values()):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    return sorted(n for (i, n) in _FACTORIES if i == interface)
+
+
+def get_backend(interface: str, name: str, **options: Any) -> Any:
+    """Return the process-wide instance of a backend, creating it on first use."""
+    key = (interface, name, repr(sorted(options.items())))
+    with _LOCK:
+        if key in _INSTANCES:
+            return _INSTANCES[key]
+        if (interface, name) not in _FACTORIES and name in _PROVIDERS:
+            importlib.import_module(_PROVIDERS[name])
+        factory = _FACTORIES.get((interface, name))
+        if factory is None:
+            raise KeyError(
+                f"no {interface} backend named {name!r}; available: {available(interface)}"
+            )
+        instance = factory(**options)
+        _INSTANCES[key] = instance
+        return instance
+
+
+def clear_cache() -> None:
+    with _LOCK:
+        _INSTANCES.clear()

@@ -1,0 +1,199 @@
+"""One typed settings object for the whole product.
+
+Sources, highest first: explicit arguments, environment variables
+(``OPENSUBJECT_`` prefix, ``__`` between nested names, e.g.
+``OPENSUBJECT_CURATE__MIN_SHORT_SIDE=480``), a YAML file (``OPENSUBJECT_CONFIG`` or
+``load_settings(path)``), then the defaults below. Each stage owns one section.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from opensubject_tasks.errors import ConfigError
+
+
+class StoreSettings(BaseModel):
+    kind: Literal["local", "minio"] = "local"
+    local_root: Path = Path("out/store")
+    endpoint: str = "127.0.0.1:9000"
+    access_key: SecretStr = SecretStr("")
+    secret_key: SecretStr = SecretStr("")
+    secure: bool = False
+    region: str | None = None
+    bucket: str = "opensubject"
+    raw_prefix: str = "raw/"
+    presign_expiry_s: int = Field(900, ge=1, le=7 * 24 * 3600)
+    multipart_part_size: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+
+
+class CurateSettings(BaseModel):
+    min_short_side: int = Field(240, ge=1)
+    min_duration_s: float = Field(1.0, ge=0)
+    max_duration_s: float = Field(4 * 3600, gt=0)
+    analysis_width: int = Field(160, ge=32, le=1920)  # frames are scaled inside the decoder
+    detector: str = "adaptive"
+    min_clip_s: float = Field(1.0, ge=0)
+    max_clip_s: float = Field(10.0, gt=0)
+    keyframes_per_clip: int = Field(6, ge=2, le=64)
+    min_quality: float = Field(0.3, ge=0, le=1)
+    decode_timeout_s: float = Field(600.0, gt=0)
+    max_pixels: int = Field(7680 * 4320, gt=0)
+    max_frames: int = Field(10_000_000, gt=0)
+
+
+class MineSettings(BaseModel):
+    consensus_share: float = Field(0.5, gt=0, le=1)
+    min_box_area: float = Field(1 / 64, ge=0, le=1)   # share of the frame
+    max_box_area: float = Field(0.85, gt=0, le=1)
+    link_iou: float = Field(0.3, ge=0, le=1)
+    min_identity: float = Field(0.5, ge=0, le=1)
+    max_pairs_per_subject: int = Field(3, ge=1)
+    min_diversity: float = Field(0.1, ge=0, le=1)
+
+
+class SynthSettings(BaseModel):
+    base_seed: int = 0
+    erosion_px: int = Field(6, ge=0)
+    max_rotation_deg: float = Field(15.0, ge=0, le=180)
+    scale_range: tuple[float, float] = (0.8, 1.1)
+    output_size: int = Field(512, ge=64, le=2048)
+
+
+class VerifySettings(BaseModel):
+    max_attempts: int = Field(3, ge=1)
+    min_identity: float = Field(0.6, ge=0, le=1)
+    max_residual: float = Field(0.6, ge=0, le=1)
+    max_artifact: float = Field(0.6, ge=0, le=1)
+    resynth_stuck_after_s: int = Field(1800, ge=1)
+
+
+class ExportSettings(BaseModel):
+    shard_max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
+    shard_max_samples: int = Field(1000, ge=1)
+    report_grid: int = Field(24, ge=0)
+
+
+class BackendSettings(BaseModel):
+    """Backend names per interface (see opensubject_tasks.backends.registry)."""
+    vlm: str = "none"
+    detector: str = "classical"
+    segmenter: str = "classical"
+    inpainter: str = "classical"
+    embedder: str = "classical"
+    quality: str = "classical"
+    verifier: str = "classical"
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-backend kwargs
+    batch_size: int = Field(8, ge=1)
+    device: str = "cpu"
+    dtype: str = "auto"
+
+
+class CelerySettings(BaseModel):
+    result_backend: str | None = None  # default: db+<database_url>
+    soft_time_limit_s: int = Field(1800, ge=1)
+    hard_time_limit_s: int = Field(2100, ge=1)
+    visibility_timeout_s: int = Field(7200, ge=60)
+    max_retries: int = Field(5, ge=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OPENSUBJECT_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    profile: Literal["cpu", "gpu", "tiny"] = "cpu"
+    database_url: str = "sqlite:///out/opensubject.db"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    curate: CurateSettings = Field(default_factory=CurateSettings)
+    mine: MineSettings = Field(default_factory=MineSettings)
+    synth: SynthSettings = Field(default_factory=SynthSettings)
+    verify: VerifySettings = Field(default_factory=VerifySettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    backends: BackendSettings = Field(default_factory=BackendSettings)
+    celery: CelerySettings = Field(default_factory=CelerySettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls), file_secret_settings)
+
+    def secrets(self) -> list[str]:
+        """Configured secret values, for redaction in logs and reports."""
+        vals = [self.store.access_key.get_secret_value(), self.store.secret_key.get_secret_value()]
+        for url in (self.database_url, self.broker_url):
+            if "@" in url and ":" in url.split("@", 1)[0].split("//", 1)[-1]:
+                vals.append(url.split("@", 1)[0].split("//", 1)[-1].split(":", 1)[1])
+        return [v for v in vals if v]
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by OPENSUBJECT_CONFIG (or set by load_settings)."""
+
+    path: Path | None = None
+
+    def get_field_value(self, field, field_name):  # noqa: ANN001 - required by the base class
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _YamlSource.path or (
+            Path(os.environ["OPENSUBJECT_CONFIG"]) if os.environ.get("OPENSUBJECT_CONFIG") else None
+        )
+        if path is None:
+            return {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        return data
+
+
+PROFILE_BACKENDS: dict[str, dict[str, str]] = {
+    "cpu": {},  # the classical defaults above
+    "gpu": {"vlm": "hf", "detector": "hf", "segmenter": "hf", "inpainter": "hf",
+            "embedder": "hf", "quality": "hf", "verifier": "vlm"},
+    "tiny": {"vlm": "tiny", "detector": "tiny", "segmenter": "tiny", "inpainter": "tiny",
+             "embedder": "tiny", "quality": "tiny", "verifier": "vlm"},
+}
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings, turning validation errors into a ConfigError naming each field."""
+    _YamlSource.path = Path(path) if path else None
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            f" (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+    finally:
+        _YamlSource.path = None
+    return apply_profile(settings)
+
+
+def apply_profile(settings: Settings) -> Settings:
+    """Fill backend names from the profile unless they were set explicitly."""
+    explicit = settings.backends.model_fields_set
+    for key, name in PROFILE_BACKENDS[settings.profile].items():
+        if key not in explicit:
+            setattr(settings.backends, key, name)
+    return settings

@@ -1,0 +1,37 @@
+"""What a stage needs from the outside world, built once per process."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from opensubject_tasks.backends.registry import get_backend
+from opensubject_tasks.config import Settings
+from opensubject_tasks.db.engine import make_engine, make_session_factory
+from opensubject_tasks.storage import ObjectStore, make_store
+
+
+@dataclass
+class Context:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: ObjectStore
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Context":
+        engine = make_engine(settings.database_url)
+        return cls(settings, engine, make_session_factory(engine), make_store(settings.store))
+
+    def backend(self, interface: str) -> Any:
+        """The configured backend for an interface (loaded once per process, then warm)."""
+        b = self.settings.backends
+        name = getattr(b, interface)
+        options: dict[str, Any] = {"device": b.device, "dtype": b.dtype, "batch_size": b.batch_size}
+        options.update(b.options.get(interface, {}))
+        return get_backend(interface, name, **options)

@@ -1,0 +1,175 @@
+"""SQLAlchemy 2.0 models mirroring ``sql/*.sql`` (tests/test_schema.py checks for drift).
+
+PostgreSQL is created from ``sql/``; SQLite (embedded mode) from these models.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONType, list[Any]: JSONType}
+
+
+def _ts(nullable: bool = False, onupdate: bool = False) -> Mapped[Any]:
+    return mapped_column(
+        DateTime(timezone=True),
+        nullable=nullable,
+        default=None if nullable else utcnow,
+        onupdate=utcnow if onupdate else None,
+    )
+
+
+class SchemaMigration(Base):
+    __tablename__ = "schema_migrations"
+    filename: Mapped[str] = mapped_column(Text, primary_key=True)
+    applied_at: Mapped[datetime] = _ts()
+
+
+class Build(Base):
+    __tablename__ = "builds"
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    profile: Mapped[str] = mapped_column(Text, default="cpu")
+    state: Mapped[str] = mapped_column(Text, default="running")
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts(onupdate=True)
+
+
+class Video(Base):
+    __tablename__ = "videos"
+    __table_args__ = (
+        Index("videos_state_idx", "state"),
+        Index("videos_build_idx", "build_id"),
+    )
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    content_hash: Mapped[str] = mapped_column(Text, unique=True)
+    source_uri: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    build_id: Mapped[str | None] = mapped_column(
+        Text, ForeignKey("builds.id", ondelete="SET NULL"), nullable=True
+    )
+    state: Mapped[str] = mapped_column(Text, default="registered")
+    stage_done: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    probe: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts(onupdate=True)
+
+
+class Clip(Base):
+    __tablename__ = "clips"
+    __table_args__ = (UniqueConstraint("video_id", "idx"),)
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    video_id: Mapped[str] = mapped_column(Text, ForeignKey("videos.id", ondelete="CASCADE"))
+    idx: Mapped[int] = mapped_column(Integer)
+    start_frame: Mapped[int] = mapped_column(Integer)
+    end_frame: Mapped[int] = mapped_column(Integer)
+    start_s: Mapped[float] = mapped_column(Float)
+    end_s: Mapped[float] = mapped_column(Float)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    quality: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    state: Mapped[str] = mapped_column(Text, default="kept")
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    keyframes: Mapped[list[Any]] = mapped_column(JSONType, default=list)
+    created_at: Mapped[datetime] = _ts()
+
+
+class Subject(Base):
+    __tablename__ = "subjects"
+    __table_args__ = (UniqueConstraint("clip_id", "idx"),)
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    clip_id: Mapped[str] = mapped_column(Text, ForeignKey("clips.id", ondelete="CASCADE"))
+    idx: Mapped[int] = mapped_column(Integer)
+    category: Mapped[str] = mapped_column(Text)
+    category_source: Mapped[str] = mapped_column(Text)
+    consensus: Mapped[float | None] = mapped_column(Float, nullable=True)
+    boxes: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    backends: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    state: Mapped[str] = mapped_column(Text, default="kept")
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = _ts()
+
+
+class Pair(Base):
+    __tablename__ = "pairs"
+    __table_args__ = (UniqueConstraint("subject_id", "ref_frame", "tgt_frame"),)
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    subject_id: Mapped[str] = mapped_column(Text, ForeignKey("subjects.id", ondelete="CASCADE"))
+    ref_frame: Mapped[int] = mapped_column(Integer)
+    tgt_frame: Mapped[int] = mapped_column(Integer)
+    ref_box: Mapped[list[Any]] = mapped_column(JSONType)
+    tgt_box: Mapped[list[Any]] = mapped_column(JSONType)
+    scores: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = _ts()
+
+
+class Sample(Base):
+    __tablename__ = "samples"
+    __table_args__ = (Index("samples_state_idx", "state"),)
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    pair_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("pairs.id", ondelete="CASCADE"), unique=True
+    )
+    build_id: Mapped[str | None] = mapped_column(
+        Text, ForeignKey("builds.id", ondelete="SET NULL"), nullable=True
+    )
+    state: Mapped[str] = mapped_column(Text, default="pending")
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    keys: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    augment: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    backends: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    verdict: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    history: Mapped[list[Any]] = mapped_column(JSONType, default=list)
+    caption_short: Mapped[str | None] = mapped_column(Text, nullable=True)
+    caption_long: Mapped[str | None] = mapped_column(Text, nullable=True)
+    caption_source: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    queued_at: Mapped[datetime | None] = _ts(nullable=True)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts(onupdate=True)
+
+
+class StageAttempt(Base):
+    __tablename__ = "stage_attempts"
+    __table_args__ = (
+        Index("stage_attempts_entity_idx", "entity_type", "entity_id", "stage"),
+    )
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    build_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    entity_type: Mapped[str] = mapped_column(Text)
+    entity_id: Mapped[str] = mapped_column(Text)
+    stage: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    worker: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status: Mapped[str] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = _ts()
+    finished_at: Mapped[datetime | None] = _ts(nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)

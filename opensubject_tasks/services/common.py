@@ -1,0 +1,135 @@
+"""The service layer's shared shell: run one stage on one entity, record the attempt.
+
+Stage services (``services/<stage>.py``) are plain functions ``fn(ctx, entity_id)
+-> StageResult``. The embedded runner and the Celery tasks both call ``run_stage``;
+neither knows what a stage does.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from sqlalchemy import select
+
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.models import Sample, StageAttempt, Video
+from opensubject_tasks.errors import BadInput, Rejected
+
+# Follow-up work: (stage, entity_id) pairs an orchestrator should run next.
+Next = list[tuple[str, str]]
+
+
+@dataclass
+class StageResult:
+    status: str = "ok"                 # ok | rejected | failed
+    reason: str | None = None
+    next: Next = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "reason": self.reason,
+                "next": [list(n) for n in self.next], "details": self.details}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    entity_type: str                   # video | sample | build
+    fn: Callable[[Context, str], StageResult]
+    queue: str                         # cpu | gpu
+
+
+STAGES: dict[str, StageSpec] = {}
+STAGE_ORDER = ("curate", "mine", "synthesize", "verify", "export")
+
+
+def stage(name: str, entity_type: str, queue: str) -> Callable[[Callable[[Context, str], StageResult]], Callable[[Context, str], StageResult]]:
+    """Register a stage service function under its name."""
+    def deco(fn: Callable[[Context, str], StageResult]) -> Callable[[Context, str], StageResult]:
+        STAGES[name] = StageSpec(name, entity_type, fn, queue)
+        return fn
+    return deco
+
+
+def load_stages() -> dict[str, StageSpec]:
+    """Import the stage modules so that they register themselves."""
+    import importlib
+
+    for mod in ("curate", "mine", "synthesize", "verify", "export"):
+        try:
+            importlib.import_module(f"opensubject_tasks.services.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"opensubject_tasks.services.{mod}":
+                raise
+    return STAGES
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
+    with session_scope(ctx.sessions) as s:
+        if entity_type == "video":
+            return s.scalar(select(Video.build_id).where(Video.id == entity_id))
+        if entity_type == "sample":
+            return s.scalar(select(Sample.build_id).where(Sample.id == entity_id))
+        if entity_type == "build":
+            return entity_id
+    return None
+
+
+def mark_bad_input(ctx: Context, entity_type: str, entity_id: str, exc: BadInput) -> None:
+    """Record a terminal rejection/failure with its reason on the entity itself."""
+    state = "rejected" if isinstance(exc, Rejected) else "failed"
+    with session_scope(ctx.sessions) as s:
+        model = {"video": Video, "sample": Sample}.get(entity_type)
+        if model is None:
+            return
+        row = s.get(model, entity_id)
+        if row is not None:
+            row.state = state
+            row.reason = exc.reason[:2000]
+
+
+def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1) -> StageResult:
+    """Run one stage on one entity; bad input becomes a recorded result, other errors
+    are recorded and re-raised (the caller decides whether to retry)."""
+    spec = load_stages()[stage_name]
+    build_id = _build_of(ctx, spec.entity_type, entity_id)
+    with session_scope(ctx.sessions) as s:
+        row = StageAttempt(build_id=build_id, entity_type=spec.entity_type, entity_id=entity_id,
+                           stage=stage_name, attempt=attempt, worker=ctx.worker, status="running")
+        s.add(row)
+        s.flush()
+        attempt_id = row.id
+    t0 = time.perf_counter()
+    status, error, result = "failed", None, None
+    try:
+        result = spec.fn(ctx, entity_id)
+        status, error = result.status, result.reason
+        return result
+    except BadInput as exc:
+        mark_bad_input(ctx, spec.entity_type, entity_id, exc)
+        status = "rejected" if isinstance(exc, Rejected) else "failed"
+        error = exc.reason
+        result = StageResult(status=status, reason=exc.reason)
+        return result
+    except BaseException as exc:
+        status = "timeout" if type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded") else "error"
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+        raise
+    finally:
+        with session_scope(ctx.sessions) as s:
+            row = s.get(StageAttempt, attempt_id)
+            if row is not None:
+                row.status = status
+                row.error = error[:8000] if error else None
+                row.finished_at = utcnow()
+                row.duration_s = time.perf_counter() - t0
+                if result is not None and result.details:
+                    row.details = result.details

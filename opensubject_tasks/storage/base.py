@@ -1,0 +1,95 @@
+"""The object-store interface and safe, deterministic keys.
+
+Every key is built with ``safe_key`` so a user-supplied name can never escape its
+prefix: ``..`` segments, absolute paths, backslashes, NUL and control characters
+are refused with ``UnsafeKey``.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol, runtime_checkable
+
+from opensubject_tasks.errors import UnsafeKey
+
+_MAX_KEY_BYTES = 1024  # S3's limit
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Minimal S3-style store. Implementations: LocalStore, MinioStore."""
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+    def put_file(self, key: str, path: str | Path, content_type: str = "application/octet-stream") -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def get_file(self, key: str, path: str | Path) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def stat(self, key: str) -> ObjectInfo: ...
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+    def delete(self, key: str) -> None: ...
+    def url(self, key: str, expires_s: int | None = None) -> str: ...
+
+
+def check_key(key: str) -> str:
+    """Validate a complete key; returns it unchanged or raises UnsafeKey."""
+    if not isinstance(key, str) or not key:
+        raise UnsafeKey("object key must be a non-empty string")
+    if len(key.encode("utf-8", "surrogatepass")) > _MAX_KEY_BYTES:
+        raise UnsafeKey("object key longer than 1024 bytes")
+    if key.startswith("/") or key.startswith("~"):
+        raise UnsafeKey(f"absolute object key refused: {key!r}")
+    if "\\" in key:
+        raise UnsafeKey(f"backslash in object key refused: {key!r}")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in key):
+        raise UnsafeKey(f"control character in object key refused: {key!r}")
+    parts = key.split("/")
+    for i, part in enumerate(parts):
+        if part in ("", ".", "..") and not (part == "" and i == len(parts) - 1):
+            raise UnsafeKey(f"empty, '.' or '..' segment in object key refused: {key!r}")
+    return key
+
+
+def safe_key(*parts: str | int) -> str:
+    """Join parts into a key; each part must be one safe segment (or a safe sub-path)."""
+    joined = "/".join(str(p).strip("/") if isinstance(p, str) else str(p) for p in parts)
+    for p in parts:
+        if isinstance(p, str) and (p.startswith("/") or p == ""):
+            raise UnsafeKey(f"empty or absolute key part refused: {p!r}")
+    return check_key(joined)
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slug(name: str, max_len: int = 80) -> str:
+    """A display-safe single path segment made from a user-supplied name."""
+    s = _SAFE_NAME.sub("_", unicodedata.normalize("NFKC", name)).strip("._-")
+    return (s[:max_len] or "unnamed")
+
+
+# Deterministic keys: one obvious place for the layout of the store.
+class Keys:
+    @staticmethod
+    def raw_video(raw_prefix: str, name: str) -> str:
+        return safe_key(raw_prefix.strip("/"), slug(name, 200))
+
+    @staticmethod
+    def keyframe(video_id: str, clip_id: str, frame: int) -> str:
+        return safe_key("videos", video_id, "clips", clip_id, "frames", f"{frame:07d}.jpg")
+
+    @staticmethod
+    def sample_file(video_id: str, sample_id: str, attempt: int, name: str) -> str:
+        return safe_key("videos", video_id, "samples", sample_id, f"a{attempt}", name)
+
+    @staticmethod
+    def dataset(build_id: str, *rest: str) -> str:
+        return safe_key("datasets", slug(build_id), *rest)
