@@ -41,6 +41,7 @@ class CurateSettings(BaseModel):
     min_clip_s: float = Field(1.0, ge=0)
     max_clip_s: float = Field(10.0, gt=0)
     keyframes_per_clip: int = Field(6, ge=2, le=64)
+    keyframe_max_side: int = Field(768, ge=64, le=4096)  # stored keyframes; boxes use this scale
     min_quality: float = Field(0.3, ge=0, le=1)
     decode_timeout_s: float = Field(600.0, gt=0)
     max_pixels: int = Field(7680 * 4320, gt=0)

@@ -133,3 +133,28 @@ def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1) -
                 row.duration_s = time.perf_counter() - t0
                 if result is not None and result.details:
                     row.details = result.details
+
+
+def finalize_video(ctx: Context, video_id: str) -> str:
+    """Give a video its terminal state once none of its samples is still in flight:
+    done (at least one verified sample), rejected (none), or keep failed/rejected."""
+    from opensubject_tasks.db.models import Clip, Pair, Subject
+
+    with session_scope(ctx.sessions) as s:
+        video = s.get(Video, video_id)
+        if video is None or video.state in ("failed", "rejected"):
+            return video.state if video else "missing"
+        states = [st for (st,) in s.execute(
+            select(Sample.state).join(Pair, Sample.pair_id == Pair.id)
+            .join(Subject, Pair.subject_id == Subject.id)
+            .join(Clip, Subject.clip_id == Clip.id).where(Clip.video_id == video_id)
+        )]
+        if any(st in ("pending", "synthesized") for st in states):
+            return video.state
+        if any(st == "verified" for st in states):
+            video.state, video.reason = "done", None
+        else:
+            video.state = "rejected"
+            video.reason = video.reason or ("no sample passed verification" if states
+                                            else "no subject pair found")
+        return video.state
