@@ -1,0 +1,48 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh Linux
+# machine with Python 3.11; each creates .venv/ first if needed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first: the CPU build is enough here. GPU machines: see README ("GPU workers").
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: venv demo test lint audit system-deps clean freeze
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -r requirements.txt
+	# scenedetect declares opencv-python, which would overwrite the contrib cv2 build we use
+	$(BIN)/pip install --quiet --no-deps scenedetect==0.7.2
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+demo: venv
+	$(BIN)/opensubject samples make media
+	$(BIN)/opensubject run media --out out
+	$(BIN)/opensubject status --out out
+
+# Browser tests drive Debian's Chromium; install it when missing (needs root or sudo).
+system-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: venv system-deps
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check opensubject_tasks dags plugins
+
+audit: venv
+	$(BIN)/pip-audit -r requirements.txt --progress-spinner off
+
+clean:
+	rm -rf out media .pytest_cache
+
+freeze:
+	{ head -2 requirements.txt; $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|scenedetect|opensubject-tasks)=='; } > requirements.new && mv requirements.new requirements.txt
