@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from opensubject_tasks.errors import ConfigError
@@ -30,6 +30,12 @@ class StoreSettings(BaseModel):
     raw_prefix: str = "raw/"
     presign_expiry_s: int = Field(900, ge=1, le=7 * 24 * 3600)
     multipart_part_size: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    # Transient faults (connection errors, 5xx): bounded exponential backoff, then TransientError.
+    retry_attempts: int = Field(8, ge=1, le=50)
+    retry_initial_s: float = Field(0.5, gt=0, le=60)
+    retry_max_wait_s: float = Field(20.0, gt=0, le=600)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)  # between two reads, not for a whole transfer
 
 
 class CurateSettings(BaseModel):
@@ -68,16 +74,34 @@ class SynthSettings(BaseModel):
 
 class VerifySettings(BaseModel):
     max_attempts: int = Field(3, ge=1)
-    min_identity: float = Field(0.6, ge=0, le=1)
-    max_residual: float = Field(0.6, ge=0, le=1)
-    max_artifact: float = Field(0.6, ge=0, le=1)
+    min_identity: float = Field(0.6, ge=0, le=1)   # subject in generation input vs reference
+    max_residual: float = Field(0.6, ge=0, le=1)   # subject left in the inpainted box
+    max_artifact: float = Field(0.6, ge=0, le=1)   # seams along mask/box edges, blank fills
     resynth_stuck_after_s: int = Field(1800, ge=1)
+    # Mask sanity: the subject's share of the generation input and of the reference,
+    # and the share of the mask held by its largest connected part.
+    min_mask_share: float = Field(0.005, ge=0, le=1)
+    max_mask_share: float = Field(0.9, gt=0, le=1)
+    min_mask_connected: float = Field(0.8, ge=0, le=1)
+    seam_band_px: int = Field(2, ge=1, le=32)       # width of the strips compared across an edge
+    # Keypoint evidence (ORB + RANSAC similarity transform): Brown & Lowe's acceptance test
+    # inliers > 5.9 + 0.22 * matches, as a ratio; >= this means "the same pixels are there".
+    min_keypoint_ratio: float = Field(1.0, gt=0)
+    min_keypoints: int = Field(15, ge=4)            # fewer on the reference: no keypoint check
+    max_unchanged_in_box: float = Field(0.5, ge=0, le=1)  # box pixels equal to the target
+    # "all": a VLM verdict must also pass every classical check; "vlm": the VLM's answers
+    # replace the classical identity/residual/artifact checks (mask sanity still applies).
+    vlm_combine: Literal["all", "vlm"] = "all"
 
 
 class ExportSettings(BaseModel):
     shard_max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
     shard_max_samples: int = Field(1000, ge=1)
     report_grid: int = Field(24, ge=0)
+    report_worst: int = Field(8, ge=0)              # worst-scoring verified samples shown
+    report_thumb_px: int = Field(160, ge=32, le=1024)
+    report_seed: int = 0                            # picks the report's random sample grid
+    omnigen2: bool = True                           # also write Images/ + train_*.jsonl
 
 
 class BackendSettings(BaseModel):
@@ -95,12 +119,58 @@ class BackendSettings(BaseModel):
     dtype: str = "auto"
 
 
+class StageTimeLimit(BaseModel):
+    soft_s: int = Field(ge=1)   # SoftTimeLimitExceeded is raised in the task: recorded, retried
+    hard_s: int = Field(ge=1)   # the pool process is killed: recorded by the worker, retried
+
+    @model_validator(mode="after")
+    def _hard_after_soft(self) -> "StageTimeLimit":
+        if self.hard_s <= self.soft_s:
+            raise ValueError(f"hard_s ({self.hard_s}) must be greater than soft_s ({self.soft_s})")
+        return self
+
+
 class CelerySettings(BaseModel):
     result_backend: str | None = None  # default: db+<database_url>
-    soft_time_limit_s: int = Field(1800, ge=1)
+    soft_time_limit_s: int = Field(1800, ge=1)   # stages without their own entry below
     hard_time_limit_s: int = Field(2100, ge=1)
-    visibility_timeout_s: int = Field(7200, ge=60)
+    # Per stage (task name without the "opensubject." prefix). Model stages get the most.
+    time_limits: dict[str, StageTimeLimit] = Field(default_factory=lambda: {
+        "ingest": StageTimeLimit(soft_s=600, hard_s=660),
+        "curate": StageTimeLimit(soft_s=1800, hard_s=2100),
+        "mine": StageTimeLimit(soft_s=1800, hard_s=2100),
+        "synthesize": StageTimeLimit(soft_s=900, hard_s=1080),
+        "verify": StageTimeLimit(soft_s=600, hard_s=720),
+        "export": StageTimeLimit(soft_s=3600, hard_s=3900),
+        "resynth_sweep": StageTimeLimit(soft_s=300, hard_s=360),
+    })
+    # A message not acknowledged within this time is delivered again (Redis broker): it must
+    # exceed the longest hard limit and the longest retry delay.
+    visibility_timeout_s: int = Field(7200, ge=2)
+    # How often a worker looks for unacknowledged messages of dead workers (seconds); the
+    # scan runs every interval x throttle seconds. Production keeps kombu's defaults.
+    unacked_restore_interval_s: int = Field(10, ge=1)
+    unacked_restore_throttle: int = Field(10, ge=1)
     max_retries: int = Field(5, ge=0)
+    retry_backoff_s: float = Field(5.0, gt=0)        # first delay; doubles each retry
+    retry_backoff_max_s: float = Field(600.0, gt=0)
+    poll_interval_s: float = Field(5.0, gt=0)        # how often Airflow's triggers look at progress
+
+    def limits(self, stage: str) -> StageTimeLimit:
+        return self.time_limits.get(stage) or StageTimeLimit(soft_s=self.soft_time_limit_s,
+                                                             hard_s=self.hard_time_limit_s)
+
+    @model_validator(mode="after")
+    def _visibility_covers_tasks(self) -> "CelerySettings":
+        longest = max([self.hard_time_limit_s, self.retry_backoff_max_s,
+                       *(lim.hard_s for lim in self.time_limits.values())])
+        if self.visibility_timeout_s <= longest:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed the longest hard "
+                f"time limit and retry delay ({longest:g}); otherwise running tasks are delivered twice")
+        if self.hard_time_limit_s <= self.soft_time_limit_s:
+            raise ValueError("hard_time_limit_s must be greater than soft_time_limit_s")
+        return self
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,286 @@
+"""Class-agnostic subject proposals without downloaded weights.
+
+A subject is what moves against the scene. For each keyframe of a clip:
+1. the camera's motion to every other keyframe is estimated (ORB feature homography
+   with RANSAC, ECC affine as the fallback), so pans and zooms are compensated;
+2. every other keyframe is warped onto it and compared with a 1-pixel registration
+   tolerance; a pixel is "moving" when it differs from most of the other keyframes
+   (a low quantile of the differences, so the subject's former places, which differ
+   in only one frame each, do not count);
+3. the moving pixels, above a threshold set from the frame's own noise level, are
+   cleaned up and grouped into connected regions; each region's score fuses its motion
+   strength with its spectral-residual saliency contrast (cv2.saliency);
+4. regions are linked across keyframes into tracks by colour similarity and by
+   overlap after camera-motion compensation (Detection.track).
+
+It cannot name what it finds: every detection is labelled ``object``. Categories come
+from a VLM; the mining stage attaches them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+from opensubject_tasks.backends.base import Detection, Image
+from opensubject_tasks.backends.registry import register
+
+GENERIC = "object"
+
+
+@dataclass
+class _Frame:
+    rgb: np.ndarray        # working-size RGB, float32, lightly blurred
+    grey: np.ndarray       # working-size uint8
+    sx: float              # full-size pixels per working pixel
+    sy: float
+    kps: Any
+    des: np.ndarray | None
+    saliency: np.ndarray   # working-size float32 in [0, 1]
+
+
+class MotionSaliencyDetector:
+    name = "classical"
+
+    def __init__(self, work_side: int = 320, min_area: float = 0.002, threshold: float = 20.0,
+                 noise_k: float = 6.0, quantile: float = 0.3, saliency_weight: float = 0.3,
+                 min_score: float = 0.3, link_min: float = 0.45, max_gap: int = 2,
+                 max_proposals: int = 8) -> None:
+        self.work_side = work_side            # frames are analysed at this longest side
+        self.min_area = min_area              # smallest region, as a share of the frame
+        self.threshold = threshold            # smallest colour difference (0-255) that counts as motion
+        self.noise_k = noise_k                # ...or this many robust std devs above the frame's noise
+        self.quantile = quantile              # which of the sorted per-frame differences decides
+        self.saliency_weight = saliency_weight
+        self.min_score = min_score
+        self.link_min = link_min              # smallest affinity that links two boxes
+        self.max_gap = max_gap                # keyframes a track may skip
+        self.max_proposals = max_proposals    # per keyframe
+        self._orb = cv2.ORB_create(nfeatures=4000, fastThreshold=5)
+        self._saliency = cv2.saliency.StaticSaliencySpectralResidual_create()
+
+    # -- public -------------------------------------------------------------------------
+    def detect(self, frames: Sequence[Image], categories: Sequence[str]) -> list[list[Detection]]:
+        if len(frames) == 0:
+            return []
+        fs = [self._prepare(f) for f in frames]
+        n = len(fs)
+        homog: dict[tuple[int, int], np.ndarray] = {}
+        for i in range(n):
+            for j in range(i + 1, n):
+                h_ij = self._register(fs[i], fs[j])  # maps frame j to frame i
+                if h_ij is not None:
+                    homog[(i, j)] = h_ij
+                    homog[(j, i)] = np.linalg.inv(h_ij)
+        per_frame: list[list[tuple[list[float], float]]] = []
+        for i in range(n):
+            motion, thr = self._motion(fs, homog, i)
+            per_frame.append(self._regions(fs[i], motion, thr))
+        tracks = self._link(fs, homog, per_frame)
+        out: list[list[Detection]] = []
+        for i, regions in enumerate(per_frame):
+            dets = []
+            for k, (box, score) in enumerate(regions):
+                f = fs[i]
+                full = [box[0] * f.sx, box[1] * f.sy, box[2] * f.sx, box[3] * f.sy]
+                dets.append(Detection(box=[round(v, 2) for v in full], score=round(score, 4),
+                                      category=GENERIC, track=tracks[i][k]))
+            out.append(dets)
+        return out
+
+    # -- steps ----------------------------------------------------------------------------
+    def _prepare(self, frame: Image) -> _Frame:
+        h, w = frame.shape[:2]
+        scale = min(1.0, self.work_side / max(h, w))
+        sw, sh = max(8, round(w * scale)), max(8, round(h * scale))
+        small = cv2.resize(np.ascontiguousarray(frame), (sw, sh), interpolation=cv2.INTER_AREA)
+        grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+        kps, des = self._orb.compute(grey, _spread(self._orb.detect(grey, None), sw, sh))
+        ok, sal = self._saliency.computeSaliency(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+        sal = sal.astype(np.float32) if ok else np.zeros((sh, sw), np.float32)
+        sal = cv2.GaussianBlur(sal, (0, 0), 2)
+        sal /= float(sal.max()) + 1e-6
+        rgb = cv2.GaussianBlur(small.astype(np.float32), (0, 0), 1.0)
+        return _Frame(rgb, grey, w / sw, h / sh, kps, des, sal)
+
+    def _register(self, a: _Frame, b: _Frame) -> np.ndarray | None:
+        """Homography taking frame b's pixels to frame a's, or None when it cannot be found."""
+        if a.des is not None and b.des is not None and len(a.des) >= 8 and len(b.des) >= 8:
+            matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+            good = [m for m, n2 in (p for p in matcher.knnMatch(b.des, a.des, k=2) if len(p) == 2)
+                    if m.distance < 0.8 * n2.distance]
+            if len(good) >= 12:
+                src = np.float32([b.kps[m.queryIdx].pt for m in good])
+                dst = np.float32([a.kps[m.trainIdx].pt for m in good])
+                hmat, inl = cv2.findHomography(src, dst, cv2.RANSAC, 2.5)
+                if hmat is not None and inl is not None and inl.sum() >= 12 and _sane(hmat):
+                    return hmat
+        return self._register_ecc(a, b)
+
+    @staticmethod
+    def _register_ecc(a: _Frame, b: _Frame) -> np.ndarray | None:
+        warp = np.eye(2, 3, dtype=np.float32)
+        try:
+            _, warp = cv2.findTransformECC(a.grey, b.grey, warp, cv2.MOTION_AFFINE,
+                                           (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 60, 1e-4),
+                                           None, 5)
+        except cv2.error:
+            return None
+        # ECC's warp maps a's pixels into b; invert it to map b into a
+        hmat = np.linalg.inv(np.vstack([warp, [0, 0, 1]]).astype(np.float64))
+        return hmat if _sane(hmat) else None
+
+    def _motion(self, fs: list[_Frame], homog: dict[tuple[int, int], np.ndarray], i: int
+                ) -> tuple[np.ndarray, float]:
+        f = fs[i]
+        sh, sw = f.grey.shape
+        kernel = np.ones((3, 3), np.uint8)
+        lo_i, hi_i = cv2.erode(f.rgb, kernel), cv2.dilate(f.rgb, kernel)
+        diffs = []
+        for j in range(len(fs)):
+            if j == i or (i, j) not in homog or fs[j].grey.shape != f.grey.shape:
+                continue
+            h_ij = homog[(i, j)]
+            warped = cv2.warpPerspective(fs[j].rgb, h_ij, (sw, sh), flags=cv2.INTER_LINEAR)
+            valid = cv2.warpPerspective(np.ones((sh, sw), np.uint8), h_ij, (sw, sh),
+                                        flags=cv2.INTER_NEAREST)
+            valid = cv2.erode(valid, np.ones((5, 5), np.uint8)) > 0
+            lo_j, hi_j = cv2.erode(warped, kernel), cv2.dilate(warped, kernel)
+            # differences that a one-pixel misregistration would explain do not count
+            d1 = np.maximum(np.maximum(f.rgb - hi_j, lo_j - f.rgb), 0).max(axis=2)
+            d2 = np.maximum(np.maximum(warped - hi_i, lo_i - warped), 0).max(axis=2)
+            d = np.minimum(d1, d2)
+            d[~valid] = np.inf
+            diffs.append(d)
+        if not diffs:
+            return np.zeros((sh, sw), np.float32), float("inf")
+        stack = np.sort(np.stack(diffs), axis=0)
+        n_valid = np.isfinite(stack).sum(axis=0)
+        k = np.floor(self.quantile * np.maximum(n_valid - 1, 0)).astype(int)
+        motion = np.take_along_axis(stack, k[None], axis=0)[0]
+        motion[n_valid == 0] = 0
+        motion = motion.astype(np.float32)
+        seen = motion[n_valid > 0]
+        if seen.size == 0:
+            return motion, float("inf")
+        med = float(np.median(seen))
+        mad = float(np.median(np.abs(seen - med))) * 1.4826
+        return motion, max(self.threshold, med + self.noise_k * mad)
+
+    def _regions(self, f: _Frame, motion: np.ndarray, thr: float) -> list[tuple[list[float], float]]:
+        if not np.isfinite(thr):
+            return []
+        sh, sw = motion.shape
+        binary = (motion > thr).astype(np.uint8)
+        binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
+        k = max(5, int(0.03 * max(sh, sw)) | 1)
+        binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+        binary = ndimage.binary_fill_holes(binary).astype(np.uint8)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+        out = []
+        min_px = self.min_area * sh * sw
+        sal_total = float(f.saliency.sum())
+        for c in range(1, count):
+            x, y, w, h, area = stats[c]
+            if area < min_px:
+                continue
+            region = labels == c
+            strength = float(np.clip(motion[region].mean() / (3 * thr), 0, 1))
+            sal_in = float(f.saliency[region].mean())
+            sal_out = (sal_total - float(f.saliency[region].sum())) / max(region.size - area, 1)
+            contrast = sal_in / (sal_in + sal_out + 1e-6)
+            score = (1 - self.saliency_weight) * (0.5 + 0.5 * strength) + self.saliency_weight * contrast
+            if score >= self.min_score:
+                out.append(([float(x), float(y), float(x + w), float(y + h)], score))
+        out.sort(key=lambda r: -r[1])
+        return out[: self.max_proposals]
+
+    def _link(self, fs: list[_Frame], homog: dict[tuple[int, int], np.ndarray],
+              per_frame: list[list[tuple[list[float], float]]]) -> list[list[int]]:
+        """Give each region a track id; a track continues when colour and compensated
+        position agree (Hungarian assignment per keyframe)."""
+        hists = [[_hist(fs[i].rgb, box) for box, _ in regions] for i, regions in enumerate(per_frame)]
+        ids: list[list[int]] = []
+        tracks: list[tuple[int, int, list[float], np.ndarray]] = []  # (id, frame, box, hist)
+        next_id = 0
+        for i, regions in enumerate(per_frame):
+            live = [t for t in tracks if i - t[1] <= self.max_gap + 1]
+            aff = np.zeros((len(regions), len(live)))
+            for a, (box, _) in enumerate(regions):
+                for b, (_, j, tbox, thist) in enumerate(live):
+                    app = 1.0 - cv2.compareHist(hists[i][a], thist, cv2.HISTCMP_BHATTACHARYYA)
+                    moved = _warp_box(tbox, homog.get((i, j)))
+                    geo = _iou(box, moved) if moved is not None else 0.0
+                    aff[a, b] = 0.65 * app + 0.35 * geo if app >= 0.5 else 0.0
+            assigned = [-1] * len(regions)
+            if aff.size:
+                rows, cols = linear_sum_assignment(-aff)
+                for a, b in zip(rows, cols, strict=True):
+                    if aff[a, b] >= self.link_min:
+                        assigned[a] = live[b][0]
+            frame_ids = []
+            for a, (box, _) in enumerate(regions):
+                tid = assigned[a]
+                if tid < 0:
+                    tid, next_id = next_id, next_id + 1
+                tracks = [t for t in tracks if t[0] != tid] + [(tid, i, box, hists[i][a])]
+                frame_ids.append(tid)
+            ids.append(frame_ids)
+        return ids
+
+
+def _spread(kps: Sequence[Any], w: int, h: int, grid: tuple[int, int] = (8, 6), per_cell: int = 25
+            ) -> list[Any]:
+    """Keep the strongest keypoints of each grid cell: a textured subject must not
+    outvote the scene around it when the camera motion is estimated."""
+    cells: dict[tuple[int, int], list[Any]] = {}
+    for kp in kps:
+        key = (min(int(kp.pt[0] * grid[0] / w), grid[0] - 1), min(int(kp.pt[1] * grid[1] / h), grid[1] - 1))
+        cells.setdefault(key, []).append(kp)
+    out = []
+    for key in sorted(cells):
+        out.extend(sorted(cells[key], key=lambda k: -k.response)[:per_cell])
+    return out
+
+
+def _sane(h: np.ndarray) -> bool:
+    """Reject homographies no camera produces between keyframes of one shot."""
+    if not np.all(np.isfinite(h)) or abs(h[2, 2]) < 1e-9:
+        return False
+    h = h / h[2, 2]
+    det = float(np.linalg.det(h[:2, :2]))
+    return 0.2 < det < 5.0 and abs(h[2, 0]) < 2e-3 and abs(h[2, 1]) < 2e-3
+
+
+def _hist(rgb: np.ndarray, box: list[float]) -> np.ndarray:
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    crop = np.clip(rgb[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)], 0, 255).astype(np.uint8)
+    hsv = cv2.cvtColor(crop, cv2.COLOR_RGB2HSV)
+    hist = cv2.calcHist([hsv], [0, 1], None, [18, 4], [0, 180, 0, 256])
+    return cv2.normalize(hist, None).astype(np.float32)
+
+
+def _warp_box(box: list[float], h: np.ndarray | None) -> list[float] | None:
+    if h is None:
+        return None
+    pts = np.float32([[box[0], box[1]], [box[2], box[1]], [box[0], box[3]], [box[2], box[3]]])
+    p = cv2.perspectiveTransform(pts[None], h)[0]
+    return [float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@register("detector", "classical")
+def make_motion_saliency_detector(device: str = "cpu", dtype: str = "auto", batch_size: int = 1,
+                                  **options: Any) -> MotionSaliencyDetector:
+    return MotionSaliencyDetector(**options)

@@ -1,0 +1,105 @@
+"""Diffusers inpainting (default SDXL inpainting; FLUX-Fill through ``pipeline_class``),
+used for box-guided inpainting and mask-guided outpainting alike: it fills the True
+pixels of each mask and keeps every other pixel exactly as it was."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+import diffusers
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from opensubject_tasks.backends.base import Image, Mask
+from opensubject_tasks.backends.hf.common import HFBackend, to_pil
+from opensubject_tasks.backends.registry import register
+from opensubject_tasks.errors import ConfigError
+
+DEFAULT_INPAINTER = "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
+
+
+def working_size(width: int, height: int, resolution: int, multiple: int = 16) -> tuple[int, int]:
+    """Size the pipeline runs at: longest side = resolution, both sides multiples of
+    ``multiple`` (the latent grid), aspect kept as closely as that allows."""
+    scale = resolution / max(width, height)
+    return (max(multiple, round(width * scale / multiple) * multiple),
+            max(multiple, round(height * scale / multiple) * multiple))
+
+
+class HFInpainter(HFBackend):
+    interface = "inpainter"
+    default_model = DEFAULT_INPAINTER
+
+    def __init__(self, model: str = DEFAULT_INPAINTER, device: str = "cpu", dtype: str = "auto",
+                 batch_size: int = 4, steps: int = 30, guidance_scale: float = 7.5,
+                 strength: float = 0.99, resolution: int = 1024, negative_prompt: str = "",
+                 pipeline_class: str | None = None, name: str | None = None) -> None:
+        super().__init__(model, device, dtype, batch_size, name)
+        self.steps, self.guidance_scale, self.strength = steps, guidance_scale, strength
+        self.resolution, self.negative_prompt = resolution, negative_prompt
+        cls = diffusers.AutoPipelineForInpainting
+        if pipeline_class:
+            cls = getattr(diffusers, pipeline_class, None)
+            if cls is None:
+                raise ConfigError(f"backends.options.inpainter.pipeline_class: diffusers has no {pipeline_class!r}")
+        self.pipe = self.load(cls.from_pretrained, torch_dtype=self.dtype)
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._accepts = set(inspect.signature(self.pipe.__call__).parameters)
+
+    def inpaint(self, images: Sequence[Image], masks: Sequence[Mask], prompts: Sequence[str],
+                seeds: Sequence[int]) -> list[Image]:
+        if not len(images) == len(masks) == len(prompts) == len(seeds):
+            raise ValueError(f"{len(images)} images, {len(masks)} masks, {len(prompts)} prompts, "
+                             f"{len(seeds)} seeds: one of each per image")
+        items = []
+        for image, mask, prompt, seed in zip(images, masks, prompts, seeds):
+            image, mask = np.asarray(image), np.asarray(mask, bool)
+            if mask.shape != image.shape[:2]:
+                raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
+            items.append((image, mask, str(prompt), int(seed)))
+        todo = [i for i, it in enumerate(items) if it[1].any()]  # nothing to fill: as is
+        filled = self.batcher.map(self._inpaint, [items[i] for i in todo])
+        out = [it[0].copy() for it in items]
+        for i, im in zip(todo, filled):
+            out[i] = im
+        return out
+
+    def _inpaint(self, chunk: list[tuple[np.ndarray, np.ndarray, str, int]]) -> list[Image]:
+        # One pipeline call per working size (images of a batch must share it).
+        sizes = [working_size(im.shape[1], im.shape[0], self.resolution) for im, *_ in chunk]
+        out: list[Image | None] = [None] * len(chunk)
+        for size in dict.fromkeys(sizes):
+            idx = [i for i, s in enumerate(sizes) if s == size]
+            for i, gen in zip(idx, self._call([chunk[i] for i in idx], size)):
+                image, mask = chunk[i][0], chunk[i][1]
+                gen = np.asarray(PILImage.fromarray(gen).resize(
+                    (image.shape[1], image.shape[0]), PILImage.Resampling.LANCZOS))
+                out[i] = np.where(mask[..., None], gen, image)  # outside the mask: untouched
+        return out  # type: ignore[return-value]
+
+    def _call(self, group: list[tuple[np.ndarray, np.ndarray, str, int]],
+              size: tuple[int, int]) -> np.ndarray:
+        w, h = size
+        kwargs: dict[str, Any] = {
+            "prompt": [p for *_, p, _ in group],
+            "image": [to_pil(im).resize(size, PILImage.Resampling.LANCZOS) for im, *_ in group],
+            "mask_image": [PILImage.fromarray(m.astype(np.uint8) * 255).resize(size, PILImage.Resampling.NEAREST)
+                           for _, m, *_ in group],
+            "height": h, "width": w, "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale, "strength": self.strength,
+            "negative_prompt": [self.negative_prompt] * len(group),
+            # CPU generators: the same seed gives the same noise on any device.
+            "generator": [torch.Generator("cpu").manual_seed(s) for *_, s in group],
+            "output_type": "np",
+        }
+        kwargs = {k: v for k, v in kwargs.items() if k in self._accepts}
+        with torch.inference_mode():
+            result = self.pipe(**kwargs).images
+        return (np.clip(np.asarray(result, np.float32), 0, 1) * 255).round().astype(np.uint8)
+
+
+@register("inpainter", "hf")
+def make_hf_inpainter(**options: Any) -> HFInpainter:
+    return HFInpainter(**options)

@@ -1,0 +1,117 @@
+"""VLM verifier: asks a vision-language model three yes/no questions per sample and
+combines the answers with the classical scores.
+
+1. Is the subject in the generation input the same individual as in the reference?  (yes)
+2. Is the subject still visible in the inpainted region of the manipulation input?   (no)
+3. Do the synthesized images show visible artifacts or extra copies of the subject?  (no)
+
+An answer the model's reply could not be parsed into (``YesNo.answer is None``) is
+recorded as such and fails the sample: a guess is never substituted.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from opensubject_tasks.backends.base import VLM, Embedder, Verdict, YesNo
+from opensubject_tasks.backends.classical.verifier import ClassicalVerifier, as_mask, bbox
+from opensubject_tasks.backends.registry import get_backend, register
+from opensubject_tasks.config import VerifySettings
+
+# (check, expected answer, question template). {category} is the subject's category.
+QUESTIONS: tuple[tuple[str, bool, str], ...] = (
+    ("vlm_same_identity", True,
+     "Image 1 shows a {category}. Is the {category} in image 2 the same individual "
+     "{category} as in image 1 (same identity, not just the same kind)? Answer yes or no."),
+    ("vlm_subject_present", False,
+     "Image 1 shows a {category}. Image 2 is a region of a photo from which that {category} "
+     "was removed. Is the {category} from image 1, or part of it, still visible in image 2? "
+     "Answer yes or no."),
+    ("vlm_artifacts", False,
+     "Do these images show visible editing artifacts (seams, smears, distorted or melted "
+     "parts) or more than one copy of the {category}? Answer yes or no."),
+)
+# Which classical checks the VLM's answers stand in for when vlm_combine == "vlm".
+_REPLACED = ("identity:", "residual:", "artifact: seam")
+
+
+def _region(image: np.ndarray, mask: np.ndarray | None, margin: float = 0.15) -> np.ndarray:
+    """The inpainted box with some context around it."""
+    b = bbox(mask) if mask is not None and mask.shape == image.shape[:2] else None
+    if b is None:
+        return image
+    x0, y0, x1, y1 = b
+    mx, my = int((x1 - x0) * margin), int((y1 - y0) * margin)
+    h, w = image.shape[:2]
+    return image[max(0, y0 - my):min(h, y1 + my), max(0, x0 - mx):min(w, x1 + mx)]
+
+
+def questions_for(sample: dict[str, Any]) -> list[tuple[list[np.ndarray], str]]:
+    """The three (images, question) pairs asked about one sample."""
+    category = str(sample.get("category") or "subject")
+    ref, gen, man = sample["reference"], sample["generation_input"], sample["manipulation_input"]
+    region = _region(man, as_mask(sample.get("manipulation_mask")))
+    images = ([ref, gen], [ref, region], [gen, man])
+    return [(list(imgs), q.format(category=category)) for imgs, (_, _, q) in zip(images, QUESTIONS)]
+
+
+def combine(answers: Sequence[YesNo], classical: Verdict, vlm_name: str,
+            mode: str = "all") -> Verdict:
+    """Merge one sample's three VLM answers with its classical verdict."""
+    scores = dict(classical.scores)
+    reasons: list[str] = []
+    answers = list(answers) + [YesNo(None, None, "<no answer returned>")] * (len(QUESTIONS) - len(answers))
+    for (check, expected, _), ans in zip(QUESTIONS, answers):
+        if ans.answer is None:
+            scores[check] = -1.0  # recorded as unparseable, never guessed
+            raw = " ".join((ans.raw or "").split())[:80]
+            reasons.append(f"{check}: unparseable answer from {vlm_name} ({raw!r})")
+            continue
+        # Score = probability of the expected answer where the model gives one.
+        p_yes = ans.p_yes if ans.p_yes is not None else float(ans.answer)
+        scores[check] = round(p_yes if expected else 1.0 - p_yes, 4)
+        if ans.answer != expected:
+            said = "yes" if ans.answer else "no"
+            reasons.append(f"{check}: {vlm_name} answered {said}")
+    kept = classical.reasons
+    if mode == "vlm":
+        kept = [r for r in kept if not r.startswith(_REPLACED)]
+    reasons = kept + reasons
+    return Verdict(passed=not reasons, scores=scores, reasons=reasons,
+                   source=f"vlm:{vlm_name}+{classical.source}")
+
+
+class VLMVerifier:
+    name = "vlm"
+
+    def __init__(self, vlm: VLM | None = None, vlm_name: str = "none", embedder_name: str = "classical",
+                 device: str = "cpu", dtype: str = "auto", batch_size: int = 8) -> None:
+        self._vlm = vlm
+        self._vlm_name = vlm_name
+        self._opts = {"device": device, "dtype": dtype, "batch_size": batch_size}
+        self.classical = ClassicalVerifier(embedder_name=embedder_name, **self._opts)
+
+    def vlm(self) -> VLM:
+        if self._vlm is None:
+            self._vlm = get_backend("vlm", self._vlm_name, **self._opts)
+        return self._vlm
+
+    def verify(self, samples: Sequence[dict[str, Any]], thresholds: VerifySettings | None = None,
+               embedder: Embedder | None = None, vlm: VLM | None = None) -> list[Verdict]:
+        t = thresholds or VerifySettings()
+        model = vlm or self.vlm()
+        classical = self.classical.verify(samples, thresholds=t, embedder=embedder)
+        asked = [qa for s in samples for qa in questions_for(s)]
+        answers = model.ask_yes_no([imgs for imgs, _ in asked], [q for _, q in asked]) if asked else []
+        n = len(QUESTIONS)
+        name = getattr(model, "name", self._vlm_name)
+        return [combine(answers[i * n:(i + 1) * n], c, name, t.vlm_combine)
+                for i, c in enumerate(classical)]
+
+
+@register("verifier", "vlm")
+def make_vlm_verifier(device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
+                      vlm: str = "none", embedder: str = "classical") -> VLMVerifier:
+    return VLMVerifier(vlm_name=vlm, embedder_name=embedder, device=device, dtype=dtype,
+                       batch_size=batch_size)

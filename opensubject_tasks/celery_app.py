@@ -1,0 +1,93 @@
+"""The Celery application: broker Redis, task results in PostgreSQL, queues ``cpu`` and ``gpu``.
+
+Workers start with ``celery -A opensubject_tasks.celery_app worker -Q cpu`` (decoding,
+curation) or ``-Q gpu`` (model stages). Settings come from the environment
+(``OPENSUBJECT_*``), read when the configuration is first needed, so importing this
+module is cheap and does no I/O: Airflow's triggerer imports it to look at results.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from opensubject_tasks.config import Settings, load_settings
+
+QUEUES = ("cpu", "gpu")
+TASK_PREFIX = "opensubject."
+# Work that is not a stage service but still runs on workers.
+AUX_TASKS = {"ingest": "cpu", "resynth_sweep": "cpu"}
+
+
+def task_name(stage: str) -> str:
+    """The Celery task name of a stage (``curate`` -> ``opensubject.curate``)."""
+    return TASK_PREFIX + stage
+
+
+def queue_for(stage: str) -> str:
+    """The queue a stage's tasks go to: the ``queue`` its service registered with."""
+    if stage in AUX_TASKS:
+        return AUX_TASKS[stage]
+    from opensubject_tasks.services.common import STAGES, load_stages
+
+    spec = STAGES.get(stage) or load_stages().get(stage)
+    if spec is None:
+        raise KeyError(f"no stage named {stage!r}; known: {sorted(STAGES)}")
+    return spec.queue
+
+
+def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict | None:
+    """Celery router: every ``opensubject.<stage>`` task goes to its stage's queue."""
+    if name.startswith(TASK_PREFIX):
+        return {"queue": queue_for(name[len(TASK_PREFIX):])}
+    return None
+
+
+def result_backend_url(settings: Settings) -> str:
+    return settings.celery.result_backend or f"db+{settings.database_url}"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    c = settings.celery
+    stages = set(c.time_limits) | {"curate", "mine", "synthesize", "verify", "export"} | set(AUX_TASKS)
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": result_backend_url(settings),
+        "broker_connection_retry_on_startup": True,
+        # A message comes back to the queue if its worker dies before acknowledging it.
+        "broker_transport_options": {
+            "visibility_timeout": c.visibility_timeout_s,
+            "unacked_restore_interval": c.unacked_restore_interval_s,
+            "unacked_restore_throttle": c.unacked_restore_throttle,
+        },
+        "task_queues": [Queue(q) for q in QUEUES],
+        "task_default_queue": "cpu",
+        "task_routes": (route_task,),
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Acknowledge after the task ran, give the message back if the process dies, and
+        # take one message at a time: a crash loses nothing and no task waits behind a
+        # long one on a busy worker.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_track_started": True,
+        "result_extended": True,
+        "database_engine_options": {"pool_pre_ping": True},
+        "task_annotations": {
+            task_name(s): {"soft_time_limit": c.limits(s).soft_s, "time_limit": c.limits(s).hard_s}
+            for s in sorted(stages)
+        },
+        # Events for flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+app = Celery("opensubject", include=["opensubject_tasks.tasks"])
+# Evaluated when the configuration is first read, not at import.
+app.add_defaults(lambda: celery_config(load_settings()))

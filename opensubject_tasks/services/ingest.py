@@ -1,0 +1,244 @@
+"""Stage 0: register videos from a folder or a store prefix, and hand them to builds.
+
+Identity is content: the SHA-256 of a local file (streamed), or ``<etag>:<size>`` of
+a store object (no download needed). The video id is the first 32 hex characters of
+``sha256(content_hash)``, and ``content_hash`` is unique, so re-running registers
+nothing twice — also when two ingests race (insert-if-absent in the database).
+
+Every file with a video extension is registered, even an empty or corrupt one: the
+curate stage then rejects it with a recorded reason. Files that cannot be read at
+all, or that do not look like videos by name, are reported as skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.models import Build, Video, utcnow
+from opensubject_tasks.errors import BadInput
+from opensubject_tasks.storage.sources import file_uri, parse_source, store_uri
+
+VIDEO_EXTENSIONS = frozenset({
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".m2v", ".ts", ".mts",
+    ".m2ts", ".flv", ".wmv", ".asf", ".3gp", ".3g2", ".ogv", ".vob", ".mxf", ".y4m",
+})
+_BATCH = 64  # candidates per database round trip
+
+
+@dataclass
+class IngestResult:
+    new_ids: list[str] = field(default_factory=list)
+    known_ids: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"new": len(self.new_ids), "known": len(self.known_ids),
+                "skipped": [list(s) for s in self.skipped]}
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    content_hash: str
+    source_uri: str
+    name: str
+    size: int
+
+    @property
+    def video_id(self) -> str:
+        return video_id_for(self.content_hash)
+
+
+def video_id_for(content_hash: str) -> str:
+    return hashlib.sha256(content_hash.encode()).hexdigest()[:32]
+
+
+def is_video_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _display(name: str) -> str:
+    # File names may hold bytes that are not UTF-8 (kept as surrogates by Python): the
+    # database needs valid text, the exact name lives on in source_uri.
+    return os.fsencode(name).decode("utf-8", "replace").replace("\x00", "")
+
+
+def _insert(session: Session, model: type) -> Any:  # noqa: ANN401 - a dialect insert construct
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"ingest supports PostgreSQL and SQLite, not {dialect}")
+    return insert(model)
+
+
+# -- candidates ----------------------------------------------------------------
+def _folder_candidates(root: Path, skipped: list[tuple[str, str]]) -> Iterator[_Candidate]:
+    if root.is_file():
+        files: Iterable[Path] = [root]
+    elif root.is_dir():
+        files = _walk(root, skipped)
+    else:
+        raise BadInput(f"source folder does not exist: {root}")
+    for path in files:
+        name = _display(path.name)
+        if not is_video_name(path.name):
+            skipped.append((name, f"not a video file name (extension {path.suffix.lower() or 'none'!r})"))
+            continue
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as exc:
+            skipped.append((name, f"unreadable: {exc.strerror or exc}"))
+            continue
+        yield _Candidate(digest, file_uri(path), name, size)
+
+
+def _walk(root: Path, skipped: list[tuple[str, str]]) -> Iterator[Path]:
+    """Files under root in a stable order; does not follow symlinked folders (no loops)."""
+    def onerror(exc: OSError) -> None:
+        skipped.append((_display(str(exc.filename)), f"unreadable folder: {exc.strerror or exc}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def _store_candidates(ctx: Context, prefix: str, skipped: list[tuple[str, str]]) -> Iterator[_Candidate]:
+    for info in ctx.store.list(prefix):
+        name = PurePosixPath(info.key).name
+        if not is_video_name(name):
+            skipped.append((name, "not a video file name"))
+            continue
+        if not info.etag:
+            skipped.append((name, "the store gave no etag to identify it by"))
+            continue
+        yield _Candidate(f"{info.etag}:{info.size}", store_uri(info.key), name, info.size)
+
+
+# -- registration ----------------------------------------------------------------
+def register_source(ctx: Context, source: str, build_id: str | None = None,
+                    limit: int | None = None) -> IngestResult:
+    """Register the videos of a folder (or one file) or of ``store://<prefix>``.
+
+    New videos get ``build_id`` when given (the build row is created if absent);
+    known videos keep theirs. ``limit`` caps how many new videos are registered.
+    """
+    src = parse_source(source)
+    result = IngestResult()
+    if limit is not None and limit <= 0:
+        return result
+    if build_id is not None:
+        _ensure_build_exists(ctx, build_id)
+    if src.kind == "store":
+        candidates = _store_candidates(ctx, src.key, result.skipped)
+    else:
+        assert src.path is not None
+        candidates = _folder_candidates(src.path, result.skipped)
+
+    seen: set[str] = set()
+    batch: list[_Candidate] = []
+    for cand in candidates:
+        if cand.content_hash in seen:  # same content twice in this source
+            result.known_ids.append(cand.video_id)
+            continue
+        seen.add(cand.content_hash)
+        batch.append(cand)
+        # With a limit, smaller batches: no file is hashed far past the point of stopping.
+        wanted = _BATCH if limit is None else min(_BATCH, limit - len(result.new_ids))
+        if len(batch) >= wanted:
+            _register_batch(ctx, batch, build_id, limit, result)
+            batch = []
+            if limit is not None and len(result.new_ids) >= limit:
+                break
+    if batch:
+        _register_batch(ctx, batch, build_id, limit, result)
+    return result
+
+
+def _register_batch(ctx: Context, batch: list[_Candidate], build_id: str | None,
+                    limit: int | None, result: IngestResult) -> None:
+    with session_scope(ctx.sessions) as s:
+        hashes = [c.content_hash for c in batch]
+        known = set(s.scalars(select(Video.content_hash).where(Video.content_hash.in_(hashes))))
+        fresh = [c for c in batch if c.content_hash not in known]
+        if limit is not None:
+            fresh = fresh[: max(0, limit - len(result.new_ids))]
+        inserted: set[str] = set()
+        if fresh:
+            now = utcnow()
+            rows = [{"id": c.video_id, "content_hash": c.content_hash, "source_uri": c.source_uri,
+                     "name": c.name, "size_bytes": c.size, "build_id": build_id,
+                     "state": "registered", "created_at": now, "updated_at": now} for c in fresh]
+            # Another ingest may have registered some of these since the select above:
+            # the unique content_hash makes the database keep exactly one.
+            stmt = _insert(s, Video).values(rows).on_conflict_do_nothing().returning(Video.id)
+            inserted = set(s.scalars(stmt))
+    fresh_ids = {c.video_id for c in fresh}
+    for c in batch:
+        if c.video_id in inserted:
+            result.new_ids.append(c.video_id)
+        elif c.content_hash in known or c.video_id in fresh_ids:
+            result.known_ids.append(c.video_id)
+        # else: left out by the limit; a later run registers it
+
+
+# -- builds ------------------------------------------------------------------------
+def ensure_build(ctx: Context, build_id: str, params: dict[str, Any], profile: str) -> None:
+    """Create the build, or update its params and profile and mark it running again."""
+    now = utcnow()
+    with session_scope(ctx.sessions) as s:
+        stmt = _insert(s, Build).values(id=build_id, params=params, profile=profile,
+                                        state="running", created_at=now, updated_at=now)
+        s.execute(stmt.on_conflict_do_update(
+            index_elements=[Build.id],
+            set_={"params": stmt.excluded.params, "profile": stmt.excluded.profile,
+                  "state": "running", "updated_at": now},
+        ))
+
+
+def _ensure_build_exists(ctx: Context, build_id: str) -> None:
+    now = utcnow()
+    with session_scope(ctx.sessions) as s:
+        s.execute(_insert(s, Build).values(
+            id=build_id, params={}, profile=ctx.settings.profile, state="running",
+            created_at=now, updated_at=now,
+        ).on_conflict_do_nothing())
+
+
+def claim_videos(ctx: Context, build_id: str, limit: int | None = None) -> list[str]:
+    """Assign registered videos that no build holds yet to build_id; returns their ids.
+
+    On PostgreSQL the candidate rows are locked with FOR UPDATE SKIP LOCKED, so
+    concurrent claimers never wait on each other and never claim the same video; SQLite
+    runs the single UPDATE under its database write lock.
+    """
+    if limit is not None and limit <= 0:
+        return []
+    _ensure_build_exists(ctx, build_id)
+    with session_scope(ctx.sessions) as s:
+        pick = (select(Video.id)
+                .where(Video.build_id.is_(None), Video.state == "registered")
+                .order_by(Video.created_at, Video.id))
+        if limit is not None:
+            pick = pick.limit(limit)
+        if s.get_bind().dialect.name == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (update(Video)
+                .where(Video.id.in_(pick.scalar_subquery()), Video.build_id.is_(None))
+                .values(build_id=build_id, updated_at=utcnow())
+                .returning(Video.id)
+                .execution_options(synchronize_session=False))
+        return sorted(s.scalars(stmt))

@@ -1,0 +1,125 @@
+"""Stage 4 service: verify one synthesized sample and record the outcome.
+
+Pass -> captions, state ``verified``. Fail below ``max_attempts`` -> attempt + 1, a new
+seed, state ``pending`` and a follow-up ``synthesize`` (re-queued, not retried in
+place). Fail at ``max_attempts`` -> ``rejected`` with every attempt's reasons.
+Every attempt leaves exactly one entry in ``samples.history``: a redelivered or
+repeated verify of the same attempt changes nothing.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+
+from opensubject_tasks.backends.classical.verifier import IMAGE_NAMES
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.models import Pair, Sample, Subject
+from opensubject_tasks.errors import BadInput
+from opensubject_tasks.services.common import StageResult, stage, utcnow
+from opensubject_tasks.stages.verify import decide, verify_and_caption
+from opensubject_tasks.storage import ObjectStore
+
+MASK_NAMES = {"mask", "generation_mask", "manipulation_mask"}
+TERMINAL = ("verified", "rejected", "failed")
+
+
+def decode_image(data: bytes, is_mask: bool) -> np.ndarray:
+    """PNG/JPEG bytes -> RGB uint8 (H, W, 3), or a bool mask (H, W) for mask images."""
+    with Image.open(io.BytesIO(data)) as im:
+        if is_mask:
+            return np.asarray(im.convert("L")) > 127
+        return np.asarray(im.convert("RGB"))
+
+
+def load_sample_images(store: ObjectStore, keys: dict[str, str], sample_id: str) -> dict[str, np.ndarray]:
+    missing = [n for n in IMAGE_NAMES if not keys.get(n)]
+    if missing:
+        raise BadInput(f"sample {sample_id} has no stored {', '.join(missing)}")
+    images: dict[str, np.ndarray] = {}
+    for name in IMAGE_NAMES:
+        try:
+            data = store.get_bytes(keys[name])
+        except (FileNotFoundError, KeyError) as exc:
+            raise BadInput(f"sample {sample_id}: object {keys[name]} ({name}) is missing") from exc
+        try:
+            images[name] = decode_image(data, name in MASK_NAMES)
+        except (OSError, ValueError) as exc:
+            raise BadInput(f"sample {sample_id}: {name} is not a readable image ({exc})") from exc
+    return images
+
+
+def _skip(why: str) -> StageResult:
+    return StageResult(status="ok", details={"skipped": why})
+
+
+@stage("verify", "sample", "gpu")
+def verify_sample(ctx: Context, sample_id: str) -> StageResult:
+    with session_scope(ctx.sessions) as s:
+        row = s.get(Sample, sample_id)
+        if row is None:
+            raise BadInput(f"sample {sample_id} does not exist")
+        state, attempt, seed = row.state, row.attempt, row.seed
+        keys, history = dict(row.keys or {}), list(row.history or [])
+        found = s.execute(
+            select(Pair, Subject).join(Subject, Pair.subject_id == Subject.id)
+            .where(Pair.id == row.pair_id)
+        ).first()
+        if found is None:
+            raise BadInput(f"sample {sample_id}: its pair {row.pair_id} does not exist")
+        pair, subject = found
+        meta: dict[str, Any] = {"id": sample_id, "attempt": attempt, "seed": seed,
+                                "category": subject.category, "ref_box": pair.ref_box,
+                                "tgt_box": pair.tgt_box}
+    if state in TERMINAL:
+        return _skip(f"already {state}")
+    if state != "synthesized":
+        return _skip(f"state {state}: nothing synthesized to verify")
+    if any(h.get("attempt") == attempt for h in history):
+        return _skip(f"attempt {attempt} already verified")
+
+    images = load_sample_images(ctx.store, keys, sample_id)
+    settings = ctx.settings
+    verifier = ctx.backend("verifier")
+    uses_vlm = settings.backends.verifier == "vlm"
+    has_vlm = settings.backends.vlm != "none"
+    outcome = verify_and_caption(
+        images, meta, verifier, settings.verify,
+        embedder=ctx.backend("embedder"),
+        vlm=ctx.backend("vlm") if uses_vlm else None,
+        caption_vlm=ctx.backend("vlm") if has_vlm else None,
+    )
+    decision = decide(sample_id, attempt, seed, outcome.verdict, history,
+                      settings.verify.max_attempts, settings.synth.base_seed)
+
+    with session_scope(ctx.sessions) as s:
+        row = s.get(Sample, sample_id, with_for_update=True)
+        # Someone else recorded this attempt while we were verifying: keep theirs.
+        if (row is None or row.state != "synthesized" or row.attempt != attempt
+                or any(h.get("attempt") == attempt for h in (row.history or []))):
+            return _skip("attempt recorded concurrently")
+        entry = dict(decision.history_entry, at=utcnow().isoformat())
+        row.history = [*(row.history or []), entry]   # new list: JSON columns track assignment
+        row.verdict = decision.history_entry["verdict"]
+        row.backends = {**(row.backends or {}), "verifier": outcome.verdict.source}
+        row.state, row.attempt, row.seed = decision.state, decision.attempt, decision.seed
+        if decision.state == "verified":
+            cap = outcome.caption
+            row.caption_short, row.caption_long, row.caption_source = cap.short, cap.long, cap.source
+            row.backends = {**row.backends, "caption": cap.source}
+            row.reason = None
+        elif decision.state == "pending":
+            row.queued_at = utcnow()
+            row.reason = None
+        else:
+            row.reason = decision.reason[:2000]
+
+    details = {"attempt": attempt, "passed": outcome.verdict.passed, "state": decision.state,
+               "scores": outcome.verdict.scores}
+    if decision.state == "rejected":
+        return StageResult(status="rejected", reason=decision.reason, details=details)
+    return StageResult(status="ok", next=decision.next, details=details)

@@ -1,0 +1,99 @@
+"""Stage 4: verify a synthesized sample, caption it, and decide what happens next.
+
+Pure functions: images and metadata in, a verdict, captions and a decision out. The
+service (services/verify.py) loads rows and objects and writes the outcome.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from opensubject_tasks.backends.base import VLM, Caption, Embedder, Verdict, Verifier
+from opensubject_tasks.backends.classical.captions import template_caption
+from opensubject_tasks.backends.classical.verifier import IMAGE_NAMES, as_mask
+from opensubject_tasks.config import VerifySettings
+
+
+def sample_seed(sample_id: str, attempt: int, base_seed: int = 0) -> int:
+    """The synthesis seed of a sample's attempt: a fixed function of (base, id, attempt),
+    so a re-run reproduces it and every re-synthesis draws a new one. Fits 31 bits."""
+    digest = hashlib.sha256(f"{base_seed}:{sample_id}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF
+
+
+@dataclass
+class VerifyOutcome:
+    verdict: Verdict
+    caption: Caption | None = None  # only for a passed sample
+
+
+@dataclass
+class Decision:
+    state: str                       # verified | pending (re-synthesis) | rejected
+    attempt: int                     # the sample's attempt after this decision
+    seed: int                        # the seed for that attempt
+    history_entry: dict[str, Any]
+    reason: str | None = None
+    next: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _call_verify(verifier: Verifier, samples: list[dict[str, Any]], **extra: Any) -> list[Verdict]:
+    """Pass thresholds/embedder/VLM only to verifiers whose ``verify`` takes them."""
+    params = inspect.signature(verifier.verify).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in extra.items() if v is not None and (takes_all or k in params)}
+    return verifier.verify(samples, **kwargs)
+
+
+def caption_sample(images: dict[str, np.ndarray], meta: dict[str, Any], vlm: VLM | None = None) -> Caption:
+    """Short and long captions of the target: from the VLM when one is configured,
+    otherwise (or when it returns nothing) template captions marked as such."""
+    category = str(meta.get("category") or "object")
+    if vlm is not None and getattr(vlm, "name", "none") != "none":
+        hint = {"category": category, "box": meta.get("tgt_box")}
+        cap = vlm.caption([images["target"]], [hint])[0]
+        if cap.short.strip() and cap.long.strip():
+            return cap
+    return template_caption(images["reference"], as_mask(images.get("mask")), images["target"],
+                            as_mask(images.get("manipulation_mask")), category)
+
+
+def verify_and_caption(images: dict[str, np.ndarray], meta: dict[str, Any], verifier: Verifier,
+                       thresholds: VerifySettings, embedder: Embedder | None = None,
+                       vlm: VLM | None = None, caption_vlm: VLM | None = None) -> VerifyOutcome:
+    """Verify one sample; caption it if it passed. ``meta`` carries id, attempt, seed,
+    category and boxes (verifiers may use them, e.g. the category in VLM questions)."""
+    sample = {k: images[k] for k in IMAGE_NAMES if k in images} | dict(meta)
+    verdict = _call_verify(verifier, [sample], thresholds=thresholds, embedder=embedder, vlm=vlm)[0]
+    caption = caption_sample(images, meta, caption_vlm) if verdict.passed else None
+    return VerifyOutcome(verdict=verdict, caption=caption)
+
+
+def verdict_dict(v: Verdict) -> dict[str, Any]:
+    return asdict(v)
+
+
+def rejection_summary(history: Sequence[dict[str, Any]]) -> str:
+    """One line naming every attempt's reasons, for a sample rejected at max_attempts."""
+    parts = [f"attempt {h['attempt']} (seed {h['seed']}): " + ("; ".join(h.get("reasons") or [])
+                                                                or "failed without a reason")
+             for h in history]
+    return f"rejected after {len(history)} attempt(s): " + " | ".join(parts)
+
+
+def decide(sample_id: str, attempt: int, seed: int, verdict: Verdict,
+           history: Sequence[dict[str, Any]], max_attempts: int, base_seed: int = 0) -> Decision:
+    """Verified, re-synthesize with a new seed, or reject once max_attempts have failed."""
+    entry = {"attempt": attempt, "seed": seed, "verdict": verdict_dict(verdict),
+             "reasons": list(verdict.reasons)}
+    if verdict.passed:
+        return Decision("verified", attempt, seed, entry)
+    if attempt < max_attempts:
+        nxt = attempt + 1
+        return Decision("pending", nxt, sample_seed(sample_id, nxt, base_seed), entry,
+                        next=[("synthesize", sample_id)])
+    return Decision("rejected", attempt, seed, entry, reason=rejection_summary([*history, entry]))

@@ -1,0 +1,105 @@
+"""Synthetic keyframes with exact subject boxes, for backend and stage tests that need
+a controlled situation (a tiny subject, one on the border, a full-frame one...).
+
+A clip: a real photograph as the scene, seen by a camera that pans and zooms, with
+photographic subjects (elliptical cut-outs of real photos) that move, grow and turn
+independently of the camera.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from skimage import data
+
+
+def _sprite(name: str) -> tuple[np.ndarray, np.ndarray]:
+    if name == "cat":
+        img = data.chelsea()[30:270, 100:330]
+    elif name == "astronaut":
+        img = data.astronaut()[10:230, 140:330]
+    elif name == "rocket":
+        img = data.rocket()[40:420, 260:400]
+    else:
+        raise ValueError(name)
+    h, w = img.shape[:2]
+    mask = np.zeros((h, w), np.uint8)
+    cv2.ellipse(mask, (w // 2, h // 2), (w // 2 - 2, h // 2 - 2), 0, 0, 360, 1, -1)
+    return np.ascontiguousarray(img), mask.astype(bool)
+
+
+@dataclass
+class SubjectPath:
+    sprite: str
+    start: tuple[float, float]      # centre at t=0, as a share of the frame (x, y)
+    end: tuple[float, float]        # centre at t=1
+    height: tuple[float, float]     # sprite height as a share of the frame height, t=0 and t=1
+    turn_deg: float = 10.0          # rotation reached at t=1
+
+
+@dataclass
+class Clip:
+    frames: list[np.ndarray]
+    boxes: list[dict[int, list[float]]]       # per frame: {subject index: box}
+    masks: list[dict[int, np.ndarray]] = field(default_factory=list)
+
+
+def make_clip(subjects: list[SubjectPath], n: int = 6, size: tuple[int, int] = (384, 288),
+              pan: tuple[float, float] = (0.25, 0.1), zoom: float = 1.25,
+              scene: str = "coffee") -> Clip:
+    w, h = size
+    bg = {"coffee": data.coffee, "hubble": data.hubble_deep_field, "astronaut": data.astronaut}[scene]()
+    bg = cv2.resize(bg, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_CUBIC)
+    bh, bw = bg.shape[:2]
+    frames, boxes, masks = [], [], []
+    for k in range(n):
+        t = k / max(n - 1, 1)
+        # camera: a window that slides (pan) and shrinks (zoom in) over the scene
+        vw = bw * 0.6 / (1 + (zoom - 1) * t)
+        vh = vw * h / w
+        cx = bw * (0.5 - pan[0] / 2 + pan[0] * t)
+        cy = bh * (0.5 - pan[1] / 2 + pan[1] * t)
+        src = np.float32([[cx - vw / 2, cy - vh / 2], [cx + vw / 2, cy - vh / 2], [cx - vw / 2, cy + vh / 2]])
+        dst = np.float32([[0, 0], [w, 0], [0, h]])
+        frame = cv2.warpAffine(bg, cv2.getAffineTransform(src, dst), (w, h), flags=cv2.INTER_LINEAR)
+        fb, fm = {}, {}
+        for i, s in enumerate(subjects):
+            img, m = _sprite(s.sprite)
+            sh = (s.height[0] + (s.height[1] - s.height[0]) * t) * h
+            scale = sh / img.shape[0]
+            px = (s.start[0] + (s.end[0] - s.start[0]) * t) * w
+            py = (s.start[1] + (s.end[1] - s.start[1]) * t) * h
+            a = cv2.getRotationMatrix2D((img.shape[1] / 2, img.shape[0] / 2), s.turn_deg * t, scale)
+            a[:, 2] += (px - img.shape[1] / 2, py - img.shape[0] / 2)
+            warped = cv2.warpAffine(img, a, (w, h), flags=cv2.INTER_LINEAR)
+            wm = cv2.warpAffine(m.astype(np.float32), a, (w, h), flags=cv2.INTER_LINEAR) > 0.5
+            frame[wm] = warped[wm]
+            for j in list(fm):  # later subjects occlude earlier ones
+                fm[j] &= ~wm
+            fm[i] = wm
+        for i, wm in fm.items():
+            ys, xs = np.nonzero(wm)
+            if len(xs):
+                fb[i] = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+        frames.append(frame)
+        boxes.append(fb)
+        masks.append(fm)
+    return Clip(frames, boxes, masks)
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# Situations the tests use
+ONE_CAT = [SubjectPath("cat", (0.25, 0.45), (0.7, 0.55), (0.45, 0.6))]
+TWO_SUBJECTS = [SubjectPath("cat", (0.2, 0.35), (0.55, 0.4), (0.4, 0.5)),
+                SubjectPath("rocket", (0.9, 0.6), (0.8, 0.55), (0.5, 0.45), turn_deg=-8)]
+TINY = [SubjectPath("cat", (0.3, 0.5), (0.7, 0.5), (0.08, 0.09))]
+BORDER = [SubjectPath("cat", (0.1, 0.15), (0.9, 0.15), (0.5, 0.5), turn_deg=0)]
+FULL_FRAME = [SubjectPath("astronaut", (0.48, 0.5), (0.52, 0.5), (1.25, 1.3), turn_deg=2)]

@@ -1,0 +1,130 @@
+"""The embedded product end to end through its command line: run, status, resume,
+parallel jobs, exit codes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from opensubject_tasks.cli import main
+
+OPENSUBJECT = [sys.executable, "-m", "opensubject_tasks.cli"]
+
+
+def _subset(sample_media: Path, dest: Path, n: int) -> Path:
+    """A folder with the first n sample videos (the run takes folders)."""
+    gt = json.loads((sample_media / "ground_truth.json").read_text())
+    dest.mkdir(parents=True, exist_ok=True)
+    good = [v for v in gt["videos"] if not v.get("bad")]
+    for v in good[:n]:
+        shutil.copy(sample_media / v["file"], dest / v["file"])
+    return dest
+
+
+def _dataset_digest(out: Path) -> dict[str, str]:
+    """Hashes of every exported file that must not depend on timing."""
+    ds = out / "dataset"
+    skip = {"stats.json", "report.html"}  # carry throughput/timestamps
+    return {str(p.relative_to(ds)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(ds.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def _status(out: Path) -> dict:
+    proc = subprocess.run([*OPENSUBJECT, "status", "--out", str(out), "--json"],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def full_run(sample_media: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run_full")
+    proc = subprocess.run([*OPENSUBJECT, "run", str(sample_media), "--out", str(out), "--jobs", "2"],
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_run_produces_dataset_and_status(full_run: Path, sample_media: Path) -> None:
+    doc = _status(full_run)
+    gt = json.loads((sample_media / "ground_truth.json").read_text())
+    assert doc["funnel"]["videos"] == len(gt["videos"])
+    # every video in a terminal state with a reason when not done
+    for v in doc["videos"]:
+        assert v["state"] in ("done", "rejected", "failed"), v
+        if v["state"] != "done":
+            assert v["reason"], v
+    f = doc["funnel"]
+    assert f["clips"] > 0 and f["subjects"] > 0 and f["pairs"] > 0
+    assert f["samples"] == f["verified"] + f["rejected"]
+    assert f["verified"] > 0
+    ds = full_run / "dataset"
+    assert list(ds.glob("shard-*.tar")) and (ds / "manifest.parquet").exists()
+    assert (ds / "stats.json").exists() and (ds / "report.html").exists()
+    assert (full_run / "contact_sheet.png").stat().st_size > 1000
+
+
+def test_status_json_shape(full_run: Path) -> None:
+    doc = _status(full_run)
+    assert set(doc["funnel"]) >= {"videos", "clips", "subjects", "pairs", "samples",
+                                  "verified", "rejected"}
+    for v in doc["videos"]:
+        assert {"name", "state", "reason", "clips"} <= set(v)
+        for a, b in v["clips"]:
+            assert 0 <= a < b
+
+
+def test_jobs_and_resume_give_the_same_dataset(sample_media: Path, tmp_path: Path) -> None:
+    media = _subset(sample_media, tmp_path / "media", 3)
+    ref = tmp_path / "ref"
+    assert main(["run", str(media), "--out", str(ref), "--jobs", "1", "--quiet"]) == 0
+    par = tmp_path / "par"
+    assert main(["run", str(media), "--out", str(par), "--jobs", "2", "--quiet"]) == 0
+    assert _dataset_digest(par) == _dataset_digest(ref)
+
+    # Kill a run once some samples are synthesized, run again: same dataset.
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*OPENSUBJECT, "run", str(media), "--out", str(out), "--jobs", "1",
+                             "--quiet"], start_new_session=True)
+    db = out / "opensubject.db"
+    deadline = time.monotonic() + 600
+    killed = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if not db.exists():
+            continue
+        try:
+            with sqlite3.connect(db, timeout=1) as con:
+                n = con.execute("SELECT count(*) FROM samples WHERE state != 'pending'").fetchone()[0]
+        except sqlite3.Error:
+            continue
+        if n >= 1:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+    proc.wait(30)
+    assert killed, "the run finished before it could be interrupted"
+    assert main(["run", str(media), "--out", str(out), "--jobs", "1", "--quiet"]) == 0
+    assert _dataset_digest(out) == _dataset_digest(ref)
+    with sqlite3.connect(out / "opensubject.db") as con:
+        dup = con.execute("SELECT count(*) - count(DISTINCT pair_id) FROM samples").fetchone()[0]
+    assert dup == 0
+
+
+def test_cannot_run_exits_nonzero_with_reason(tmp_path: Path, capsys) -> None:
+    assert main(["run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert "input not found" in capsys.readouterr().err
+
+
+def test_invalid_config_names_the_field(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("OPENSUBJECT_CURATE__MIN_SHORT_SIDE", "-5")
+    assert main(["run", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "curate.min_short_side" in capsys.readouterr().err
