@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from opensubject_tasks.config import Settings, load_settings
 
@@ -61,7 +61,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": c.unacked_restore_interval_s,
             "unacked_restore_throttle": c.unacked_restore_throttle,
         },
-        "task_queues": [Queue(q) for q in QUEUES],
+        "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
         "task_default_queue": "cpu",
         "task_routes": (route_task,),
         "task_serializer": "json",
@@ -84,7 +84,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Events for flower.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "worker_hijack_root_logger": False,
     }
 
 

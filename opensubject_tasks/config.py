@@ -10,15 +10,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from opensubject_tasks.errors import ConfigError
 
 
-class StoreSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt key is an error naming it, not a setting silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreSettings(_Section):
     kind: Literal["local", "minio"] = "local"
     local_root: Path = Path("out/store")
     endpoint: str = "127.0.0.1:9000"
@@ -38,7 +44,7 @@ class StoreSettings(BaseModel):
     read_timeout_s: float = Field(60.0, gt=0)  # between two reads, not for a whole transfer
 
 
-class CurateSettings(BaseModel):
+class CurateSettings(_Section):
     min_short_side: int = Field(240, ge=1)
     min_duration_s: float = Field(1.0, ge=0)
     max_duration_s: float = Field(4 * 3600, gt=0)
@@ -54,25 +60,34 @@ class CurateSettings(BaseModel):
     max_frames: int = Field(10_000_000, gt=0)
 
 
-class MineSettings(BaseModel):
-    consensus_share: float = Field(0.5, gt=0, le=1)
+class MineSettings(_Section):
+    consensus_frames: int = Field(4, ge=1, le=64)     # keyframes the VLM names categories on
+    consensus_share: float = Field(0.5, gt=0, le=1)   # share of those that must agree
     min_box_area: float = Field(1 / 64, ge=0, le=1)   # share of the frame
     max_box_area: float = Field(0.85, gt=0, le=1)
-    link_iou: float = Field(0.3, ge=0, le=1)
-    min_identity: float = Field(0.5, ge=0, le=1)
+    border_margin: float = Field(0.005, ge=0, le=0.2)  # share of the shorter side counted as border
+    link_iou: float = Field(0.3, ge=0, le=1)           # overlap that links boxes across keyframes
+    # embedding similarity (cosine) for the same identity; 0.75 suits the classical
+    # embedder (measured in docs/mining.md), CLIP/DINO-class embedders want their own
+    min_identity: float = Field(0.75, ge=-1, le=1)
     max_pairs_per_subject: int = Field(3, ge=1)
     min_diversity: float = Field(0.1, ge=0, le=1)
+    near_duplicate_iou: float = Field(0.9, ge=0, le=1)     # same place and size...
+    near_duplicate_identity: float = Field(0.98, ge=-1, le=1)  # ...and same look: a duplicate
 
 
-class SynthSettings(BaseModel):
+class SynthSettings(_Section):
     base_seed: int = 0
-    erosion_px: int = Field(6, ge=0)
+    erosion_px: int = Field(6, ge=0)                   # mean depth of the irregular boundary erosion
+    erosion_variation: float = Field(0.6, ge=0, le=1)  # +- share of erosion_px along the boundary
     max_rotation_deg: float = Field(15.0, ge=0, le=180)
     scale_range: tuple[float, float] = (0.8, 1.1)
-    output_size: int = Field(512, ge=64, le=2048)
+    flip_probability: float = Field(0.5, ge=0, le=1)
+    output_size: int = Field(512, ge=64, le=2048)      # longest side of the generation canvas
+    box_margin: float = Field(0.04, ge=0, le=0.5)      # manipulation box grown by this share (soft edges)
 
 
-class VerifySettings(BaseModel):
+class VerifySettings(_Section):
     max_attempts: int = Field(3, ge=1)
     min_identity: float = Field(0.6, ge=0, le=1)   # subject in generation input vs reference
     max_residual: float = Field(0.6, ge=0, le=1)   # subject left in the inpainted box
@@ -94,7 +109,7 @@ class VerifySettings(BaseModel):
     vlm_combine: Literal["all", "vlm"] = "all"
 
 
-class ExportSettings(BaseModel):
+class ExportSettings(_Section):
     shard_max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
     shard_max_samples: int = Field(1000, ge=1)
     report_grid: int = Field(24, ge=0)
@@ -104,7 +119,7 @@ class ExportSettings(BaseModel):
     omnigen2: bool = True                           # also write Images/ + train_*.jsonl
 
 
-class BackendSettings(BaseModel):
+class BackendSettings(_Section):
     """Backend names per interface (see opensubject_tasks.backends.registry)."""
     vlm: str = "none"
     detector: str = "classical"
@@ -119,7 +134,7 @@ class BackendSettings(BaseModel):
     dtype: str = "auto"
 
 
-class StageTimeLimit(BaseModel):
+class StageTimeLimit(_Section):
     soft_s: int = Field(ge=1)   # SoftTimeLimitExceeded is raised in the task: recorded, retried
     hard_s: int = Field(ge=1)   # the pool process is killed: recorded by the worker, retried
 
@@ -130,7 +145,7 @@ class StageTimeLimit(BaseModel):
         return self
 
 
-class CelerySettings(BaseModel):
+class CelerySettings(_Section):
     result_backend: str | None = None  # default: db+<database_url>
     soft_time_limit_s: int = Field(1800, ge=1)   # stages without their own entry below
     hard_time_limit_s: int = Field(2100, ge=1)
@@ -204,10 +219,11 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Configured secret values, for redaction in logs and reports."""
         vals = [self.store.access_key.get_secret_value(), self.store.secret_key.get_secret_value()]
-        for url in (self.database_url, self.broker_url):
-            if "@" in url and ":" in url.split("@", 1)[0].split("//", 1)[-1]:
-                vals.append(url.split("@", 1)[0].split("//", 1)[-1].split(":", 1)[1])
-        return [v for v in vals if v]
+        for url in (self.database_url, self.broker_url, self.celery.result_backend or ""):
+            password = urlsplit(url).password if "@" in url else None
+            if password:  # as written in the URL and percent-decoded, as a client may print it
+                vals += [password, unquote(password)]
+        return list(dict.fromkeys(v for v in vals if v))
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -251,14 +267,26 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         settings = Settings(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            f" (got {err.get('input')!r})"
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}{_shown_input(err)}"
             for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from None
     finally:
         _YamlSource.path = None
     return apply_profile(settings)
+
+
+_SECRET_HINTS = ("secret", "password", "token", "url", "backend", "access_key")
+
+
+def _shown_input(err: Any) -> str:
+    # Echo the offending value only when it cannot carry a secret: a scalar of a field
+    # whose name does not suggest credentials (a section's whole input may hold URLs).
+    value = err.get("input")
+    name = str(err["loc"][-1]).lower() if err.get("loc") else ""
+    if isinstance(value, (dict, list, tuple)) or any(h in name for h in _SECRET_HINTS):
+        return ""
+    return f" (got {value!r})"
 
 
 def apply_profile(settings: Settings) -> Settings:

@@ -103,3 +103,82 @@ TWO_SUBJECTS = [SubjectPath("cat", (0.2, 0.35), (0.55, 0.4), (0.4, 0.5)),
 TINY = [SubjectPath("cat", (0.3, 0.5), (0.7, 0.5), (0.08, 0.09))]
 BORDER = [SubjectPath("cat", (0.1, 0.15), (0.9, 0.15), (0.5, 0.5), turn_deg=0)]
 FULL_FRAME = [SubjectPath("astronaut", (0.48, 0.5), (0.52, 0.5), (1.25, 1.3), turn_deg=2)]
+
+
+# --------------------------------------------------------------------------------------
+# Clips of the generated sample videos, cut and keyframed the way the curate stage
+# stores them (shots between transitions, evenly spaced keyframes, JPEG, longest side
+# at most keyframe_max_side), with the ground-truth boxes scaled to keyframe pixels.
+
+@dataclass
+class GTClip:
+    video: str
+    idx: int
+    start: int                                  # first frame (inclusive)
+    end: int                                    # last frame (exclusive)
+    frame_numbers: list[int]
+    frames: list[np.ndarray]                    # RGB keyframes
+    boxes: dict[int, dict[int, list[float]]]    # track -> {frame number: box in keyframe pixels}
+    categories: dict[int, str]
+
+
+def shot_spans(video: dict) -> list[tuple[int, int]]:
+    """[start, end) of each shot, dissolve frames left out."""
+    bounds = [(c, c) for c in video["cuts"]] + [(a, b + 1) for a, b in video["gradual"]]
+    spans, pos = [], 0
+    for a, b in sorted(bounds):
+        spans.append((pos, a))
+        pos = b
+    spans.append((pos, video["frames"]))
+    return [s for s in spans if s[1] - s[0] > 0]
+
+
+def decode(path, wanted: set[int]) -> dict[int, np.ndarray]:
+    import av
+
+    out = {}
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                out[i] = frame.to_ndarray(format="rgb24")
+            if len(out) == len(wanted):
+                break
+    return out
+
+
+def keyframe_numbers(start: int, end: int, n: int) -> list[int]:
+    margin = min(2, max(0, (end - start - n) // 2))
+    return sorted({int(round(v)) for v in np.linspace(start + margin, end - 1 - margin, n)})
+
+
+def gt_clips(media_dir, keyframes: int = 6, max_side: int = 768, jpeg_quality: int = 90) -> list[GTClip]:
+    import json
+    from pathlib import Path
+
+    media_dir = Path(media_dir)
+    gt = json.loads((media_dir / "ground_truth.json").read_text())
+    clips = []
+    for video in gt["videos"]:
+        if video.get("bad"):
+            continue
+        spans = shot_spans(video)
+        numbers = [keyframe_numbers(a, b, keyframes) for a, b in spans]
+        frames = decode(media_dir / video["file"], {f for ns in numbers for f in ns})
+        scale = min(1.0, max_side / max(video["width"], video["height"]))
+        for idx, ((a, b), ns) in enumerate(zip(spans, numbers, strict=True)):
+            imgs = []
+            for f in ns:
+                img = frames[f]
+                if scale < 1:
+                    img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+                ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+                                       [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+                imgs.append(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+            boxes, cats = {}, {}
+            for s in video["subjects"]:
+                got = {f: [v * scale for v in s["boxes"][str(f)]] for f in ns if str(f) in s["boxes"]}
+                if got:
+                    boxes[s["track"]] = got
+                    cats[s["track"]] = s["category"]
+            clips.append(GTClip(video["file"], idx, a, b, ns, imgs, boxes, cats))
+    return clips

@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -145,8 +145,8 @@ def test_presigned_url_carries_the_configured_expiry(s3_store_settings):
     q = parse_qs(urlsplit(store.url("k")).query)
     assert q["X-Amz-Expires"] == ["2"]
     assert q["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"] and q["X-Amz-Signature"][0]
-    signed_at = datetime.strptime(q["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
-    assert abs((datetime.now(timezone.utc) - signed_at).total_seconds()) < 60
+    signed_at = datetime.strptime(q["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - signed_at).total_seconds()) < 60
     assert parse_qs(urlsplit(store.url("k", expires_s=1)).query)["X-Amz-Expires"] == ["1"]
     for bad in (0, 7 * 24 * 3600 + 1):
         with pytest.raises(ValueError, match="expiry"):
@@ -442,3 +442,14 @@ def test_local_copy_downloads_store_objects_to_a_temp_file(store):
 def test_unsupported_or_unsafe_sources_are_bad_input(source):
     with pytest.raises(BadInput):
         parse_source(source)
+
+
+def test_local_store_drops_stale_temp_files_of_killed_writers(tmp_path):
+    store = LocalStore(tmp_path / "root")
+    stale, fresh = store.root / STAGING_DIR / "a.tmp", store.root / STAGING_DIR / "b.tmp"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"in flight")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    LocalStore(store.root)
+    assert not stale.exists() and fresh.exists()
+    assert list(store.list()) == [] and list(store.list(f"{STAGING_DIR}/")) == []  # never objects

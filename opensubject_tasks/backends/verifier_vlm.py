@@ -53,7 +53,7 @@ def questions_for(sample: dict[str, Any]) -> list[tuple[list[np.ndarray], str]]:
     ref, gen, man = sample["reference"], sample["generation_input"], sample["manipulation_input"]
     region = _region(man, as_mask(sample.get("manipulation_mask")))
     images = ([ref, gen], [ref, region], [gen, man])
-    return [(list(imgs), q.format(category=category)) for imgs, (_, _, q) in zip(images, QUESTIONS)]
+    return [(list(imgs), q.format(category=category)) for imgs, (_, _, q) in zip(images, QUESTIONS, strict=True)]
 
 
 def combine(answers: Sequence[YesNo], classical: Verdict, vlm_name: str,
@@ -62,7 +62,7 @@ def combine(answers: Sequence[YesNo], classical: Verdict, vlm_name: str,
     scores = dict(classical.scores)
     reasons: list[str] = []
     answers = list(answers) + [YesNo(None, None, "<no answer returned>")] * (len(QUESTIONS) - len(answers))
-    for (check, expected, _), ans in zip(QUESTIONS, answers):
+    for (check, expected, _), ans in zip(QUESTIONS, answers[:len(QUESTIONS)], strict=True):
         if ans.answer is None:
             scores[check] = -1.0  # recorded as unparseable, never guessed
             raw = " ".join((ans.raw or "").split())[:80]

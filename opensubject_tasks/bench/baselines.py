@@ -5,6 +5,9 @@
   subject is not where the ground truth has it (poor identity there).
 * ``paste-reference``: the reference subject crop pasted into the input at the target
   box. Identity fidelity is high on both tasks; the background is untouched.
+* ``ground-truth``: the target itself, the upper bound the classical scores reach
+  (PF and SC near 10, up to what differs between the input and the target outside
+  the region).
 """
 from __future__ import annotations
 
@@ -31,9 +34,14 @@ def paste_reference(case: Case, bench: Path) -> np.ndarray:
     return out
 
 
+def ground_truth(case: Case, bench: Path) -> np.ndarray:
+    return read_image(bench / case.images["target"])
+
+
 BASELINES: dict[str, Callable[[Case, Path], np.ndarray]] = {
     "copy-input": copy_input,
     "paste-reference": paste_reference,
+    "ground-truth": ground_truth,
 }
 
 

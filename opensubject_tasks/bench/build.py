@@ -23,7 +23,7 @@ import os
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -259,7 +259,7 @@ def build_bench(ctx: Context, build_id: str, out_dir: str | Path, *, share: floa
         bench_dir=str(out.resolve()), build_id=build_id, share=share, seed=seed,
         videos_total=len(video_ids), held_out_videos=sorted(held), cases=len(cases),
         splits={sp: counts.get(sp, 0) for sp in SPLITS}, skipped=skipped,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     with open(tmp / "cases.jsonl", "w") as f:
         for c in cases:
             f.write(json.dumps(c.to_dict(), sort_keys=True) + "\n")

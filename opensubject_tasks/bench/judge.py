@@ -190,7 +190,7 @@ class Judge:
             prompts = [self.rubric.render(axis, items[i].fields, retry=attempt > 0) for i in todo]
             replies = self._ask(images, prompts)
             still = []
-            for i, reply in zip(todo, replies):
+            for i, reply in zip(todo, replies, strict=True):
                 parsed = parse_reply(reply)
                 r = results[i]
                 r.raw.append(reply or "")

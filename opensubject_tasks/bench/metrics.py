@@ -141,7 +141,8 @@ def masked_ssim(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float | None:
     _, smap = structural_similarity(a, b, channel_axis=-1, win_size=SSIM_WIN, full=True,
                                     data_range=255)
     smap = smap.mean(axis=-1) if smap.ndim == 3 else smap
-    inner = ndimage.binary_erosion(keep, iterations=SSIM_WIN // 2, border_value=1)
+    inner = ndimage.binary_erosion(keep, structure=np.ones((3, 3), bool), iterations=SSIM_WIN // 2,
+                                   border_value=1)
     if not inner.any():
         inner = keep
     if not inner.any():

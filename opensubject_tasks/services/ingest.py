@@ -221,9 +221,11 @@ def _ensure_build_exists(ctx: Context, build_id: str) -> None:
 def claim_videos(ctx: Context, build_id: str, limit: int | None = None) -> list[str]:
     """Assign registered videos that no build holds yet to build_id; returns their ids.
 
-    On PostgreSQL the candidate rows are locked with FOR UPDATE SKIP LOCKED, so
-    concurrent claimers never wait on each other and never claim the same video; SQLite
-    runs the single UPDATE under its database write lock.
+    PostgreSQL: the candidates are locked with SELECT ... FOR UPDATE SKIP LOCKED and
+    then updated, so concurrent claimers never wait on each other and never share a
+    video. (Not one UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED):
+    PostgreSQL may run that subquery again per row and update more than n.)
+    SQLite: one UPDATE, serialised by the database write lock.
     """
     if limit is not None and limit <= 0:
         return []
@@ -235,9 +237,14 @@ def claim_videos(ctx: Context, build_id: str, limit: int | None = None) -> list[
         if limit is not None:
             pick = pick.limit(limit)
         if s.get_bind().dialect.name == "postgresql":
-            pick = pick.with_for_update(skip_locked=True)
+            ids = list(s.scalars(pick.with_for_update(skip_locked=True)))
+            if not ids:
+                return []
+            target = Video.id.in_(ids)
+        else:
+            target = Video.id.in_(pick.scalar_subquery())
         stmt = (update(Video)
-                .where(Video.id.in_(pick.scalar_subquery()), Video.build_id.is_(None))
+                .where(target, Video.build_id.is_(None))
                 .values(build_id=build_id, updated_at=utcnow())
                 .returning(Video.id)
                 .execution_options(synchronize_session=False))

@@ -14,7 +14,7 @@ import numpy as np
 
 from opensubject_tasks.backends.base import VLM, Caption, Embedder, Verdict, Verifier
 from opensubject_tasks.backends.classical.captions import template_caption
-from opensubject_tasks.backends.classical.verifier import IMAGE_NAMES, as_mask
+from opensubject_tasks.backends.classical.verifier import IMAGE_NAMES, as_mask, bbox
 from opensubject_tasks.config import VerifySettings
 
 
@@ -53,13 +53,15 @@ def caption_sample(images: dict[str, np.ndarray], meta: dict[str, Any], vlm: VLM
     """Short and long captions of the target: from the VLM when one is configured,
     otherwise (or when it returns nothing) template captions marked as such."""
     category = str(meta.get("category") or "object")
+    box_mask = as_mask(images.get("manipulation_mask"))
     if vlm is not None and getattr(vlm, "name", "none") != "none":
-        hint = {"category": category, "box": meta.get("tgt_box")}
+        box = bbox(box_mask) if box_mask is not None else None   # in the target's own pixels
+        hint = {"category": category, "box": list(box) if box else None}
         cap = vlm.caption([images["target"]], [hint])[0]
         if cap.short.strip() and cap.long.strip():
             return cap
     return template_caption(images["reference"], as_mask(images.get("mask")), images["target"],
-                            as_mask(images.get("manipulation_mask")), category)
+                            box_mask, category)
 
 
 def verify_and_caption(images: dict[str, np.ndarray], meta: dict[str, Any], verifier: Verifier,

@@ -6,11 +6,13 @@ object or the complete new one, never a half-written file.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +33,10 @@ def _md5(path: str, _ino: int, _size: int, _mtime_ns: int) -> str:
 
 
 def _addressable(key: str) -> bool:
-    # Files put there by other means under names no key may have are not objects.
+    # Temporary files, and files put there by other means under names no key may
+    # have, are not objects.
+    if key.startswith(STAGING_DIR + "/"):
+        return False
     try:
         check_object_key(key)
     except UnsafeKey:
@@ -48,6 +53,15 @@ class LocalStore:
         self._real_root = self.root.resolve()
         self._staging = self.root / STAGING_DIR
         self._staging.mkdir(exist_ok=True)
+        self._drop_stale_temp_files()
+
+    def _drop_stale_temp_files(self, older_than_s: float = 24 * 3600) -> None:
+        # Left behind only by a process killed mid-write; never part of an object.
+        cutoff = time.time() - older_than_s
+        for tmp in self._staging.glob("*.tmp"):
+            with contextlib.suppress(OSError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"

@@ -8,6 +8,7 @@ visible only once its upload completes, so a half-written object is never seen.
 """
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import logging
@@ -240,7 +241,7 @@ class MinioStore:
         check_prefix(prefix)
         last: str | None = None
         while True:
-            page = self._call(f"list {prefix!r}", lambda: self._list_page(prefix, last))
+            page = self._call(f"list {prefix!r}", functools.partial(self._list_page, prefix, last))
             # Folder markers ("a/") are not objects.
             yield from (o for o in page if not o.key.endswith("/"))
             if len(page) < _LIST_PAGE:

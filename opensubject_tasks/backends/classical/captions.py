@@ -90,10 +90,10 @@ def scene_phrase(pixels: np.ndarray) -> str:
     light = "dark" if v < 70 else "dim" if v < 120 else "well-lit" if v < 190 else "bright"
     warmth = float(px[:, 0].mean() - px[:, 2].mean())
     tone = "warm-toned" if warmth > 15 else "cool-toned" if warmth < -15 else "neutral-toned"
-    vivid = "muted " if s < 40 else "colourful " if s > 120 else ""
+    vivid = ["muted"] if s < 40 else ["colourful"] if s > 120 else []
     main = dominant_colours(pixels, max_names=1)
     bg = f" with a mostly {main[0]} background" if main else ""
-    return f"a {light}, {vivid}{tone} scene{bg}"
+    return f"a {', '.join([light, *vivid, tone])} scene{bg}"
 
 
 def _article(word: str) -> str:

@@ -69,13 +69,7 @@ class MotionSaliencyDetector:
             return []
         fs = [self._prepare(f) for f in frames]
         n = len(fs)
-        homog: dict[tuple[int, int], np.ndarray] = {}
-        for i in range(n):
-            for j in range(i + 1, n):
-                h_ij = self._register(fs[i], fs[j])  # maps frame j to frame i
-                if h_ij is not None:
-                    homog[(i, j)] = h_ij
-                    homog[(j, i)] = np.linalg.inv(h_ij)
+        homog = self._register_all(fs)
         per_frame: list[list[tuple[list[float], float]]] = []
         for i in range(n):
             motion, thr = self._motion(fs, homog, i)
@@ -107,19 +101,58 @@ class MotionSaliencyDetector:
         rgb = cv2.GaussianBlur(small.astype(np.float32), (0, 0), 1.0)
         return _Frame(rgb, grey, w / sw, h / sh, kps, des, sal)
 
-    def _register(self, a: _Frame, b: _Frame) -> np.ndarray | None:
-        """Homography taking frame b's pixels to frame a's, or None when it cannot be found."""
+    def _register_all(self, fs: list[_Frame]) -> dict[tuple[int, int], np.ndarray]:
+        """Camera motion between every two keyframes: homog[(i, j)] maps frame j to frame i.
+        Neighbours are registered directly; distant pairs by chaining neighbours, then
+        refined on the feature matches that agree with the chain (same motion layer)."""
+        n = len(fs)
+        homog: dict[tuple[int, int], np.ndarray] = {}
+        for i in range(n - 1):
+            h = self._register(fs[i], fs[i + 1])
+            if h is not None:
+                homog[(i, i + 1)] = h
+        for gap in range(2, n):
+            for i in range(n - gap):
+                j = i + gap
+                chain = homog.get((i, j - 1)), homog.get((j - 1, j))
+                prior = chain[0] @ chain[1] if chain[0] is not None and chain[1] is not None else None
+                h = self._register(fs[i], fs[j], prior)
+                if h is not None:
+                    homog[(i, j)] = h
+        for (i, j), h in list(homog.items()):
+            homog[(j, i)] = np.linalg.inv(h)
+        return homog
+
+    def _register(self, a: _Frame, b: _Frame, prior: np.ndarray | None = None) -> np.ndarray | None:
+        """Homography taking frame b's pixels to frame a's, or None when none is found.
+
+        Motion layers are fitted one after another by RANSAC, each on the matches the
+        previous ones left, on strict and on loose feature matches (a loose ratio test
+        recovers a scene that repetitive texture or a large shift starves of strict
+        matches). Without a prior, the camera's layer is the one whose inliers spread
+        over the largest part of the frame: a subject is compact, the scene is
+        everywhere. With a prior (a chained estimate) only the matches that agree with
+        it are used, so the estimate stays on the scene's layer."""
+        sh, sw = a.grey.shape
+        best, best_spread = None, 0.0
         if a.des is not None and b.des is not None and len(a.des) >= 8 and len(b.des) >= 8:
-            matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
-            good = [m for m, n2 in (p for p in matcher.knnMatch(b.des, a.des, k=2) if len(p) == 2)
-                    if m.distance < 0.8 * n2.distance]
-            if len(good) >= 12:
-                src = np.float32([b.kps[m.queryIdx].pt for m in good])
-                dst = np.float32([a.kps[m.trainIdx].pt for m in good])
-                hmat, inl = cv2.findHomography(src, dst, cv2.RANSAC, 2.5)
-                if hmat is not None and inl is not None and inl.sum() >= 12 and _sane(hmat):
-                    return hmat
-        return self._register_ecc(a, b)
+            pairs = [p for p in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(b.des, a.des, k=2) if len(p) == 2]
+            for ratio in (0.8, 0.95):
+                good = [m for m, n2 in pairs if m.distance < ratio * n2.distance]
+                src = np.float32([b.kps[m.queryIdx].pt for m in good]).reshape(-1, 2)
+                dst = np.float32([a.kps[m.trainIdx].pt for m in good]).reshape(-1, 2)
+                if prior is not None and len(src):
+                    pred = cv2.perspectiveTransform(src[None], prior)[0]
+                    near = np.linalg.norm(pred - dst, axis=1) < 0.03 * np.hypot(sw, sh)
+                    src, dst = src[near], dst[near]
+                for hmat, inliers in _layers(src, dst, max_layers=1 if prior is not None else 3):
+                    hull = cv2.convexHull(dst[inliers].reshape(-1, 1, 2))
+                    spread = cv2.contourArea(hull) / float(sw * sh)
+                    if spread > best_spread:
+                        best, best_spread = hmat, spread
+        if best is not None and best_spread >= 0.02:
+            return best
+        return prior if prior is not None else self._register_ecc(a, b)
 
     @staticmethod
     def _register_ecc(a: _Frame, b: _Frame) -> np.ndarray | None:
@@ -175,8 +208,9 @@ class MotionSaliencyDetector:
         if not np.isfinite(thr):
             return []
         sh, sw = motion.shape
-        binary = (motion > thr).astype(np.uint8)
-        binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
+        # hysteresis: regions of weak motion, kept when they hold enough strong motion
+        strong = motion > thr
+        binary = (motion > 0.5 * thr).astype(np.uint8)
         k = max(5, int(0.03 * max(sh, sw)) | 1)
         binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
         binary = ndimage.binary_fill_holes(binary).astype(np.uint8)
@@ -189,6 +223,8 @@ class MotionSaliencyDetector:
             if area < min_px:
                 continue
             region = labels == c
+            if strong[region].sum() < 0.25 * min_px:
+                continue
             strength = float(np.clip(motion[region].mean() / (3 * thr), 0, 1))
             sal_in = float(f.saliency[region].mean())
             sal_out = (sal_total - float(f.saliency[region].sum())) / max(region.size - area, 1)
@@ -231,6 +267,25 @@ class MotionSaliencyDetector:
                 frame_ids.append(tid)
             ids.append(frame_ids)
         return ids
+
+
+def _layers(src: np.ndarray, dst: np.ndarray, max_layers: int = 3, min_inliers: int = 12
+            ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Homographies fitted one after another, each on the matches the others left:
+    [(H, indices of its inliers)]."""
+    out = []
+    idx = np.arange(len(src))
+    for _ in range(max_layers):
+        if len(idx) < min_inliers:
+            break
+        hmat, inl = cv2.findHomography(src[idx], dst[idx], cv2.RANSAC, 2.5)
+        if hmat is None or inl is None or int(inl.sum()) < min_inliers:
+            break
+        inl = inl.ravel().astype(bool)
+        if _sane(hmat):
+            out.append((hmat, idx[inl]))
+        idx = idx[~inl]
+    return out
 
 
 def _spread(kps: Sequence[Any], w: int, h: int, grid: tuple[int, int] = (8, 6), per_cell: int = 25

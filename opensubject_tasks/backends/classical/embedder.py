@@ -26,7 +26,7 @@ _SIDE = 96  # crops are resized to this before the statistics are taken
 class ClassicalEmbedder:
     name = "classical"
 
-    def __init__(self, colour_weight: float = 0.5, texture_weight: float = 0.3,
+    def __init__(self, colour_weight: float = 0.6, texture_weight: float = 0.2,
                  keypoint_weight: float = 0.2) -> None:
         self.weights = (colour_weight, texture_weight, keypoint_weight)
         self._orb = cv2.ORB_create(nfeatures=200, edgeThreshold=8, patchSize=15)
@@ -46,7 +46,9 @@ class ClassicalEmbedder:
         img = cv2.resize(img, (_SIDE, _SIDE), interpolation=cv2.INTER_AREA if min(img.shape[:2]) > _SIDE
                          else cv2.INTER_LINEAR)
         grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-        blocks = [self._colour(img), self._texture(grey), self._keypoints(grey)]
+        # histograms are centred on the flat (uninformative) histogram, so that
+        # unrelated crops score near zero instead of sharing a large common part
+        blocks = [_centre(self._colour(img)), _centre(self._texture(grey)), self._keypoints(grey)]
         vec = np.concatenate([w * _unit(b) for w, b in zip(self.weights, blocks, strict=True)])
         return _unit(vec)
 
@@ -87,6 +89,11 @@ class ClassicalEmbedder:
             return np.zeros(256)
         bits = np.unpackbits(des, axis=1).astype(np.float64)
         return bits.mean(axis=0) - 0.5
+
+
+def _centre(v: np.ndarray) -> np.ndarray:
+    flat = np.full_like(v, np.linalg.norm(v) / np.sqrt(len(v)))
+    return v - flat
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

@@ -184,7 +184,7 @@ class ClassicalVerifier:
         verdicts, i = [], 0
         for p in prepared:
             n = len(p["crops"])
-            named = dict(zip(p["crops"], vecs[i:i + n]))
+            named = dict(zip(p["crops"], vecs[i:i + n], strict=True))
             verdicts.append(self._judge(p, named, t, getattr(emb, "name", "embedder")))
             i += n
         return verdicts

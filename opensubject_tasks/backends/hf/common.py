@@ -153,8 +153,9 @@ class Batcher:
 
 
 def free_cuda_memory() -> None:
-    gc.collect()
+    """Drop the failed attempt's tensors and hand cached blocks back to the driver."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -78,13 +78,13 @@ class HFDetector(HFBackend):
         else:
             results = self.processor.post_process_grounded_object_detection(
                 outputs, threshold=self.threshold, target_sizes=sizes, text_labels=[queries] * n)
-        return [self._collect(r, im.width, im.height, queries) for r, im in zip(results, images)]
+        return [self._collect(r, im.width, im.height, queries) for r, im in zip(results, images, strict=True)]
 
     def _collect(self, result: dict[str, Any], width: int, height: int,
                  queries: list[str]) -> list[Detection]:
         dets = []
         labels = result.get("text_labels") if self.grounding else result["labels"].tolist()
-        for box, score, label in zip(result["boxes"].tolist(), result["scores"].tolist(), labels):
+        for box, score, label in zip(result["boxes"].tolist(), result["scores"].tolist(), labels, strict=True):
             category = _match_query(label, queries) if self.grounding else queries[int(label)]
             if category is None:
                 continue

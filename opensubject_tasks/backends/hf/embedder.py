@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
+from transformers.utils import logging as hf_logging
 
 from opensubject_tasks.backends.base import Image, QualityScore
 from opensubject_tasks.backends.hf.common import HFBackend, move, to_pil
@@ -39,7 +40,15 @@ class HFEmbedder(HFBackend):
     def _load_model(self) -> nn.Module:
         config = self.load(AutoConfig.from_pretrained)
         if config.model_type == "clip":  # the image tower and its projection only
-            return self.load(CLIPVisionModelWithProjection.from_pretrained, dtype=self.dtype)
+            vision = config.vision_config
+            vision.projection_dim = config.projection_dim
+            # The checkpoint's text tower is skipped on purpose: keep its load report quiet.
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                return self.load(CLIPVisionModelWithProjection.from_pretrained, config=vision, dtype=self.dtype)
+            finally:
+                hf_logging.set_verbosity(verbosity)
         return self.load(AutoModel.from_pretrained, dtype=self.dtype)
 
     def embed(self, images: Sequence[Image]) -> np.ndarray:
@@ -51,7 +60,7 @@ class HFEmbedder(HFBackend):
     @property
     def dim(self) -> int:
         cfg = self.model.config
-        return int(getattr(cfg, "projection_dim", None) or getattr(cfg, "hidden_size"))
+        return int(getattr(cfg, "projection_dim", None) or cfg.hidden_size)
 
     def _embed(self, chunk: list[Image]) -> list[np.ndarray]:
         inputs = self.processor(images=[to_pil(im) for im in chunk], return_tensors="pt")

@@ -43,7 +43,7 @@ class HFInpainter(HFBackend):
             cls = getattr(diffusers, pipeline_class, None)
             if cls is None:
                 raise ConfigError(f"backends.options.inpainter.pipeline_class: diffusers has no {pipeline_class!r}")
-        self.pipe = self.load(cls.from_pretrained, torch_dtype=self.dtype)
+        self.pipe = self.load(cls.from_pretrained, dtype=self.dtype)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._accepts = set(inspect.signature(self.pipe.__call__).parameters)
@@ -54,7 +54,7 @@ class HFInpainter(HFBackend):
             raise ValueError(f"{len(images)} images, {len(masks)} masks, {len(prompts)} prompts, "
                              f"{len(seeds)} seeds: one of each per image")
         items = []
-        for image, mask, prompt, seed in zip(images, masks, prompts, seeds):
+        for image, mask, prompt, seed in zip(images, masks, prompts, seeds, strict=True):
             image, mask = np.asarray(image), np.asarray(mask, bool)
             if mask.shape != image.shape[:2]:
                 raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
@@ -62,7 +62,7 @@ class HFInpainter(HFBackend):
         todo = [i for i, it in enumerate(items) if it[1].any()]  # nothing to fill: as is
         filled = self.batcher.map(self._inpaint, [items[i] for i in todo])
         out = [it[0].copy() for it in items]
-        for i, im in zip(todo, filled):
+        for i, im in zip(todo, filled, strict=True):
             out[i] = im
         return out
 
@@ -72,7 +72,7 @@ class HFInpainter(HFBackend):
         out: list[Image | None] = [None] * len(chunk)
         for size in dict.fromkeys(sizes):
             idx = [i for i, s in enumerate(sizes) if s == size]
-            for i, gen in zip(idx, self._call([chunk[i] for i in idx], size)):
+            for i, gen in zip(idx, self._call([chunk[i] for i in idx], size), strict=True):
                 image, mask = chunk[i][0], chunk[i][1]
                 gen = np.asarray(PILImage.fromarray(gen).resize(
                     (image.shape[1], image.shape[0]), PILImage.Resampling.LANCZOS))

@@ -41,14 +41,14 @@ class HFSegmenter(HFBackend):
         if len(images) != len(boxes):
             raise ValueError(f"{len(images)} images for {len(boxes)} boxes")
         items = []
-        for image, box in zip(images, boxes):
+        for image, box in zip(images, boxes, strict=True):
             h, w = np.asarray(image).shape[:2]
             items.append((image, clip_box(box, w, h)))
         # A box wholly outside its image selects nothing: an empty mask, no model call.
         todo = [i for i, (_, b) in enumerate(items) if b is not None]
         masks = self.batcher.map(self._segment, [items[i] for i in todo])
         out = [np.zeros(np.asarray(im).shape[:2], bool) for im, _ in items]
-        for i, m in zip(todo, masks):
+        for i, m in zip(todo, masks, strict=True):
             out[i] = m
         return out
 
@@ -63,7 +63,7 @@ class HFSegmenter(HFBackend):
         # pred_masks: (batch, boxes=1, candidates, h, w); keep the candidate SAM rates best.
         best = outputs.iou_scores.float()[:, 0].argmax(-1).tolist()
         masks = self.processor.post_process_masks(outputs.pred_masks.float().cpu(), original, reshaped)
-        return [m[0, k].numpy().astype(bool) for m, k in zip(masks, best)]
+        return [m[0, k].numpy().astype(bool) for m, k in zip(masks, best, strict=True)]
 
 
 @register("segmenter", "hf")

@@ -224,14 +224,14 @@ class HFVLM(HFBackend):
             raise ValueError(f"{len(images)} image lists for {len(questions)} questions")
         suffix = prompt_text("yes_no", "suffix")
         turns = [(list(imgs), q if "yes or no" in q.lower() else f"{q}\n{suffix}")
-                 for imgs, q in zip(images, questions)]
+                 for imgs, q in zip(images, questions, strict=True)]
         replies = self._run(turns, max_new_tokens=4, want_first_logits=True)
         return [YesNo(parse_yes_no(reply), self.p_yes(logits), raw=reply) for reply, logits in replies]
 
     def answer(self, images: Sequence[Sequence[Image]], prompts: Sequence[str]) -> list[str]:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
-        turns = [(list(imgs), prompt_text("answer", prompt=p)) for imgs, p in zip(images, prompts)]
+        turns = [(list(imgs), prompt_text("answer", prompt=p)) for imgs, p in zip(images, prompts, strict=True)]
         return [r.strip() for r, _ in self._run(turns, max_new_tokens=self.long_caption_tokens)]
 
     def caption(self, images: Sequence[Image], hints: Sequence[dict[str, Any]]) -> list[Caption]:
@@ -239,12 +239,12 @@ class HFVLM(HFBackend):
             raise ValueError(f"{len(images)} images for {len(hints)} hints")
 
         def turns(key: str) -> list[tuple[list[Image], str]]:
-            return [([im], prompt_text(key, hints=_hint_text(h))) for im, h in zip(images, hints)]
+            return [([im], prompt_text(key, hints=_hint_text(h))) for im, h in zip(images, hints, strict=True)]
 
         short = self._run(turns("caption_short"), max_new_tokens=self.max_new_tokens)
         long = self._run(turns("caption_long"), max_new_tokens=self.long_caption_tokens)
         return [Caption(short=" ".join(s.split()), long=" ".join(lg.split()), source=self.name)
-                for (s, _), (lg, _) in zip(short, long)]
+                for (s, _), (lg, _) in zip(short, long, strict=True)]
 
 
 def _hint_text(hints: dict[str, Any]) -> str:

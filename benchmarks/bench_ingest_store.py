@@ -1,0 +1,102 @@
+"""Throughput of stage 0 (ingest) and of the object stores.
+
+    .venv/bin/python benchmarks/bench_ingest_store.py [--files 200] [--file-mb 5] [--db URL]
+
+Ingest: registering a folder (SHA-256 of every file, streamed) the first time and
+again (everything known). Stores: put/get of small objects (keyframe-sized) and of
+one large file, for LocalStore and for MinioStore against a local S3 server process
+(moto, not MinIO: its numbers show the client's overhead, not MinIO's speed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from opensubject_tasks.config import StoreSettings, load_settings
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import upgrade
+from opensubject_tasks.services.ingest import register_source
+from opensubject_tasks.storage.local import LocalStore
+from opensubject_tasks.storage.minio_store import MinioStore
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def bench_ingest(work: Path, files: int, file_mb: float, db_url: str | None) -> None:
+    media = work / "media"
+    media.mkdir()
+    size = int(file_mb * 1024 * 1024)
+    for i in range(files):
+        (media / f"v{i:05d}.mp4").write_bytes(os.urandom(size))
+    url = db_url or f"sqlite:///{work / 'bench.db'}"
+    ctx = Context.from_settings(load_settings(database_url=url, store={"kind": "local", "local_root": str(work / "s")}))
+    upgrade(ctx.engine)
+    total_mb = files * size / 2**20
+    res, first = timed(lambda: register_source(ctx, str(media)))
+    assert len(res.new_ids) == files, res.to_dict()
+    res, again = timed(lambda: register_source(ctx, str(media)))
+    assert not res.new_ids and len(res.known_ids) == files
+    db = url.split(":", 1)[0]
+    print(f"ingest  {db:<22} {files} files x {file_mb:g} MB: first {first:.2f} s "
+          f"({files / first:.0f} files/s, {total_mb / first:.0f} MB/s); rerun {again:.2f} s")
+    ctx.engine.dispose()
+
+
+def bench_store(name: str, store, work: Path, small: int = 300, small_kb: int = 60, big_mb: int = 50) -> None:
+    blob = os.urandom(small_kb * 1024)
+    _, put_s = timed(lambda: [store.put_bytes(f"bench/small/{i:05d}.jpg", blob) for i in range(small)])
+    _, get_s = timed(lambda: [store.get_bytes(f"bench/small/{i:05d}.jpg") for i in range(small)])
+    _, list_s = timed(lambda: list(store.list("bench/small/")))
+    big = work / f"big-{name}.bin"
+    with open(big, "wb") as f:
+        for _ in range(big_mb):
+            f.write(os.urandom(2**20))
+    _, bput = timed(lambda: store.put_file("bench/big.bin", big))
+    _, bget = timed(lambda: store.get_file("bench/big.bin", work / f"back-{name}.bin"))
+    print(f"store   {name:<22} {small} x {small_kb} KB: put {small / put_s:.0f}/s, get {small / get_s:.0f}/s, "
+          f"list {list_s * 1000:.0f} ms; {big_mb} MB file: put {big_mb / bput:.0f} MB/s, get {big_mb / bget:.0f} MB/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=200)
+    ap.add_argument("--file-mb", type=float, default=5)
+    ap.add_argument("--db", default=None, help="database URL (default: a SQLite file)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        bench_ingest(work, args.files, args.file_mb, args.db)
+        bench_store("LocalStore", LocalStore(work / "local"), work)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            store = MinioStore.from_settings(StoreSettings(
+                kind="minio", endpoint=f"127.0.0.1:{port}", access_key="k", secret_key="s",
+                bucket="bench", region="us-east-1"))
+            bench_store("MinioStore (moto)", store, work)
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
+if __name__ == "__main__":
+    main()

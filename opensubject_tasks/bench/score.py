@@ -1,0 +1,468 @@
+"""Score a model's outputs on a bench: per-case JSON, summary tables, worst cases.
+
+Per case the paper's two figures (OSBench): PF, prompt following (generation: prompt
+adherence; manipulation: manipulation fidelity) and SC, consistency (generation:
+identity fidelity; manipulation: background consistency), both 0-10, and the case
+score sqrt(PF * SC). A split averages its scored cases; the overall score averages
+the four splits (generation/manipulation x simple/complex).
+
+PF and SC come from the VLM judge when one is configured. Without one they come from
+the classical metrics mapped to 0-10, and every output says so. Classical metrics
+always run and the judge is always asked; a judge reply that cannot be read leaves
+the field unscored (with the raw reply), never filled in.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from opensubject_tasks.bench import metrics as M
+from opensubject_tasks.bench.build import SCENES, SPLITS, TASKS, Case, load_cases, read_image
+from opensubject_tasks.bench.judge import Judge, JudgeItem
+from opensubject_tasks.config import Settings
+from opensubject_tasks.context import Context
+from opensubject_tasks.errors import BadInput
+
+PREDICTION_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+AXES = ("identity", "prompt_adherence", "manipulation", "background")
+# Which judge axes each task asks, and which of them are PF and SC.
+JUDGE_AXES = {"generation": ("prompt_adherence", "identity"),
+              "manipulation": ("manipulation", "background")}
+PF_SC = {"generation": ("prompt_adherence", "identity"),
+         "manipulation": ("manipulation", "background")}
+CHUNK = 16            # cases held in memory at once
+CALIBRATION_PAIRS = 64
+REGION_CONTEXT = 0.5  # "fits the scene": the box grown by half its size on every side
+
+
+@dataclass
+class ScoringContext:
+    """What scoring needs from a Context: settings and the configured backends (it
+    touches no database and no store). A full ``Context`` works as well."""
+    settings: Settings
+    backend = Context.backend
+
+
+@dataclass
+class Calibration:
+    """Similarities this embedder gives unrelated content on this bench (medians over
+    pairs of cases from different videos): the 0 points of the 0-10 maps."""
+    identity: float = 0.0   # reference vs another case's subject box
+    region: float = 0.0     # grown box vs another case's grown box
+    image: float = 0.0      # target vs another case's target
+    pairs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"identity": round(self.identity, 4), "region": round(self.region, 4),
+                "image": round(self.image, 4), "pairs": self.pairs,
+                "note": "" if self.pairs else "fewer than two videos: chance level taken as 0"}
+
+
+def _load(bench: Path, case: Case) -> dict[str, np.ndarray]:
+    imgs = {k: read_image(bench / v, mask=k.endswith("mask")) for k, v in case.images.items()}
+    w, h = case.size
+    imgs["input"] = M.resize_to(imgs["input"], w, h)
+    if "input_mask" in imgs and imgs["input_mask"].shape != (h, w):
+        imgs["input_mask"] = np.asarray(Image.fromarray(imgs["input_mask"]).resize((w, h))) > 0
+    return imgs
+
+
+def calibrate(embedder: Any, bench: Path, cases: list[Case]) -> Calibration:
+    by_sample: dict[str, Case] = {}
+    for c in cases:
+        by_sample.setdefault(c.sample_id, c)
+    uniq = sorted(by_sample.values(), key=lambda c: c.sample_id)
+    pairs: list[tuple[Case, Case]] = []
+    for k in range(1, len(uniq)):
+        for i, a in enumerate(uniq):
+            b = uniq[(i + k) % len(uniq)]
+            if a.video_id != b.video_id:
+                pairs.append((a, b))
+            if len(pairs) >= CALIBRATION_PAIRS:
+                break
+        if len(pairs) >= CALIBRATION_PAIRS:
+            break
+    if not pairs:
+        return Calibration()
+    cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def get(c: Case) -> dict[str, np.ndarray]:
+        if c.sample_id not in cache:
+            cache[c.sample_id] = _load(bench, c)
+        return cache[c.sample_id]
+
+    ident, region, image = [], [], []
+    for a, b in pairs:
+        ia, ib = get(a), get(b)
+        ident.append(M.image_similarity(embedder, ia["reference"], M.crop(ib["target"], b.box)))
+        ga = M.expand_box(a.box, REGION_CONTEXT, *a.size)
+        gb = M.expand_box(b.box, REGION_CONTEXT, *b.size)
+        region.append(M.image_similarity(embedder, M.crop(ia["target"], ga), M.crop(ib["target"], gb)))
+        image.append(M.image_similarity(embedder, ia["target"], ib["target"]))
+    return Calibration(statistics.median(ident), statistics.median(region),
+                       statistics.median(image), len(pairs))
+
+
+def _find_predictions(pred_dir: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for p in sorted(pred_dir.iterdir()):
+        if p.is_file() and p.suffix.lower() in PREDICTION_EXTS:
+            found.setdefault(p.stem, p)
+    return found
+
+
+def _r(v: float | None, nd: int = 4) -> float | None:
+    return None if v is None else round(float(v), nd)
+
+
+def classical_metrics(embedder: Any, case: Case, imgs: dict[str, np.ndarray], out: np.ndarray,
+                      cal: Calibration) -> dict[str, Any]:
+    """Every classical measure of one case, raw and mapped to 0-10."""
+    sim, where = M.identity_similarity(embedder, out, imgs["reference"], case.box)
+    m: dict[str, Any] = {"identity_sim": _r(sim), "identity_box": where,
+                         "identity10": _r(M.similarity_score10(sim, cal.identity))}
+    clip = M.text_image_score(embedder, [out], [case.prompt])
+    m["prompt_clip"] = _r(clip[0]) if clip else None
+    m["prompt_clip10"] = _r(10 * clip[0]) if clip else None
+    if case.task == "generation":
+        gt = M.image_similarity(embedder, out, imgs["target"])
+        m["gt_sim"], m["gt10"] = _r(gt), _r(M.similarity_score10(gt, cal.image))
+    else:
+        fit = M.region_fit_similarity(embedder, out, imgs["target"], case.box, REGION_CONTEXT)
+        m["fit_sim"], m["fit10"] = _r(fit), _r(M.similarity_score10(fit, cal.region))
+        m["manipulation10"] = _r((m["identity10"] + m["fit10"]) / 2)
+        bg = M.background_consistency(out, imgs["input"], imgs["input_mask"])
+        m["psnr"], m["ssim"] = _r(bg["psnr"], 3), _r(bg["ssim"])
+        m["background10"] = _r(bg["score10"])
+    return m
+
+
+def classical_axes(case: Case, m: dict[str, Any]) -> dict[str, tuple[float | None, str]]:
+    """The four axes on 0-10 from classical metrics, each with the measure behind it."""
+    prompt = (m["prompt_clip10"], "clip-text") if m.get("prompt_clip10") is not None else \
+        ((m["gt10"], "gt-similarity") if case.task == "generation" else (None, "n/a"))
+    axes = {"identity": (m["identity10"], "embedding"), "prompt_adherence": prompt}
+    if case.task == "manipulation":
+        axes["manipulation"] = (m["manipulation10"], "embedding")
+        axes["background"] = (m["background10"], "psnr+ssim")
+    return axes
+
+
+def _judge_items(case: Case, imgs: dict[str, np.ndarray], out: np.ndarray) -> JudgeItem:
+    box = "[" + ", ".join(str(int(round(v))) for v in case.box) + "]"
+    return JudgeItem(images={"output": out, "reference": imgs["reference"], "input": imgs["input"]},
+                     fields={"prompt": case.prompt, "category": case.category, "box": box})
+
+
+def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, predictions_dir: str | Path,
+                out_dir: str | Path, *, name: str | None = None, scorer: str = "auto",
+                judge_attempts: int = 3, worst: int = 20) -> dict[str, Any]:
+    """Score ``predictions_dir`` (one ``<case id>.png`` per case) against the bench.
+
+    ``scorer``: "judge" (PF/SC from the VLM judge), "classical" (from classical metrics
+    mapped to 0-10) or "auto" (judge when a VLM other than "none" is configured).
+    Writes cases/<id>.json, summary.json, summary.csv, summary.md and worst.html.
+    """
+    bench, preds, out = Path(bench_dir), Path(predictions_dir), Path(out_dir)
+    if not preds.is_dir():
+        raise BadInput(f"predictions folder not found: {preds}")
+    if scorer not in ("auto", "judge", "classical"):
+        raise ValueError(f"scorer must be auto, judge or classical, got {scorer!r}")
+    cases = load_cases(bench)
+    vlm_name = ctx.settings.backends.vlm
+    use_judge = scorer == "judge" or (scorer == "auto" and vlm_name != "none")
+    embedder = ctx.backend("embedder")
+    judge = Judge(ctx.backend("vlm"), max_attempts=judge_attempts)
+    cal = calibrate(embedder, bench, cases)
+    found = _find_predictions(preds)
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(cases), CHUNK):
+        chunk = cases[start:start + CHUNK]
+        loaded: list[tuple[Case, dict[str, np.ndarray], np.ndarray | None, dict[str, Any]]] = []
+        for case in chunk:
+            rec: dict[str, Any] = {"id": case.id, "task": case.task, "scene": case.scene,
+                                   "split": case.split, "prompt": case.prompt, "box": case.box,
+                                   "category": case.category, "size": case.size,
+                                   "images": case.images}
+            imgs = _load(bench, case)
+            path = found.get(case.id)
+            output = None
+            if path is None:
+                rec["missing"] = "no prediction file"
+            else:
+                rec["prediction"] = str(path)
+                try:
+                    raw = read_image(path)
+                    output = M.resize_to(raw, *case.size)
+                    rec["resized_from"] = None if raw.shape == output.shape else [raw.shape[1], raw.shape[0]]
+                except (OSError, ValueError) as exc:
+                    rec["missing"] = f"unreadable prediction: {exc}"
+            loaded.append((case, imgs, output, rec))
+        # The judge goes axis by axis over the chunk so a VLM backend can batch.
+        judged: dict[tuple[int, str], Any] = {}
+        for task in TASKS:
+            idx = [i for i, (c, _, o, _) in enumerate(loaded) if c.task == task and o is not None]
+            if not idx:
+                continue
+            items = [_judge_items(loaded[i][0], loaded[i][1], loaded[i][2]) for i in idx]
+            for axis in JUDGE_AXES[task]:
+                for i, res in zip(idx, judge.score(axis, items), strict=True):
+                    judged[(i, axis)] = res
+        for i, (case, imgs, output, rec) in enumerate(loaded):
+            records.append(_finish(case, imgs, output, rec, embedder, cal, judged, i, use_judge))
+            (out / "cases" / f"{case.id}.json").write_text(json.dumps(records[-1], indent=1))
+
+    summary = summarize(records, use_judge)
+    summary.update({
+        "name": name or preds.name, "bench": str(bench.resolve()),
+        "predictions": str(preds.resolve()),
+        "scorer": "judge" if use_judge else "classical",
+        "judge": {"backend": judge.name, "rubric_version": judge.rubric.version,
+                  "max_attempts": judge_attempts},
+        "embedder": getattr(embedder, "name", type(embedder).__name__),
+        "calibration": cal.to_dict(),
+        "labels": labels(use_judge, records),
+    })
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_csv(out / "summary.csv", summary)
+    (out / "summary.md").write_text(markdown(summary))
+    (out / "worst.html").write_text(worst_html(bench, records, summary, worst))
+    return summary
+
+
+def _finish(case: Case, imgs: dict[str, np.ndarray], output: np.ndarray | None, rec: dict[str, Any],
+            embedder: Any, cal: Calibration, judged: dict[tuple[int, str], Any], i: int,
+            use_judge: bool) -> dict[str, Any]:
+    pf_axis, sc_axis = PF_SC[case.task]
+    if output is None:
+        # No output is a failed case: 0, counted apart as "missing" (not a judge score).
+        rec.update(status="missing", pf=0.0, sc=0.0, overall=0.0, pf_source="missing",
+                   sc_source="missing", classical={}, judge={}, axes={})
+        return rec
+    m = classical_metrics(embedder, case, imgs, output, cal)
+    jd = {axis: judged[(i, axis)].to_dict() for axis in JUDGE_AXES[case.task]}
+    axes_c = classical_axes(case, m)
+    axes: dict[str, dict[str, Any]] = {}
+    for axis in AXES:
+        entry: dict[str, Any] = {}
+        if axis in axes_c and axes_c[axis][0] is not None:
+            entry["classical"], entry["classical_source"] = axes_c[axis][0], axes_c[axis][1]
+        if axis in jd:
+            entry["judge"] = jd[axis]["score"]
+        if entry:
+            axes[axis] = entry
+    if use_judge:
+        pf, sc = jd[pf_axis]["score"], jd[sc_axis]["score"]
+        pf_src = sc_src = "judge"
+    else:
+        pf, pf_src = axes_c.get(pf_axis, (None, "n/a"))
+        sc, sc_src = axes_c.get(sc_axis, (None, "n/a"))
+        pf_src, sc_src = f"classical:{pf_src}", f"classical:{sc_src}"
+    score = M.overall(pf, sc)
+    rec.update(status="scored" if score is not None else "unscored", pf=_r(pf), sc=_r(sc),
+               overall=_r(score), pf_source=pf_src, sc_source=sc_src, classical=m, judge=jd, axes=axes)
+    return rec
+
+
+# --- aggregation ------------------------------------------------------------------------
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return round(float(np.mean(vals)), 4) if vals else None
+
+
+def _group_stats(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    scored = [r for r in recs if r["overall"] is not None]
+    axes = {}
+    for axis in AXES:
+        axes[axis] = {kind: _mean(r["axes"].get(axis, {}).get(kind) for r in recs)
+                      for kind in ("classical", "judge")}
+    return {
+        "cases": len(recs), "scored": len(scored),
+        "unscored": sum(r["status"] == "unscored" for r in recs),
+        "missing": sum(r["status"] == "missing" for r in recs),
+        "pf": _mean(r["pf"] for r in scored), "sc": _mean(r["sc"] for r in scored),
+        "overall": _mean(r["overall"] for r in scored),
+        "axes": axes,
+        "psnr": _mean(r["classical"].get("psnr") for r in recs),
+        "ssim": _mean(r["classical"].get("ssim") for r in recs),
+        "judge_unscored": {ax: sum(1 for r in recs if ax in r["judge"] and r["judge"][ax]["score"] is None)
+                           for ax in AXES if any(ax in r["judge"] for r in recs)},
+    }
+
+
+def _combine(splits: dict[str, dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """A task or scene row: counts added, scores averaged over its splits (as the headline)."""
+    parts = [splits[n] for n in names]
+    row = {k: sum(p[k] for p in parts) for k in ("cases", "scored", "unscored", "missing")}
+    for k in ("pf", "sc", "overall", "psnr", "ssim"):
+        row[k] = _mean(p[k] for p in parts)
+    row["axes"] = {ax: {kind: _mean(p["axes"][ax][kind] for p in parts) for kind in ("classical", "judge")}
+                   for ax in AXES}
+    row["splits"] = [n for n in names if splits[n]["overall"] is not None]
+    return row
+
+
+def summarize(records: list[dict[str, Any]], use_judge: bool) -> dict[str, Any]:
+    splits = {sp: _group_stats([r for r in records if r["split"] == sp]) for sp in SPLITS}
+    present = [sp for sp in SPLITS if splits[sp]["overall"] is not None]
+    judge_unscored: dict[str, int] = {}
+    for r in records:
+        for ax, res in r["judge"].items():
+            judge_unscored[ax] = judge_unscored.get(ax, 0) + (res["score"] is None)
+    return {
+        "overall": _mean(splits[sp]["overall"] for sp in present),
+        "overall_splits": present,
+        "pf": _mean(splits[sp]["pf"] for sp in present),
+        "sc": _mean(splits[sp]["sc"] for sp in present),
+        "splits": splits,
+        "tasks": {t: _combine(splits, [f"{t}/{s}" for s in SCENES]) for t in TASKS},
+        "scenes": {s: _combine(splits, [f"{t}/{s}" for t in TASKS]) for s in SCENES},
+        "counts": {"cases": len(records),
+                   "scored": sum(r["status"] == "scored" for r in records),
+                   "unscored": sum(r["status"] == "unscored" for r in records),
+                   "missing": sum(r["status"] == "missing" for r in records),
+                   "judge_unscored": judge_unscored,
+                   "judge_asked": {ax: sum(ax in r["judge"] for r in records) for ax in judge_unscored}},
+    }
+
+
+def labels(use_judge: bool, records: list[dict[str, Any]]) -> dict[str, str]:
+    if use_judge:
+        return {"pf": "VLM judge: prompt adherence (generation), manipulation fidelity (manipulation)",
+                "sc": "VLM judge: identity fidelity (generation), background consistency (manipulation)",
+                "mode": "judge"}
+    gen_pf = sorted({r["pf_source"] for r in records if r["task"] == "generation" and r["status"] != "missing"})
+    return {"pf": "classical metrics mapped to 0-10 (no VLM judge): generation "
+                  f"{'/'.join(gen_pf) or 'n/a'}, manipulation embedding identity + region fit",
+            "sc": "classical metrics mapped to 0-10 (no VLM judge): generation embedding identity "
+                  "at the target box, manipulation masked PSNR+SSIM outside the region",
+            "mode": "classical (not comparable with judge-scored numbers)"}
+
+
+_COLUMNS = ("group", "cases", "scored", "unscored", "missing", "pf", "sc", "overall",
+            "identity_classical", "identity_judge", "prompt_adherence_classical", "prompt_adherence_judge",
+            "manipulation_classical", "manipulation_judge", "background_classical", "background_judge",
+            "psnr", "ssim")
+
+
+def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    groups = [(sp, summary["splits"][sp]) for sp in SPLITS]
+    groups += [(t, summary["tasks"][t]) for t in TASKS] + [(s, summary["scenes"][s]) for s in SCENES]
+    rows = []
+    for g, st in groups:
+        row = {"group": g, **{k: st[k] for k in ("cases", "scored", "unscored", "missing", "pf", "sc",
+                                                 "overall", "psnr", "ssim")}}
+        for ax in AXES:
+            for kind in ("classical", "judge"):
+                row[f"{ax}_{kind}"] = st["axes"][ax][kind]
+        rows.append(row)
+    c = summary["counts"]
+    rows.append({"group": "overall", "cases": c["cases"], "scored": c["scored"], "unscored": c["unscored"],
+                 "missing": c["missing"], "pf": summary["pf"], "sc": summary["sc"],
+                 "overall": summary["overall"]})
+    return rows
+
+
+def write_csv(path: Path, summary: dict[str, Any]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_COLUMNS)
+        w.writeheader()
+        for row in _rows(summary):
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in _COLUMNS})
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lab = summary["labels"]
+    lines = [f"# Benchmark scores: {summary['name']}", "",
+             f"Overall (mean of {len(summary['overall_splits'])} splits): **{_fmt(summary['overall'])}**"
+             f" · PF {_fmt(summary['pf'])} · SC {_fmt(summary['sc'])}", "",
+             f"* Scored by: {lab['mode']}", f"* PF: {lab['pf']}", f"* SC: {lab['sc']}",
+             f"* Judge: {summary['judge']['backend']} (rubric {summary['judge']['rubric_version']}); "
+             f"unscored judge replies: {summary['counts']['judge_unscored'] or 'none asked'}",
+             f"* Cases: {summary['counts']['cases']}, scored {summary['counts']['scored']}, "
+             f"unscored {summary['counts']['unscored']}, missing predictions {summary['counts']['missing']} "
+             "(missing counts as 0)", "",
+             "| group | cases | unscored | missing | PF | SC | overall | identity | prompt | manipulation "
+             "| background | PSNR | SSIM |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def ax(row: dict[str, Any], name: str) -> str:
+        c, j = row.get(f"{name}_classical"), row.get(f"{name}_judge")
+        return _fmt(c) + (f" / j {_fmt(j)}" if j is not None else "")
+
+    for row in _rows(summary):
+        lines.append(f"| {row['group']} | {row['cases']} | {row['unscored']} | {row['missing']} | "
+                     f"{_fmt(row['pf'])} | {_fmt(row['sc'])} | {_fmt(row['overall'])} | "
+                     + " | ".join(ax(row, a) for a in AXES) + f" | {_fmt(row.get('psnr'))} | {_fmt(row.get('ssim'))} |")
+    lines += ["", "Axis columns: classical value on 0-10, then the judge's (`j`) where it scored.", ""]
+    return "\n".join(lines)
+
+
+# --- worst cases page ---------------------------------------------------------------------
+def _thumb(img: np.ndarray, box: list[float] | None = None, side: int = 192) -> str:
+    im = Image.fromarray(img if img.dtype == np.uint8 else img.astype(np.uint8) * 255).convert("RGB")
+    if box is not None:
+        ImageDraw.Draw(im).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 40, 40),
+                                     width=max(1, im.width // 160))
+    im.thumbnail((side, side))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def worst_html(bench: Path, records: list[dict[str, Any]], summary: dict[str, Any], n: int) -> str:
+    """The n lowest-scoring cases plus the unscored ones, with inline thumbnails."""
+    scored = sorted((r for r in records if r["overall"] is not None), key=lambda r: (r["overall"], r["id"]))
+    unscored = [r for r in records if r["overall"] is None]
+    esc = html.escape
+
+    def card(r: dict[str, Any]) -> str:
+        imgs = []
+        for label, rel in (("reference", r["images"]["reference"]), ("input", r["images"]["input"])):
+            imgs.append((label, _thumb(read_image(bench / rel))))
+        if r.get("prediction") and r["status"] != "missing":
+            imgs.append(("output", _thumb(M.resize_to(read_image(r["prediction"]), *r["size"]), r["box"])))
+        imgs.append(("ground truth", _thumb(read_image(bench / r["images"]["target"]), r["box"])))
+        figs = "".join(f'<figure><img src="{src}" alt="{esc(lbl)}"><figcaption>{esc(lbl)}</figcaption></figure>'
+                       for lbl, src in imgs)
+        judge = "".join(
+            f"<li><b>{esc(ax)}</b>: {esc(_fmt(res['score']))}"
+            + (f" — unscored: {esc(res['error'] or '')}; raw: <code>{esc(repr(res['raw'][-1:]))}</code>"
+               if res["score"] is None else f" — {esc(res['rationale'][:300])}") + "</li>"
+            for ax, res in r["judge"].items())
+        return (f'<section><h3>{esc(r["id"])} · {esc(r["split"])} · overall {esc(_fmt(r["overall"]))} '
+                f'(PF {esc(_fmt(r["pf"]))} [{esc(r["pf_source"])}], SC {esc(_fmt(r["sc"]))} '
+                f'[{esc(r["sc_source"])}])</h3><p>{esc(r["prompt"])}</p>'
+                + (f'<p class="warn">{esc(r["missing"])}</p>' if r.get("missing") else "")
+                + f'<div class="row">{figs}</div><ul>{judge}</ul></section>')
+
+    body = "".join(card(r) for r in scored[:n])
+    body_u = "".join(card(r) for r in unscored[:n])
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Worst cases: "
+        f"{esc(summary['name'])}</title><style>body{{font-family:sans-serif;margin:1.5em}}"
+        "figure{display:inline-block;margin:0 .5em .5em 0}figcaption{font-size:.8em;text-align:center}"
+        "section{border-top:1px solid #ccc;padding:.5em 0}.warn{color:#b00}code{font-size:.8em}</style>"
+        f"</head><body><h1>Worst cases: {esc(summary['name'])}</h1>"
+        f"<p>Overall {esc(_fmt(summary['overall']))}; scored by {esc(summary['labels']['mode'])}. "
+        f"The red box is where the ground truth has the subject.</p>"
+        f"<h2>Lowest scores</h2>{body or '<p>none</p>'}"
+        f"<h2>Unscored ({len(unscored)})</h2>{body_u or '<p>none</p>'}</body></html>")
+

@@ -1,0 +1,1 @@
+"""The dataset dashboard (served by Airflow's api-server through plugins/opensubject_plugin.py)."""

@@ -1,0 +1,406 @@
+"""Stage 5 service: export a build's verified samples. One implementation, two sinks:
+the object store under ``datasets/<build>/`` (the ``export`` stage) or a local folder
+(``export_build_to``, used by ``opensubject export`` and ``opensubject run --out``).
+
+Written under the export root:
+  shard-000000.tar ...          WebDataset shards (<key>.<image>.png, <key>.json)
+  manifest.parquet              one row per sample
+  stats.json                    funnel, rejection reasons, verification, throughput
+  report.html                   self-contained report
+  Images/{generation,manipulation}/{input_images,output_images}/...,
+  train_generation.jsonl, train_manipulation.jsonl   OmniGen2 training layout
+Files of an earlier export that this one did not write (shards beyond the new count,
+images of samples no longer verified) are removed, so the root always equals one export.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
+from opensubject_tasks.errors import BadInput
+from opensubject_tasks.report import ReportSample, pick_grid, render_report, thumbnail_uri
+from opensubject_tasks.services.common import StageResult, stage
+from opensubject_tasks.stages.export import (
+    REQUIRED_IMAGES, SHARD_IMAGES, ExportRecord, ShardWriter, count_reasons, dumps, jsonl,
+    omnigen2_files, omnigen2_records, sample_members, throughput,
+)
+from opensubject_tasks.storage import Keys, ObjectStore
+
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()), ("sample_id", pa.string()), ("shard", pa.string()),
+    ("video_id", pa.string()), ("video_name", pa.string()), ("clip_id", pa.string()),
+    ("subject_id", pa.string()), ("pair_id", pa.string()), ("category", pa.string()),
+    ("ref_frame", pa.int64()), ("tgt_frame", pa.int64()),
+    ("ref_box", pa.list_(pa.float64())), ("tgt_box", pa.list_(pa.float64())),
+    ("attempt", pa.int64()), ("seed", pa.int64()),
+    ("caption_short", pa.string()), ("caption_long", pa.string()), ("caption_source", pa.string()),
+    ("verifier", pa.string()), ("identity", pa.float64()), ("residual", pa.float64()),
+    ("artifact", pa.float64()), ("overall", pa.float64()), ("scores_json", pa.string()),
+    ("generation_input_image", pa.string()), ("manipulation_input_images", pa.list_(pa.string())),
+    ("output_image", pa.string()),
+])
+# Files this exporter owns in a local export folder (anything else there is left alone).
+_OWNED = re.compile(r"^(shard-\d{6}\.tar|manifest\.parquet|stats\.json|report\.html|"
+                    r"train_(generation|manipulation)\.jsonl|Images/(generation|manipulation)/"
+                    r"(input|output)_images/[^/]+)$")
+_VERSIONED = ("opensubject-tasks", "numpy", "opencv-contrib-python-headless", "pillow",
+              "scikit-image", "torch", "transformers", "diffusers")
+
+
+# -- sinks ---------------------------------------------------------------------------
+class Sink(Protocol):
+    root: str
+    def put(self, rel: str, data: bytes) -> None: ...
+    def existing(self) -> list[str]: ...
+    def remove(self, rel: str) -> None: ...
+
+
+class StoreSink:
+    """Writes under ``datasets/<build>/`` in the object store."""
+
+    def __init__(self, store: ObjectStore, build_id: str) -> None:
+        self.store, self.build_id = store, build_id
+        self.prefix = Keys.dataset(build_id, "x")[:-1]
+        self.root = self.prefix
+
+    def put(self, rel: str, data: bytes) -> None:
+        ctype = {"tar": "application/x-tar", "json": "application/json", "html": "text/html",
+                 "png": "image/png", "jpg": "image/jpeg", "parquet": "application/vnd.apache.parquet",
+                 "jsonl": "application/jsonl"}.get(rel.rsplit(".", 1)[-1], "application/octet-stream")
+        self.store.put_bytes(Keys.dataset(self.build_id, rel), data, content_type=ctype)
+
+    def existing(self) -> list[str]:
+        return [o.key[len(self.prefix):] for o in self.store.list(self.prefix)]
+
+    def remove(self, rel: str) -> None:
+        self.store.delete(Keys.dataset(self.build_id, rel))
+
+
+class DirSink:
+    """Writes into a local folder; each file appears whole (temp file + rename)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.root = str(self.out)
+
+    def put(self, rel: str, data: bytes) -> None:
+        path = self.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".part", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def existing(self) -> list[str]:
+        return sorted(p.relative_to(self.out).as_posix() for p in self.out.rglob("*")
+                      if p.is_file() and _OWNED.match(p.relative_to(self.out).as_posix()))
+
+    def remove(self, rel: str) -> None:
+        (self.out / rel).unlink(missing_ok=True)
+
+
+# -- result --------------------------------------------------------------------------
+@dataclass
+class ExportResult:
+    build_id: str
+    root: str                              # folder or store prefix
+    samples: int
+    shards: list[str]
+    files: list[str] = field(default_factory=list)   # every file written, relative to root
+    shard_bytes: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)  # stale files of an earlier export
+
+
+# -- reading the build ---------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _frame_size(clip: Clip, frame: int) -> list[int] | None:
+    for kf in clip.keyframes or []:
+        if isinstance(kf, dict) and kf.get("frame") == frame and kf.get("width"):
+            return [kf["width"], kf["height"]]
+    return None
+
+
+def _record(build_id: str, sample: Sample, pair: Pair, subject: Subject, clip: Clip, video: Video,
+            versions: dict[str, str]) -> ExportRecord:
+    verdict = sample.verdict or {}
+    history = sample.history or []
+    meta = {
+        "id": sample.id,
+        "build": build_id,
+        "category": subject.category,
+        "category_source": subject.category_source,
+        "captions": {"short": sample.caption_short, "long": sample.caption_long,
+                     "source": sample.caption_source},
+        "boxes": {"reference": pair.ref_box, "target": pair.tgt_box, "space": "keyframe pixels",
+                  "reference_frame_size": _frame_size(clip, pair.ref_frame),
+                  "target_frame_size": _frame_size(clip, pair.tgt_frame)},
+        "scores": {"verify": verdict.get("scores", {}), "pair": pair.scores or {},
+                   "clip_quality": clip.score, "category_consensus": subject.consensus},
+        "verdict": {"passed": verdict.get("passed"), "source": verdict.get("source"),
+                    "reasons": verdict.get("reasons", [])},
+        "lineage": {
+            "video": {"id": video.id, "name": video.name, "content_hash": video.content_hash},
+            "clip": {"id": clip.id, "idx": clip.idx, "start_frame": clip.start_frame,
+                     "end_frame": clip.end_frame, "start_s": clip.start_s, "end_s": clip.end_s},
+            "subject": {"id": subject.id, "idx": subject.idx},
+            "pair": {"id": pair.id},
+            "frames": {"reference": pair.ref_frame, "target": pair.tgt_frame},
+            "backends": {"mining": subject.backends or {}, "sample": sample.backends or {},
+                         "clip_quality": (clip.quality or {}).get("scorer") or (clip.quality or {}).get("backend")},
+            "versions": versions,
+            "seed": sample.seed,
+            "attempt": sample.attempt,
+            "attempts": [{"attempt": h.get("attempt"), "seed": h.get("seed"),
+                          "passed": (h.get("verdict") or {}).get("passed"),
+                          "reasons": h.get("reasons", [])} for h in history],
+            "augment": sample.augment,
+        },
+    }
+    return ExportRecord(sample_id=sample.id, image_keys=dict(sample.keys or {}), meta=meta,
+                        category=subject.category, caption_short=sample.caption_short or "",
+                        caption_long=sample.caption_long or "", scores=dict(verdict.get("scores", {})))
+
+
+def _chain(stmt):  # noqa: ANN001, ANN202 - select joined from samples up to videos
+    return (stmt.join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
+            .join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id))
+
+
+def funnel_counts(s: Session, build_id: str) -> dict[str, int]:
+    """Entities that passed each stage of a build: videos registered, clips and subjects
+    kept, pairs made, samples made, verified and rejected."""
+    def count(stmt) -> int:  # noqa: ANN001
+        return int(s.scalar(stmt) or 0)
+
+    in_build = Video.build_id == build_id
+    clips = select(func.count(Clip.id)).join(Video, Clip.video_id == Video.id).where(in_build)
+    subjects = (select(func.count(Subject.id)).join(Clip, Subject.clip_id == Clip.id)
+                .join(Video, Clip.video_id == Video.id).where(in_build))
+    pairs = (select(func.count(Pair.id)).join(Subject, Pair.subject_id == Subject.id)
+             .join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id).where(in_build))
+    samples = _chain(select(func.count(Sample.id))).where(in_build)
+    return {
+        "videos": count(select(func.count(Video.id)).where(in_build)),
+        "clips": count(clips.where(Clip.state != "rejected")),
+        "subjects": count(subjects.where(Subject.state != "rejected")),
+        "pairs": count(pairs),
+        "samples": count(samples),
+        "verified": count(samples.where(Sample.state == "verified")),
+        "rejected": count(samples.where(Sample.state == "rejected")),
+    }
+
+
+def build_stats(s: Session, build_id: str) -> dict[str, Any]:
+    """Funnel, states, rejection reasons, verification history and throughput of a build."""
+    in_build = Video.build_id == build_id
+
+    video_states = dict(s.execute(select(Video.state, func.count()).where(in_build)
+                                  .group_by(Video.state).order_by(Video.state)).all())
+    clip_states = dict(s.execute(select(Clip.state, func.count()).join(Video, Clip.video_id == Video.id)
+                                 .where(in_build).group_by(Clip.state).order_by(Clip.state)).all())
+    sample_states = dict(s.execute(_chain(select(Sample.state, func.count())).where(in_build)
+                                   .group_by(Sample.state).order_by(Sample.state)).all())
+
+    reasons: list[tuple[str, str]] = []
+    reasons += [("video", r) for (r,) in s.execute(
+        select(Video.reason).where(in_build, Video.state.in_(("rejected", "failed")))
+        .order_by(Video.id))]
+    reasons += [("clip", r) for (r,) in s.execute(
+        select(Clip.reason).join(Video, Clip.video_id == Video.id)
+        .where(in_build, Clip.state == "rejected").order_by(Clip.id))]
+    reasons += [("subject", r) for (r,) in s.execute(
+        select(Subject.reason).join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id)
+        .where(in_build, Subject.state == "rejected").order_by(Subject.id))]
+
+    failed_checks: Counter[str] = Counter()
+    verified_at: Counter[str] = Counter()
+    verify_attempts = 0
+    for st, verdict, history, reason, attempt in s.execute(
+            _chain(select(Sample.state, Sample.verdict, Sample.history, Sample.reason, Sample.attempt))
+            .where(in_build).order_by(Sample.id)):
+        for h in history or []:
+            verify_attempts += 1
+            for r in h.get("reasons") or []:
+                failed_checks[r.split(":", 1)[0]] += 1
+        if st == "verified":
+            verified_at[str(attempt)] += 1
+        elif st == "rejected":
+            last = (verdict or {}).get("reasons") or ([reason] if reason else [])
+            reasons += [("sample", r) for r in last]
+        elif st == "failed" and reason:
+            reasons.append(("sample", reason))
+
+    attempts = [{"stage": a, "status": b, "duration_s": c, "entity_id": d} for a, b, c, d in s.execute(
+        select(StageAttempt.stage, StageAttempt.status, StageAttempt.duration_s, StageAttempt.entity_id)
+        .where(StageAttempt.build_id == build_id, StageAttempt.stage != "export",
+               StageAttempt.status != "running")
+        .order_by(StageAttempt.id))]
+    return {
+        "build": build_id,
+        "funnel": funnel_counts(s, build_id),
+        "states": {"videos": video_states, "clips": clip_states, "samples": sample_states},
+        "rejections": count_reasons(reasons),
+        "verification": {"attempts": verify_attempts,
+                         "failed_checks": dict(sorted(failed_checks.items())),
+                         "verified_at_attempt": dict(sorted(verified_at.items(), key=lambda kv: int(kv[0])))},
+        "throughput": throughput(attempts),
+    }
+
+
+def _load(ctx: Context, build_id: str) -> tuple[list[ExportRecord], dict[str, Any], dict[str, str]]:
+    versions = _versions()
+    with session_scope(ctx.sessions) as s:
+        known = s.get(Build, build_id) is not None or s.scalar(
+            select(func.count(Video.id)).where(Video.build_id == build_id))
+        if not known:
+            raise BadInput(f"build {build_id!r} not found")
+        rows = s.execute(_chain(select(Sample, Pair, Subject, Clip, Video))
+                         .where(Video.build_id == build_id, Sample.state == "verified")
+                         .order_by(Sample.id)).all()
+        records = [_record(build_id, *row, versions=versions) for row in rows]
+        names = {r.sample_id: row[4].name for r, row in zip(records, rows, strict=True)}
+        stats = build_stats(s, build_id)
+    return records, stats, names
+
+
+# -- the export ----------------------------------------------------------------------
+def _export(ctx: Context, build_id: str, sink: Sink) -> ExportResult:
+    cfg = ctx.settings.export
+    records, stats, video_names = _load(ctx, build_id)
+    for r in records:
+        missing = [n for n in REQUIRED_IMAGES if not r.image_keys.get(n)]
+        if missing:
+            raise BadInput(f"verified sample {r.sample_id} has no stored {', '.join(missing)}")
+    clashes = [k for k, n in Counter(r.key for r in records).items() if n > 1]
+    if clashes:  # keys are ids with unsafe characters replaced: two ids must not meet
+        raise BadInput(f"sample ids map to the same dataset key: {', '.join(clashes[:5])}")
+
+    def overall(r: ExportRecord) -> float:
+        return float(r.scores.get("overall", r.scores.get("identity", 0.0)))
+
+    grid_keys = set(pick_grid([r.key for r in records], cfg.report_grid, cfg.report_seed))
+    worst_keys = [r.key for r in sorted(records, key=lambda r: (overall(r), r.key))[:cfg.report_worst]]
+    shown = grid_keys | set(worst_keys)
+    cards: dict[str, ReportSample] = {}
+
+    written: list[str] = []
+
+    def put(rel: str, data: bytes) -> None:
+        sink.put(rel, data)
+        written.append(rel)
+
+    shards = ShardWriter(put, cfg.shard_max_bytes, cfg.shard_max_samples)
+    manifest: list[dict[str, Any]] = []
+    gen_lines, man_lines = [], []
+    for r in records:
+        images = {n: ctx.store.get_bytes(r.image_keys[n]) for n in SHARD_IMAGES if r.image_keys.get(n)}
+        shard = shards.add(sample_members(r, images))
+        gen, man = omnigen2_records(r)
+        if cfg.omnigen2:
+            for rel, (name, _) in omnigen2_files(r).items():
+                put(rel, images[name])
+            gen_lines.append(gen)
+            man_lines.append(man)
+        lin = r.meta["lineage"]
+        manifest.append({
+            "key": r.key, "sample_id": r.sample_id, "shard": shard,
+            "video_id": lin["video"]["id"], "video_name": lin["video"]["name"],
+            "clip_id": lin["clip"]["id"], "subject_id": lin["subject"]["id"], "pair_id": lin["pair"]["id"],
+            "category": r.category, "ref_frame": lin["frames"]["reference"],
+            "tgt_frame": lin["frames"]["target"],
+            "ref_box": [float(x) for x in r.meta["boxes"]["reference"]],
+            "tgt_box": [float(x) for x in r.meta["boxes"]["target"]],
+            "attempt": lin["attempt"], "seed": lin["seed"],
+            "caption_short": r.caption_short, "caption_long": r.caption_long,
+            "caption_source": r.meta["captions"]["source"], "verifier": r.meta["verdict"]["source"],
+            "identity": r.scores.get("identity"), "residual": r.scores.get("residual"),
+            "artifact": r.scores.get("artifact"), "overall": r.scores.get("overall"),
+            "scores_json": dumps(r.scores).decode(),
+            "generation_input_image": gen["input_images"][0],
+            "manipulation_input_images": man["input_images"], "output_image": gen["output_image"],
+        })
+        if r.key in shown:
+            cards[r.key] = ReportSample(
+                key=r.key, caption_short=r.caption_short, caption_long=r.caption_long,
+                caption_source=r.meta["captions"]["source"] or "", scores=r.scores,
+                attempt=lin["attempt"], video=video_names[r.sample_id],
+                thumbs={n: thumbnail_uri(images[n], cfg.report_thumb_px)
+                        for n in ("reference", "generation_input", "manipulation_input", "target")})
+    shard_info = shards.finish()
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), buf, compression="zstd")
+    put("manifest.parquet", buf.getvalue())
+    if cfg.omnigen2:
+        put("train_generation.jsonl", jsonl(gen_lines))
+        put("train_manipulation.jsonl", jsonl(man_lines))
+
+    shard_bytes = sum(s["bytes"] for s in shard_info)
+    stats["export"] = {"samples": len(records), "shards": len(shard_info), "bytes": shard_bytes,
+                       "shard_list": shard_info}
+    secrets = ctx.settings.secrets()
+    put("stats.json", _redact(dumps(stats), secrets))
+    report = render_report(build_id, stats, [cards[k] for k in sorted(grid_keys)],
+                           [cards[k] for k in worst_keys], secrets)
+    put("report.html", report.encode("utf-8"))
+
+    keep = set(written)
+    removed = [rel for rel in sink.existing() if rel not in keep]
+    for rel in removed:
+        sink.remove(rel)
+    return ExportResult(build_id=build_id, root=sink.root, samples=len(records),
+                        shards=[s["name"] for s in shard_info], files=sorted(keep),
+                        shard_bytes=shard_bytes, stats=stats, removed=removed)
+
+
+def _redact(data: bytes, secrets: list[str]) -> bytes:
+    """Replace each secret in JSON text, as written and as JSON escapes it."""
+    text = data.decode("utf-8")
+    for secret in sorted((x for x in secrets if x), key=len, reverse=True):
+        for form in (secret, json.dumps(secret, ensure_ascii=False)[1:-1]):
+            text = text.replace(form, "[redacted]")
+    return text.encode("utf-8")
+
+
+def export_build_to(ctx: Context, build_id: str, out_dir: Path) -> ExportResult:
+    """Export a build from the db and store into a local folder (re-export: no recompute)."""
+    return _export(ctx, build_id, DirSink(Path(out_dir)))
+
+
+@stage("export", "build", "cpu")
+def export_build(ctx: Context, build_id: str) -> StageResult:
+    """Export a build into the object store under datasets/<build>/."""
+    res = _export(ctx, build_id, StoreSink(ctx.store, build_id))
+    return StageResult(status="ok", details={"samples": res.samples, "shards": len(res.shards),
+                                             "shard_bytes": res.shard_bytes, "root": res.root,
+                                             "removed": len(res.removed)})

@@ -1,0 +1,234 @@
+"""Stage 5: turn verified samples into dataset files. Pure functions: records and bytes
+in, bytes and plain dicts out; the service feeds them from the db and the store and
+writes the results to a sink (the object store or a local directory).
+
+Everything here is deterministic: the same records give the same bytes (sorted keys,
+fixed tar metadata, no timestamps), so a re-export of an unchanged build is
+byte-identical and a resumed build exports the same files as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+# Images per sample, in the order they are written to a shard: (name in the sample
+# row's keys, whether the exporter requires it).
+SHARD_IMAGES = ("reference", "mask", "generation_input", "generation_mask",
+                "manipulation_input", "manipulation_mask", "target")
+REQUIRED_IMAGES = ("reference", "mask", "generation_input", "manipulation_input", "target")
+
+TAR_MTIME = 0           # fixed member metadata: the bytes depend on content only
+TAR_RECORD = tarfile.RECORDSIZE
+_BLOCK = tarfile.BLOCKSIZE
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def sample_key(sample_id: str) -> str:
+    """WebDataset groups tar members by the name up to the first dot: no dots in keys."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", sample_id)
+
+
+def image_ext(store_key: str) -> str:
+    ext = store_key.rsplit(".", 1)[-1].lower() if "." in store_key.rsplit("/", 1)[-1] else "png"
+    return {"jpeg": "jpg"}.get(ext, ext)
+
+
+def dumps(obj: Any) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace variance, UTF-8."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass
+class ExportRecord:
+    """One verified sample with everything the dataset says about it."""
+    sample_id: str
+    image_keys: dict[str, str]          # name -> store key
+    meta: dict[str, Any]                # the per-sample JSON (captions, boxes, scores, lineage)
+    category: str = "object"
+    caption_short: str = ""
+    caption_long: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return sample_key(self.sample_id)
+
+
+# -- tar shards ----------------------------------------------------------------------
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, TAR_MTIME, 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def member_size(name: str, size: int) -> int:
+    """Bytes a member takes in a tar: its header(s) plus its data padded to 512."""
+    header = len(_tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    return header + -(-size // _BLOCK) * _BLOCK
+
+
+def tar_size(content_bytes: int) -> int:
+    """Size of a finished tar holding members that take ``content_bytes``."""
+    return -(-(content_bytes + 2 * _BLOCK) // TAR_RECORD) * TAR_RECORD
+
+
+def sample_members(record: ExportRecord, images: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    """The tar members of one sample: its images and its JSON, named ``<key>.<name>.<ext>``."""
+    out = [(f"{record.key}.{name}.{image_ext(record.image_keys[name])}", images[name])
+           for name in SHARD_IMAGES if name in images]
+    out.append((f"{record.key}.json", dumps(record.meta)))
+    return out
+
+
+class ShardWriter:
+    """Writes samples into size-bounded tar shards, in the order given.
+
+    A sample never straddles shards; a new shard starts when the next sample would push
+    the current one over ``max_bytes`` or ``max_samples`` (a single sample larger than
+    ``max_bytes`` gets a shard of its own). ``sink(name, fileobj)`` receives each
+    finished shard.
+    """
+
+    def __init__(self, sink, max_bytes: int, max_samples: int) -> None:  # noqa: ANN001 - callable(name, bytes)
+        self.sink, self.max_bytes, self.max_samples = sink, max_bytes, max_samples
+        self.shards: list[dict[str, Any]] = []
+        self._buf: io.BytesIO | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._content = 0
+        self._count = 0
+
+    def add(self, members: Sequence[tuple[str, bytes]]) -> str:
+        """Add one sample's members; returns the name of the shard that holds it."""
+        size = sum(member_size(n, len(d)) for n, d in members)
+        if self._tar is not None and (self._count >= self.max_samples
+                                      or tar_size(self._content + size) > self.max_bytes):
+            self._close()
+        if self._tar is None:
+            self._buf = io.BytesIO()
+            self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.PAX_FORMAT)
+            self._content = self._count = 0
+        for name, data in members:
+            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        self._content += size
+        self._count += 1
+        return shard_name(len(self.shards))
+
+    def _close(self) -> None:
+        assert self._tar is not None and self._buf is not None
+        self._tar.close()
+        data = self._buf.getvalue()
+        name = shard_name(len(self.shards))
+        self.sink(name, data)
+        self.shards.append({"name": name, "samples": self._count, "bytes": len(data)})
+        self._tar = self._buf = None
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self._tar is not None:
+            self._close()
+        return self.shards
+
+
+# -- OmniGen2 layout -----------------------------------------------------------------
+def _subject_phrase(short: str) -> str:
+    """'a brown cat' -> 'brown cat', for "the ... from image 1"."""
+    return re.sub(r"^(a|an|the)\s+", "", short.strip().rstrip("."), flags=re.IGNORECASE) or "subject"
+
+
+def instruction_ic(record: ExportRecord) -> str:
+    """In-context generation: make an image of the subject shown in image 1."""
+    subject = _subject_phrase(record.caption_short or record.category)
+    long = record.caption_long.strip()
+    return f"Generate an image of the {subject} from image 1. {long}".strip()
+
+
+def instruction_edit(record: ExportRecord) -> str:
+    """Manipulation: put the subject of image 2 into the scene of image 1."""
+    subject = _subject_phrase(record.caption_short or record.category)
+    long = record.caption_long.strip()
+    return f"Add the {subject} from image 2 to image 1. {long}".strip()
+
+
+def omnigen2_files(record: ExportRecord) -> dict[str, tuple[str, str]]:
+    """Relative output path -> (image name in the sample, role) for one sample."""
+    k = record.key
+    ext = {n: image_ext(record.image_keys[n]) for n in ("generation_input", "manipulation_input", "target")}
+    return {
+        f"Images/generation/input_images/{k}.{ext['generation_input']}": ("generation_input", "gen_in"),
+        f"Images/generation/output_images/{k}.{ext['target']}": ("target", "gen_out"),
+        f"Images/manipulation/input_images/{k}_scene.{ext['manipulation_input']}": ("manipulation_input", "man_scene"),
+        f"Images/manipulation/input_images/{k}_subject.{ext['generation_input']}": ("generation_input", "man_subject"),
+        f"Images/manipulation/output_images/{k}.{ext['target']}": ("target", "man_out"),
+    }
+
+
+def omnigen2_records(record: ExportRecord) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two training records of one sample, paths relative to the export root.
+
+    Generation ("ic"): the synthesized reference (subject outpainted on a new canvas)
+    -> the target frame. Manipulation ("edit"): the target with the subject's box
+    inpainted, plus the subject reference -> the target frame.
+    """
+    roles = {role: path for path, (_, role) in omnigen2_files(record).items()}
+    gen = {"task_type": "ic", "instruction": instruction_ic(record),
+           "input_images": [roles["gen_in"]], "output_image": roles["gen_out"]}
+    man = {"task_type": "edit", "instruction": instruction_edit(record),
+           "input_images": [roles["man_scene"], roles["man_subject"]], "output_image": roles["man_out"]}
+    return gen, man
+
+
+def jsonl(records: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join(dumps(r) + b"\n" for r in records)
+
+
+# -- stats ---------------------------------------------------------------------------
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?%?")
+
+
+def reason_kind(reason: str) -> str:
+    """A reason with its numbers blanked, so the same cause counts as one kind."""
+    return _NUMBER.sub("#", " ".join(reason.split()))[:300]
+
+
+def count_reasons(items: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
+    """(stage, reason) pairs -> [{stage, reason, count, example}], most frequent first."""
+    counts: Counter[tuple[str, str]] = Counter()
+    example: dict[tuple[str, str], str] = {}
+    for stage, reason in items:
+        if not reason:
+            continue
+        k = (stage, reason_kind(reason))
+        counts[k] += 1
+        example.setdefault(k, reason[:300])
+    return [{"stage": s, "reason": r, "count": n, "example": example[(s, r)]}
+            for (s, r), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def throughput(attempts: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per stage: attempts by status, busy seconds, and items per busy second."""
+    per: dict[str, dict[str, Any]] = {}
+    for a in attempts:
+        st = per.setdefault(a["stage"], {"attempts": 0, "by_status": Counter(), "seconds": 0.0,
+                                         "entities": set()})
+        st["attempts"] += 1
+        st["by_status"][a["status"]] += 1
+        st["seconds"] += float(a.get("duration_s") or 0.0)
+        st["entities"].add(a["entity_id"])
+    out = {}
+    for stage, st in sorted(per.items()):
+        secs = st["seconds"]
+        out[stage] = {"attempts": st["attempts"], "entities": len(st["entities"]),
+                      "by_status": dict(sorted(st["by_status"].items())),
+                      "busy_seconds": round(secs, 3),
+                      "mean_seconds": round(secs / st["attempts"], 4) if st["attempts"] else 0.0,
+                      "per_second": round(st["attempts"] / secs, 3) if secs > 0 else None}
+    return out

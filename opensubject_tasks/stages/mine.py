@@ -1,0 +1,390 @@
+"""Stage 2, mine & pair (pure): find the subjects of one clip and choose diverse pairs
+of frames that show the same subject.
+
+1. Category consensus: the VLM names the subjects on a few keyframes; categories
+   named on at least ``consensus_share`` of them are kept. Without a VLM (or when it
+   cannot answer) the detector's class-agnostic proposals are used, labelled
+   ``object`` with category source ``none``.
+2. Local grounding: the detector gives boxes per keyframe for the kept categories.
+3. Identities: boxes are linked across keyframes by detector track, overlap and
+   embedding similarity; several subjects per clip are allowed.
+4. Checks: keyframes where a subject is tiny, fills the frame, or touches the frame
+   border are not used; a subject left with fewer than two usable keyframes is
+   rejected with the reason.
+5. Diversity-aware pairing: among usable keyframe pairs of one identity whose
+   embedding similarity stays above ``min_identity``, near-duplicates are rejected
+   and the most diverse pairs (temporal gap, change of box scale/position/aspect,
+   appearance distance) are chosen, at most ``max_pairs_per_subject``.
+
+Boxes are in keyframe pixels. Everything is deterministic for the same inputs.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from opensubject_tasks.backends.base import VLM, CategoryList, Detection, Detector, Embedder, Image
+from opensubject_tasks.config import MineSettings
+
+GENERIC = "object"  # the label of a subject nobody named
+
+# weights of the diversity score's parts (they sum to 1)
+DIVERSITY_WEIGHTS = {"temporal": 0.25, "scale": 0.2, "position": 0.25, "aspect": 0.1, "appearance": 0.2}
+
+
+@dataclass
+class SubjectResult:
+    idx: int
+    category: str
+    category_source: str                  # backend that named it; "none" for the generic label
+    consensus: float                      # share of keyframes agreeing (category, or presence)
+    boxes: dict[int, list[float]]         # frame number -> box
+    scores: dict[int, float]              # frame number -> detector score
+    usable: list[int]                     # frames fit to be a reference or target
+    flags: dict[int, str]                 # frame number -> why it is not usable
+    state: str = "kept"                   # kept | rejected
+    reason: str | None = None
+
+
+@dataclass
+class PairResult:
+    subject_idx: int
+    ref_frame: int
+    tgt_frame: int
+    ref_box: list[float]
+    tgt_box: list[float]
+    scores: dict[str, float]
+
+
+@dataclass
+class MineResult:
+    subjects: list[SubjectResult]
+    pairs: list[PairResult]
+    categories: dict[str, float]          # category -> share of asked keyframes naming it
+    category_source: str                  # VLM name, or "none" when no VLM could name anything
+    reason: str | None = None             # why the clip gave no pair
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def box_area(b: Sequence[float]) -> float:
+    return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = box_area(a) + box_area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def crop(image: Image, box: Sequence[float]) -> Image:
+    h, w = image.shape[:2]
+    x0, y0 = int(max(0, math.floor(box[0]))), int(max(0, math.floor(box[1])))
+    x1, y1 = int(min(w, math.ceil(box[2]))), int(min(h, math.ceil(box[3])))
+    if x1 <= x0 or y1 <= y0:
+        return np.zeros((1, 1, 3), np.uint8)
+    return image[y0:y1, x0:x1]
+
+
+def spread_indices(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n), first and last included."""
+    if k >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def normalise_category(name: str) -> str:
+    return " ".join(name.lower().strip().strip(".").split())
+
+
+def box_problem(box: Sequence[float], width: int, height: int, s: MineSettings) -> str | None:
+    """Why a box cannot serve as a reference or target, or None."""
+    share = box_area(box) / float(width * height)
+    if share < s.min_box_area:
+        return "tiny"
+    if share > s.max_box_area:
+        return "full-frame"
+    m = s.border_margin * min(width, height)
+    if box[0] <= m or box[1] <= m or box[2] >= width - m or box[3] >= height - m:
+        return "border"
+    return None
+
+
+# --------------------------------------------------------------------- 1. consensus
+
+def category_consensus(lists: Sequence[CategoryList], share: float) -> tuple[dict[str, float], bool]:
+    """(kept category -> share of frames naming it, whether the VLM answered at all)."""
+    answered = [cl for cl in lists if cl.error is None]
+    if not answered:
+        return {}, False
+    counts: Counter[str] = Counter()
+    for cl in answered:
+        counts.update({normalise_category(c) for c in cl.categories if c and c.strip()})
+    n = len(answered)
+    kept = {c: k / n for c, k in sorted(counts.items()) if k / n >= share - 1e-9}
+    return kept, True
+
+
+# ------------------------------------------------------------------ 3. identities
+
+@dataclass
+class _Box:
+    frame: int                 # index into the clip's keyframes
+    det: Detection
+    emb: np.ndarray
+
+
+def link_identities(boxes_per_frame: Sequence[Sequence[_Box]], s: MineSettings) -> list[list[_Box]]:
+    """Link boxes across keyframes into identities (Hungarian assignment per keyframe).
+
+    Affinity of a box to an identity: embedding similarity to the identity's mean,
+    overlap with its latest box, and agreement of the detector's track id. A link
+    needs the embedding similarity above ``min_identity`` and either overlap above
+    ``link_iou``, the same track, or a clearly similar look. Fragments that never
+    share a keyframe and look alike are merged afterwards."""
+    idents: list[list[_Box]] = []
+    for boxes in boxes_per_frame:
+        if not boxes:
+            continue
+        aff = np.full((len(boxes), len(idents)), -1.0)
+        for a, bx in enumerate(boxes):
+            for b, ident in enumerate(idents):
+                last = ident[-1]
+                if last.det.category != bx.det.category:
+                    continue
+                sim = float(bx.emb @ _mean_emb(ident))
+                overlap = iou(bx.det.box, last.det.box)
+                same_track = bx.det.track is not None and bx.det.track == last.det.track
+                if sim < s.min_identity or not (overlap >= s.link_iou or same_track or sim >= 0.9):
+                    continue
+                aff[a, b] = 0.5 * sim + 0.25 * overlap + 0.25 * same_track
+        assigned = [-1] * len(boxes)
+        if aff.size:
+            rows, cols = linear_sum_assignment(-aff)
+            for a, b in zip(rows, cols, strict=True):
+                if aff[a, b] >= 0:
+                    assigned[a] = b
+        for a, bx in enumerate(boxes):
+            if assigned[a] >= 0:
+                idents[assigned[a]].append(bx)
+            else:
+                idents.append([bx])
+    return _merge_fragments(idents, s)
+
+
+def _mean_emb(ident: list[_Box]) -> np.ndarray:
+    v = np.mean([b.emb for b in ident], axis=0)
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+def _merge_fragments(idents: list[list[_Box]], s: MineSettings) -> list[list[_Box]]:
+    merged = True
+    while merged:
+        merged = False
+        best = None
+        for i in range(len(idents)):
+            for j in range(i + 1, len(idents)):
+                a, b = idents[i], idents[j]
+                if a[0].det.category != b[0].det.category:
+                    continue
+                if {x.frame for x in a} & {x.frame for x in b}:
+                    continue
+                sim = float(_mean_emb(a) @ _mean_emb(b))
+                if sim >= max(s.min_identity, 0.9) and (best is None or sim > best[0]):
+                    best = (sim, i, j)
+        if best is not None:
+            _, i, j = best
+            idents[i] = sorted(idents[i] + idents[j], key=lambda x: x.frame)
+            del idents[j]
+            merged = True
+    return idents
+
+
+# --------------------------------------------------------------------- 5. pairing
+
+def pair_scores(a: _Box, b: _Box, frame_a: int, frame_b: int, span: int, width: int, height: int,
+                s: MineSettings) -> dict[str, float]:
+    """Identity similarity and the diversity of two views of one subject (each part 0..1)."""
+    ba, bb = a.det.box, b.det.box
+    sim = float(a.emb @ b.emb)
+    area_a, area_b = max(box_area(ba), 1e-6), max(box_area(bb), 1e-6)
+    ca = ((ba[0] + ba[2]) / 2, (ba[1] + ba[3]) / 2)
+    cb = ((bb[0] + bb[2]) / 2, (bb[1] + bb[3]) / 2)
+    ar_a = max(ba[2] - ba[0], 1e-6) / max(ba[3] - ba[1], 1e-6)
+    ar_b = max(bb[2] - bb[0], 1e-6) / max(bb[3] - bb[1], 1e-6)
+    parts = {
+        "temporal": min(1.0, abs(frame_b - frame_a) / max(span, 1)),
+        "scale": min(1.0, abs(math.log(area_b / area_a)) / math.log(4)),
+        "position": min(1.0, math.hypot(cb[0] - ca[0], cb[1] - ca[1]) / (0.5 * math.hypot(width, height))),
+        "aspect": min(1.0, abs(math.log(ar_b / ar_a)) / math.log(2)),
+        "appearance": min(1.0, max(0.0, 1.0 - sim) / max(1e-6, 1.0 - s.min_identity)),
+    }
+    diversity = sum(DIVERSITY_WEIGHTS[k] * v for k, v in parts.items())
+    return {"identity": round(sim, 4), "diversity": round(diversity, 4),
+            "box_iou": round(iou(ba, bb), 4), **{k: round(v, 4) for k, v in parts.items()}}
+
+
+def choose_pairs(ident: list[_Box], usable: set[int], frame_numbers: Sequence[int], width: int, height: int,
+                 s: MineSettings) -> tuple[list[tuple[_Box, _Box, dict[str, float]]], Counter[str]]:
+    """The most diverse non-duplicate pairs of usable views; also why others were dropped."""
+    views = [b for b in ident if b.frame in usable]
+    span = max(frame_numbers) - min(frame_numbers)
+    dropped: Counter[str] = Counter()
+    cands = []
+    for i in range(len(views)):
+        for j in range(i + 1, len(views)):
+            a, b = views[i], views[j]
+            sc = pair_scores(a, b, frame_numbers[a.frame], frame_numbers[b.frame], span, width, height, s)
+            if sc["identity"] < s.min_identity:
+                dropped["identity below threshold"] += 1
+                continue
+            if sc["box_iou"] >= s.near_duplicate_iou and sc["identity"] >= s.near_duplicate_identity:
+                dropped["near-duplicate"] += 1
+                continue
+            if sc["diversity"] < s.min_diversity:
+                dropped["too little diversity"] += 1
+                continue
+            # the larger view is the reference: it carries the most detail of the identity
+            ref, tgt = (a, b) if box_area(a.det.box) >= box_area(b.det.box) else (b, a)
+            cands.append((ref, tgt, sc))
+    chosen: list[tuple[_Box, _Box, dict[str, float]]] = []
+    used: Counter[int] = Counter()
+    while cands and len(chosen) < s.max_pairs_per_subject:
+        # prefer pairs on keyframes not used yet, so the chosen pairs differ among themselves
+        k = max(range(len(cands)), key=lambda i: (
+            cands[i][2]["diversity"] * 0.85 ** (used[cands[i][0].frame] + used[cands[i][1].frame]),
+            -cands[i][0].frame, -cands[i][1].frame))
+        ref, tgt, sc = cands.pop(k)
+        chosen.append((ref, tgt, sc))
+        used[ref.frame] += 1
+        used[tgt.frame] += 1
+    return chosen, dropped
+
+
+# ------------------------------------------------------------------------- the stage
+
+def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM, detector: Detector,
+              embedder: Embedder, settings: MineSettings) -> MineResult:
+    """Subjects and diverse pairs of one clip from its keyframes (in time order)."""
+    s = settings
+    if len(frames) != len(frame_numbers):
+        raise ValueError("frames and frame_numbers differ in length")
+    if len(frames) < 2:
+        return MineResult([], [], {}, "none", reason="no subject: fewer than two keyframes")
+    height, width = frames[0].shape[:2]
+    n = len(frames)
+
+    # 1. category consensus
+    asked = spread_indices(n, s.consensus_frames)
+    kept, vlm_answered = category_consensus(vlm.list_categories([frames[i] for i in asked]), s.consensus_share)
+    source = vlm.name if vlm_answered else "none"
+    if vlm_answered and not kept:
+        return MineResult([], [], {}, source,
+                          reason=f"no subject: no category named on {s.consensus_share:.0%} of "
+                                 f"{len(asked)} keyframes")
+
+    # 2. local grounding
+    dets = detector.detect(list(frames), sorted(kept))
+    wanted = set(kept) | {GENERIC}
+    per_frame = [[d for d in fd if normalise_category(d.category) in wanted] for fd in dets]
+    flat = [(i, d) for i, fd in enumerate(per_frame) for d in fd]
+    if not flat:
+        what = f"of {', '.join(sorted(kept))} " if kept else ""
+        return MineResult([], [], kept, source,
+                          reason=f"no subject: the detector found no subject {what}in {n} keyframes")
+
+    # 3. identities
+    embs = embedder.embed([crop(frames[i], d.box) for i, d in flat]) if flat else np.zeros((0, 1))
+    boxes: list[list[_Box]] = [[] for _ in range(n)]
+    for (i, d), e in zip(flat, embs, strict=True):
+        boxes[i].append(_Box(i, Detection(d.box, d.score, normalise_category(d.category), d.track), e))
+    idents = link_identities(boxes, s)
+    idents.sort(key=lambda ident: (ident[0].frame, ident[0].det.box[0], ident[0].det.box[1]))
+
+    subjects: list[SubjectResult] = []
+    pairs: list[PairResult] = []
+    dropped_total: Counter[str] = Counter()
+    for idx, ident in enumerate(idents):
+        category, cat_source, consensus = _name_identity(ident, frames, kept, vlm, source, n)
+        flags = {}
+        for bx in ident:
+            problem = box_problem(bx.det.box, width, height, s)
+            if problem:
+                flags[frame_numbers[bx.frame]] = problem
+        usable = {bx.frame for bx in ident if frame_numbers[bx.frame] not in flags}
+        subj = SubjectResult(
+            idx=idx, category=category, category_source=cat_source, consensus=round(consensus, 4),
+            boxes={frame_numbers[bx.frame]: [round(float(v), 2) for v in bx.det.box] for bx in ident},
+            scores={frame_numbers[bx.frame]: round(float(bx.det.score), 4) for bx in ident},
+            usable=sorted(frame_numbers[i] for i in usable), flags=flags)
+        subj.reason = _subject_problem(subj, n, s)
+        if subj.reason is None:
+            chosen, dropped = choose_pairs(ident, usable, frame_numbers, width, height, s)
+            dropped_total.update(dropped)
+            if not chosen:
+                subj.reason = "no pair: " + (", ".join(f"{v} {k}" for k, v in sorted(dropped.items()))
+                                            or "no two usable keyframes")
+            for ref, tgt, sc in chosen:
+                pairs.append(PairResult(idx, frame_numbers[ref.frame], frame_numbers[tgt.frame],
+                                        subj.boxes[frame_numbers[ref.frame]],
+                                        subj.boxes[frame_numbers[tgt.frame]], sc))
+        if subj.reason:
+            subj.state = "rejected"
+        subjects.append(subj)
+
+    reason = None
+    if not pairs:
+        reason = "no subject: " + "; ".join(f"subject {x.idx} ({x.category}): {x.reason}" for x in subjects)
+    details = {"keyframes": n, "detections": len(flat), "identities": len(idents),
+               "pairs": len(pairs), "dropped_pairs": dict(dropped_total)}
+    return MineResult(subjects, pairs, kept, source, reason=reason, details=details)
+
+
+def _subject_problem(subj: SubjectResult, n: int, s: MineSettings) -> str | None:
+    seen = len(subj.boxes)
+    if subj.category_source == "none" and seen / n < s.consensus_share - 1e-9:
+        return f"seen in only {seen} of {n} keyframes"
+    if len(subj.usable) >= 2:
+        return None
+    counts = Counter(subj.flags.values())
+    if not counts:
+        return f"seen in only {seen} of {n} keyframes"
+    problem, k = counts.most_common(1)[0]
+    text = {
+        "tiny": f"tiny subject: box under {s.min_box_area:.1%} of the frame",
+        "full-frame": f"full-frame subject: box over {s.max_box_area:.0%} of the frame",
+        "border": "subject touches the frame border",
+    }[problem]
+    return f"{text} in {k} of {seen} keyframes seen"
+
+
+def _name_identity(ident: list[_Box], frames: Sequence[Image], kept: dict[str, float], vlm: VLM,
+                   source: str, n: int) -> tuple[str, str, float]:
+    """(category, category source, consensus) of one identity."""
+    named = Counter(b.det.category for b in ident if b.det.category != GENERIC)
+    if named:
+        category = named.most_common(1)[0][0]
+        return category, source, kept.get(category, 0.0)
+    presence = len({b.frame for b in ident}) / n
+    if not kept:
+        return GENERIC, "none", presence
+    # a class-agnostic detector with a VLM: ask the VLM what the subject is
+    best = max(ident, key=lambda b: (b.det.score, box_area(b.det.box)))
+    view = crop(frames[best.frame], best.det.box)
+    cats = sorted(kept)
+    answers = vlm.ask_yes_no([[view]] * len(cats), [f"Is this a {c}? Answer yes or no." for c in cats])
+    yes = [(a.p_yes if a.p_yes is not None else 1.0, c) for a, c in zip(answers, cats, strict=True)
+           if a.answer is True]
+    if yes:
+        category = max(yes)[1]
+        return category, vlm.name, kept[category]
+    return GENERIC, "none", presence

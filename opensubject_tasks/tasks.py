@@ -1,0 +1,256 @@
+"""One thin Celery task per stage, over the same stage services the embedded runner uses.
+
+Arguments are ids only. Each worker process builds its Context once (per build profile)
+and keeps it, so database pools and model backends stay warm between tasks.
+
+Failure rules, the same for every stage:
+
+* bad input (``BadInput``/``Rejected``): ``run_stage`` records it on the entity; the task
+  succeeds with that result and is never retried;
+* transient trouble (store, database, broker, connection errors) and the soft time limit:
+  retried with exponential backoff up to ``celery.max_retries``;
+* anything else, or retries used up: the entity is marked ``failed`` with the error and the
+  task fails, so the orchestrator shows the error text;
+* the hard time limit kills the pool process; the worker records the attempt as ``timeout``
+  and sends the task again under the same rules.
+
+Sample stages chain themselves: synthesize hands its sample to verify, and verify hands it
+back to synthesize when a re-synthesis is due (``StageResult.next``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+
+from opensubject_tasks.celery_app import app, task_name
+from opensubject_tasks.config import load_settings
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video
+from opensubject_tasks.errors import TransientError
+from opensubject_tasks.services.common import StageResult, run_stage, utcnow
+from opensubject_tasks.services.resynth import SAMPLE_STAGES, requeue
+
+log = logging.getLogger(__name__)
+
+ENTITY_MODEL = {"video": Video, "sample": Sample, "build": Build}
+STAGE_ENTITY = {"curate": "video", "mine": "video", "synthesize": "sample", "verify": "sample",
+                "export": "build"}
+
+# --- per-process context ------------------------------------------------------------------
+_contexts: dict[str, Context] = {}
+_contexts_pid: int | None = None
+
+
+def worker_context(profile: str | None = None) -> Context:
+    """This process's Context for a build profile, built on first use and then kept.
+
+    A forked child never reuses its parent's database connections: contexts are per pid.
+    """
+    global _contexts_pid
+    if _contexts_pid != os.getpid():
+        for ctx in _contexts.values():
+            ctx.engine.dispose(close=False)
+        _contexts.clear()
+        _contexts_pid = os.getpid()
+    key = profile or ""
+    if key not in _contexts:
+        base = load_settings()
+        settings = base if not profile or profile == base.profile else load_settings(profile=profile)
+        _contexts[key] = Context.from_settings(settings)
+    return _contexts[key]
+
+
+def build_profile(ctx: Context, stage: str, entity_id: str) -> str | None:
+    """The profile the entity's build was started with (None: the worker's own)."""
+    model = ENTITY_MODEL.get(STAGE_ENTITY.get(stage, ""))
+    if model is None:
+        return None
+    with session_scope(ctx.sessions) as s:
+        build_id = entity_id if model is Build else s.scalar(
+            select(model.build_id).where(model.id == entity_id))
+        return s.scalar(select(Build.profile).where(Build.id == build_id)) if build_id else None
+
+
+# --- retry rules ----------------------------------------------------------------------------
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the same call may succeed later."""
+    if isinstance(exc, (TransientError, SoftTimeLimitExceeded, OperationalError, DisconnectionError,
+                        ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    from kombu.exceptions import OperationalError as BrokerError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return isinstance(exc, (BrokerError, RedisConnectionError))
+
+
+def backoff_s(retries: int) -> float:
+    """Exponential backoff with jitter: base * 2^retries, capped."""
+    c = load_settings().celery
+    delay = min(c.retry_backoff_max_s, c.retry_backoff_s * (2 ** retries))
+    return delay * random.uniform(0.8, 1.0)
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def mark_failed(ctx: Context, stage: str, entity_id: str, reason: str) -> None:
+    """Give the entity its terminal failed state with the error, so nothing is left in flight."""
+    model = ENTITY_MODEL.get(STAGE_ENTITY.get(stage, ""))
+    if model is None:
+        return
+    with session_scope(ctx.sessions) as s:
+        row = s.get(model, entity_id)
+        if row is None:
+            return
+        row.state = "failed"
+        if hasattr(row, "reason"):
+            row.reason = reason[:2000]
+
+
+def give_up(stage: str, entity_id: str, reason: str) -> None:
+    """Mark the entity failed; a database that is down too must not hide the first error."""
+    try:
+        mark_failed(worker_context(), stage, entity_id, reason)
+    except Exception:  # noqa: BLE001
+        log.exception("could not record the failure of %s(%s): %s", stage, entity_id, reason)
+
+
+def close_lost_attempts(ctx: Context, stage: str, entity_id: str, status: str, error: str) -> int:
+    """Close attempts still marked running for this stage and entity (their process died).
+
+    A task that really is still running (a duplicate delivery) overwrites this mark when it
+    ends, because ``run_stage`` sets the final status of its own row.
+    """
+    with session_scope(ctx.sessions) as s:
+        res = s.execute(
+            update(StageAttempt)
+            .where(StageAttempt.stage == stage, StageAttempt.entity_id == entity_id,
+                   StageAttempt.status == "running")
+            .values(status=status, error=error, finished_at=utcnow())
+        )
+        return res.rowcount or 0
+
+
+def send(stage: str, *args: str, **options: Any) -> str:
+    """Put a stage task on its queue; returns the Celery task id."""
+    return app.send_task(task_name(stage), args=list(args), **options).id
+
+
+# --- the task class -----------------------------------------------------------------------------
+class StageTask(Task):
+    """Runs ``run_stage(ctx, stage, entity_id)`` under the failure rules above."""
+
+    stage: str = ""
+    typing = True
+
+    def run_stage_task(self, entity_id: str) -> dict[str, Any]:
+        stage, retries = self.stage, self.request.retries
+        try:
+            ctx = worker_context(build_profile(worker_context(), stage, entity_id))
+            # A message that comes back after its worker died leaves a row marked running.
+            close_lost_attempts(ctx, stage, entity_id, "lost",
+                                "the worker running this attempt was lost; the task was delivered again")
+            result = run_stage(ctx, stage, entity_id, attempt=retries + 1)
+        except Exception as exc:  # noqa: BLE001 - sorted into retry / give up below
+            max_retries = load_settings().celery.max_retries
+            if is_transient(exc) and retries < max_retries:
+                log.warning("%s(%s) attempt %d: %s; retrying", stage, entity_id, retries + 1, error_text(exc))
+                raise self.retry(exc=exc, countdown=backoff_s(retries), max_retries=max_retries) from exc
+            give_up(stage, entity_id, f"{stage} failed after {retries + 1} attempt(s): {error_text(exc)}")
+            raise
+        self.follow_up(ctx, result)
+        return result.to_dict()
+
+    def follow_up(self, ctx: Context, result: StageResult) -> None:
+        """Keep a sample cycling through synthesize and verify (re-synthesis included)."""
+        if self.stage not in SAMPLE_STAGES:
+            return
+        for next_stage, sample_id in result.next:
+            if next_stage in SAMPLE_STAGES:
+                requeue(ctx, next_stage, sample_id, send)
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # Only the hard time limit ends up here without the task body having seen it: the
+        # pool process was killed, so its attempt row still says running.
+        if not isinstance(exc, TimeLimitExceeded) or not args:
+            return
+        entity_id = args[0]
+        try:
+            ctx = worker_context()
+            close_lost_attempts(ctx, self.stage, entity_id, "timeout",
+                                f"hard time limit exceeded ({exc}); the process was killed")
+            with session_scope(ctx.sessions) as s:
+                timeouts = s.scalar(select(func.count()).select_from(StageAttempt).where(
+                    StageAttempt.stage == self.stage, StageAttempt.entity_id == entity_id,
+                    StageAttempt.status == "timeout")) or 0
+        except Exception:  # noqa: BLE001 - the database is down too: Celery's FAILURE stands
+            log.exception("could not record the hard time limit of %s(%s)", self.stage, entity_id)
+            return
+        if timeouts <= ctx.settings.celery.max_retries:
+            log.warning("%s(%s) hit the hard time limit (%d time(s)); sending it again",
+                        self.stage, entity_id, timeouts)
+            # Same task id: whoever waits on this task sees it go on instead of failing.
+            self.apply_async(args=list(args), task_id=task_id, countdown=backoff_s(timeouts - 1),
+                             retries=timeouts)
+            self.backend.mark_as_retry(task_id, exc)
+        else:
+            give_up(self.stage, entity_id, f"{self.stage} failed: hard time limit exceeded {timeouts} time(s)")
+
+
+def _stage_task(stage: str):  # noqa: ANN202 - returns the registered Celery task
+    def run(self: StageTask, entity_id: str) -> dict[str, Any]:
+        return self.run_stage_task(entity_id)
+
+    run.__name__ = stage
+    run.__doc__ = f"Run the {stage} stage on one entity (ids only)."
+    return app.task(bind=True, base=StageTask, name=task_name(stage), stage=stage)(run)
+
+
+curate = _stage_task("curate")
+mine = _stage_task("mine")
+synthesize = _stage_task("synthesize")
+verify = _stage_task("verify")
+export = _stage_task("export")
+
+
+@app.task(bind=True, name=task_name("ingest"))
+def ingest(self: Task, source: str, build_id: str | None = None) -> dict[str, Any]:
+    """Register the videos under a source (a folder on the worker, or store://prefix/;
+    empty: the configured raw-videos prefix). Returns the ids registered now."""
+    from opensubject_tasks.services.ingest import register_source
+
+    ctx = worker_context()
+    source = source.strip() or f"store://{ctx.settings.store.raw_prefix}"
+    build_id = build_id or None
+    try:
+        result = register_source(ctx, source, build_id=build_id)
+    except Exception as exc:
+        if is_transient(exc) and self.request.retries < ctx.settings.celery.max_retries:
+            raise self.retry(exc=exc, countdown=backoff_s(self.request.retries),
+                             max_retries=ctx.settings.celery.max_retries) from exc
+        raise
+    return {"source": source, "build_id": build_id, "new_ids": list(result.new_ids)}
+
+
+@app.task(name=task_name("resynth_sweep"))
+def resynth_sweep(older_than_s: float | None = None) -> dict[str, Any]:
+    """Re-enqueue samples whose hand-off is older than ``verify.resynth_stuck_after_s``."""
+    from opensubject_tasks.services.resynth import sweep_stuck
+
+    ctx = worker_context()
+    age = older_than_s if older_than_s is not None else ctx.settings.verify.resynth_stuck_after_s
+    ids = sweep_stuck(ctx, age, send)
+    if ids:
+        log.warning("re-enqueued %d sample(s) whose work was lost: %s", len(ids), ", ".join(ids[:20]))
+    return {"requeued": ids}

@@ -1,0 +1,207 @@
+"""Stage 5: WebDataset shards, Parquet manifest, stats, HTML report and the OmniGen2
+layout, from db rows and store objects of constructed samples."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+from verify_fixtures import add_sample, add_video, make_images, prepare_db
+
+from opensubject_tasks.config import load_settings
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.models import Sample
+from opensubject_tasks.services.common import run_stage
+from opensubject_tasks.services.export import export_build_to
+from opensubject_tasks.stages.export import ShardWriter, member_size, sample_key, tar_size
+from opensubject_tasks.storage import Keys
+
+SECRET = "s3cr3t-Vb8qZ2xLw"
+SHARD_NAMES = ("reference", "mask", "generation_input", "generation_mask", "manipulation_input",
+               "manipulation_mask", "target")
+
+
+@pytest.fixture()
+def built(tmp_path: Path) -> tuple[Context, dict[str, str]]:
+    """Build b1: two videos (one with a rejected clip, one whose name holds a secret),
+    three samples that verify, one that is rejected."""
+    settings = load_settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                             store={"kind": "local", "local_root": str(tmp_path / "store"),
+                                    "access_key": "AKIDEXAMPLE", "secret_key": SECRET},
+                             export={"shard_max_samples": 2, "report_grid": 2, "report_worst": 2})
+    ctx = Context.from_settings(settings)
+    prepare_db(ctx)
+    v1, c1 = add_video(ctx, "garden walk.mp4", clip_rejected=True)
+    v2, c2 = add_video(ctx, f"leak-{SECRET}.mp4")
+    ids = {
+        "a": add_sample(ctx, v1, c1, 0, make_images(scene="brick")),
+        "b": add_sample(ctx, v1, c1, 1, make_images(scene="hubble")),
+        "c": add_sample(ctx, v2, c2, 0, make_images(scene="grass")),
+        "bad": add_sample(ctx, v2, c2, 1, make_images(generation_subject="rocket")),
+    }
+    ctx.settings.verify.max_attempts = 1
+    for sid in ids.values():
+        run_stage(ctx, "verify", sid)
+    ctx.settings.verify.max_attempts = 3
+    with session_scope(ctx.sessions) as s:
+        states = {k: s.get(Sample, sid).state for k, sid in ids.items()}
+    assert states == {"a": "verified", "b": "verified", "c": "verified", "bad": "rejected"}
+    return ctx, ids
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_writes_a_loadable_dataset(built, tmp_path: Path) -> None:
+    ctx, ids = built
+    out = tmp_path / "dataset"
+    res = export_build_to(ctx, "b1", out)
+    verified = sorted(ids[k] for k in ("a", "b", "c"))
+    assert res.samples == 3 and res.shards == ["shard-000000.tar", "shard-000001.tar"]
+
+    # WebDataset shards: every member present, grouped per sample, read by the library.
+    urls = [str(out / s) for s in res.shards]
+    got = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    assert [s["__key__"] for s in got] == [sample_key(i) for i in verified]
+    for s in got:
+        for name in SHARD_NAMES:
+            img = s[f"{name}.png"]
+            assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[0] > 0
+        meta = s["json"]
+        assert meta["id"] in verified and meta["captions"]["source"] == "template"
+        assert meta["captions"]["short"] and meta["captions"]["long"]
+        assert meta["boxes"]["target"] == [120.0, 110.0, 230.0, 210.0]
+        assert meta["scores"]["verify"]["identity"] >= 0.9
+        lin = meta["lineage"]
+        assert lin["frames"] == {"reference": 0, "target": 40}
+        assert lin["attempts"] == [{"attempt": 1, "seed": lin["seed"], "passed": True, "reasons": []}]
+        assert lin["backends"]["sample"]["verifier"].startswith("classical")
+        assert lin["backends"]["mining"] == {"detector": "classical"}
+        assert "numpy" in lin["versions"] and lin["video"]["name"].endswith(".mp4")
+    with tarfile.open(out / res.shards[0]) as tf:
+        assert {(m.mtime, m.uid, m.gid, m.uname) for m in tf.getmembers()} == {(0, 0, 0, "")}
+
+    # Parquet manifest.
+    table = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [r["sample_id"] for r in table] == verified
+    assert [r["shard"] for r in table] == ["shard-000000.tar", "shard-000000.tar", "shard-000001.tar"]
+    assert all(r["caption_short"] and r["identity"] >= 0.9 for r in table)
+
+    # OmniGen2 layout: JSONL records whose images exist and open.
+    for fname, task, n_inputs in (("train_generation.jsonl", "ic", 1), ("train_manipulation.jsonl", "edit", 2)):
+        records = [json.loads(line) for line in (out / fname).read_text().splitlines()]
+        assert len(records) == 3
+        for r in records:
+            assert set(r) == {"task_type", "instruction", "input_images", "output_image"}
+            assert r["task_type"] == task and len(r["input_images"]) == n_inputs and r["instruction"]
+            for rel in [*r["input_images"], r["output_image"]]:
+                assert not rel.startswith("/") and ".." not in rel
+                with Image.open(out / rel) as im:
+                    assert im.size == (256, 256)
+    sub = "generation/input_images", "generation/output_images", "manipulation/input_images", \
+        "manipulation/output_images"
+    assert [len(list((out / "Images" / d).iterdir())) for d in sub] == [3, 3, 6, 3]
+
+    # Stats: the funnel counts what was built.
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["funnel"] == {"videos": 2, "clips": 2, "subjects": 4, "pairs": 4, "samples": 4,
+                               "verified": 3, "rejected": 1}
+    assert stats["states"]["clips"] == {"mined": 2, "rejected": 1}
+    by_stage = {(r["stage"], r["reason"].split(":")[0]): r["count"] for r in stats["rejections"]}
+    assert by_stage[("clip", "clip shorter than # s (# s)")] == 1
+    assert by_stage[("sample", "identity")] >= 1
+    assert stats["verification"]["verified_at_attempt"] == {"1": 3}
+    assert stats["verification"]["failed_checks"]["identity"] >= 1
+    assert stats["throughput"]["verify"]["attempts"] == 4 and stats["throughput"]["verify"]["entities"] == 4
+    assert stats["export"]["samples"] == 3 and stats["export"]["shards"] == 2
+
+    # Report: self-contained, shows the funnel, and no secret.
+    html = (out / "report.html").read_text()
+    assert '<svg xmlns="http://www.w3.org/2000/svg" id="funnel"' in html
+    assert 'data-step="verified" data-count="3"' in html and 'data-step="rejected" data-count="1"' in html
+    assert html.count('class="card"') == 4                  # 2 random + 2 worst
+    assert "data:image/jpeg;base64," in html and "http://" not in html.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+    assert "identity" in html and "clip shorter than" in html
+    assert SECRET not in html and "[redacted]" in html
+    assert SECRET not in (out / "stats.json").read_text()
+    assert res.files and all((out / f).is_file() for f in res.files)
+
+
+def test_reexport_is_byte_identical_and_both_sinks_agree(built, tmp_path: Path) -> None:
+    ctx, _ = built
+    first, second = tmp_path / "one", tmp_path / "two"
+    export_build_to(ctx, "b1", first)
+    before = _files(first)
+    export_build_to(ctx, "b1", first)            # again into the same folder
+    export_build_to(ctx, "b1", second)           # and into a fresh one
+    assert _files(first) == before == _files(second)
+
+    # The stage writes the same files into the store under datasets/<build>/.
+    res = run_stage(ctx, "export", "b1")
+    assert res.status == "ok" and res.details["samples"] == 3
+    prefix = Keys.dataset("b1", "x")[:-1]
+    stored = {o.key[len(prefix):]: ctx.store.get_bytes(o.key) for o in ctx.store.list(prefix)}
+    assert stored == before
+    # The export's own stage attempt does not change the next export.
+    export_build_to(ctx, "b1", second)
+    assert _files(second) == before
+
+
+def test_reexport_after_a_change_removes_stale_files(built, tmp_path: Path) -> None:
+    ctx, ids = built
+    out = tmp_path / "dataset"
+    (out / "notes.txt").parent.mkdir(parents=True)
+    (out / "notes.txt").write_text("not ours")
+    export_build_to(ctx, "b1", out)
+    with session_scope(ctx.sessions) as s:
+        s.get(Sample, ids["c"]).state = "rejected"
+    res = export_build_to(ctx, "b1", out)
+    key = sample_key(ids["c"])
+    assert res.samples == 2 and res.shards == ["shard-000000.tar"]
+    assert not (out / "shard-000001.tar").exists()
+    assert not any(key in p.name for p in (out / "Images").rglob("*"))
+    assert (out / "notes.txt").read_text() == "not ours"          # files not ours are kept
+    assert sorted(res.removed)[0] == f"Images/generation/input_images/{key}.png"
+
+
+def test_unknown_build_is_a_clear_error(built, tmp_path: Path) -> None:
+    ctx, _ = built
+    res = run_stage(ctx, "export", "nope")
+    assert res.status == "failed" and "build 'nope' not found" in res.reason
+
+
+def _write_shards(limit: int) -> tuple[dict[str, bytes], dict[str, list[int]]]:
+    shards: dict[str, bytes] = {}
+    content: dict[str, list[int]] = {}
+    writer = ShardWriter(lambda name, data: shards.__setitem__(name, data), limit, 1000)
+    rng = np.random.default_rng(0)
+    sizes = [int(x) for x in rng.integers(1_000, 30_000, 20)] + [100_000]   # the last exceeds the limit
+    for i, n in enumerate(sizes):
+        members = [(f"s{i:03d}.bin", rng.bytes(n)), (f"s{i:03d}.json", b"{}")]
+        name = writer.add(members)
+        content.setdefault(name, []).append(sum(member_size(m, len(d)) for m, d in members))
+    writer.finish()
+    return shards, content
+
+
+def test_shards_are_size_bounded_and_deterministic() -> None:
+    limit = 64 * 1024
+    shards, content = _write_shards(limit)
+    assert sorted(shards) == sorted(content) and len(shards) > 3
+    for name, data in shards.items():
+        assert len(data) == tar_size(sum(content[name]))    # the size accounting is exact
+        assert len(data) <= limit or len(content[name]) == 1  # only a lone oversized sample exceeds it
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            assert len(tf.getnames()) == 2 * len(content[name])
+    assert sum(len(v) for v in content.values()) == 21
+    again, _ = _write_shards(limit)
+    assert again == shards
