@@ -102,8 +102,9 @@ def run(profile: str, config: Path | None, per_video: int) -> list[dict[str, Any
             torch.cuda.reset_peak_memory_stats()
         try:
             t0 = time.perf_counter()
-            backend = get_backend(interface, getattr(b, interface), device=device, dtype=b.dtype,
-                                  batch_size=b.batch_size, **b.options.get(interface, {}))
+            options = {"device": device, "dtype": b.dtype, "batch_size": b.batch_size,
+                       **b.options.get(interface, {})}
+            backend = get_backend(interface, getattr(b, interface), **options)
             row["load_s"] = time.perf_counter() - t0
             call(backend)  # warm-up: kernels, caches, allocator
             if cuda:
@@ -132,12 +133,13 @@ def run(profile: str, config: Path | None, per_video: int) -> list[dict[str, Any
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"{'backend':<11} {'load s':>7} {'items':>6} {'items/s':>9} {'peak GiB':>9}  model / error")
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        return format(row[key], fmt) if key in row else "-".rjust(int(fmt.split(".")[0]))
+
     for r in rows:
-        def f(key: str, fmt: str) -> str:
-            return format(r[key], fmt) if key in r else "-"
         tail = r.get("error") or r.get("model", "")
-        print(f"{r['backend']:<11} {f('load_s', '7.1f')} {r['items']:>6} {f('items_per_s', '9.2f')} "
-              f"{f('peak_gib', '9.2f')}  {tail}")
+        print(f"{r['backend']:<11} {cell(r, 'load_s', '7.1f')} {r['items']:>6} "
+              f"{cell(r, 'items_per_s', '9.2f')} {cell(r, 'peak_gib', '9.2f')}  {tail}")
 
 
 def main() -> int:

@@ -36,11 +36,11 @@ STAGE_TOGGLES = {
     default_args={"owner": "opensubject", "retries": 2, "retry_delay": timedelta(seconds=30),
                   "retry_exponential_backoff": 2.0},
     params={
-        "build_name": Param("", type="string", title="Build name",
+        "build_name": Param(None, type=["null", "string"], title="Build name",
                             description="Names the dataset (datasets/<name>/ in the store). Re-using a "
                                         "name resumes that build. Empty: the run id.",
                             pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"),
-        "source": Param("", type="string", title="Source",
+        "source": Param(None, type=["null", "string"], title="Source",
                         description="Register new videos from here first: store://<prefix>/ (the "
                                     "object store) or a folder on the workers. Empty: use the videos "
                                     "registered already."),
@@ -49,7 +49,7 @@ STAGE_TOGGLES = {
                                      "models (weights on the workers), tiny = test models."),
         "limit": Param(0, type="integer", minimum=0, title="Most videos",
                        description="Most registered videos to claim for this build (0: all)."),
-        "video_ids": Param([], type="array", items={"type": "string"}, title="Only these videos",
+        "video_ids": Param([], type=["null", "array"], items={"type": "string"}, title="Only these videos",
                            description="Video ids to build (as sent by opensubject_ingest). "
                                        "Empty: claim registered videos."),
         **{name: Param(True, type="boolean", title=title) for name, title in STAGE_TOGGLES.items()},
@@ -64,13 +64,13 @@ def opensubject_build():
 
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def has_source(params=None) -> bool:
-        return bool(params["source"].strip())
+        return bool((params["source"] or "").strip())
 
     @task(trigger_rule="none_failed")
     def claim(build_id: str, params=None) -> list[str]:
         from opensubject_tasks.orchestrate import claim_build_videos
 
-        ids = claim_build_videos(build_id, params["limit"], params["video_ids"])
+        ids = claim_build_videos(build_id, params["limit"], params["video_ids"] or [])
         print(f"build {build_id}: {len(ids)} video(s) to process")
         return ids
 
@@ -113,7 +113,7 @@ def opensubject_build():
 
     build_id = start()
     register = CeleryStageOperator(task_id="register", stage="ingest",
-                                   args=["{{ params.source }}", build_id])
+                                   args=["{{ params.source or '' }}", build_id])
     videos = claim(build_id)
     has_source() >> register >> videos
     groups = per_video.expand(video_id=videos)

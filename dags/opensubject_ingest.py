@@ -27,7 +27,7 @@ from opensubject_airflow.operators import CeleryStageOperator
     doc_md=__doc__,
     default_args={"owner": "opensubject", "retries": 2, "retry_delay": timedelta(minutes=1)},
     params={
-        "source": Param("", type="string", title="Source",
+        "source": Param(None, type=["null", "string"], title="Source",
                         description="store://<prefix>/ to list. Empty: the configured raw-videos "
                                     "prefix (OPENSUBJECT_STORE__RAW_PREFIX)."),
         "profile": Param("cpu", type="string", enum=["cpu", "gpu", "tiny"], title="Profile",
@@ -35,7 +35,7 @@ from opensubject_airflow.operators import CeleryStageOperator
     },
 )
 def opensubject_ingest():
-    register = CeleryStageOperator(task_id="register_new", stage="ingest", args=["{{ params.source }}"])
+    register = CeleryStageOperator(task_id="register_new", stage="ingest", args=["{{ params.source or '' }}"])
 
     @task
     def build_conf(registered: dict, params=None, run_id=None) -> dict:

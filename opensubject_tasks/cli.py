@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder of the build")
     ex.add_argument("--dest", help="export folder (default OUT/dataset)")
     ex.set_defaults(fn=cmd_export)
+
+    from opensubject_tasks.bench.cli import add_bench_commands
+
+    add_bench_commands(sub)
     return p
 
 

@@ -48,16 +48,26 @@ class CurateSettings(_Section):
     min_short_side: int = Field(240, ge=1)
     min_duration_s: float = Field(1.0, ge=0)
     max_duration_s: float = Field(4 * 3600, gt=0)
-    analysis_width: int = Field(160, ge=32, le=1920)  # frames are scaled inside the decoder
-    detector: str = "adaptive"
+    # Frames are scaled by the decoder's scaler to this width for analysis; 256 px is
+    # PySceneDetect's own default effective width (it downscales to >= 256 px).
+    analysis_width: int = Field(256, ge=32, le=1920)
+    detector: str = "adaptive"              # PySceneDetect detector run on every frame (hard cuts)
+    detector_options: dict[str, Any] = Field(default_factory=dict)  # its keyword arguments
+    gradual_detector: str = "histogram"     # run on frames gradual_span_s apart (dissolves); "none" = off
+    gradual_span_s: float = Field(0.25, ge=0, le=5)
+    min_shot_s: float = Field(0.6, ge=0)    # PySceneDetect's min_scene_len (15 frames at 25 fps)
     min_clip_s: float = Field(1.0, ge=0)
     max_clip_s: float = Field(10.0, gt=0)
     keyframes_per_clip: int = Field(6, ge=2, le=64)
     keyframe_max_side: int = Field(768, ge=64, le=4096)  # stored keyframes; boxes use this scale
+    keyframe_quality: int = Field(92, ge=50, le=100)     # JPEG quality of stored keyframes
     min_quality: float = Field(0.3, ge=0, le=1)
+    decode_threads: int = Field(0, ge=0)    # 0: FFmpeg picks (one per core)
     decode_timeout_s: float = Field(600.0, gt=0)
     max_pixels: int = Field(7680 * 4320, gt=0)
     max_frames: int = Field(10_000_000, gt=0)
+    # decoding fewer frames than this share of the container's count means truncated/corrupt
+    min_decoded_share: float = Field(0.9, ge=0, le=1)
 
 
 class MineSettings(_Section):

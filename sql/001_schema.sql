@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS builds (
 CREATE TABLE IF NOT EXISTS videos (
     id            TEXT PRIMARY KEY,              -- first 32 hex chars of the content sha256
     content_hash  TEXT NOT NULL UNIQUE,          -- sha256 hex, or etag:size for store objects
-    source_uri    TEXT NOT NULL,                 -- file:///... or s3://bucket/key
+    source_uri    TEXT NOT NULL,                 -- file:///abs/path or store://<key> (an object in the configured bucket)
     name          TEXT NOT NULL,                 -- original file name (display only)
     size_bytes    BIGINT NOT NULL DEFAULT 0,
     build_id      TEXT REFERENCES builds(id) ON DELETE SET NULL,

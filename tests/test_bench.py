@@ -194,18 +194,6 @@ def test_judge_with_no_vlm_is_unscored_everywhere_with_the_raw_replies():
             assert r.rubric_version == judge.rubric.version and r.judge == "none"
 
 
-def test_judge_with_the_tiny_vlm_scores_or_records_each_reply():
-    vlm = get_backend("vlm", "tiny")
-    results = Judge(vlm, max_attempts=2).score("identity", _judge_items(2))
-    for r in results:
-        assert 1 <= len(r.raw) <= 2 and all(isinstance(x, str) for x in r.raw)
-        if r.score is None:
-            assert len(r.raw) == 2 and r.error
-            assert parse_reply(r.raw[-1]).score is None  # it really was unreadable
-        else:
-            assert 0 <= r.score <= 10 and parse_reply(r.raw[-1]).score == r.score
-
-
 # --- the held-out split ------------------------------------------------------------
 def test_held_out_split_is_deterministic_and_stable_as_videos_are_added():
     ids = [f"{i:032x}" for i in range(200)]
@@ -378,3 +366,42 @@ def test_score_refuses_what_is_not_a_bench(tmp_path):
         _cli(["bench", "build", "--from", "x", "--out", str(tmp_path / "b"), "--db-out", str(tmp_path)])
     with pytest.raises(SystemExit):
         _cli(["bench", "baseline", "no-such-baseline", "--bench", str(tmp_path), "--out", str(tmp_path)])
+    from opensubject_tasks.bench.baselines import BASELINES
+    from opensubject_tasks.bench.cli import BASELINE_NAMES
+
+    assert set(BASELINE_NAMES) == set(BASELINES)
+
+
+def test_tiny_vlm_judge_through_bench_scoring(built, tmp_path):
+    """A real (tiny, random) VLM as the judge: each reply is either a parsed score in
+    0..10 or unscored with every raw reply kept; PF/SC come only from the judge."""
+    from opensubject_tasks.bench.baselines import run_baseline
+    from opensubject_tasks.bench.score import ScoringContext
+
+    ctx, _, _ = built
+    bench = tmp_path / "bench"
+    build_bench(ctx, "b1", bench, share=0.5)
+    lines = (bench / "cases.jsonl").read_text().splitlines()
+    keep = [ln for ln in lines if '"generation"' in ln][:2] + [ln for ln in lines if '"manipulation"' in ln][:2]
+    (bench / "cases.jsonl").write_text("\n".join(keep) + "\n")  # four cases keep the test short
+    run_baseline("paste-reference", bench, tmp_path / "preds")
+    settings = ctx.settings.model_copy(deep=True)
+    settings.backends.vlm = "tiny"
+    summary = score_bench(ScoringContext(settings), bench, tmp_path / "preds", tmp_path / "scores",
+                          judge_attempts=2)
+    assert summary["scorer"] == "judge" and summary["judge"]["backend"].startswith("tiny:vlm")
+    counts = summary["counts"]
+    assert counts["scored"] + counts["unscored"] == counts["cases"] and counts["missing"] == 0
+    for case in load_cases(bench):
+        rec = json.loads((tmp_path / "scores" / "cases" / f"{case.id}.json").read_text())
+        for axis, res in rec["judge"].items():
+            assert 1 <= len(res["raw"]) <= 2
+            if res["score"] is None:
+                assert len(res["raw"]) == 2 and res["error"]
+                assert parse_reply(res["raw"][-1]).score is None  # it really was unreadable
+            else:
+                assert 0 <= res["score"] <= 10 and parse_reply(res["raw"][-1]).score == res["score"]
+        pf_axis, sc_axis = ("prompt_adherence", "identity") if case.task == "generation" \
+            else ("manipulation", "background")
+        assert rec["pf"] == rec["judge"][pf_axis]["score"] and rec["sc"] == rec["judge"][sc_axis]["score"]
+        assert rec["classical"]["identity10"] >= 8.0  # classical metrics ran next to the judge

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from airflow_fixtures import AIRFLOW_ENV, REPO
+from airflow_fixtures import AIRFLOW_ENV, REPO, airflow_db  # noqa: F401 - fixture
 
 DAG_IDS = {"opensubject_build", "opensubject_ingest", "opensubject_resynth_sweep"}
 # Modules a DAG file must not pull in when it is parsed: models, media, the database and
@@ -95,15 +95,15 @@ def test_every_dag_has_tags_no_catchup_and_retries(parsed):
 
 def test_build_dag_has_typed_params(parsed):
     params = parsed["dags"]["opensubject_build"]["params"]
-    expected = {"build_name": "string", "source": "string", "profile": "string", "limit": "integer",
-                "video_ids": "array", "curate": "boolean", "mine": "boolean", "synthesize": "boolean",
+    expected = {"build_name": ["null", "string"], "source": ["null", "string"], "profile": "string",
+                "limit": "integer", "video_ids": ["null", "array"], "curate": "boolean", "mine": "boolean", "synthesize": "boolean",
                 "export": "boolean"}
     assert {k: v.get("type") for k, v in params.items()} == expected
     assert params["profile"]["enum"] == ["cpu", "gpu", "tiny"]
     assert params["limit"]["minimum"] == 0
 
 
-def test_no_cycles_and_expected_structure():
+def test_no_cycles_and_expected_structure(airflow_db):
     from airflow_fixtures import load_dag
 
     dag = load_dag("opensubject_build")

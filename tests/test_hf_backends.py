@@ -208,6 +208,21 @@ def test_tiny_detector_batches_frames(tiny_models: dict[str, Path], frames: list
     assert proposals[0] and {d.category for d in proposals[0]} == {"object"}
 
 
+def test_tiny_grounding_dino_maps_phrases_to_categories(tiny_models: dict[str, Path],
+                                                        frames: list[np.ndarray]) -> None:
+    det = HFDetector(model=str(tiny_models["grounding_dino"]), batch_size=2, threshold=0.0,
+                     text_threshold=0.0, max_detections=4, **CPU)
+    assert det.grounding
+    got = det.detect(frames, ["cat", "red car"])
+    assert len(got) == 3 and all(got)
+    for frame, dets in zip(frames, got, strict=True):
+        h, w = frame.shape[:2]
+        assert len(dets) <= 4
+        for d in dets:
+            assert d.category in {"cat", "red car"}
+            assert 0 <= d.box[0] < d.box[2] <= w and 0 <= d.box[1] < d.box[3] <= h
+
+
 def test_tiny_segmenter_box_prompts(tiny_models: dict[str, Path], frames: list[np.ndarray]) -> None:
     seg = HFSegmenter(model=str(tiny_models["segmenter"]), batch_size=3, **CPU)
     boxes = [[40, 30, 80, 60], [0, 0, 160, 120], [500, 500, 600, 600]]  # the last is off the image
@@ -299,6 +314,23 @@ def test_incomplete_model_dir_is_not_available(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "clip"}')
     with pytest.raises(ModelNotAvailable, match="could not be loaded"):
         HFEmbedder(model=str(tmp_path), **CPU)
+
+
+def test_bf16_paths_as_on_a_gpu(tiny_models: dict[str, Path], vlm: HFVLM, frames: list[np.ndarray]) -> None:
+    """GPUs run bf16: pixels follow the model's dtype, SAM's boxes and outputs stay float32."""
+    bf16 = {"device": "cpu", "dtype": "bf16"}
+    seg = HFSegmenter(model=str(tiny_models["segmenter"]), **bf16)
+    assert seg.model.dtype == torch.bfloat16
+    masks = seg.segment(frames[:2], [[40, 30, 80, 60]] * 2)
+    assert [m.shape for m in masks] == [f.shape[:2] for f in frames[:2]]
+    det = HFDetector(model=str(tiny_models["detector"]), threshold=0.05, **bf16)
+    assert all(isinstance(d.score, float) for dets in det.detect(frames[:2], ["cat"]) for d in dets)
+    emb = HFEmbedder(model=str(tiny_models["clip"]), **bf16)
+    vecs = emb.embed(frames[:2])
+    assert vecs.dtype == np.float32 and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-3)
+    half_vlm = HFVLM(model=str(tiny_models["vlm"]), max_new_tokens=4, max_image_side=112, **bf16)
+    yn = half_vlm.ask_yes_no([[frames[0]]], ["Is there a dog?"])[0]
+    assert 0.0 < yn.p_yes < 1.0
 
 
 def test_dtype_and_device_resolution() -> None:

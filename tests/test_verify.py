@@ -146,6 +146,17 @@ def ctx(embedded_settings) -> Context:
     return c
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_ctx(request, embedded_settings) -> Context:
+    """The embedded SQLite database, and the production PostgreSQL one."""
+    if request.param == "postgresql":
+        embedded_settings.database_url = request.getfixturevalue("pg_db")
+    c = Context.from_settings(embedded_settings)
+    prepare_db(c)
+    yield c
+    c.engine.dispose()
+
+
 def _row(ctx: Context, sid: str) -> Sample:
     with session_scope(ctx.sessions) as s:
         return s.get(Sample, sid)
@@ -201,7 +212,8 @@ def test_failed_attempt_requeues_with_new_seed_then_passes(ctx: Context) -> None
     assert [h["verdict"]["passed"] for h in row.history] == [False, True]
 
 
-def test_threshold_nobody_can_pass_rejects_after_max_attempts(ctx: Context) -> None:
+def test_threshold_nobody_can_pass_rejects_after_max_attempts(any_ctx: Context) -> None:
+    ctx = any_ctx
     ctx.settings.verify.min_identity = 1.0
     ctx.settings.verify.max_attempts = 3
     vid, clip = add_video(ctx, "a.mp4")
@@ -232,7 +244,8 @@ def test_threshold_nobody_can_pass_rejects_after_max_attempts(ctx: Context) -> N
     assert statuses == ["ok", "ok", "rejected", "ok"]
 
 
-def test_verifier_failing_only_first_attempt(ctx: Context) -> None:
+def test_verifier_failing_only_first_attempt(any_ctx: Context) -> None:
+    ctx = any_ctx
     # verify_fixtures (imported above) registers the "fail-first-attempt" verifier.
     ctx.settings.backends.verifier = "fail-first-attempt"
     vid, clip = add_video(ctx, "a.mp4")

@@ -185,7 +185,7 @@ def build_bench(ctx: Context, build_id: str, out_dir: str | Path, *, share: floa
             select(Sample, Pair, Subject, Clip, Video)
             .join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
             .join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id)
-            .where(Sample.build_id == build_id, Sample.state == "verified")
+            .where(Video.build_id == build_id, Sample.state == "verified")  # as the export selects
             .order_by(Sample.id)).all()
         video_ids = sorted({r[4].id for r in rows})
         if len(video_ids) < 2:

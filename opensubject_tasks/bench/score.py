@@ -18,6 +18,7 @@ import csv
 import html
 import io
 import json
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,8 @@ class ScoringContext:
 @dataclass
 class Calibration:
     """Similarities this embedder gives unrelated content on this bench (medians over
-    pairs of cases from different videos): the 0 points of the 0-10 maps."""
+    pairs of cases from different videos, or different subjects when the bench holds
+    one video): the 0 points of the 0-10 maps."""
     identity: float = 0.0   # reference vs another case's subject box
     region: float = 0.0     # grown box vs another case's grown box
     image: float = 0.0      # target vs another case's target
@@ -65,7 +67,7 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         return {"identity": round(self.identity, 4), "region": round(self.region, 4),
                 "image": round(self.image, 4), "pairs": self.pairs,
-                "note": "" if self.pairs else "fewer than two videos: chance level taken as 0"}
+                "note": "" if self.pairs else "a single subject: chance level taken as 0"}
 
 
 def _load(bench: Path, case: Case) -> dict[str, np.ndarray]:
@@ -82,16 +84,20 @@ def calibrate(embedder: Any, bench: Path, cases: list[Case]) -> Calibration:
     for c in cases:
         by_sample.setdefault(c.sample_id, c)
     uniq = sorted(by_sample.values(), key=lambda c: c.sample_id)
-    pairs: list[tuple[Case, Case]] = []
-    for k in range(1, len(uniq)):
-        for i, a in enumerate(uniq):
-            b = uniq[(i + k) % len(uniq)]
-            if a.video_id != b.video_id:
-                pairs.append((a, b))
-            if len(pairs) >= CALIBRATION_PAIRS:
-                break
-        if len(pairs) >= CALIBRATION_PAIRS:
-            break
+
+    def unrelated_pairs(key: str) -> list[tuple[Case, Case]]:
+        found = []
+        for k in range(1, len(uniq)):  # i with i+1, then i with i+2, ... (deterministic)
+            for i, a in enumerate(uniq):
+                b = uniq[(i + k) % len(uniq)]
+                if getattr(a, key) != getattr(b, key):
+                    found.append((a, b))
+                    if len(found) == CALIBRATION_PAIRS:
+                        return found
+        return found
+
+    # unrelated = other videos; a bench of one video falls back to its other subjects
+    pairs = unrelated_pairs("video_id") or unrelated_pairs("subject_id")
     if not pairs:
         return Calibration()
     cache: dict[str, dict[str, np.ndarray]] = {}
@@ -140,7 +146,8 @@ def classical_metrics(embedder: Any, case: Case, imgs: dict[str, np.ndarray], ou
     else:
         fit = M.region_fit_similarity(embedder, out, imgs["target"], case.box, REGION_CONTEXT)
         m["fit_sim"], m["fit10"] = _r(fit), _r(M.similarity_score10(fit, cal.region))
-        m["manipulation10"] = _r((m["identity10"] + m["fit10"]) / 2)
+        # holds the reference subject AND fits the scene: either one failing fails the edit
+        m["manipulation10"] = _r(M.overall(m["identity10"], m["fit10"]))
         bg = M.background_consistency(out, imgs["input"], imgs["input_mask"])
         m["psnr"], m["ssim"] = _r(bg["psnr"], 3), _r(bg["ssim"])
         m["background10"] = _r(bg["score10"])
@@ -185,7 +192,8 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
     judge = Judge(ctx.backend("vlm"), max_attempts=judge_attempts)
     cal = calibrate(embedder, bench, cases)
     found = _find_predictions(preds)
-    (out / "cases").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "cases", ignore_errors=True)  # no stale case files from an earlier run
+    (out / "cases").mkdir(parents=True)
 
     records: list[dict[str, Any]] = []
     for start in range(0, len(cases), CHUNK):
@@ -224,7 +232,7 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
             records.append(_finish(case, imgs, output, rec, embedder, cal, judged, i, use_judge))
             (out / "cases" / f"{case.id}.json").write_text(json.dumps(records[-1], indent=1))
 
-    summary = summarize(records, use_judge)
+    summary = summarize(records)
     summary.update({
         "name": name or preds.name, "bench": str(bench.resolve()),
         "predictions": str(preds.resolve()),
@@ -283,17 +291,17 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 
 def _group_stats(recs: list[dict[str, Any]]) -> dict[str, Any]:
-    scored = [r for r in recs if r["overall"] is not None]
+    counted = [r for r in recs if r["overall"] is not None]  # scored, and missing as 0
     axes = {}
     for axis in AXES:
         axes[axis] = {kind: _mean(r["axes"].get(axis, {}).get(kind) for r in recs)
                       for kind in ("classical", "judge")}
     return {
-        "cases": len(recs), "scored": len(scored),
+        "cases": len(recs), "scored": sum(r["status"] == "scored" for r in recs),
         "unscored": sum(r["status"] == "unscored" for r in recs),
         "missing": sum(r["status"] == "missing" for r in recs),
-        "pf": _mean(r["pf"] for r in scored), "sc": _mean(r["sc"] for r in scored),
-        "overall": _mean(r["overall"] for r in scored),
+        "pf": _mean(r["pf"] for r in counted), "sc": _mean(r["sc"] for r in counted),
+        "overall": _mean(r["overall"] for r in counted),
         "axes": axes,
         "psnr": _mean(r["classical"].get("psnr") for r in recs),
         "ssim": _mean(r["classical"].get("ssim") for r in recs),
@@ -314,7 +322,7 @@ def _combine(splits: dict[str, dict[str, Any]], names: list[str]) -> dict[str, A
     return row
 
 
-def summarize(records: list[dict[str, Any]], use_judge: bool) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     splits = {sp: _group_stats([r for r in records if r["split"] == sp]) for sp in SPLITS}
     present = [sp for sp in SPLITS if splits[sp]["overall"] is not None]
     judge_unscored: dict[str, int] = {}
@@ -345,7 +353,7 @@ def labels(use_judge: bool, records: list[dict[str, Any]]) -> dict[str, str]:
                 "mode": "judge"}
     gen_pf = sorted({r["pf_source"] for r in records if r["task"] == "generation" and r["status"] != "missing"})
     return {"pf": "classical metrics mapped to 0-10 (no VLM judge): generation "
-                  f"{'/'.join(gen_pf) or 'n/a'}, manipulation embedding identity + region fit",
+                  f"{'/'.join(gen_pf) or 'n/a'}, manipulation sqrt(embedding identity x region fit)",
             "sc": "classical metrics mapped to 0-10 (no VLM judge): generation embedding identity "
                   "at the target box, manipulation masked PSNR+SSIM outside the region",
             "mode": "classical (not comparable with judge-scored numbers)"}
@@ -443,10 +451,10 @@ def worst_html(bench: Path, records: list[dict[str, Any]], summary: dict[str, An
         figs = "".join(f'<figure><img src="{src}" alt="{esc(lbl)}"><figcaption>{esc(lbl)}</figcaption></figure>'
                        for lbl, src in imgs)
         judge = "".join(
-            f"<li><b>{esc(ax)}</b>: {esc(_fmt(res['score']))}"
-            + (f" — unscored: {esc(res['error'] or '')}; raw: <code>{esc(repr(res['raw'][-1:]))}</code>"
-               if res["score"] is None else f" — {esc(res['rationale'][:300])}") + "</li>"
-            for ax, res in r["judge"].items())
+            f"<li>judge <b>{esc(ax)}</b>: "
+            + (f"unscored ({esc(res['error'] or '')}); last reply: <code>{esc(repr(res['raw'][-1][:300]))}</code>"
+               if res["score"] is None else f"{esc(_fmt(res['score']))} — {esc(res['rationale'][:300])}")
+            + "</li>" for ax, res in r["judge"].items())
         return (f'<section><h3>{esc(r["id"])} · {esc(r["split"])} · overall {esc(_fmt(r["overall"]))} '
                 f'(PF {esc(_fmt(r["pf"]))} [{esc(r["pf_source"])}], SC {esc(_fmt(r["sc"]))} '
                 f'[{esc(r["sc_source"])}])</h3><p>{esc(r["prompt"])}</p>'

@@ -1,19 +1,32 @@
-"""Shot boundaries with PySceneDetect's detectors, fed frames from our own decode.
+"""Shot boundaries with PySceneDetect's detectors, fed frames from our one decode.
 
-PySceneDetect's detectors compare consecutive frames, so they find hard cuts but
-miss most dissolves: over a dissolve the picture changes only a little from one
-frame to the next. We therefore run the same detector twice on the same decoded
-frames: once on every frame (hard cuts, exact frame), and once on every
-``gradual_step``-th frame, where a dissolve shows up as one large change. A
-boundary found only by the strided pass is placed on the frame of largest change
-inside its window. Both passes read frames that were decoded once.
+PySceneDetect's detectors compare consecutive frames: they find hard cuts, but
+over a dissolve the picture changes only a little from one frame to the next, so
+most dissolves pass unseen (measured in docs/curation.md). We run two passes over
+the same decoded frames:
+
+* **hard cuts**: one detector (default ``AdaptiveDetector``, library defaults) on
+  every frame;
+* **gradual transitions**: detectors (default ``HistogramDetector``, library
+  defaults) that each see every ``span``-th frame, one per phase (phase j sees
+  frames j, j+span, ...). Across a gap of ``span`` frames (0.25 s) a dissolve is
+  one large change, and colour histograms hardly move under camera motion. A
+  transition is kept when at least half of the phases report it (a lone phase is
+  usually a histogram blip), and is placed on the first frame whose histogram is
+  closer to the picture after it than to the picture before it (for a dissolve:
+  its middle). All phases together cost one detector call per frame.
+
+Cuts come out in order, a fixed number of frames (``lag``) after they happen, so a
+caller can close shots while decoding continues.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+import cv2
 import numpy as np
 from scenedetect import detectors as sd
 from scenedetect.common import FrameTimecode
@@ -35,83 +48,117 @@ def make_detector(name: str, min_scene_len: int, **options: Any) -> Any:
     return cls(min_scene_len=min_scene_len, **options)
 
 
+def _hist(frame_bgr: np.ndarray) -> np.ndarray:
+    yuv = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2YUV)
+    h = cv2.calcHist([yuv], [0, 1, 2], None, [8, 8, 8], [0, 256] * 3).ravel()
+    return h / max(float(h.sum()), 1.0)
+
+
 class ShotDetector:
-    """Feed frames in order with ``process``; ``finish`` returns the cut frames.
+    """Feed frames in order with ``process`` (it returns cuts that became final);
+    ``finish`` returns the rest. A cut is the first frame of a new shot."""
 
-    A cut frame is the first frame of a new shot. ``gradual_span`` (frames) of 0 or
-    1 turns the gradual pass off.
-    """
-
-    def __init__(self, fps: float, detector: str = "adaptive", *, min_scene_s: float = 0.6,
-                 gradual_span: int = 0, gradual_detector: str | None = None,
-                 min_votes: int = 1,
+    def __init__(self, fps: float, detector: str = "adaptive", *, min_shot_s: float = 0.6,
+                 gradual_detector: str | None = "histogram", gradual_span_s: float = 0.25,
                  options: dict[str, Any] | None = None,
                  gradual_options: dict[str, Any] | None = None) -> None:
         self.fps = Fraction(fps).limit_denominator(1001)
-        self.min_len = max(1, round(float(fps) * min_scene_s))  # PySceneDetect's default: 15 frames at 25 fps
-        self.span = gradual_span if gradual_span and gradual_span > 1 else 0
-        self.min_votes = min_votes
-        opts = dict(options or {})
-        self._fine = make_detector(detector, self.min_len, **opts)
-        gopts = gradual_options if gradual_options is not None else opts
-        # one detector per phase: phase j sees frames j, j+span, j+2*span, ...
-        self._phases = [make_detector(gradual_detector or detector, self.min_len, **gopts)
+        # PySceneDetect's min_scene_len default is 15 frames (0.6 s at 25 fps): keep the time
+        self.min_len = max(1, round(float(fps) * min_shot_s))
+        self.span = round(float(fps) * gradual_span_s) if gradual_detector not in (None, "", "none") else 0
+        self.span = self.span if self.span >= 2 else 0
+        self.min_votes = max(1, self.span // 2)
+        self._fine = make_detector(detector, self.min_len, **(options or {}))
+        self._phases = [make_detector(str(gradual_detector), self.min_len, **(gradual_options or {}))
                         for _ in range(self.span)]
+        # Every decision about frame n is made by frame n + lag; frames kept for that.
+        self.lag = 3 * self.span + self.min_len + 4 if self.span else 4
+        self._frames: deque[tuple[int, np.ndarray]] = deque(maxlen=4 * self.span + self.min_len + 8)
         self._fine_cuts: list[int] = []
-        self._phase_cuts: list[int] = []
-        self._diff: list[float] = []       # mean absolute change to the previous frame
-        self._prev: np.ndarray | None = None
+        self._votes: list[int] = []             # phase detections not yet grouped
+        self._gradual: list[int] = []
+        self._emitted: list[int] = []
         self._last = -1
 
     def _tc(self, n: int) -> FrameTimecode:
         return FrameTimecode(n, self.fps)
 
-    def process(self, index: int, frame_bgr: np.ndarray, gray: np.ndarray | None = None) -> float:
-        """Feed frame ``index`` (BGR, analysis size); returns its change to the previous frame."""
+    def process(self, index: int, frame_bgr: np.ndarray) -> list[int]:
+        """Feed frame ``index`` (BGR, analysis size); returns cuts that are now final."""
         self._last = index
         tc = self._tc(index)
         self._fine_cuts += [c.frame_num for c in self._fine.process_frame(tc, frame_bgr)]
         if self.span:
+            self._frames.append((index, frame_bgr))
             det = self._phases[index % self.span]
-            self._phase_cuts += [c.frame_num for c in det.process_frame(tc, frame_bgr)]
-        g = gray if gray is not None else frame_bgr[..., 1]
-        d = 0.0 if self._prev is None else float(np.mean(np.abs(g.astype(np.int16) - self._prev)))
-        self._prev = g.astype(np.int16)
-        self._diff.append(d)
-        return d
-
-    @property
-    def frame_changes(self) -> list[float]:
-        return self._diff
+            self._votes += [c.frame_num for c in det.process_frame(tc, frame_bgr)]
+            self._group_votes(index, final=False)
+        return self._release(index - self.lag)
 
     def finish(self) -> list[int]:
+        """Flush the detectors at the end of the video; returns the remaining cuts."""
         if self._last < 0:
             return []
         end = self._tc(self._last)
         self._fine_cuts += [c.frame_num for c in self._fine.post_process(end)]
         for det in self._phases:
-            self._phase_cuts += [c.frame_num for c in det.post_process(end)]
-        cuts = sorted(set(self._fine_cuts))
-        # Phase detections of one transition lie within `span` frames of each other;
-        # phase j reports the end of its gap, so the transition sits ~span/2 earlier.
-        for group in _groups(sorted(self._phase_cuts), self.span):
-            if len(group) < self.min_votes:
+            self._votes += [c.frame_num for c in det.post_process(end)]
+        self._group_votes(self._last, final=True)
+        return self._release(self._last + 1)
+
+    @property
+    def cuts(self) -> list[int]:
+        return list(self._emitted)
+
+    def _group_votes(self, now: int, final: bool) -> None:
+        """Turn phase detections into gradual cuts once no more votes can join."""
+        self._votes.sort()
+        while self._votes:
+            group = [self._votes[0]]
+            for v in self._votes[1:]:
+                if v - group[-1] <= self.span:
+                    group.append(v)
+                else:
+                    break
+            if not final and now - group[-1] <= 2 * self.span + 2:
+                return  # the group may still grow, or its right-hand context is not decoded yet
+            del self._votes[:len(group)]
+            if len(group) >= self.min_votes:
+                self._gradual.append(self._place(group))
+
+    def _place(self, group: list[int]) -> int:
+        """The first frame closer (in colour histogram) to after the change than before it."""
+        c = int(np.median(group))
+        frames = dict(self._frames)
+        lo, hi = max(c - 2 * self.span, min(frames)), min(c + self.span, max(frames))
+        if lo not in frames or hi not in frames:
+            return max(1, c - self.span // 2)
+        before, after = _hist(frames[lo]), _hist(frames[hi])
+        for n in range(lo + 1, hi + 1):
+            h = _hist(frames[n])
+            if np.abs(h - after).sum() < np.abs(h - before).sum():
+                return n
+        return max(1, c - self.span // 2)
+
+    def _release(self, upto: int) -> list[int]:
+        """Emit cuts before frame ``upto``: every-frame cuts win over gradual ones nearby."""
+        out = []
+        fine = sorted(set(self._fine_cuts))
+        candidates = sorted({(c, 0) for c in fine} | {(c, 1) for c in self._gradual})
+        keep_fine, keep_gradual = [], []
+        for c, kind in candidates:
+            if c >= upto:
+                (keep_fine if kind == 0 else keep_gradual).append(c)
                 continue
-            if any(group[0] - self.span - self.min_len < f <= group[-1] + self.min_len for f in cuts):
-                continue  # the every-frame pass found it (or a cut is too close for a new shot)
-            cuts.append(max(1, round(float(np.median(group)) - (self.span - 1) / 2)))
-            cuts.sort()
-        return [c for c in cuts if 0 < c <= self._last]
-
-
-def _groups(values: list[int], gap: int) -> list[list[int]]:
-    out: list[list[int]] = []
-    for v in values:
-        if out and v - out[-1][0] < gap:
-            out[-1].append(v)
-        else:
-            out.append([v])
-    return out
+            if kind == 1 and any(abs(c - f) < self.min_len for f in fine):
+                continue  # the same transition, already found frame-exactly
+            last = self._emitted[-1] if self._emitted else 0
+            if c <= 0 or c > self._last or c - last < self.min_len and self._emitted:
+                continue
+            self._emitted.append(c)
+            out.append(c)
+        self._fine_cuts, self._gradual = keep_fine, keep_gradual
+        return out
 
 
 @dataclass
@@ -135,9 +182,8 @@ class ShotScore:
 def score_cuts(detected: list[int], cuts: list[int], gradual: list[list[int]],
                tolerance: int = 2) -> ShotScore:
     """Match detected cut frames one-to-one against true transitions: a hard cut at
-    frame c matches c±tolerance, a dissolve [a, b] matches anything in
-    [a-tolerance, b+tolerance]."""
-    spans = sorted([(c, c) for c in cuts] + [(int(a), int(b)) for a, b in gradual])
+    frame c matches c±tolerance, a dissolve [a, b] anything in [a-tolerance, b+tolerance]."""
+    spans = sorted([(int(c), int(c)) for c in cuts] + [(int(a), int(b)) for a, b in gradual])
     used: set[int] = set()
     tp = 0
     for d in sorted(detected):

@@ -34,7 +34,7 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
 from opensubject_tasks.errors import BadInput
-from opensubject_tasks.report import ReportSample, pick_grid, render_report, thumbnail_uri
+from opensubject_tasks.report import THUMB_NAMES, ReportSample, pick_grid, render_report, thumbnail_uri
 from opensubject_tasks.services.common import StageResult, stage
 from opensubject_tasks.stages.export import (
     REQUIRED_IMAGES, SHARD_IMAGES, ExportRecord, ShardWriter, count_reasons, dumps, jsonl,
@@ -55,10 +55,11 @@ MANIFEST_SCHEMA = pa.schema([
     ("generation_input_image", pa.string()), ("manipulation_input_images", pa.list_(pa.string())),
     ("output_image", pa.string()),
 ])
-# Files this exporter owns in a local export folder (anything else there is left alone).
+# Files this exporter owns in a local export folder (anything else there is left alone),
+# including temporary files an interrupted export left behind.
 _OWNED = re.compile(r"^(shard-\d{6}\.tar|manifest\.parquet|stats\.json|report\.html|"
                     r"train_(generation|manipulation)\.jsonl|Images/(generation|manipulation)/"
-                    r"(input|output)_images/[^/]+)$")
+                    r"(input|output)_images/[^/]+|(Images/.*/)?\.[^/]*\.part)$")
 _VERSIONED = ("opensubject-tasks", "numpy", "opencv-contrib-python-headless", "pillow",
               "scikit-image", "torch", "transformers", "diffusers")
 
@@ -66,7 +67,9 @@ _VERSIONED = ("opensubject-tasks", "numpy", "opencv-contrib-python-headless", "p
 # -- sinks ---------------------------------------------------------------------------
 class Sink(Protocol):
     root: str
+    tmp_dir: str | None                    # where shard files are built before put_file
     def put(self, rel: str, data: bytes) -> None: ...
+    def put_file(self, rel: str, path: Path) -> None: ...
     def existing(self) -> list[str]: ...
     def remove(self, rel: str) -> None: ...
 
@@ -78,12 +81,13 @@ class StoreSink:
         self.store, self.build_id = store, build_id
         self.prefix = Keys.dataset(build_id, "x")[:-1]
         self.root = self.prefix
+        self.tmp_dir = None
 
     def put(self, rel: str, data: bytes) -> None:
-        ctype = {"tar": "application/x-tar", "json": "application/json", "html": "text/html",
-                 "png": "image/png", "jpg": "image/jpeg", "parquet": "application/vnd.apache.parquet",
-                 "jsonl": "application/jsonl"}.get(rel.rsplit(".", 1)[-1], "application/octet-stream")
-        self.store.put_bytes(Keys.dataset(self.build_id, rel), data, content_type=ctype)
+        self.store.put_bytes(Keys.dataset(self.build_id, rel), data, content_type=_content_type(rel))
+
+    def put_file(self, rel: str, path: Path) -> None:
+        self.store.put_file(Keys.dataset(self.build_id, rel), path, content_type=_content_type(rel))
 
     def existing(self) -> list[str]:
         return [o.key[len(self.prefix):] for o in self.store.list(self.prefix)]
@@ -99,6 +103,7 @@ class DirSink:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.root = str(self.out)
+        self.tmp_dir = str(self.out)   # same filesystem: a finished shard is renamed into place
 
     def put(self, rel: str, data: bytes) -> None:
         path = self.out / rel
@@ -111,12 +116,23 @@ class DirSink:
         finally:
             Path(tmp).unlink(missing_ok=True)
 
+    def put_file(self, rel: str, path: Path) -> None:
+        dest = self.out / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+
     def existing(self) -> list[str]:
         return sorted(p.relative_to(self.out).as_posix() for p in self.out.rglob("*")
                       if p.is_file() and _OWNED.match(p.relative_to(self.out).as_posix()))
 
     def remove(self, rel: str) -> None:
         (self.out / rel).unlink(missing_ok=True)
+
+
+def _content_type(rel: str) -> str:
+    return {"tar": "application/x-tar", "json": "application/json", "html": "text/html",
+            "png": "image/png", "jpg": "image/jpeg", "parquet": "application/vnd.apache.parquet",
+            "jsonl": "application/jsonl"}.get(rel.rsplit(".", 1)[-1], "application/octet-stream")
 
 
 # -- result --------------------------------------------------------------------------
@@ -130,6 +146,11 @@ class ExportResult:
     shard_bytes: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)  # stale files of an earlier export
+
+    def __str__(self) -> str:
+        return (f"{self.samples} samples in {len(self.shards)} shard(s) "
+                f"({self.shard_bytes / 1e6:.1f} MB), {len(self.files)} files under {self.root}"
+                + (f", {len(self.removed)} stale file(s) removed" if self.removed else ""))
 
 
 # -- reading the build ---------------------------------------------------------------
@@ -294,6 +315,26 @@ def _load(ctx: Context, build_id: str) -> tuple[list[ExportRecord], dict[str, An
 
 
 # -- the export ----------------------------------------------------------------------
+def _manifest_row(r: ExportRecord, shard: str, gen: dict[str, Any], man: dict[str, Any]) -> dict[str, Any]:
+    lin = r.meta["lineage"]
+    return {
+        "key": r.key, "sample_id": r.sample_id, "shard": shard,
+        "video_id": lin["video"]["id"], "video_name": lin["video"]["name"],
+        "clip_id": lin["clip"]["id"], "subject_id": lin["subject"]["id"], "pair_id": lin["pair"]["id"],
+        "category": r.category, "ref_frame": lin["frames"]["reference"], "tgt_frame": lin["frames"]["target"],
+        "ref_box": [float(x) for x in r.meta["boxes"]["reference"]],
+        "tgt_box": [float(x) for x in r.meta["boxes"]["target"]],
+        "attempt": lin["attempt"], "seed": lin["seed"],
+        "caption_short": r.caption_short, "caption_long": r.caption_long,
+        "caption_source": r.meta["captions"]["source"], "verifier": r.meta["verdict"]["source"],
+        "identity": r.scores.get("identity"), "residual": r.scores.get("residual"),
+        "artifact": r.scores.get("artifact"), "overall": r.scores.get("overall"),
+        "scores_json": dumps(r.scores).decode(),
+        "generation_input_image": gen["input_images"][0],
+        "manipulation_input_images": man["input_images"], "output_image": gen["output_image"],
+    }
+
+
 def _export(ctx: Context, build_id: str, sink: Sink) -> ExportResult:
     cfg = ctx.settings.export
     records, stats, video_names = _load(ctx, build_id)
@@ -319,44 +360,33 @@ def _export(ctx: Context, build_id: str, sink: Sink) -> ExportResult:
         sink.put(rel, data)
         written.append(rel)
 
-    shards = ShardWriter(put, cfg.shard_max_bytes, cfg.shard_max_samples)
+    def put_shard(rel: str, path: Path) -> None:
+        sink.put_file(rel, path)
+        written.append(rel)
+
+    shards = ShardWriter(put_shard, cfg.shard_max_bytes, cfg.shard_max_samples, tmp_dir=sink.tmp_dir)
     manifest: list[dict[str, Any]] = []
     gen_lines, man_lines = [], []
-    for r in records:
-        images = {n: ctx.store.get_bytes(r.image_keys[n]) for n in SHARD_IMAGES if r.image_keys.get(n)}
-        shard = shards.add(sample_members(r, images))
-        gen, man = omnigen2_records(r)
-        if cfg.omnigen2:
-            for rel, (name, _) in omnigen2_files(r).items():
-                put(rel, images[name])
-            gen_lines.append(gen)
-            man_lines.append(man)
-        lin = r.meta["lineage"]
-        manifest.append({
-            "key": r.key, "sample_id": r.sample_id, "shard": shard,
-            "video_id": lin["video"]["id"], "video_name": lin["video"]["name"],
-            "clip_id": lin["clip"]["id"], "subject_id": lin["subject"]["id"], "pair_id": lin["pair"]["id"],
-            "category": r.category, "ref_frame": lin["frames"]["reference"],
-            "tgt_frame": lin["frames"]["target"],
-            "ref_box": [float(x) for x in r.meta["boxes"]["reference"]],
-            "tgt_box": [float(x) for x in r.meta["boxes"]["target"]],
-            "attempt": lin["attempt"], "seed": lin["seed"],
-            "caption_short": r.caption_short, "caption_long": r.caption_long,
-            "caption_source": r.meta["captions"]["source"], "verifier": r.meta["verdict"]["source"],
-            "identity": r.scores.get("identity"), "residual": r.scores.get("residual"),
-            "artifact": r.scores.get("artifact"), "overall": r.scores.get("overall"),
-            "scores_json": dumps(r.scores).decode(),
-            "generation_input_image": gen["input_images"][0],
-            "manipulation_input_images": man["input_images"], "output_image": gen["output_image"],
-        })
-        if r.key in shown:
-            cards[r.key] = ReportSample(
-                key=r.key, caption_short=r.caption_short, caption_long=r.caption_long,
-                caption_source=r.meta["captions"]["source"] or "", scores=r.scores,
-                attempt=lin["attempt"], video=video_names[r.sample_id],
-                thumbs={n: thumbnail_uri(images[n], cfg.report_thumb_px)
-                        for n in ("reference", "generation_input", "manipulation_input", "target")})
-    shard_info = shards.finish()
+    try:
+        for r in records:
+            images = {n: ctx.store.get_bytes(r.image_keys[n]) for n in SHARD_IMAGES if r.image_keys.get(n)}
+            shard = shards.add(sample_members(r, images))
+            gen, man = omnigen2_records(r)
+            if cfg.omnigen2:
+                for rel, (name, _) in omnigen2_files(r).items():
+                    put(rel, images[name])
+                gen_lines.append(gen)
+                man_lines.append(man)
+            manifest.append(_manifest_row(r, shard, gen, man))
+            if r.key in shown:
+                cards[r.key] = ReportSample(
+                    key=r.key, caption_short=r.caption_short, caption_long=r.caption_long,
+                    caption_source=r.meta["captions"]["source"] or "", scores=r.scores,
+                    attempt=r.meta["lineage"]["attempt"], video=video_names[r.sample_id],
+                    thumbs={n: thumbnail_uri(images[n], cfg.report_thumb_px) for n in THUMB_NAMES})
+        shard_info = shards.finish()
+    finally:
+        shards.abort()   # no-op after finish; drops a half-written shard after an error
 
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), buf, compression="zstd")

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 # Images per sample, in the order they are written to a shard: (name in the sample
@@ -95,14 +98,17 @@ class ShardWriter:
 
     A sample never straddles shards; a new shard starts when the next sample would push
     the current one over ``max_bytes`` or ``max_samples`` (a single sample larger than
-    ``max_bytes`` gets a shard of its own). ``sink(name, fileobj)`` receives each
-    finished shard.
+    ``max_bytes`` gets a shard of its own). Shards are built in a temporary file (in
+    ``tmp_dir``), never in memory; ``sink(name, path)`` receives each finished shard and
+    may move the file away; whatever is left is deleted.
     """
 
-    def __init__(self, sink, max_bytes: int, max_samples: int) -> None:  # noqa: ANN001 - callable(name, bytes)
+    def __init__(self, sink, max_bytes: int, max_samples: int,  # noqa: ANN001 - callable(name, Path)
+                 tmp_dir: str | Path | None = None) -> None:
         self.sink, self.max_bytes, self.max_samples = sink, max_bytes, max_samples
+        self.tmp_dir = tmp_dir
         self.shards: list[dict[str, Any]] = []
-        self._buf: io.BytesIO | None = None
+        self._path: Path | None = None
         self._tar: tarfile.TarFile | None = None
         self._content = 0
         self._count = 0
@@ -114,8 +120,10 @@ class ShardWriter:
                                       or tar_size(self._content + size) > self.max_bytes):
             self._close()
         if self._tar is None:
-            self._buf = io.BytesIO()
-            self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.PAX_FORMAT)
+            fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tar.part", dir=self.tmp_dir)
+            os.close(fd)
+            self._path = Path(tmp)
+            self._tar = tarfile.open(self._path, mode="w", format=tarfile.PAX_FORMAT)
             self._content = self._count = 0
         for name, data in members:
             self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
@@ -124,18 +132,29 @@ class ShardWriter:
         return shard_name(len(self.shards))
 
     def _close(self) -> None:
-        assert self._tar is not None and self._buf is not None
+        assert self._tar is not None and self._path is not None
         self._tar.close()
-        data = self._buf.getvalue()
-        name = shard_name(len(self.shards))
-        self.sink(name, data)
-        self.shards.append({"name": name, "samples": self._count, "bytes": len(data)})
-        self._tar = self._buf = None
+        name, path = shard_name(len(self.shards)), self._path
+        self._tar = self._path = None
+        try:
+            size = path.stat().st_size
+            self.sink(name, path)
+        finally:
+            path.unlink(missing_ok=True)
+        self.shards.append({"name": name, "samples": self._count, "bytes": size})
 
     def finish(self) -> list[dict[str, Any]]:
         if self._tar is not None:
             self._close()
         return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard in progress (after an error)."""
+        if self._tar is not None:
+            self._tar.close()
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+        self._tar = self._path = None
 
 
 # -- OmniGen2 layout -----------------------------------------------------------------

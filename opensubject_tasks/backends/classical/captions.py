@@ -8,8 +8,6 @@ it cannot see.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import cv2
 import numpy as np
 
@@ -22,37 +20,54 @@ _HUES = [(15, "red"), (40, "orange"), (70, "yellow"), (165, "green"), (195, "tea
          (255, "blue"), (290, "purple"), (345, "pink"), (360, "red")]
 
 
-def colour_names(pixels: np.ndarray) -> np.ndarray:
-    """Name the colour of each RGB pixel (N, 3) uint8 from its hue, saturation and value."""
-    if len(pixels) == 0:
-        return np.array([], dtype=object)
+_NAMES = [name for _, name in _HUES] + ["brown", "white", "grey", "black"]
+_BROWN, _WHITE, _GREY, _BLACK = range(len(_HUES), len(_HUES) + 4)
+_MAX_PIXELS = 20_000  # colour statistics from an even subsample: plenty, and fast
+
+
+def _subsample(pixels: np.ndarray) -> np.ndarray:
+    px = pixels.reshape(-1, 3)
+    step = max(1, len(px) // _MAX_PIXELS)
+    return px[::step]
+
+
+def colour_codes(pixels: np.ndarray) -> np.ndarray:
+    """Index into ``_NAMES`` of each RGB pixel (N, 3) uint8, from hue, saturation, value."""
     hsv = cv2.cvtColor(pixels.reshape(-1, 1, 3).astype(np.uint8), cv2.COLOR_RGB2HSV).reshape(-1, 3)
     h = hsv[:, 0].astype(np.float32) * 2.0
-    s = hsv[:, 1].astype(np.float32)
-    v = hsv[:, 2].astype(np.float32)
-    names = np.empty(len(hsv), dtype=object)
+    s = hsv[:, 1].astype(np.int32)
+    v = hsv[:, 2].astype(np.int32)
     edges = np.array([e for e, _ in _HUES], dtype=np.float32)
-    hue_idx = np.searchsorted(edges, h, side="right").clip(0, len(_HUES) - 1)
-    names[:] = [_HUES[i][1] for i in hue_idx]
-    # Dark orange/red/yellow reads as brown.
-    brown = np.isin(names, ["orange", "red", "yellow"]) & (v < 150) & (s > 60)
-    names[brown] = "brown"
+    codes = np.searchsorted(edges, h, side="right").clip(0, len(_HUES) - 1)
+    warm = np.isin(codes, [0, 1, 2, len(_HUES) - 1])          # red, orange, yellow
+    codes[warm & (v < 150) & (s > 60)] = _BROWN               # dark warm colours read as brown
     grey = s < 45
-    names[grey & (v >= 200)] = "white"
-    names[grey & (v < 200)] = "grey"
-    names[v < 50] = "black"
-    return names
+    codes[grey & (v >= 200)] = _WHITE
+    codes[grey & (v < 200)] = _GREY
+    codes[v < 50] = _BLACK
+    return codes
+
+
+def colour_names(pixels: np.ndarray) -> list[str]:
+    """Name the colour of each RGB pixel (N, 3) uint8."""
+    if len(pixels) == 0:
+        return []
+    return [_NAMES[c] for c in colour_codes(pixels)]
 
 
 def dominant_colours(pixels: np.ndarray, max_names: int = 2, min_share: float = 0.15) -> list[str]:
     """The one or two colour names that cover most of the given pixels."""
-    names = colour_names(pixels)
-    if len(names) == 0:
+    px = _subsample(pixels)
+    if len(px) == 0:
         return []
-    counts = Counter(names.tolist()).most_common()
-    total = float(len(names))
-    picked = [n for n, c in counts if c / total >= min_share][:max_names]
-    return picked or [counts[0][0]]
+    counts = np.bincount(colour_codes(px), minlength=len(_NAMES)).astype(np.float64)
+    # Red sits at both ends of the hue circle: one name, one count.
+    counts[0] += counts[len(_HUES) - 1]
+    counts[len(_HUES) - 1] = 0
+    order = sorted(range(len(_NAMES)), key=lambda i: (-counts[i], i))
+    total = counts.sum()
+    picked = [_NAMES[i] for i in order if counts[i] / total >= min_share][:max_names]
+    return picked or [_NAMES[order[0]]]
 
 
 def position_phrase(box: tuple[float, float, float, float], width: int, height: int) -> str:
@@ -82,9 +97,10 @@ def scale_phrase(area_share: float) -> str:
 
 def scene_phrase(pixels: np.ndarray) -> str:
     """Brightness, colour temperature and main colour of the scene around the subject."""
+    pixels = _subsample(pixels)
     if len(pixels) == 0:
         return "an unknown scene"
-    px = pixels.reshape(-1, 3).astype(np.float32)
+    px = pixels.astype(np.float32)
     hsv = cv2.cvtColor(pixels.reshape(-1, 1, 3).astype(np.uint8), cv2.COLOR_RGB2HSV).reshape(-1, 3)
     v, s = float(hsv[:, 2].mean()), float(hsv[:, 1].mean())
     light = "dark" if v < 70 else "dim" if v < 120 else "well-lit" if v < 190 else "bright"

@@ -34,7 +34,7 @@ GENERIC = "object"
 
 @dataclass
 class _Frame:
-    rgb: np.ndarray        # working-size RGB, float32, lightly blurred
+    rgb: np.ndarray        # working-size RGB, uint8, lightly blurred
     grey: np.ndarray       # working-size uint8
     sx: float              # full-size pixels per working pixel
     sy: float
@@ -60,7 +60,7 @@ class MotionSaliencyDetector:
         self.link_min = link_min              # smallest affinity that links two boxes
         self.max_gap = max_gap                # keyframes a track may skip
         self.max_proposals = max_proposals    # per keyframe
-        self._orb = cv2.ORB_create(nfeatures=4000, fastThreshold=5)
+        self._features = cv2.SIFT_create(nfeatures=3000, contrastThreshold=0.02)
         self._saliency = cv2.saliency.StaticSaliencySpectralResidual_create()
 
     # -- public -------------------------------------------------------------------------
@@ -70,10 +70,15 @@ class MotionSaliencyDetector:
         fs = [self._prepare(f) for f in frames]
         n = len(fs)
         homog = self._register_all(fs)
-        per_frame: list[list[tuple[list[float], float]]] = []
-        for i in range(n):
-            motion, thr = self._motion(fs, homog, i)
-            per_frame.append(self._regions(fs[i], motion, thr))
+        plain = [self._differences(fs, homog, i) for i in range(n)]
+        first = [self._regions(fs[i], *self._motion(plain[i], shape=fs[i].grey.shape)) for i in range(n)]
+        # Second pass: compare a keyframe with another one only where that one shows the
+        # scene, not a subject found by the first pass. A slow subject then no longer
+        # hides itself (it overlaps its own other views) nor leaves negative ghosts.
+        seen = [self._subject_mask(fs[j], regions) for j, regions in enumerate(first)]
+        second = [self._regions(fs[i], *self._motion(self._differences(fs, homog, i, seen), plain[i],
+                                                     fs[i].grey.shape)) for i in range(n)]
+        per_frame = [[(box, score) for box, score, _ in regions] for regions in second]
         tracks = self._link(fs, homog, per_frame)
         out: list[list[Detection]] = []
         for i, regions in enumerate(per_frame):
@@ -93,12 +98,12 @@ class MotionSaliencyDetector:
         sw, sh = max(8, round(w * scale)), max(8, round(h * scale))
         small = cv2.resize(np.ascontiguousarray(frame), (sw, sh), interpolation=cv2.INTER_AREA)
         grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-        kps, des = self._orb.compute(grey, _spread(self._orb.detect(grey, None), sw, sh))
+        kps, des = self._features.compute(grey, _spread(self._features.detect(grey, None), sw, sh))
         ok, sal = self._saliency.computeSaliency(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
         sal = sal.astype(np.float32) if ok else np.zeros((sh, sw), np.float32)
         sal = cv2.GaussianBlur(sal, (0, 0), 2)
         sal /= float(sal.max()) + 1e-6
-        rgb = cv2.GaussianBlur(small.astype(np.float32), (0, 0), 1.0)
+        rgb = cv2.GaussianBlur(small, (0, 0), 1.0)
         return _Frame(rgb, grey, w / sw, h / sh, kps, des, sal)
 
     def _register_all(self, fs: list[_Frame]) -> dict[tuple[int, int], np.ndarray]:
@@ -136,7 +141,7 @@ class MotionSaliencyDetector:
         sh, sw = a.grey.shape
         best, best_spread = None, 0.0
         if a.des is not None and b.des is not None and len(a.des) >= 8 and len(b.des) >= 8:
-            pairs = [p for p in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(b.des, a.des, k=2) if len(p) == 2]
+            pairs = [p for p in cv2.BFMatcher(cv2.NORM_L2).knnMatch(b.des, a.des, k=2) if len(p) == 2]
             for ratio in (0.8, 0.95):
                 good = [m for m, n2 in pairs if m.distance < ratio * n2.distance]
                 src = np.float32([b.kps[m.queryIdx].pt for m in good]).reshape(-1, 2)
@@ -167,8 +172,19 @@ class MotionSaliencyDetector:
         hmat = np.linalg.inv(np.vstack([warp, [0, 0, 1]]).astype(np.float64))
         return hmat if _sane(hmat) else None
 
-    def _motion(self, fs: list[_Frame], homog: dict[tuple[int, int], np.ndarray], i: int
-                ) -> tuple[np.ndarray, float]:
+    @staticmethod
+    def _subject_mask(f: _Frame, regions: list[tuple[list[float], float, np.ndarray]]) -> np.ndarray:
+        mask = np.zeros(f.grey.shape, np.uint8)
+        for _, _, region in regions:
+            mask |= region.astype(np.uint8)
+        k = max(3, int(0.02 * max(mask.shape)) | 1)
+        return cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+
+    def _differences(self, fs: list[_Frame], homog: dict[tuple[int, int], np.ndarray], i: int,
+                     exclude: list[np.ndarray] | None = None) -> np.ndarray | None:
+        """Per other keyframe, how much keyframe i differs from it once the camera motion
+        is undone: (others, h, w), +inf where the other keyframe does not see the pixel
+        (or, with ``exclude``, shows a subject there)."""
         f = fs[i]
         sh, sw = f.grey.shape
         kernel = np.ones((3, 3), np.uint8)
@@ -182,21 +198,34 @@ class MotionSaliencyDetector:
             valid = cv2.warpPerspective(np.ones((sh, sw), np.uint8), h_ij, (sw, sh),
                                         flags=cv2.INTER_NEAREST)
             valid = cv2.erode(valid, np.ones((5, 5), np.uint8)) > 0
+            if exclude is not None:
+                valid &= cv2.warpPerspective(exclude[j], h_ij, (sw, sh), flags=cv2.INTER_NEAREST) == 0
             lo_j, hi_j = cv2.erode(warped, kernel), cv2.dilate(warped, kernel)
             # differences that a one-pixel misregistration would explain do not count
-            d1 = np.maximum(np.maximum(f.rgb - hi_j, lo_j - f.rgb), 0).max(axis=2)
-            d2 = np.maximum(np.maximum(warped - hi_i, lo_i - warped), 0).max(axis=2)
-            d = np.minimum(d1, d2)
+            # (saturating uint8 subtraction: negative differences become 0)
+            d1 = cv2.max(cv2.subtract(f.rgb, hi_j), cv2.subtract(lo_j, f.rgb))
+            d2 = cv2.max(cv2.subtract(warped, hi_i), cv2.subtract(lo_i, warped))
+            d = np.minimum(_channel_max(d1), _channel_max(d2)).astype(np.float32)
             d[~valid] = np.inf
             diffs.append(d)
-        if not diffs:
-            return np.zeros((sh, sw), np.float32), float("inf")
-        stack = np.sort(np.stack(diffs), axis=0)
-        n_valid = np.isfinite(stack).sum(axis=0)
-        k = np.floor(self.quantile * np.maximum(n_valid - 1, 0)).astype(int)
-        motion = np.take_along_axis(stack, k[None], axis=0)[0]
-        motion[n_valid == 0] = 0
-        motion = motion.astype(np.float32)
+        return np.sort(np.stack(diffs), axis=0) if diffs else None
+
+    def _motion(self, stack: np.ndarray | None, fallback: np.ndarray | None = None,
+                shape: tuple[int, int] = (1, 1)) -> tuple[np.ndarray, float]:
+        """Motion map (a low quantile of the sorted differences) and its threshold.
+        Pixels ``stack`` has no comparison for take their value from ``fallback`` where
+        that one compared the pixel with at least three keyframes (with fewer, a
+        subject's former places would show up as motion)."""
+        if stack is None:
+            stack, fallback = fallback, None
+        if stack is None:
+            return np.zeros(shape, np.float32), float("inf")
+        motion, n_valid = self._quantile(stack)
+        if fallback is not None:
+            motion2, n_valid2 = self._quantile(fallback)
+            use = (n_valid == 0) & (n_valid2 >= 3)
+            motion = np.where(use, motion2, motion)
+            n_valid = np.where(use, n_valid2, n_valid)
         seen = motion[n_valid > 0]
         if seen.size == 0:
             return motion, float("inf")
@@ -204,7 +233,15 @@ class MotionSaliencyDetector:
         mad = float(np.median(np.abs(seen - med))) * 1.4826
         return motion, max(self.threshold, med + self.noise_k * mad)
 
-    def _regions(self, f: _Frame, motion: np.ndarray, thr: float) -> list[tuple[list[float], float]]:
+    def _quantile(self, stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n_valid = np.isfinite(stack).sum(axis=0)
+        k = np.floor(self.quantile * np.maximum(n_valid - 1, 0)).astype(int)
+        motion = np.take_along_axis(stack, k[None], axis=0)[0]
+        motion[n_valid == 0] = 0
+        return motion.astype(np.float32), n_valid
+
+    def _regions(self, f: _Frame, motion: np.ndarray, thr: float
+                 ) -> list[tuple[list[float], float, np.ndarray]]:
         if not np.isfinite(thr):
             return []
         sh, sw = motion.shape
@@ -231,7 +268,7 @@ class MotionSaliencyDetector:
             contrast = sal_in / (sal_in + sal_out + 1e-6)
             score = (1 - self.saliency_weight) * (0.5 + 0.5 * strength) + self.saliency_weight * contrast
             if score >= self.min_score:
-                out.append(([float(x), float(y), float(x + w), float(y + h)], score))
+                out.append(([float(x), float(y), float(x + w), float(y + h)], score, region))
         out.sort(key=lambda r: -r[1])
         return out[: self.max_proposals]
 
@@ -269,6 +306,10 @@ class MotionSaliencyDetector:
         return ids
 
 
+def _channel_max(a: np.ndarray) -> np.ndarray:
+    return np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
+
+
 def _layers(src: np.ndarray, dst: np.ndarray, max_layers: int = 3, min_inliers: int = 12
             ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Homographies fitted one after another, each on the matches the others left:
@@ -278,7 +319,7 @@ def _layers(src: np.ndarray, dst: np.ndarray, max_layers: int = 3, min_inliers: 
     for _ in range(max_layers):
         if len(idx) < min_inliers:
             break
-        hmat, inl = cv2.findHomography(src[idx], dst[idx], cv2.RANSAC, 2.5)
+        hmat, inl = cv2.findHomography(src[idx], dst[idx], cv2.USAC_MAGSAC, 2.5)
         if hmat is None or inl is None or int(inl.sum()) < min_inliers:
             break
         inl = inl.ravel().astype(bool)

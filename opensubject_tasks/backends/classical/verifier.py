@@ -309,7 +309,8 @@ class ClassicalVerifier:
         if kp_identity is not None:
             parts.append(min(1.0, kp_identity / (2 * t.min_keypoint_ratio)))
         scores["overall"] = float(min(parts))
-        scores = {k: round(float(x), 4) for k, x in scores.items()}
+        # JSON (and PostgreSQL's JSONB) has no NaN: a score that could not be computed is -1.
+        scores = {k: round(float(x), 4) if np.isfinite(x) else -1.0 for k, x in scores.items()}
         return Verdict(passed=not reasons, scores=scores, reasons=reasons, source=f"classical:{emb_name}")
 
 

@@ -98,7 +98,8 @@ def resolve_model(model: str | os.PathLike[str], default_id: str, interface: str
         ) from None
 
 
-def load_pretrained(loader: Callable[..., T], path: Path, interface: str, **kwargs: Any) -> T:
+def load_pretrained(loader: Callable[..., T], path: Path, interface: str, repo_id: str = "<repo id>",
+                    **kwargs: Any) -> T:
     """``loader(path, local_files_only=True, ...)`` with a missing or partial download
     turned into ModelNotAvailable."""
     try:
@@ -107,7 +108,7 @@ def load_pretrained(loader: Callable[..., T], path: Path, interface: str, **kwar
         raise ModelNotAvailable(
             f"{interface} model at {path} could not be loaded ({exc}). The directory is "
             f"incomplete or not a model of the expected kind; download it again with "
-            f"{download_hint('<repo id>', str(path))}."
+            f"{download_hint(repo_id, str(path))}."
         ) from exc
 
 
@@ -205,4 +206,5 @@ class HFBackend:
         return self.batcher.batch_size
 
     def load(self, loader: Callable[..., T], **kwargs: Any) -> T:
-        return load_pretrained(loader, self.path, self.interface, **kwargs)
+        repo_id = self.default_model if _looks_like_path(self.model_id) else self.model_id
+        return load_pretrained(loader, self.path, self.interface, repo_id, **kwargs)

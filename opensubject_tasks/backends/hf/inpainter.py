@@ -34,7 +34,8 @@ class HFInpainter(HFBackend):
     def __init__(self, model: str = DEFAULT_INPAINTER, device: str = "cpu", dtype: str = "auto",
                  batch_size: int = 4, steps: int = 30, guidance_scale: float = 7.5,
                  strength: float = 0.99, resolution: int = 1024, negative_prompt: str = "",
-                 pipeline_class: str | None = None, name: str | None = None) -> None:
+                 pipeline_class: str | None = None, variant: str | None = None,
+                 name: str | None = None) -> None:
         super().__init__(model, device, dtype, batch_size, name)
         self.steps, self.guidance_scale, self.strength = steps, guidance_scale, strength
         self.resolution, self.negative_prompt = resolution, negative_prompt
@@ -43,7 +44,9 @@ class HFInpainter(HFBackend):
             cls = getattr(diffusers, pipeline_class, None)
             if cls is None:
                 raise ConfigError(f"backends.options.inpainter.pipeline_class: diffusers has no {pipeline_class!r}")
-        self.pipe = self.load(cls.from_pretrained, dtype=self.dtype)
+        # variant="fp16" loads the *.fp16.safetensors files (half the download).
+        extra = {"variant": variant} if variant else {}
+        self.pipe = self.load(cls.from_pretrained, dtype=self.dtype, **extra)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._accepts = set(inspect.signature(self.pipe.__call__).parameters)

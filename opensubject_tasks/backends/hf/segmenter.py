@@ -56,10 +56,12 @@ class HFSegmenter(HFBackend):
         images = [to_pil(im) for im, _ in chunk]
         inputs = self.processor(images=images, input_boxes=[[b] for _, b in chunk], return_tensors="pt")
         original, reshaped = inputs["original_sizes"], inputs["reshaped_input_sizes"]
-        inputs = move(dict(inputs), self.device, self.dtype)
+        # Box corners stay float32: SAM normalises them before its own cast, and bf16
+        # would round pixel coordinates near 1024 to steps of 4-8 px.
+        boxes = inputs["input_boxes"].to(self.device, torch.float32)
+        pixels = move({"p": inputs["pixel_values"]}, self.device, self.dtype)["p"]
         with torch.inference_mode():
-            outputs = self.model(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"],
-                                 multimask_output=self.multimask)
+            outputs = self.model(pixel_values=pixels, input_boxes=boxes, multimask_output=self.multimask)
         # pred_masks: (batch, boxes=1, candidates, h, w); keep the candidate SAM rates best.
         best = outputs.iou_scores.float()[:, 0].argmax(-1).tolist()
         masks = self.processor.post_process_masks(outputs.pred_masks.float().cpu(), original, reshaped)

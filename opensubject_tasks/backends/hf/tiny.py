@@ -22,8 +22,9 @@ import torch
 from opensubject_tasks.backends.registry import register
 
 # Bump when a tiny model's config changes, so stale caches are rebuilt.
-TINY_VERSION = "1"
-PARTS = ("vlm", "detector", "segmenter", "inpainter", "clip", "aesthetic_head.safetensors")
+TINY_VERSION = "2"
+PARTS = ("vlm", "detector", "grounding_dino", "segmenter", "inpainter", "clip",
+         "aesthetic_head.safetensors")
 SEED = 1234
 
 
@@ -134,6 +135,36 @@ def build_detector(out: Path) -> None:
     Owlv2Processor(image_processor=image_processor, tokenizer=tok).save_pretrained(out)
 
 
+def build_grounding_dino(out: Path) -> None:
+    """The other detector family (not used by the tiny profile; tests run it directly)."""
+    import string
+
+    from transformers import (
+        BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor, SwinConfig,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    # A character-level WordPiece vocabulary (letters, digits, punctuation).
+    pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *pieces,
+             *("##" + c for c in string.ascii_lowercase + string.digits)]
+    (out / "vocab.txt").write_text("\n".join(vocab))
+    tok = BertTokenizer(str(out / "vocab.txt"), model_max_length=64)
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 1], window_size=4,
+                                   image_size=64, out_features=["stage1", "stage2"]),
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64},
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
+        num_feature_levels=2, encoder_n_points=2, decoder_n_points=2, max_text_len=64,
+    )
+    GroundingDinoForObjectDetection(config).eval().save_pretrained(out)
+    image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96})
+    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(out)
+
+
 def build_segmenter(out: Path) -> None:
     from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
 
@@ -204,7 +235,8 @@ def build_inpainter(out: Path) -> None:
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "vlm": build_vlm, "detector": build_detector, "segmenter": build_segmenter,
+    "vlm": build_vlm, "detector": build_detector, "grounding_dino": build_grounding_dino,
+    "segmenter": build_segmenter,
     "inpainter": build_inpainter, "clip": build_clip,
     "aesthetic_head.safetensors": build_aesthetic_head,
 }

@@ -1,0 +1,81 @@
+"""A contact sheet of synthesized samples: one row per sample with its reference,
+mask, generation input, manipulation input and target, labelled, as one PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from sqlalchemy import select
+
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.models import Pair, Sample, Subject
+
+COLUMNS = (("reference", "reference"), ("mask", "mask"), ("generation_input", "generation input"),
+           ("manipulation_input", "manipulation input"), ("target", "target"))
+CELL = 200       # cell side in pixels
+LABEL_H = 18     # height of a label strip
+BACKGROUND = (245, 245, 245)
+
+
+def _fit(image: np.ndarray, side: int = CELL) -> np.ndarray:
+    """The image scaled to fit a side x side cell, centred on the sheet's background."""
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                       interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    cell = np.full((side, side, 3), BACKGROUND, np.uint8)
+    y, x = (side - small.shape[0]) // 2, (side - small.shape[1]) // 2
+    cell[y:y + small.shape[0], x:x + small.shape[1]] = small
+    return cell
+
+
+def _label(width: int, text: str, bold: bool = False) -> np.ndarray:
+    strip = np.full((LABEL_H, width, 3), BACKGROUND, np.uint8)
+    cv2.putText(strip, text, (4, LABEL_H - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (20, 20, 20),
+                2 if bold else 1, cv2.LINE_AA)
+    return strip
+
+
+def _load(ctx: Context, key: str | None) -> np.ndarray:
+    if key:
+        try:
+            img = cv2.imdecode(np.frombuffer(ctx.store.get_bytes(key), np.uint8), cv2.IMREAD_COLOR)
+            if img is not None:
+                return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        except FileNotFoundError:
+            pass
+    missing = np.full((CELL, CELL, 3), 200, np.uint8)
+    cv2.putText(missing, "missing", (60, CELL // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (90, 90, 90), 1)
+    return missing
+
+
+def write_contact_sheet(ctx: Context, out_png: Path, limit: int = 8) -> Path:
+    """Write a PNG grid of up to ``limit`` synthesized or verified samples (verified
+    first, then by id) and return its path. With no such sample the sheet says so."""
+    out_png = Path(out_png)
+    with session_scope(ctx.sessions) as s:
+        rows = s.execute(
+            select(Sample.id, Sample.state, Sample.attempt, Sample.keys, Subject.category)
+            .join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
+            .where(Sample.state.in_(("synthesized", "verified")))
+            .order_by((Sample.state != "verified"), Sample.id).limit(max(0, limit))).all()
+    width = CELL * len(COLUMNS)
+    parts = [np.concatenate([_label(CELL, title, bold=True) for _, title in COLUMNS], axis=1)]
+    for sample_id, state, attempt, keys, category in rows:
+        keys = keys or {}
+        cells = [_fit(_load(ctx, keys.get(name))) for name, _ in COLUMNS]
+        parts.append(_label(width, f"{sample_id}  |  {category}  |  {state}, attempt {attempt}"))
+        parts.append(np.concatenate(cells, axis=1))
+    if not rows:
+        parts.append(_label(width, "no synthesized sample yet"))
+    sheet = np.concatenate(parts, axis=0)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    out_png.write_bytes(buf.tobytes())
+    return out_png

@@ -1,0 +1,149 @@
+"""Stage 2 service: mine the kept clips of one video, write subjects, pairs and one
+pending sample per pair.
+
+Idempotent: ids are derived from the clip, the subject's index and the pair's frames
+(``<clip>-s<i>``, ``<subject>-p<ref>-<tgt>``, sample id = pair id), rows are upserted
+in one transaction, and rows of this video that a new run no longer produces are
+deleted. A sample that already exists keeps its state, attempt and seed, so mining
+again never undoes synthesis or verification.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import delete, select
+
+from opensubject_tasks.backends.base import Image
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
+from opensubject_tasks.errors import BadInput, Rejected
+from opensubject_tasks.services.common import StageResult, stage, utcnow
+from opensubject_tasks.stages.mine import MineResult, mine_clip
+from opensubject_tasks.stages.verify import sample_seed
+from opensubject_tasks.storage import ObjectStore
+
+MINABLE_CLIP_STATES = ("kept", "mined")
+
+
+def decode_rgb(data: bytes, what: str) -> Image:
+    import cv2
+
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise BadInput(f"{what} is not a readable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def load_keyframes(store: ObjectStore, clip_id: str, keyframes: list[dict]) -> tuple[list[Image], list[int]]:
+    frames, numbers = [], []
+    for kf in sorted(keyframes, key=lambda k: int(k["frame"])):
+        try:
+            data = store.get_bytes(kf["key"])
+        except FileNotFoundError as exc:
+            raise BadInput(f"clip {clip_id}: keyframe {kf['key']} is missing from the store") from exc
+        frames.append(decode_rgb(data, f"clip {clip_id} keyframe {kf['key']}"))
+        numbers.append(int(kf["frame"]))
+    return frames, numbers
+
+
+def subject_id(clip_id: str, idx: int) -> str:
+    return f"{clip_id}-s{idx}"
+
+
+def pair_id(subj_id: str, ref_frame: int, tgt_frame: int) -> str:
+    return f"{subj_id}-p{ref_frame}-{tgt_frame}"
+
+
+@stage("mine", "video", "gpu")
+def mine_video(ctx: Context, video_id: str) -> StageResult:
+    with session_scope(ctx.sessions) as s:
+        video = s.get(Video, video_id)
+        if video is None:
+            raise BadInput(f"video {video_id} does not exist")
+        build_id = video.build_id
+        clips = [(c.id, list(c.keyframes or [])) for c in s.scalars(
+            select(Clip).where(Clip.video_id == video_id, Clip.state.in_(MINABLE_CLIP_STATES))
+            .order_by(Clip.idx))]
+    if not clips:
+        raise Rejected("no subject: the video has no kept clip to mine")
+
+    settings = ctx.settings
+    vlm, detector, embedder = ctx.backend("vlm"), ctx.backend("detector"), ctx.backend("embedder")
+    backends = {"vlm": vlm.name, "detector": detector.name, "embedder": embedder.name}
+    results: list[tuple[str, MineResult]] = []
+    for clip_id, keyframes in clips:
+        frames, numbers = load_keyframes(ctx.store, clip_id, keyframes)
+        if len({f.shape for f in frames}) > 1:
+            raise BadInput(f"clip {clip_id}: keyframes differ in size")
+        results.append((clip_id, mine_clip(frames, numbers, vlm=vlm, detector=detector,
+                                           embedder=embedder, settings=settings.mine)))
+
+    sample_ids = _write(ctx, video_id, build_id, results, backends)
+    details = {"backends": backends, "clips": {
+        cid: {"subjects": len(r.subjects), "kept": sum(x.state == "kept" for x in r.subjects),
+              "pairs": len(r.pairs), "reason": r.reason, **r.details} for cid, r in results}}
+    if not sample_ids:
+        reasons = "; ".join(f"{cid}: {r.reason}" for cid, r in results)
+        raise Rejected(f"no subject pair found ({reasons})"[:2000])
+
+    with session_scope(ctx.sessions) as s:
+        states = dict(s.execute(select(Sample.id, Sample.state).where(Sample.id.in_(sample_ids))).all())
+    follow = {"pending": "synthesize", "synthesized": "verify"}
+    nxt = [(follow[states[sid]], sid) for sid in sample_ids if states.get(sid) in follow]
+    details["samples"] = len(sample_ids)
+    return StageResult(next=nxt, details=details)
+
+
+def _write(ctx: Context, video_id: str, build_id: str | None, results: list[tuple[str, MineResult]],
+           backends: dict[str, str]) -> list[str]:
+    """Upsert this video's subjects, pairs and samples in one transaction; returns the
+    sample ids in a stable order."""
+    base_seed = ctx.settings.synth.base_seed
+    subjects, pairs, samples = [], [], []
+    for clip_id, r in results:
+        for subj in r.subjects:
+            sid = subject_id(clip_id, subj.idx)
+            subjects.append(Subject(
+                id=sid, clip_id=clip_id, idx=subj.idx, category=subj.category,
+                category_source=subj.category_source, consensus=subj.consensus,
+                boxes={str(f): b for f, b in sorted(subj.boxes.items())},
+                backends={**backends, "category": subj.category_source},
+                state=subj.state, reason=subj.reason))
+        for p in r.pairs:
+            sid = subject_id(clip_id, p.subject_idx)
+            pid = pair_id(sid, p.ref_frame, p.tgt_frame)
+            pairs.append(Pair(id=pid, subject_id=sid, ref_frame=p.ref_frame, tgt_frame=p.tgt_frame,
+                              ref_box=p.ref_box, tgt_box=p.tgt_box, scores=p.scores))
+            samples.append(pid)
+    clip_ids = [cid for cid, _ in results]
+    with session_scope(ctx.sessions) as s:
+        # rows of this video a new run no longer produces (their samples go with them)
+        s.execute(delete(Subject).where(Subject.clip_id.in_(clip_ids),
+                                        Subject.id.not_in([x.id for x in subjects])))
+        s.execute(delete(Pair).where(Pair.subject_id.in_([x.id for x in subjects]),
+                                     Pair.id.not_in([x.id for x in pairs])))
+        for row in subjects:
+            s.merge(row)
+        s.flush()
+        for row in pairs:
+            s.merge(row)
+        s.flush()
+        existing = {sid: row for sid, row in
+                    ((x.id, x) for x in s.scalars(select(Sample).where(Sample.id.in_(samples))))}
+        now = utcnow()
+        for sid in samples:
+            row = existing.get(sid)
+            if row is None:
+                s.add(Sample(id=sid, pair_id=sid, build_id=build_id, state="pending", attempt=1,
+                             seed=sample_seed(sid, 1, base_seed), keys={}, backends={}, history=[],
+                             queued_at=now))
+            elif row.build_id != build_id:
+                row.build_id = build_id
+        for clip_id, r in results:
+            clip = s.get(Clip, clip_id)
+            if clip is not None:
+                clip.state, clip.reason = "mined", r.reason
+        video = s.get(Video, video_id)
+        if video is not None:
+            video.stage_done = "mine"
+    return samples

@@ -1,0 +1,95 @@
+"""Stage 3 service: synthesize one sample's images for its current attempt.
+
+Objects first, then the row pointing at them. Keys hold the attempt
+(``videos/<video>/samples/<sample>/a<attempt>/<name>.png``) and the images depend only
+on (seed, attempt), so a re-run rewrites the same bytes under the same keys and leaves
+one row: nothing is duplicated.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from sqlalchemy import select
+
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.models import Clip, Pair, Sample, Subject
+from opensubject_tasks.errors import BadInput
+from opensubject_tasks.services.common import StageResult, stage
+from opensubject_tasks.services.mine import decode_rgb
+from opensubject_tasks.stages.synthesize import IMAGE_NAMES, MASK_NAMES, synthesize_pair
+from opensubject_tasks.storage import Keys
+
+TERMINAL = ("verified", "rejected", "failed")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an RGB image or a bool mask (0/255). Same pixels, same bytes."""
+    if image.dtype == bool:
+        arr = image.astype(np.uint8) * 255
+    else:
+        arr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _keyframe_key(keyframes: list[dict], frame: int, clip_id: str) -> str:
+    for kf in keyframes:
+        if int(kf["frame"]) == int(frame):
+            return kf["key"]
+    raise BadInput(f"clip {clip_id} has no keyframe {frame}")
+
+
+@stage("synthesize", "sample", "gpu")
+def synthesize_sample(ctx: Context, sample_id: str) -> StageResult:
+    with session_scope(ctx.sessions) as s:
+        row = s.get(Sample, sample_id)
+        if row is None:
+            raise BadInput(f"sample {sample_id} does not exist")
+        found = s.execute(
+            select(Pair, Subject, Clip).join(Subject, Pair.subject_id == Subject.id)
+            .join(Clip, Subject.clip_id == Clip.id).where(Pair.id == row.pair_id)).first()
+        if found is None:
+            raise BadInput(f"sample {sample_id}: its pair {row.pair_id} does not exist")
+        pair, subject, clip = found
+        state, attempt, seed, keys = row.state, row.attempt, row.seed, dict(row.keys or {})
+        video_id, clip_id, keyframes = clip.video_id, clip.id, list(clip.keyframes or [])
+        ref_frame, tgt_frame = pair.ref_frame, pair.tgt_frame
+        ref_box, tgt_box, category = list(pair.ref_box), list(pair.tgt_box), subject.category
+    if state in TERMINAL:
+        return StageResult(details={"skipped": f"already {state}"})
+    wanted = {n: Keys.sample_file(video_id, sample_id, attempt, f"{n}.png") for n in IMAGE_NAMES}
+    if state == "synthesized" and keys == wanted:
+        return StageResult(next=[("verify", sample_id)], details={"skipped": f"attempt {attempt} done"})
+
+    ref = decode_rgb(_get(ctx, _keyframe_key(keyframes, ref_frame, clip_id)), f"keyframe {ref_frame}")
+    tgt = decode_rgb(_get(ctx, _keyframe_key(keyframes, tgt_frame, clip_id)), f"keyframe {tgt_frame}")
+    result = synthesize_pair(ref, ref_box, tgt, tgt_box, seed=seed, attempt=attempt,
+                             segmenter=ctx.backend("segmenter"), inpainter=ctx.backend("inpainter"),
+                             settings=ctx.settings.synth, category=category)
+    for name in IMAGE_NAMES:
+        image = result.images[name]
+        if name in MASK_NAMES:
+            image = image.astype(bool)
+        ctx.store.put_bytes(wanted[name], encode_png(image), "image/png")
+
+    with session_scope(ctx.sessions) as s:
+        row = s.get(Sample, sample_id, with_for_update=True)
+        if row is None or row.attempt != attempt or row.state in TERMINAL:
+            # the sample moved on while this attempt was drawn: its objects are harmless
+            return StageResult(details={"skipped": "sample changed during synthesis"})
+        row.keys = wanted
+        row.augment = result.augment
+        row.backends = {**(row.backends or {}), **result.backends}
+        row.state, row.reason = "synthesized", None
+    return StageResult(next=[("verify", sample_id)],
+                       details={"attempt": attempt, "seed": seed, "backends": result.backends})
+
+
+def _get(ctx: Context, key: str) -> bytes:
+    try:
+        return ctx.store.get_bytes(key)
+    except FileNotFoundError as exc:
+        raise BadInput(f"keyframe {key} is missing from the store") from exc

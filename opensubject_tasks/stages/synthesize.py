@@ -1,0 +1,189 @@
+"""Stage 3, synthesize (pure): the two training inputs of one pair.
+
+* Generation input (segmentation-map-guided outpainting): the subject is segmented
+  in the reference frame, moved by a random geometry-aware augmentation (flip, scale,
+  rotation, translation; the same transform for pixels and mask, kept inside the
+  canvas), its mask edge is eroded irregularly so the boundary is no clean cut-out,
+  and everything outside the eroded mask is synthesized by the inpainter. Pixels
+  under the eroded mask are the augmented reference, untouched.
+* Manipulation input (box-guided inpainting): the target frame with the subject's
+  box (slightly grown, to cover soft edges) filled by the inpainter; everything
+  outside the box is the target frame, untouched.
+
+The same (seed, attempt) gives the same images, bit for bit. Every random choice is
+returned in ``augment`` so the transform can be replayed (``apply_augmentation``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from opensubject_tasks.backends.base import Box, Image, Inpainter, Mask, Segmenter
+from opensubject_tasks.config import SynthSettings
+from opensubject_tasks.errors import Rejected
+
+IMAGE_NAMES = ("reference", "mask", "generation_input", "generation_mask",
+               "manipulation_input", "manipulation_mask", "target")
+MASK_NAMES = ("mask", "generation_mask", "manipulation_mask")
+
+
+@dataclass
+class SynthResult:
+    images: dict[str, np.ndarray]      # IMAGE_NAMES -> RGB uint8, or bool for MASK_NAMES
+    augment: dict[str, Any]            # geometry, erosion and inpainting parameters
+    backends: dict[str, str] = field(default_factory=dict)
+
+
+def int_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """The pixel box covering ``box``, clipped to the image."""
+    x0, y0 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x1, y1 = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+# --------------------------------------------------------------- augmentation
+
+def draw_augmentation(crop_size: tuple[int, int], mask: Mask, frame_size: tuple[int, int],
+                      rng: np.random.Generator, s: SynthSettings) -> dict[str, Any]:
+    """Random flip/scale/rotation/translation placing the subject inside the canvas.
+
+    ``crop_size``/``frame_size`` are (width, height). The canvas has the reference
+    frame's aspect ratio with its longest side ``output_size``; the subject keeps its
+    relative size up to the drawn scale, shrunk if it would not fit."""
+    cw0, ch0 = crop_size
+    fw, fh = frame_size
+    base = s.output_size / max(fw, fh)
+    canvas = (max(1, round(fw * base)), max(1, round(fh * base)))
+    flip = bool(rng.random() < s.flip_probability)
+    scale = float(rng.uniform(*sorted(s.scale_range)))
+    rotation = float(rng.uniform(-s.max_rotation_deg, s.max_rotation_deg))
+    ys, xs = np.nonzero(mask)
+    # the mask's corners bound where subject pixels can land
+    corners = np.array([[xs.min(), ys.min()], [xs.max() + 1, ys.min()],
+                        [xs.min(), ys.max() + 1], [xs.max() + 1, ys.max() + 1]], np.float64)
+    for _ in range(8):
+        m = _matrix(cw0, ch0, flip, base * scale, rotation, 0.0, 0.0)
+        pts = corners @ m[:, :2].T + m[:, 2]
+        fit = min(0.98 * canvas[0] / max(float(np.ptp(pts[:, 0])), 1e-6),
+                  0.98 * canvas[1] / max(float(np.ptp(pts[:, 1])), 1e-6))
+        if fit >= 1.0:
+            break
+        scale *= fit  # too large for the canvas: shrink, keep the drawn flip and angle
+    m = _matrix(cw0, ch0, flip, base * scale, rotation, 0.0, 0.0)
+    pts = corners @ m[:, :2].T + m[:, 2]
+    lo_x, hi_x = -pts[:, 0].min(), canvas[0] - pts[:, 0].max()
+    lo_y, hi_y = -pts[:, 1].min(), canvas[1] - pts[:, 1].max()
+    tx = float(rng.uniform(lo_x, hi_x)) if hi_x > lo_x else float((lo_x + hi_x) / 2)
+    ty = float(rng.uniform(lo_y, hi_y)) if hi_y > lo_y else float((lo_y + hi_y) / 2)
+    matrix = _matrix(cw0, ch0, flip, base * scale, rotation, tx, ty)
+    return {"flip": flip, "scale": round(scale, 6), "base_scale": round(base, 6),
+            "rotation_deg": round(rotation, 6), "translation": [round(tx, 4), round(ty, 4)],
+            "canvas": [int(canvas[0]), int(canvas[1])], "crop_size": [int(cw0), int(ch0)],
+            "matrix": [[float(v) for v in row] for row in matrix]}
+
+
+def _matrix(w: int, h: int, flip: bool, scale: float, rotation_deg: float, tx: float, ty: float) -> np.ndarray:
+    """2x3 affine: mirror about the crop's centre, rotate and scale about it, then put
+    the centre at (tx, ty) (plus the offset that keeps it at the origin when tx=ty=0)."""
+    c = np.array([w / 2.0, h / 2.0])
+    a = math.radians(rotation_deg)
+    rot = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    mirror = np.diag([-1.0 if flip else 1.0, 1.0])
+    lin = rot @ mirror
+    return np.hstack([lin, (np.array([tx, ty]) - lin @ c)[:, None]])
+
+
+def apply_augmentation(crop: Image, mask: Mask, augment: dict[str, Any]) -> tuple[Image, Mask]:
+    """Replay a recorded transform: (augmented subject on a black canvas, its mask)."""
+    m = np.array(augment["matrix"], np.float64)
+    size = tuple(augment["canvas"])
+    pixels = cv2.warpAffine(np.ascontiguousarray(crop), m, size, flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+    warped = cv2.warpAffine(mask.astype(np.float32), m, size, flags=cv2.INTER_LINEAR) > 0.5
+    return pixels, warped
+
+
+# ------------------------------------------------------------------- erosion
+
+def irregular_erosion(mask: Mask, rng: np.random.Generator, s: SynthSettings) -> tuple[Mask, dict[str, Any]]:
+    """Erode the mask edge by a depth that varies smoothly along it, between
+    (1 - variation) and (1 + variation) times ``erosion_px`` (at least one pixel, which
+    also drops the interpolated fringe of the warp)."""
+    h, w = mask.shape
+    inside = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
+    field_ = cv2.resize(rng.uniform(-1.0, 1.0, (6, 6)).astype(np.float32), (w, h),
+                        interpolation=cv2.INTER_CUBIC)
+    field_ = np.clip(field_, -1.0, 1.0)
+    depth = np.maximum(1.0, s.erosion_px * (1.0 + s.erosion_variation * field_))
+    area = int(mask.sum())
+    shrink = 1.0
+    eroded = inside > depth
+    # a thin subject must not vanish: keep at least half of it
+    while area and eroded.sum() < 0.5 * area and shrink > 0.1:
+        shrink *= 0.5
+        eroded = inside > np.maximum(1.0, depth * shrink)
+    if not eroded.any():
+        eroded = inside > 0
+    used = np.maximum(1.0, depth * shrink)[mask] if area else np.array([0.0])
+    return eroded, {"erosion_px": s.erosion_px, "variation": s.erosion_variation,
+                    "depth_min": round(float(used.min()), 3), "depth_max": round(float(used.max()), 3),
+                    "kept_share": round(float(eroded.sum()) / max(area, 1), 4)}
+
+
+def grow_box(box: Box, margin: float, width: int, height: int) -> tuple[int, int, int, int]:
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    dx, dy = margin * bw + 1, margin * bh + 1
+    return int_box([box[0] - dx, box[1] - dy, box[2] + dx, box[3] + dy], width, height)
+
+
+# ------------------------------------------------------------------- the stage
+
+def synthesize_pair(ref_image: Image, ref_box: Box, tgt_image: Image, tgt_box: Box, *, seed: int,
+                    attempt: int, segmenter: Segmenter, inpainter: Inpainter, settings: SynthSettings,
+                    category: str = "object") -> SynthResult:
+    """Reference crop and mask, generation input and mask, manipulation input and mask,
+    and the target, for one (reference frame, target frame) pair."""
+    s = settings
+    rng = np.random.default_rng([int(seed) & 0xFFFF_FFFF_FFFF_FFFF, int(attempt)])
+    rh, rw = ref_image.shape[:2]
+    x0, y0, x1, y1 = int_box(ref_box, rw, rh)
+    if x1 - x0 < 4 or y1 - y0 < 4:
+        raise Rejected(f"reference box {list(ref_box)} is smaller than 4x4 pixels")
+
+    # subject mask from the reference box
+    full_mask = segmenter.segment([ref_image], [[float(x0), float(y0), float(x1), float(y1)]])[0]
+    crop = np.ascontiguousarray(ref_image[y0:y1, x0:x1])
+    mask = np.ascontiguousarray(full_mask[y0:y1, x0:x1]).astype(bool)
+    if mask.sum() < 16:
+        raise Rejected("empty subject mask: the segmenter found no subject in the reference box")
+
+    # generation input: augmented, eroded subject, the rest outpainted
+    geometry = draw_augmentation((x1 - x0, y1 - y0), mask, (rw, rh), rng, s)
+    subject, warped_mask = apply_augmentation(crop, mask, geometry)
+    eroded, erosion = irregular_erosion(warped_mask, rng, s)
+    if eroded.sum() < 16:
+        raise Rejected("subject too thin: nothing left after boundary erosion")
+    gen_seed, man_seed = (int(v) for v in rng.integers(0, 2**31 - 1, size=2))
+    canvas = np.zeros_like(subject)
+    canvas[eroded] = subject[eroded]
+    generation = inpainter.inpaint([canvas], [~eroded], [f"a {category} in a natural scene"], [gen_seed])[0]
+
+    # manipulation input: the target with the subject's box filled in
+    th, tw = tgt_image.shape[:2]
+    bx0, by0, bx1, by1 = grow_box(tgt_box, s.box_margin, tw, th)
+    box_mask = np.zeros((th, tw), bool)
+    box_mask[by0:by1, bx0:bx1] = True
+    manipulation = inpainter.inpaint([tgt_image], [box_mask], ["background"], [man_seed])[0]
+
+    augment = {"seed": int(seed), "attempt": int(attempt), "reference_crop": [x0, y0, x1, y1],
+               "geometry": geometry, "erosion": erosion,
+               "manipulation_box": [bx0, by0, bx1, by1],
+               "inpaint_seeds": {"generation": gen_seed, "manipulation": man_seed}}
+    images = {"reference": crop, "mask": mask, "generation_input": generation,
+              "generation_mask": eroded, "manipulation_input": manipulation,
+              "manipulation_mask": box_mask, "target": np.ascontiguousarray(tgt_image)}
+    return SynthResult(images, augment, {"segmenter": segmenter.name, "inpainter": inpainter.name})

@@ -1,0 +1,226 @@
+"""docker-compose.yml checked against the code (no Docker engine needed): every service's
+command, build context and environment must name things that exist."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from airflow_fixtures import REPO
+
+COMPOSE = REPO / "docker-compose.yml"
+LONG_RUNNING = {"postgres", "redis", "minio", "airflow-apiserver", "airflow-scheduler",
+                "airflow-dag-processor", "airflow-triggerer", "worker-cpu", "worker-gpu", "flower"}
+ONE_SHOT = {"minio-init", "airflow-init"}
+AIRFLOW_COMMANDS = {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
+                    "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def env_example() -> dict[str, str]:
+    pairs = {}
+    for line in (REPO / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _argv(service: dict[str, Any]) -> list[str]:
+    cmd = service.get("command") or []
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) for e in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def test_the_stack_is_complete(services):
+    assert LONG_RUNNING | ONE_SHOT <= set(services)
+
+
+def test_every_long_running_service_has_a_healthcheck(services):
+    for name in LONG_RUNNING:
+        hc = services[name].get("healthcheck")
+        assert hc and hc.get("test"), f"{name} has no healthcheck"
+
+
+def test_depends_on_waits_for_health(services):
+    for name, svc in services.items():
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            wanted = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert cond == {"condition": wanted}, (name, dep, cond)
+    # Nothing that uses the databases, broker or store starts before they are ready.
+    for name in LONG_RUNNING - {"postgres", "redis", "minio"}:
+        deps = services[name]["depends_on"]
+        assert {"postgres", "redis"} <= set(deps), name
+
+
+def test_build_context_and_dockerfile_copy_what_exists(services):
+    built = [n for n, s in services.items() if "build" in s]
+    assert set(AIRFLOW_COMMANDS) | {"worker-cpu", "worker-gpu", "flower", "airflow-init"} <= set(built)
+    for name in built:
+        build = services[name]["build"]
+        context = build if isinstance(build, str) else build.get("context", ".")
+        assert (REPO / context / "Dockerfile").is_file(), name
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (REPO / src).exists(), f"Dockerfile copies missing {src}"
+    for arg in re.findall(r"--build-arg (\w+)", (REPO / "Dockerfile").read_text()):
+        assert f"ARG {arg}" in dockerfile
+    gpu_args = services["worker-gpu"]["build"].get("args", {})
+    for arg in gpu_args:
+        assert f"ARG {arg}" in dockerfile, arg
+
+
+def test_celery_workers_consume_real_queues_and_tasks(services):
+    from opensubject_tasks.celery_app import QUEUES, app, queue_for
+    from opensubject_tasks.services.common import STAGE_ORDER
+
+    import opensubject_tasks.tasks  # noqa: F401 - registers the tasks
+
+    consumed: set[str] = set()
+    for name in ("worker-cpu", "worker-gpu", "flower"):
+        argv = _argv(services[name])
+        assert argv[:3] == ["celery", "-A", "opensubject_tasks.celery_app"], name
+        module = __import__(argv[2], fromlist=["app"])
+        assert module.app is app
+        if "worker" in argv:
+            queues = argv[argv.index("-Q") + 1].split(",")
+            assert set(queues) <= set(QUEUES), (name, queues)
+            consumed |= set(queues)
+    assert consumed == set(QUEUES)
+    assert _argv(services["worker-gpu"])[_argv(services["worker-gpu"]).index("-Q") + 1] == "gpu"
+    assert _argv(services["worker-cpu"])[_argv(services["worker-cpu"]).index("-Q") + 1] == "cpu"
+    # Every stage the DAGs hand over is a registered task whose queue some worker consumes.
+    for stage in (*STAGE_ORDER, "ingest", "resynth_sweep"):
+        assert f"opensubject.{stage}" in app.tasks, stage
+        assert queue_for(stage) in consumed, stage
+
+
+def test_gpu_worker_reserves_a_gpu_and_mounts_the_model_cache(services):
+    gpu = services["worker-gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+    assert any(v.endswith(":/models") for v in gpu["volumes"])
+    assert "HF_HOME=/models" in (REPO / "Dockerfile").read_text()
+
+
+def test_airflow_services_run_the_right_components(services):
+    from airflow.cli.cli_parser import get_parser
+
+    parser = get_parser()
+    for name, sub in AIRFLOW_COMMANDS.items():
+        argv = _argv(services[name])
+        assert argv[:2] == ["airflow", sub], name
+        parser.parse_args(argv[1:])  # exits on an unknown command or flag
+    env = _env(services["airflow-scheduler"])
+    assert env["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/opensubject/dags"
+    assert env["AIRFLOW__CORE__PLUGINS_FOLDER"] == "/opt/opensubject/plugins"
+    assert "COPY dags ./dags" in (REPO / "Dockerfile").read_text()
+    assert "WORKDIR /opt/opensubject" in (REPO / "Dockerfile").read_text()
+
+
+def _settings_field_exists(path: list[str]) -> bool:
+    from pydantic import BaseModel
+
+    from opensubject_tasks.config import Settings
+
+    model: Any = Settings
+    for i, part in enumerate(path):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return False
+        ann = fields[part].annotation
+        if i < len(path) - 1:
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                return False
+            model = ann
+    return True
+
+
+def _code_reads(name: str) -> bool:
+    for folder in ("dags", "plugins", "opensubject_tasks"):
+        for f in (REPO / folder).rglob("*.py"):
+            if name in f.read_text():
+                return True
+    return False
+
+
+def test_env_var_names_are_real_settings(services):
+    from airflow.configuration import conf
+
+    seen = set()
+    ours = {n: s for n, s in services.items() if "build" in s}  # the services running our image
+    for name, svc in ours.items():
+        for key in _env(svc):
+            seen.add(key)
+            if key.startswith("OPENSUBJECT_"):
+                path = key[len("OPENSUBJECT_"):].lower().split("__")
+                assert _settings_field_exists(path) or _code_reads(key), f"{name}: {key} is read by nothing"
+            elif key.startswith("AIRFLOW__"):
+                _, section, option = key.split("__", 2)
+                described = conf.configuration_description.get(section.lower(), {}).get("options", {})
+                assert option.lower() in described, f"{name}: {key} is no Airflow option"
+    assert "OPENSUBJECT_DATABASE_URL" in seen and "AIRFLOW__API_AUTH__JWT_SECRET" in seen
+
+
+def test_secrets_come_from_env_file(compose, services, env_example):
+    text = COMPOSE.read_text()
+    # ${VAR} is filled in by compose from .env; $${VAR} is left to the container's shell.
+    referenced = set(re.findall(r"(?<!\$)\$\{(\w+)(?::-[^}]*)?\}", text))
+    missing = referenced - set(env_example)
+    assert not missing, f"compose uses variables .env.example does not document: {missing}"
+    secret_keys = [k for k in env_example if re.search(r"PASSWORD|SECRET|FERNET", k)]
+    assert secret_keys
+    for key in secret_keys:
+        assert "change-me" in env_example[key], f".env.example holds a real-looking secret in {key}"
+    for name, svc in services.items():
+        for key, value in _env(svc).items():
+            if re.search(r"PASSWORD(?!S_FILE)|SECRET|_KEY$|FERNET", key):
+                assert "${" in value, f"{name}: {key} is written into the compose file"
+    assert ".env" in (REPO / ".gitignore").read_text().split()
+
+
+def test_postgres_is_initialised_from_sql(services):
+    vols = services["postgres"]["volumes"]
+    assert "./sql:/docker-entrypoint-initdb.d:ro" in vols
+    assert sorted(p.name for p in (REPO / "sql").glob("*.sql"))
+    init = services["airflow-init"]["command"][-1]
+    assert "airflow db migrate" in init and "opensubject db upgrade" in init
+
+
+def test_bucket_is_created(services):
+    entry = " ".join(services["minio-init"]["entrypoint"])
+    assert "mc mb --ignore-existing" in entry and "$${BUCKET}" in entry
+    assert _env(services["minio-init"])["BUCKET"] == "${OPENSUBJECT_BUCKET:-opensubject}"
+    env = _env(services["worker-cpu"])
+    assert env["OPENSUBJECT_STORE__BUCKET"] == "${OPENSUBJECT_BUCKET:-opensubject}"
+
+
+def test_compose_file_is_valid_yaml_with_named_volumes(compose):
+    for name, svc in compose["services"].items():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if not src.startswith((".", "/", "$")):
+                assert src in compose["volumes"], (name, src)
+    assert Path(REPO / "Dockerfile").read_text().count("USER ") >= 1
