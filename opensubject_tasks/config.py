@@ -264,7 +264,7 @@ class _YamlSource(PydanticBaseSettingsSource):
 PROFILE_BACKENDS: dict[str, dict[str, str]] = {
     "cpu": {},  # the classical defaults above
     "gpu": {"vlm": "hf", "detector": "hf", "segmenter": "hf", "inpainter": "hf",
-            "embedder": "hf", "quality": "hf", "verifier": "vlm"},
+            "embedder": "hf", "quality": "hf", "verifier": "vlm", "device": "auto"},
     "tiny": {"vlm": "tiny", "detector": "tiny", "segmenter": "tiny", "inpainter": "tiny",
              "embedder": "tiny", "quality": "tiny", "verifier": "vlm"},
 }

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from datetime import UTC
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -91,7 +92,7 @@ class Worker:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, ready_timeout: float = 60.0) -> "Worker":
+    def start(self, ready_timeout: float = 60.0) -> Worker:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         offset = self.log_path.stat().st_size
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=self._log,
@@ -168,3 +169,63 @@ def run_dag_test(dag, conf: dict | None = None, retries: int = 0):
         states = {(ti.task_id, ti.map_index): str(ti.state.value if hasattr(ti.state, "value") else ti.state)
                   for ti in s.query(TaskInstance).filter(TaskInstance.run_id == run.run_id)}
     return run, states
+
+
+# --- data for the dashboard -------------------------------------------------------------------
+HOSTILE = "<script>alert(1)</script>.mp4"
+FAIL_REASON = "not a video: moov atom not found"
+
+
+def seed_dashboard_data(ctx) -> None:
+    """A build with a done video (a verified sample with its images in the store), a video
+    failed with a recorded error after a retry, a rejected re-synthesized sample and a
+    video still waiting."""
+    import io
+    from datetime import datetime, timedelta
+
+    from PIL import Image
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
+    from opensubject_tasks.storage import Keys
+
+    keys = {}
+    for i, name in enumerate(("reference", "generation_input", "manipulation_input", "target")):
+        png = io.BytesIO()
+        Image.new("RGB", (32, 24), (200, 40 + 50 * i, 30)).save(png, "PNG")
+        keys[name] = Keys.sample_file("v1", "v1-c0-s0-p0-1", 1, f"{name}.png")
+        ctx.store.put_bytes(keys[name], png.getvalue(), "image/png")
+    now = datetime.now(UTC)
+    with session_scope(ctx.sessions) as s:
+        s.add(Build(id="b1", params={}, profile="cpu", state="running"))
+        s.flush()
+        s.add_all([
+            Video(id="v1", content_hash="h1", source_uri="store://raw/a.mp4", name="a.mp4", build_id="b1",
+                  state="done", stage_done="mine"),
+            Video(id="v2", content_hash="h2", source_uri="store://raw/x.mp4", name=HOSTILE, build_id="b1",
+                  state="failed", reason=FAIL_REASON),
+            Video(id="v3", content_hash="h3", source_uri="store://raw/c.mp4", name="c.mp4", build_id="b1",
+                  state="registered"),
+        ])
+        s.flush()
+        s.add(Clip(id="v1-c0", video_id="v1", idx=0, start_frame=0, end_frame=50, start_s=0, end_s=2))
+        s.flush()
+        s.add(Subject(id="v1-c0-s0", clip_id="v1-c0", idx=0, category="cat", category_source="classical",
+                      boxes={}))
+        s.flush()
+        for i, (state, reason) in enumerate([("verified", None), ("rejected", "identity not preserved")]):
+            pid = f"v1-c0-s0-p{i}-{i + 1}"
+            s.add(Pair(id=pid, subject_id="v1-c0-s0", ref_frame=i, tgt_frame=i + 1, ref_box=[0, 0, 1, 1],
+                       tgt_box=[0, 0, 1, 1]))
+            s.flush()
+            s.add(Sample(id=pid, pair_id=pid, build_id="b1", state=state, attempt=1 + i * 2, seed=i,
+                         keys=keys if i == 0 else {}, reason=reason, caption_short="a red cat",
+                         updated_at=now - timedelta(seconds=i)))
+        s.add_all([
+            StageAttempt(build_id="b1", entity_type="video", entity_id="v2", stage="curate", attempt=1,
+                         status="error", error="OperationalError: server closed the connection"),
+            StageAttempt(build_id="b1", entity_type="video", entity_id="v2", stage="curate", attempt=2,
+                         status="failed", error=FAIL_REASON),
+            StageAttempt(build_id="b1", entity_type="video", entity_id="v1", stage="curate", attempt=1,
+                         status="ok"),
+        ])

@@ -120,6 +120,7 @@ class GTClip:
     frames: list[np.ndarray]                    # RGB keyframes
     boxes: dict[int, dict[int, list[float]]]    # track -> {frame number: box in keyframe pixels}
     categories: dict[int, str]
+    jpegs: list[bytes] = field(default_factory=list)  # the keyframes as stored
 
 
 def shot_spans(video: dict) -> list[tuple[int, int]]:
@@ -166,7 +167,7 @@ def gt_clips(media_dir, keyframes: int = 6, max_side: int = 768, jpeg_quality: i
         frames = decode(media_dir / video["file"], {f for ns in numbers for f in ns})
         scale = min(1.0, max_side / max(video["width"], video["height"]))
         for idx, ((a, b), ns) in enumerate(zip(spans, numbers, strict=True)):
-            imgs = []
+            imgs, jpegs = [], []
             for f in ns:
                 img = frames[f]
                 if scale < 1:
@@ -174,11 +175,43 @@ def gt_clips(media_dir, keyframes: int = 6, max_side: int = 768, jpeg_quality: i
                 ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                                        [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
                 imgs.append(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+                jpegs.append(buf.tobytes())
             boxes, cats = {}, {}
             for s in video["subjects"]:
                 got = {f: [v * scale for v in s["boxes"][str(f)]] for f in ns if str(f) in s["boxes"]}
                 if got:
                     boxes[s["track"]] = got
                     cats[s["track"]] = s["category"]
-            clips.append(GTClip(video["file"], idx, a, b, ns, imgs, boxes, cats))
+            clips.append(GTClip(video["file"], idx, a, b, ns, imgs, boxes, cats, jpegs))
     return clips
+
+
+def seed_video(ctx, clips: list[GTClip], build_id: str = "test-build") -> str:
+    """Rows and stored keyframes as the curate stage leaves them for one video's clips:
+    a build, the video, its clips (state kept) with keyframes in the store. Returns the
+    video id."""
+    import hashlib
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Build, Clip as ClipRow, Video
+    from opensubject_tasks.storage import Keys
+
+    name = clips[0].video
+    video_id = hashlib.sha256(name.encode()).hexdigest()[:32]
+    with session_scope(ctx.sessions) as s:
+        if s.get(Build, build_id) is None:
+            s.add(Build(id=build_id))
+            s.flush()
+        s.add(Video(id=video_id, content_hash=video_id, source_uri=f"file:///media/{name}", name=name,
+                    build_id=build_id, state="running", stage_done="curate"))
+        s.flush()
+        for c in clips:
+            clip_id = f"{video_id}-c{c.idx}"
+            kfs = []
+            for f, jpeg, img in zip(c.frame_numbers, c.jpegs, c.frames, strict=True):
+                key = Keys.keyframe(video_id, clip_id, f)
+                ctx.store.put_bytes(key, jpeg, "image/jpeg")
+                kfs.append({"frame": f, "key": key, "width": img.shape[1], "height": img.shape[0]})
+            s.add(ClipRow(id=clip_id, video_id=video_id, idx=c.idx, start_frame=c.start, end_frame=c.end,
+                          start_s=c.start / 25, end_s=c.end / 25, score=0.8, state="kept", keyframes=kfs))
+    return video_id

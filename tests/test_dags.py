@@ -103,7 +103,8 @@ def test_build_dag_has_typed_params(parsed):
     assert params["limit"]["minimum"] == 0
 
 
-def test_no_cycles_and_expected_structure(airflow_db):
+@pytest.mark.usefixtures("airflow_db")
+def test_no_cycles_and_expected_structure():
     from airflow_fixtures import load_dag
 
     dag = load_dag("opensubject_build")

@@ -6,14 +6,11 @@ from __future__ import annotations
 import io
 import urllib.parse
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, UTC
 
 import pytest
-from airflow_fixtures import JWT_SECRET, airflow_db  # noqa: F401 - fixture
+from airflow_fixtures import FAIL_REASON, HOSTILE, JWT_SECRET, airflow_db  # noqa: F401 - fixture
 from PIL import Image
-
-HOSTILE = "<script>alert(1)</script>.mp4"
-FAIL_REASON = "not a video: moov atom not found"
 
 
 @pytest.fixture(scope="module")
@@ -34,61 +31,13 @@ def _user():
 
 @pytest.fixture()
 def dataset(pg_db, s3_store_settings, redis_url, monkeypatch):
-    """A build with a done video (verified sample with images in the store), a failed
-    video with a recorded error, a rejected sample and a retried attempt."""
-    from airflow_fixtures import service_env
-
-    from opensubject_tasks.context import Context
-    from opensubject_tasks.db.engine import session_scope
-    from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
-    from opensubject_tasks.storage import Keys
+    from airflow_fixtures import seed_dashboard_data, service_env
 
     for k, v in service_env(pg_db, redis_url, s3_store_settings).items():
         monkeypatch.setenv(k, v)
     from opensubject_tasks.orchestrate import context
 
-    ctx: Context = context()
-    png = io.BytesIO()
-    Image.new("RGB", (32, 24), (200, 30, 30)).save(png, "PNG")
-    keys = {}
-    for name in ("reference", "generation_input", "manipulation_input", "target"):
-        keys[name] = Keys.sample_file("v1", "v1-c0-s0-p0-1", 1, f"{name}.png")
-        ctx.store.put_bytes(keys[name], png.getvalue(), "image/png")
-    now = datetime.now(timezone.utc)
-    with session_scope(ctx.sessions) as s:
-        s.add(Build(id="b1", params={}, profile="cpu", state="running"))
-        s.flush()
-        s.add_all([
-            Video(id="v1", content_hash="h1", source_uri="store://raw/a.mp4", name="a.mp4", build_id="b1",
-                  state="done", stage_done="mine"),
-            Video(id="v2", content_hash="h2", source_uri="store://raw/x.mp4", name=HOSTILE, build_id="b1",
-                  state="failed", reason=FAIL_REASON),
-            Video(id="v3", content_hash="h3", source_uri="store://raw/c.mp4", name="c.mp4", build_id="b1",
-                  state="registered"),
-        ])
-        s.flush()
-        s.add(Clip(id="v1-c0", video_id="v1", idx=0, start_frame=0, end_frame=50, start_s=0, end_s=2))
-        s.flush()
-        s.add(Subject(id="v1-c0-s0", clip_id="v1-c0", idx=0, category="cat", category_source="classical",
-                      boxes={}))
-        s.flush()
-        for i, (state, reason) in enumerate([("verified", None), ("rejected", "identity not preserved")]):
-            pid = f"v1-c0-s0-p{i}-{i + 1}"
-            s.add(Pair(id=pid, subject_id="v1-c0-s0", ref_frame=i, tgt_frame=i + 1, ref_box=[0, 0, 1, 1],
-                       tgt_box=[0, 0, 1, 1]))
-            s.flush()
-            s.add(Sample(id=pid, pair_id=pid, build_id="b1", state=state, attempt=1 + i * 2, seed=i,
-                         keys=keys if i == 0 else {}, reason=reason, caption_short="a red cat",
-                         updated_at=now - timedelta(seconds=i)))
-        s.add_all([
-            StageAttempt(build_id="b1", entity_type="video", entity_id="v2", stage="curate", attempt=1,
-                         status="error", error="OperationalError: server closed the connection"),
-            StageAttempt(build_id="b1", entity_type="video", entity_id="v2", stage="curate", attempt=2,
-                         status="failed", error=FAIL_REASON),
-            StageAttempt(build_id="b1", entity_type="video", entity_id="v1", stage="curate", attempt=1,
-                         status="ok"),
-        ])
-    return ctx
+    seed_dashboard_data(context())
 
 
 def test_refuses_requests_without_a_valid_token(api, dataset):
@@ -135,7 +84,7 @@ def test_revoked_token_is_refused(api, dataset):
     token = auth.generate_jwt(_user())
     assert client.get("/opensubject/api/summary", headers={"Authorization": f"Bearer {token}"}).status_code == 200
     claims = jwt.decode(token, options={"verify_signature": False})
-    RevokedToken.revoke(claims["jti"], datetime.fromtimestamp(claims["exp"], tz=timezone.utc))
+    RevokedToken.revoke(claims["jti"], datetime.fromtimestamp(claims["exp"], tz=UTC))
     assert client.get("/opensubject/api/summary", headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
 

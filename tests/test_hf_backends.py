@@ -161,6 +161,13 @@ def test_tiny_vlm_yes_no_uses_first_token_logits(vlm: HFVLM, frames: list[np.nda
     for yn in got:
         assert 0.0 < yn.p_yes < 1.0
         assert yn.answer is parse_yes_no(yn.raw)
+    vlm.batcher.batch_size = 1  # left padding: a batched turn scores as it does alone
+    try:
+        alone = vlm.ask_yes_no([[frames[0]], [frames[1], frames[2]]],
+                               ["Is there a dog?", "Are these the same dog? Answer yes or no."])
+    finally:
+        vlm.batcher.batch_size = 2
+    assert [a.p_yes for a in alone] == pytest.approx([g.p_yes for g in got], abs=1e-4)
     assert vlm.yes_ids and vlm.no_ids and not vlm.yes_ids & vlm.no_ids
     logits = torch.zeros(vlm.model.config.text_config.vocab_size)
     logits[sorted(vlm.yes_ids)] = 6.0

@@ -245,10 +245,11 @@ def ground_truth(spec: VideoSpec, size: tuple[int, int], boxes_per_frame: list[d
 
 
 def encode(path: Path, frames: Iterable[np.ndarray], size: tuple[int, int], fps: int = FPS,
-           crf: int = 20) -> int:
-    """Encode RGB frames as H.264 (yuv420p) MP4; returns the frame count."""
+           crf: int = 20, faststart: bool = False) -> int:
+    """Encode RGB frames as H.264 (yuv420p) MP4; returns the frame count. ``faststart``
+    puts the index (moov) before the media data, as web video does."""
     n = 0
-    with av.open(str(path), "w") as out:
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else None) as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
@@ -415,7 +416,7 @@ def make_bad_samples(out_dir: Path) -> list[Path]:
     the expected outcome of each ("failed", "rejected" or "ok")."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = (320, 180)
+    size = (480, 270)  # above the default minimum resolution: the all-black video must fail on quality
     rng = np.random.default_rng(1234)
     expect: dict[str, tuple[str, str]] = {}
 
@@ -435,6 +436,11 @@ def make_bad_samples(out_dir: Path) -> list[Path]:
     full.unlink()
     # mp4 written without faststart keeps its index (moov) at the end: a cut file has none
     add("truncated.mp4", "failed", "truncated video").write_bytes(data[: len(data) // 2])
+    # with the index first, a cut file opens and decodes until its data runs out
+    encode(full, (img for img, _ in render(spec, size, 7)), size, faststart=True)
+    data = full.read_bytes()
+    full.unlink()
+    add("cut_short.mp4", "failed", "truncated video, index intact").write_bytes(data[: len(data) * 6 // 10])
 
     png = out_dir / "still.png"
     ok, buf = cv2.imencode(".png", cv2.cvtColor(photo("chelsea"), cv2.COLOR_RGB2BGR))

@@ -72,9 +72,10 @@ class ShotDetector:
         self._phases = [make_detector(str(gradual_detector), self.min_len, **(gradual_options or {}))
                         for _ in range(self.span)]
         # Every decision about frame n is made by frame n + lag; frames kept for that.
-        self.lag = 3 * self.span + self.min_len + 4 if self.span else 4
+        self.lag = 2 * self.span + 2 * self.min_len + 8 if self.span else 4
         self._frames: deque[tuple[int, np.ndarray]] = deque(maxlen=4 * self.span + self.min_len + 8)
-        self._fine_cuts: list[int] = []
+        self._fine_cuts: list[int] = []         # every-frame cuts not yet emitted
+        self._all_fine: list[int] = []
         self._votes: list[int] = []             # phase detections not yet grouped
         self._gradual: list[int] = []
         self._emitted: list[int] = []
@@ -87,7 +88,9 @@ class ShotDetector:
         """Feed frame ``index`` (BGR, analysis size); returns cuts that are now final."""
         self._last = index
         tc = self._tc(index)
-        self._fine_cuts += [c.frame_num for c in self._fine.process_frame(tc, frame_bgr)]
+        new = [c.frame_num for c in self._fine.process_frame(tc, frame_bgr)]
+        self._fine_cuts += new
+        self._all_fine += new
         if self.span:
             self._frames.append((index, frame_bgr))
             det = self._phases[index % self.span]
@@ -100,7 +103,9 @@ class ShotDetector:
         if self._last < 0:
             return []
         end = self._tc(self._last)
-        self._fine_cuts += [c.frame_num for c in self._fine.post_process(end)]
+        new = [c.frame_num for c in self._fine.post_process(end)]
+        self._fine_cuts += new
+        self._all_fine += new
         for det in self._phases:
             self._votes += [c.frame_num for c in det.post_process(end)]
         self._group_votes(self._last, final=True)
@@ -120,11 +125,17 @@ class ShotDetector:
                     group.append(v)
                 else:
                     break
-            if not final and now - group[-1] <= 2 * self.span + 2:
+            if not final and now - group[-1] <= max(2 * self.span, self.min_len) + 3:
                 return  # the group may still grow, or its right-hand context is not decoded yet
             del self._votes[:len(group)]
-            if len(group) >= self.min_votes:
-                self._gradual.append(self._place(group))
+            if len(group) < self.min_votes:
+                continue
+            # a hard cut found within min_shot_s of this evidence explains it (PySceneDetect's
+            # min_scene_len: no new shot that close to another)
+            if any(group[0] - self.span - self.min_len < f <= group[-1] + self.min_len
+                   for f in self._all_fine):
+                continue
+            self._gradual.append(self._place(group))
 
     def _place(self, group: list[int]) -> int:
         """The first frame closer (in colour histogram) to after the change than before it."""
@@ -150,8 +161,6 @@ class ShotDetector:
             if c >= upto:
                 (keep_fine if kind == 0 else keep_gradual).append(c)
                 continue
-            if kind == 1 and any(abs(c - f) < self.min_len for f in fine):
-                continue  # the same transition, already found frame-exactly
             last = self._emitted[-1] if self._emitted else 0
             if c <= 0 or c > self._last or c - last < self.min_len and self._emitted:
                 continue

@@ -219,7 +219,8 @@ def _chain(stmt):  # noqa: ANN001, ANN202 - select joined from samples up to vid
 
 def funnel_counts(s: Session, build_id: str) -> dict[str, int]:
     """Entities that passed each stage of a build: videos registered, clips and subjects
-    kept, pairs made, samples made, verified and rejected."""
+    kept, pairs made, samples made, verified, and rejected (failed samples included:
+    neither reaches the dataset), so samples == verified + rejected once all are done."""
     def count(stmt) -> int:  # noqa: ANN001
         return int(s.scalar(stmt) or 0)
 
@@ -237,7 +238,7 @@ def funnel_counts(s: Session, build_id: str) -> dict[str, int]:
         "pairs": count(pairs),
         "samples": count(samples),
         "verified": count(samples.where(Sample.state == "verified")),
-        "rejected": count(samples.where(Sample.state == "rejected")),
+        "rejected": count(samples.where(Sample.state.in_(("rejected", "failed")))),
     }
 
 

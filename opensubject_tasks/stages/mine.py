@@ -326,7 +326,7 @@ def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM
             boxes={frame_numbers[bx.frame]: [round(float(v), 2) for v in bx.det.box] for bx in ident},
             scores={frame_numbers[bx.frame]: round(float(bx.det.score), 4) for bx in ident},
             usable=sorted(frame_numbers[i] for i in usable), flags=flags)
-        subj.reason = _subject_problem(subj, n, s)
+        subj.reason = subject_problem(subj, n, s)
         if subj.reason is None:
             chosen, dropped = choose_pairs(ident, usable, frame_numbers, width, height, s)
             dropped_total.update(dropped)
@@ -349,7 +349,7 @@ def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM
     return MineResult(subjects, pairs, kept, source, reason=reason, details=details)
 
 
-def _subject_problem(subj: SubjectResult, n: int, s: MineSettings) -> str | None:
+def subject_problem(subj: SubjectResult, n: int, s: MineSettings) -> str | None:
     seen = len(subj.boxes)
     if subj.category_source == "none" and seen / n < s.consensus_share - 1e-9:
         return f"seen in only {seen} of {n} keyframes"

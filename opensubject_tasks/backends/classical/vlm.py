@@ -35,7 +35,8 @@ def template_caption(hint: dict[str, Any]) -> Caption:
     category = str(hint.get("category") or "object")
     colours = [str(c) for c in (hint.get("colours") or hint.get("colors") or []) if c]
     colour = " and ".join(colours[:2])
-    subject = f"a {colour} {category}" if colour else f"a {category}"
+    words = f"{colour} {category}" if colour else category
+    subject = f"{'an' if words[0].lower() in 'aeiou' else 'a'} {words}"
     short = subject
     parts = [subject[0].upper() + subject[1:]]
     if hint.get("position"):
