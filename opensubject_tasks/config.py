@@ -149,7 +149,7 @@ class StageTimeLimit(_Section):
     hard_s: int = Field(ge=1)   # the pool process is killed: recorded by the worker, retried
 
     @model_validator(mode="after")
-    def _hard_after_soft(self) -> "StageTimeLimit":
+    def _hard_after_soft(self) -> StageTimeLimit:
         if self.hard_s <= self.soft_s:
             raise ValueError(f"hard_s ({self.hard_s}) must be greater than soft_s ({self.soft_s})")
         return self
@@ -186,7 +186,7 @@ class CelerySettings(_Section):
                                                              hard_s=self.hard_time_limit_s)
 
     @model_validator(mode="after")
-    def _visibility_covers_tasks(self) -> "CelerySettings":
+    def _visibility_covers_tasks(self) -> CelerySettings:
         longest = max([self.hard_time_limit_s, self.retry_backoff_max_s,
                        *(lim.hard_s for lim in self.time_limits.values())])
         if self.visibility_timeout_s <= longest:

@@ -24,7 +24,7 @@ class Context:
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Context":
+    def from_settings(cls, settings: Settings) -> Context:
         engine = make_engine(settings.database_url)
         return cls(settings, engine, make_session_factory(engine), make_store(settings.store))
 

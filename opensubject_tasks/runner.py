@@ -21,7 +21,7 @@ from sqlalchemy import select
 from opensubject_tasks.config import Settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
-from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
+from opensubject_tasks.db.models import Clip, Sample, Video
 from opensubject_tasks.services.common import STAGE_ORDER, finalize_video, run_stage
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class Runner:
         self.progress = progress or _no_progress
         self._pool: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         if self.jobs > 1:
             self.ctx.engine.dispose()  # no connection may cross a fork
             self._pool = ProcessPoolExecutor(
@@ -220,40 +220,26 @@ def _counts(ctx: Context, build_id: str) -> tuple[dict[str, int], dict[str, int]
 
 
 def funnel(ctx: Context, build_id: str | None = None) -> dict[str, Any]:
-    """The status document: per-video state and clips, and the stage funnel so far."""
-    from sqlalchemy import func
+    """The status document: per-video state and clips, and the stage funnel so far
+    (the same counts as the export's stats.json), for one build or all of them."""
+    from opensubject_tasks.db.models import Build
+    from opensubject_tasks.services.export import funnel_counts
 
     with session_scope(ctx.sessions) as s:
-        vq = select(Video).order_by(Video.name, Video.id)
-        if build_id:
-            vq = vq.where(Video.build_id == build_id)
+        builds = [build_id] if build_id else list(s.scalars(select(Build.id).order_by(Build.id)))
+        vq = select(Video).where(Video.build_id.in_(builds)).order_by(Video.name, Video.id)
         videos = list(s.scalars(vq))
-        ids = [v.id for v in videos]
-        clips: dict[str, list[list[int]]] = {v: [] for v in ids}
+        clips: dict[str, list[list[int]]] = {v.id: [] for v in videos}
         for vid, a, b in s.execute(select(Clip.video_id, Clip.start_frame, Clip.end_frame)
-                                   .where(Clip.video_id.in_(ids)).order_by(Clip.video_id, Clip.idx)):
+                                   .where(Clip.video_id.in_(list(clips))).order_by(Clip.video_id, Clip.idx)):
             clips[vid].append([a, b])
-
-        def count(q: Any) -> int:
-            return int(s.scalar(q) or 0)
-
-        clip_q = select(func.count()).select_from(Clip).where(Clip.video_id.in_(ids))
-        subj_q = select(func.count()).select_from(Subject).join(Clip).where(Clip.video_id.in_(ids))
-        pair_q = (select(func.count()).select_from(Pair).join(Subject).join(Clip)
-                  .where(Clip.video_id.in_(ids)))
-        samp = (select(func.count()).select_from(Sample).join(Pair).join(Subject).join(Clip)
-                .where(Clip.video_id.in_(ids)))
-        doc = {
+        totals: dict[str, int] = {}
+        for b in builds:
+            for k, n in funnel_counts(s, b).items():
+                totals[k] = totals.get(k, 0) + n
+        keys = ("videos", "clips", "subjects", "pairs", "samples", "verified", "rejected")
+        return {
             "videos": [{"name": v.name, "id": v.id, "state": v.state, "reason": v.reason,
                         "stage_done": v.stage_done, "clips": clips[v.id]} for v in videos],
-            "funnel": {
-                "videos": len(videos),
-                "clips": count(clip_q.where(Clip.state != "rejected")),
-                "subjects": count(subj_q),
-                "pairs": count(pair_q),
-                "samples": count(samp),
-                "verified": count(samp.where(Sample.state == "verified")),
-                "rejected": count(samp.where(Sample.state.in_(("rejected", "failed")))),
-            },
+            "funnel": {k: totals.get(k, 0) for k in keys},
         }
-    return doc

@@ -189,10 +189,14 @@ def seed_dashboard_data(ctx) -> None:
     from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
     from opensubject_tasks.storage import Keys
 
+    from skimage import data as photos
+
+    cat = Image.fromarray(photos.chelsea())
     keys = {}
     for i, name in enumerate(("reference", "generation_input", "manipulation_input", "target")):
         png = io.BytesIO()
-        Image.new("RGB", (32, 24), (200, 40 + 50 * i, 30)).save(png, "PNG")
+        img = cat.crop((20 * i, 0, 20 * i + 320, 240)).resize((160, 120))
+        (img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if i % 2 else img).save(png, "PNG")
         keys[name] = Keys.sample_file("v1", "v1-c0-s0-p0-1", 1, f"{name}.png")
         ctx.store.put_bytes(keys[name], png.getvalue(), "image/png")
     now = datetime.now(UTC)

@@ -143,7 +143,7 @@ def test_trigger_form_and_dataset_page(api_server, browser):
     assert "Failures by reason" in text and FAIL_REASON in text
     assert "identity not preserved" in text
     d.switch_to.default_content()
-    d.set_window_size(1400, 1000)
+    d.set_window_size(1400, 1300)
     time.sleep(1)
     d.save_screenshot(str(DOCS / "dashboard.png"))
     assert (DOCS / "dashboard.png").stat().st_size > 10_000

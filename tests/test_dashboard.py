@@ -113,7 +113,7 @@ def test_api_serves_funnel_failures_retries_thumbnails_and_progress(api, dataset
     assert query["X-Amz-Expires"] == ["300"]
     assert s3_store_settings.endpoint in url
     with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - the test S3 server
-        assert Image.open(io.BytesIO(resp.read())).size == (32, 24)
+        assert Image.open(io.BytesIO(resp.read())).size == (160, 120)
     # Narrowed to a build that does not exist: nothing counted.
     other = client.get("/opensubject/api/summary?build=nope", headers={"Authorization": f"Bearer {token}"}).json()
     assert other["funnel"][0] == {"stage": "videos", "count": 0}

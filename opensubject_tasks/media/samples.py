@@ -442,10 +442,11 @@ def make_bad_samples(out_dir: Path) -> list[Path]:
     full.unlink()
     add("cut_short.mp4", "failed", "truncated video, index intact").write_bytes(data[: len(data) * 6 // 10])
 
-    png = out_dir / "still.png"
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(photo("chelsea"), cv2.COLOR_RGB2BGR))
-    add("still.png", "failed", "still image").write_bytes(buf.tobytes())
-    add("photo.mp4", "failed", "still image renamed .mp4").write_bytes(png.read_bytes())
+    def png(name: str) -> bytes:
+        return cv2.imencode(".png", cv2.cvtColor(photo(name), cv2.COLOR_RGB2BGR))[1].tobytes()
+
+    add("still.png", "failed", "still image").write_bytes(png("chelsea"))
+    add("photo.mp4", "failed", "still image renamed .mp4").write_bytes(png("astronaut"))
 
     one = add("one_frame.mp4", "rejected", "one-frame video")
     encode(one, [next(iter(render(spec, size, 7)))[0]], size)

@@ -1,0 +1,112 @@
+"""Stage 1 service: probe, decode once, detect shots, write keyframes and clips.
+
+Idempotent: clip ids are ``<video_id>-c<idx>`` and keyframe keys are
+``Keys.keyframe(video, clip, frame)``; keyframes are written first, then this
+video's clip rows are replaced in one transaction, then keyframe objects that no
+row points to any more (left by an earlier run with other settings) are deleted.
+A rerun leaves exactly one copy of everything.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import cv2
+from sqlalchemy import delete
+
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.models import Clip, Video
+from opensubject_tasks.errors import BadInput, Rejected
+from opensubject_tasks.media.decode import DecodeStats, iter_frames
+from opensubject_tasks.media.probe import probe_video
+from opensubject_tasks.services.common import StageResult, stage
+from opensubject_tasks.stages.curate import ClipResult, check_video, curate_frames
+from opensubject_tasks.storage import Keys
+from opensubject_tasks.storage.base import safe_key
+from opensubject_tasks.storage.sources import local_copy
+
+
+def clip_id(video_id: str, idx: int) -> str:
+    return f"{video_id}-c{idx}"
+
+
+def _encode_jpeg(rgb: Any, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+@stage("curate", "video", "cpu")
+def curate_video(ctx: Context, video_id: str) -> StageResult:
+    s = ctx.settings.curate
+    with session_scope(ctx.sessions) as db:
+        video = db.get(Video, video_id)
+        if video is None:
+            raise BadInput(f"video {video_id} does not exist")
+        source = video.source_uri
+
+    timings: dict[str, float] = {}
+    written: dict[int, list[dict[str, Any]]] = {}
+
+    def write_keyframes(clip: ClipResult) -> None:
+        """Objects first: the rows written later point only at complete objects."""
+        cid = clip_id(video_id, clip.idx)
+        entries = []
+        for kf in clip.keyframes:
+            assert kf.image is not None
+            key = Keys.keyframe(video_id, cid, kf.frame)
+            ctx.store.put_bytes(key, _encode_jpeg(kf.image, s.keyframe_quality), "image/jpeg")
+            h, w = kf.image.shape[:2]
+            entries.append({"frame": kf.frame, "key": key, "width": w, "height": h})
+        written[clip.idx] = entries
+
+    t0 = time.perf_counter()
+    with local_copy(ctx.store, source) as path:
+        timings["fetch_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        probe = probe_video(path, s)
+        timings["probe_s"] = time.perf_counter() - t1
+        with session_scope(ctx.sessions) as db:
+            row = db.get(Video, video_id)
+            row.probe = probe.to_dict()
+        check_video(probe, s)
+        stats = DecodeStats()
+        scorer = ctx.backend("quality")
+        outcome = curate_frames(iter_frames(path, probe, s, stats), probe, s, scorer, on_clip=write_keyframes)
+
+    rows = [Clip(id=clip_id(video_id, c.idx), video_id=video_id, idx=c.idx, start_frame=c.start_frame,
+                 end_frame=c.end_frame, start_s=c.start_s, end_s=c.end_s, score=c.score, quality=c.quality,
+                 state=c.state, reason=c.reason, keyframes=written.get(c.idx, []))
+            for c in outcome.clips]
+    kept = [c for c in outcome.clips if c.state == "kept"]
+    with session_scope(ctx.sessions) as db:
+        db.execute(delete(Clip).where(Clip.video_id == video_id))
+        db.flush()
+        db.add_all(rows)
+        row = db.get(Video, video_id)
+        row.stage_done = "curate"
+        if kept:
+            row.state, row.reason = "running", None
+    _delete_stale_keyframes(ctx, video_id, {e["key"] for es in written.values() for e in es})
+
+    details = {
+        "frames": outcome.frames, "cuts": outcome.cuts,
+        "clips": len(outcome.clips), "kept": len(kept),
+        "decode_fps": round(stats.fps, 1), "decode_s": round(stats.seconds, 3),
+        "decode_errors": stats.errors[:5],
+        **{k: round(v, 3) for k, v in timings.items()},
+    }
+    if not kept:
+        reasons = "; ".join(f"clip {c.idx} [{c.start_frame}-{c.end_frame}): {c.reason}" for c in outcome.clips[:8])
+        raise Rejected(f"no clip kept ({len(outcome.clips)} clip(s)): {reasons}" if outcome.clips
+                       else "no clip kept: no shot found")
+    return StageResult(status="ok", next=[("mine", video_id)], details=details)
+
+
+def _delete_stale_keyframes(ctx: Context, video_id: str, live: set[str]) -> None:
+    prefix = safe_key("videos", video_id, "clips") + "/"
+    for info in list(ctx.store.list(prefix)):
+        if "/frames/" in info.key and info.key not in live:
+            ctx.store.delete(info.key)

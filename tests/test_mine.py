@@ -1,0 +1,263 @@
+"""Stage 2, mine & pair: the pure stage on the generated ground truth and on edge
+cases, and the service on real databases and stores."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from mining_fixtures import BORDER, FULL_FRAME, TINY, gt_clips, iou, make_clip, seed_video
+from opensubject_tasks.backends.base import CategoryList, Detection
+from opensubject_tasks.backends.registry import get_backend
+from opensubject_tasks.config import MineSettings, load_settings
+from opensubject_tasks.stages import mine as M
+
+RUNTIME = {"device": "cpu", "dtype": "auto", "batch_size": 4}
+SETTINGS = MineSettings()
+
+
+def backends():
+    return {"vlm": get_backend("vlm", "none", **RUNTIME),
+            "detector": get_backend("detector", "classical", **RUNTIME),
+            "embedder": get_backend("embedder", "classical", **RUNTIME)}
+
+
+def mine(frames, numbers, settings: MineSettings = SETTINGS) -> M.MineResult:
+    return M.mine_clip(frames, numbers, settings=settings, **backends())
+
+
+# ------------------------------------------------------------------- pure helpers
+
+def test_category_consensus_keeps_what_most_frames_agree_on() -> None:
+    lists = [CategoryList(["Cat", "cup"]), CategoryList(["cat."]), CategoryList(["cat", "dog"]),
+             CategoryList([], error="unparsable reply")]
+    kept, answered = M.category_consensus(lists, 0.5)
+    assert answered and kept == {"cat": 1.0}          # 3 of the 3 frames that answered
+    kept, _ = M.category_consensus(lists, 0.3)
+    assert kept == {"cat": 1.0, "cup": pytest.approx(1 / 3), "dog": pytest.approx(1 / 3)}
+    assert M.category_consensus([CategoryList([], error="no VLM configured")] * 3, 0.5) == ({}, False)
+
+
+def test_box_problems_and_subject_reasons() -> None:
+    w, h = 640, 360
+    assert M.box_problem([100, 100, 300, 300], w, h, SETTINGS) is None
+    assert M.box_problem([100, 100, 120, 115], w, h, SETTINGS) == "tiny"
+    assert M.box_problem([5, 3, 636, 358], w, h, SETTINGS) == "full-frame"
+    assert M.box_problem([0, 100, 200, 300], w, h, SETTINGS) == "border"
+    assert M.box_problem([100, 100, 640, 300], w, h, SETTINGS) == "border"
+
+    def subject(flags, usable, seen=6):
+        return M.SubjectResult(0, "object", "none", 1.0, {i: [0, 0, 1, 1] for i in range(seen)},
+                               {}, usable, flags)
+
+    full = M.subject_problem(subject({i: "full-frame" for i in range(5)}, [5]), 6, SETTINGS)
+    assert full.startswith("full-frame subject") and "5 of 6" in full
+    assert M.subject_problem(subject({i: "tiny" for i in range(6)}, []), 6, SETTINGS).startswith("tiny subject")
+    assert "frame border" in M.subject_problem(subject({0: "border", 1: "border"}, [2]), 6, SETTINGS)
+    assert M.subject_problem(subject({}, [0, 1], seen=2), 6, SETTINGS) == "seen in only 2 of 6 keyframes"
+    assert M.subject_problem(subject({}, [0, 1, 2, 3]), 6, SETTINGS) is None
+
+
+def _view(frame: int, box, emb) -> M._Box:
+    v = np.asarray(emb, np.float32)
+    return M._Box(frame, Detection(list(map(float, box)), 0.9, "object", 0), v / np.linalg.norm(v))
+
+
+def test_pairing_prefers_diverse_pairs_and_rejects_near_duplicates() -> None:
+    numbers = [0, 10, 20, 30, 40, 50]
+    e = [1.0, 0.1, 0.0]
+    ident = [_view(0, [100, 100, 200, 200], e), _view(1, [100, 100, 200, 200], e),   # duplicate views
+             _view(2, [150, 110, 270, 230], [1.0, 0.2, 0.1]),
+             _view(3, [300, 150, 380, 250], [1.0, 0.25, 0.1]),
+             _view(4, [60, 60, 260, 260], [0.2, 1.0, 0.0])]                          # another look
+    s = MineSettings(max_pairs_per_subject=2)
+    pairs, dropped = M.choose_pairs(ident, {0, 1, 2, 3, 4}, numbers, 640, 360, s)
+    assert len(pairs) == 2
+    assert dropped["near-duplicate"] == 1                # frames 0 and 1
+    assert dropped["identity below threshold"] == 4      # frame 4 against every other view
+    divs = [sc["diversity"] for _, _, sc in pairs]
+    assert divs == sorted(divs, reverse=True) and min(divs) >= s.min_diversity
+    for ref, tgt, sc in pairs:
+        assert M.box_area(ref.det.box) >= M.box_area(tgt.det.box)   # larger view is the reference
+        assert set(sc) >= {"identity", "diversity", "temporal", "scale", "position", "aspect", "appearance"}
+        assert all(0.0 <= sc[k] <= 1.0 for k in M.DIVERSITY_WEIGHTS)
+
+
+# ----------------------------------------------------------- edge cases, classical
+
+def test_clip_without_subject_gives_a_reason() -> None:
+    clip = make_clip([], pan=(0.2, 0.1), zoom=1.2)
+    r = mine(clip.frames, list(range(0, 60, 10)))
+    assert r.pairs == [] and r.subjects == []
+    assert r.reason.startswith("no subject") and r.category_source == "none"
+
+
+@pytest.mark.parametrize("paths, expected", [(TINY, "tiny subject"), (BORDER, "frame border")])
+def test_tiny_and_border_subjects_are_rejected_with_reasons(paths, expected) -> None:
+    clip = make_clip(paths)
+    r = mine(clip.frames, list(range(0, 60, 10)))
+    assert r.pairs == []
+    assert r.reason.startswith("no subject")
+    assert any(s.state == "rejected" and expected in (s.reason or "") for s in r.subjects), \
+        [(s.reason, s.boxes) for s in r.subjects]
+
+
+def test_full_frame_subject_gives_no_pair_and_a_reason() -> None:
+    # A subject filling the frame leaves the scene only at the edges: whatever the
+    # detector makes of it, no pair comes out and the clip says why.
+    clip = make_clip(FULL_FRAME, pan=(0.1, 0.0), zoom=1.1)
+    r = mine(clip.frames, list(range(0, 60, 10)))
+    assert r.pairs == [] and r.reason.startswith("no subject")
+    assert all(s.reason for s in r.subjects)
+
+
+def test_fewer_than_two_keyframes_is_a_reason_not_a_crash() -> None:
+    clip = make_clip(BORDER, n=2)
+    assert mine(clip.frames[:1], [0]).reason == "no subject: fewer than two keyframes"
+
+
+# ------------------------------------------------------------ the generated ground truth
+
+@pytest.fixture(scope="module")
+def ground_truth(sample_media):
+    clips = gt_clips(sample_media)
+    return [(c, mine(c.frames, c.frame_numbers)) for c in clips]
+
+
+def test_grounding_boxes_match_the_ground_truth(ground_truth) -> None:
+    hits = total = 0
+    for clip, r in ground_truth:
+        for track, boxes in clip.boxes.items():
+            for f, box in boxes.items():
+                best = max((iou(box, s.boxes[f]) for s in r.subjects if f in s.boxes), default=0.0)
+                total += 1
+                hits += best >= 0.5
+    assert total > 100
+    assert hits / total >= 0.9, f"IoU >= 0.5 on {hits}/{total} annotated subject keyframes"
+
+
+def test_identities_are_linked_across_keyframes(ground_truth) -> None:
+    for clip, r in ground_truth:
+        for track, boxes in clip.boxes.items():
+            ids = set()
+            for f, box in boxes.items():
+                match = [s.idx for s in r.subjects if f in s.boxes and iou(box, s.boxes[f]) >= 0.5]
+                ids.update(match[:1])
+            assert len(ids) <= 1, (clip.video, clip.idx, track, ids)
+
+
+def test_every_clip_with_a_moving_subject_yields_diverse_pairs(ground_truth) -> None:
+    for clip, r in ground_truth:
+        if not clip.boxes:
+            assert r.pairs == [] and r.reason.startswith("no subject"), (clip.video, r.reason)
+            continue
+        assert r.pairs, (clip.video, clip.idx, r.reason)
+        per_subject: dict[int, list] = {}
+        for p in r.pairs:
+            per_subject.setdefault(p.subject_idx, []).append(p)
+            assert p.ref_frame != p.tgt_frame
+            assert p.scores["identity"] >= SETTINGS.min_identity
+            assert p.scores["diversity"] >= SETTINGS.min_diversity
+            assert not (p.scores["box_iou"] >= SETTINGS.near_duplicate_iou
+                        and p.scores["identity"] >= SETTINGS.near_duplicate_identity)
+        assert all(len(v) <= SETTINGS.max_pairs_per_subject for v in per_subject.values())
+        # pairs of one subject are distinct frame pairs
+        for ps in per_subject.values():
+            assert len({frozenset((p.ref_frame, p.tgt_frame)) for p in ps}) == len(ps)
+
+
+# ------------------------------------------------------------------------ the service
+
+@pytest.fixture(scope="module")
+def two_videos(sample_media):
+    clips = gt_clips(sample_media)
+    with_subject = [c for c in clips if c.video == "cat_pan_cut.mp4"]
+    without = [c for c in clips if c.video == "static_scene.mp4"]
+    return with_subject, without
+
+
+def _context(settings):
+    from opensubject_tasks.context import Context
+    from opensubject_tasks.db.engine import upgrade
+
+    ctx = Context.from_settings(settings)
+    upgrade(ctx.engine)
+    return ctx
+
+
+@pytest.fixture(params=["embedded", "postgres+s3"])
+def service_ctx(request, tmp_path):
+    if request.param == "embedded":
+        settings = request.getfixturevalue("embedded_settings")
+    else:
+        settings = load_settings(database_url=request.getfixturevalue("pg_db"),
+                                 store=request.getfixturevalue("s3_store_settings").model_dump())
+    ctx = _context(settings)
+    yield ctx
+    ctx.engine.dispose()
+
+
+def _counts(ctx):
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Pair, Sample, Subject
+
+    with session_scope(ctx.sessions) as s:
+        return tuple(s.scalar(select(func.count()).select_from(t)) for t in (Subject, Pair, Sample))
+
+
+def test_mine_service_writes_rows_idempotently(service_ctx, two_videos) -> None:
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
+    from opensubject_tasks.services.common import run_stage
+    from opensubject_tasks.stages.verify import sample_seed
+
+    ctx = service_ctx
+    with_subject, without = two_videos
+    vid = seed_video(ctx, with_subject)
+    empty = seed_video(ctx, without)
+
+    res = run_stage(ctx, "mine", vid)
+    assert res.status == "ok", res.reason
+    assert res.next and all(stage == "synthesize" for stage, _ in res.next)
+    first = _counts(ctx)
+    with session_scope(ctx.sessions) as s:
+        samples = s.scalars(select(Sample).order_by(Sample.id)).all()
+        assert [x.id for x in samples] == sorted(sid for _, sid in res.next)
+        for x in samples:
+            pair = s.get(Pair, x.pair_id)
+            subject = s.get(Subject, pair.subject_id)
+            assert x.id == pair.id == f"{subject.id}-p{pair.ref_frame}-{pair.tgt_frame}"
+            assert x.state == "pending" and x.attempt == 1 and x.build_id == "test-build"
+            assert x.seed == sample_seed(x.id, 1, ctx.settings.synth.base_seed)
+            assert subject.category == "object" and subject.category_source == "none"
+            assert subject.state == "kept" and str(pair.ref_frame) in subject.boxes
+            assert {"identity", "diversity"} <= set(pair.scores)
+        assert s.get(Video, vid).stage_done == "mine"
+        assert all(c.state == "mined" for c in s.scalars(select(Clip).where(Clip.video_id == vid)))
+        # a sample that moved on keeps its state when mining runs again
+        samples[0].state, samples[0].attempt = "verified", 2
+
+    again = run_stage(ctx, "mine", vid)
+    assert again.status == "ok"
+    assert _counts(ctx) == first                                    # nothing duplicated
+    assert len(again.next) == len(res.next) - 1                     # the verified one needs nothing
+    with session_scope(ctx.sessions) as s:
+        kept = s.get(Sample, samples[0].id)
+        assert (kept.state, kept.attempt) == ("verified", 2)
+
+    rejected = run_stage(ctx, "mine", empty)
+    assert rejected.status == "rejected" and rejected.reason.startswith("no subject")
+    with session_scope(ctx.sessions) as s:
+        video = s.get(Video, empty)
+        assert video.state == "rejected" and video.reason.startswith("no subject")
+        clip = s.scalars(select(Clip).where(Clip.video_id == empty)).first()
+        assert clip.reason.startswith("no subject")
+    assert _counts(ctx) == first
+
+
+def test_mine_service_refuses_unknown_video(embedded_settings) -> None:
+    from opensubject_tasks.services.common import run_stage
+
+    ctx = _context(embedded_settings)
+    res = run_stage(ctx, "mine", "nope")
+    assert res.status == "failed" and "does not exist" in res.reason
