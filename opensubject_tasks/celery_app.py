@@ -90,3 +90,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 app = Celery("opensubject", include=["opensubject_tasks.tasks"])
 # Evaluated when the configuration is first read, not at import.
 app.add_defaults(lambda: celery_config(load_settings()))
+
+
+def configure(settings: Settings | None = None) -> Celery:
+    """Apply the current settings again, for a process whose environment changed after the
+    configuration was first read (a test harness pointing at fresh services)."""
+    app.conf.update(celery_config(settings or load_settings()))
+    app.close()  # pooled broker connections were made with the old settings
+    return app

@@ -145,8 +145,8 @@ class BackendSettings(_Section):
 
 
 class StageTimeLimit(_Section):
-    soft_s: int = Field(ge=1)   # SoftTimeLimitExceeded is raised in the task: recorded, retried
-    hard_s: int = Field(ge=1)   # the pool process is killed: recorded by the worker, retried
+    soft_s: float = Field(gt=0)   # SoftTimeLimitExceeded is raised in the task: recorded, retried
+    hard_s: float = Field(gt=0)   # the pool process is killed: recorded by the worker, retried
 
     @model_validator(mode="after")
     def _hard_after_soft(self) -> StageTimeLimit:
@@ -157,8 +157,8 @@ class StageTimeLimit(_Section):
 
 class CelerySettings(_Section):
     result_backend: str | None = None  # default: db+<database_url>
-    soft_time_limit_s: int = Field(1800, ge=1)   # stages without their own entry below
-    hard_time_limit_s: int = Field(2100, ge=1)
+    soft_time_limit_s: float = Field(1800, gt=0)   # stages without their own entry below
+    hard_time_limit_s: float = Field(2100, gt=0)
     # Per stage (task name without the "opensubject." prefix). Model stages get the most.
     time_limits: dict[str, StageTimeLimit] = Field(default_factory=lambda: {
         "ingest": StageTimeLimit(soft_s=600, hard_s=660),

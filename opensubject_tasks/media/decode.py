@@ -49,13 +49,13 @@ class KeyframeCandidate:
 
     def __init__(self, frame: av.VideoFrame, size: tuple[int, int], rotation: int) -> None:
         if frame.width * frame.height > _HOLD_RAW_MAX_PIXELS:
-            frame = frame.reformat(width=size[0], height=size[1], interpolation="AREA")
+            frame = frame.reformat(width=size[0], height=size[1], interpolation="AREA", threads=1)
         self._frame, self._size, self._rotation = frame, size, rotation
 
     def image(self) -> np.ndarray:
         """RGB uint8, upright, longest side <= keyframe_max_side."""
         img = self._frame.to_ndarray(width=self._size[0], height=self._size[1], format="rgb24",
-                                     interpolation="AREA")
+                                     interpolation="AREA", threads=1)
         if self._rotation:
             img = np.ascontiguousarray(np.rot90(img, k=self._rotation // 90))
         return img
@@ -106,8 +106,10 @@ def iter_frames(path: str | Path, probe: ProbeResult, s: CurateSettings,
                 for frame in c.decode(stream):
                     if index >= s.max_frames:
                         raise BadInput(f"more than max_frames={s.max_frames} frames decoded")
+                    # area averaging on one thread: swscale's default thread pool costs
+                    # more than it saves at this size, and competes with the decoder
                     small = frame.to_ndarray(width=aw, height=ah, format="bgr24",
-                                             interpolation="FAST_BILINEAR")
+                                             interpolation="AREA", threads=1)
                     cand = KeyframeCandidate(frame, (kw, kh), probe.rotation) if index % stride == 0 else None
                     yield Frame(index, float(frame.time) if frame.time is not None else index / probe.fps,
                                 small, cand)
@@ -119,6 +121,9 @@ def iter_frames(path: str | Path, probe: ProbeResult, s: CurateSettings,
             except av.error.FFmpegError as exc:
                 stats.errors.append(f"frame {index}: {getattr(exc, 'strerror', None) or exc}")
     except av.error.FFmpegError as exc:
+        if time.monotonic() > deadline:  # FFmpeg's own I/O timeout fired
+            raise BadInput(f"decoding took longer than decode_timeout_s={s.decode_timeout_s:g} "
+                           f"({index} frames decoded)") from None
         raise BadInput(f"cannot decode the video: {getattr(exc, 'strerror', None) or exc}") from None
     finally:
         stats.seconds = time.monotonic() - t0

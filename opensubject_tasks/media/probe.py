@@ -60,6 +60,8 @@ class ProbeResult:
 def _open(path: Path, timeout_s: float) -> av.container.InputContainer:
     try:
         return av.open(str(path), mode="r", timeout=(timeout_s, timeout_s))
+    except av.error.ExitError:  # FFmpeg's I/O timeout fired
+        raise BadInput(f"opening took longer than decode_timeout_s={timeout_s:g}") from None
     except av.error.InvalidDataError:
         raise BadInput("not a video FFmpeg can read (invalid or unknown container data)") from None
     except av.error.FFmpegError as exc:

@@ -25,6 +25,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
 
 from opensubject_tasks.backends.base import Detection, Image
 from opensubject_tasks.backends.registry import register
@@ -49,7 +51,7 @@ class MotionSaliencyDetector:
     def __init__(self, work_side: int = 320, min_area: float = 0.002, threshold: float = 20.0,
                  noise_k: float = 6.0, quantile: float = 0.3, saliency_weight: float = 0.3,
                  min_score: float = 0.3, link_min: float = 0.45, max_gap: int = 2,
-                 max_proposals: int = 8) -> None:
+                 max_proposals: int = 8, scene_spread: float = 0.15) -> None:
         self.work_side = work_side            # frames are analysed at this longest side
         self.min_area = min_area              # smallest region, as a share of the frame
         self.threshold = threshold            # smallest colour difference (0-255) that counts as motion
@@ -60,6 +62,7 @@ class MotionSaliencyDetector:
         self.link_min = link_min              # smallest affinity that links two boxes
         self.max_gap = max_gap                # keyframes a track may skip
         self.max_proposals = max_proposals    # per keyframe
+        self.scene_spread = scene_spread      # a motion layer spread over less of the frame may be a subject
         self._features = cv2.SIFT_create(nfeatures=3000, contrastThreshold=0.02)
         self._saliency = cv2.saliency.StaticSaliencySpectralResidual_create()
 
@@ -70,14 +73,19 @@ class MotionSaliencyDetector:
         fs = [self._prepare(f) for f in frames]
         n = len(fs)
         homog = self._register_all(fs)
-        plain = [self._differences(fs, homog, i) for i in range(n)]
-        first = [self._regions(fs[i], *self._motion(plain[i], shape=fs[i].grey.shape)) for i in range(n)]
+        plain = [self._motion(self._differences(fs, homog, i), fs[i].grey.shape) for i in range(n)]
+        first = [self._regions(fs[i], m, t, self._candidates(m, t)) for i, (m, _, t) in enumerate(plain)]
         # Second pass: compare a keyframe with another one only where that one shows the
         # scene, not a subject found by the first pass. A slow subject then no longer
         # hides itself (it overlaps its own other views) nor leaves negative ghosts.
         seen = [self._subject_mask(fs[j], regions) for j, regions in enumerate(first)]
-        second = [self._regions(fs[i], *self._motion(self._differences(fs, homog, i, seen), plain[i],
-                                                     fs[i].grey.shape)) for i in range(n)]
+        second = []
+        for i in range(n):
+            m2, n2, t2 = self._motion(self._differences(fs, homog, i, seen), fs[i].grey.shape)
+            m1, _, t1 = plain[i]
+            binary = self._refine(fs[i], m1, t1, m2, n2, t2)
+            score_map = np.where(n2 > 0, m2, m1)
+            second.append(self._regions(fs[i], score_map, min(t1, t2), binary))
         per_frame = [[(box, score) for box, score, _ in regions] for regions in second]
         tracks = self._link(fs, homog, per_frame)
         out: list[list[Detection]] = []
@@ -139,7 +147,7 @@ class MotionSaliencyDetector:
         everywhere. With a prior (a chained estimate) only the matches that agree with
         it are used, so the estimate stays on the scene's layer."""
         sh, sw = a.grey.shape
-        best, best_spread = None, 0.0
+        best, best_spread, best_hull = None, 0.0, None
         if a.des is not None and b.des is not None and len(a.des) >= 8 and len(b.des) >= 8:
             pairs = [p for p in cv2.BFMatcher(cv2.NORM_L2).knnMatch(b.des, a.des, k=2) if len(p) == 2]
             for ratio in (0.8, 0.95):
@@ -154,20 +162,44 @@ class MotionSaliencyDetector:
                     hull = cv2.convexHull(dst[inliers].reshape(-1, 1, 2))
                     spread = cv2.contourArea(hull) / float(sw * sh)
                     if spread > best_spread:
-                        best, best_spread = hmat, spread
-        if best is not None and best_spread >= 0.02:
+                        best, best_spread, best_hull = hmat, spread, hull
+        if prior is not None:
+            return best if best is not None and best_spread >= 0.02 else prior
+        if best is not None and best_spread >= self.scene_spread:
             return best
-        return prior if prior is not None else self._register_ecc(a, b)
+        # Only a compact layer (or none): it may well be a textured subject on a plain
+        # scene. Fit the camera on everything else by ECC and keep whichever of the two
+        # explains the rest of the frame better.
+        exclude = np.zeros((sh, sw), np.uint8)
+        if best_hull is not None:
+            cv2.fillConvexPoly(exclude, best_hull.reshape(-1, 2).astype(np.int32), 1)
+            k = max(3, int(0.05 * max(sh, sw)) | 1)
+            exclude = cv2.dilate(exclude, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+        ecc = self._register_ecc(a, b, exclude)
+        if best is None or ecc is None:
+            return ecc if best is None else best
+        return ecc if _residual(a, b, ecc, exclude) < _residual(a, b, best, exclude) else best
 
     @staticmethod
-    def _register_ecc(a: _Frame, b: _Frame) -> np.ndarray | None:
+    def _register_ecc(a: _Frame, b: _Frame, exclude: np.ndarray | None = None) -> np.ndarray | None:
+        """Affine camera motion by ECC, coarse to fine, ignoring ``exclude`` (in a)."""
         warp = np.eye(2, 3, dtype=np.float32)
-        try:
-            _, warp = cv2.findTransformECC(a.grey, b.grey, warp, cv2.MOTION_AFFINE,
-                                           (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 60, 1e-4),
-                                           None, 5)
-        except cv2.error:
-            return None
+        criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 80, 1e-5)
+        for scale in (0.25, 0.5, 1.0):
+            ga = cv2.resize(a.grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+            gb = cv2.resize(b.grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+            mask = None
+            if exclude is not None and exclude.any():
+                mask = (cv2.resize(exclude, (ga.shape[1], ga.shape[0]), interpolation=cv2.INTER_NEAREST) == 0
+                        ).astype(np.uint8)
+            level = warp.copy()
+            level[:, 2] *= scale
+            try:
+                _, level = cv2.findTransformECC(ga, gb, level, cv2.MOTION_AFFINE, criteria, mask, 5)
+            except cv2.error:
+                return None
+            warp = level.copy()
+            warp[:, 2] /= scale
         # ECC's warp maps a's pixels into b; invert it to map b into a
         hmat = np.linalg.inv(np.vstack([warp, [0, 0, 1]]).astype(np.float64))
         return hmat if _sane(hmat) else None
@@ -200,6 +232,7 @@ class MotionSaliencyDetector:
             valid = cv2.erode(valid, np.ones((5, 5), np.uint8)) > 0
             if exclude is not None:
                 valid &= cv2.warpPerspective(exclude[j], h_ij, (sw, sh), flags=cv2.INTER_NEAREST) == 0
+            warped = _match_exposure(warped, f.rgb, valid)
             lo_j, hi_j = cv2.erode(warped, kernel), cv2.dilate(warped, kernel)
             # differences that a one-pixel misregistration would explain do not count
             # (saturating uint8 subtraction: negative differences become 0)
@@ -210,28 +243,69 @@ class MotionSaliencyDetector:
             diffs.append(d)
         return np.sort(np.stack(diffs), axis=0) if diffs else None
 
-    def _motion(self, stack: np.ndarray | None, fallback: np.ndarray | None = None,
-                shape: tuple[int, int] = (1, 1)) -> tuple[np.ndarray, float]:
-        """Motion map (a low quantile of the sorted differences) and its threshold.
-        Pixels ``stack`` has no comparison for take their value from ``fallback`` where
-        that one compared the pixel with at least three keyframes (with fewer, a
-        subject's former places would show up as motion)."""
+    def _motion(self, stack: np.ndarray | None, shape: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Motion map (a low quantile of the sorted differences), how many keyframes
+        each pixel was compared with, and the threshold above which it counts."""
         if stack is None:
-            stack, fallback = fallback, None
-        if stack is None:
-            return np.zeros(shape, np.float32), float("inf")
+            return np.zeros(shape, np.float32), np.zeros(shape, int), float("inf")
         motion, n_valid = self._quantile(stack)
-        if fallback is not None:
-            motion2, n_valid2 = self._quantile(fallback)
-            use = (n_valid == 0) & (n_valid2 >= 3)
-            motion = np.where(use, motion2, motion)
-            n_valid = np.where(use, n_valid2, n_valid)
         seen = motion[n_valid > 0]
         if seen.size == 0:
-            return motion, float("inf")
+            return motion, n_valid, float("inf")
         med = float(np.median(seen))
         mad = float(np.median(np.abs(seen - med))) * 1.4826
-        return motion, max(self.threshold, med + self.noise_k * mad)
+        return motion, n_valid, max(self.threshold, med + self.noise_k * mad)
+
+    def _candidates(self, motion: np.ndarray, thr: float) -> np.ndarray:
+        """Regions of weak motion (hysteresis at half the threshold), closed, holes filled."""
+        if not np.isfinite(thr):
+            return np.zeros(motion.shape, bool)
+        binary = (motion > 0.5 * thr).astype(np.uint8)
+        k = max(5, int(0.03 * max(motion.shape)) | 1)
+        binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+        return ndimage.binary_fill_holes(binary)
+
+    def _refine(self, f: _Frame, m1: np.ndarray, t1: float, m2: np.ndarray, n2: np.ndarray,
+                t2: float) -> np.ndarray:
+        """The moving pixels of a keyframe from both passes. Where the second pass had
+        no keyframe showing the scene to compare with, colour decides (GrabCut seeded
+        by the pixels whose motion or stillness is certain): a subject's part that only
+        overlapped its own other views joins it, a former place of the subject that
+        shows the scene again does not."""
+        cand = self._candidates(m1, t1) | self._candidates(m2, t2)
+        if not cand.any() or not np.isfinite(t2):
+            return cand
+        known = n2 > 0
+        trimap = np.full(cand.shape, cv2.GC_BGD, np.uint8)
+        # the colour model may grow a region a little past the moving pixels (a slow
+        # subject's plain parts do not move against its own other views)
+        k = max(5, int(0.05 * max(cand.shape)) | 1)
+        near = cv2.dilate(cand.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))).astype(bool)
+        trimap[near] = cv2.GC_PR_BGD
+        trimap[cand & ~known] = cv2.GC_PR_FGD
+        trimap[cand & known & (m2 > 0.5 * t2)] = cv2.GC_PR_FGD
+        trimap[cand & known & (m2 > t2)] = cv2.GC_FGD
+        if not (trimap == cv2.GC_FGD).any() or (cand & ~known).sum() == 0:
+            return cand & (~known | (m2 > 0.5 * t2))
+        ys, xs = np.nonzero(near)
+        pad = int(0.1 * max(cand.shape))
+        y0, y1 = max(0, ys.min() - pad), min(cand.shape[0], ys.max() + 1 + pad)
+        x0, x1 = max(0, xs.min() - pad), min(cand.shape[1], xs.max() + 1 + pad)
+        sub = np.ascontiguousarray(trimap[y0:y1, x0:x1])
+        bgr = cv2.cvtColor(np.ascontiguousarray(f.rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2BGR)
+        cv2.setRNGSeed(0)  # GrabCut's colour models are initialised from OpenCV's RNG
+        try:
+            cv2.grabCut(bgr, sub, None, np.zeros((1, 65)), np.zeros((1, 65)), 3, cv2.GC_INIT_WITH_MASK)
+        except cv2.error:
+            return cand & (~known | (m2 > 0.5 * t2))
+        out = np.zeros(cand.shape, bool)
+        out[y0:y1, x0:x1] = (sub == cv2.GC_FGD) | (sub == cv2.GC_PR_FGD)
+        out &= near
+        k = max(3, int(0.015 * max(cand.shape)) | 1)
+        out = cv2.morphologyEx(out.astype(np.uint8), cv2.MORPH_OPEN,
+                               cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+        return ndimage.binary_fill_holes(out)
 
     def _quantile(self, stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n_valid = np.isfinite(stack).sum(axis=0)
@@ -240,35 +314,36 @@ class MotionSaliencyDetector:
         motion[n_valid == 0] = 0
         return motion.astype(np.float32), n_valid
 
-    def _regions(self, f: _Frame, motion: np.ndarray, thr: float
+    def _regions(self, f: _Frame, motion: np.ndarray, thr: float, binary: np.ndarray
                  ) -> list[tuple[list[float], float, np.ndarray]]:
-        if not np.isfinite(thr):
+        """Boxes of the connected moving regions (touching subjects split apart), each
+        scored by its motion strength fused with its saliency contrast."""
+        if not np.isfinite(thr) or not binary.any():
             return []
         sh, sw = motion.shape
-        # hysteresis: regions of weak motion, kept when they hold enough strong motion
         strong = motion > thr
-        binary = (motion > 0.5 * thr).astype(np.uint8)
-        k = max(5, int(0.03 * max(sh, sw)) | 1)
-        binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-        binary = ndimage.binary_fill_holes(binary).astype(np.uint8)
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+        binary = binary.astype(np.uint8)
+        count, labels = cv2.connectedComponents(binary, connectivity=8)
         out = []
         min_px = self.min_area * sh * sw
         sal_total = float(f.saliency.sum())
         for c in range(1, count):
-            x, y, w, h, area = stats[c]
-            if area < min_px:
+            component = labels == c
+            if component.sum() < min_px:
                 continue
-            region = labels == c
-            if strong[region].sum() < 0.25 * min_px:
-                continue
-            strength = float(np.clip(motion[region].mean() / (3 * thr), 0, 1))
-            sal_in = float(f.saliency[region].mean())
-            sal_out = (sal_total - float(f.saliency[region].sum())) / max(region.size - area, 1)
-            contrast = sal_in / (sal_in + sal_out + 1e-6)
-            score = (1 - self.saliency_weight) * (0.5 + 0.5 * strength) + self.saliency_weight * contrast
-            if score >= self.min_score:
-                out.append(([float(x), float(y), float(x + w), float(y + h)], score, region))
+            for region in _split_touching(component):
+                area = int(region.sum())
+                if area < min_px or strong[region].sum() < 0.25 * min_px:
+                    continue
+                ys, xs = np.nonzero(region)
+                strength = float(np.clip(motion[region].mean() / (3 * thr), 0, 1))
+                sal_in = float(f.saliency[region].mean())
+                sal_out = (sal_total - float(f.saliency[region].sum())) / max(region.size - area, 1)
+                contrast = sal_in / (sal_in + sal_out + 1e-6)
+                score = (1 - self.saliency_weight) * (0.5 + 0.5 * strength) + self.saliency_weight * contrast
+                if score >= self.min_score:
+                    box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+                    out.append((box, score, region))
         out.sort(key=lambda r: -r[1])
         return out[: self.max_proposals]
 
@@ -304,6 +379,76 @@ class MotionSaliencyDetector:
                 frame_ids.append(tid)
             ids.append(frame_ids)
         return ids
+
+
+def _split_touching(component: np.ndarray, min_share: float = 0.2, neck_ratio: float = 0.6
+                    ) -> list[np.ndarray]:
+    """Split a region made of two or more blobs that touch through a narrow neck (two
+    subjects side by side). Watershed on the distance transform; two parts are merged
+    back unless both are large (``min_share`` of the region) and the neck between them
+    is narrow (under ``neck_ratio`` of the smaller part's thickness), so one subject's
+    limbs or head stay with it."""
+    dist = cv2.distanceTransform(component.astype(np.uint8), cv2.DIST_L2, 5)
+    peak = float(dist.max())
+    if peak < 3:
+        return [component]
+    markers, n = ndimage.label(h_maxima(dist, 0.25 * peak))
+    if n < 2:
+        return [component]
+    parts = watershed(-dist, markers, mask=component)
+    total = float(component.sum())
+    merged = True
+    while merged:
+        merged = False
+        labels = [v for v in np.unique(parts) if v > 0]
+        if len(labels) < 2:
+            break
+        for a in labels:
+            for b in labels:
+                if b <= a:
+                    continue
+                pa, pb = parts == a, parts == b
+                touch = cv2.dilate(pa.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & pb
+                if not touch.any():
+                    continue
+                neck = float(dist[touch].max())
+                thin = min(float(dist[pa].max()), float(dist[pb].max()))
+                if min(pa.sum(), pb.sum()) < min_share * total or neck > neck_ratio * thin:
+                    parts[pb] = a
+                    merged = True
+                    break
+            if merged:
+                break
+    return [parts == v for v in np.unique(parts) if v > 0]
+
+
+def _residual(a: _Frame, b: _Frame, h: np.ndarray, exclude: np.ndarray) -> float:
+    """Median grey difference between frame a and frame b warped by h, outside ``exclude``."""
+    sh, sw = a.grey.shape
+    warped = cv2.warpPerspective(b.grey, h, (sw, sh), flags=cv2.INTER_LINEAR)
+    valid = cv2.warpPerspective(np.ones((sh, sw), np.uint8), h, (sw, sh), flags=cv2.INTER_NEAREST) > 0
+    valid &= exclude == 0
+    if valid.sum() < 0.1 * sh * sw:
+        return float("inf")
+    return float(np.median(cv2.absdiff(a.grey, warped)[valid]))
+
+
+def _match_exposure(image: np.ndarray, reference: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Scale each channel by the median ratio of reference to image over aligned pixels:
+    exposure and lighting drift between keyframes is not motion. (A ratio per pixel:
+    the scene's pixels agree on it, a subject's are outliers.)"""
+    out = image.astype(np.float32)
+    changed = False
+    for c in range(3):
+        a, b = image[..., c][valid].astype(np.float32), reference[..., c][valid].astype(np.float32)
+        lit = (a > 20) & (b > 20)
+        if lit.sum() < 100:
+            continue
+        gain = float(np.median(b[lit] / a[lit]))
+        if 0.5 < gain < 2.0 and abs(gain - 1.0) > 0.02:
+            out[..., c] *= gain
+            changed = True
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8) if changed else image
 
 
 def _channel_max(a: np.ndarray) -> np.ndarray:

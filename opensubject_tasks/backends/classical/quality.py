@@ -1,8 +1,9 @@
 """Classical clip quality: sharpness, exposure, contrast and motion from a few frames.
 
-Each metric is mapped to 0..1 (1 = good) and the score is their weighted mean.
-All are measured at one working width so that the numbers do not depend on the
-source resolution.
+Each metric is mapped to 0..1 (1 = good) and the score is their weighted
+geometric mean, so one failed metric (a black, flat or badly blurred clip) sinks
+the score however good the others are. All are measured at one working width so
+that the numbers do not depend on the source resolution.
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def _gray(img: Image) -> np.ndarray:
 
 
 def sharpness(gray: np.ndarray) -> float:
-    """Variance of the Laplacian on a log scale: ~10 (blurred) -> 0.33, ~1000 (crisp) -> 1."""
+    """Variance of the Laplacian on a log scale: <= 10 (badly blurred or flat) -> 0,
+    100 -> 0.5, >= 1000 (crisp) -> 1."""
     var = float(cv2.Laplacian(gray, cv2.CV_64F).var())
-    return min(1.0, math.log10(var + 1.0) / 3.0)
+    return min(1.0, max(0.0, (math.log10(var + 1.0) - 1.0) / 2.0))
 
 
 def exposure(gray: np.ndarray) -> float:
@@ -76,7 +78,7 @@ class ClassicalQuality:
                 "contrast": float(np.mean([contrast(g) for g in grays])),
             }
             m["motion_raw"], m["motion"] = motion(grays)
-            score = sum(WEIGHTS[k] * m[k] for k in WEIGHTS)
+            score = math.exp(sum(w * math.log(max(m[k], 0.01)) for k, w in WEIGHTS.items()))
             out.append(QualityScore(round(float(score), 4), {k: round(v, 4) for k, v in m.items()}))
         return out
 

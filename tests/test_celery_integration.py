@@ -1,0 +1,367 @@
+"""The distributed build with real processes: PostgreSQL, Redis, an S3 server, Celery
+worker processes started here, and Airflow's ``dag.test()`` of the real DAGs.
+
+The reference for "nothing lost, nothing duplicated" is the embedded runner over the
+same videos (same ids, keys and seeds by construction): the distributed build, with or
+without workers killed in the middle of a task, must leave exactly the same rows and
+objects.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from airflow_fixtures import Worker, airflow_db, load_dag, run_dag_test, service_env  # noqa: F401
+
+VIDEOS = ("cat_pan_cut.mp4", "static_scene.mp4", "two_subjects.mp4")
+BAD = ("notes.mp4", b"this is a text file, not a video\n")
+TERMINAL_SAMPLE = {"verified", "rejected", "failed"}
+
+
+# --- helpers -----------------------------------------------------------------------------------
+def _store(store_settings):
+    from opensubject_tasks.storage import make_store
+
+    return make_store(store_settings)
+
+
+def upload(store, media: Path, names, bad: bool = True) -> None:
+    for name in names:
+        store.put_file(f"raw/{name}", media / name, "video/mp4")
+    if bad:
+        store.put_bytes(f"raw/{BAD[0]}", BAD[1], "video/mp4")
+
+
+def snapshot(ctx, build_id: str | None = None) -> dict:
+    """Every row a build leaves, by id, with the states that matter."""
+    from sqlalchemy import select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
+
+    with session_scope(ctx.sessions) as s:
+        return {
+            "videos": {v.name: (v.id, v.state) for v in s.scalars(select(Video))},
+            "clips": {c.id: (c.state, c.start_frame, c.end_frame) for c in s.scalars(select(Clip))},
+            "subjects": {x.id: x.category for x in s.scalars(select(Subject))},
+            "pairs": {p.id: (p.ref_frame, p.tgt_frame) for p in s.scalars(select(Pair))},
+            "samples": {x.id: (x.state, x.attempt, x.seed) for x in s.scalars(select(Sample))},
+        }
+
+
+def keys(store, prefix: str) -> set[str]:
+    return {o.key for o in store.list(prefix)}
+
+
+def attempts(ctx) -> list:
+    from sqlalchemy import select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import StageAttempt
+
+    with session_scope(ctx.sessions) as s:
+        return list(s.execute(select(StageAttempt.stage, StageAttempt.entity_id, StageAttempt.status,
+                                     StageAttempt.worker, StageAttempt.error, StageAttempt.attempt)
+                              .order_by(StageAttempt.id)).all())
+
+
+@pytest.fixture(scope="module")
+def reference(s3_server, sample_media, tmp_path_factory):
+    """The embedded runner's build of the same videos (SQLite + its own bucket)."""
+    from opensubject_tasks.config import StoreSettings, load_settings
+    from opensubject_tasks.context import Context
+    from opensubject_tasks.runner import run_build
+
+    store_settings = StoreSettings(kind="minio", endpoint=s3_server.endpoint, access_key="testkey",
+                                   secret_key="testsecret", bucket=f"ref-{uuid.uuid4().hex[:10]}")
+    upload(_store(store_settings), sample_media, VIDEOS)
+    db = tmp_path_factory.mktemp("reference") / "ref.sqlite"
+    ctx = Context.from_settings(load_settings(database_url=f"sqlite:///{db}", store=store_settings.model_dump()))
+    run_build(ctx, ["store://raw/"], "it")
+    return {"rows": snapshot(ctx), "objects": keys(ctx.store, "videos/")}
+
+
+@pytest.fixture()
+def stack(pg_db, redis_url, s3_store_settings, monkeypatch, airflow_db, tmp_path):  # noqa: F811
+    """Environment for this test's services, shared by the workers and Airflow's tasks."""
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()  # no message left over from another test
+
+    def apply(**extra: str) -> dict[str, str]:
+        env = service_env(pg_db, redis_url, s3_store_settings, **extra)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        from opensubject_tasks.celery_app import configure
+
+        configure()
+        return env
+
+    from opensubject_tasks.orchestrate import context
+
+    workers: list[Worker] = []
+
+    def worker(name: str, env: dict[str, str]) -> Worker:
+        w = Worker(env, name, tmp_path / f"worker-{name}.log")
+        workers.append(w)
+        return w.start()
+
+    yield {"apply": apply, "worker": worker, "store": _store(s3_store_settings), "context": context,
+           "tmp": tmp_path}
+    for w in workers:
+        w.stop()
+
+
+def assert_all_green(states: dict, expect_mapped: int) -> None:
+    bad = {k: v for k, v in states.items() if v not in ("success", "skipped")}
+    assert not bad, bad
+    assert states[("watch", -1)] == "skipped"  # nothing failed
+    assert sum(1 for (t, i) in states if t == "video.curate" and i >= 0) == expect_mapped
+    for tid in ("start", "register", "claim", "export", "report"):
+        assert states[(tid, -1)] == "success", tid
+
+
+def assert_same_as_reference(ctx, store, reference) -> None:
+    rows = snapshot(ctx)
+    ref = reference["rows"]
+    for table in ("videos", "clips", "subjects", "pairs", "samples"):
+        assert rows[table] == ref[table], table
+    assert keys(store, "videos/") == reference["objects"]
+
+
+def assert_export(ctx, store, build_id: str) -> None:
+    import tarfile
+    import tempfile
+
+    from sqlalchemy import func, select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Sample
+
+    exported = keys(store, f"datasets/{build_id}/")
+    shards = sorted(k for k in exported if k.rsplit("/", 1)[1].startswith("shard-") and k.endswith(".tar"))
+    assert shards and f"datasets/{build_id}/manifest.parquet" in exported
+    assert f"datasets/{build_id}/report.html" in exported and f"datasets/{build_id}/stats.json" in exported
+    with session_scope(ctx.sessions) as s:
+        verified = s.scalar(select(func.count()).select_from(Sample).where(Sample.state == "verified"))
+    in_shards = set()
+    for key in shards:
+        with tempfile.NamedTemporaryFile(suffix=".tar") as f:
+            store.get_file(key, f.name)
+            with tarfile.open(f.name) as tar:
+                in_shards |= {m.name.split(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".json")}
+    assert verified > 0 and len(in_shards) == verified
+
+
+# --- tests -------------------------------------------------------------------------------------
+def test_build_over_sample_media(stack, sample_media, reference):
+    env = stack["apply"]()
+    store = stack["store"]
+    upload(store, sample_media, VIDEOS)
+    worker = stack["worker"]("w1", env)
+
+    run, states = run_dag_test(load_dag("opensubject_build"), {"source": "store://raw/", "build_name": "it"})
+
+    assert str(run.state) in ("success", "DagRunState.SUCCESS")
+    assert_all_green(states, expect_mapped=len(VIDEOS) + 1)
+    ctx = stack["context"]()
+    rows = snapshot(ctx)
+    # Every video reached a terminal state; the bad one failed alone with its reason.
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Sample, Video
+
+    with session_scope(ctx.sessions) as s:
+        videos = {v.name: v for v in s.query(Video)}
+        assert {v.state for v in videos.values()} <= {"done", "rejected", "failed"}
+        assert videos[BAD[0]].state == "failed" and videos[BAD[0]].reason
+        samples = list(s.query(Sample))
+        assert samples and all(x.state in TERMINAL_SAMPLE and x.queued_at is not None for x in samples)
+    assert_same_as_reference(ctx, store, reference)
+    assert_export(ctx, store, "it")
+    # The stages ran in the Celery worker process, never in Airflow's.
+    att = attempts(ctx)
+    assert att and all(a.status != "running" for a in att)
+    worker_pids = {int(a.worker.rsplit(":", 1)[1]) for a in att}
+    assert set(worker_pids).isdisjoint({__import__("os").getpid()})
+    assert set(worker_pids) <= set(worker.pool_children())
+    assert {a.stage for a in att} == {"curate", "mine", "synthesize", "verify", "export"}
+    log = worker.log()
+    for name in ("opensubject.ingest", "opensubject.curate", "opensubject.mine", "opensubject.synthesize",
+                 "opensubject.verify", "opensubject.export"):
+        assert f"Task {name}[" in log, name
+    assert len(rows["videos"]) == len(VIDEOS) + 1
+
+
+def test_worker_killed_mid_task(stack, sample_media, reference):
+    """SIGKILL a whole worker while it runs a stage (its message comes back after the
+    visibility timeout to a new worker), then SIGKILL the new worker's pool process in a
+    sample stage (its message is requeued at once): the build still ends with exactly the
+    rows and objects of an undisturbed build."""
+    env = stack["apply"](
+        OPENSUBJECT_CELERY__VISIBILITY_TIMEOUT_S="25",
+        OPENSUBJECT_CELERY__UNACKED_RESTORE_INTERVAL_S="1",
+        OPENSUBJECT_CELERY__UNACKED_RESTORE_THROTTLE="1",
+        OPENSUBJECT_CELERY__SOFT_TIME_LIMIT_S="15",
+        OPENSUBJECT_CELERY__HARD_TIME_LIMIT_S="20",
+        OPENSUBJECT_CELERY__RETRY_BACKOFF_MAX_S="5",
+        OPENSUBJECT_CELERY__TIME_LIMITS="{}",
+    )
+    store = stack["store"]
+    upload(store, sample_media, VIDEOS)
+    ctx = stack["context"]()
+    first = stack["worker"]("first", env)
+    killed: dict[str, object] = {}
+
+    def running(stages: tuple[str, ...]):
+        return next((a for a in attempts(ctx) if a.status == "running" and a.stage in stages), None)
+
+    def chaos() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and "worker" not in killed:
+            a = running(("curate", "mine"))
+            if a is not None:
+                first.kill()
+                killed["worker"] = a
+            time.sleep(0.02)
+        second = stack["worker"]("second", env)
+        killed["second"] = second
+        while time.monotonic() < deadline and "pool" not in killed:
+            a = running(("synthesize", "verify"))
+            if a is not None and int(a.worker.rsplit(":", 1)[1]) in second.pool_children():
+                import os
+                import signal
+
+                os.kill(int(a.worker.rsplit(":", 1)[1]), signal.SIGKILL)
+                killed["pool"] = a
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=chaos, daemon=True)
+    thread.start()
+    run, states = run_dag_test(load_dag("opensubject_build"), {"source": "store://raw/", "build_name": "it"})
+    thread.join(30)
+
+    assert "worker" in killed and "pool" in killed, f"the faults were not injected: {killed}"
+    assert_all_green(states, expect_mapped=len(VIDEOS) + 1)
+    assert_same_as_reference(ctx, store, reference)
+    assert_export(ctx, store, "it")
+    att = attempts(ctx)
+    assert all(a.status != "running" for a in att)
+    for what in ("worker", "pool"):
+        a = killed[what]
+        # The attempt that was killed is recorded as lost, and the same stage then ran to the end.
+        statuses = [x.status for x in att if x.stage == a.stage and x.entity_id == a.entity_id]
+        assert "lost" in statuses and statuses[-1] in ("ok", "rejected", "failed"), (what, statuses)
+    assert "WorkerLostError" in killed["second"].log() or "exited with 'signal 9" in killed["second"].log()
+
+
+def test_timeout_is_recorded_retried_and_shown_in_airflow(stack, sample_media, capfd):
+    env = stack["apply"](
+        OPENSUBJECT_CELERY__TIME_LIMITS='{"curate": {"soft_s": 0.3, "hard_s": 60}}',
+        OPENSUBJECT_CELERY__MAX_RETRIES="1",
+        OPENSUBJECT_CELERY__RETRY_BACKOFF_S="0.2",
+    )
+    store = stack["store"]
+    upload(store, sample_media, VIDEOS[:1], bad=False)
+    stack["worker"]("t1", env)
+
+    run, states = run_dag_test(load_dag("opensubject_build"), {"source": "store://raw/", "build_name": "slow"})
+
+    assert str(run.state) in ("failed", "DagRunState.FAILED")
+    assert states[("video.curate", 0)] == "failed"
+    assert states[("video.mine", 0)] == "upstream_failed"
+    assert states[("watch", -1)] == "failed"
+    # One bad stage does not stop the build: it is still exported and reported.
+    assert states[("export", -1)] == "success" and states[("report", -1)] == "success"
+    ctx = stack["context"]()
+    curate = [a for a in attempts(ctx) if a.stage == "curate"]
+    assert [a.status for a in curate] == ["timeout", "timeout"]
+    assert [a.attempt for a in curate] == [1, 2]
+    assert all("SoftTimeLimitExceeded" in a.error for a in curate)
+    video = next(iter(snapshot(ctx)["videos"].values()))
+    assert video[1] == "failed"
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "curate failed on the Celery worker: SoftTimeLimitExceeded" in text
+    assert "Celery task for curate" in text
+
+
+def test_ingest_registers_only_new_videos(stack, sample_media):
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    env = stack["apply"]()
+    store = stack["store"]
+    upload(store, sample_media, VIDEOS[:2], bad=False)
+    stack["worker"]("i1", env)
+    started = time.time()
+
+    def triggered() -> list[dict]:
+        with create_session() as s:
+            runs = [r for r in s.query(DagRun).filter(DagRun.dag_id == "opensubject_build")
+                    if r.conf and r.conf.get("video_ids") and r.start_date is None
+                    and r.queued_at is not None and r.queued_at.timestamp() >= started]
+            return [dict(r.conf) for r in sorted(runs, key=lambda r: r.queued_at)]
+
+    ingest = load_dag("opensubject_ingest")
+    _, states = run_dag_test(ingest)
+    assert states[("trigger_build", -1)] == "success", states
+    ctx = stack["context"]()
+    first_ids = {vid for vid, _ in snapshot(ctx)["videos"].values()}
+    assert len(first_ids) == 2
+    [conf] = triggered()
+    assert set(conf["video_ids"]) == first_ids and conf["build_name"].startswith("ingest-")
+
+    upload(store, sample_media, VIDEOS[2:3], bad=False)
+    _, states = run_dag_test(ingest)
+    assert states[("trigger_build", -1)] == "success", states
+    rows = snapshot(ctx)["videos"]
+    assert len(rows) == 3
+    new_id = rows[VIDEOS[2]][0]
+    assert [c["video_ids"] for c in triggered()][1:] == [[new_id]]
+
+    # Nothing new: nothing registered, no build triggered.
+    _, states = run_dag_test(ingest)
+    assert states[("build_conf", -1)] == "skipped" and states[("trigger_build", -1)] == "skipped"
+    assert len(triggered()) == 2 and len(snapshot(ctx)["videos"]) == 3
+
+
+def test_sweep_requeues_lost_sample_work(stack, sample_media):
+    """Samples handed to the gpu queue whose messages are lost (the queue purged) are found
+    by the sweep DAG and finish."""
+    from opensubject_tasks.celery_app import app
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Sample
+    from opensubject_tasks.orchestrate import enqueue_samples
+
+    env = stack["apply"](OPENSUBJECT_VERIFY__RESYNTH_STUCK_AFTER_S="1")
+    store = stack["store"]
+    upload(store, sample_media, VIDEOS[:1], bad=False)
+    worker = stack["worker"]("s1", env)
+    # Curate and mine only: the samples stay pending, never handed to a queue.
+    _, states = run_dag_test(load_dag("opensubject_build"),
+                             {"source": "store://raw/", "build_name": "sweep", "synthesize": False, "export": False})
+    assert states[("video.synthesize_verify", 0)] == "skipped" and states[("export", -1)] == "skipped"
+    ctx = stack["context"]()
+    with session_scope(ctx.sessions) as s:
+        ids = sorted(x.id for x in s.query(Sample))
+        assert ids and all(x.state == "pending" and x.queued_at is None for x in s.query(Sample))
+    worker.stop()
+    sent = enqueue_samples(ids)
+    assert sorted(sid for _, sid in sent) == ids
+    assert app.control.purge() >= len(ids)  # the messages are lost
+    time.sleep(1.5)
+
+    stack["worker"]("s2", env)
+    _, states = run_dag_test(load_dag("opensubject_resynth_sweep"))
+    assert states[("sweep", -1)] == "success"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        with session_scope(ctx.sessions) as s:
+            if all(x.state in TERMINAL_SAMPLE for x in s.query(Sample)):
+                break
+        time.sleep(0.5)
+    with session_scope(ctx.sessions) as s:
+        assert {x.id: x.state in TERMINAL_SAMPLE for x in s.query(Sample)} == dict.fromkeys(ids, True)

@@ -1,0 +1,231 @@
+"""Stage 1, curate: shots against ground truth, clips, keyframes, quality, and the
+service on SQLite + local store and on PostgreSQL + an S3 server."""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from opensubject_tasks.backends.base import QualityScore
+from opensubject_tasks.backends.classical.quality import ClassicalQuality
+from opensubject_tasks.backends.registry import get_backend
+from opensubject_tasks.config import CurateSettings, load_settings
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope, upgrade
+from opensubject_tasks.db.models import Clip, StageAttempt, Video
+from opensubject_tasks.errors import Rejected
+from opensubject_tasks.media.decode import Frame, iter_frames
+from opensubject_tasks.media.probe import ProbeResult, probe_video
+from opensubject_tasks.media.shots import ShotScore, score_cuts
+from opensubject_tasks.services.common import run_stage
+from opensubject_tasks.stages.curate import check_video, curate_frames, pick_keyframes, split_shot
+from opensubject_tasks.storage.sources import file_uri, store_uri
+
+
+# ----------------------------------------------------------------- pure stage
+
+def _probe(w=640, h=360, fps=25.0, frames=250, rotation=0) -> ProbeResult:
+    return ProbeResult(container="mp4", codec="h264", width=w, height=h, fps=fps, frames=frames,
+                       frames_source="container", duration_s=frames / fps, rotation=rotation)
+
+
+def test_video_filters_reject_with_reason():
+    s = CurateSettings(min_short_side=360, min_duration_s=2.0, max_duration_s=60)
+    check_video(_probe(), s)
+    with pytest.raises(Rejected, match=r"short side 240 px < min_short_side 360"):
+        check_video(_probe(w=426, h=240), s)
+    with pytest.raises(Rejected, match=r"short side 360"):  # rotation does not dodge the filter
+        check_video(_probe(w=640, h=360, rotation=90), CurateSettings(min_short_side=400))
+    with pytest.raises(Rejected, match="too short"):
+        check_video(_probe(frames=25), s)
+    with pytest.raises(Rejected, match="too long"):
+        check_video(_probe(frames=25 * 61), s)
+
+
+def test_split_and_keyframe_choice():
+    s = CurateSettings(max_clip_s=4.0)
+    assert split_shot(0, 100, 25, s) == [(0, 100)]
+    parts = split_shot(10, 260, 25, s)  # 10 s -> three equal parts of <= 4 s
+    assert len(parts) == 3 and parts[0][0] == 10 and parts[-1][1] == 260
+    assert all(b - a <= 100 for a, b in parts) and all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
+    picked = pick_keyframes(0, 100, 4, list(range(0, 200, 4)))
+    assert picked == [12, 36, 64, 88]
+    assert pick_keyframes(0, 10, 6, [0, 4, 8]) == [0, 4, 8]
+    assert pick_keyframes(50, 60, 3, [0, 4]) == []
+
+
+class _Candidate:
+    def __init__(self, img: np.ndarray) -> None:
+        self.img = img
+
+    def image(self) -> np.ndarray:
+        return self.img
+
+
+def _synthetic_frames(n: int, cut_at: list[int], seed: int = 0):
+    """Textured frames that drift slowly, with hard changes of scene at cut_at."""
+    rng = np.random.default_rng(seed)
+    scenes = [cv2.resize(rng.integers(0, 255, (18, 32, 3), dtype=np.uint8), (320, 180),
+                         interpolation=cv2.INTER_CUBIC) for _ in range(len(cut_at) + 1)]
+    scene = 0
+    for i in range(n):
+        if scene < len(cut_at) and i >= cut_at[scene]:
+            scene += 1
+        img = np.roll(scenes[scene], i, axis=1)
+        small = cv2.resize(img, (256, 144), interpolation=cv2.INTER_AREA)
+        yield Frame(i, i / 25, cv2.cvtColor(small, cv2.COLOR_RGB2BGR), _Candidate(img) if i % 4 == 0 else None)
+
+
+def test_long_shots_split_short_ones_dropped_with_reason():
+    s = CurateSettings(max_clip_s=3.0, min_clip_s=1.0, keyframes_per_clip=4, min_quality=0.0)
+    seen = []
+    out = curate_frames(_synthetic_frames(400, [20, 280]), _probe(320, 180, frames=400), s,
+                        ClassicalQuality(), on_clip=lambda c: seen.append([k.image.shape for k in c.keyframes]))
+    assert out.cuts == [20, 280] and out.frames == 400
+    spans = [(c.start_frame, c.end_frame) for c in out.clips]
+    assert spans[0] == (0, 20) and out.clips[0].state == "rejected"
+    assert out.clips[0].reason == "too short: 0.80 s < min_clip_s 1"
+    assert spans[-1][1] == 400 and all(b - a <= 75 for a, b in spans)
+    assert all(p[1] == q[0] for p, q in zip(spans, spans[1:]))  # nothing lost between clips
+    kept = out.kept
+    assert len(kept) == len(spans) - 1 and all(len(c.keyframes) == 4 for c in kept)
+    assert all(c.keyframes[0].image is None for c in kept)     # images released after on_clip
+    assert seen and all(shape == (180, 320, 3) for shapes in seen for shape in shapes)
+
+
+def test_quality_scorer_separates_good_from_bad():
+    q = get_backend("quality", "classical")
+    assert isinstance(q, ClassicalQuality)
+    from skimage import data
+
+    sharp = [data.astronaut(), np.roll(data.astronaut(), 8, axis=1)]
+    blurred = [cv2.GaussianBlur(f, (0, 0), 6) for f in sharp]
+    black = [np.zeros((360, 640, 3), np.uint8)] * 2
+    washed = [np.full((360, 640, 3), 250, np.uint8)] * 2
+    good, soft, dark, bright = q.score([sharp, blurred, black, washed])
+    assert isinstance(good, QualityScore)
+    assert good.metrics["sharpness"] > soft.metrics["sharpness"] + 0.2
+    min_quality = CurateSettings().min_quality
+    assert good.score > 0.8 and soft.score < min_quality and dark.score < soft.score
+    assert bright.score < min_quality
+    assert dark.metrics["exposure"] == 0.0 and good.metrics["exposure"] > 0.5
+
+
+# ------------------------------------------------- shots against ground truth
+
+def _stage_on_file(path: Path, s: CurateSettings):
+    probe = probe_video(path, s)
+    return curate_frames(iter_frames(path, probe, s), probe, s, ClassicalQuality())
+
+
+def test_shot_detection_on_ground_truth(sample_media: Path):
+    gt = json.loads((sample_media / "ground_truth.json").read_text())
+    s = CurateSettings()
+    total = ShotScore(0, 0, 0)
+    for v in gt["videos"]:
+        out = _stage_on_file(sample_media / v["file"], s)
+        total = total + score_cuts(out.cuts, v["cuts"], v["gradual"], tolerance=2)
+        # no kept clip spans a true hard cut
+        for c in out.kept:
+            assert not any(c.start_frame < cut < c.end_frame for cut in v["cuts"]), (v["file"], c)
+    assert total.tp >= 13  # 8 hard cuts and 3 dissolves in the default set
+    assert total.precision >= 0.95 and total.recall >= 0.95, total
+
+
+# --------------------------------------------------------------- the service
+
+def _ctx(settings) -> Context:
+    ctx = Context.from_settings(settings)
+    upgrade(ctx.engine)
+    return ctx
+
+
+def _add_video(ctx: Context, path: Path, source: str | None = None) -> str:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with session_scope(ctx.sessions) as s:
+        s.add(Video(id=digest[:32], content_hash=digest, source_uri=source or file_uri(path),
+                    name=path.name, size_bytes=path.stat().st_size))
+    return digest[:32]
+
+
+def _state(ctx: Context, video_id: str):
+    with session_scope(ctx.sessions) as s:
+        v = s.get(Video, video_id)
+        clips = s.scalars(select(Clip).where(Clip.video_id == video_id).order_by(Clip.idx)).all()
+        return (v.state, v.stage_done, v.reason, v.probe,
+                [(c.id, c.start_frame, c.end_frame, c.state, c.reason, c.score, c.keyframes) for c in clips])
+
+
+def _check_curated(ctx: Context, video_id: str, truth: dict) -> list:
+    state, done, reason, probe, clips = _state(ctx, video_id)
+    assert (state, done, reason) == ("running", "curate", None)
+    assert probe["frames"] == truth["frames"] and probe["codec"] == "h264"
+    kept = [c for c in clips if c[3] == "kept"]
+    assert kept and [c[0] for c in clips] == [f"{video_id}-c{i}" for i in range(len(clips))]
+    for cid, start, end, st, why, score, kfs in kept:
+        assert score is not None and score >= ctx.settings.curate.min_quality
+        assert len(kfs) == ctx.settings.curate.keyframes_per_clip
+        for kf in kfs:
+            assert start <= kf["frame"] < end
+            img = cv2.imdecode(np.frombuffer(ctx.store.get_bytes(kf["key"]), np.uint8), cv2.IMREAD_COLOR)
+            assert img.shape == (kf["height"], kf["width"], 3) and max(img.shape) <= 768
+            assert kf["key"] == f"videos/{video_id}/clips/{cid}/frames/{kf['frame']:07d}.jpg"
+    return clips
+
+
+def _frame_keys(ctx: Context, video_id: str) -> list[str]:
+    return sorted(o.key for o in ctx.store.list(f"videos/{video_id}/") if "/frames/" in o.key)
+
+
+def test_service_embedded_and_rerun(embedded_settings, sample_media: Path):
+    ctx = _ctx(embedded_settings)
+    gt = {v["file"]: v for v in json.loads((sample_media / "ground_truth.json").read_text())["videos"]}
+    name = "person_zoom.mp4"
+    vid = _add_video(ctx, sample_media / name)
+    res = run_stage(ctx, "curate", vid)
+    assert res.status == "ok" and res.next == [("mine", vid)]
+    assert res.details["frames"] == gt[name]["frames"] and res.details["decode_fps"] > 0
+    clips = _check_curated(ctx, vid, gt[name])
+    keys = _frame_keys(ctx, vid)
+    assert keys == sorted(k["key"] for c in clips for k in c[6])
+
+    # a rerun leaves exactly one copy of every row and object
+    assert run_stage(ctx, "curate", vid).status == "ok"
+    assert _state(ctx, vid)[4] == clips and _frame_keys(ctx, vid) == keys
+
+    # a rerun with other settings replaces rows and removes keyframes no row points to
+    ctx.settings.curate.keyframes_per_clip = 3
+    assert run_stage(ctx, "curate", vid).status == "ok"
+    new_clips = _state(ctx, vid)[4]
+    assert all(len(c[6]) == 3 for c in new_clips if c[3] == "kept")
+    assert _frame_keys(ctx, vid) == sorted(k["key"] for c in new_clips for k in c[6])
+    with session_scope(ctx.sessions) as s:
+        assert s.scalar(select(func.count()).select_from(Clip)) == len(new_clips)
+        attempts = s.scalars(select(StageAttempt.status).where(StageAttempt.entity_id == vid)).all()
+    assert attempts == ["ok", "ok", "ok"]
+    ctx.engine.dispose()
+
+
+def test_service_postgres_and_s3(pg_db, s3_store_settings, sample_media: Path):
+    ctx = _ctx(load_settings(database_url=pg_db, store=s3_store_settings))
+    gt = {v["file"]: v for v in json.loads((sample_media / "ground_truth.json").read_text())["videos"]}
+    name = "dissolve_two.mp4"
+    key = f"raw/{name}"
+    ctx.store.put_file(key, sample_media / name, "video/mp4")
+    vid = _add_video(ctx, sample_media / name, source=store_uri(key))
+    tmp_before = set(Path(tempfile.gettempdir()).glob("opensubject-src-*"))
+    res = run_stage(ctx, "curate", vid)
+    assert res.status == "ok", res.reason
+    clips = _check_curated(ctx, vid, gt[name])
+    assert len([c for c in clips if c[3] == "kept"]) >= 2
+    assert set(Path(tempfile.gettempdir()).glob("opensubject-src-*")) == tmp_before  # download removed
+    keys = _frame_keys(ctx, vid)
+    assert run_stage(ctx, "curate", vid).status == "ok"
+    assert _state(ctx, vid)[4] == clips and _frame_keys(ctx, vid) == keys
+    ctx.engine.dispose()
