@@ -17,11 +17,18 @@ on the command line, and prints for each file:
 
 Each timing is the best of ``--runs`` runs. Speeds depend on what else the machine
 is doing: run it on an idle machine.
+
+    .venv/bin/python benchmarks/bench_curate.py --compare-detectors 6
+
+prints instead the shot precision/recall of several detector set-ups on the sample
+media of 6 seeds (the measurement behind the defaults, see docs/curation.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +40,7 @@ import av
 import cv2
 
 REPO = Path(__file__).resolve().parents[1]
+LOAD_BEFORE = " ".join(f"{x:.1f}" for x in os.getloadavg())
 sys.path.insert(0, str(REPO))
 
 from opensubject_tasks.backends.classical.quality import ClassicalQuality  # noqa: E402
@@ -44,30 +52,37 @@ from opensubject_tasks.media.shots import ShotDetector, ShotScore, score_cuts  #
 from opensubject_tasks.stages.curate import curate_frames  # noqa: E402
 
 
-def bare_decode(path: Path) -> tuple[int, float]:
-    t = time.perf_counter()
+def _cpu() -> float:
+    """CPU seconds of this process (all its threads) and of its finished children."""
+    own = time.process_time()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own + kids.ru_utime + kids.ru_stime
+
+
+def bare_decode(path: Path) -> tuple[int, float, float]:
+    """Frames, wall seconds, CPU seconds."""
+    t, c0 = time.perf_counter(), _cpu()
     n = 0
     with av.open(str(path)) as c:
         s = c.streams.video[0]
         s.thread_type = "AUTO"
         for _ in c.decode(s):
             n += 1
-    return n, time.perf_counter() - t
+    return n, time.perf_counter() - t, _cpu() - c0
 
 
-def curate(path: Path, s: CurateSettings) -> tuple[int, float, list[int]]:
-    """Returns frames, seconds and the cuts found."""
+def curate(path: Path, s: CurateSettings) -> tuple[int, float, float, list[int]]:
+    """Frames, wall seconds, CPU seconds and the cuts found."""
     jpeg = [cv2.IMWRITE_JPEG_QUALITY, s.keyframe_quality]
 
     def on_clip(clip) -> None:  # noqa: ANN001
         for k in clip.keyframes:
             cv2.imencode(".jpg", cv2.cvtColor(k.image, cv2.COLOR_RGB2BGR), jpeg)
 
-    t = time.perf_counter()
+    t, c0 = time.perf_counter(), _cpu()
     probe = probe_video(path, s)
     out = curate_frames(iter_frames(path, probe, s, DecodeStats()), probe, s, ClassicalQuality(), on_clip)
-    dt = time.perf_counter() - t
-    return out.frames, dt, out.cuts
+    return out.frames, time.perf_counter() - t, _cpu() - c0, out.cuts
 
 
 def default_detector_cuts(path: Path, s: CurateSettings) -> list[int]:
@@ -79,12 +94,13 @@ def default_detector_cuts(path: Path, s: CurateSettings) -> list[int]:
     return cuts + det.finish()
 
 
-def scenedetect_cli(path: Path) -> float:
+def scenedetect_cli(path: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of `scenedetect -i FILE` (its default detector), end to end."""
     exe = Path(sys.executable).with_name("scenedetect")
-    t = time.perf_counter()
+    t, c0 = time.perf_counter(), _cpu()
     subprocess.run([str(exe), "-q", "-i", str(path)], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, _cpu() - c0
 
 
 def join_videos(gt: dict, media: Path, out: Path) -> dict:
@@ -103,6 +119,55 @@ def join_videos(gt: dict, media: Path, out: Path) -> dict:
     return {"file": out.name, "frames": len(frames), "cuts": cuts, "gradual": gradual}
 
 
+DETECTOR_CONFIGS = [
+    # (label, every-frame detector, gradual detector, gradual span s, analysis step)
+    ("AdaptiveDetector, every frame (library defaults)", "adaptive", None, 0.0, 1),
+    ("ContentDetector, every frame (library defaults)", "content", None, 0.0, 1),
+    ("HistogramDetector, every frame (library defaults)", "histogram", None, 0.0, 1),
+    ("HashDetector, every frame (library defaults)", "hash", None, 0.0, 1),
+    ("Adaptive + Histogram phases 0.20 s", "adaptive", "histogram", 0.20, 1),
+    ("Adaptive + Histogram phases 0.25 s (default)", "adaptive", "histogram", 0.25, 1),
+    ("Adaptive + Histogram phases 0.30 s", "adaptive", "histogram", 0.30, 1),
+    ("Content + Histogram phases 0.25 s", "content", "histogram", 0.25, 1),
+    ("Adaptive + Content phases 0.25 s", "adaptive", "content", 0.25, 1),
+    ("Adaptive + Histogram phases 0.25 s, analysis_step 2", "adaptive", "histogram", 0.25, 2),
+]
+
+
+def compare_detectors(work: Path, seeds: int, size: tuple[int, int]) -> None:
+    """Shot precision/recall of detector set-ups on the sample media of several seeds
+    (frames decoded once per video and fed to every set-up)."""
+    s = CurateSettings()
+    scores = {c[0]: [ShotScore(0, 0, 0), ShotScore(0, 0, 0)] for c in DETECTOR_CONFIGS}  # ±2, exact cuts
+    n_cuts = n_gradual = 0
+    for seed in range(seeds):
+        media = work / f"seed{seed}_{size[0]}x{size[1]}"
+        if not (media / "ground_truth.json").exists():
+            print(f"making sample media, seed {seed} ...", file=sys.stderr)
+            make_samples(media, seed=seed, size=size)
+        for v in json.loads((media / "ground_truth.json").read_text())["videos"]:
+            n_cuts += len(v["cuts"])
+            n_gradual += len(v["gradual"])
+            probe = probe_video(media / v["file"], s)
+            frames = [f.small for f in iter_frames(media / v["file"], probe, s)]
+            for label, det_name, grad, span, step in DETECTOR_CONFIGS:
+                det = ShotDetector(probe.fps, det_name, gradual_detector=grad, gradual_span_s=span, step=step)
+                cuts: list[int] = []
+                for i, img in enumerate(frames):
+                    if i % step == 0:
+                        cuts += det.process(i, img, frames.__getitem__)
+                cuts += det.finish()
+                scores[label][0] += score_cuts(cuts, v["cuts"], v["gradual"], tolerance=2)
+                # frame-exact hard cuts (dissolves still matched on their span)
+                scores[label][1] += score_cuts(cuts, v["cuts"], v["gradual"], tolerance=0)
+    print(f"\nShot detection on the sample media of {seeds} seeds at {size[0]}x{size[1]}: "
+          f"{n_cuts} hard cuts, {n_gradual} dissolves\n")
+    print("| set-up | precision (±2) | recall (±2) | precision (exact) | recall (exact) |")
+    print("|---|---:|---:|---:|---:|")
+    for label, (sc, ex) in scores.items():
+        print(f"| {label} | {sc.precision:.3f} | {sc.recall:.3f} | {ex.precision:.3f} | {ex.recall:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("videos", nargs="*", type=Path)
@@ -111,9 +176,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-samples", action="store_true", help="only the videos given")
     ap.add_argument("--keep", type=Path, help="keep the generated media in this folder")
+    ap.add_argument("--compare-detectors", type=int, metavar="SEEDS",
+                    help="instead: shot precision/recall of detector set-ups on this many seeds (640x360)")
     args = ap.parse_args()
     w, h = (int(x) for x in args.size.lower().split("x"))
     s = CurateSettings()
+    if args.compare_detectors:
+        work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-shots-"))
+        compare_detectors(work, args.compare_detectors, (640, 360))
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        return
+    s2 = CurateSettings(analysis_step=2)  # the faster setting, for comparison
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-curate-"))
     files: list[tuple[Path, dict | None]] = []
@@ -132,42 +206,72 @@ def main() -> None:
         files += [(media / v["file"], v) for v in gt["videos"]]
     files += [(p, None) for p in args.videos]
 
-    rows = []
-    tot = {"frames": 0, "bare": 0.0, "ours": 0.0, "cli": 0.0}
-    ours_score, base_score = ShotScore(0, 0, 0), ShotScore(0, 0, 0)
+    # Runs are interleaved so that changes in the machine's load hit every contender alike;
+    # each figure is the best (lowest) of the runs.
+    names = ("bare", "curate", "curate2", "cli")
+    table = []
+    totals = {k: [0.0, 0.0] for k in names}
+    total_frames = 0
+    scores = {k: ShotScore(0, 0, 0) for k in ("curate", "curate2", "cli")}
     for path, truth in files:
-        n, bare = min((bare_decode(path) for _ in range(args.runs)), key=lambda r: r[1])
-        runs = [curate(path, s) for _ in range(args.runs)]
-        frames, ours, cuts = min(runs, key=lambda r: r[1])
-        cli = min(scenedetect_cli(path) for _ in range(args.runs))
-        pr = base_pr = ""
+        wall = {k: [] for k in names}
+        cpu = {k: [] for k in names}
+        cuts: dict[str, list[int]] = {}
+        n = 0
+        for _ in range(args.runs):
+            n, w_, c_ = bare_decode(path)
+            wall["bare"].append(w_)
+            cpu["bare"].append(c_)
+            for key, settings in (("curate", s), ("curate2", s2)):
+                _, w_, c_, cuts[key] = curate(path, settings)
+                wall[key].append(w_)
+                cpu[key].append(c_)
+            w_, c_ = scenedetect_cli(path)
+            wall["cli"].append(w_)
+            cpu["cli"].append(c_)
+        best = {k: (min(wall[k]), min(cpu[k])) for k in names}
+        pr = {}
         if truth is not None:
-            sc = score_cuts(cuts, truth["cuts"], truth["gradual"])
-            bc = score_cuts(default_detector_cuts(path, s), truth["cuts"], truth["gradual"])
-            if path.name != "all_joined.mp4":  # the joined file repeats the others
-                ours_score, base_score = ours_score + sc, base_score + bc
-            pr = f"{sc.precision:.2f}/{sc.recall:.2f}"
-            base_pr = f"{bc.precision:.2f}/{bc.recall:.2f}"
-        rows.append((path.name[:32], n, n / bare, frames / ours, n / cli, frames / ours / (n / bare),
-                     frames / ours / (n / cli), pr, base_pr))
+            cuts["cli"] = default_detector_cuts(path, s)
+            for key in scores:
+                sc = score_cuts(cuts[key], truth["cuts"], truth["gradual"])
+                pr[key] = f"{sc.precision:.2f}/{sc.recall:.2f}"
+                if path.name != "all_joined.mp4":  # the joined file repeats the others
+                    scores[key] += sc
+        table.append((path.name[:32], n, best, pr))
         if path.name != "all_joined.mp4":
-            tot["frames"] += n
-            tot["bare"] += bare
-            tot["ours"] += ours
-            tot["cli"] += cli
+            total_frames += n
+            for k in names:
+                totals[k][0] += best[k][0]
+                totals[k][1] += best[k][1]
+    if total_frames:
+        pr = ({k: f"{v.precision:.2f}/{v.recall:.2f}" for k, v in scores.items()}
+              if any(t is not None for _, t in files) else {})
+        table.append(("**separate files, total**", total_frames, {k: tuple(v) for k, v in totals.items()}, pr))
 
-    print(f"\nCuration speed, {w}x{h} sample media (best of {args.runs} runs), "
-          f"{shutil.os.cpu_count()} CPU cores\n")
-    print("| file | frames | bare decode fps | curate fps | PySceneDetect CLI fps | curate / bare | "
-          "curate / CLI | shots P/R (ours) | shots P/R (CLI default detector) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.0f} | {r[5]:.2f}x | {r[6]:.2f}x | {r[7]} | {r[8]} |")
-    if tot["frames"]:
-        fb, fo, fc = tot["frames"] / tot["bare"], tot["frames"] / tot["ours"], tot["frames"] / tot["cli"]
-        print(f"| **separate files, total** | {tot['frames']} | {fb:.0f} | {fo:.0f} | {fc:.0f} | "
-              f"{fo / fb:.2f}x | {fo / fc:.2f}x | {ours_score.precision:.2f}/{ours_score.recall:.2f} | "
-              f"{base_score.precision:.2f}/{base_score.recall:.2f} |")
+    print(f"\nCuration speed, {w}x{h} sample media, best of {args.runs} interleaved runs, "
+          f"{os.cpu_count()} CPU cores, load average before: {LOAD_BEFORE}\n")
+    print("Wall-clock frames per second (higher is better); shot P/R at ±2 frames with dissolves. "
+          "`curate` = default settings; `step 2` = `analysis_step: 2`; CLI P/R = its default "
+          "detector (AdaptiveDetector) fed the same frames.\n")
+    print("| file | frames | bare decode | curate | curate step 2 | PySceneDetect CLI | curate / bare | "
+          "curate / CLI | step 2 / bare | step 2 / CLI | P/R curate | P/R step 2 | P/R CLI detector |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+    for name, n, best, pr in table:
+        fps = {k: n / best[k][0] for k in names}
+        print(f"| {name} | {n} | {fps['bare']:.0f} | {fps['curate']:.0f} | {fps['curate2']:.0f} | "
+              f"{fps['cli']:.0f} | {fps['curate'] / fps['bare']:.2f}x | {fps['curate'] / fps['cli']:.2f}x | "
+              f"{fps['curate2'] / fps['bare']:.2f}x | {fps['curate2'] / fps['cli']:.2f}x | "
+              f"{pr.get('curate', '')} | {pr.get('curate2', '')} | {pr.get('cli', '')} |")
+    print("\nCPU milliseconds per frame, all threads (lower is better; less sensitive to other load).\n")
+    print("| file | bare decode | curate | curate step 2 | PySceneDetect CLI | curate / bare | "
+          "CLI / curate | step 2 / bare | CLI / step 2 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, n, best, _ in table:
+        ms = {k: 1000 * best[k][1] / n for k in names}
+        print(f"| {name} | {ms['bare']:.2f} | {ms['curate']:.2f} | {ms['curate2']:.2f} | {ms['cli']:.2f} | "
+              f"{ms['curate'] / ms['bare']:.2f}x | {ms['cli'] / ms['curate']:.2f}x | "
+              f"{ms['curate2'] / ms['bare']:.2f}x | {ms['cli'] / ms['curate2']:.2f}x |")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

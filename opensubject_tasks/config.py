@@ -51,6 +51,9 @@ class CurateSettings(_Section):
     # Frames are scaled by the decoder's scaler to this width for analysis; 256 px is
     # PySceneDetect's own default effective width (it downscales to >= 256 px).
     analysis_width: int = Field(256, ge=32, le=1920)
+    # analyse every n-th decoded frame only (all are still decoded); > 1 is faster, but
+    # hard cuts are then found up to n-1 frames late (docs/curation.md has the numbers)
+    analysis_step: int = Field(1, ge=1, le=4)
     detector: str = "adaptive"              # PySceneDetect detector run on every frame (hard cuts)
     detector_options: dict[str, Any] = Field(default_factory=dict)  # its keyword arguments
     gradual_detector: str = "histogram"     # run on frames gradual_span_s apart (dissolves); "none" = off

@@ -26,6 +26,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.signals import worker_init, worker_process_init
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
@@ -206,6 +207,21 @@ class StageTask(Task):
             self.backend.mark_as_retry(task_id, exc)
         else:
             give_up(self.stage, entity_id, f"{self.stage} failed: hard time limit exceeded {timeouts} time(s)")
+
+
+@worker_init.connect
+def _import_stages(**_: Any) -> None:
+    """Import the stage services once in the main process, before the pool forks: every
+    pool process starts with them loaded (shared pages, no import on the first task)."""
+    from opensubject_tasks.services.common import load_stages
+
+    load_stages()
+
+
+@worker_process_init.connect
+def _warm_context(**_: Any) -> None:
+    """Each pool process builds its Context (database pool, store client) at start."""
+    worker_context()
 
 
 def _stage_task(stage: str):  # noqa: ANN202 - returns the registered Celery task

@@ -65,8 +65,18 @@ class KeyframeCandidate:
 class Frame:
     index: int
     time_s: float
-    small: np.ndarray                         # BGR uint8, analysis size, coded orientation
+    small: np.ndarray | None                  # BGR uint8, analysis size, coded orientation
+    #                                           (None on frames skipped by analysis_step)
     candidate: KeyframeCandidate | None = None
+    _skipped: tuple[av.VideoFrame, int, int] | None = None
+
+    def analysis_image(self) -> np.ndarray | None:
+        """The analysis image, converted now if this frame was skipped."""
+        if self.small is None and self._skipped is not None:
+            frame, w, h = self._skipped
+            self.small = frame.to_ndarray(width=w, height=h, format="bgr24", interpolation="AREA", threads=1)
+            self._skipped = None
+        return self.small
 
 
 @dataclass
@@ -108,11 +118,12 @@ def iter_frames(path: str | Path, probe: ProbeResult, s: CurateSettings,
                         raise BadInput(f"more than max_frames={s.max_frames} frames decoded")
                     # area averaging on one thread: swscale's default thread pool costs
                     # more than it saves at this size, and competes with the decoder
-                    small = frame.to_ndarray(width=aw, height=ah, format="bgr24",
-                                             interpolation="AREA", threads=1)
+                    analysed = index % s.analysis_step == 0
+                    small = (frame.to_ndarray(width=aw, height=ah, format="bgr24",
+                                              interpolation="AREA", threads=1) if analysed else None)
                     cand = KeyframeCandidate(frame, (kw, kh), probe.rotation) if index % stride == 0 else None
                     yield Frame(index, float(frame.time) if frame.time is not None else index / probe.fps,
-                                small, cand)
+                                small, cand, None if analysed else (frame, aw, ah))
                     index += 1
                     stats.frames = index
                     if time.monotonic() > deadline:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,7 +37,7 @@ BACKGROUNDS = ("hubble", "brick", "moon", "astronaut", "gravel", "coins", "coffe
                "camera", "rocket", "motorcycle", "chelsea", "retina", "clock")
 
 
-@lru_cache(maxsize=None)
+@cache
 def photo(name: str) -> np.ndarray:
     """A bundled scikit-image photo as RGB uint8."""
     from skimage import data
@@ -57,7 +57,7 @@ def photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
 
 
-@lru_cache(maxsize=None)
+@cache
 def cutout(name: str) -> tuple[np.ndarray, np.ndarray]:
     """(RGB float32, alpha float32 in 0..1) of a subject cut-out with a soft edge."""
     src, (x0, y0, x1, y1), _ = CUTOUTS[name]
@@ -382,6 +382,14 @@ def video_specs(seed: int = 0, count: int | None = None) -> list[VideoSpec]:
     return out[:want]
 
 
+def _collect(frames: Iterable[tuple[np.ndarray, dict[int, list[float]]]],
+             boxes: list[dict[int, list[float]]]) -> Iterable[np.ndarray]:
+    """Yield the images, keeping each frame's boxes."""
+    for img, b in frames:
+        boxes.append(b)
+        yield img
+
+
 def make_samples(out_dir: Path, *, seed: int = 0, size: tuple[int, int] = (640, 360),
                  count: int | None = None) -> Path:
     """Write the sample videos and ground_truth.json into out_dir; returns the JSON path."""
@@ -392,13 +400,7 @@ def make_samples(out_dir: Path, *, seed: int = 0, size: tuple[int, int] = (640, 
     videos = []
     for i, spec in enumerate(video_specs(seed, count)):
         boxes: list[dict[int, list[float]]] = []
-
-        def frames(spec: VideoSpec = spec, i: int = i) -> Iterable[np.ndarray]:
-            for img, b in render(spec, size, seed * 1000 + i):
-                boxes.append(b)
-                yield img
-
-        encode(out_dir / f"{spec.name}.mp4", frames(), size)
+        encode(out_dir / f"{spec.name}.mp4", _collect(render(spec, size, seed * 1000 + i), boxes), size)
         videos.append(ground_truth(spec, size, boxes))
     gt_path = out_dir / "ground_truth.json"
     gt_path.write_text(json.dumps({"seed": seed, "size": list(size), "videos": videos}, indent=1))

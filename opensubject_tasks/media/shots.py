@@ -10,11 +10,11 @@ the same decoded frames:
 * **gradual transitions**: detectors (default ``HistogramDetector``, library
   defaults) that each see every ``span``-th frame, one per phase (phase j sees
   frames j, j+span, ...). Across a gap of ``span`` frames (0.25 s) a dissolve is
-  one large change, and colour histograms hardly move under camera motion. A
-  transition is kept when at least half of the phases report it (a lone phase is
-  usually a histogram blip), and is placed on the first frame whose histogram is
+  one large change, and brightness histograms hardly move under camera motion. A
+  transition is kept when at least two phases report it (a lone phase is usually
+  a histogram blip), and is placed on the first frame whose colour histogram is
   closer to the picture after it than to the picture before it (for a dissolve:
-  its middle). All phases together cost one detector call per frame.
+  about its middle). All phases together cost one detector call per frame.
 
 Cuts come out in order, a fixed number of frames (``lag``) after they happen, so a
 caller can close shots while decoding continues.
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -60,20 +60,23 @@ class ShotDetector:
 
     def __init__(self, fps: float, detector: str = "adaptive", *, min_shot_s: float = 0.6,
                  gradual_detector: str | None = "histogram", gradual_span_s: float = 0.25,
-                 options: dict[str, Any] | None = None,
+                 step: int = 1, options: dict[str, Any] | None = None,
                  gradual_options: dict[str, Any] | None = None) -> None:
         self.fps = Fraction(fps).limit_denominator(1001)
         # PySceneDetect's min_scene_len default is 15 frames (0.6 s at 25 fps): keep the time
         self.min_len = max(1, round(float(fps) * min_shot_s))
-        self.span = round(float(fps) * gradual_span_s) if gradual_detector not in (None, "", "none") else 0
-        self.span = self.span if self.span >= 2 else 0
-        self.min_votes = max(1, self.span // 2)
+        self.step = max(1, step)  # only every step-th frame is fed (see process)
+        span = round(float(fps) * gradual_span_s / self.step) if gradual_detector not in (None, "", "none") else 0
+        self.phases = span if span >= 2 else 0   # phases, each seeing analysed frames `span` apart
+        self.span = self.phases * self.step      # in frames
+        self.min_votes = 2
         self._fine = make_detector(detector, self.min_len, **(options or {}))
         self._phases = [make_detector(str(gradual_detector), self.min_len, **(gradual_options or {}))
-                        for _ in range(self.span)]
+                        for _ in range(self.phases)]
         # Every decision about frame n is made by frame n + lag; frames kept for that.
         self.lag = 2 * self.span + 2 * self.min_len + 8 if self.span else 4
-        self._frames: deque[tuple[int, np.ndarray]] = deque(maxlen=4 * self.span + self.min_len + 8)
+        self._frames: deque[tuple[int, np.ndarray]] = deque(maxlen=4 * self.phases + self.min_len + 8)
+        self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=8)  # fed frames, for _refine
         self._fine_cuts: list[int] = []         # every-frame cuts not yet emitted
         self._all_fine: list[int] = []
         self._votes: list[int] = []             # phase detections not yet grouped
@@ -84,16 +87,25 @@ class ShotDetector:
     def _tc(self, n: int) -> FrameTimecode:
         return FrameTimecode(n, self.fps)
 
-    def process(self, index: int, frame_bgr: np.ndarray) -> list[int]:
-        """Feed frame ``index`` (BGR, analysis size); returns cuts that are now final."""
+    def process(self, index: int, frame_bgr: np.ndarray,
+                lookup: Callable[[int], np.ndarray | None] | None = None) -> list[int]:
+        """Feed frame ``index`` (BGR, analysis size); returns cuts that are now final.
+
+        With ``step`` > 1 feed only frames whose index is a multiple of step, and pass
+        ``lookup(n)`` giving the analysis image of a recent skipped frame n: a hard cut
+        found between two fed frames is then placed on its exact frame by looking
+        only at the few frames in that gap."""
         self._last = index
         tc = self._tc(index)
+        self._recent.append((index, frame_bgr))
         new = [c.frame_num for c in self._fine.process_frame(tc, frame_bgr)]
+        if self.step > 1 and lookup is not None:
+            new = [self._refine(c, lookup) for c in new]
         self._fine_cuts += new
         self._all_fine += new
         if self.span:
             self._frames.append((index, frame_bgr))
-            det = self._phases[index % self.span]
+            det = self._phases[(index // self.step) % self.phases]
             self._votes += [c.frame_num for c in det.process_frame(tc, frame_bgr)]
             self._group_votes(index, final=False)
         return self._release(index - self.lag)
@@ -110,6 +122,23 @@ class ShotDetector:
             self._votes += [c.frame_num for c in det.post_process(end)]
         self._group_votes(self._last, final=True)
         return self._release(self._last + 1)
+
+    def _refine(self, cut: int, lookup: Callable[[int], np.ndarray | None]) -> int:
+        """The first frame in (cut - step, cut] that looks like ``cut`` rather than like
+        the fed frame before the gap."""
+        recent = dict(self._recent)
+        before, after = recent.get(cut - self.step), recent.get(cut)
+        if before is None or after is None:
+            return cut
+        b, a = before.astype(np.int16), after.astype(np.int16)
+        for n in range(cut - self.step + 1, cut):
+            img = lookup(n)
+            if img is None:
+                return cut
+            x = img.astype(np.int16)
+            if np.abs(x - a).mean() < np.abs(x - b).mean():
+                return n
+        return cut
 
     @property
     def cuts(self) -> list[int]:
@@ -145,7 +174,7 @@ class ShotDetector:
         if lo not in frames or hi not in frames:
             return max(1, c - self.span // 2)
         before, after = _hist(frames[lo]), _hist(frames[hi])
-        for n in range(lo + 1, hi + 1):
+        for n in sorted(f for f in frames if lo < f <= hi):
             h = _hist(frames[n])
             if np.abs(h - after).sum() < np.abs(h - before).sum():
                 return n
@@ -184,7 +213,7 @@ class ShotScore:
     def recall(self) -> float:
         return self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0
 
-    def __add__(self, other: "ShotScore") -> "ShotScore":
+    def __add__(self, other: ShotScore) -> ShotScore:
         return ShotScore(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
 
 

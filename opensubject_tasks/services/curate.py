@@ -71,10 +71,18 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
         with session_scope(ctx.sessions) as db:
             row = db.get(Video, video_id)
             row.probe = probe.to_dict()
-        check_video(probe, s)
         stats = DecodeStats()
-        scorer = ctx.backend("quality")
-        outcome = curate_frames(iter_frames(path, probe, s, stats), probe, s, scorer, on_clip=write_keyframes)
+        try:
+            check_video(probe, s)
+            scorer = ctx.backend("quality")
+            outcome = curate_frames(iter_frames(path, probe, s, stats), probe, s, scorer,
+                                    on_clip=write_keyframes)
+        except BadInput:
+            # nothing of this video stays minable: drop clips and keyframes of any earlier run
+            with session_scope(ctx.sessions) as db:
+                db.execute(delete(Clip).where(Clip.video_id == video_id))
+            _delete_stale_keyframes(ctx, video_id, set())
+            raise
 
     rows = [Clip(id=clip_id(video_id, c.idx), video_id=video_id, idx=c.idx, start_frame=c.start_frame,
                  end_frame=c.end_frame, start_s=c.start_s, end_s=c.end_s, score=c.score, quality=c.quality,

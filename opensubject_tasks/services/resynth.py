@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, true, update
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Sample
+from opensubject_tasks.db.models import Build, Sample
 from opensubject_tasks.services.common import utcnow
 
 IN_FLIGHT = ("pending", "synthesized")
@@ -67,16 +67,20 @@ def sweep_stuck(ctx: Context, older_than_s: float, send: Send) -> list[str]:
 
     Rows are locked (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and their ``queued_at``
     moved to now in the same transaction, so two sweeps never hand out the same sample.
-    Samples never handed to a queue (``queued_at`` empty) belong to a build step that has
-    not run yet and are not touched. Returns the ids handed out again.
+    Samples without ``queued_at`` are not touched, nor those of a build started with
+    synthesis switched off (``builds.params.synthesize`` false). Returns the ids handed out
+    again.
     """
     cutoff = utcnow() - timedelta(seconds=older_than_s)
+    synth_param = Build.params["synthesize"].as_boolean()
     with session_scope(ctx.sessions) as s:
         rows = s.execute(
             select(Sample.id, Sample.state)
-            .where(Sample.state.in_(IN_FLIGHT), Sample.queued_at.is_not(None), Sample.queued_at < cutoff)
+            .outerjoin(Build, Build.id == Sample.build_id)
+            .where(Sample.state.in_(IN_FLIGHT), Sample.queued_at.is_not(None), Sample.queued_at < cutoff,
+                   or_(synth_param.is_(None), synth_param.is_(true())))
             .order_by(Sample.id)
-            .with_for_update(skip_locked=True)
+            .with_for_update(of=Sample, skip_locked=True)
         ).all()
         if rows:
             s.execute(update(Sample).where(Sample.id.in_([sid for sid, _ in rows]))

@@ -9,6 +9,7 @@ kept without its images.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -70,7 +71,7 @@ def split_shot(start: int, end: int, fps: float, s: CurateSettings) -> list[tupl
     max_len = max(1, int(s.max_clip_s * fps))
     n = max(1, math.ceil((end - start) / max_len))
     bounds = [start + round(i * (end - start) / n) for i in range(n + 1)]
-    return list(zip(bounds, bounds[1:]))
+    return list(zip(bounds, bounds[1:], strict=False))
 
 
 def pick_keyframes(start: int, end: int, k: int, available: Sequence[int]) -> list[int]:
@@ -144,7 +145,7 @@ def curate_frames(frames: Iterable[Frame], probe: ProbeResult, s: CurateSettings
     """
     fps = probe.fps
     det = ShotDetector(fps, s.detector, min_shot_s=s.min_shot_s, gradual_detector=s.gradual_detector,
-                       gradual_span_s=s.gradual_span_s, options=s.detector_options)
+                       gradual_span_s=s.gradual_span_s, step=s.analysis_step, options=s.detector_options)
     maker = _ClipMaker(fps, s, scorer, on_clip)
     max_len = max(1, int(s.max_clip_s * fps))
     candidates: dict[int, KeyframeCandidate] = {}
@@ -161,16 +162,27 @@ def curate_frames(frames: Iterable[Frame], probe: ProbeResult, s: CurateSettings
         for f in [f for f in maker.motion if f < end]:
             del maker.motion[f]
 
+    recent: deque[Frame] = deque(maxlen=8 * s.analysis_step)  # skipped frames near a cut
+
+    def lookup(index: int) -> np.ndarray | None:
+        for f in recent:
+            if f.index == index:
+                return f.analysis_image()
+        return None
+
     for fr in frames:
         n = fr.index + 1
+        if s.analysis_step > 1:
+            recent.append(fr)
         if fr.candidate is not None:
             candidates[fr.index] = fr.candidate
-        g = fr.small[::2, ::2, 1].astype(np.int16)  # green ~ luma; half size is enough
-        if prev is not None:
-            maker.motion[fr.index] = float(np.abs(g - prev).mean())
-        prev = g
-        for cut in det.process(fr.index, fr.small):
-            close_until(cut)
+        if fr.small is not None:
+            g = fr.small[::2, ::2, 1].astype(np.int16)  # green ~ luma; half size is enough
+            if prev is not None:
+                maker.motion[fr.index] = float(np.abs(g - prev).mean()) / s.analysis_step
+            prev = g
+            for cut in det.process(fr.index, fr.small, lookup):
+                close_until(cut)
         # A long shot: once no cut can appear in the next two clip lengths, emit one clip.
         while fr.index - det.lag >= shot_start + 2 * max_len:
             close_until(shot_start + max_len)

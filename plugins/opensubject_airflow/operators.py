@@ -17,6 +17,33 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 DEFAULT_WAIT = timedelta(hours=24)
+# "false": wait inside the task (holding an Airflow worker slot) instead of deferring to the
+# triggerer, for installations without a triggerer. Read when a task runs, not at parse time.
+DEFERRABLE_ENV = "OPENSUBJECT_AIRFLOW_DEFERRABLE"
+
+
+def _deferrable() -> bool:
+    import os
+
+    return os.environ.get(DEFERRABLE_ENV, "true").strip().lower() not in ("0", "false", "no")
+
+
+def _wait(operator: BaseOperator, trigger: Any, timeout: timedelta, context: Any) -> Any:
+    """Defer to the triggerer; or, when deferral is off, run the same trigger here."""
+    if _deferrable():
+        operator.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)
+    import asyncio
+
+    async def first_event() -> Any:
+        async for event in trigger.run():
+            return event.payload
+        return None
+
+    try:
+        payload = asyncio.run(asyncio.wait_for(first_event(), timeout.total_seconds()))
+    except TimeoutError:
+        raise AirflowFailException(f"no outcome after {timeout}") from None
+    return operator.execute_complete(context, payload)
 
 
 def _poll_interval(given: float | None) -> float:
@@ -55,7 +82,7 @@ class CeleryStageOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.wait_timeout = wait_timeout
 
-    def execute(self, context: Any) -> None:
+    def execute(self, context: Any) -> Any:
         from opensubject_airflow.triggers import CeleryTaskTrigger
         from opensubject_tasks.orchestrate import send_stage
 
@@ -70,8 +97,8 @@ class CeleryStageOperator(BaseOperator):
                     f" ({self.after.get('reason') or 'no follow-up work'})")
         celery_id = send_stage(self.stage, args)
         self.log.info("Handed opensubject.%s%s to Celery as task %s", self.stage, tuple(args), celery_id)
-        self.defer(trigger=CeleryTaskTrigger(celery_id, _poll_interval(self.poll_interval)),
-                   method_name="execute_complete", timeout=self.wait_timeout)
+        return _wait(self, CeleryTaskTrigger(celery_id, _poll_interval(self.poll_interval)),
+                     self.wait_timeout, context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         if event["status"] == "success":
@@ -107,7 +134,7 @@ class SamplesOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.wait_timeout = wait_timeout
 
-    def execute(self, context: Any) -> None:
+    def execute(self, context: Any) -> Any:
         from opensubject_airflow.triggers import SamplesTrigger
         from opensubject_tasks.orchestrate import enqueue_samples
 
@@ -119,8 +146,8 @@ class SamplesOperator(BaseOperator):
         sent = enqueue_samples(sample_ids)
         self.log.info("%d sample(s); handed %d to Celery: %s", len(sample_ids), len(sent),
                       ", ".join(f"{st}({sid})" for st, sid in sent[:20]))
-        self.defer(trigger=SamplesTrigger(sample_ids, _poll_interval(self.poll_interval)),
-                   method_name="execute_complete", timeout=self.wait_timeout)
+        return _wait(self, SamplesTrigger(sample_ids, _poll_interval(self.poll_interval)),
+                     self.wait_timeout, context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         self.log.info("samples by state: %s", event["states"])

@@ -48,10 +48,10 @@ class _Frame:
 class MotionSaliencyDetector:
     name = "classical"
 
-    def __init__(self, work_side: int = 320, min_area: float = 0.002, threshold: float = 20.0,
+    def __init__(self, work_side: int = 448, min_area: float = 0.002, threshold: float = 20.0,
                  noise_k: float = 6.0, quantile: float = 0.3, saliency_weight: float = 0.3,
                  min_score: float = 0.3, link_min: float = 0.45, max_gap: int = 2,
-                 max_proposals: int = 8, scene_spread: float = 0.15) -> None:
+                 max_proposals: int = 8, scene_spread: float = 0.15, grabcut_side: int = 200) -> None:
         self.work_side = work_side            # frames are analysed at this longest side
         self.min_area = min_area              # smallest region, as a share of the frame
         self.threshold = threshold            # smallest colour difference (0-255) that counts as motion
@@ -63,6 +63,7 @@ class MotionSaliencyDetector:
         self.max_gap = max_gap                # keyframes a track may skip
         self.max_proposals = max_proposals    # per keyframe
         self.scene_spread = scene_spread      # a motion layer spread over less of the frame may be a subject
+        self.grabcut_side = grabcut_side      # resolution of the colour refinement
         self._features = cv2.SIFT_create(nfeatures=3000, contrastThreshold=0.02)
         self._saliency = cv2.saliency.StaticSaliencySpectralResidual_create()
 
@@ -178,7 +179,9 @@ class MotionSaliencyDetector:
         ecc = self._register_ecc(a, b, exclude)
         if best is None or ecc is None:
             return ecc if best is None else best
-        return ecc if _residual(a, b, ecc, exclude) < _residual(a, b, best, exclude) else best
+        # the compact layer must explain the rest of the frame clearly better: on a plain
+        # scene both explain it about equally, and then the compact layer is the subject
+        return best if _residual(a, b, best, exclude) + 1.0 < _residual(a, b, ecc, exclude) else ecc
 
     @staticmethod
     def _register_ecc(a: _Frame, b: _Frame, exclude: np.ndarray | None = None) -> np.ndarray | None:
@@ -292,15 +295,22 @@ class MotionSaliencyDetector:
         pad = int(0.1 * max(cand.shape))
         y0, y1 = max(0, ys.min() - pad), min(cand.shape[0], ys.max() + 1 + pad)
         x0, x1 = max(0, xs.min() - pad), min(cand.shape[1], xs.max() + 1 + pad)
-        sub = np.ascontiguousarray(trimap[y0:y1, x0:x1])
-        bgr = cv2.cvtColor(np.ascontiguousarray(f.rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2BGR)
+        # GrabCut runs on the region's surroundings at most grabcut_side pixels across
+        scale = min(1.0, self.grabcut_side / max(y1 - y0, x1 - x0))
+        size = (max(2, round((x1 - x0) * scale)), max(2, round((y1 - y0) * scale)))
+        sub = cv2.resize(np.ascontiguousarray(trimap[y0:y1, x0:x1]), size, interpolation=cv2.INTER_NEAREST)
+        bgr = cv2.resize(cv2.cvtColor(np.ascontiguousarray(f.rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2BGR), size,
+                         interpolation=cv2.INTER_AREA)
+        if not ((sub == cv2.GC_FGD) | (sub == cv2.GC_PR_FGD)).any() or not (sub == cv2.GC_BGD).any():
+            return cand & (~known | (m2 > 0.5 * t2))
         cv2.setRNGSeed(0)  # GrabCut's colour models are initialised from OpenCV's RNG
         try:
             cv2.grabCut(bgr, sub, None, np.zeros((1, 65)), np.zeros((1, 65)), 3, cv2.GC_INIT_WITH_MASK)
         except cv2.error:
             return cand & (~known | (m2 > 0.5 * t2))
+        fg = ((sub == cv2.GC_FGD) | (sub == cv2.GC_PR_FGD)).astype(np.uint8)
         out = np.zeros(cand.shape, bool)
-        out[y0:y1, x0:x1] = (sub == cv2.GC_FGD) | (sub == cv2.GC_PR_FGD)
+        out[y0:y1, x0:x1] = cv2.resize(fg, (x1 - x0, y1 - y0), interpolation=cv2.INTER_NEAREST) > 0
         out &= near
         k = max(3, int(0.015 * max(cand.shape)) | 1)
         out = cv2.morphologyEx(out.astype(np.uint8), cv2.MORPH_OPEN,
@@ -381,28 +391,32 @@ class MotionSaliencyDetector:
         return ids
 
 
-def _split_touching(component: np.ndarray, min_share: float = 0.2, neck_ratio: float = 0.6
-                    ) -> list[np.ndarray]:
+def _split_touching(component: np.ndarray, min_share: float = 0.2, neck_ratio: float = 0.6,
+                    side: int = 96) -> list[np.ndarray]:
     """Split a region made of two or more blobs that touch through a narrow neck (two
     subjects side by side). Watershed on the distance transform; two parts are merged
     back unless both are large (``min_share`` of the region) and the neck between them
     is narrow (under ``neck_ratio`` of the smaller part's thickness), so one subject's
-    limbs or head stay with it."""
-    dist = cv2.distanceTransform(component.astype(np.uint8), cv2.DIST_L2, 5)
+    limbs or head stay with it. Shapes are analysed at most ``side`` pixels across."""
+    ys, xs = np.nonzero(component)
+    y0, x0 = ys.min(), xs.min()
+    crop = component[y0:ys.max() + 1, x0:xs.max() + 1].astype(np.uint8)
+    scale = min(1.0, side / max(crop.shape))
+    small = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) if scale < 1 else crop
+    small = np.pad(small, 1)
+    dist = cv2.distanceTransform(small, cv2.DIST_L2, 5)
     peak = float(dist.max())
     if peak < 3:
         return [component]
     markers, n = ndimage.label(h_maxima(dist, 0.25 * peak))
     if n < 2:
         return [component]
-    parts = watershed(-dist, markers, mask=component)
-    total = float(component.sum())
+    parts = watershed(-dist, markers, mask=small.astype(bool))
+    total = float(small.sum())
     merged = True
     while merged:
         merged = False
         labels = [v for v in np.unique(parts) if v > 0]
-        if len(labels) < 2:
-            break
         for a in labels:
             for b in labels:
                 if b <= a:
@@ -419,7 +433,20 @@ def _split_touching(component: np.ndarray, min_share: float = 0.2, neck_ratio: f
                     break
             if merged:
                 break
-    return [parts == v for v in np.unique(parts) if v > 0]
+    labels = [v for v in np.unique(parts) if v > 0]
+    if len(labels) < 2:
+        return [component]
+    parts = cv2.resize(parts[1:-1, 1:-1].astype(np.int32).astype(np.float32), (crop.shape[1], crop.shape[0]),
+                       interpolation=cv2.INTER_NEAREST).astype(int)
+    out = []
+    for v in labels:
+        full = np.zeros_like(component)
+        full[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = (parts == v) & (crop > 0)
+        out.append(full)
+    # pixels lost to the rescaling join the part they touch most; simplest: the largest
+    missing = component & ~np.any(out, axis=0)
+    out[int(np.argmax([o.sum() for o in out]))] |= missing
+    return out
 
 
 def _residual(a: _Frame, b: _Frame, h: np.ndarray, exclude: np.ndarray) -> float:
@@ -437,18 +464,21 @@ def _match_exposure(image: np.ndarray, reference: np.ndarray, valid: np.ndarray)
     """Scale each channel by the median ratio of reference to image over aligned pixels:
     exposure and lighting drift between keyframes is not motion. (A ratio per pixel:
     the scene's pixels agree on it, a subject's are outliers.)"""
-    out = image.astype(np.float32)
-    changed = False
+    sample = valid.copy()
+    sample[1::2, :] = False   # every other row and column is plenty for a median
+    sample[:, 1::2] = False
+    a_all, b_all = image[sample].astype(np.float32), reference[sample].astype(np.float32)
+    gains = np.ones(3, np.float32)
     for c in range(3):
-        a, b = image[..., c][valid].astype(np.float32), reference[..., c][valid].astype(np.float32)
+        a, b = a_all[:, c], b_all[:, c]
         lit = (a > 20) & (b > 20)
-        if lit.sum() < 100:
-            continue
-        gain = float(np.median(b[lit] / a[lit]))
-        if 0.5 < gain < 2.0 and abs(gain - 1.0) > 0.02:
-            out[..., c] *= gain
-            changed = True
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8) if changed else image
+        if lit.sum() >= 50:
+            gain = float(np.median(b[lit] / a[lit]))
+            if 0.5 < gain < 2.0 and abs(gain - 1.0) > 0.02:
+                gains[c] = gain
+    if np.all(gains == 1.0):
+        return image
+    return np.clip(image.astype(np.float32) * gains + 0.5, 0, 255).astype(np.uint8)
 
 
 def _channel_max(a: np.ndarray) -> np.ndarray:

@@ -54,7 +54,7 @@ def motion(grays: Sequence[np.ndarray]) -> tuple[float, float]:
         return 0.0, 0.5
     small = [cv2.resize(g, (96, max(1, round(g.shape[0] * 96 / g.shape[1]))), interpolation=cv2.INTER_AREA)
              .astype(np.float32) for g in grays]
-    raw = float(np.mean([np.abs(a - b).mean() for a, b in zip(small, small[1:])])) / 255.0
+    raw = float(np.mean([np.abs(a - b).mean() for a, b in zip(small, small[1:], strict=False)])) / 255.0
     if raw < 0.01:
         return raw, 0.5 + 50.0 * raw  # 0.5 .. 1.0
     if raw <= 0.2:

@@ -21,6 +21,21 @@ from opensubject_tasks.errors import ConfigError, ModelNotAvailable
 
 log = logging.getLogger(__name__)
 
+
+def _quiet_library_progress() -> None:
+    """Workers load models once and log; the libraries' own loading bars only add noise."""
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        tlog.disable_progress_bar()
+        dlog.disable_progress_bar()
+    except ImportError:  # diffusers is optional for image-only workers
+        pass
+
+
+_quiet_library_progress()
+
 T = TypeVar("T")
 R = TypeVar("R")
 
