@@ -106,9 +106,9 @@ def main() -> None:
     early, late = curve[args.early - 1], curve[-1]
     ratio = late["VmHWM"] / early["VmHWM"]
     result = {"tasks": len(curve), "by_stage": counts, "seconds": round(seconds, 1),
-              "peak_rss_after_%d_mb" % args.early: round(early["VmHWM"] / 2**20, 1),
-              "peak_rss_after_%d_mb" % len(curve): round(late["VmHWM"] / 2**20, 1),
-              "rss_after_%d_mb" % len(curve): round(late["VmRSS"] / 2**20, 1),
+              f"peak_rss_after_{args.early}_mb": round(early["VmHWM"] / 2**20, 1),
+              f"peak_rss_after_{len(curve)}_mb": round(late["VmHWM"] / 2**20, 1),
+              f"rss_after_{len(curve)}_mb": round(late["VmRSS"] / 2**20, 1),
               "peak_ratio": round(ratio, 3), "within_10_percent": ratio <= 1.10}
     print("task  stage        RSS MB  peak MB")
     for row in curve:

@@ -40,8 +40,10 @@ def env_example() -> dict[str, str]:
 
 
 def _argv(service: dict[str, Any]) -> list[str]:
+    """The command as it runs with .env.example's defaults (${VAR:-default} -> default)."""
     cmd = service.get("command") or []
-    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+    argv = shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+    return [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in argv]
 
 
 def _env(service: dict[str, Any]) -> dict[str, str]:
@@ -109,6 +111,9 @@ def test_celery_workers_consume_real_queues_and_tasks(services):
             assert set(queues) <= set(QUEUES), (name, queues)
             consumed |= set(queues)
     assert consumed == set(QUEUES)
+    # Without GPU workers the cpu worker can take both queues.
+    raw = services["worker-cpu"]["command"]
+    assert raw[raw.index("-Q") + 1] == "${CPU_WORKER_QUEUES:-cpu}"
     assert _argv(services["worker-gpu"])[_argv(services["worker-gpu"]).index("-Q") + 1] == "gpu"
     assert _argv(services["worker-cpu"])[_argv(services["worker-cpu"]).index("-Q") + 1] == "cpu"
     # Every stage the DAGs hand over is a registered task whose queue some worker consumes.

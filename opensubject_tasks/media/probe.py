@@ -110,7 +110,8 @@ def probe_video(path: str | Path, settings: CurateSettings | None = None) -> Pro
         v = videos[0]
         cc = v.codec_context
         codec = cc.name if cc else "unknown"
-        width, height = int(v.width or 0), int(v.height or 0)
+        # A damaged stream may come without a codec context: no size to trust then.
+        width, height = (int(cc.width or 0), int(cc.height or 0)) if cc else (0, 0)
         if width <= 0 or height <= 0:
             raise BadInput(f"video size missing or invalid ({width}x{height})")
         _check_size(width, height, s)

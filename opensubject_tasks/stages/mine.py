@@ -165,7 +165,7 @@ def link_identities(boxes_per_frame: Sequence[Sequence[_Box]], s: MineSettings) 
                 same_track = bx.det.track is not None and bx.det.track == last.det.track
                 if sim < s.min_identity or not (overlap >= s.link_iou or same_track or sim >= 0.9):
                     continue
-                aff[a, b] = 0.5 * sim + 0.25 * overlap + 0.25 * same_track
+                aff[a, b] = 0.8 * sim + 0.1 * overlap + 0.1 * same_track
         assigned = [-1] * len(boxes)
         if aff.size:
             rows, cols = linear_sum_assignment(-aff)

@@ -373,7 +373,7 @@ class MotionSaliencyDetector:
                     app = 1.0 - cv2.compareHist(hists[i][a], thist, cv2.HISTCMP_BHATTACHARYYA)
                     moved = _warp_box(tbox, homog.get((i, j)))
                     geo = _iou(box, moved) if moved is not None else 0.0
-                    aff[a, b] = 0.65 * app + 0.35 * geo if app >= 0.5 else 0.0
+                    aff[a, b] = 0.8 * app + 0.2 * geo if app >= 0.5 else 0.0
             assigned = [-1] * len(regions)
             if aff.size:
                 rows, cols = linear_sum_assignment(-aff)
@@ -436,16 +436,16 @@ def _split_touching(component: np.ndarray, min_share: float = 0.2, neck_ratio: f
     labels = [v for v in np.unique(parts) if v > 0]
     if len(labels) < 2:
         return [component]
-    parts = cv2.resize(parts[1:-1, 1:-1].astype(np.int32).astype(np.float32), (crop.shape[1], crop.shape[0]),
+    parts = cv2.resize(parts[1:-1, 1:-1].astype(np.float32), (crop.shape[1], crop.shape[0]),
                        interpolation=cv2.INTER_NEAREST).astype(int)
+    # pixels the rescaling left unlabelled take the label of the nearest labelled pixel
+    _, (iy, ix) = ndimage.distance_transform_edt(parts == 0, return_indices=True)
+    parts = parts[iy, ix]
     out = []
     for v in labels:
         full = np.zeros_like(component)
         full[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = (parts == v) & (crop > 0)
         out.append(full)
-    # pixels lost to the rescaling join the part they touch most; simplest: the largest
-    missing = component & ~np.any(out, axis=0)
-    out[int(np.argmax([o.sum() for o in out]))] |= missing
     return out
 
 
