@@ -111,6 +111,7 @@ class SlotSampler(threading.Thread):
 
 
 def distributed(media: Path, n: int, concurrency: int, mode: str, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     with pg_database("os_bench_data") as data_url, pg_database("os_bench_airflow") as af_url, \
             redis_db(13) as broker, s3_server() as s3:
         env = service_env(data_url, broker, s3, f"bench-{uuid.uuid4().hex[:8]}")
@@ -178,7 +179,7 @@ def distributed(media: Path, n: int, concurrency: int, mode: str, work: Path) ->
             sampler.stop_flag.set()
             for p in reversed(procs):
                 p.stop()
-        return {"mode": mode, "state": state, "wall_s": round(wall, 1), "stack_ready_s": round(stack_ready_s, 1),
+        return {"mode": mode, "videos": n, "state": state, "wall_s": round(wall, 1), "stack_ready_s": round(stack_ready_s, 1),
                 **sampler.summary(), **overheads(ctx, tis, videos)}
 
 
@@ -257,19 +258,30 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=["deferrable", "blocking"], choices=["deferrable", "blocking"])
+    ap.add_argument("--overhead-videos", type=int, default=1,
+                    help="videos for the per-task overhead runs (0: skip them)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_distributed_"))
     from opensubject_tasks.media.samples import make_samples
 
     make_samples(work / "media", count=args.videos)
+    load_before = os.getloadavg()
     results = [embedded(work / "media", args.videos, 1)]
     if args.concurrency > 1:
         results.append(embedded(work / "media", args.videos, args.concurrency))
     for mode in args.modes:
         results.append(distributed(work / "media", args.videos, args.concurrency, mode, work))
-    out = {"videos": args.videos, "concurrency": args.concurrency, "cpus": os.cpu_count(), "results": results,
-           "logs": str(work)}
+    # One video: no task waits for a free worker process, so what Airflow adds per task is
+    # its own scheduling, hand-off and hand-back.
+    overhead = []
+    if args.overhead_videos:
+        for mode in args.modes:
+            overhead.append(distributed(work / "media", args.overhead_videos, args.concurrency, mode,
+                                        work / f"one-{mode}"))
+    out = {"videos": args.videos, "concurrency": args.concurrency, "cpus": os.cpu_count(),
+           "load_average_before": load_before, "load_average_after": os.getloadavg(),
+           "results": results, "overhead_runs": overhead, "logs": str(work)}
     print(json.dumps(out, indent=2, default=str))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))

@@ -3,7 +3,10 @@ media: grounding IoU against the ground truth, identity linking, pairs and their
 diversity, identity/background preservation (PSNR) of the synthesized inputs, and
 determinism. Prints Markdown (the numbers in docs/mining.md come from here).
 
-    .venv/bin/python benchmarks/bench_mining.py [--media DIR] [--json OUT.json]
+    .venv/bin/python benchmarks/bench_mining.py [--media DIR] [--json OUT.json] [--sheet OUT.png]
+
+With --sheet the services (mine, synthesize) also run on an embedded database and
+store over the same clips, and the contact sheet of the samples is written there.
 
 Without --media the sample videos are generated into a temporary folder first.
 """
@@ -49,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--media", type=Path)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--sheet", type=Path)
     args = ap.parse_args()
     if args.media is None:
         from opensubject_tasks.media.samples import make_samples
@@ -75,9 +79,9 @@ def main() -> None:
                 ious.append(best)
                 if not overlaps_other(clip, track, f):
                     ious_sep.append(best)
-                if best >= 0.5:
-                    ids.add(ident)
-            links.append(len(ids) == 1)
+                    if best >= 0.5:  # linking is judged where the subject is separate
+                        ids.add(ident)
+            links.append(len(ids))
         per_clip.append({"clip": f"{clip.video}#{clip.idx}", "moving": bool(clip.boxes), "pairs": len(r.pairs),
                          "subjects": [(s.state, s.reason) for s in r.subjects], "reason": r.reason})
         for p in r.pairs:
@@ -85,7 +89,7 @@ def main() -> None:
             pair_rows.append((clip, p, clip.frames[ref_k], clip.frames[tgt_k]))
 
     gen_psnr, out_psnr, in_psnr, synth_s, deterministic = [], [], [], [], 0
-    for k, (clip, p, ref, tgt) in enumerate(pair_rows):
+    for k, (_clip, p, ref, tgt) in enumerate(pair_rows):
         seed = 1000 + k
         t0 = time.perf_counter()
         res = synthesize_pair(ref, p.ref_box, tgt, p.tgt_box, seed=seed, attempt=1, segmenter=seg,
@@ -100,7 +104,7 @@ def main() -> None:
         if k < 5:  # determinism: the same seed again, PNG bytes compared
             again = synthesize_pair(ref, p.ref_box, tgt, p.tgt_box, seed=seed, attempt=1, segmenter=seg,
                                     inpainter=inp, settings=settings.synth)
-            digest = [hashlib.sha256(encode_png(v)).hexdigest() for v in (res.images | {}).values()]
+            digest = [hashlib.sha256(encode_png(v)).hexdigest() for v in res.images.values()]
             digest2 = [hashlib.sha256(encode_png(v)).hexdigest() for v in again.images.values()]
             deterministic += digest == digest2
 
@@ -112,7 +116,9 @@ def main() -> None:
         "iou_share": sum(v >= 0.5 for v in ious) / max(len(ious), 1), "annotated_frames": len(ious),
         "iou_share_unoverlapped": sum(v >= 0.5 for v in ious_sep) / max(len(ious_sep), 1),
         "unoverlapped_frames": len(ious_sep), "median_iou": statistics.median(ious) if ious else 0.0,
-        "tracks_linked": sum(links), "tracks": len(links), "pairs": len(pair_rows),
+        "tracks": len(links), "tracks_one_identity": sum(v == 1 for v in links),
+        "tracks_split": sum(v > 1 for v in links), "tracks_never_grounded": sum(v == 0 for v in links),
+        "pairs": len(pair_rows),
         "diversity": {"min": min(div, default=0), "median": statistics.median(div) if div else 0,
                       "max": max(div, default=0)},
         "identity": {"min": min((p.scores["identity"] for _, p, _, _ in pair_rows), default=0)},
@@ -134,6 +140,33 @@ def main() -> None:
     print("```json\n" + json.dumps(summary, indent=1, default=str) + "\n```")
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "clips": per_clip}, indent=1, default=str))
+    if args.sheet:
+        write_sheet(clips, args.sheet)
+
+
+def write_sheet(clips, out: Path) -> None:
+    """Run the mine and synthesize services over the clips (embedded mode) and write
+    the contact sheet: one sample per video with a moving subject."""
+    from mining_fixtures import seed_video
+
+    from opensubject_tasks.context import Context
+    from opensubject_tasks.contact_sheet import write_contact_sheet
+    from opensubject_tasks.db.engine import upgrade
+    from opensubject_tasks.services.common import run_stage
+
+    work = Path(tempfile.mkdtemp(prefix="ossheet-"))
+    ctx = Context.from_settings(load_settings(database_url=f"sqlite:///{work / 'db.sqlite'}",
+                                              store={"kind": "local", "local_root": str(work / "store")}))
+    upgrade(ctx.engine)
+    videos: dict[str, list] = {}
+    for clip in clips:
+        videos.setdefault(clip.video, []).append(clip)
+    for video_clips in videos.values():
+        result = run_stage(ctx, "mine", seed_video(ctx, video_clips))
+        for _, sample_id in result.next[:1]:
+            run_stage(ctx, "synthesize", sample_id)
+    write_contact_sheet(ctx, out, limit=8)
+    print(f"contact sheet: {out}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Find samples whose synthesize/verify hand-off was lost (still in flight long after
-they were queued, e.g. after a broker restart) and queue their next stage again.
+"""Find work whose queue message was lost (still outstanding long after it was queued,
+e.g. after a broker restart or flush) and queue it again: samples' synthesize/verify
+hand-offs (`sweep`), and every video stage, sample stage and export whose message the
+broker no longer holds (`reconcile`, see opensubject_tasks/services/reconcile.py).
 
 Schedule: `OPENSUBJECT_RESYNTH_SWEEP_SCHEDULE` (default every 15 minutes); the age
 limit is `OPENSUBJECT_VERIFY__RESYNTH_STUCK_AFTER_S` on the workers.
@@ -26,7 +28,9 @@ from opensubject_airflow.operators import CeleryStageOperator
     default_args={"owner": "opensubject", "retries": 2, "retry_delay": timedelta(minutes=1)},
 )
 def opensubject_resynth_sweep():
-    CeleryStageOperator(task_id="sweep", stage="resynth_sweep", args=[])
+    sweep = CeleryStageOperator(task_id="sweep", stage="resynth_sweep", args=[])
+    reconcile = CeleryStageOperator(task_id="reconcile", stage="reconcile", args=[])
+    sweep >> reconcile
 
 
 opensubject_resynth_sweep()

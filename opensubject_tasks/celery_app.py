@@ -7,6 +7,7 @@ module is cheap and does no I/O: Airflow's triggerer imports it to look at resul
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from celery import Celery
@@ -17,7 +18,7 @@ from opensubject_tasks.config import Settings, load_settings
 QUEUES = ("cpu", "gpu")
 TASK_PREFIX = "opensubject."
 # Work that is not a stage service but still runs on workers.
-AUX_TASKS = {"ingest": "cpu", "resynth_sweep": "cpu"}
+AUX_TASKS = {"ingest": "cpu", "resynth_sweep": "cpu", "reconcile": "cpu"}
 
 
 def task_name(stage: str) -> str:
@@ -29,12 +30,37 @@ def queue_for(stage: str) -> str:
     """The queue a stage's tasks go to: the ``queue`` its service registered with."""
     if stage in AUX_TASKS:
         return AUX_TASKS[stage]
-    from opensubject_tasks.services.common import STAGES, load_stages
+    from opensubject_tasks.services.common import STAGES
 
-    spec = STAGES.get(stage) or load_stages().get(stage)
-    if spec is None:
-        raise KeyError(f"no stage named {stage!r}; known: {sorted(STAGES)}")
-    return spec.queue
+    spec = STAGES.get(stage)
+    if spec is not None:
+        return spec.queue
+    # Not imported in this process (Airflow hands work over without loading the stages,
+    # which pull in OpenCV, PyAV and friends): read the @stage declarations instead.
+    queues = declared_queues()
+    if stage not in queues:
+        raise KeyError(f"no stage named {stage!r}; declared: {sorted(queues)}")
+    return queues[stage]
+
+
+@functools.cache
+def declared_queues() -> dict[str, str]:
+    """{stage: queue} from the ``@stage(name, entity_type, queue)`` decorators in
+    ``opensubject_tasks/services/*.py``, read from the source without importing it."""
+    import ast
+    from pathlib import Path
+
+    found: dict[str, str] = {}
+    for path in sorted((Path(__file__).parent / "services").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for deco in node.decorator_list:
+                if (isinstance(deco, ast.Call) and getattr(deco.func, "id", None) == "stage"
+                        and len(deco.args) == 3 and all(isinstance(a, ast.Constant) for a in deco.args)):
+                    name, _, queue = (a.value for a in deco.args)
+                    found[name] = queue
+    return found
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict | None:

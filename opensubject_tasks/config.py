@@ -148,12 +148,13 @@ class BackendSettings(_Section):
 
 
 class StageTimeLimit(_Section):
-    soft_s: float = Field(gt=0)   # SoftTimeLimitExceeded is raised in the task: recorded, retried
+    # SoftTimeLimitExceeded is raised in the task: recorded, retried. None: no soft limit.
+    soft_s: float | None = Field(gt=0)
     hard_s: float = Field(gt=0)   # the pool process is killed: recorded by the worker, retried
 
     @model_validator(mode="after")
     def _hard_after_soft(self) -> StageTimeLimit:
-        if self.hard_s <= self.soft_s:
+        if self.soft_s is not None and self.hard_s <= self.soft_s:
             raise ValueError(f"hard_s ({self.hard_s}) must be greater than soft_s ({self.soft_s})")
         return self
 

@@ -101,10 +101,15 @@ def build_report(build_id: str) -> dict[str, Any]:
 
 # --- hand-off to Celery ----------------------------------------------------------------------
 def send_stage(stage: str, args: list[Any]) -> str:
-    """Put one task on its queue; returns the Celery task id."""
+    """Put one task on its queue; returns the Celery task id.
+
+    A video or build stage is recorded on its row first (stage, task id, time), so a
+    message the broker loses is sent again by the reconciler under the same id."""
+    from opensubject_tasks.services.reconcile import record_queued
     from opensubject_tasks.tasks import send
 
-    return send(stage, *args)
+    task_id = record_queued(context(), stage, str(args[0])) if args else None
+    return send(stage, *args, **({"task_id": task_id} if task_id else {}))
 
 
 def enqueue_samples(sample_ids: list[str]) -> list[tuple[str, str]]:

@@ -27,7 +27,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
 from opensubject_tasks.celery_app import app, task_name
@@ -192,9 +192,11 @@ class StageTask(Task):
             close_lost_attempts(ctx, self.stage, entity_id, "timeout",
                                 f"hard time limit exceeded ({exc}); the process was killed")
             with session_scope(ctx.sessions) as s:
-                timeouts = s.scalar(select(func.count()).select_from(StageAttempt).where(
-                    StageAttempt.stage == self.stage, StageAttempt.entity_id == entity_id,
-                    StageAttempt.status == "timeout")) or 0
+                recent = s.scalars(select(StageAttempt.status).where(
+                    StageAttempt.stage == self.stage, StageAttempt.entity_id == entity_id)
+                    .order_by(StageAttempt.id.desc()).limit(ctx.settings.celery.max_retries + 2)).all()
+            # Timeouts in a row, this one included: the count of tries of this task so far.
+            timeouts = next((i for i, st in enumerate(recent) if st != "timeout"), len(recent))
         except Exception:  # noqa: BLE001 - the database is down too: Celery's FAILURE stands
             log.exception("could not record the hard time limit of %s(%s)", self.stage, entity_id)
             return
@@ -261,7 +263,8 @@ def ingest(self: Task, source: str, build_id: str | None = None) -> dict[str, An
 
 @app.task(name=task_name("resynth_sweep"))
 def resynth_sweep(older_than_s: float | None = None) -> dict[str, Any]:
-    """Re-enqueue samples whose hand-off is older than ``verify.resynth_stuck_after_s``."""
+    """Re-enqueue samples whose hand-off is older than ``verify.resynth_stuck_after_s``,
+    and drop expired task results."""
     from opensubject_tasks.services.resynth import sweep_stuck
 
     ctx = worker_context()
@@ -269,4 +272,40 @@ def resynth_sweep(older_than_s: float | None = None) -> dict[str, Any]:
     ids = sweep_stuck(ctx, age, send)
     if ids:
         log.warning("re-enqueued %d sample(s) whose work was lost: %s", len(ids), ", ".join(ids[:20]))
+    # Task results older than result_expires (a day) leave the result table; with the
+    # database backend nothing else removes them (Celery beat is not part of the stack).
+    app.backend.cleanup()
     return {"requeued": ids}
+
+
+def resend(stage: str, entity_id: str) -> str:
+    """Send a unit of work again; a video or build stage keeps the task id it was first
+    handed out under, so whoever waits on that id sees this run's outcome."""
+    from opensubject_tasks.services.reconcile import queued_task_id
+
+    task_id = queued_task_id(worker_context(), stage, entity_id)
+    return send(stage, entity_id, **({"task_id": task_id} if task_id else {}))
+
+
+def waiting_in_broker() -> set[tuple[str, str]] | None:
+    """(stage, entity_id) of the messages the broker holds now (None: cannot tell)."""
+    from opensubject_tasks.celery_app import QUEUES, TASK_PREFIX
+    from opensubject_tasks.services.reconcile import waiting_in_redis
+
+    return waiting_in_redis(app.conf.broker_url, QUEUES, TASK_PREFIX)
+
+
+@app.task(name=task_name("reconcile"))
+def reconcile(older_than_s: float | None = None) -> dict[str, Any]:
+    """Send again every unit of work (video stage, sample stage, export) still outstanding
+    ``older_than_s`` (default ``verify.resynth_stuck_after_s``) after it was queued whose
+    message the broker no longer holds: a flushed or restarted broker loses no work."""
+    from opensubject_tasks.services.reconcile import reconcile as reconcile_work
+
+    ctx = worker_context()
+    age = older_than_s if older_than_s is not None else ctx.settings.verify.resynth_stuck_after_s
+    sent = reconcile_work(ctx, resend, older_than_s=age, waiting=waiting_in_broker())
+    if sent:
+        log.warning("sent again %d unit(s) of work whose message was lost: %s", len(sent),
+                    ", ".join(f"{st}({e})" for st, e in sent[:20]))
+    return {"resent": [list(u) for u in sent]}

@@ -7,6 +7,7 @@ independently of the camera.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import cv2
@@ -153,6 +154,15 @@ def keyframe_numbers(start: int, end: int, n: int) -> list[int]:
 
 
 def gt_clips(media_dir, keyframes: int = 6, max_side: int = 768, jpeg_quality: int = 90) -> list[GTClip]:
+    """The clips of the sample videos in ``media_dir`` (decoded once per process; the
+    frames are read-only, so no test can change what another one sees)."""
+    from pathlib import Path
+
+    return _gt_clips(str(Path(media_dir).resolve()), keyframes, max_side, jpeg_quality)
+
+
+@functools.lru_cache(maxsize=4)
+def _gt_clips(media_dir: str, keyframes: int, max_side: int, jpeg_quality: int) -> list[GTClip]:
     import json
     from pathlib import Path
 
@@ -174,7 +184,9 @@ def gt_clips(media_dir, keyframes: int = 6, max_side: int = 768, jpeg_quality: i
                     img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
                 ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                                        [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
-                imgs.append(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+                img = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                img.flags.writeable = False
+                imgs.append(img)
                 jpegs.append(buf.tobytes())
             boxes, cats = {}, {}
             for s in video["subjects"]:

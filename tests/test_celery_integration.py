@@ -69,6 +69,16 @@ def attempts(ctx) -> list:
                               .order_by(StageAttempt.id)).all())
 
 
+def attempts_full(ctx) -> list:
+    from sqlalchemy import select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import StageAttempt
+
+    with session_scope(ctx.sessions) as s:
+        return list(s.scalars(select(StageAttempt).order_by(StageAttempt.id)))
+
+
 @pytest.fixture(scope="module")
 def reference(s3_server, sample_media, tmp_path_factory):
     """The embedded runner's build of the same videos (SQLite + its own bucket)."""
@@ -293,6 +303,43 @@ def test_timeout_is_recorded_retried_and_shown_in_airflow(stack, sample_media, c
     text = out.out + out.err
     assert "curate failed on the Celery worker: SoftTimeLimitExceeded" in text
     assert "Celery task for curate" in text
+
+
+def test_hard_time_limit_kills_records_and_sends_again(stack, sample_media, capfd):
+    """No soft limit: the hard limit kills the pool process mid-stage. The worker records the
+    attempt as a timeout, sends the task again under the same id, and gives up after the
+    retries; Airflow shows the error."""
+    env = stack["apply"](
+        OPENSUBJECT_CELERY__TIME_LIMITS='{"curate": {"soft_s": null, "hard_s": 0.3}}',
+        OPENSUBJECT_CELERY__MAX_RETRIES="1",
+        OPENSUBJECT_CELERY__RETRY_BACKOFF_S="0.2",
+    )
+    upload(stack["store"], sample_media, VIDEOS[:1], bad=False)
+    worker = stack["worker"]("h1", env)
+
+    run, states = run_dag_test(load_dag("opensubject_build"), {"source": "store://raw/", "build_name": "hard"})
+
+    assert states[("video.curate", 0)] == "failed" and states[("watch", -1)] == "failed"
+    ctx = stack["context"]()
+    curate = [a for a in attempts(ctx) if a.stage == "curate"]
+    assert curate and all(a.status == "timeout" and "hard time limit" in a.error for a in curate)
+    assert worker.log().count("Hard time limit (0.3s) exceeded") == 2
+    # Airflow waited for the second attempt instead of taking the first kill as the end.
+    from airflow.models import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as s:
+        ti = s.query(TaskInstance).filter(TaskInstance.run_id == run.run_id,
+                                          TaskInstance.task_id == "video.curate").one()
+        assert ti.end_date >= max(a.finished_at for a in attempts_full(ctx) if a.stage == "curate")
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Video
+
+    with session_scope(ctx.sessions) as s:
+        [video] = s.query(Video).all()
+        assert video.state == "failed" and video.reason == "curate failed: hard time limit exceeded 2 time(s)"
+    out = capfd.readouterr()
+    assert "curate failed on the Celery worker: TimeLimitExceeded" in out.out + out.err
 
 
 def test_ingest_registers_only_new_videos(stack, sample_media):

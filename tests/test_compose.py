@@ -120,6 +120,11 @@ def test_celery_workers_consume_real_queues_and_tasks(services):
     for stage in (*STAGE_ORDER, "ingest", "resynth_sweep"):
         assert f"opensubject.{stage}" in app.tasks, stage
         assert queue_for(stage) in consumed, stage
+    # Routing without importing the stages reads the same queues the stages register with.
+    from opensubject_tasks.celery_app import declared_queues
+    from opensubject_tasks.services.common import load_stages
+
+    assert declared_queues() == {name: spec.queue for name, spec in load_stages().items()}
 
 
 def test_gpu_worker_reserves_a_gpu_and_mounts_the_model_cache(services):

@@ -57,6 +57,10 @@ class Build(Base):
     state: Mapped[str] = mapped_column(Text, default="running")
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = _ts(onupdate=True)
+    # sql/002_reliability.sql: the build-level stage last handed to a queue (export)
+    queued_stage: Mapped[str | None] = mapped_column(Text, nullable=True)
+    queued_task_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    queued_at: Mapped[datetime | None] = _ts(nullable=True)
 
 
 class Video(Base):
@@ -79,6 +83,10 @@ class Video(Base):
     probe: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = _ts(onupdate=True)
+    # sql/002_reliability.sql: the stage last handed to a queue, its Celery task id and when
+    queued_stage: Mapped[str | None] = mapped_column(Text, nullable=True)
+    queued_task_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    queued_at: Mapped[datetime | None] = _ts(nullable=True)
 
 
 class Clip(Base):

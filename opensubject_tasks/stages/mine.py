@@ -21,7 +21,7 @@ Boxes are in keyframe pixels. Everything is deterministic for the same inputs.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -154,7 +154,7 @@ def link_identities(boxes_per_frame: Sequence[Sequence[_Box]], s: MineSettings) 
     for boxes in boxes_per_frame:
         if not boxes:
             continue
-        aff = np.full((len(boxes), len(idents)), -1.0)
+        aff = np.full((len(boxes), len(idents)), _NO_LINK)
         for a, bx in enumerate(boxes):
             for b, ident in enumerate(idents):
                 last = ident[-1]
@@ -166,18 +166,32 @@ def link_identities(boxes_per_frame: Sequence[Sequence[_Box]], s: MineSettings) 
                 if sim < s.min_identity or not (overlap >= s.link_iou or same_track or sim >= 0.9):
                     continue
                 aff[a, b] = 0.8 * sim + 0.1 * overlap + 0.1 * same_track
-        assigned = [-1] * len(boxes)
-        if aff.size:
-            rows, cols = linear_sum_assignment(-aff)
-            for a, b in zip(rows, cols, strict=True):
-                if aff[a, b] >= 0:
-                    assigned[a] = b
+        assigned = assign(aff, 0.0)
         for a, bx in enumerate(boxes):
             if assigned[a] >= 0:
                 idents[assigned[a]].append(bx)
             else:
                 idents.append([bx])
     return _merge_fragments(idents, s)
+
+
+_NO_LINK = -1e3
+
+
+def assign(aff: np.ndarray, floor: float) -> list[int]:
+    """Rows to columns maximising the summed affinity; a row may instead stay alone
+    (worth ``floor``), so a strong link is never traded for a forced bad one. Returns
+    the column per row, -1 for none."""
+    n_rows, n_cols = aff.shape
+    if n_rows == 0:
+        return []
+    padded = np.hstack([aff, np.full((n_rows, n_rows), floor)])
+    rows, cols = linear_sum_assignment(-padded)
+    out = [-1] * n_rows
+    for a, b in zip(rows, cols, strict=True):
+        if b < n_cols and aff[a, b] >= floor:
+            out[a] = int(b)
+    return out
 
 
 def _mean_emb(ident: list[_Box]) -> np.ndarray:
@@ -308,7 +322,9 @@ def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM
     for (i, d), e in zip(flat, embs, strict=True):
         boxes[i].append(_Box(i, Detection(d.box, d.score, normalise_category(d.category), d.track), e))
     idents = link_identities(boxes, s)
-    idents.sort(key=lambda ident: (ident[0].frame, ident[0].det.box[0], ident[0].det.box[1]))
+    # subject 0 is the most consistently found one (then by score, then place: stable ids)
+    idents.sort(key=lambda ident: (-len(ident), -float(np.mean([b.det.score for b in ident])),
+                                   ident[0].frame, ident[0].det.box[0], ident[0].det.box[1]))
 
     subjects: list[SubjectResult] = []
     pairs: list[PairResult] = []

@@ -1,20 +1,31 @@
 """Class-agnostic subject proposals without downloaded weights.
 
-A subject is what moves against the scene. For each keyframe of a clip:
-1. the camera's motion to every other keyframe is estimated (ORB feature homography
-   with RANSAC, ECC affine as the fallback), so pans and zooms are compensated;
-2. every other keyframe is warped onto it and compared with a 1-pixel registration
-   tolerance; a pixel is "moving" when it differs from most of the other keyframes
-   (a low quantile of the differences, so the subject's former places, which differ
-   in only one frame each, do not count);
-3. the moving pixels, above a threshold set from the frame's own noise level, are
-   cleaned up and grouped into connected regions; each region's score fuses its motion
-   strength with its spectral-residual saliency contrast (cv2.saliency);
-4. regions are linked across keyframes into tracks by colour similarity and by
-   overlap after camera-motion compensation (Detection.track).
+A subject is what moves against the scene. For the keyframes of one clip:
+1. Camera motion (pan, zoom, shake) between keyframes: SIFT matches, several motion
+   layers fitted one after another (RANSAC/MAGSAC); the camera's layer is the one
+   whose matches spread over the frame (a subject is compact). Where only a compact
+   layer is found (a textured subject on a plain scene), an ECC fit that ignores it is
+   preferred unless the layer explains the rest of the frame clearly better.
+   Distant keyframes are registered by chaining neighbours and refining.
+2. Every other keyframe is warped onto a keyframe, its exposure matched, and compared
+   with a one-pixel registration tolerance. A pixel moves when it differs from most
+   other keyframes (a low quantile of the differences), above a threshold set from
+   the frame's own noise level.
+3. A second pass compares a keyframe only with keyframes that show the scene (not a
+   first-pass subject) at that pixel, so a slow subject does not hide against its own
+   other views and its former places leave no ghosts; where no such keyframe exists,
+   GrabCut seeded by the certain pixels decides by colour.
+4. Moving regions become boxes; regions of two subjects touching through a narrow
+   neck are split (watershed on the distance transform). Each box is scored by its
+   motion strength fused with its spectral-residual saliency contrast (cv2.saliency).
+5. Boxes are linked across keyframes into tracks (``Detection.track``) by colour and
+   by overlap after camera-motion compensation.
 
 It cannot name what it finds: every detection is labelled ``object``. Categories come
-from a VLM; the mining stage attaches them.
+from a VLM; the mining stage attaches them. Known limits (docs/mining.md): a subject
+that never moves against the scene is not found; two subjects overlapping in the image
+while moving together come out as one box; on an almost textureless scene the camera
+motion can be mistaken.
 """
 from __future__ import annotations
 
@@ -375,10 +386,12 @@ class MotionSaliencyDetector:
                     geo = _iou(box, moved) if moved is not None else 0.0
                     aff[a, b] = 0.8 * app + 0.2 * geo if app >= 0.5 else 0.0
             assigned = [-1] * len(regions)
-            if aff.size:
-                rows, cols = linear_sum_assignment(-aff)
+            if regions:
+                # a region may also start a new track (worth link_min): no forced links
+                padded = np.hstack([aff, np.full((len(regions), len(regions)), self.link_min)])
+                rows, cols = linear_sum_assignment(-padded)
                 for a, b in zip(rows, cols, strict=True):
-                    if aff[a, b] >= self.link_min:
+                    if b < len(live) and aff[a, b] >= self.link_min:
                         assigned[a] = live[b][0]
             frame_ids = []
             for a, (box, _) in enumerate(regions):

@@ -1,0 +1,298 @@
+"""Helpers for the fault tests and the load benchmark: a build driven through the Celery
+workers the way the ``opensubject_build`` DAG drives it (without Airflow), a throwaway
+PostgreSQL cluster that can be restarted, and the exact end-of-build checks.
+
+The driver calls the same ``opensubject_tasks.orchestrate`` functions as the DAG's tasks
+and triggers, waits on Celery task ids like ``CeleryTaskTrigger`` and on sample states
+like ``SamplesTrigger``, and sends ``opensubject.reconcile`` every few seconds as the
+``opensubject_resynth_sweep`` DAG does on its schedule. Every call is retried until a
+deadline, as Airflow retries its tasks and triggers poll again after an error.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PG_BIN = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]) if glob.glob("/usr/lib/postgresql/*/bin") \
+    else Path("/usr/lib/postgresql/bin")
+TERMINAL_VIDEO = {"done", "rejected", "failed"}
+# A failure that turns back into a retry within this time was a hard time limit that the
+# worker sent again (the same rule as the Airflow trigger's).
+CONFIRM_FAILURE_S = 2.0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- a PostgreSQL cluster of the test's own ----------------------------------------------------
+class PgCluster:
+    """``initdb`` + ``pg_ctl`` on a free port, run as the ``postgres`` user (PostgreSQL
+    refuses to run as root), trust auth on loopback only. Stop/start it to make an outage."""
+
+    def __init__(self, database: str = "opensubject") -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="os-pg-"))
+        self.port = free_port()
+        self.database = database
+        self.data, self.log = self.root / "data", self.root / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def _as_postgres(self, *cmd: str, timeout: float = 60) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        out = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}\n"
+                               f"{self.log.read_text() if self.log.exists() else ''}")
+
+    def start(self) -> PgCluster:
+        if not self.data.exists():
+            if os.geteuid() == 0:
+                os.chmod(self.root, 0o755)
+                shutil.chown(self.root, "postgres", "postgres")
+            self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
+            fresh = True
+        else:
+            fresh = False
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o",
+                          f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off",
+                          "-w", "start")
+        if fresh:
+            self._as_postgres(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                              self.database)
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: every session is disconnected, as in a restart or a failover."""
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        try:
+            self.stop("immediate")
+        except Exception:  # noqa: BLE001, S110 - not running
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# --- driving a build ---------------------------------------------------------------------------
+@dataclass
+class BuildRun:
+    build_id: str
+    videos: dict[str, str] = field(default_factory=dict)       # video id -> final state
+    failures: list[str] = field(default_factory=list)          # stage errors seen, as the DAG logs them
+    report: dict[str, Any] = field(default_factory=dict)
+    reconciles: int = 0
+    call_errors: list[str] = field(default_factory=list)       # calls retried (an outage seen by the driver)
+    wall_s: float = 0.0
+
+
+class Deadline(TimeoutError):
+    pass
+
+
+def _retry(fn: Callable[[], Any], deadline: float, errors: list[str], pause: float = 0.5) -> Any:
+    """Call until it returns, retrying any error until the deadline (Airflow's retries)."""
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+
+
+def drive_build(build_name: str, *, source: str = "store://raw/", poll_s: float = 0.3,
+                reconcile_every_s: float | None = 2.0, reconcile_age_s: float = 4.0,
+                timeout_s: float = 600, on_tick: Callable[[], None] | None = None) -> BuildRun:
+    """Run one build through the Celery workers (start, register, claim, per video
+    curate -> mine -> samples -> finalize, export, report) and return what happened."""
+    from opensubject_tasks import orchestrate as o
+    from opensubject_tasks.tasks import send
+
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    run = BuildRun(build_id="")
+    errs = run.call_errors
+    last_reconcile = time.monotonic()
+    pass_id: list[str] = []
+
+    def call(fn: Callable[[], Any]) -> Any:
+        return _retry(fn, deadline, errs)
+
+    def tick() -> None:
+        nonlocal last_reconcile
+        if on_tick:
+            on_tick()
+        # Like the sweep DAG (max_active_runs=1): a new pass once the last one ended, or
+        # after a while if its message was lost too.
+        if reconcile_every_s is not None and time.monotonic() - last_reconcile >= reconcile_every_s:
+            try:
+                if not pass_id or time.monotonic() - last_reconcile > 10 * reconcile_every_s \
+                        or o.task_outcome(pass_id[0]) is not None:
+                    pass_id[:] = [send("reconcile", reconcile_age_s)]
+                    run.reconciles += 1
+                    last_reconcile = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - the sweep runs again on its next schedule
+                errs.append(f"reconcile: {type(exc).__name__}: {exc}")
+        if time.monotonic() > deadline:
+            raise Deadline(f"build {run.build_id} not finished after {timeout_s}s")
+        time.sleep(poll_s)
+
+    failed_at: dict[str, float] = {}
+
+    def outcome(task_id: str) -> dict | None:
+        out = call(lambda: o.task_outcome(task_id))
+        if out is None or out["status"] == "success":
+            failed_at.pop(task_id, None)
+            return out
+        first = failed_at.setdefault(task_id, time.monotonic())
+        return out if time.monotonic() - first >= CONFIRM_FAILURE_S else None
+
+    def wait_task(task_id: str) -> dict:
+        while (out := outcome(task_id)) is None:
+            tick()
+        return out
+
+    run.build_id = call(lambda: o.start_build({"build_name": build_name, "source": source}, "fault-run"))
+    reg = wait_task(call(lambda: o.send_stage("ingest", [source, run.build_id])))
+    if reg["status"] != "success":
+        raise RuntimeError(f"register failed: {reg}")
+    videos = call(lambda: o.claim_build_videos(run.build_id))
+
+    # Each video walks its chain; all of them at once, as the DAG maps one group per video.
+    active: dict[str, tuple[str, Any]] = {
+        vid: ("curate", call(lambda v=vid: o.send_stage("curate", [v]))) for vid in videos}
+
+    def finish(vid: str) -> None:
+        run.videos[vid] = call(lambda: o.finalize(vid))
+        del active[vid]
+
+    while active:
+        for vid, (stage, handle) in list(active.items()):
+            if stage in ("curate", "mine"):
+                out = outcome(handle)
+                if out is None:
+                    continue
+                if out["status"] != "success":
+                    run.failures.append(f"{stage}({vid}): {out.get('error')}")
+                    finish(vid)
+                    continue
+                nxt = [tuple(n) for n in out["result"].get("next") or []]
+                if stage == "curate" and ("mine", vid) in nxt:
+                    active[vid] = ("mine", call(lambda v=vid: o.send_stage("mine", [v])))
+                elif stage == "mine" and (ids := sorted({i for st, i in nxt if st == "synthesize"})):
+                    call(lambda ids=ids: o.enqueue_samples(ids))
+                    active[vid] = ("samples", ids)
+                else:
+                    finish(vid)
+            else:
+                out = call(lambda ids=handle: o.samples_outcome(ids))
+                if out is None:
+                    continue
+                run.failures += [f"{e['stage']}({e['sample']}): {e['error']}" for e in out["errors"]]
+                finish(vid)
+        if active:
+            tick()
+
+    exp = wait_task(call(lambda: o.send_stage("export", [run.build_id])))
+    if exp["status"] != "success":
+        run.failures.append(f"export({run.build_id}): {exp.get('error')}")
+    run.report = call(lambda: o.build_report(run.build_id))
+    run.wall_s = time.monotonic() - t0
+    return run
+
+
+# --- what a finished build must look like -----------------------------------------------------------
+def rows(ctx) -> dict:  # noqa: ANN001
+    """Every row a build leaves, by id, with the fields that must not change under faults."""
+    from sqlalchemy import select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
+
+    with session_scope(ctx.sessions) as s:
+        return {
+            "videos": {v.name: (v.id, v.state) for v in s.scalars(select(Video))},
+            "clips": {c.id: (c.state, c.start_frame, c.end_frame) for c in s.scalars(select(Clip))},
+            "subjects": {x.id: x.category for x in s.scalars(select(Subject))},
+            "pairs": {p.id: (p.ref_frame, p.tgt_frame) for p in s.scalars(select(Pair))},
+            "samples": {x.id: (x.state, x.attempt, x.seed) for x in s.scalars(select(Sample))},
+        }
+
+
+def referenced_keys(ctx) -> list[str]:  # noqa: ANN001
+    """Every store key a row points to (keyframes, sample files)."""
+    from sqlalchemy import select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Clip, Sample
+
+    with session_scope(ctx.sessions) as s:
+        out = [k["key"] for kfs in s.scalars(select(Clip.keyframes)) for k in (kfs or [])]
+        out += [v for keys in s.scalars(select(Sample.keys)) for v in (keys or {}).values()]
+    return out
+
+
+def store_keys(store, prefix: str) -> list[str]:  # noqa: ANN001
+    return [o.key for o in store.list(prefix)]
+
+
+def exported_sample_ids(store, build_id: str) -> list[str]:  # noqa: ANN001
+    """The sample ids in the build's shards, one entry per sample written (duplicates kept)."""
+    import tarfile
+
+    ids = []
+    for key in store_keys(store, f"datasets/{build_id}/"):
+        name = key.rsplit("/", 1)[1]
+        if not (name.startswith("shard-") and name.endswith(".tar")):
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".tar") as f:
+            store.get_file(key, f.name)
+            with tarfile.open(f.name) as tar:
+                ids += [m.name.split(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".json")]
+    return ids
+
+
+def check_finished_build(ctx, store, build_id: str, reference: dict) -> dict:  # noqa: ANN001
+    """The exact end state: every video terminal, every sample verified or rejected, the
+    same rows and the same objects as an undisturbed build of the same videos (nothing
+    lost, nothing duplicated), every referenced object present, each verified sample
+    exported exactly once, no attempt left running. Returns the counts."""
+    from sqlalchemy import select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import StageAttempt
+
+    got = rows(ctx)
+    assert {st for _, st in got["videos"].values()} <= TERMINAL_VIDEO, got["videos"]
+    assert {st for st, _, _ in got["samples"].values()} <= {"verified", "rejected"}, got["samples"]
+    for table in ("videos", "clips", "subjects", "pairs", "samples"):
+        assert got[table] == reference["rows"][table], table
+    objects = store_keys(store, "videos/")
+    assert len(objects) == len(set(objects))
+    assert set(objects) == reference["objects"], (set(objects) ^ reference["objects"])
+    refs = referenced_keys(ctx)
+    assert refs and set(refs) <= set(objects), sorted(set(refs) - set(objects))[:5]
+    verified = sorted(i for i, (st, _, _) in got["samples"].items() if st == "verified")
+    exported = exported_sample_ids(store, build_id)
+    assert sorted(exported) == verified, (len(exported), len(verified))
+    with session_scope(ctx.sessions) as s:
+        running = s.scalars(select(StageAttempt.id).where(StageAttempt.status == "running")).all()
+    assert not running, f"{len(running)} attempt(s) still marked running"
+    return {"videos": len(got["videos"]), "samples": len(got["samples"]), "verified": len(verified),
+            "objects": len(objects), "exported": len(exported)}

@@ -1,0 +1,43 @@
+"""A test-only inpainter that hangs once: loaded into a test's Celery worker with
+``celery worker --include hang_backend`` (tests/ on PYTHONPATH) and selected with
+``OPENSUBJECT_BACKENDS__INPAINTER=hang_once``.
+
+The first call across all worker processes (decided by atomically creating the file
+named by ``OPENSUBJECT_TEST_HANG_ONCE``) sleeps far past any time limit, as a stuck model
+call or decode would; every other call is the classical inpainter's. Nothing in the
+product knows about it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from opensubject_tasks.backends.classical.inpainter import make_classical_inpainter
+from opensubject_tasks.backends.registry import register
+
+HANG_S = 3600.0
+
+
+class HangOnceInpainter:
+    def __init__(self, inner: Any, token: str) -> None:
+        self.inner = inner
+        self.token = token
+
+    def inpaint(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            fd = os.open(self.token, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return self.inner.inpaint(*args, **kwargs)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        time.sleep(HANG_S)  # the soft time limit interrupts this sleep
+        raise AssertionError("the stage time limit never fired")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@register("inpainter", "hang_once")
+def make_hang_once_inpainter(**options: Any) -> HangOnceInpainter:
+    return HangOnceInpainter(make_classical_inpainter(**options), os.environ["OPENSUBJECT_TEST_HANG_ONCE"])

@@ -1,0 +1,393 @@
+"""Faults that real clusters see, injected into a distributed build with real processes:
+PostgreSQL, Redis, an S3 server (moto) and a Celery worker process started here.
+
+Each build is driven through the Celery workers as the ``opensubject_build`` DAG drives
+it (tests/fault_fixtures.py: the same orchestrate calls, waits on the same task ids,
+``opensubject.reconcile`` every two seconds as the sweep DAG sends it on its schedule).
+Each test ends with the exact check: every video terminal, every sample verified or
+rejected, the same rows and objects as an undisturbed build of the same videos (nothing
+lost, nothing duplicated), each verified sample exported once, no attempt left running.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from airflow_fixtures import Worker, service_env
+from fault_fixtures import PgCluster, check_finished_build, drive_build, rows, store_keys
+
+pytestmark = pytest.mark.timeout(300)
+
+# Small builds: three short 320x180 videos, one pair per subject, two synthesis attempts.
+SMALL = {"mine": {"max_pairs_per_subject": 1}, "verify": {"max_attempts": 2}, "curate": {"min_short_side": 90}}
+SMALL_ENV = {f"OPENSUBJECT_{sec.upper()}__{k.upper()}": str(v) for sec, d in SMALL.items() for k, v in d.items()}
+FAST_RETRY = {"OPENSUBJECT_CELERY__RETRY_BACKOFF_S": "0.5", "OPENSUBJECT_CELERY__RETRY_BACKOFF_MAX_S": "4"}
+
+
+# --- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    from opensubject_tasks.media.samples import make_samples
+
+    out = tmp_path_factory.mktemp("fault-media")
+    make_samples(out, count=3, size=(320, 180))
+    return out
+
+
+def upload(store, media: Path) -> None:  # noqa: ANN001
+    for f in sorted(media.glob("*.mp4")):
+        store.put_file(f"raw/{f.name}", f, "video/mp4")
+
+
+@pytest.fixture(scope="module")
+def reference(s3_server, media, tmp_path_factory) -> dict:
+    """The embedded runner's undisturbed build of the same videos with the same settings."""
+    from opensubject_tasks.config import StoreSettings, load_settings
+    from opensubject_tasks.context import Context
+    from opensubject_tasks.runner import run_build
+    from opensubject_tasks.storage import make_store
+
+    store_settings = StoreSettings(kind="minio", endpoint=s3_server.endpoint, access_key="testkey",
+                                   secret_key="testsecret", bucket=f"ref-{uuid.uuid4().hex[:10]}")
+    upload(make_store(store_settings), media)
+    db = tmp_path_factory.mktemp("fault-reference") / "ref.sqlite"
+    ctx = Context.from_settings(load_settings(database_url=f"sqlite:///{db}", store=store_settings.model_dump(),
+                                              **SMALL))
+    run_build(ctx, ["store://raw/"], "faults")
+    ref = {"rows": rows(ctx), "objects": set(store_keys(ctx.store, "videos/"))}
+    ctx.engine.dispose()
+    states = {st for st, _, _ in ref["rows"]["samples"].values()}
+    assert len(ref["rows"]["videos"]) == 3 and {"verified", "rejected"} <= states  # both outcomes covered
+    return ref
+
+
+class Stack:
+    """This test's services: environment for the test process and its worker processes."""
+
+    def __init__(self, redis_url: str, monkeypatch, tmp: Path) -> None:  # noqa: ANN001
+        self.redis_url, self.monkeypatch, self.tmp = redis_url, monkeypatch, tmp
+        self.workers: list[Worker] = []
+
+    def apply(self, database_url: str, store_settings, **extra: str) -> dict[str, str]:  # noqa: ANN001
+        from opensubject_tasks.celery_app import configure
+        from opensubject_tasks.db.engine import make_engine, upgrade
+        from opensubject_tasks.storage import make_store
+
+        env = service_env(database_url, self.redis_url, store_settings, **SMALL_ENV, **FAST_RETRY, **extra)
+        for k, v in env.items():
+            self.monkeypatch.setenv(k, v)
+        configure()
+        engine = make_engine(database_url)
+        upgrade(engine)
+        engine.dispose()
+        self.store = make_store(store_settings)
+        return env
+
+    def worker(self, env: dict[str, str], name: str, concurrency: int = 1, include: str | None = None) -> Worker:
+        w = Worker(env, name, self.tmp / f"worker-{name}.log", concurrency=concurrency)
+        if include:
+            w.cmd += ["--include", include]
+        self.workers.append(w)
+        return w.start()
+
+    @staticmethod
+    def context():  # noqa: ANN205
+        from opensubject_tasks.orchestrate import context
+
+        return context()
+
+
+@pytest.fixture()
+def stack(redis_url, monkeypatch, tmp_path):  # noqa: ANN001
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()  # no message left over from another test
+    st = Stack(redis_url, monkeypatch, tmp_path)
+    yield st
+    for w in st.workers:
+        w.stop()
+    redis.Redis.from_url(redis_url).flushdb()
+
+
+def attempts(ctx):  # noqa: ANN001, ANN201
+    from sqlalchemy import select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import StageAttempt
+
+    with session_scope(ctx.sessions) as s:
+        return list(s.execute(select(StageAttempt.stage, StageAttempt.entity_id, StageAttempt.status,
+                                     StageAttempt.error, StageAttempt.started_at, StageAttempt.finished_at)
+                              .order_by(StageAttempt.id)).all())
+
+
+def running_stages(ctx) -> set[str]:  # noqa: ANN001
+    return {a.stage for a in attempts(ctx) if a.status == "running"}
+
+
+# --- the reconciler on its own -------------------------------------------------------------------
+def test_reconcile_sends_exactly_the_lost_work(pg_db):
+    """Only units that are outstanding, queued long ago, not running and not waiting on the
+    broker are sent again, each once; a second pass right after sends nothing."""
+    from opensubject_tasks.config import load_settings
+    from opensubject_tasks.context import Context
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
+    from opensubject_tasks.services.reconcile import queued_task_id, reconcile, record_queued
+
+    ctx = Context.from_settings(load_settings(database_url=pg_db))
+    now = datetime.now(UTC)
+    old, recent, ancient = now - timedelta(seconds=120), now - timedelta(seconds=5), now - timedelta(hours=3)
+    with session_scope(ctx.sessions) as s:
+        s.add_all([Build(id="b1", state="running"), Build(id="b2", state="done"),
+                   Build(id="b3", state="running", queued_stage="export", queued_at=old),
+                   Build(id="b4", state="running", queued_stage="export", queued_at=old),
+                   Build(id="b5", state="running", params={"synthesize": False})])
+        s.flush()
+
+        def video(vid, build="b1", state="running", stage=None, done=None, at=old):  # noqa: ANN001, ANN202
+            return Video(id=vid, content_hash=vid, source_uri=f"store://raw/{vid}", name=vid, build_id=build,
+                         state=state, queued_stage=stage, stage_done=done, queued_at=at if stage else None,
+                         queued_task_id=f"task-{vid}" if stage else None)
+
+        s.add_all([
+            video("v_lost", stage="curate"),                      # its message is gone -> curate again
+            video("v_lost_mine", stage="mine", done="curate"),    # -> mine again
+            video("v_fresh", stage="curate", at=recent),          # queued a moment ago
+            video("v_stage_done", stage="curate", done="curate"),  # curate done; the orchestrator goes on
+            video("v_busy", stage="mine", done="curate"),         # a live attempt is running
+            video("v_dead", stage="mine", done="curate"),         # its running attempt is long dead
+            video("v_waiting", stage="curate"),                   # its message is still on the broker
+            video("v_failed", state="failed", stage="curate"),    # finished
+            video("v_done_build", build="b2", stage="curate"),    # its build is over
+            video("v_never", state="registered"),                 # never handed out: the orchestrator's job
+        ])
+        s.flush()
+        s.add(Clip(id="c", video_id="v_stage_done", idx=0, start_frame=0, end_frame=9, start_s=0, end_s=1))
+        s.flush()
+        s.add(Subject(id="su", clip_id="c", idx=0, category="cat", category_source="t", boxes={}))
+        s.flush()
+        samples = {"s_pending": ("pending", old, "b1"), "s_synth": ("synthesized", old, "b1"),
+                   "s_verified": ("verified", old, "b1"), "s_fresh": ("pending", recent, "b1"),
+                   "s_busy": ("synthesized", old, "b1"), "s_never": ("pending", None, "b1"),
+                   "s_synth_off": ("pending", old, "b5")}
+        for i, (sid, (state, at, build)) in enumerate(samples.items()):
+            s.add(Pair(id=sid, subject_id="su", ref_frame=i, tgt_frame=i + 1, ref_box=[0, 0, 1, 1],
+                       tgt_box=[0, 0, 1, 1]))
+            s.flush()
+            s.add(Sample(id=sid, pair_id=sid, build_id=build, state=state, seed=i, queued_at=at))
+        s.add_all([
+            StageAttempt(entity_type="video", entity_id="v_busy", stage="mine", status="running", started_at=recent),
+            StageAttempt(entity_type="video", entity_id="v_dead", stage="mine", status="running", started_at=ancient),
+            StageAttempt(entity_type="sample", entity_id="s_busy", stage="verify", status="running",
+                         started_at=recent),
+            StageAttempt(entity_type="build", entity_id="b4", stage="export", status="ok", started_at=old,
+                         finished_at=now),
+        ])
+
+    sent: list[tuple[str, str]] = []
+    work = reconcile(ctx, lambda st, e: sent.append((st, e)), older_than_s=60, waiting={("curate", "v_waiting")})
+    assert sent == work
+    assert sorted(work) == sorted([("curate", "v_lost"), ("mine", "v_lost_mine"), ("mine", "v_dead"),
+                                   ("synthesize", "s_pending"), ("verify", "s_synth"), ("export", "b3")])
+    # A video stage goes out again under the task id of its first hand-off.
+    assert queued_task_id(ctx, "curate", "v_lost") == "task-v_lost"
+    assert queued_task_id(ctx, "mine", "v_lost") is None  # not the stage it was queued for
+    # Their hand-off time moved to now: the next pass leaves them alone.
+    assert reconcile(ctx, lambda st, e: sent.append((st, e)), older_than_s=60,
+                     waiting={("curate", "v_waiting")}) == []
+    # Once its message is gone from the broker too, the waiting one goes out.
+    assert reconcile(ctx, lambda st, e: None, older_than_s=60) == [("curate", "v_waiting")]
+    # A new hand-off gets a new task id, recorded before the message is sent.
+    tid = record_queued(ctx, "mine", "v_lost")
+    assert tid and queued_task_id(ctx, "mine", "v_lost") == tid
+    assert record_queued(ctx, "synthesize", "s_pending") is None
+    ctx.engine.dispose()
+
+
+def test_waiting_in_redis_reads_queued_and_delayed_messages(redis_url, monkeypatch):
+    import redis
+
+    from opensubject_tasks.celery_app import QUEUES, TASK_PREFIX, configure
+    from opensubject_tasks.services.reconcile import waiting_in_redis
+    from opensubject_tasks.tasks import send
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    monkeypatch.setenv("OPENSUBJECT_BROKER_URL", redis_url)
+    configure()
+    send("curate", "v1")
+    send("synthesize", "s1", countdown=30)  # a retry waiting out its backoff
+    send("export", "b1", priority=9)
+    assert waiting_in_redis(redis_url, QUEUES, TASK_PREFIX) == {("curate", "v1"), ("synthesize", "s1"),
+                                                                ("export", "b1")}
+    client.flushdb()
+    assert waiting_in_redis(redis_url, QUEUES, TASK_PREFIX) == set()
+    assert waiting_in_redis("amqp://guest@localhost//", QUEUES, TASK_PREFIX) is None
+
+
+# --- faults in a running build -------------------------------------------------------------------------
+def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, reference):
+    """FLUSHDB the broker's Redis database twice, while video-stage messages and then
+    sample-stage messages wait in the queues: the reconciler sends the lost work again
+    (video stages under their original task ids) and the build finishes."""
+    import redis
+
+    from opensubject_tasks.celery_app import QUEUES, TASK_PREFIX
+    from opensubject_tasks.services.reconcile import waiting_in_redis
+
+    env = stack.apply(pg_db, s3_store_settings)
+    upload(stack.store, media)
+    worker = stack.worker(env, "flush", concurrency=1)  # one at a time: the rest waits in the queues
+    client = redis.Redis.from_url(stack.redis_url)
+    dropped: dict[str, int] = {}
+
+    kinds = {"cpu": {"curate", "mine"}, "gpu": {"synthesize", "verify"}}
+
+    def chaos() -> None:
+        # First while video stages wait in the queue, then while sample stages do.
+        queue = "gpu" if "cpu" in dropped else "cpu"
+        if queue in dropped:
+            return
+        waiting = [u for u in waiting_in_redis(stack.redis_url, QUEUES, TASK_PREFIX) if u[0] in kinds[queue]]
+        if waiting:
+            client.flushdb()
+            dropped[queue] = len(waiting)
+
+    run = drive_build("faults", on_tick=chaos, timeout_s=240)
+
+    print("DEBUG", dropped, run.reconciles, run.wall_s, [l for l in worker.log().splitlines() if "sent again" in l])
+    assert set(dropped) == {"cpu", "gpu"} and all(n > 0 for n in dropped.values()), dropped
+    assert not run.failures, run.failures
+    counts = check_finished_build(stack.context(), stack.store, "faults", reference)
+    assert counts["videos"] == 3 and counts["verified"] > 0
+    log = worker.log()
+    assert "sent again" in log and "whose message was lost" in log
+
+
+def test_object_store_outage_mid_build(stack, pg_db, media, reference):
+    """SIGSTOP the S3 server process for 30 s while stages run, then SIGCONT: requests wait
+    (or fail and are retried with backoff), and the build finishes."""
+    from conftest import S3Server
+
+    from opensubject_tasks.config import StoreSettings
+
+    server = S3Server().start()
+    outage: dict[str, float] = {}
+    timer: list[threading.Timer] = []
+    try:
+        store_settings = StoreSettings(kind="minio", endpoint=server.endpoint, access_key="testkey",
+                                       secret_key="testsecret", bucket=f"t-{uuid.uuid4().hex[:12]}")
+        env = stack.apply(pg_db, store_settings)
+        upload(stack.store, media)
+        stack.worker(env, "outage", concurrency=2)
+        ctx = stack.context()
+
+        def resume() -> None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+            outage["end"] = time.time()
+
+        def chaos() -> None:
+            if "start" not in outage and running_stages(ctx) & {"mine", "synthesize", "verify"}:
+                os.kill(server.proc.pid, signal.SIGSTOP)
+                outage["start"] = time.time()
+                timer.append(threading.Timer(30, resume))
+                timer[0].start()
+
+        run = drive_build("faults", on_tick=chaos, timeout_s=240)
+        assert not run.failures, run.failures
+        assert outage["end"] - outage["start"] >= 29.9
+        counts = check_finished_build(ctx, stack.store, "faults", reference)
+    finally:
+        for t in timer:
+            t.cancel()
+        if "start" in outage and "end" not in outage:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+    assert counts["videos"] == 3
+    # Work was in flight through the outage: some stage started before the store came back
+    # and finished after it.
+    end = datetime.fromtimestamp(outage["end"], UTC)
+    assert any(a.started_at < end < a.finished_at for a in attempts(ctx)), "no stage spanned the outage"
+
+
+def test_database_restart_mid_build(stack, s3_store_settings, media, reference):
+    """Stop the PostgreSQL cluster (fast shutdown: every session cut) while a stage runs and
+    start it again 6 s later: stages fail with connection errors, are retried with backoff,
+    pooled connections are replaced (pool_pre_ping), lost messages are sent again, and the
+    build finishes."""
+    cluster = PgCluster().start()
+    try:
+        env = stack.apply(cluster.url, s3_store_settings)
+        upload(stack.store, media)
+        worker = stack.worker(env, "pgrestart", concurrency=2)
+        ctx = stack.context()
+        outage: dict[str, float] = {}
+
+        def restart() -> None:
+            cluster.stop("fast")
+            outage["start"] = time.time()
+            time.sleep(6)
+            cluster.start()
+            outage["end"] = time.time()
+
+        def chaos() -> None:
+            if "thread" not in outage and running_stages(ctx) & {"mine", "synthesize"}:
+                outage["thread"] = 1
+                threading.Thread(target=restart, daemon=True).start()
+
+        run = drive_build("faults", on_tick=chaos, timeout_s=240)
+        assert outage.get("end"), outage
+        assert run.call_errors, "the driver never saw the database down"
+        assert not run.failures, run.failures
+        counts = check_finished_build(ctx, stack.store, "faults", reference)
+        assert counts["videos"] == 3
+        # The outage reached the workers: an attempt ended on a connection error (or was cut
+        # off and found later), and its task was retried.
+        cut = [a for a in attempts(ctx) if a.status in ("error", "lost")]
+        assert cut or "OperationalError" in worker.log(), "no stage felt the outage"
+        assert "Retry in" in worker.log() or any(a.status == "lost" for a in cut)
+    finally:
+        for w in stack.workers:
+            w.stop()
+        stack.workers.clear()
+        from opensubject_tasks.orchestrate import context
+
+        context().engine.dispose()
+        cluster.destroy()
+
+
+def test_hung_stage_hits_its_time_limit_and_is_retried(stack, pg_db, s3_store_settings, media, reference, tmp_path):
+    """A model call that hangs (a test backend loaded into the worker, selected by
+    configuration) hits synthesize's soft time limit of 2 s; the attempt is recorded as a
+    timeout, the task is retried and the build finishes."""
+    token = tmp_path / "hang-token"
+    env = stack.apply(pg_db, s3_store_settings,
+                      OPENSUBJECT_BACKENDS__INPAINTER="hang_once",
+                      OPENSUBJECT_TEST_HANG_ONCE=str(token),
+                      OPENSUBJECT_CELERY__TIME_LIMITS='{"synthesize": {"soft_s": 2, "hard_s": 10}}',
+                      PYTHONPATH=str(Path(__file__).parent))
+    upload(stack.store, media)
+    worker = stack.worker(env, "hang", concurrency=2, include="hang_backend")
+
+    run = drive_build("faults", timeout_s=240)
+
+    assert token.exists(), "the hang was never injected"
+    assert not run.failures, run.failures
+    ctx = stack.context()
+    counts = check_finished_build(ctx, stack.store, "faults", reference)
+    assert counts["videos"] == 3
+    timed_out = [a for a in attempts(ctx) if a.status == "timeout"]
+    assert len(timed_out) == 1, timed_out
+    hung = timed_out[0]
+    assert hung.stage == "synthesize" and "SoftTimeLimitExceeded" in hung.error
+    assert 1.5 < (hung.finished_at - hung.started_at).total_seconds() < 10
+    after = [a.status for a in attempts(ctx) if a.stage == "synthesize" and a.entity_id == hung.entity_id]
+    assert after[0] == "timeout" and after[-1] == "ok", after
+    assert "Retry in" in worker.log()
