@@ -108,6 +108,21 @@ def main() -> None:
             digest2 = [hashlib.sha256(encode_png(v)).hexdigest() for v in again.images.values()]
             deterministic += digest == digest2
 
+    # embedder separation on ground-truth crops: same subject within a clip vs other category
+    crops, labels = [], []
+    for ci, clip in enumerate(clips):
+        for track, boxes in clip.boxes.items():
+            for f, b in boxes.items():
+                x0, y0, x1, y1 = (max(0, int(v)) for v in b)
+                crops.append(clip.frames[clip.frame_numbers.index(f)][y0:y1, x0:x1])
+                labels.append((ci, track, clip.categories[track]))
+    vec = emb.embed(crops)
+    sim = vec @ vec.T
+    same = [sim[i, j] for i in range(len(labels)) for j in range(i + 1, len(labels))
+            if labels[i][:2] == labels[j][:2]]
+    other = [sim[i, j] for i in range(len(labels)) for j in range(i + 1, len(labels))
+             if labels[i][2] != labels[j][2]]
+
     moving = [c for c in per_clip if c["moving"]]
     div = [p.scores["diversity"] for _, p, _, _ in pair_rows]
     summary = {
@@ -131,6 +146,10 @@ def main() -> None:
         "manipulation_psnr_outside_box": "inf" if all(math.isinf(v) for v in out_psnr) else min(out_psnr),
         "manipulation_psnr_inside_box_median": statistics.median(in_psnr) if in_psnr else None,
         "deterministic_reruns": f"{deterministic}/{min(5, len(pair_rows))}",
+        "embedder_same_subject": {"min": float(np.min(same)), "p5": float(np.percentile(same, 5)),
+                                  "median": float(np.median(same))},
+        "embedder_other_category": {"p5": float(np.percentile(other, 5)), "median": float(np.median(other)),
+                                    "p95": float(np.percentile(other, 95))},
         "mine_s_per_clip": statistics.mean(mine_s), "synth_s_per_sample": statistics.mean(synth_s) if synth_s else 0,
     }
     print("| clip | pairs | reason |\n|---|---|---|")

@@ -97,7 +97,7 @@ class SynthSettings(_Section):
     scale_range: tuple[float, float] = (0.8, 1.1)
     flip_probability: float = Field(0.5, ge=0, le=1)
     output_size: int = Field(512, ge=64, le=2048)      # longest side of the generation canvas
-    box_margin: float = Field(0.04, ge=0, le=0.5)      # manipulation box grown by this share (soft edges)
+    box_margin: float = Field(0.08, ge=0, le=0.5)      # manipulation box grown by this share (soft edges)
 
 
 class VerifySettings(_Section):
@@ -184,6 +184,10 @@ class CelerySettings(_Section):
     retry_backoff_s: float = Field(5.0, gt=0)        # first delay; doubles each retry
     retry_backoff_max_s: float = Field(600.0, gt=0)
     poll_interval_s: float = Field(5.0, gt=0)        # how often Airflow's triggers look at progress
+    # A trigger fires no sooner than this after it started: the scheduler must first see the
+    # deferring run's own exit, or it takes the resumed task for a stray (Airflow race,
+    # apache/airflow#67287 and #72716) and retries it.
+    trigger_min_wait_s: float = Field(5.0, ge=0)
 
     def limits(self, stage: str) -> StageTimeLimit:
         return self.time_limits.get(stage) or StageTimeLimit(soft_s=self.soft_time_limit_s,

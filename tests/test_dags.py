@@ -138,7 +138,7 @@ import importlib, sys
 sys.path = [p for p in sys.path if not p.rstrip('/').endswith('dags')]
 sys.path.insert(0, sys.argv[1])
 from opensubject_airflow.triggers import CeleryTaskTrigger, SamplesTrigger
-for t in (CeleryTaskTrigger("abc", 1.0), SamplesTrigger(["s1", "s2"], 2.0)):
+for t in (CeleryTaskTrigger("abc", 1.0, 5.0), SamplesTrigger(["s1", "s2"], 2.0, 0.0)):
     path, kwargs = t.serialize()
     mod, _, name = path.rpartition(".")
     again = getattr(importlib.import_module(mod), name)(**kwargs)

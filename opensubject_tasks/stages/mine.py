@@ -142,6 +142,9 @@ class _Box:
     emb: np.ndarray
 
 
+_NO_LINK = -1e3  # affinity of a box and an identity that must not be linked
+
+
 def link_identities(boxes_per_frame: Sequence[Sequence[_Box]], s: MineSettings) -> list[list[_Box]]:
     """Link boxes across keyframes into identities (Hungarian assignment per keyframe).
 
@@ -173,9 +176,6 @@ def link_identities(boxes_per_frame: Sequence[Sequence[_Box]], s: MineSettings) 
             else:
                 idents.append([bx])
     return _merge_fragments(idents, s)
-
-
-_NO_LINK = -1e3
 
 
 def assign(aff: np.ndarray, floor: float) -> list[int]:

@@ -46,12 +46,13 @@ def _wait(operator: BaseOperator, trigger: Any, timeout: timedelta, context: Any
     return operator.execute_complete(context, payload)
 
 
-def _poll_interval(given: float | None) -> float:
-    if given is not None:
-        return given
+def _timing(poll_interval: float | None) -> dict[str, float]:
+    """The triggers' poll interval and minimum wait, from the settings."""
     from opensubject_tasks.config import load_settings
 
-    return load_settings().celery.poll_interval_s
+    c = load_settings().celery
+    return {"poll_interval": c.poll_interval_s if poll_interval is None else poll_interval,
+            "min_wait": c.trigger_min_wait_s}
 
 
 def _switched_off(context: Any, toggle: str | None) -> bool:
@@ -97,7 +98,7 @@ class CeleryStageOperator(BaseOperator):
                     f" ({self.after.get('reason') or 'no follow-up work'})")
         celery_id = send_stage(self.stage, args)
         self.log.info("Handed opensubject.%s%s to Celery as task %s", self.stage, tuple(args), celery_id)
-        return _wait(self, CeleryTaskTrigger(celery_id, _poll_interval(self.poll_interval)),
+        return _wait(self, CeleryTaskTrigger(celery_id, **_timing(self.poll_interval)),
                      self.wait_timeout, context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
@@ -146,7 +147,7 @@ class SamplesOperator(BaseOperator):
         sent = enqueue_samples(sample_ids)
         self.log.info("%d sample(s); handed %d to Celery: %s", len(sample_ids), len(sent),
                       ", ".join(f"{st}({sid})" for st, sid in sent[:20]))
-        return _wait(self, SamplesTrigger(sample_ids, _poll_interval(self.poll_interval)),
+        return _wait(self, SamplesTrigger(sample_ids, **_timing(self.poll_interval)),
                      self.wait_timeout, context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,11 @@ CONFIRM_FAILURE_S = 2.0
 _CLASSPATH = "opensubject_airflow.triggers."
 
 
-async def _poll(check: Callable[[], dict[str, Any] | None], interval: float, log: Any) -> dict[str, Any]:
+async def _poll(check: Callable[[], dict[str, Any] | None], interval: float, log: Any,
+                min_wait: float = 0.0) -> dict[str, Any]:
+    """Call ``check`` in a thread every ``interval`` s until it returns an outcome; never
+    return before ``min_wait`` s have passed."""
+    earliest = asyncio.get_running_loop().time() + min_wait
     while True:
         try:
             outcome = await asyncio.to_thread(check)
@@ -26,6 +30,7 @@ async def _poll(check: Callable[[], dict[str, Any] | None], interval: float, log
                         type(exc).__name__, exc, interval)
             outcome = None
         if outcome is not None:
+            await asyncio.sleep(max(0.0, earliest - asyncio.get_running_loop().time()))
             return outcome
         await asyncio.sleep(interval)
 
@@ -37,14 +42,15 @@ class CeleryTaskTrigger(BaseTrigger):
     ``{"status": "failure", "error": "...", "traceback": "..."}``.
     """
 
-    def __init__(self, celery_task_id: str, poll_interval: float = 5.0) -> None:
+    def __init__(self, celery_task_id: str, poll_interval: float = 5.0, min_wait: float = 0.0) -> None:
         super().__init__()
         self.celery_task_id = celery_task_id
         self.poll_interval = poll_interval
+        self.min_wait = min_wait
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (_CLASSPATH + "CeleryTaskTrigger",
-                {"celery_task_id": self.celery_task_id, "poll_interval": self.poll_interval})
+        return (_CLASSPATH + "CeleryTaskTrigger", {"celery_task_id": self.celery_task_id,
+                                                   "poll_interval": self.poll_interval, "min_wait": self.min_wait})
 
     def _check(self) -> dict[str, Any] | None:
         from opensubject_tasks.orchestrate import task_outcome
@@ -53,7 +59,7 @@ class CeleryTaskTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         while True:
-            outcome = await _poll(self._check, self.poll_interval, self.log)
+            outcome = await _poll(self._check, self.poll_interval, self.log, self.min_wait)
             if outcome["status"] == "failure":
                 await asyncio.sleep(CONFIRM_FAILURE_S)
                 again = await asyncio.to_thread(self._check)
@@ -71,14 +77,15 @@ class SamplesTrigger(BaseTrigger):
     Payload: ``{"states": {state: count}, "errors": [{"sample", "stage", "error"}], "missing": [...]}``.
     """
 
-    def __init__(self, sample_ids: list[str], poll_interval: float = 5.0) -> None:
+    def __init__(self, sample_ids: list[str], poll_interval: float = 5.0, min_wait: float = 0.0) -> None:
         super().__init__()
         self.sample_ids = list(sample_ids)
         self.poll_interval = poll_interval
+        self.min_wait = min_wait
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (_CLASSPATH + "SamplesTrigger",
-                {"sample_ids": self.sample_ids, "poll_interval": self.poll_interval})
+        return (_CLASSPATH + "SamplesTrigger", {"sample_ids": self.sample_ids,
+                                                "poll_interval": self.poll_interval, "min_wait": self.min_wait})
 
     def _check(self) -> dict[str, Any] | None:
         from opensubject_tasks.orchestrate import samples_outcome
@@ -86,4 +93,4 @@ class SamplesTrigger(BaseTrigger):
         return samples_outcome(self.sample_ids)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        yield TriggerEvent(await _poll(self._check, self.poll_interval, self.log))
+        yield TriggerEvent(await _poll(self._check, self.poll_interval, self.log, self.min_wait))

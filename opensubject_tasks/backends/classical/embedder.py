@@ -1,13 +1,14 @@
 """Identity embedding without weights: colour, texture and keypoint statistics.
 
 Three blocks, each L2-normalised and weighted, then the whole vector L2-normalised:
-* colour: centre-weighted HSV histogram (hue x saturation, plus value), square-rooted
-  so the dot product is the Bhattacharyya coefficient;
-* texture: uniform LBP histogram and a 2x2-cell gradient orientation histogram;
-* keypoints: how often each ORB descriptor bit is set over the crop's keypoints,
-  centred, so unrelated crops score near zero on this block.
-Histograms and bit statistics ignore where things are, so the vector tolerates the
-pose, scale and flip changes that separate a reference frame from a target frame.
+* colour (0.6): centre-weighted HSV histogram (hue x saturation, plus value);
+* texture (0.2): uniform LBP histogram and a 2x2-cell gradient orientation histogram;
+* keypoints (0.2): how often each ORB descriptor bit is set over the crop's keypoints.
+Histograms are square-rooted (Hellinger) and centred on the flat histogram, bit
+frequencies centred on 0.5, so unrelated crops share less of a common part. Histograms
+and bit statistics ignore where things are, so the vector tolerates the pose, scale and
+flip changes that separate a reference frame from a target frame. Cosine similarity on
+the sample media: same subject >= 0.80, other categories median 0.75 (docs/mining.md).
 """
 from __future__ import annotations
 
