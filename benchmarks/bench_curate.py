@@ -4,19 +4,25 @@
 
 Makes the sample media at the given size (default 720p) plus one long file that
 joins all of them (so that start-up costs do not dominate), adds any videos given
-on the command line, and prints for each file:
+on the command line, and prints for each file, in one run:
 
-* bare decode fps: PyAV, threaded, frames decoded and dropped (no conversion);
-* curate fps: probe + the one decode pass + shot detection + clips + keyframes
-  (converted and JPEG-encoded) + quality scores, i.e. the curate stage without the
-  database and store writes;
+* bare decode fps: PyAV, threaded (``thread_type=AUTO``), frames decoded and
+  dropped (no conversion) -- the floor;
+* curate fps: the curate stage through the real service, as ``opensubject run
+  --until curate`` runs it (``run_stage(ctx, "curate", video_id)`` on an embedded
+  context: SQLite + local store): probe, the one decode pass, shot detection,
+  clips, keyframes converted, JPEG-encoded and written, quality scores, clip rows;
+  default settings. A worker process is long-lived, so the process start and the
+  context are not timed; the first (untimed) run goes through ``run_build(...,
+  until="curate")`` to register the video;
 * PySceneDetect CLI fps: ``scenedetect -i FILE`` (its default detector), timed as a
   subprocess, end to end;
 * shot precision/recall (±2 frames, dissolves included) where ground truth exists,
-  for our detector and for PySceneDetect's default detector alone.
+  for curate and for PySceneDetect's default detector alone.
 
-Each timing is the best of ``--runs`` runs. Speeds depend on what else the machine
-is doing: run it on an idle machine.
+Runs are interleaved and each figure is the best of ``--runs``; CPU milliseconds
+per frame (all threads of the process, and of the CLI's process) are printed too:
+they are steadier than wall-clock speeds on a shared machine.
 
     .venv/bin/python benchmarks/bench_curate.py --compare-detectors 6
 
@@ -26,6 +32,7 @@ media of 6 seeds (the measurement behind the defaults, see docs/curation.md).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -37,19 +44,20 @@ import time
 from pathlib import Path
 
 import av
-import cv2
 
 REPO = Path(__file__).resolve().parents[1]
 LOAD_BEFORE = " ".join(f"{x:.1f}" for x in os.getloadavg())
 sys.path.insert(0, str(REPO))
 
-from opensubject_tasks.backends.classical.quality import ClassicalQuality  # noqa: E402
-from opensubject_tasks.config import CurateSettings  # noqa: E402
-from opensubject_tasks.media.decode import DecodeStats, iter_frames  # noqa: E402
+from opensubject_tasks.config import CurateSettings, load_settings  # noqa: E402
+from opensubject_tasks.context import Context  # noqa: E402
+from opensubject_tasks.media.decode import iter_frames  # noqa: E402
 from opensubject_tasks.media.probe import probe_video  # noqa: E402
 from opensubject_tasks.media.samples import encode, make_samples  # noqa: E402
 from opensubject_tasks.media.shots import ShotDetector, ShotScore, score_cuts  # noqa: E402
-from opensubject_tasks.stages.curate import curate_frames  # noqa: E402
+from opensubject_tasks.runner import run_build  # noqa: E402
+from opensubject_tasks.services.common import run_stage  # noqa: E402
+from opensubject_tasks.services.ingest import video_id_for  # noqa: E402
 
 
 def _cpu() -> float:
@@ -71,18 +79,28 @@ def bare_decode(path: Path) -> tuple[int, float, float]:
     return n, time.perf_counter() - t, _cpu() - c0
 
 
-def curate(path: Path, s: CurateSettings) -> tuple[int, float, float, list[int]]:
-    """Frames, wall seconds, CPU seconds and the cuts found."""
-    jpeg = [cv2.IMWRITE_JPEG_QUALITY, s.keyframe_quality]
+class CurateService:
+    """The curate stage through the real service on an embedded context, as
+    `opensubject run --until curate --out WORK` sets it up (SQLite + local store)."""
 
-    def on_clip(clip) -> None:  # noqa: ANN001
-        for k in clip.keyframes:
-            cv2.imencode(".jpg", cv2.cvtColor(k.image, cv2.COLOR_RGB2BGR), jpeg)
+    def __init__(self, work: Path) -> None:
+        settings = load_settings(database_url=f"sqlite:///{work / 'opensubject.db'}",
+                                 store={"kind": "local", "local_root": str(work / "store")})
+        self.ctx = Context.from_settings(settings)
+        self.ids: dict[Path, str] = {}
 
-    t, c0 = time.perf_counter(), _cpu()
-    probe = probe_video(path, s)
-    out = curate_frames(iter_frames(path, probe, s, DecodeStats()), probe, s, ClassicalQuality(), on_clip)
-    return out.frames, time.perf_counter() - t, _cpu() - c0, out.cuts
+    def run(self, path: Path) -> tuple[int, float, float, list[int]]:
+        """Frames, wall seconds, CPU seconds and the cuts found."""
+        if path not in self.ids:  # register it and curate once, untimed, the `--until curate` way
+            run_build(self.ctx, [str(path)], "bench", until="curate", jobs=1)
+            with open(path, "rb") as f:
+                self.ids[path] = video_id_for(hashlib.file_digest(f, "sha256").hexdigest())
+        t, c0 = time.perf_counter(), _cpu()
+        result = run_stage(self.ctx, "curate", self.ids[path])
+        wall, cpu = time.perf_counter() - t, _cpu() - c0
+        if result.status != "ok":
+            raise SystemExit(f"curate failed on {path.name}: {result.reason}")
+        return result.details["frames"], wall, cpu, result.details["cuts"]
 
 
 def default_detector_cuts(path: Path, s: CurateSettings) -> list[int]:
@@ -187,8 +205,6 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         return
-    s2 = CurateSettings(analysis_step=2)  # the faster setting, for comparison
-
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-curate-"))
     files: list[tuple[Path, dict | None]] = []
     if not args.no_samples:
@@ -204,28 +220,30 @@ def main() -> None:
             joined_gt.write_text(json.dumps(join_videos(gt, media, joined)))
         files.append((joined, json.loads(joined_gt.read_text())))
         files += [(media / v["file"], v) for v in gt["videos"]]
-    files += [(p, None) for p in args.videos]
+    files += [(p.resolve(), None) for p in args.videos]
+    service_dir = Path(tempfile.mkdtemp(prefix="bench-curate-service-"))
+    service = CurateService(service_dir)
 
     # Runs are interleaved so that changes in the machine's load hit every contender alike;
     # each figure is the best (lowest) of the runs.
-    names = ("bare", "curate", "curate2", "cli")
+    names = ("bare", "curate", "cli")
     table = []
     totals = {k: [0.0, 0.0] for k in names}
     total_frames = 0
-    scores = {k: ShotScore(0, 0, 0) for k in ("curate", "curate2", "cli")}
+    scores = {k: ShotScore(0, 0, 0) for k in ("curate", "cli")}
     for path, truth in files:
-        wall = {k: [] for k in names}
-        cpu = {k: [] for k in names}
+        wall: dict[str, list[float]] = {k: [] for k in names}
+        cpu: dict[str, list[float]] = {k: [] for k in names}
         cuts: dict[str, list[int]] = {}
         n = 0
         for _ in range(args.runs):
             n, w_, c_ = bare_decode(path)
             wall["bare"].append(w_)
             cpu["bare"].append(c_)
-            for key, settings in (("curate", s), ("curate2", s2)):
-                _, w_, c_, cuts[key] = curate(path, settings)
-                wall[key].append(w_)
-                cpu[key].append(c_)
+            n_cur, w_, c_, cuts["curate"] = service.run(path)
+            assert n_cur == n, (path, n_cur, n)
+            wall["curate"].append(w_)
+            cpu["curate"].append(c_)
             w_, c_ = scenedetect_cli(path)
             wall["cli"].append(w_)
             cpu["cli"].append(c_)
@@ -244,37 +262,36 @@ def main() -> None:
             for k in names:
                 totals[k][0] += best[k][0]
                 totals[k][1] += best[k][1]
-    if total_frames:
+    if total_frames > 0 and len(table) > 2:
         pr = ({k: f"{v.precision:.2f}/{v.recall:.2f}" for k, v in scores.items()}
               if any(t is not None for _, t in files) else {})
         table.append(("**separate files, total**", total_frames, {k: tuple(v) for k, v in totals.items()}, pr))
+    service.ctx.engine.dispose()
 
     print(f"\nCuration speed, {w}x{h} sample media, best of {args.runs} interleaved runs, "
-          f"{os.cpu_count()} CPU cores, load average before: {LOAD_BEFORE}\n")
+          f"{os.cpu_count()} CPU cores, load average before: {LOAD_BEFORE}, after: "
+          + " ".join(f"{x:.1f}" for x in os.getloadavg()) + "\n")
     print("Wall-clock frames per second (higher is better); shot P/R at ±2 frames with dissolves. "
-          "`curate` = default settings; `step 2` = `analysis_step: 2`; CLI P/R = its default "
-          "detector (AdaptiveDetector) fed the same frames.\n")
-    print("| file | frames | bare decode | curate | curate step 2 | PySceneDetect CLI | curate / bare | "
-          "curate / CLI | step 2 / bare | step 2 / CLI | P/R curate | P/R step 2 | P/R CLI detector |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+          "`curate` = the curate service, default settings; CLI P/R = its default detector "
+          "(AdaptiveDetector) fed the same frames.\n")
+    print("| file | frames | bare decode | curate | PySceneDetect CLI | curate / bare | curate / CLI | "
+          "P/R curate | P/R CLI detector |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for name, n, best, pr in table:
         fps = {k: n / best[k][0] for k in names}
-        print(f"| {name} | {n} | {fps['bare']:.0f} | {fps['curate']:.0f} | {fps['curate2']:.0f} | "
-              f"{fps['cli']:.0f} | {fps['curate'] / fps['bare']:.2f}x | {fps['curate'] / fps['cli']:.2f}x | "
-              f"{fps['curate2'] / fps['bare']:.2f}x | {fps['curate2'] / fps['cli']:.2f}x | "
-              f"{pr.get('curate', '')} | {pr.get('curate2', '')} | {pr.get('cli', '')} |")
+        print(f"| {name} | {n} | {fps['bare']:.0f} | {fps['curate']:.0f} | {fps['cli']:.0f} | "
+              f"{fps['curate'] / fps['bare']:.2f}x | {fps['curate'] / fps['cli']:.2f}x | "
+              f"{pr.get('curate', '')} | {pr.get('cli', '')} |")
     print("\nCPU milliseconds per frame, all threads (lower is better; less sensitive to other load).\n")
-    print("| file | bare decode | curate | curate step 2 | PySceneDetect CLI | curate / bare | "
-          "CLI / curate | step 2 / bare | CLI / step 2 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| file | bare decode | curate | PySceneDetect CLI | curate / bare | CLI / curate |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, n, best, _ in table:
         ms = {k: 1000 * best[k][1] / n for k in names}
-        print(f"| {name} | {ms['bare']:.2f} | {ms['curate']:.2f} | {ms['curate2']:.2f} | {ms['cli']:.2f} | "
-              f"{ms['curate'] / ms['bare']:.2f}x | {ms['cli'] / ms['curate']:.2f}x | "
-              f"{ms['curate2'] / ms['bare']:.2f}x | {ms['cli'] / ms['curate2']:.2f}x |")
+        print(f"| {name} | {ms['bare']:.2f} | {ms['curate']:.2f} | {ms['cli']:.2f} | "
+              f"{ms['curate'] / ms['bare']:.2f}x | {ms['cli'] / ms['curate']:.2f}x |")
+    shutil.rmtree(service_dir, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

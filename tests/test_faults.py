@@ -103,16 +103,28 @@ class Stack:
         return context()
 
 
-@pytest.fixture()
-def stack(redis_url, monkeypatch, tmp_path):  # noqa: ANN001
-    import redis
+# A Redis database of these tests' own: they flush it, and a worker of another test
+# session on the same server must never take their messages.
+FAULT_REDIS_DB = 10
 
-    redis.Redis.from_url(redis_url).flushdb()  # no message left over from another test
-    st = Stack(redis_url, monkeypatch, tmp_path)
+
+@pytest.fixture()
+def fault_redis_url() -> str:
+    import redis
+    from conftest import REDIS_URL
+
+    url = f"{REDIS_URL}/{FAULT_REDIS_DB}"
+    redis.Redis.from_url(url).flushdb()  # no message left over from another test
+    yield url
+    redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture()
+def stack(fault_redis_url, monkeypatch, tmp_path):  # noqa: ANN001
+    st = Stack(fault_redis_url, monkeypatch, tmp_path)
     yield st
     for w in st.workers:
         w.stop()
-    redis.Redis.from_url(redis_url).flushdb()
 
 
 def attempts(ctx):  # noqa: ANN001, ANN201
@@ -211,15 +223,15 @@ def test_reconcile_sends_exactly_the_lost_work(pg_db):
     ctx.engine.dispose()
 
 
-def test_waiting_in_redis_reads_queued_and_delayed_messages(redis_url, monkeypatch):
+def test_waiting_in_redis_reads_queued_and_delayed_messages(fault_redis_url, monkeypatch):
     import redis
 
     from opensubject_tasks.celery_app import QUEUES, TASK_PREFIX, configure
     from opensubject_tasks.services.reconcile import waiting_in_redis
     from opensubject_tasks.tasks import send
 
+    redis_url = fault_redis_url
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()
     monkeypatch.setenv("OPENSUBJECT_BROKER_URL", redis_url)
     configure()
     send("curate", "v1")
@@ -333,19 +345,24 @@ def test_database_restart_mid_build(stack, s3_store_settings, media, reference):
         outage: dict[str, float] = {}
 
         def restart() -> None:
-            cluster.stop("fast")
-            outage["start"] = time.time()
-            time.sleep(6)
-            cluster.start()
-            outage["end"] = time.time()
+            try:
+                cluster.stop("fast")
+                outage["start"] = time.time()
+                time.sleep(6)
+                cluster.start()
+                outage["end"] = time.time()
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                outage["error"] = repr(exc)
 
         def chaos() -> None:
             if "thread" not in outage and running_stages(ctx) & {"mine", "synthesize"}:
                 outage["thread"] = 1
                 threading.Thread(target=restart, daemon=True).start()
 
-        run = drive_build("faults", on_tick=chaos, timeout_s=240)
-        assert outage.get("end"), outage
+        try:
+            run = drive_build("faults", on_tick=chaos, timeout_s=240)
+        finally:
+            assert outage.get("end"), outage
         assert run.call_errors, "the driver never saw the database down"
         assert not run.failures, run.failures
         counts = check_finished_build(ctx, stack.store, "faults", reference)
@@ -362,6 +379,7 @@ def test_database_restart_mid_build(stack, s3_store_settings, media, reference):
         from opensubject_tasks.orchestrate import context
 
         context().engine.dispose()
+        print("PostgreSQL server log:\n" + cluster.log.read_text()[-4000:] if cluster.log.exists() else "")
         cluster.destroy()
 
 

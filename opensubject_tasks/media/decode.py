@@ -1,31 +1,40 @@
-"""One decode pass per video.
+"""One decode pass per video, overlapped with the analysis.
 
-Each frame is decoded once (FFmpeg's own threads) and scaled by FFmpeg's scaler
-straight to the small analysis size that shot detection and motion need. Every
-``keyframe_stride``-th frame is also kept as a keyframe candidate: a reference to
-the decoded picture, converted to an RGB keyframe (longest side at most
-``keyframe_max_side``, rotated upright) only if a clip picks it. Candidates from
-large sources are shrunk at once so that holding them stays cheap.
+A decode thread demuxes and decodes each frame once (FFmpeg's own threads) and has
+FFmpeg's scaler shrink it straight to the small analysis size that shot detection
+and motion need; the frames reach the caller through a small bounded queue, so
+decoding goes on while the caller analyses earlier frames (PyAV's decode and
+scale calls, OpenCV and NumPy release the GIL). Every ``keyframe_stride``-th frame
+is also kept as a keyframe candidate: a reference to the decoded picture,
+converted to an RGB keyframe (longest side at most ``keyframe_max_side``, rotated
+upright) only if a clip picks it. Candidates from large sources are shrunk at once
+so that holding them stays cheap.
 
-The pass is bounded in time (``decode_timeout_s``) and the container is closed on
-every path. A stream that ends far short of what its container declared is
-reported as truncated.
+The pass is bounded in time (``decode_timeout_s``); the container is closed on
+every path (end, error, or the caller stopping early), and decode errors reach
+the caller as exceptions. A stream that ends far short of what its container
+declared is reported as truncated.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from opensubject_tasks.config import CurateSettings
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.media.probe import ProbeResult
 
 _HOLD_RAW_MAX_PIXELS = 1920 * 1088  # above this, candidates are shrunk right away
+_QUEUE_FRAMES = 48                  # decoded frames buffered ahead of the analysis
+_END = object()                     # end-of-stream marker in the queue
 
 
 def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -42,39 +51,72 @@ def analysis_size(width: int, height: int, analysis_width: int) -> tuple[int, in
     return max(2, w // 2 * 2), h
 
 
+class Shrinker:
+    """Scale then convert: area-average a picture down in its own pixel format (no
+    colour conversion at full size), then convert the small picture to ``fmt``.
+    Converting colours after shrinking costs a fraction of converting while scaling
+    (measured in docs/performance.md). Each instance keeps its swscale contexts;
+    use one per thread."""
+
+    def __init__(self) -> None:
+        self._scale, self._convert = VideoReformatter(), VideoReformatter()
+        self._via: dict[str, str] = {}  # source pixel format -> format to shrink in
+
+    def shrink(self, frame: av.VideoFrame, size: tuple[int, int]) -> av.VideoFrame:
+        """``size``, in the frame's own pixel format where swscale can write it (area
+        averaging, one swscale thread)."""
+        if (frame.width, frame.height) == size:
+            return frame
+        src = frame.format.name
+        via = self._via.get(src, src)
+        try:
+            return self._scale.reformat(frame, width=size[0], height=size[1], format=via,
+                                        interpolation="AREA", threads=1)
+        except (av.error.FFmpegError, ValueError):
+            if via == "rgb24":
+                raise
+            self._via[src] = "rgb24"  # a format swscale only reads (palette, bitstream)
+            return self.shrink(frame, size)
+
+    def to_array(self, frame: av.VideoFrame, size: tuple[int, int], fmt: str) -> np.ndarray:
+        small = self.shrink(frame, size)
+        return self._convert.reformat(small, format=fmt, threads=1).to_ndarray()
+
+
 class KeyframeCandidate:
     """A decoded picture held until a clip decides whether to keep it."""
 
-    __slots__ = ("_frame", "_size", "_rotation")
+    __slots__ = ("_frame", "_size", "_rotation", "_shrinker")
 
-    def __init__(self, frame: av.VideoFrame, size: tuple[int, int], rotation: int) -> None:
-        if frame.width * frame.height > _HOLD_RAW_MAX_PIXELS:
-            frame = frame.reformat(width=size[0], height=size[1], interpolation="AREA", threads=1)
+    def __init__(self, frame: av.VideoFrame, size: tuple[int, int], rotation: int,
+                 shrinker: Shrinker | None = None) -> None:
         self._frame, self._size, self._rotation = frame, size, rotation
+        self._shrinker = shrinker or Shrinker()
 
     def image(self) -> np.ndarray:
-        """RGB uint8, upright, longest side <= keyframe_max_side."""
-        img = self._frame.to_ndarray(width=self._size[0], height=self._size[1], format="rgb24",
-                                     interpolation="AREA", threads=1)
+        """RGB uint8, upright, longest side <= keyframe_max_side. Call it from one
+        thread per shrinker (the consumer of iter_frames)."""
+        img = self._shrinker.to_array(self._frame, self._size, "rgb24")
         if self._rotation:
             img = np.ascontiguousarray(np.rot90(img, k=self._rotation // 90))
         return img
 
 
-@dataclass
+@dataclass(slots=True)
 class Frame:
     index: int
     time_s: float
     small: np.ndarray | None                  # BGR uint8, analysis size, coded orientation
     #                                           (None on frames skipped by analysis_step)
-    candidate: KeyframeCandidate | None = None
-    _skipped: tuple[av.VideoFrame, int, int] | None = None
+    candidate: Any = None                     # KeyframeCandidate (or anything with .image())
+    _skipped: av.VideoFrame | None = None
+    _size: tuple[int, int] = (0, 0)
 
     def analysis_image(self) -> np.ndarray | None:
         """The analysis image, converted now if this frame was skipped."""
         if self.small is None and self._skipped is not None:
-            frame, w, h = self._skipped
-            self.small = frame.to_ndarray(width=w, height=h, format="bgr24", interpolation="AREA", threads=1)
+            self.small = self._skipped.to_ndarray(width=self._size[0], height=self._size[1], format="bgr24",
+                                                  interpolation="AREA", threads=1)
             self._skipped = None
         return self.small
 
@@ -97,11 +139,68 @@ def keyframe_stride(fps: float, s: CurateSettings) -> int:
 
 def iter_frames(path: str | Path, probe: ProbeResult, s: CurateSettings,
                 stats: DecodeStats | None = None) -> Iterator[Frame]:
-    """Decode the video once, yielding every frame in order (see module doc)."""
+    """Decode the video once, yielding every frame in order (see module doc).
+
+    Close the iterator (or exhaust it) to stop the decode thread; ``curate_frames``
+    does. Decode errors are raised here, in the caller's thread."""
     stats = stats if stats is not None else DecodeStats()
+    frames: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_FRAMES)
+    stop = threading.Event()
+    worker = threading.Thread(target=_decode_into, args=(path, probe, s, stats, frames, stop),
+                              name="decode", daemon=True)
+    deadline = time.monotonic() + s.decode_timeout_s
+    worker.start()
+    try:
+        while True:
+            try:  # the decode thread enforces the bound; this only guards against it hanging
+                item = frames.get(timeout=max(0.0, deadline - time.monotonic()) + 5.0)
+            except queue.Empty:
+                raise BadInput(f"decoding took longer than decode_timeout_s={s.decode_timeout_s:g} "
+                               f"({stats.frames} frames decoded)") from None
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _offer(frames: queue.Queue[Any], stop: threading.Event, item: object) -> bool:
+    """Put item on the queue unless the consumer has stopped; False when it has."""
+    while not stop.is_set():
+        try:
+            frames.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _decode_into(path: str | Path, probe: ProbeResult, s: CurateSettings, stats: DecodeStats,
+                 frames: queue.Queue[Any], stop: threading.Event) -> None:
+    """The decode thread: every frame, or the exception that ended decoding, goes on
+    the queue, then the end marker."""
+    try:
+        for fr in _decode(path, probe, s, stats, stop):
+            if not _offer(frames, stop, fr):
+                return
+        _offer(frames, stop, _END)
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+        _offer(frames, stop, exc)
+
+
+def _decode(path: str | Path, probe: ProbeResult, s: CurateSettings, stats: DecodeStats,
+            stop: threading.Event) -> Iterator[Frame]:
     aw, ah = analysis_size(probe.width, probe.height, s.analysis_width)
     kw, kh = fit_size(probe.width, probe.height, s.keyframe_max_side)
     stride = keyframe_stride(probe.fps, s)
+    # one swscale context per purpose and thread, reused for every frame (a fresh one
+    # per frame costs about half as much again as the scaling itself)
+    analysis = VideoReformatter()
+    held = Shrinker()          # this thread: candidates of large sources
+    keyframes = Shrinker()     # the consumer's thread: candidates a clip picks
     t0 = time.monotonic()
     deadline = t0 + s.decode_timeout_s
     index = 0
@@ -114,16 +213,23 @@ def iter_frames(path: str | Path, probe: ProbeResult, s: CurateSettings,
                 stream.thread_count = s.decode_threads
             try:
                 for frame in c.decode(stream):
+                    if stop.is_set():
+                        return
                     if index >= s.max_frames:
                         raise BadInput(f"more than max_frames={s.max_frames} frames decoded")
-                    # area averaging on one thread: swscale's default thread pool costs
-                    # more than it saves at this size, and competes with the decoder
+                    # area averaging on one thread: swscale's thread pool costs more than
+                    # it saves at this size, and competes with the decoder
                     analysed = index % s.analysis_step == 0
-                    small = (frame.to_ndarray(width=aw, height=ah, format="bgr24",
-                                              interpolation="AREA", threads=1) if analysed else None)
-                    cand = KeyframeCandidate(frame, (kw, kh), probe.rotation) if index % stride == 0 else None
-                    yield Frame(index, float(frame.time) if frame.time is not None else index / probe.fps,
-                                small, cand, None if analysed else (frame, aw, ah))
+                    small = (analysis.reformat(frame, width=aw, height=ah, format="bgr24",
+                                               interpolation="AREA", threads=1).to_ndarray()
+                             if analysed else None)
+                    cand = None
+                    if index % stride == 0:
+                        raw = frame if frame.width * frame.height <= _HOLD_RAW_MAX_PIXELS \
+                            else held.shrink(frame, (kw, kh))
+                        cand = KeyframeCandidate(raw, (kw, kh), probe.rotation, keyframes)
+                    t = float(frame.time) if frame.time is not None else index / probe.fps
+                    yield Frame(index, t, small, cand, None if analysed else frame, (aw, ah))
                     index += 1
                     stats.frames = index
                     if time.monotonic() > deadline:

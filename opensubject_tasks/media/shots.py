@@ -14,7 +14,8 @@ the same decoded frames:
   transition is kept when at least two phases report it (a lone phase is usually
   a histogram blip), and is placed on the first frame whose colour histogram is
   closer to the picture after it than to the picture before it (for a dissolve:
-  about its middle). All phases together cost one detector call per frame.
+  about its middle). All phases together cost one detector call per frame, on a
+  half-size copy of the analysis image.
 
 Cuts come out in order, a fixed number of frames (``lag``) after they happen, so a
 caller can close shots while decoding continues.
@@ -104,9 +105,13 @@ class ShotDetector:
         self._fine_cuts += new
         self._all_fine += new
         if self.span:
-            self._frames.append((index, frame_bgr))
+            # a brightness histogram hardly depends on resolution: the gradual pass reads a
+            # half-size copy (a quarter of the pixels, measured: same cuts)
+            h, w = frame_bgr.shape[:2]
+            half = cv2.resize(frame_bgr, (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
+            self._frames.append((index, half))
             det = self._phases[(index // self.step) % self.phases]
-            self._votes += [c.frame_num for c in det.process_frame(tc, frame_bgr)]
+            self._votes += [c.frame_num for c in det.process_frame(tc, half)]
             self._group_votes(index, final=False)
         return self._release(index - self.lag)
 

@@ -170,22 +170,28 @@ def curate_frames(frames: Iterable[Frame], probe: ProbeResult, s: CurateSettings
                 return f.analysis_image()
         return None
 
-    for fr in frames:
-        n = fr.index + 1
-        if s.analysis_step > 1:
-            recent.append(fr)
-        if fr.candidate is not None:
-            candidates[fr.index] = fr.candidate
-        if fr.small is not None:
-            g = fr.small[::2, ::2, 1].astype(np.int16)  # green ~ luma; half size is enough
-            if prev is not None:
-                maker.motion[fr.index] = float(np.abs(g - prev).mean()) / s.analysis_step
-            prev = g
-            for cut in det.process(fr.index, fr.small, lookup):
-                close_until(cut)
-        # A long shot: once no cut can appear in the next two clip lengths, emit one clip.
-        while fr.index - det.lag >= shot_start + 2 * max_len:
-            close_until(shot_start + max_len)
+    try:
+        for fr in frames:
+            n = fr.index + 1
+            if s.analysis_step > 1:
+                recent.append(fr)
+            if fr.candidate is not None:
+                candidates[fr.index] = fr.candidate
+            if fr.small is not None:
+                g = fr.small[::2, ::2, 1].astype(np.int16)  # green ~ luma; half size is enough
+                if prev is not None:
+                    maker.motion[fr.index] = float(np.abs(g - prev).mean()) / s.analysis_step
+                prev = g
+                for cut in det.process(fr.index, fr.small, lookup):
+                    close_until(cut)
+            # A long shot: once no cut can appear in the next two clip lengths, emit one clip.
+            while fr.index - det.lag >= shot_start + 2 * max_len:
+                close_until(shot_start + max_len)
+    finally:
+        # stops a decoder (iter_frames) at once, also when a clip's work raised
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
     for cut in det.finish():
         close_until(cut)
     close_until(n)

@@ -28,23 +28,35 @@ def _gray(img: Image) -> np.ndarray:
     return g
 
 
+_LEVELS = np.arange(256, dtype=np.float64)
+
+
+def _histogram(gray: np.ndarray) -> np.ndarray:
+    """Share of pixels at each grey level."""
+    hist = cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel().astype(np.float64)
+    return hist / max(hist.sum(), 1.0)
+
+
 def sharpness(gray: np.ndarray) -> float:
     """Variance of the Laplacian on a log scale: <= 10 (badly blurred or flat) -> 0,
     100 -> 0.5, >= 1000 (crisp) -> 1."""
-    var = float(cv2.Laplacian(gray, cv2.CV_64F).var())
+    _, std = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_32F))
+    var = float(std[0, 0]) ** 2
     return min(1.0, max(0.0, (math.log10(var + 1.0) - 1.0) / 2.0))
 
 
 def exposure(gray: np.ndarray) -> float:
     """Mean brightness near mid-grey and few clipped pixels."""
-    mean = float(gray.mean()) / 255.0
-    clipped = float(np.mean((gray <= 4) | (gray >= 251)))
+    hist = _histogram(gray)
+    mean = float(hist @ _LEVELS) / 255.0
+    clipped = float(hist[:5].sum() + hist[251:].sum())
     return max(0.0, 1.0 - 2.0 * abs(mean - 0.5)) ** 0.5 * (1.0 - clipped)
 
 
 def contrast(gray: np.ndarray) -> float:
     """Standard deviation of brightness; 64 grey levels or more counts as full contrast."""
-    return min(1.0, float(gray.std()) / 64.0)
+    _, std = cv2.meanStdDev(gray)
+    return min(1.0, float(std[0, 0]) / 64.0)
 
 
 def motion(grays: Sequence[np.ndarray]) -> tuple[float, float]:
