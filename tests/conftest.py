@@ -91,7 +91,9 @@ def redis_url() -> str:
     """A Redis database index of its own, flushed before and after."""
     import redis
 
-    db = 9
+    # A database index of this test session's own, so that parallel test sessions on
+    # one Redis never consume each other's Celery messages.
+    db = int(os.environ.get("OPENSUBJECT_TEST_REDIS_DB", 1 + os.getpid() % 15))
     url = f"{REDIS_URL}/{db}"
     client = redis.Redis.from_url(url)
     try:
