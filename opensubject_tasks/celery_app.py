@@ -86,6 +86,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": c.visibility_timeout_s,
             "unacked_restore_interval": c.unacked_restore_interval_s,
             "unacked_restore_throttle": c.unacked_restore_throttle,
+            **({"global_keyprefix": c.broker_key_prefix} if c.broker_key_prefix else {}),
         },
         "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
         "task_default_queue": "cpu",
@@ -103,6 +104,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_track_started": True,
         "result_extended": True,
         "database_engine_options": {"pool_pre_ping": True},
+        # A result that cannot be stored fails the task outside its body, and its message
+        # is acknowledged: ride out a database restart (about 30 s of backoff) instead.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 10,
+        "result_backend_base_sleep_between_retries_ms": 200,
+        "result_backend_max_sleep_between_retries_ms": 5000,
         "task_annotations": {
             task_name(s): {"soft_time_limit": c.limits(s).soft_s, "time_limit": c.limits(s).hard_s}
             for s in sorted(stages)
@@ -123,4 +130,8 @@ def configure(settings: Settings | None = None) -> Celery:
     configuration was first read (a test harness pointing at fresh services)."""
     app.conf.update(celery_config(settings or load_settings()))
     app.close()  # pooled broker connections were made with the old settings
+    # So were the producers (the broker key prefix) and the result backend (its URL).
+    app.amqp._producer_pool = None
+    app._backend_cache = None
+    app._local.__dict__.pop("backend", None)
     return app

@@ -180,6 +180,9 @@ class CelerySettings(_Section):
     # scan runs every interval x throttle seconds. Production keeps kombu's defaults.
     unacked_restore_interval_s: int = Field(10, ge=1)
     unacked_restore_throttle: int = Field(10, ge=1)
+    # Prefix for every broker key, so that several installations (or test runs) can share
+    # one Redis database without taking each other's messages.
+    broker_key_prefix: str = ""
     max_retries: int = Field(5, ge=0)
     retry_backoff_s: float = Field(5.0, gt=0)        # first delay; doubles each retry
     retry_backoff_max_s: float = Field(600.0, gt=0)

@@ -69,15 +69,23 @@ def worker_context(profile: str | None = None) -> Context:
     return _contexts[key]
 
 
-def build_profile(ctx: Context, stage: str, entity_id: str) -> str | None:
-    """The profile the entity's build was started with (None: the worker's own)."""
+def build_of(ctx: Context, stage: str, entity_id: str) -> str | None:
     model = ENTITY_MODEL.get(STAGE_ENTITY.get(stage, ""))
     if model is None:
         return None
+    if model is Build:
+        return entity_id
     with session_scope(ctx.sessions) as s:
-        build_id = entity_id if model is Build else s.scalar(
-            select(model.build_id).where(model.id == entity_id))
-        return s.scalar(select(Build.profile).where(Build.id == build_id)) if build_id else None
+        return s.scalar(select(model.build_id).where(model.id == entity_id))
+
+
+def build_profile(ctx: Context, stage: str, entity_id: str) -> str | None:
+    """The profile the entity's build was started with (None: the worker's own)."""
+    build_id = build_of(ctx, stage, entity_id)
+    if build_id is None:
+        return None
+    with session_scope(ctx.sessions) as s:
+        return s.scalar(select(Build.profile).where(Build.id == build_id))
 
 
 # --- retry rules ----------------------------------------------------------------------------
@@ -182,33 +190,40 @@ class StageTask(Task):
                 requeue(ctx, next_stage, sample_id, send)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        # Only the hard time limit ends up here without the task body having seen it: the
-        # pool process was killed, so its attempt row still says running.
+        """The hard time limit, in the worker's main process: Celery calls this, then kills
+        the pool process. Record the timeout and send the task again under the same id (the
+        retry rules of any timeout), or give up.
+
+        The count of kills travels with the message (``hard_timeouts``): the killed process
+        may still write its attempt row before it dies, so rows cannot be counted on."""
         if not isinstance(exc, TimeLimitExceeded) or not args:
-            return
+            return  # other failures were handled in the task body
         entity_id = args[0]
+        kills = int((kwargs or {}).get("hard_timeouts", 0)) + 1
+        error = f"hard time limit exceeded ({exc}); the process was killed"
         try:
             ctx = worker_context()
-            close_lost_attempts(ctx, self.stage, entity_id, "timeout",
-                                f"hard time limit exceeded ({exc}); the process was killed")
+            max_retries = ctx.settings.celery.max_retries
+            # A row of its own: the attempt's row belongs to the pool process, which is still
+            # alive here and writes it as it is terminated (an error "SystemExit"), or leaves
+            # it running (closed as lost when the task starts again).
             with session_scope(ctx.sessions) as s:
-                recent = s.scalars(select(StageAttempt.status).where(
-                    StageAttempt.stage == self.stage, StageAttempt.entity_id == entity_id)
-                    .order_by(StageAttempt.id.desc()).limit(ctx.settings.celery.max_retries + 2)).all()
-            # Timeouts in a row, this one included: the count of tries of this task so far.
-            timeouts = next((i for i, st in enumerate(recent) if st != "timeout"), len(recent))
+                s.add(StageAttempt(build_id=build_of(ctx, self.stage, entity_id),
+                                   entity_type=STAGE_ENTITY.get(self.stage, "video"), entity_id=entity_id,
+                                   stage=self.stage, attempt=kills, worker=ctx.worker, status="timeout",
+                                   error=error, finished_at=utcnow(), duration_s=0.0))
         except Exception:  # noqa: BLE001 - the database is down too: Celery's FAILURE stands
             log.exception("could not record the hard time limit of %s(%s)", self.stage, entity_id)
             return
-        if timeouts <= ctx.settings.celery.max_retries:
+        if kills <= max_retries:
             log.warning("%s(%s) hit the hard time limit (%d time(s)); sending it again",
-                        self.stage, entity_id, timeouts)
+                        self.stage, entity_id, kills)
             # Same task id: whoever waits on this task sees it go on instead of failing.
-            self.apply_async(args=list(args), task_id=task_id, countdown=backoff_s(timeouts - 1),
-                             retries=timeouts)
+            self.apply_async(args=list(args), kwargs={"hard_timeouts": kills}, task_id=task_id,
+                             countdown=backoff_s(kills - 1), retries=kills)
             self.backend.mark_as_retry(task_id, exc)
         else:
-            give_up(self.stage, entity_id, f"{self.stage} failed: hard time limit exceeded {timeouts} time(s)")
+            give_up(self.stage, entity_id, f"{self.stage} failed: hard time limit exceeded {kills} time(s)")
 
 
 @worker_init.connect
@@ -227,7 +242,7 @@ def _warm_context(**_: Any) -> None:
 
 
 def _stage_task(stage: str):  # noqa: ANN202 - returns the registered Celery task
-    def run(self: StageTask, entity_id: str) -> dict[str, Any]:
+    def run(self: StageTask, entity_id: str, hard_timeouts: int = 0) -> dict[str, Any]:
         return self.run_stage_task(entity_id)
 
     run.__name__ = stage
@@ -292,7 +307,8 @@ def waiting_in_broker() -> set[tuple[str, str]] | None:
     from opensubject_tasks.celery_app import QUEUES, TASK_PREFIX
     from opensubject_tasks.services.reconcile import waiting_in_redis
 
-    return waiting_in_redis(app.conf.broker_url, QUEUES, TASK_PREFIX)
+    prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+    return waiting_in_redis(app.conf.broker_url, QUEUES, TASK_PREFIX, key_prefix=prefix)
 
 
 @app.task(name=task_name("reconcile"))
@@ -304,7 +320,8 @@ def reconcile(older_than_s: float | None = None) -> dict[str, Any]:
 
     ctx = worker_context()
     age = older_than_s if older_than_s is not None else ctx.settings.verify.resynth_stuck_after_s
-    sent = reconcile_work(ctx, resend, older_than_s=age, waiting=waiting_in_broker())
+    waiting = waiting_in_broker()
+    sent = reconcile_work(ctx, resend, older_than_s=age, waiting=waiting)
     if sent:
         log.warning("sent again %d unit(s) of work whose message was lost: %s", len(sent),
                     ", ".join(f"{st}({e})" for st, e in sent[:20]))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 AIRFLOW_HOME = Path(os.environ.get("OPENSUBJECT_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="os-airflow-"))
 JWT_SECRET = "opensubject-test-jwt-secret-" + "x" * 40  # test-only signing key
+# Broker keys of this test session: another session on the same Redis database (a second
+# checkout, a colleague's run) never takes these messages, nor this one theirs.
+BROKER_PREFIX = f"ostest-{uuid.uuid4().hex[:8]}:"
 ADMIN_PASSWORD = "opensubject-test-admin"               # test-only login
 
 AIRFLOW_ENV = {
@@ -75,6 +79,7 @@ def service_env(database_url: str, broker_url: str, store_settings, **extra: str
         "OPENSUBJECT_STORE__BUCKET": store_settings.bucket,
         "OPENSUBJECT_STORE__REGION": "us-east-1",
         "OPENSUBJECT_CELERY__POLL_INTERVAL_S": "0.3",
+        "OPENSUBJECT_CELERY__BROKER_KEY_PREFIX": BROKER_PREFIX,
         "OPENSUBJECT_CELERY__TRIGGER_MIN_WAIT_S": "0",  # dag.test has no executor to race with
     }
     env.update(extra)

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+from airflow_fixtures import Worker, service_env
+
 PG_BIN = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]) if glob.glob("/usr/lib/postgresql/*/bin") \
     else Path("/usr/lib/postgresql/bin")
 TERMINAL_VIDEO = {"done", "rejected", "failed"}
@@ -35,6 +38,96 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- the stack of a fault test ---------------------------------------------------------------------
+# Small builds: three short 320x180 videos, one pair per subject, two synthesis attempts.
+SMALL = {"mine": {"max_pairs_per_subject": 1}, "verify": {"max_attempts": 2}, "curate": {"min_short_side": 90}}
+SMALL_ENV = {f"OPENSUBJECT_{sec.upper()}__{k.upper()}": str(v) for sec, d in SMALL.items() for k, v in d.items()}
+FAST_RETRY = {"OPENSUBJECT_CELERY__RETRY_BACKOFF_S": "0.5", "OPENSUBJECT_CELERY__RETRY_BACKOFF_MAX_S": "4"}
+
+
+def upload(store, media: Path) -> None:  # noqa: ANN001
+    for f in sorted(media.glob("*.mp4")):
+        store.put_file(f"raw/{f.name}", f, "video/mp4")
+
+
+class Stack:
+    """This test's services: environment for the test process and its worker processes."""
+
+    def __init__(self, redis_url: str, monkeypatch, tmp: Path) -> None:  # noqa: ANN001
+        self.redis_url, self.monkeypatch, self.tmp = redis_url, monkeypatch, tmp
+        self.workers: list[Worker] = []
+
+    def apply(self, database_url: str, store_settings, **extra: str) -> dict[str, str]:  # noqa: ANN001
+        from opensubject_tasks.celery_app import configure
+        from opensubject_tasks.db.engine import make_engine, upgrade
+        from opensubject_tasks.storage import make_store
+
+        env = service_env(database_url, self.redis_url, store_settings, **SMALL_ENV, **FAST_RETRY, **extra)
+        for k, v in env.items():
+            self.monkeypatch.setenv(k, v)
+        configure()
+        engine = make_engine(database_url)
+        upgrade(engine)
+        engine.dispose()
+        self.store = make_store(store_settings)
+        return env
+
+    def worker(self, env: dict[str, str], name: str, concurrency: int = 1, include: str | None = None,
+               loglevel: str = "INFO") -> Worker:
+        w = Worker(env, name, self.tmp / f"worker-{name}.log", concurrency=concurrency)
+        w.cmd[w.cmd.index("--loglevel") + 1] = loglevel
+        if include:  # a test-only module loaded into the worker (celery worker --include)
+            w.cmd += ["--include", include]
+        self.workers.append(w)
+        return w.start()
+
+    @staticmethod
+    def context():  # noqa: ANN205
+        from opensubject_tasks.orchestrate import context
+
+        return context()
+
+
+# A Redis database of these tests' own: they flush it, and a worker of another test
+# session on the same server must never take their messages.
+FAULT_REDIS_DB = 10
+
+
+@pytest.fixture()
+def fault_redis_url() -> str:
+    import redis
+    from conftest import REDIS_URL
+
+    url = f"{REDIS_URL}/{FAULT_REDIS_DB}"
+    redis.Redis.from_url(url).flushdb()  # no message left over from another test
+    yield url
+    redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture()
+def stack(fault_redis_url, monkeypatch, tmp_path):  # noqa: ANN001
+    st = Stack(fault_redis_url, monkeypatch, tmp_path)
+    yield st
+    for w in st.workers:
+        w.stop()
+
+
+def attempts(ctx):  # noqa: ANN001, ANN201
+    from sqlalchemy import select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import StageAttempt
+
+    with session_scope(ctx.sessions) as s:
+        return list(s.execute(select(StageAttempt.stage, StageAttempt.entity_id, StageAttempt.status,
+                                     StageAttempt.error, StageAttempt.started_at, StageAttempt.finished_at)
+                              .order_by(StageAttempt.id)).all())
+
+
+def running_stages(ctx) -> set[str]:  # noqa: ANN001
+    return {a.stage for a in attempts(ctx) if a.status == "running"}
 
 
 # --- a PostgreSQL cluster of the test's own ----------------------------------------------------

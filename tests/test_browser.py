@@ -131,7 +131,7 @@ def test_trigger_form_and_dataset_page(api_server, browser):
 
     # The dataset page, from Airflow's navigation (an external view in an iframe).
     d.get(base + "/")
-    d.find_element(By.CSS_SELECTOR, "button[aria-label='Browse']").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "button[aria-label='Browse']"))[0].click()
     link = wait.until(lambda d: next((e for e in d.find_elements(By.XPATH, "//*[text()='OpenSubject dataset']")
                                       if e.is_displayed()), None))
     link.click()

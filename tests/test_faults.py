@@ -19,15 +19,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from airflow_fixtures import Worker, service_env
-from fault_fixtures import PgCluster, check_finished_build, drive_build, rows, store_keys
+from airflow_fixtures import BROKER_PREFIX
+from fault_fixtures import (  # noqa: F401 - fixtures
+    SMALL,
+    PgCluster,
+    attempts,
+    check_finished_build,
+    drive_build,
+    fault_redis_url,
+    rows,
+    running_stages,
+    stack,
+    store_keys,
+    upload,
+)
 
 pytestmark = pytest.mark.timeout(300)
-
-# Small builds: three short 320x180 videos, one pair per subject, two synthesis attempts.
-SMALL = {"mine": {"max_pairs_per_subject": 1}, "verify": {"max_attempts": 2}, "curate": {"min_short_side": 90}}
-SMALL_ENV = {f"OPENSUBJECT_{sec.upper()}__{k.upper()}": str(v) for sec, d in SMALL.items() for k, v in d.items()}
-FAST_RETRY = {"OPENSUBJECT_CELERY__RETRY_BACKOFF_S": "0.5", "OPENSUBJECT_CELERY__RETRY_BACKOFF_MAX_S": "4"}
 
 
 # --- fixtures --------------------------------------------------------------------------------------
@@ -38,11 +45,6 @@ def media(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fault-media")
     make_samples(out, count=3, size=(320, 180))
     return out
-
-
-def upload(store, media: Path) -> None:  # noqa: ANN001
-    for f in sorted(media.glob("*.mp4")):
-        store.put_file(f"raw/{f.name}", f, "video/mp4")
 
 
 @pytest.fixture(scope="module")
@@ -67,82 +69,6 @@ def reference(s3_server, media, tmp_path_factory) -> dict:
     return ref
 
 
-class Stack:
-    """This test's services: environment for the test process and its worker processes."""
-
-    def __init__(self, redis_url: str, monkeypatch, tmp: Path) -> None:  # noqa: ANN001
-        self.redis_url, self.monkeypatch, self.tmp = redis_url, monkeypatch, tmp
-        self.workers: list[Worker] = []
-
-    def apply(self, database_url: str, store_settings, **extra: str) -> dict[str, str]:  # noqa: ANN001
-        from opensubject_tasks.celery_app import configure
-        from opensubject_tasks.db.engine import make_engine, upgrade
-        from opensubject_tasks.storage import make_store
-
-        env = service_env(database_url, self.redis_url, store_settings, **SMALL_ENV, **FAST_RETRY, **extra)
-        for k, v in env.items():
-            self.monkeypatch.setenv(k, v)
-        configure()
-        engine = make_engine(database_url)
-        upgrade(engine)
-        engine.dispose()
-        self.store = make_store(store_settings)
-        return env
-
-    def worker(self, env: dict[str, str], name: str, concurrency: int = 1, include: str | None = None) -> Worker:
-        w = Worker(env, name, self.tmp / f"worker-{name}.log", concurrency=concurrency)
-        if include:
-            w.cmd += ["--include", include]
-        self.workers.append(w)
-        return w.start()
-
-    @staticmethod
-    def context():  # noqa: ANN205
-        from opensubject_tasks.orchestrate import context
-
-        return context()
-
-
-# A Redis database of these tests' own: they flush it, and a worker of another test
-# session on the same server must never take their messages.
-FAULT_REDIS_DB = 10
-
-
-@pytest.fixture()
-def fault_redis_url() -> str:
-    import redis
-    from conftest import REDIS_URL
-
-    url = f"{REDIS_URL}/{FAULT_REDIS_DB}"
-    redis.Redis.from_url(url).flushdb()  # no message left over from another test
-    yield url
-    redis.Redis.from_url(url).flushdb()
-
-
-@pytest.fixture()
-def stack(fault_redis_url, monkeypatch, tmp_path):  # noqa: ANN001
-    st = Stack(fault_redis_url, monkeypatch, tmp_path)
-    yield st
-    for w in st.workers:
-        w.stop()
-
-
-def attempts(ctx):  # noqa: ANN001, ANN201
-    from sqlalchemy import select
-
-    from opensubject_tasks.db.engine import session_scope
-    from opensubject_tasks.db.models import StageAttempt
-
-    with session_scope(ctx.sessions) as s:
-        return list(s.execute(select(StageAttempt.stage, StageAttempt.entity_id, StageAttempt.status,
-                                     StageAttempt.error, StageAttempt.started_at, StageAttempt.finished_at)
-                              .order_by(StageAttempt.id)).all())
-
-
-def running_stages(ctx) -> set[str]:  # noqa: ANN001
-    return {a.stage for a in attempts(ctx) if a.status == "running"}
-
-
 # --- the reconciler on its own -------------------------------------------------------------------
 def test_reconcile_sends_exactly_the_lost_work(pg_db):
     """Only units that are outstanding, queued long ago, not running and not waiting on the
@@ -152,6 +78,7 @@ def test_reconcile_sends_exactly_the_lost_work(pg_db):
     from opensubject_tasks.db.engine import session_scope
     from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
     from opensubject_tasks.services.reconcile import queued_task_id, reconcile, record_queued
+    from sqlalchemy import update
 
     ctx = Context.from_settings(load_settings(database_url=pg_db))
     now = datetime.now(UTC)
@@ -175,6 +102,7 @@ def test_reconcile_sends_exactly_the_lost_work(pg_db):
             video("v_stage_done", stage="curate", done="curate"),  # curate done; the orchestrator goes on
             video("v_busy", stage="mine", done="curate"),         # a live attempt is running
             video("v_dead", stage="mine", done="curate"),         # its running attempt is long dead
+            video("v_stale", stage="mine", done="curate"),        # marked running 2 min ago, message gone
             video("v_waiting", stage="curate"),                   # its message is still on the broker
             video("v_failed", state="failed", stage="curate"),    # finished
             video("v_done_build", build="b2", stage="curate"),    # its build is over
@@ -197,25 +125,38 @@ def test_reconcile_sends_exactly_the_lost_work(pg_db):
         s.add_all([
             StageAttempt(entity_type="video", entity_id="v_busy", stage="mine", status="running", started_at=recent),
             StageAttempt(entity_type="video", entity_id="v_dead", stage="mine", status="running", started_at=ancient),
+            StageAttempt(entity_type="video", entity_id="v_stale", stage="mine", status="running", started_at=old),
             StageAttempt(entity_type="sample", entity_id="s_busy", stage="verify", status="running",
                          started_at=recent),
             StageAttempt(entity_type="build", entity_id="b4", stage="export", status="ok", started_at=old,
                          finished_at=now),
         ])
 
+    lost = [("curate", "v_lost"), ("mine", "v_lost_mine"), ("mine", "v_dead"), ("synthesize", "s_pending"),
+            ("verify", "s_synth"), ("export", "b3")]
+    # Without the broker's view: age decides, and an attempt marked running is trusted up
+    # to the stage's hard time limit.
     sent: list[tuple[str, str]] = []
-    work = reconcile(ctx, lambda st, e: sent.append((st, e)), older_than_s=60, waiting={("curate", "v_waiting")})
+    work = reconcile(ctx, lambda st, e: sent.append((st, e)), older_than_s=60)
     assert sent == work
-    assert sorted(work) == sorted([("curate", "v_lost"), ("mine", "v_lost_mine"), ("mine", "v_dead"),
-                                   ("synthesize", "s_pending"), ("verify", "s_synth"), ("export", "b3")])
+    assert sorted(work) == sorted([*lost, ("curate", "v_waiting")])
     # A video stage goes out again under the task id of its first hand-off.
     assert queued_task_id(ctx, "curate", "v_lost") == "task-v_lost"
     assert queued_task_id(ctx, "mine", "v_lost") is None  # not the stage it was queued for
     # Their hand-off time moved to now: the next pass leaves them alone.
-    assert reconcile(ctx, lambda st, e: sent.append((st, e)), older_than_s=60,
-                     waiting={("curate", "v_waiting")}) == []
+    assert reconcile(ctx, lambda st, e: None, older_than_s=60) == []
+
+    # With the broker's view: what it holds is not sent, and a running attempt older than
+    # the threshold whose message is gone is dead (its end was never recorded).
+    with session_scope(ctx.sessions) as s:  # as if the first pass's messages were lost too
+        for model in (Video, Sample, Build):
+            s.execute(update(model).where(model.id.in_([e for _, e in work])).values(queued_at=old))
+    waiting = {("curate", "v_waiting")}
+    work = reconcile(ctx, lambda st, e: None, older_than_s=60, waiting=waiting)
+    assert sorted(work) == sorted([*lost, ("mine", "v_stale")])
+    assert reconcile(ctx, lambda st, e: None, older_than_s=60, waiting=waiting) == []
     # Once its message is gone from the broker too, the waiting one goes out.
-    assert reconcile(ctx, lambda st, e: None, older_than_s=60) == [("curate", "v_waiting")]
+    assert reconcile(ctx, lambda st, e: None, older_than_s=60, waiting=set()) == [("curate", "v_waiting")]
     # A new hand-off gets a new task id, recorded before the message is sent.
     tid = record_queued(ctx, "mine", "v_lost")
     assert tid and queued_task_id(ctx, "mine", "v_lost") == tid
@@ -223,36 +164,37 @@ def test_reconcile_sends_exactly_the_lost_work(pg_db):
     ctx.engine.dispose()
 
 
-def test_waiting_in_redis_reads_queued_and_delayed_messages(fault_redis_url, monkeypatch):
+def test_waiting_in_broker_reads_queued_and_delayed_messages(fault_redis_url, monkeypatch):  # noqa: F811 - fixtures
     import redis
 
     from opensubject_tasks.celery_app import QUEUES, TASK_PREFIX, configure
     from opensubject_tasks.services.reconcile import waiting_in_redis
-    from opensubject_tasks.tasks import send
+    from opensubject_tasks.tasks import send, waiting_in_broker
 
-    redis_url = fault_redis_url
-    client = redis.Redis.from_url(redis_url)
-    monkeypatch.setenv("OPENSUBJECT_BROKER_URL", redis_url)
+    client = redis.Redis.from_url(fault_redis_url)
+    monkeypatch.setenv("OPENSUBJECT_BROKER_URL", fault_redis_url)
+    # The test session's key prefix (kombu keeps the first prefix a process used).
+    monkeypatch.setenv("OPENSUBJECT_CELERY__BROKER_KEY_PREFIX", BROKER_PREFIX)
     configure()
     send("curate", "v1")
     send("synthesize", "s1", countdown=30)  # a retry waiting out its backoff
     send("export", "b1", priority=9)
-    assert waiting_in_redis(redis_url, QUEUES, TASK_PREFIX) == {("curate", "v1"), ("synthesize", "s1"),
-                                                                ("export", "b1")}
+    assert client.keys(f"{BROKER_PREFIX}*") and not client.keys("cpu*")  # the keys carry the prefix
+    assert waiting_in_broker() == {("curate", "v1"), ("synthesize", "s1"), ("export", "b1")}
+    assert waiting_in_redis(fault_redis_url, QUEUES, TASK_PREFIX) == set()  # another prefix
     client.flushdb()
-    assert waiting_in_redis(redis_url, QUEUES, TASK_PREFIX) == set()
+    assert waiting_in_broker() == set()
     assert waiting_in_redis("amqp://guest@localhost//", QUEUES, TASK_PREFIX) is None
 
 
 # --- faults in a running build -------------------------------------------------------------------------
-def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, reference):
+def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, reference):  # noqa: F811 - fixtures
     """FLUSHDB the broker's Redis database twice, while video-stage messages and then
     sample-stage messages wait in the queues: the reconciler sends the lost work again
     (video stages under their original task ids) and the build finishes."""
     import redis
 
-    from opensubject_tasks.celery_app import QUEUES, TASK_PREFIX
-    from opensubject_tasks.services.reconcile import waiting_in_redis
+    from opensubject_tasks.tasks import waiting_in_broker
 
     env = stack.apply(pg_db, s3_store_settings)
     upload(stack.store, media)
@@ -267,7 +209,7 @@ def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, referenc
         queue = "gpu" if "cpu" in dropped else "cpu"
         if queue in dropped:
             return
-        waiting = [u for u in waiting_in_redis(stack.redis_url, QUEUES, TASK_PREFIX) if u[0] in kinds[queue]]
+        waiting = [u for u in waiting_in_broker() if u[0] in kinds[queue]]
         if waiting:
             client.flushdb()
             dropped[queue] = len(waiting)
@@ -285,7 +227,7 @@ def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, referenc
     assert "synthesize(" in resent or "verify(" in resent, resent
 
 
-def test_object_store_outage_mid_build(stack, pg_db, media, reference):
+def test_object_store_outage_mid_build(stack, pg_db, media, reference):  # noqa: F811 - fixtures
     """SIGSTOP the S3 server process for 30 s while stages run, then SIGCONT: requests wait
     (or fail and are retried with backoff), and the build finishes."""
     from conftest import S3Server
@@ -331,7 +273,7 @@ def test_object_store_outage_mid_build(stack, pg_db, media, reference):
     assert any(a.started_at < end < a.finished_at for a in attempts(ctx)), "no stage spanned the outage"
 
 
-def test_database_restart_mid_build(stack, s3_store_settings, media, reference):
+def test_database_restart_mid_build(stack, s3_store_settings, media, reference):  # noqa: F811 - fixtures
     """Stop the PostgreSQL cluster (fast shutdown: every session cut) while a stage runs and
     start it again 6 s later: stages fail with connection errors, are retried with backoff,
     pooled connections are replaced (pool_pre_ping), lost messages are sent again, and the
@@ -363,15 +305,17 @@ def test_database_restart_mid_build(stack, s3_store_settings, media, reference):
             run = drive_build("faults", on_tick=chaos, timeout_s=240)
         finally:
             assert outage.get("end"), outage
-        assert run.call_errors, "the driver never saw the database down"
+        assert outage["end"] - outage["start"] >= 6
         assert not run.failures, run.failures
         counts = check_finished_build(ctx, stack.store, "faults", reference)
         assert counts["videos"] == 3
-        # The outage reached the workers: an attempt ended on a connection error (or was cut
-        # off and found later), and its task was retried.
+        # The restart cut live sessions, and the outage reached the workers: a stage failed
+        # on a connection error and was retried, or a result write waited it out.
+        assert "terminating connection due to administrator command" in cluster.log.read_text()
         cut = [a for a in attempts(ctx) if a.status in ("error", "lost")]
-        assert cut or "OperationalError" in worker.log(), "no stage felt the outage"
-        assert "Retry in" in worker.log() or any(a.status == "lost" for a in cut)
+        log = worker.log()
+        assert (cut and "Retry in" in log) or "Failed operation _store_result. Retrying" in log, \
+            "no stage felt the outage"
     finally:
         for w in stack.workers:
             w.stop()
@@ -383,7 +327,7 @@ def test_database_restart_mid_build(stack, s3_store_settings, media, reference):
         cluster.destroy()
 
 
-def test_hung_stage_hits_its_time_limit_and_is_retried(stack, pg_db, s3_store_settings, media, reference, tmp_path):
+def test_hung_stage_hits_its_time_limit_and_is_retried(stack, pg_db, s3_store_settings, media, reference, tmp_path):  # noqa: F811 - fixtures
     """A model call that hangs (a test backend loaded into the worker, selected by
     configuration) hits synthesize's soft time limit of 2 s; the attempt is recorded as a
     timeout, the task is retried and the build finishes."""

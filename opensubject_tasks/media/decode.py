@@ -1,14 +1,15 @@
 """One decode pass per video, overlapped with the analysis.
 
-A decode thread demuxes and decodes each frame once (FFmpeg's own threads) and has
-FFmpeg's scaler shrink it straight to the small analysis size that shot detection
-and motion need; the frames reach the caller through a small bounded queue, so
-decoding goes on while the caller analyses earlier frames (PyAV's decode and
-scale calls, OpenCV and NumPy release the GIL). Every ``keyframe_stride``-th frame
-is also kept as a keyframe candidate: a reference to the decoded picture,
-converted to an RGB keyframe (longest side at most ``keyframe_max_side``, rotated
-upright) only if a clip picks it. Candidates from large sources are shrunk at once
-so that holding them stays cheap.
+A decode thread does nothing but demux and decode each frame once (with FFmpeg's
+own decoding threads) and hands the pictures over through a small bounded queue;
+the caller's thread, which has time to spare while the decoder works, has
+FFmpeg's scaler shrink each picture straight to the small analysis size that shot
+detection and motion need. PyAV's decode and scale calls, OpenCV and NumPy release
+the GIL, so the two threads run in parallel. Every ``keyframe_stride``-th frame is
+also kept as a keyframe candidate: a reference to the decoded picture, converted
+to an RGB keyframe (longest side at most ``keyframe_max_side``, rotated upright)
+only if a clip picks it. Candidates from large sources are shrunk at once so that
+holding them stays cheap.
 
 The pass is bounded in time (``decode_timeout_s``); the container is closed on
 every path (end, error, or the caller stopping early), and decode errors reach
@@ -33,7 +34,8 @@ from opensubject_tasks.errors import BadInput
 from opensubject_tasks.media.probe import ProbeResult
 
 _HOLD_RAW_MAX_PIXELS = 1920 * 1088  # above this, candidates are shrunk right away
-_QUEUE_FRAMES = 48                  # decoded frames buffered ahead of the analysis
+_QUEUE_FRAMES = 24                  # decoded frames buffered ahead of the analysis ...
+_QUEUE_BYTES = 64 * 1024 * 1024     # ... and at most about this many bytes of them
 _END = object()                     # end-of-stream marker in the queue
 
 
@@ -141,10 +143,21 @@ def iter_frames(path: str | Path, probe: ProbeResult, s: CurateSettings,
                 stats: DecodeStats | None = None) -> Iterator[Frame]:
     """Decode the video once, yielding every frame in order (see module doc).
 
-    Close the iterator (or exhaust it) to stop the decode thread; ``curate_frames``
-    does. Decode errors are raised here, in the caller's thread."""
+    A decode thread does nothing but demux and decode, so FFmpeg's own decoding
+    threads always have the next packets; the pictures are scaled here, in the
+    caller's thread, which has time to spare while the decoder works. Close the
+    iterator (or exhaust it) to stop the decode thread; ``curate_frames`` does.
+    Decode errors are raised here, in the caller's thread."""
     stats = stats if stats is not None else DecodeStats()
-    frames: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_FRAMES)
+    aw, ah = analysis_size(probe.width, probe.height, s.analysis_width)
+    kw, kh = fit_size(probe.width, probe.height, s.keyframe_max_side)
+    stride = keyframe_stride(probe.fps, s)
+    # one swscale context per purpose, reused for every frame (a fresh one per frame
+    # costs about half as much again as the scaling itself)
+    analysis, keyframes = VideoReformatter(), Shrinker()
+    # decoded pictures waiting to be scaled: bounded in bytes (a few dozen at 720p)
+    depth = max(4, min(_QUEUE_FRAMES, _QUEUE_BYTES // max(1, probe.width * probe.height * 3 // 2)))
+    frames: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
     worker = threading.Thread(target=_decode_into, args=(path, probe, s, stats, frames, stop),
                               name="decode", daemon=True)
@@ -161,7 +174,20 @@ def iter_frames(path: str | Path, probe: ProbeResult, s: CurateSettings,
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            index, frame = item
+            # area averaging on one thread: swscale's thread pool costs more than it
+            # saves at this size, and competes with the decoder
+            analysed = index % s.analysis_step == 0
+            small = (analysis.reformat(frame, width=aw, height=ah, format="bgr24",
+                                       interpolation="AREA", threads=1).to_ndarray()
+                     if analysed else None)
+            cand = None
+            if index % stride == 0:
+                held = (frame if frame.width * frame.height <= _HOLD_RAW_MAX_PIXELS
+                        else keyframes.shrink(frame, (kw, kh)))
+                cand = KeyframeCandidate(held, (kw, kh), probe.rotation, keyframes)
+            t = float(frame.time) if frame.time is not None else index / probe.fps
+            yield Frame(index, t, small, cand, None if analysed else frame, (aw, ah))
     finally:
         stop.set()
         worker.join()
@@ -180,27 +206,25 @@ def _offer(frames: queue.Queue[Any], stop: threading.Event, item: object) -> boo
 
 def _decode_into(path: str | Path, probe: ProbeResult, s: CurateSettings, stats: DecodeStats,
                  frames: queue.Queue[Any], stop: threading.Event) -> None:
-    """The decode thread: every frame, or the exception that ended decoding, goes on
-    the queue, then the end marker."""
+    """The decode thread: every (index, decoded picture), or the exception that ended
+    decoding, goes on the queue, then the end marker."""
     try:
-        for fr in _decode(path, probe, s, stats, stop):
-            if not _offer(frames, stop, fr):
+        for item in _decode(path, s, stats, stop):
+            if not _offer(frames, stop, item):
                 return
+        if stats.frames == 0:
+            raise BadInput("no frame could be decoded")
+        expected = probe.frames if probe.frames_source in ("container", "counted") else 0
+        if expected and stats.frames < s.min_decoded_share * expected:
+            why = f" ({stats.errors[0]})" if stats.errors else ""
+            raise BadInput(f"truncated or corrupt video: decoded {stats.frames} of {expected} frames{why}")
         _offer(frames, stop, _END)
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
         _offer(frames, stop, exc)
 
 
-def _decode(path: str | Path, probe: ProbeResult, s: CurateSettings, stats: DecodeStats,
-            stop: threading.Event) -> Iterator[Frame]:
-    aw, ah = analysis_size(probe.width, probe.height, s.analysis_width)
-    kw, kh = fit_size(probe.width, probe.height, s.keyframe_max_side)
-    stride = keyframe_stride(probe.fps, s)
-    # one swscale context per purpose and thread, reused for every frame (a fresh one
-    # per frame costs about half as much again as the scaling itself)
-    analysis = VideoReformatter()
-    held = Shrinker()          # this thread: candidates of large sources
-    keyframes = Shrinker()     # the consumer's thread: candidates a clip picks
+def _decode(path: str | Path, s: CurateSettings, stats: DecodeStats,
+            stop: threading.Event) -> Iterator[tuple[int, av.VideoFrame]]:
     t0 = time.monotonic()
     deadline = t0 + s.decode_timeout_s
     index = 0
@@ -217,19 +241,7 @@ def _decode(path: str | Path, probe: ProbeResult, s: CurateSettings, stats: Deco
                         return
                     if index >= s.max_frames:
                         raise BadInput(f"more than max_frames={s.max_frames} frames decoded")
-                    # area averaging on one thread: swscale's thread pool costs more than
-                    # it saves at this size, and competes with the decoder
-                    analysed = index % s.analysis_step == 0
-                    small = (analysis.reformat(frame, width=aw, height=ah, format="bgr24",
-                                               interpolation="AREA", threads=1).to_ndarray()
-                             if analysed else None)
-                    cand = None
-                    if index % stride == 0:
-                        raw = frame if frame.width * frame.height <= _HOLD_RAW_MAX_PIXELS \
-                            else held.shrink(frame, (kw, kh))
-                        cand = KeyframeCandidate(raw, (kw, kh), probe.rotation, keyframes)
-                    t = float(frame.time) if frame.time is not None else index / probe.fps
-                    yield Frame(index, t, small, cand, None if analysed else frame, (aw, ah))
+                    yield index, frame
                     index += 1
                     stats.frames = index
                     if time.monotonic() > deadline:
@@ -244,9 +256,3 @@ def _decode(path: str | Path, probe: ProbeResult, s: CurateSettings, stats: Deco
         raise BadInput(f"cannot decode the video: {getattr(exc, 'strerror', None) or exc}") from None
     finally:
         stats.seconds = time.monotonic() - t0
-    if index == 0:
-        raise BadInput("no frame could be decoded")
-    expected = probe.frames if probe.frames_source in ("container", "counted") else 0
-    if expected and index < s.min_decoded_share * expected:
-        why = f" ({stats.errors[0]})" if stats.errors else ""
-        raise BadInput(f"truncated or corrupt video: decoded {index} of {expected} frames{why}")

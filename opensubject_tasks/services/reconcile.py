@@ -11,10 +11,13 @@ duplicate is harmless; video and build stages go out under the task id recorded 
 first hand-off, so whoever waits on that id (an Airflow trigger) sees it finish.
 
 A unit is outstanding when its entity is not finished, its build is running, it was
-queued more than ``older_than_s`` ago, no attempt on it is still running (an attempt
-older than both ``older_than_s`` and the stage's hard time limit counts as dead), and its
-message is not waiting on the broker (``waiting``, when the caller can tell). The last
-rule keeps a long backlog from being duplicated at every pass.
+queued more than ``older_than_s`` ago, its message is not on the broker (``waiting``,
+when the caller can tell: queued, or delivered and not yet acknowledged) and no attempt
+on it is still running. A task runs with its message unacknowledged (``acks_late``), so
+with the broker's view an attempt marked running for longer than ``older_than_s`` whose
+message is gone is dead (its final status could not be written: the database was down,
+the process was killed); without it, only one older than the stage's hard time limit
+is. The broker's view also keeps a long backlog from being duplicated at every pass.
 
 This module knows nothing of Celery: the caller passes ``enqueue(stage, entity_id)``.
 """
@@ -73,8 +76,11 @@ def _stage_done(stage_done: str | None, stage: str) -> bool:
     return stage_done in STAGE_ORDER and STAGE_ORDER.index(stage_done) >= STAGE_ORDER.index(stage)
 
 
-def _alive_since(ctx: Context, older_than_s: float, stages: Collection[str], now: datetime) -> datetime:
+def _alive_since(ctx: Context, older_than_s: float, stages: Collection[str], now: datetime,
+                 broker_known: bool) -> datetime:
     """Running attempts that started after this time may still be working."""
+    if broker_known:
+        return now - timedelta(seconds=older_than_s)
     hard = max(ctx.settings.celery.limits(st).hard_s for st in stages)
     return now - timedelta(seconds=max(older_than_s, hard))
 
@@ -93,12 +99,13 @@ def reconcile(ctx: Context, enqueue: Enqueue, *, older_than_s: float,
     seconds ago; returns the ``(stage, entity_id)`` pairs sent.
 
     ``waiting``: ``(stage, entity_id)`` of the messages on the broker now (None: unknown,
-    then age alone decides). Rows are locked (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and
+    then age alone decides, with running attempts trusted up to the hard time limit). Rows are locked (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and
     their ``queued_at`` moved to now in the transaction that picks them, so two
     reconcilers never hand out the same unit.
     """
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_s)
+    known = waiting is not None
     waiting = set(waiting or ())
     work: list[tuple[str, str]] = []
     with session_scope(ctx.sessions) as s:
@@ -113,7 +120,7 @@ def reconcile(ctx: Context, enqueue: Enqueue, *, older_than_s: float,
                    synth_on.is_not(False))
             .order_by(Sample.id).with_for_update(of=Sample, skip_locked=True)).all()
         busy = _running(s, "sample", [r.id for r in rows],
-                        _alive_since(ctx, older_than_s, NEXT_STAGE.values(), now))
+                        _alive_since(ctx, older_than_s, NEXT_STAGE.values(), now, known))
         samples = [(NEXT_STAGE[r.state], r.id) for r in rows
                    if r.id not in busy and (NEXT_STAGE[r.state], r.id) not in waiting]
 
@@ -124,7 +131,7 @@ def reconcile(ctx: Context, enqueue: Enqueue, *, older_than_s: float,
                    Video.queued_stage.in_(VIDEO_STAGES), Video.queued_at < cutoff)
             .order_by(Video.id).with_for_update(of=Video, skip_locked=True)).all()
         rows = [r for r in rows if not _stage_done(r.stage_done, r.queued_stage)]
-        busy = _running(s, "video", [r.id for r in rows], _alive_since(ctx, older_than_s, VIDEO_STAGES, now))
+        busy = _running(s, "video", [r.id for r in rows], _alive_since(ctx, older_than_s, VIDEO_STAGES, now, known))
         videos = [(r.queued_stage, r.id) for r in rows
                   if r.id not in busy and (r.queued_stage, r.id) not in waiting]
 
@@ -139,7 +146,7 @@ def reconcile(ctx: Context, enqueue: Enqueue, *, older_than_s: float,
             .where(StageAttempt.entity_type == "build", StageAttempt.entity_id.in_([r.id for r in rows]),
                    StageAttempt.status.in_(ENDED), StageAttempt.finished_at >= Build.queued_at))}
         rows = [r for r in rows if (r.queued_stage, r.id) not in ended]
-        busy = _running(s, "build", [r.id for r in rows], _alive_since(ctx, older_than_s, BUILD_STAGES, now))
+        busy = _running(s, "build", [r.id for r in rows], _alive_since(ctx, older_than_s, BUILD_STAGES, now, known))
         builds = [(r.queued_stage, r.id) for r in rows
                   if r.id not in busy and (r.queued_stage, r.id) not in waiting]
 
@@ -178,9 +185,11 @@ def _unit(raw: bytes | str, prefix: str) -> tuple[str, str] | None:
     return name[len(prefix):], str(args[0])
 
 
-def waiting_in_redis(broker_url: str, queues: Collection[str], task_prefix: str) -> set[tuple[str, str]] | None:
+def waiting_in_redis(broker_url: str, queues: Collection[str], task_prefix: str,
+                     key_prefix: str = "") -> set[tuple[str, str]] | None:
     """``(stage, entity_id)`` of every message a Redis broker holds for ``queues``, queued
-    or delivered and unacknowledged; None when the broker is not Redis."""
+    or delivered and unacknowledged; None when the broker is not Redis. ``key_prefix``:
+    the transport's ``global_keyprefix``."""
     if not broker_url.startswith(("redis://", "rediss://")):
         return None
     import redis
@@ -190,8 +199,8 @@ def waiting_in_redis(broker_url: str, queues: Collection[str], task_prefix: str)
         raw: list[bytes] = []
         for q in queues:
             for key in (q, *(f"{q}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS)):
-                raw += client.lrange(key, 0, -1)
-        raw += client.hvals(_UNACKED)
+                raw += client.lrange(key_prefix + key, 0, -1)
+        raw += client.hvals(key_prefix + _UNACKED)
     finally:
         client.close()
     return {u for u in (_unit(r, task_prefix) for r in raw) if u is not None}

@@ -329,8 +329,9 @@ def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM
     subjects: list[SubjectResult] = []
     pairs: list[PairResult] = []
     dropped_total: Counter[str] = Counter()
+    names = _name_identities(idents, frames, kept, vlm, source, n)
     for idx, ident in enumerate(idents):
-        category, cat_source, consensus = _name_identity(ident, frames, kept, vlm, source, n)
+        category, cat_source, consensus = names[idx]
         flags = {}
         for bx in ident:
             problem = box_problem(bx.det.box, width, height, s)
@@ -383,24 +384,34 @@ def subject_problem(subj: SubjectResult, n: int, s: MineSettings) -> str | None:
     return f"{text} in {k} of {seen} keyframes seen"
 
 
-def _name_identity(ident: list[_Box], frames: Sequence[Image], kept: dict[str, float], vlm: VLM,
-                   source: str, n: int) -> tuple[str, str, float]:
-    """(category, category source, consensus) of one identity."""
-    named = Counter(b.det.category for b in ident if b.det.category != GENERIC)
-    if named:
-        category = named.most_common(1)[0][0]
-        return category, source, kept.get(category, 0.0)
-    presence = len({b.frame for b in ident}) / n
-    if not kept:
-        return GENERIC, "none", presence
-    # a class-agnostic detector with a VLM: ask the VLM what the subject is
-    best = max(ident, key=lambda b: (b.det.score, box_area(b.det.box)))
-    view = crop(frames[best.frame], best.det.box)
-    cats = sorted(kept)
-    answers = vlm.ask_yes_no([[view]] * len(cats), [f"Is this a {c}? Answer yes or no." for c in cats])
-    yes = [(a.p_yes if a.p_yes is not None else 1.0, c) for a, c in zip(answers, cats, strict=True)
-           if a.answer is True]
-    if yes:
-        category = max(yes)[1]
-        return category, vlm.name, kept[category]
-    return GENERIC, "none", presence
+def _name_identities(idents: list[list[_Box]], frames: Sequence[Image], kept: dict[str, float], vlm: VLM,
+                     source: str, n: int) -> list[tuple[str, str, float]]:
+    """(category, category source, consensus) of each identity. Identities only a
+    class-agnostic detector found are named by the VLM, all of the clip's in one call."""
+    out: list[tuple[str, str, float] | None] = [None] * len(idents)
+    views: dict[int, Image] = {}
+    for i, ident in enumerate(idents):
+        named = Counter(b.det.category for b in ident if b.det.category != GENERIC)
+        if named:
+            category = named.most_common(1)[0][0]
+            out[i] = (category, source, kept.get(category, 0.0))
+        elif not kept:
+            out[i] = (GENERIC, "none", len({b.frame for b in ident}) / n)
+        else:  # a class-agnostic detector with a VLM: ask the VLM what the subject is
+            best = max(ident, key=lambda b: (b.det.score, box_area(b.det.box)))
+            views[i] = crop(frames[best.frame], best.det.box)
+    if views:
+        cats = sorted(kept)
+        order = sorted(views)
+        answers = vlm.ask_yes_no([[views[i]] for i in order for _ in cats],
+                                 [f"Is this a {c}? Answer yes or no." for _ in order for c in cats])
+        for k, i in enumerate(order):
+            got = answers[k * len(cats):(k + 1) * len(cats)]
+            yes = [(a.p_yes if a.p_yes is not None else 1.0, c) for a, c in zip(got, cats, strict=True)
+                   if a.answer is True]
+            if yes:
+                category = max(yes)[1]
+                out[i] = (category, vlm.name, kept[category])
+            else:
+                out[i] = (GENERIC, "none", len({b.frame for b in idents[i]}) / n)
+    return [x for x in out if x is not None]  # every identity got a name above

@@ -1,0 +1,150 @@
+"""The one decode pass: a decode thread feeding the analysis through a bounded queue.
+Frames arrive complete and in order, the thread and the container end on every path,
+and errors on either side reach the caller."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from opensubject_tasks.backends.classical.quality import ClassicalQuality
+from opensubject_tasks.config import CurateSettings
+from opensubject_tasks.errors import BadInput
+from opensubject_tasks.media.decode import Shrinker, analysis_size, fit_size, iter_frames
+from opensubject_tasks.media.probe import probe_video
+from opensubject_tasks.media.samples import photo
+from opensubject_tasks.stages.curate import curate_frames
+
+
+def _video(path: Path, n: int = 60, size=(320, 180), codec: str = "libx264", pix_fmt: str = "yuv420p",
+           fmt: str | None = None) -> Path:
+    base = photo("coffee")[:size[1], :size[0]]
+    other = photo("astronaut")[:size[1], :size[0]]
+    with av.open(str(path), "w", format=fmt) as out:
+        s = out.add_stream(codec, rate=25)
+        s.width, s.height = size
+        s.pix_fmt = pix_fmt
+        for i in range(n):
+            img = np.roll(base if i < n // 2 else other, i * 3, axis=1).copy()  # a cut half-way
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=pix_fmt)
+            for p in s.encode(frame):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return path
+
+
+def _decode_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "decode"]
+
+
+def _open_by_us(path: Path) -> bool:
+    """Whether this process holds a file descriptor on path (Linux /proc)."""
+    target = os.path.realpath(path)
+    fd_dir = Path("/proc/self/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            if os.path.realpath(fd_dir / os.readlink(fd)) == target or os.readlink(fd) == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return _video(tmp_path_factory.mktemp("pipeline") / "clip.mp4")
+
+
+def test_frames_arrive_complete_in_order_and_equal_a_plain_decode(clip: Path):
+    s = CurateSettings(keyframe_max_side=160)
+    p = probe_video(clip, s)
+    aw, ah = analysis_size(p.width, p.height, s.analysis_width)
+    with av.open(str(clip)) as c:
+        plain = [f.to_ndarray(width=aw, height=ah, format="bgr24", interpolation="AREA") for f in c.decode(video=0)]
+        c.seek(0)
+        first = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    frames = list(iter_frames(clip, p, s))
+    assert [f.index for f in frames] == list(range(60)) == list(range(len(plain)))
+    assert all(np.array_equal(f.small, q) for f, q in zip(frames, plain))
+    # keyframes: shrunk in the source's pixel format, then converted: the same picture
+    kw, kh = fit_size(p.width, p.height, 160)
+    img = frames[0].candidate.image()
+    assert img.shape == (kh, kw, 3)
+    want = av.VideoFrame.from_ndarray(first, format="rgb24").to_ndarray(width=kw, height=kh, format="rgb24",
+                                                                          interpolation="AREA")
+    assert np.abs(img.astype(int) - want).mean() < 3.0
+    assert not _decode_threads() and not _open_by_us(clip)
+
+
+@pytest.mark.parametrize("codec,pix_fmt,fmt", [("libx264", "yuv444p", "mp4"), ("png", "rgb24", "mov")])
+def test_other_pixel_formats_give_the_same_keyframes(tmp_path: Path, codec: str, pix_fmt: str, fmt: str):
+    path = _video(tmp_path / f"v.{fmt}", n=12, codec=codec, pix_fmt=pix_fmt, fmt=fmt)
+    s = CurateSettings(keyframe_max_side=160)
+    p = probe_video(path, s)
+    frames = list(iter_frames(path, p, s))
+    with av.open(str(path)) as c:
+        direct = next(c.decode(video=0)).to_ndarray(width=160, height=90, format="rgb24", interpolation="AREA")
+    assert frames[0].candidate.image().shape == (90, 160, 3)
+    assert np.abs(frames[0].candidate.image().astype(int) - direct).mean() < 3.0
+
+
+def test_a_format_swscale_cannot_write_is_shrunk_through_rgb():
+    frame = av.VideoFrame(64, 32, "pal8")  # palette pictures: swscale reads them, never writes them
+    img = Shrinker().to_array(frame, (32, 16), "rgb24")
+    assert img.shape == (16, 32, 3) and img.dtype == np.uint8
+
+
+def test_stopping_early_ends_the_thread_and_closes_the_file(clip: Path):
+    s = CurateSettings()
+    frames = iter_frames(clip, probe_video(clip, s), s)
+    for f in frames:
+        if f.index == 3:
+            break
+    assert _decode_threads()  # still open: the generator is only suspended
+    frames.close()
+    assert not _decode_threads() and not _open_by_us(clip)
+
+
+def test_an_error_in_the_analysis_stops_decoding(clip: Path):
+    s = CurateSettings(min_quality=0.0)
+    p = probe_video(clip, s)
+
+    def fail(_clip) -> None:
+        raise RuntimeError("the store is down")
+
+    with pytest.raises(RuntimeError, match="the store is down"):
+        curate_frames(iter_frames(clip, p, s), p, s, ClassicalQuality(), on_clip=fail)
+    assert not _decode_threads() and not _open_by_us(clip)
+
+
+def test_a_decode_error_reaches_the_caller_after_the_good_frames(tmp_path: Path):
+    full = _video(tmp_path / "full.mp4")
+    cut = tmp_path / "cut.mp4"
+    with av.open(str(full)) as src, av.open(str(cut), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for pk in src.demux(src.streams.video[0]):
+            if pk.dts is not None:
+                pk.stream = stream
+                out.mux(pk)
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # the index (first) promises 60 frames
+    s = CurateSettings()
+    seen = []
+    with pytest.raises(BadInput, match="truncated or corrupt video: decoded"):
+        for f in iter_frames(cut, probe_video(cut, s), s):
+            seen.append(f.index)
+    assert seen and seen == list(range(len(seen))) and len(seen) < 54
+    assert not _decode_threads() and not _open_by_us(cut)
+
+
+def test_the_time_bound_holds_with_the_thread(clip: Path):
+    s = CurateSettings(decode_timeout_s=1e-6)
+    with pytest.raises(BadInput, match="decode_timeout_s"):
+        for _ in iter_frames(clip, probe_video(clip), s):
+            pass
+    assert not _decode_threads()
