@@ -22,7 +22,8 @@ from opensubject_tasks.config import Settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
 from opensubject_tasks.db.models import Clip, Sample, Video
-from opensubject_tasks.services.common import STAGE_ORDER, finalize_video, run_stage
+from opensubject_tasks.services.common import (STAGE_ORDER, finalize_video, load_stages,
+                                               mark_terminal, run_stage)
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +80,8 @@ def _run_one(ctx: Context, stage: str, entity_id: str) -> tuple[str, str, str | 
     except Exception as exc:  # noqa: BLE001 - recorded on the entity, the build goes on
         reason = f"internal error in {stage}: {type(exc).__name__}: {exc}"
         log.error("%s\n%s", reason, traceback.format_exc())
-        _mark_failed(ctx, stage, entity_id, reason)
+        mark_terminal(ctx, load_stages()[stage].entity_type, entity_id, "failed", reason)
         return entity_id, "failed", reason
-
-
-def _mark_failed(ctx: Context, stage: str, entity_id: str, reason: str) -> None:
-    model = Sample if stage in ("synthesize", "verify") else Video
-    with session_scope(ctx.sessions) as s:
-        row = s.get(model, entity_id)
-        if row is not None:
-            row.state, row.reason = "failed", reason[:2000]
 
 
 class Runner:
@@ -176,15 +169,14 @@ def run_build(ctx: Context, sources: list[str], build_id: str, *, until: str | N
         if until in (None, "verify", "export"):
             for vid in _video_ids(ctx, build_id, ["mine"]):
                 finalize_video(ctx, vid)
-    if until in (None, "export"):
+    if until in (None, "export") and export_dir:
         from opensubject_tasks.services.export import export_build_to
 
         def export() -> int:
-            out = export_build_to(ctx, build_id, export_dir) if export_dir else None
-            summary.export_dir = str(export_dir) if out is not None else None
+            export_build_to(ctx, build_id, export_dir)
+            summary.export_dir = str(export_dir)
             return 1
-        if export_dir:
-            timed("export", export)
+        timed("export", export)
     summary.videos, summary.samples = _counts(ctx, build_id)
     return summary
 

@@ -239,3 +239,21 @@ def seed_dashboard_data(ctx) -> None:
             StageAttempt(build_id="b1", entity_type="video", entity_id="v1", stage="curate", attempt=1,
                          status="ok"),
         ])
+
+
+def row_snapshot(ctx) -> dict:  # noqa: ANN001
+    """Every row a build leaves, by id, with the fields that must not change when a
+    build is interrupted, retried or run distributed instead of embedded."""
+    from sqlalchemy import select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
+
+    with session_scope(ctx.sessions) as s:
+        return {
+            "videos": {v.name: (v.id, v.state) for v in s.scalars(select(Video))},
+            "clips": {c.id: (c.state, c.start_frame, c.end_frame) for c in s.scalars(select(Clip))},
+            "subjects": {x.id: x.category for x in s.scalars(select(Subject))},
+            "pairs": {p.id: (p.ref_frame, p.tgt_frame) for p in s.scalars(select(Pair))},
+            "samples": {x.id: (x.state, x.attempt, x.seed) for x in s.scalars(select(Sample))},
+        }

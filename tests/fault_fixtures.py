@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from airflow_fixtures import Worker, service_env
+from airflow_fixtures import row_snapshot as rows  # noqa: F401 - the fault tests compare these
 
 PG_BIN = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]) if glob.glob("/usr/lib/postgresql/*/bin") \
     else Path("/usr/lib/postgresql/bin")
@@ -311,23 +312,6 @@ def drive_build(build_name: str, *, source: str = "store://raw/", poll_s: float 
 
 
 # --- what a finished build must look like -----------------------------------------------------------
-def rows(ctx) -> dict:  # noqa: ANN001
-    """Every row a build leaves, by id, with the fields that must not change under faults."""
-    from sqlalchemy import select
-
-    from opensubject_tasks.db.engine import session_scope
-    from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
-
-    with session_scope(ctx.sessions) as s:
-        return {
-            "videos": {v.name: (v.id, v.state) for v in s.scalars(select(Video))},
-            "clips": {c.id: (c.state, c.start_frame, c.end_frame) for c in s.scalars(select(Clip))},
-            "subjects": {x.id: x.category for x in s.scalars(select(Subject))},
-            "pairs": {p.id: (p.ref_frame, p.tgt_frame) for p in s.scalars(select(Pair))},
-            "samples": {x.id: (x.state, x.attempt, x.seed) for x in s.scalars(select(Sample))},
-        }
-
-
 def referenced_keys(ctx) -> list[str]:  # noqa: ANN001
     """Every store key a row points to (keyframes, sample files)."""
     from sqlalchemy import select

@@ -14,7 +14,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from airflow_fixtures import Worker, airflow_db, load_dag, run_dag_test, service_env  # noqa: F401
+from airflow_fixtures import (Worker, airflow_db, load_dag, row_snapshot,  # noqa: F401
+                              run_dag_test, service_env)
 
 VIDEOS = ("cat_pan_cut.mp4", "static_scene.mp4")
 NEW = "two_subjects.mp4"  # arrives between two ingest runs
@@ -34,23 +35,6 @@ def upload(store, media: Path, names, bad: bool = True) -> None:
         store.put_file(f"raw/{name}", media / name, "video/mp4")
     if bad:
         store.put_bytes(f"raw/{BAD[0]}", BAD[1], "video/mp4")
-
-
-def snapshot(ctx, build_id: str | None = None) -> dict:
-    """Every row a build leaves, by id, with the states that matter."""
-    from sqlalchemy import select
-
-    from opensubject_tasks.db.engine import session_scope
-    from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
-
-    with session_scope(ctx.sessions) as s:
-        return {
-            "videos": {v.name: (v.id, v.state) for v in s.scalars(select(Video))},
-            "clips": {c.id: (c.state, c.start_frame, c.end_frame) for c in s.scalars(select(Clip))},
-            "subjects": {x.id: x.category for x in s.scalars(select(Subject))},
-            "pairs": {p.id: (p.ref_frame, p.tgt_frame) for p in s.scalars(select(Pair))},
-            "samples": {x.id: (x.state, x.attempt, x.seed) for x in s.scalars(select(Sample))},
-        }
 
 
 def keys(store, prefix: str) -> set[str]:
@@ -92,7 +76,7 @@ def reference(s3_server, sample_media, tmp_path_factory):
     db = tmp_path_factory.mktemp("reference") / "ref.sqlite"
     ctx = Context.from_settings(load_settings(database_url=f"sqlite:///{db}", store=store_settings.model_dump()))
     run_build(ctx, ["store://raw/"], "it")
-    return {"rows": snapshot(ctx), "objects": keys(ctx.store, "videos/")}
+    return {"rows": row_snapshot(ctx), "objects": keys(ctx.store, "videos/")}
 
 
 @pytest.fixture()
@@ -141,7 +125,7 @@ def assert_all_green(states: dict, expect_mapped: int) -> None:
 
 
 def assert_same_as_reference(ctx, store, reference) -> None:
-    rows = snapshot(ctx)
+    rows = row_snapshot(ctx)
     ref = reference["rows"]
     for table in ("videos", "clips", "subjects", "pairs", "samples"):
         assert rows[table] == ref[table], table
@@ -184,7 +168,7 @@ def test_build_over_sample_media(stack, sample_media, reference):
     assert str(run.state) in ("success", "DagRunState.SUCCESS")
     assert_all_green(states, expect_mapped=len(VIDEOS) + 1)
     ctx = stack["context"]()
-    rows = snapshot(ctx)
+    rows = row_snapshot(ctx)
     # Every video reached a terminal state; the bad one failed alone with its reason.
     from opensubject_tasks.db.engine import session_scope
     from opensubject_tasks.db.models import Sample, Video
@@ -370,7 +354,7 @@ def test_ingest_registers_only_new_videos(stack, sample_media):
     _, states = run_dag_test(ingest)
     assert states[("trigger_build", -1)] == "success", states
     ctx = stack["context"]()
-    first_ids = {vid for vid, _ in snapshot(ctx)["videos"].values()}
+    first_ids = {vid for vid, _ in row_snapshot(ctx)["videos"].values()}
     assert len(first_ids) == 2
     [conf] = triggered()
     assert set(conf["video_ids"]) == first_ids and conf["build_name"].startswith("ingest-")
@@ -378,7 +362,7 @@ def test_ingest_registers_only_new_videos(stack, sample_media):
     upload(store, sample_media, [NEW], bad=False)
     _, states = run_dag_test(ingest)
     assert states[("trigger_build", -1)] == "success", states
-    rows = snapshot(ctx)["videos"]
+    rows = row_snapshot(ctx)["videos"]
     assert len(rows) == 3
     new_id = rows[NEW][0]
     assert [c["video_ids"] for c in triggered()][1:] == [[new_id]]
@@ -386,7 +370,7 @@ def test_ingest_registers_only_new_videos(stack, sample_media):
     # Nothing new: nothing registered, no build triggered.
     _, states = run_dag_test(ingest)
     assert states[("build_conf", -1)] == "skipped" and states[("trigger_build", -1)] == "skipped"
-    assert len(triggered()) == 2 and len(snapshot(ctx)["videos"]) == 3
+    assert len(triggered()) == 2 and len(row_snapshot(ctx)["videos"]) == 3
 
 
 def test_sweep_requeues_lost_sample_work(stack, sample_media, monkeypatch, capfd):

@@ -9,14 +9,13 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from sqlalchemy import select
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Sample, StageAttempt, Video
+from opensubject_tasks.db.models import Sample, StageAttempt, Video, utcnow
 from opensubject_tasks.errors import BadInput, Rejected
 
 # Follow-up work: (stage, entity_id) pairs an orchestrator should run next.
@@ -68,10 +67,6 @@ def load_stages() -> dict[str, StageSpec]:
     return STAGES
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def _build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
     with session_scope(ctx.sessions) as s:
         if entity_type == "video":
@@ -83,17 +78,22 @@ def _build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
     return None
 
 
-def mark_bad_input(ctx: Context, entity_type: str, entity_id: str, exc: BadInput) -> None:
-    """Record a terminal rejection/failure with its reason on the entity itself."""
-    state = "rejected" if isinstance(exc, Rejected) else "failed"
+def mark_terminal(ctx: Context, entity_type: str, entity_id: str, state: str, reason: str) -> None:
+    """Give a video or sample a terminal state with its reason (other entities have none)."""
+    model = {"video": Video, "sample": Sample}.get(entity_type)
+    if model is None:
+        return
     with session_scope(ctx.sessions) as s:
-        model = {"video": Video, "sample": Sample}.get(entity_type)
-        if model is None:
-            return
         row = s.get(model, entity_id)
         if row is not None:
             row.state = state
-            row.reason = exc.reason[:2000]
+            row.reason = reason[:2000]
+
+
+def mark_bad_input(ctx: Context, entity_type: str, entity_id: str, exc: BadInput) -> None:
+    """Record a terminal rejection/failure with its reason on the entity itself."""
+    mark_terminal(ctx, entity_type, entity_id,
+                  "rejected" if isinstance(exc, Rejected) else "failed", exc.reason)
 
 
 def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1) -> StageResult:
