@@ -4,14 +4,18 @@
 
 The first call across all worker processes (decided by atomically creating the file
 named by ``OPENSUBJECT_TEST_HANG_ONCE``) sleeps far past any time limit, as a stuck model
-call or decode would; every other call is the classical inpainter's. Nothing in the
-product knows about it.
+call or decode would; every other call is the classical inpainter's. With
+``OPENSUBJECT_TEST_HANG_MODE=hard`` it also swallows the soft time limit, as native code
+that never returns to Python does, so only the hard limit (the pool process killed) ends
+it. Nothing in the product knows about it.
 """
 from __future__ import annotations
 
 import os
 import time
 from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
 
 from opensubject_tasks.backends.classical.inpainter import make_classical_inpainter
 from opensubject_tasks.backends.registry import register
@@ -31,7 +35,13 @@ class HangOnceInpainter:
             return self.inner.inpaint(*args, **kwargs)
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
-        time.sleep(HANG_S)  # the soft time limit interrupts this sleep
+        deadline = time.monotonic() + HANG_S
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(HANG_S)  # the soft time limit interrupts this sleep
+            except SoftTimeLimitExceeded:
+                if os.environ.get("OPENSUBJECT_TEST_HANG_MODE") != "hard":
+                    raise
         raise AssertionError("the stage time limit never fired")
 
     def __getattr__(self, name: str) -> Any:
@@ -41,3 +51,17 @@ class HangOnceInpainter:
 @register("inpainter", "hang_once")
 def make_hang_once_inpainter(**options: Any) -> HangOnceInpainter:
     return HangOnceInpainter(make_classical_inpainter(**options), os.environ["OPENSUBJECT_TEST_HANG_ONCE"])
+
+
+class HangQuality:
+    """A quality scorer that never returns: every curate hangs until its hard time limit
+    kills the pool process."""
+
+    def score(self, *_args: Any, **_kwargs: Any) -> Any:
+        time.sleep(HANG_S)
+        raise AssertionError("the stage time limit never fired")
+
+
+@register("quality", "hang_always")
+def make_hang_quality(**_options: Any) -> HangQuality:
+    return HangQuality()

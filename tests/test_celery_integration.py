@@ -104,8 +104,10 @@ def stack(pg_db, redis_url, s3_store_settings, monkeypatch, airflow_db, tmp_path
 
     workers: list[Worker] = []
 
-    def worker(name: str, env: dict[str, str]) -> Worker:
+    def worker(name: str, env: dict[str, str], include: str | None = None) -> Worker:
         w = Worker(env, name, tmp_path / f"worker-{name}.log")
+        if include:  # a test-only module loaded into the worker (celery worker --include)
+            w.cmd += ["--include", include]
         workers.append(w)
         return w.start()
 
@@ -298,20 +300,24 @@ def test_hard_time_limit_kills_records_and_sends_again(stack, sample_media, capf
     """No soft limit: the hard limit kills the pool process mid-stage. The worker records the
     attempt as a timeout, sends the task again under the same id, and gives up after the
     retries; Airflow shows the error."""
+    # A quality scorer that never returns (tests/hang_backend.py) keeps curate busy however
+    # fast the machine decodes: the kill must come from the limit, not from luck.
     env = stack["apply"](
-        OPENSUBJECT_CELERY__TIME_LIMITS='{"curate": {"soft_s": null, "hard_s": 0.05}}',
+        OPENSUBJECT_BACKENDS__QUALITY="hang_always",
+        OPENSUBJECT_CELERY__TIME_LIMITS='{"curate": {"soft_s": null, "hard_s": 1}}',
         OPENSUBJECT_CELERY__MAX_RETRIES="1",
         OPENSUBJECT_CELERY__RETRY_BACKOFF_S="0.2",
+        PYTHONPATH=str(Path(__file__).parent),
     )
     upload(stack["store"], sample_media, VIDEOS[:1], bad=False)
-    worker = stack["worker"]("h1", env)
+    worker = stack["worker"]("h1", env, include="hang_backend")
 
     run, states = run_dag_test(load_dag("opensubject_build"), {"source": "store://raw/", "build_name": "hard"})
 
     assert states[("video.curate", 0)] == "failed" and states[("watch", -1)] == "failed"
     ctx = stack["context"]()
     # Killed twice (max_retries=1), each kill recorded as a timeout; the stage never finished.
-    assert worker.log().count("Hard time limit (0.05s) exceeded") == 2
+    assert worker.log().count("Hard time limit (1.0s) exceeded") == 2
     curate = [a for a in attempts(ctx) if a.stage == "curate"]
     assert sum(a.status == "timeout" and "hard time limit exceeded" in a.error for a in curate) == 2
     assert "ok" not in {a.status for a in curate}

@@ -98,16 +98,16 @@ def reconcile(ctx: Context, enqueue: Enqueue, *, older_than_s: float,
     """Hand out again every outstanding unit of work queued more than ``older_than_s``
     seconds ago; returns the ``(stage, entity_id)`` pairs sent.
 
-    ``waiting``: ``(stage, entity_id)`` of the messages on the broker now (None: unknown,
-    then age alone decides, with running attempts trusted up to the hard time limit). Rows are locked (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and
-    their ``queued_at`` moved to now in the transaction that picks them, so two
-    reconcilers never hand out the same unit.
+    ``waiting``: ``(stage, entity_id)`` of the messages on the broker now (None: unknown;
+    then age alone decides, and running attempts are trusted up to the hard time limit).
+    Rows are locked (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and their ``queued_at``
+    moved to now in the transaction that picks them, so two reconcilers never hand out the
+    same unit.
     """
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_s)
     known = waiting is not None
     waiting = set(waiting or ())
-    work: list[tuple[str, str]] = []
     with session_scope(ctx.sessions) as s:
         running_builds = select(Build.id).where(Build.state == "running")
         synth_on = Build.params["synthesize"].as_boolean()
@@ -131,7 +131,8 @@ def reconcile(ctx: Context, enqueue: Enqueue, *, older_than_s: float,
                    Video.queued_stage.in_(VIDEO_STAGES), Video.queued_at < cutoff)
             .order_by(Video.id).with_for_update(of=Video, skip_locked=True)).all()
         rows = [r for r in rows if not _stage_done(r.stage_done, r.queued_stage)]
-        busy = _running(s, "video", [r.id for r in rows], _alive_since(ctx, older_than_s, VIDEO_STAGES, now, known))
+        busy = _running(s, "video", [r.id for r in rows],
+                        _alive_since(ctx, older_than_s, VIDEO_STAGES, now, known))
         videos = [(r.queued_stage, r.id) for r in rows
                   if r.id not in busy and (r.queued_stage, r.id) not in waiting]
 
@@ -140,13 +141,14 @@ def reconcile(ctx: Context, enqueue: Enqueue, *, older_than_s: float,
             select(Build.id, Build.queued_stage, Build.queued_at)
             .where(Build.state == "running", Build.queued_stage.in_(BUILD_STAGES), Build.queued_at < cutoff)
             .order_by(Build.id).with_for_update(of=Build, skip_locked=True)).all()
-        ended = {(st, e) for st, e, qa in s.execute(
-            select(StageAttempt.stage, StageAttempt.entity_id, Build.queued_at)
+        ended = set(s.execute(
+            select(StageAttempt.stage, StageAttempt.entity_id)
             .join(Build, Build.id == StageAttempt.entity_id)
             .where(StageAttempt.entity_type == "build", StageAttempt.entity_id.in_([r.id for r in rows]),
-                   StageAttempt.status.in_(ENDED), StageAttempt.finished_at >= Build.queued_at))}
+                   StageAttempt.status.in_(ENDED), StageAttempt.finished_at >= Build.queued_at)).tuples())
         rows = [r for r in rows if (r.queued_stage, r.id) not in ended]
-        busy = _running(s, "build", [r.id for r in rows], _alive_since(ctx, older_than_s, BUILD_STAGES, now, known))
+        busy = _running(s, "build", [r.id for r in rows],
+                        _alive_since(ctx, older_than_s, BUILD_STAGES, now, known))
         builds = [(r.queued_stage, r.id) for r in rows
                   if r.id not in busy and (r.queued_stage, r.id) not in waiting]
 
