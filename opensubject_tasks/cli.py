@@ -177,7 +177,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from opensubject_tasks.services.export import export_build_to
 
     out = Path(args.out)
-    ctx = _context(_settings(args, out))
+    settings = _settings(args, out)
+    if args.exclude_bench:
+        settings.export.exclude_bench_dirs = [*settings.export.exclude_bench_dirs,
+                                              *map(Path, args.exclude_bench)]
+    ctx = _context(settings)
     dest = Path(args.dest) if args.dest else out / "dataset"
     res = export_build_to(ctx, args.build, str(dest))
     print(f"exported build {args.build!r} to {dest}: {res}")
@@ -230,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--build", default="default")
     ex.add_argument("--out", required=True, help="output folder of the build")
     ex.add_argument("--dest", help="export folder (default OUT/dataset)")
+    ex.add_argument("--exclude-bench", action="append", metavar="BENCH_DIR", default=[],
+                    help="leave out the videos held out by this bench (repeatable; "
+                         "also export.exclude_bench_dirs)")
     ex.set_defaults(fn=cmd_export)
 
     from opensubject_tasks.bench.cli import add_bench_commands

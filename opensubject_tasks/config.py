@@ -130,6 +130,9 @@ class ExportSettings(_Section):
     report_thumb_px: int = Field(160, ge=32, le=1024)
     report_seed: int = 0                            # picks the report's random sample grid
     omnigen2: bool = True                           # also write Images/ + train_*.jsonl
+    # Bench folders (`opensubject bench build --out`) whose held-out videos the training
+    # export leaves out, so that no video is both trained on and benchmarked.
+    exclude_bench_dirs: list[Path] = Field(default_factory=list)
 
 
 class BackendSettings(_Section):

@@ -405,3 +405,38 @@ def test_tiny_vlm_judge_through_bench_scoring(built, tmp_path):
             else ("manipulation", "background")
         assert rec["pf"] == rec["judge"][pf_axis]["score"] and rec["sc"] == rec["judge"][sc_axis]["score"]
         assert rec["classical"]["identity10"] >= 8.0  # classical metrics ran next to the judge
+
+
+def test_training_export_leaves_out_the_held_out_videos(built, tmp_path, capsys):
+    """`opensubject export --exclude-bench`: no video is both trained on and benchmarked."""
+    import pyarrow.parquet as pq
+
+    from opensubject_tasks.cli import main
+
+    ctx, out, samples = built
+    bench = tmp_path / "bench"
+    assert _cli(["bench", "build", "--from", "b1", "--out", str(bench), "--db-out", str(out),
+                 "--share", "0.5"]) == 0
+    assert f"--exclude-bench {bench}" in capsys.readouterr().out
+    held = held_out_videos(bench)
+    video_of = _video_of(ctx, samples)
+
+    assert main(["export", "--build", "b1", "--out", str(out), "--dest", str(tmp_path / "all")]) == 0
+    assert main(["export", "--build", "b1", "--out", str(out), "--dest", str(tmp_path / "train"),
+                 "--exclude-bench", str(bench)]) == 0
+    everything = pq.read_table(tmp_path / "all" / "manifest.parquet").to_pylist()
+    train = pq.read_table(tmp_path / "train" / "manifest.parquet").to_pylist()
+    assert {r["video_id"] for r in everything} == set(video_of.values())
+    assert {r["video_id"] for r in train} == set(video_of.values()) - held
+    assert sorted(r["sample_id"] for r in train) == sorted(s for s, v in video_of.items() if v not in held)
+    stats = json.loads((tmp_path / "train" / "stats.json").read_text())
+    assert stats["held_out"] == {"benches": [str(bench)], "videos": len(held),
+                                 "samples_excluded": len(everything) - len(train)}
+    assert "held_out" not in json.loads((tmp_path / "all" / "stats.json").read_text())
+
+    # a folder that is not a bench is refused with the reason, nothing half-exported
+    capsys.readouterr()
+    assert main(["export", "--build", "b1", "--out", str(out), "--dest", str(tmp_path / "bad"),
+                 "--exclude-bench", str(tmp_path)]) != 0
+    assert "is not a bench directory" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "manifest.parquet").exists()

@@ -37,7 +37,9 @@ def cmd_bench_build(args: argparse.Namespace) -> int:
     print(json.dumps({"bench": info.bench_dir, "cases": info.cases, "splits": info.splits,
                       "held_out_videos": len(info.held_out_videos), "videos_total": info.videos_total,
                       "skipped": len(info.skipped)}))
-    print(f"training exports must exclude the videos in {Path(info.bench_dir) / 'held_out_videos.json'}")
+    print(f"held-out videos: {Path(info.bench_dir) / 'held_out_videos.json'}; export the training set "
+          f"without them: opensubject export --build {args.build} --out {args.db_out or 'OUT'} "
+          f"--exclude-bench {info.bench_dir}")
     return EXIT_OK
 
 

@@ -309,10 +309,26 @@ def _load(ctx: Context, build_id: str) -> tuple[list[ExportRecord], dict[str, An
         rows = s.execute(_chain(select(Sample, Pair, Subject, Clip, Video))
                          .where(Video.build_id == build_id, Sample.state == "verified")
                          .order_by(Sample.id)).all()
-        records = [_record(build_id, *row, versions=versions) for row in rows]
-        names = {r.sample_id: row[4].name for r, row in zip(records, rows, strict=True)}
+        benches = ctx.settings.export.exclude_bench_dirs
+        held_out = _held_out(benches)
+        kept = [row for row in rows if row[4].id not in held_out]
+        records = [_record(build_id, *row, versions=versions) for row in kept]
+        names = {r.sample_id: row[4].name for r, row in zip(records, kept, strict=True)}
         stats = build_stats(s, build_id)
+    if benches:
+        stats["held_out"] = {"benches": [str(b) for b in benches],
+                             "videos": len({row[4].id for row in rows} & held_out),
+                             "samples_excluded": len(rows) - len(kept)}
     return records, stats, names
+
+
+def _held_out(bench_dirs: list[Path]) -> set[str]:
+    """Video ids held out by the given benches (a folder that is not a bench: BadInput)."""
+    if not bench_dirs:
+        return set()
+    from opensubject_tasks.bench.build import held_out_videos  # numpy/PIL: only when asked
+
+    return set().union(*(held_out_videos(b) for b in bench_dirs))
 
 
 # -- the export ----------------------------------------------------------------------
