@@ -32,8 +32,9 @@ system-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-# Security lint (bandit's rules in ruff) gates the tests; `make audit` checks
-# the pinned requirements against known vulnerabilities (needs PyPI access).
+# Security lint (bandit's rules in ruff) gates the tests; `make audit` checks the
+# pinned requirements against known vulnerabilities (pip-audit; needs PyPI's JSON API
+# or OSV, and says how many packages it could not check).
 test: venv system-deps
 	$(BIN)/ruff check --select S --ignore S101,S311 opensubject_tasks dags plugins
 	$(BIN)/pytest
@@ -42,7 +43,7 @@ lint: venv
 	$(BIN)/ruff check opensubject_tasks dags plugins
 
 audit: venv
-	$(BIN)/pip-audit -r requirements.txt --progress-spinner off
+	$(BIN)/python tools/audit.py requirements.txt
 
 clean:
 	rm -rf out media .pytest_cache
