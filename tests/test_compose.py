@@ -117,7 +117,7 @@ def test_celery_workers_consume_real_queues_and_tasks(services):
     assert _argv(services["worker-gpu"])[_argv(services["worker-gpu"]).index("-Q") + 1] == "gpu"
     assert _argv(services["worker-cpu"])[_argv(services["worker-cpu"]).index("-Q") + 1] == "cpu"
     # Every stage the DAGs hand over is a registered task whose queue some worker consumes.
-    for stage in (*STAGE_ORDER, "ingest", "resynth_sweep"):
+    for stage in (*STAGE_ORDER, "ingest", "resynth_sweep", "reconcile"):
         assert f"opensubject.{stage}" in app.tasks, stage
         assert queue_for(stage) in consumed, stage
     # Routing without importing the stages reads the same queues the stages register with.
