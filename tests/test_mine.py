@@ -54,6 +54,8 @@ def test_box_problems_and_subject_reasons() -> None:
     assert full.startswith("full-frame subject") and "5 of 6" in full
     assert M.subject_problem(subject({i: "tiny" for i in range(6)}, []), 6, SETTINGS).startswith("tiny subject")
     assert "frame border" in M.subject_problem(subject({0: "border", 1: "border"}, [2]), 6, SETTINGS)
+    assert "overlaps another subject in 2 of 6" in M.subject_problem(subject({0: "overlap", 1: "overlap"}, [2]),
+                                                                     6, SETTINGS)
     assert M.subject_problem(subject({}, [0, 1], seen=2), 6, SETTINGS) == "seen in only 2 of 6 keyframes"
     assert M.subject_problem(subject({}, [0, 1, 2, 3]), 6, SETTINGS) is None
 
@@ -81,6 +83,55 @@ def test_pairing_prefers_diverse_pairs_and_rejects_near_duplicates() -> None:
         assert M.box_area(ref.det.box) >= M.box_area(tgt.det.box)   # larger view is the reference
         assert set(sc) >= {"identity", "diversity", "temporal", "scale", "position", "aspect", "appearance"}
         assert all(0.0 <= sc[k] <= 1.0 for k in M.DIVERSITY_WEIGHTS)
+
+
+def _track(boxes: dict[int, list[float]], emb) -> list[M._Box]:
+    return [_view(k, b, emb) for k, b in sorted(boxes.items())]
+
+
+# Two subjects crossing: apart on keyframes 0-1 and 3-4, one region on keyframe 2, where
+# the detector's single box went to A and B has a gap.
+_A = {0: [40, 100, 140, 200], 1: [100, 100, 200, 200], 2: [160, 95, 350, 205], 3: [220, 100, 320, 200],
+      4: [280, 100, 380, 200]}
+_B = {0: [460, 120, 540, 200], 1: [380, 120, 460, 200], 3: [120, 120, 200, 200], 4: [40, 120, 120, 200]}
+
+
+def test_a_box_around_two_crossing_subjects_is_split() -> None:
+    numbers = [0, 10, 20, 30, 40]
+    idents = [_track(_A, [1.0, 0.1, 0.0]), _track(_B, [0.0, 1.0, 0.1])]
+    parts = {i: d.box for i, k, d in M.find_merged(idents, 5, numbers) if k == 2}
+    assert iou(parts[0], [160, 100, 260, 200]) > 0.9     # A where it was heading
+    assert iou(parts[1], [250, 120, 330, 200]) > 0.9     # B, inside the merged box
+    frames = [np.random.default_rng(k).integers(0, 255, (360, 640, 3), np.uint8) for k in range(5)]
+    out = M.replace_boxes(idents, M.find_merged(idents, 5, numbers), frames,
+                          get_backend("embedder", "classical", **RUNTIME), split=True)
+    assert [len(i) for i in out] == [5, 5]
+    split = [b for ident in out for b in ident if b.split]
+    assert {b.frame for b in split} == {2} and len(split) == 2   # not used for pairs (see mine_clip)
+
+
+def test_no_split_for_pieces_of_one_subject_or_a_subject_alone() -> None:
+    numbers = [0, 10, 20, 30, 40]
+    # B overlaps A before and after: two pieces of one subject (found whole on keyframe 2)
+    upper = {k: [b[0], 100, b[2], 150] for k, b in _A.items() if k != 2} | {2: [160, 100, 260, 200]}
+    legs = {k: [b[0], 140, b[2], 200] for k, b in _A.items() if k != 2}
+    assert M.find_merged([_track(upper, [1.0, 0.1, 0.0]), _track(legs, [0.0, 1.0, 0.1])], 5, numbers) == []
+    # A's box at keyframe 2 is A's own size: B is hidden behind A (or not found), A keeps its box
+    alone = {**_A, 2: [160, 100, 260, 200]}
+    behind = {0: [280, 120, 360, 200], 1: [220, 120, 300, 200], 3: [100, 120, 180, 200],
+              4: [40, 120, 120, 200]}
+    assert M.find_merged([_track(alone, [1.0, 0.1, 0.0]), _track(behind, [0.0, 1.0, 0.1])], 5, numbers) == []
+
+
+def test_pieces_of_a_subject_are_joined_but_a_neighbour_is_not() -> None:
+    numbers = [0, 10, 20, 30, 40]
+    whole = {k: [b[0], b[1], b[2], b[3] + 60] for k, b in _A.items() if k != 2} | {2: [160, 100, 260, 200]}
+    piece = {2: [165, 200, 255, 258]}                    # the lower part, found on its own
+    neighbour = {2: [262, 120, 330, 258]}                # another subject right beside it
+    idents = [_track(whole, [1.0, 0.1, 0.0]), _track(piece, [0.9, 0.3, 0.0]), _track(neighbour, [0.0, 1.0, 0.1])]
+    joins, pieces = M.join_pieces(idents, numbers)
+    assert [(i, k) for i, k, _ in joins] == [(0, 2)] and pieces == {(1, 2)}
+    assert iou(joins[0][2].box, [160, 100, 260, 260]) > 0.9
 
 
 # ----------------------------------------------------------- edge cases, classical
@@ -130,10 +181,10 @@ def _overlaps_other(clip, track: int, frame: int) -> bool:
 
 
 def test_grounding_boxes_match_the_ground_truth(ground_truth) -> None:
-    """IoU >= 0.5 with the ground-truth box on >= 90% of the annotated keyframes where
-    the subject does not overlap another subject. Where two subjects overlap they move
-    as one region, which a motion-based detector reports as one box (docs/mining.md);
-    over all annotated keyframes the share is lower, and guarded here too."""
+    """IoU >= 0.5 with the ground-truth box on >= 90% of the annotated keyframes, and
+    of those where the subject does not overlap another subject. Where two subjects
+    overlap they move as one region, which a motion-based detector reports as one box;
+    the stage splits it where both were seen apart before and after (docs/mining.md)."""
     hits, total, sep_hits, sep_total = 0, 0, 0, 0
     for clip, r in ground_truth:
         for track, boxes in clip.boxes.items():
@@ -146,7 +197,7 @@ def test_grounding_boxes_match_the_ground_truth(ground_truth) -> None:
                     sep_hits += best >= 0.5
     assert total > 100 and sep_total > 80
     assert sep_hits / sep_total >= 0.9, f"IoU >= 0.5 on {sep_hits}/{sep_total} keyframes of separate subjects"
-    assert hits / total >= 0.8, f"IoU >= 0.5 on {hits}/{total} annotated subject keyframes"
+    assert hits / total >= 0.9, f"IoU >= 0.5 on {hits}/{total} annotated subject keyframes"
 
 
 def test_identities_are_linked_across_keyframes(ground_truth) -> None:

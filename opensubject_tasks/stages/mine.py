@@ -7,7 +7,9 @@ of frames that show the same subject.
    ``object`` with category source ``none``.
 2. Local grounding: the detector gives boxes per keyframe for the kept categories.
 3. Identities: boxes are linked across keyframes by detector track, overlap and
-   embedding similarity; several subjects per clip are allowed.
+   embedding similarity; several subjects per clip are allowed. Pieces of one subject
+   on a keyframe are joined, and a box around two overlapping subjects is split,
+   both judged against the boxes interpolated from the neighbouring keyframes.
 4. Checks: keyframes where a subject is tiny, fills the frame, or touches the frame
    border are not used; a subject left with fewer than two usable keyframes is
    rejected with the reason.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -140,6 +142,7 @@ class _Box:
     frame: int                 # index into the clip's keyframes
     det: Detection
     emb: np.ndarray
+    split: bool = False        # cut out of a box that held another subject too
 
 
 _NO_LINK = -1e3  # affinity of a box and an identity that must not be linked
@@ -221,6 +224,140 @@ def _merge_fragments(idents: list[list[_Box]], s: MineSettings) -> list[list[_Bo
             del idents[j]
             merged = True
     return idents
+
+
+# ------------------------------------- 3b. boxes that hold two subjects, or part of one
+
+# A missing identity's interpolated box that lies at least this much inside another
+# identity's box, and covers at most this share of it, is taken to be in there too.
+SPLIT_INSIDE = 0.7
+SPLIT_MAX_SHARE = 0.8
+# A box lying at least this much inside an identity's interpolated box is a piece of it
+# when joining the two fits the interpolated box better by this much.
+JOIN_INSIDE = 0.8
+JOIN_GAIN = 0.15
+
+
+def predict_box(ident: list[_Box], frame: int, frame_numbers: Sequence[int], skip: Collection[int] = ()
+                ) -> tuple[list[float], _Box, _Box] | None:
+    """The identity's box at keyframe ``frame``, interpolated linearly in time between
+    its nearest boxes before and after it (keyframes in ``skip`` left out), with those
+    two boxes; None when it is not seen on both sides."""
+    before = [b for b in ident if b.frame < frame and b.frame not in skip]
+    after = [b for b in ident if b.frame > frame and b.frame not in skip]
+    if not before or not after:
+        return None
+    a, b = max(before, key=lambda x: x.frame), min(after, key=lambda x: x.frame)
+    t = (frame_numbers[frame] - frame_numbers[a.frame]) / max(frame_numbers[b.frame] - frame_numbers[a.frame], 1)
+    return [float(va + t * (vb - va)) for va, vb in zip(a.det.box, b.det.box, strict=True)], a, b
+
+
+def _share_inside(inner: Sequence[float], outer: Sequence[float]) -> float:
+    ix = max(0.0, min(inner[2], outer[2]) - max(inner[0], outer[0]))
+    iy = max(0.0, min(inner[3], outer[3]) - max(inner[1], outer[1]))
+    return ix * iy / max(box_area(inner), 1e-6)
+
+
+def _clip_box(box: Sequence[float], outer: Sequence[float]) -> list[float]:
+    x0, y0 = max(box[0], outer[0]), max(box[1], outer[1])
+    return [x0, y0, max(x0 + 1, min(box[2], outer[2])), max(y0 + 1, min(box[3], outer[3]))]
+
+
+def _union(boxes: Sequence[Sequence[float]]) -> list[float]:
+    return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+
+
+def join_pieces(idents: list[list[_Box]], frame_numbers: Sequence[int]
+                ) -> tuple[list[tuple[int, int, Detection]], set[tuple[int, int]]]:
+    """Boxes that are pieces of a subject, joined: [(identity, keyframe, joined
+    detection)] and the (identity, keyframe) of the pieces.
+
+    Why: a subject whose parts move differently (limbs) or whose middle is plain can
+    come out as two boxes on one keyframe, the smaller one soon dropped as a stray
+    identity. Where another box lies inside the identity's box interpolated from its
+    neighbouring keyframes and the two together fit that box clearly better than its
+    own box alone, the piece is joined to it. A separate subject next to it does not
+    lie inside where the identity is expected."""
+    joins: list[tuple[int, int, Detection]] = []
+    taken: set[tuple[int, int]] = set()      # (identity, keyframe) already joined, as piece or whole
+    for ai, ident in enumerate(idents):
+        for own in ident:
+            k = own.frame
+            got = None if own.split else predict_box(ident, k, frame_numbers)
+            if got is None:
+                continue
+            pred = got[0]
+            pieces = [(ci, b.det.box) for ci, other in enumerate(idents) if ci != ai and (ci, k) not in taken
+                      for b in other if b.frame == k and not b.split and b.det.category == own.det.category
+                      and _share_inside(b.det.box, pred) >= JOIN_INSIDE]
+            if not pieces or (ai, k) in taken:
+                continue
+            joined = _union([own.det.box, *(box for _, box in pieces)])
+            if iou(joined, pred) >= max(0.6, iou(own.det.box, pred) + JOIN_GAIN):
+                joins.append((ai, k, Detection(joined, own.det.score, own.det.category, own.det.track)))
+                taken.update({(ci, k) for ci, _ in pieces} | {(ai, k)})
+    return joins, {t for t in taken if t not in {(i, k) for i, k, _ in joins}}
+
+
+def find_merged(idents: list[list[_Box]], n: int, frame_numbers: Sequence[int]
+                ) -> list[tuple[int, int, Detection]]:
+    """Boxes around two (or more) subjects, split: (identity, keyframe, its part).
+
+    Why: two subjects that overlap in the image move as one region, so a motion-based
+    detector returns one box around both. Linking gives that box to one identity (A)
+    and leaves a gap in the other (B) on that keyframe. When B, seen apart from A on
+    the keyframes before and after (two separate subjects, not two pieces of one),
+    is interpolated to a place inside A's box, and A's and B's interpolated boxes
+    together explain the box better than A's alone, each gets its interpolated box
+    clipped to the merged one."""
+    present = [{b.frame: b for b in ident} for ident in idents]
+    holders: dict[tuple[int, int], list[tuple[int, list[float]]]] = {}   # (A, keyframe) -> [(B, box)]
+    for bi, ident in enumerate(idents):
+        for k in range(n):
+            got = None if k in present[bi] else predict_box(ident, k, frame_numbers)
+            if got is None:
+                continue
+            pred, before, after = got
+            inside = [(_share_inside(pred, present[ai][k].det.box), ai) for ai in range(len(idents))
+                      if ai != bi and k in present[ai]
+                      and box_area(pred) <= SPLIT_MAX_SHARE * box_area(present[ai][k].det.box)
+                      and all(f not in present[ai] or iou(present[ai][f].det.box, seen.det.box) == 0
+                              for f, seen in ((before.frame, before), (after.frame, after)))]
+            share, ai = max(inside, default=(0.0, -1))
+            if share >= SPLIT_INSIDE:
+                holders.setdefault((ai, k), []).append((bi, pred))
+    parts: list[tuple[int, int, Detection]] = []
+    for (ai, k), inner in sorted(holders.items()):
+        merged = present[ai][k].det
+        # A's own box from its keyframes that held nobody else
+        got = predict_box(idents[ai], k, frame_numbers, {kk for aa, kk in holders if aa == ai})
+        own = got[0] if got is not None else None
+        union = _union([p for _, p in inner] + ([own] if own is not None else []))
+        if iou(merged.box, union) < 0.5 or (own is not None and iou(merged.box, union) <= iou(merged.box, own)):
+            continue  # the box fits A alone (B hidden behind A, or not found), or fits neither
+        if own is not None:
+            parts.append((ai, k, Detection(_clip_box(own, merged.box), merged.score, merged.category, merged.track)))
+        for bi, pred in inner:
+            nearest = min(idents[bi], key=lambda x: abs(x.frame - k))
+            parts.append((bi, k, Detection(_clip_box(pred, merged.box), merged.score, nearest.det.category,
+                                           nearest.det.track)))
+        if own is None:  # A keeps the merged box, but it holds B too
+            parts.append((ai, k, merged))
+    return parts
+
+
+def replace_boxes(idents: list[list[_Box]], changes: list[tuple[int, int, Detection]], frames: Sequence[Image],
+                  embedder: Embedder, split: bool, drop: Collection[tuple[int, int]] = ()) -> list[list[_Box]]:
+    """Each changed identity gets its new box on the keyframe; the boxes in ``drop``
+    ((identity, keyframe): pieces joined into another) go, and identities left empty."""
+    if not changes:
+        return idents
+    embs = embedder.embed([crop(frames[k], d.box) for _, k, d in changes])
+    drop = set(drop) | {(i, k) for i, k, _ in changes}
+    out = [[b for b in ident if (i, b.frame) not in drop] for i, ident in enumerate(idents)]
+    for (i, k, det), emb in zip(changes, embs, strict=True):
+        out[i].append(_Box(k, det, emb, split=split))
+    return [sorted(ident, key=lambda x: x.frame) for ident in out if ident]
 
 
 # --------------------------------------------------------------------- 5. pairing
@@ -322,6 +459,10 @@ def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM
     for (i, d), e in zip(flat, embs, strict=True):
         boxes[i].append(_Box(i, Detection(d.box, d.score, normalise_category(d.category), d.track), e))
     idents = link_identities(boxes, s)
+    # split first: a box around two subjects must not serve to predict where one of them is
+    idents = replace_boxes(idents, find_merged(idents, n, frame_numbers), frames, embedder, split=True)
+    joins, pieces = join_pieces(idents, frame_numbers)
+    idents = replace_boxes(idents, joins, frames, embedder, split=False, drop=pieces)
     # subject 0 is the most consistently found one (then by score, then place: stable ids)
     idents.sort(key=lambda ident: (-len(ident), -float(np.mean([b.det.score for b in ident])),
                                    ident[0].frame, ident[0].det.box[0], ident[0].det.box[1]))
@@ -334,7 +475,7 @@ def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM
         category, cat_source, consensus = names[idx]
         flags = {}
         for bx in ident:
-            problem = box_problem(bx.det.box, width, height, s)
+            problem = "overlap" if bx.split else box_problem(bx.det.box, width, height, s)
             if problem:
                 flags[frame_numbers[bx.frame]] = problem
         usable = {bx.frame for bx in ident if frame_numbers[bx.frame] not in flags}
@@ -380,6 +521,7 @@ def subject_problem(subj: SubjectResult, n: int, s: MineSettings) -> str | None:
         "tiny": f"tiny subject: box under {s.min_box_area:.1%} of the frame",
         "full-frame": f"full-frame subject: box over {s.max_box_area:.0%} of the frame",
         "border": "subject touches the frame border",
+        "overlap": "subject overlaps another subject",
     }[problem]
     return f"{text} in {k} of {seen} keyframes seen"
 

@@ -24,7 +24,8 @@ A subject is what moves against the scene. For the keyframes of one clip:
 It cannot name what it finds: every detection is labelled ``object``. Categories come
 from a VLM; the mining stage attaches them. Known limits (docs/mining.md): a subject
 that never moves against the scene is not found; two subjects overlapping in the image
-while moving together come out as one box; on an almost textureless scene the camera
+while moving together come out as one box (the mining stage splits it where both are
+seen apart on keyframes before and after); on an almost textureless scene the camera
 motion can be mistaken.
 """
 from __future__ import annotations
