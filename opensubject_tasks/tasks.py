@@ -152,7 +152,14 @@ def close_lost_attempts(ctx: Context, stage: str, entity_id: str, status: str, e
 
 
 def send(stage: str, *args: str, **options: Any) -> str:
-    """Put a stage task on its queue; returns the Celery task id."""
+    """Put a stage task on its queue; returns the Celery task id.
+
+    The time limits are left to the worker that runs the task (its configuration).
+    Celery would otherwise copy the limits the *sending* process's tasks had when it
+    first loaded them (an Airflow worker's, another configuration's) into the message,
+    where they win over the worker's own."""
+    options.setdefault("time_limit", None)
+    options.setdefault("soft_time_limit", None)
     return app.send_task(task_name(stage), args=list(args), **options).id
 
 

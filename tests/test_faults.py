@@ -187,6 +187,27 @@ def test_waiting_in_broker_reads_queued_and_delayed_messages(fault_redis_url, mo
     assert waiting_in_redis("amqp://guest@localhost//", QUEUES, TASK_PREFIX) is None
 
 
+def test_messages_leave_the_time_limits_to_the_worker(fault_redis_url, monkeypatch):  # noqa: F811 - fixtures
+    """A sender whose tasks were loaded under other limits (its own configuration, read once)
+    must not stamp them on the message: the worker's configured limits decide."""
+    import json
+
+    import redis
+
+    from opensubject_tasks.celery_app import app, configure
+    from opensubject_tasks.tasks import send, task_name
+
+    client = redis.Redis.from_url(fault_redis_url)
+    monkeypatch.setenv("OPENSUBJECT_BROKER_URL", fault_redis_url)
+    monkeypatch.setenv("OPENSUBJECT_CELERY__BROKER_KEY_PREFIX", BROKER_PREFIX)
+    monkeypatch.setenv("OPENSUBJECT_CELERY__TIME_LIMITS", '{"synthesize": {"soft_s": 1000, "hard_s": 2000}}')
+    configure()
+    assert app.tasks[task_name("synthesize")].soft_time_limit  # the sender's tasks carry limits
+    send("synthesize", "s1")
+    [raw] = client.lrange(f"{BROKER_PREFIX}gpu", 0, -1)
+    assert json.loads(raw)["headers"]["timelimit"] == [None, None]
+
+
 # --- faults in a running build -------------------------------------------------------------------------
 def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, reference):  # noqa: F811 - fixtures
     """FLUSHDB the broker's Redis database twice, while video-stage messages and then
