@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+LOAD_BEFORE = " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def dataset_digest(out: Path) -> str:
@@ -52,31 +55,36 @@ def main() -> None:
                "--jobs", str(jobs), "--quiet", "--profile", args.profile]
         if args.until:
             cmd += ["--until", args.until]
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
-        peak_mb = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU of the run and its worker processes: steadier than wall time on a shared machine
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        peak_mb = max(before.ru_maxrss, after.ru_maxrss) / 1024
         summary = json.loads((out / "summary.json").read_text())
         digest = dataset_digest(out) if (out / "dataset").exists() else "-"
-        rows.append((jobs, wall, peak_mb, summary, digest))
+        rows.append((jobs, wall, cpu, (load, os.getloadavg()[0]), peak_mb, summary, digest))
 
-    print(f"\n{n_videos} videos, profile {args.profile}, machine cores: "
-          f"{__import__('os').cpu_count()}\n")
-    stages = [t["stage"] for t in rows[0][3]["timings"]]
-    print("| jobs | wall s | videos/hour | peak RSS MB (largest process) | "
+    print(f"\n{n_videos} videos, profile {args.profile}, machine cores: {os.cpu_count()}, "
+          f"load average before: {LOAD_BEFORE}, after: " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + "\n")
+    stages = [t["stage"] for t in rows[0][-2]["timings"]]
+    print("| jobs | wall s | CPU s | load (1 min) at start / end | videos/hour | peak RSS MB (largest process) | "
           + " | ".join(f"{s} s" for s in stages) + " | dataset digest |")
-    print("|" + "---|" * (5 + len(stages)))
-    for jobs, wall, peak, summary, digest in rows:
+    print("|" + "---|" * (7 + len(stages)))
+    for jobs, wall, cpu, load, peak, summary, digest in rows:
         per = {t["stage"]: t["seconds"] for t in summary["timings"]}
-        print(f"| {jobs} | {wall:.1f} | {3600 * n_videos / wall:.0f} | {peak:.0f} | "
-              + " | ".join(f"{per.get(s, 0):.1f}" for s in stages) + f" | {digest} |")
+        print(f"| {jobs} | {wall:.1f} | {cpu:.1f} | {load[0]:.1f} / {load[1]:.1f} | {3600 * n_videos / wall:.0f} | "
+              f"{peak:.0f} | " + " | ".join(f"{per.get(s, 0):.1f}" for s in stages) + f" | {digest} |")
     if len(rows) > 1:
-        base = rows[0][1]
-        for jobs, wall, *_ in rows[1:]:
-            print(f"\nspeed-up jobs={jobs} vs jobs={rows[0][0]}: {base / wall:.2f}x")
-        print("identical datasets:", len({r[4] for r in rows}) == 1)
-    print("\nsamples:", rows[-1][3]["samples"], " videos:", rows[-1][3]["videos"])
+        base_jobs, base_wall, base_cpu = rows[0][:3]
+        for jobs, wall, cpu, *_ in rows[1:]:
+            print(f"\nspeed-up jobs={jobs} vs jobs={base_jobs}: {base_wall / wall:.2f}x wall, "
+                  f"CPU {cpu / base_cpu:.2f}x of jobs={base_jobs}")
+        print("identical datasets:", len({r[-1] for r in rows}) == 1)
+    print("\nsamples:", rows[-1][-2]["samples"], " videos:", rows[-1][-2]["videos"])
 
 
 if __name__ == "__main__":

@@ -1,18 +1,26 @@
-"""The embedded runner: every stage in-process, stage by stage, over one build.
+"""The embedded runner: every stage in-process, over one build.
 
 It drives the same stage services as the Celery tasks (``services.common.run_stage``)
 and keeps all progress in the database, so a run that is killed and started again
-continues where it stopped. ``jobs > 1`` runs entities of a stage in parallel worker
+continues where it stopped. Work is a set of units (stage, entity); a unit starts as
+soon as the unit before it has finished (a video's mine after its curate, a sample's
+verify after its synthesis), following the ``next`` units each stage names, so no
+worker waits for a whole stage to end. ``jobs > 1`` runs units in parallel worker
 processes; outputs depend only on ids and seeds, so they equal a ``jobs=1`` run.
 """
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import logging
 import multiprocessing
+import os
+import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +38,11 @@ log = logging.getLogger(__name__)
 UNTIL_CHOICES = ("ingest",) + STAGE_ORDER
 TERMINAL_VIDEO = ("done", "rejected", "failed")
 
-# A callable(stage, total) -> advance(n) used for progress display; the CLI passes rich bars.
-ProgressFactory = Callable[[str, int], Callable[[int], None]]
+# A callable(stage, total) -> advance(n) used for progress display; the CLI passes rich
+# bars. total is None: follow-up units appear while the build runs.
+ProgressFactory = Callable[[str, "int | None"], Callable[[int], None]]
+# What one unit gives back: entity id, status, reason, follow-up (stage, entity) units.
+UnitResult = tuple[str, str, "str | None", list[tuple[str, str]]]
 
 
 @dataclass
@@ -54,7 +65,7 @@ class BuildSummary:
                 "timings": [t.__dict__ for t in self.timings], "export_dir": self.export_dir}
 
 
-def _no_progress(stage: str, total: int) -> Callable[[int], None]:
+def _no_progress(stage: str, total: int | None) -> Callable[[int], None]:
     return lambda n: None
 
 
@@ -62,26 +73,59 @@ def _no_progress(stage: str, total: int) -> Callable[[int], None]:
 _WORKER_CTX: Context | None = None
 
 
-def _init_worker(settings_json: str) -> None:
+def threads_per_worker(jobs: int) -> int:
+    """Each worker's share of the cores this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, jobs))
+
+
+@contextlib.contextmanager
+def threads_for_workers(threads: int) -> Iterator[None]:
+    """Size the libraries' own thread pools to one worker's share of the cores while
+    the workers are forked (they inherit it), then restore this process's. Each library
+    would otherwise use one thread per core in every worker (OpenCV's pool, torch's
+    intra-op threads), and on a full machine those threads only wait on each other.
+    Resizing must happen here: in a forked child OpenCV's resize waits forever for the
+    parent's pool threads, which do not exist there."""
+    import cv2
+
+    torch = sys.modules.get("torch")  # not imported for this: it takes a second
+    cv_before = cv2.getNumThreads()
+    torch_before = torch.get_num_threads() if torch is not None else 0
+    cv2.setNumThreads(threads)
+    if torch is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(cv_before)
+        if torch is not None:
+            torch.set_num_threads(torch_before)
+
+
+def _init_worker(settings_json: str, threads: int) -> None:
     global _WORKER_CTX
-    _WORKER_CTX = Context.from_settings(Settings.model_validate_json(settings_json))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # OpenMP libraries loaded later
+    settings = Settings.model_validate_json(settings_json)
+    if settings.curate.decode_threads == 0:  # 0 lets FFmpeg start one thread per core
+        settings.curate.decode_threads = threads
+    _WORKER_CTX = Context.from_settings(settings)
 
 
-def _run_in_worker(stage: str, entity_id: str) -> tuple[str, str, str | None]:
+def _run_in_worker(stage: str, entity_id: str) -> UnitResult:
     assert _WORKER_CTX is not None
     return _run_one(_WORKER_CTX, stage, entity_id)
 
 
-def _run_one(ctx: Context, stage: str, entity_id: str) -> tuple[str, str, str | None]:
+def _run_one(ctx: Context, stage: str, entity_id: str) -> UnitResult:
     """Run one unit; an unexpected error fails that entity alone, never the build."""
     try:
         result = run_stage(ctx, stage, entity_id)
-        return entity_id, result.status, result.reason
+        return entity_id, result.status, result.reason, [tuple(n) for n in result.next]
     except Exception as exc:  # noqa: BLE001 - recorded on the entity, the build goes on
         reason = f"internal error in {stage}: {type(exc).__name__}: {exc}"
         log.error("%s\n%s", reason, traceback.format_exc())
         mark_terminal(ctx, load_stages()[stage].entity_type, entity_id, "failed", reason)
-        return entity_id, "failed", reason
+        return entity_id, "failed", reason, []
 
 
 class Runner:
@@ -93,31 +137,76 @@ class Runner:
 
     def __enter__(self) -> Runner:
         if self.jobs > 1:
+            load_stages()  # imported once here and shared by the forked workers (~1 s each)
             self.ctx.engine.dispose()  # no connection may cross a fork
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.jobs, mp_context=multiprocessing.get_context("fork"),
-                initializer=_init_worker, initargs=(self.ctx.settings.model_dump_json(),),
-            )
+            threads = threads_per_worker(self.jobs)
+            with threads_for_workers(threads):
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.jobs, mp_context=multiprocessing.get_context("fork"),
+                    initializer=_init_worker,
+                    initargs=(self.ctx.settings.model_dump_json(), threads),
+                )
+                self._pool.submit(int).result()  # a fork pool starts all its workers now
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
 
-    def map(self, stage: str, ids: list[str]) -> list[tuple[str, str, str | None]]:
-        """Run ``stage`` over ids (in parallel when jobs > 1), with a progress bar."""
-        advance = self.progress(stage, len(ids))
-        results = []
-        if self._pool is None or len(ids) <= 1:
-            for entity_id in ids:
-                results.append(_run_one(self.ctx, stage, entity_id))
-                advance(1)
+    def flow(self, units: Iterable[tuple[str, str]], stages: Iterable[str]) -> list[StageTiming]:
+        """Run ``units`` and, as each finishes, the follow-up units it names that belong
+        to ``stages``; returns per stage the units run and the seconds from its first
+        start to its last end (stages overlap). Units of earlier stages go first: they
+        are the long ones (a video's curate or mine), so the short ones (a sample's
+        synthesis or verification) fill the workers at the end."""
+        allowed = set(stages)
+        rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+        order = itertools.count()
+        ready: list[tuple[int, int, str, str]] = []    # heap: stage rank, arrival, unit
+        pending: set[tuple[str, str]] = set()          # ready or running: not added twice
+        span: dict[str, list[float]] = {}               # stage -> [first start, last end]
+        counts: dict[str, int] = {}
+        bars: dict[str, Callable[[int], None]] = {}
+
+        def add(stage: str, entity_id: str) -> None:
+            if stage in allowed and (stage, entity_id) not in pending:
+                pending.add((stage, entity_id))
+                heapq.heappush(ready, (rank[stage], next(order), stage, entity_id))
+
+        def start() -> tuple[str, str]:
+            _, _, stage, entity_id = heapq.heappop(ready)
+            span.setdefault(stage, [time.perf_counter(), 0.0])
+            return stage, entity_id
+
+        def done(stage: str, entity_id: str, result: UnitResult) -> None:
+            pending.discard((stage, entity_id))
+            span[stage][1] = time.perf_counter()
+            counts[stage] = counts.get(stage, 0) + 1
+            if stage not in bars:
+                bars[stage] = self.progress(stage, None)
+            bars[stage](1)
+            for follow in result[3]:
+                add(*follow)
+
+        for unit in units:
+            add(*unit)
+        if self._pool is None:
+            while ready:
+                stage, entity_id = start()
+                done(stage, entity_id, _run_one(self.ctx, stage, entity_id))
         else:
-            futures = [self._pool.submit(_run_in_worker, stage, i) for i in ids]
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                advance(1)
-        return sorted(results)
+            # as many units in flight as workers: a unit that becomes ready can still
+            # overtake queued ones of later stages
+            running: dict[Future[UnitResult], tuple[str, str]] = {}
+            while ready or running:
+                while ready and len(running) < self.jobs:
+                    stage, entity_id = start()
+                    running[self._pool.submit(_run_in_worker, stage, entity_id)] = (stage, entity_id)
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    done(*running.pop(fut), fut.result())
+        return [StageTiming(stage, counts[stage], span[stage][1] - span[stage][0])
+                for stage in STAGE_ORDER if stage in counts]
 
 
 def _video_ids(ctx: Context, build_id: str, stage_done: Iterable[str | None]) -> list[str]:
@@ -159,13 +248,12 @@ def run_build(ctx: Context, sources: list[str], build_id: str, *, until: str | N
         return n
 
     timed("ingest", ingest)
+    stages: tuple[str, ...] = ()
+    if until != "ingest":
+        last = "verify" if until in (None, "export") else until
+        stages = STAGE_ORDER[:STAGE_ORDER.index(last) + 1]
     with Runner(ctx, jobs, progress) as runner:
-        if until != "ingest":
-            timed("curate", lambda: len(runner.map("curate", _video_ids(ctx, build_id, [None]))))
-        if until not in ("ingest", "curate"):
-            timed("mine", lambda: len(runner.map("mine", _video_ids(ctx, build_id, ["curate"]))))
-        if until not in ("ingest", "curate", "mine"):
-            timed("synthesize+verify", lambda: _synth_verify_loop(ctx, runner, build_id, until))
+        summary.timings += runner.flow(_open_units(ctx, build_id), stages)
         if until in (None, "verify", "export"):
             for vid in _video_ids(ctx, build_id, ["mine"]):
                 finalize_video(ctx, vid)
@@ -181,23 +269,14 @@ def run_build(ctx: Context, sources: list[str], build_id: str, *, until: str | N
     return summary
 
 
-def _synth_verify_loop(ctx: Context, runner: Runner, build_id: str, until: str | None) -> int:
-    """Synthesize pending samples, verify them; failed verifications come back as
-    pending with attempt+1 and go round again until verified or rejected."""
-    done = 0
-    for _round in range(ctx.settings.verify.max_attempts + 1):
-        pending = _sample_ids(ctx, build_id, "pending")
-        if pending:
-            runner.map("synthesize", pending)
-            done += len(pending)
-        if until == "synthesize":
-            break
-        synthesized = _sample_ids(ctx, build_id, "synthesized")
-        if synthesized:
-            runner.map("verify", synthesized)
-        if not _sample_ids(ctx, build_id, "pending"):
-            break
-    return done
+def _open_units(ctx: Context, build_id: str) -> list[tuple[str, str]]:
+    """Where each unfinished entity of the build stands: the unit it needs next (a run
+    that was stopped resumes from here)."""
+    units = [("curate", vid) for vid in _video_ids(ctx, build_id, [None])]
+    units += [("mine", vid) for vid in _video_ids(ctx, build_id, ["curate"])]
+    units += [("synthesize", sid) for sid in _sample_ids(ctx, build_id, "pending")]
+    units += [("verify", sid) for sid in _sample_ids(ctx, build_id, "synthesized")]
+    return units
 
 
 def _counts(ctx: Context, build_id: str) -> tuple[dict[str, int], dict[str, int]]:

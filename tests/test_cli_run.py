@@ -82,6 +82,15 @@ def test_status_json_shape(full_run: Path) -> None:
             assert 0 <= a < b
 
 
+def test_parallel_workers_do_not_wait_for_a_whole_stage(full_run: Path) -> None:
+    """With two workers, samples of mined videos are synthesized while the last videos
+    are still being mined: no worker idles at the end of a stage."""
+    with sqlite3.connect(full_run / "opensubject.db") as con:
+        last_mine_end = con.execute("SELECT max(finished_at) FROM stage_attempts WHERE stage = 'mine'").fetchone()[0]
+        first_synth = con.execute("SELECT min(started_at) FROM stage_attempts WHERE stage = 'synthesize'").fetchone()[0]
+    assert first_synth < last_mine_end
+
+
 def test_jobs_and_resume_give_the_same_dataset(sample_media: Path, tmp_path: Path) -> None:
     media = _subset(sample_media, tmp_path / "media", 3)
     ref = tmp_path / "ref"

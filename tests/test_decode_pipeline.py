@@ -14,8 +14,8 @@ import pytest
 from opensubject_tasks.backends.classical.quality import ClassicalQuality
 from opensubject_tasks.config import CurateSettings
 from opensubject_tasks.errors import BadInput
-from opensubject_tasks.media.decode import Shrinker, analysis_size, fit_size, iter_frames
-from opensubject_tasks.media.probe import probe_video
+from opensubject_tasks.media.decode import DecodeStats, Shrinker, analysis_size, fit_size, iter_frames
+from opensubject_tasks.media.probe import open_video, probe_video
 from opensubject_tasks.media.samples import photo
 from opensubject_tasks.stages.curate import curate_frames
 
@@ -58,6 +58,37 @@ def _open_by_us(path: Path) -> bool:
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
     return _video(tmp_path_factory.mktemp("pipeline") / "clip.mp4")
+
+
+@pytest.mark.parametrize("codec,ext", [("mpeg4", "avi"), ("libvpx-vp9", "webm"), ("libx264", "mkv")])
+@pytest.mark.parametrize("threads", [0, 1])
+def test_the_probes_open_video_continues_into_every_frame(tmp_path: Path, codec: str, ext: str,
+                                                         threads: int):
+    """The decode pass continues with the probe's container and decoder and starts with
+    the frame the probe decoded: every frame comes once, in order, the same bytes as a
+    plain decode, and the file is closed at the end."""
+    path = _video(tmp_path / f"v.{ext}", n=40, codec=codec)
+    s = CurateSettings(decode_threads=threads)
+    aw, ah = analysis_size(320, 180, s.analysis_width)
+    with av.open(str(path)) as c:
+        plain = [f.to_ndarray(width=aw, height=ah, format="bgr24", interpolation="AREA") for f in c.decode(video=0)]
+    video = open_video(path, s)
+    assert video.probe.pix_fmt == "yuv420p" and video.probe.frames == 40
+    frames = list(iter_frames(video, video.probe, s))
+    assert [f.index for f in frames] == list(range(40)) and len(plain) == 40
+    assert all(np.array_equal(f.small, q) for f, q in zip(frames, plain))
+    assert not _open_by_us(path)
+    video.close()  # closing again (as the service does) is harmless
+
+
+def test_a_single_frame_video_is_not_decoded_past_its_end(tmp_path: Path):
+    path = _video(tmp_path / "one.mp4", n=1)
+    s = CurateSettings()
+    with open_video(path, s) as video:
+        assert video.probe.frames == 1
+        stats = DecodeStats()
+        assert [f.index for f in iter_frames(video, video.probe, s, stats)] == [0]
+        assert stats.errors == []
 
 
 def test_frames_arrive_complete_in_order_and_equal_a_plain_decode(clip: Path):

@@ -11,6 +11,10 @@ to an RGB keyframe (longest side at most ``keyframe_max_side``, rotated upright)
 only if a clip picks it. Candidates from large sources are shrunk at once so that
 holding them stays cheap.
 
+Given the probe's open video (``open_video``), the pass continues with the
+probe's decoder and starts with the frames the probe decoded: a video is opened
+and stream-probed once, and no frame is decoded twice.
+
 The pass is bounded in time (``decode_timeout_s``); the container is closed on
 every path (end, error, or the caller stopping early), and decode errors reach
 the caller as exceptions. A stream that ends far short of what its container
@@ -18,6 +22,7 @@ declared is reported as truncated.
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -31,7 +36,7 @@ from av.video.reformatter import VideoReformatter
 
 from opensubject_tasks.config import CurateSettings
 from opensubject_tasks.errors import BadInput
-from opensubject_tasks.media.probe import ProbeResult
+from opensubject_tasks.media.probe import OpenedVideo, ProbeResult, open_video
 
 _HOLD_RAW_MAX_PIXELS = 1920 * 1088  # above this, candidates are shrunk right away
 _QUEUE_FRAMES = 24                  # decoded frames buffered ahead of the analysis ...
@@ -139,9 +144,10 @@ def keyframe_stride(fps: float, s: CurateSettings) -> int:
     return max(1, int(fps * s.min_clip_s / s.keyframes_per_clip))
 
 
-def iter_frames(path: str | Path, probe: ProbeResult, s: CurateSettings,
+def iter_frames(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateSettings,
                 stats: DecodeStats | None = None) -> Iterator[Frame]:
     """Decode the video once, yielding every frame in order (see module doc).
+    ``source`` is a path, or the probe's open video (then closed at the end).
 
     A decode thread does nothing but demux and decode, so FFmpeg's own decoding
     threads always have the next packets; the pictures are scaled here, in the
@@ -159,7 +165,7 @@ def iter_frames(path: str | Path, probe: ProbeResult, s: CurateSettings,
     depth = max(4, min(_QUEUE_FRAMES, _QUEUE_BYTES // max(1, probe.width * probe.height * 3 // 2)))
     frames: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    worker = threading.Thread(target=_decode_into, args=(path, probe, s, stats, frames, stop),
+    worker = threading.Thread(target=_decode_into, args=(source, probe, s, stats, frames, stop),
                               name="decode", daemon=True)
     deadline = time.monotonic() + s.decode_timeout_s
     worker.start()
@@ -204,12 +210,12 @@ def _offer(frames: queue.Queue[Any], stop: threading.Event, item: object) -> boo
     return False
 
 
-def _decode_into(path: str | Path, probe: ProbeResult, s: CurateSettings, stats: DecodeStats,
+def _decode_into(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateSettings, stats: DecodeStats,
                  frames: queue.Queue[Any], stop: threading.Event) -> None:
     """The decode thread: every (index, decoded picture), or the exception that ended
     decoding, goes on the queue, then the end marker."""
     try:
-        for item in _decode(path, s, stats, stop):
+        for item in _decode(source, s, stats, stop):
             if not _offer(frames, stop, item):
                 return
         if stats.frames == 0:
@@ -223,20 +229,16 @@ def _decode_into(path: str | Path, probe: ProbeResult, s: CurateSettings, stats:
         _offer(frames, stop, exc)
 
 
-def _decode(path: str | Path, s: CurateSettings, stats: DecodeStats,
+def _decode(source: str | Path | OpenedVideo, s: CurateSettings, stats: DecodeStats,
             stop: threading.Event) -> Iterator[tuple[int, av.VideoFrame]]:
     t0 = time.monotonic()
     deadline = t0 + s.decode_timeout_s
     index = 0
     try:
-        with av.open(str(path), mode="r", timeout=(s.decode_timeout_s, s.decode_timeout_s)) as c:
-            stream = next(st for st in c.streams.video
-                          if not (st.disposition & av.stream.Disposition.attached_pic))
-            stream.thread_type = "AUTO"
-            if s.decode_threads:
-                stream.thread_count = s.decode_threads
+        with (source if isinstance(source, OpenedVideo) else open_video(source, s)) as video:
+            rest = () if video.ended else video.container.decode(video.stream)
             try:
-                for frame in c.decode(stream):
+                for frame in itertools.chain(video.take_first_frames(), rest):
                     if stop.is_set():
                         return
                     if index >= s.max_frames:

@@ -3,6 +3,10 @@
 Every number a container states (size, rate, duration, frame count, rotation) is
 checked against bounds and, where cheap, against what the first decoded frames
 say. Anything unusable raises ``BadInput`` with a reason a person can read.
+
+``open_video`` keeps the probed file open for the decode pass (``iter_frames``):
+the pass continues with the probe's decoder and starts with the frames the probe
+decoded, so a video is opened, stream-probed and started decoding only once.
 """
 from __future__ import annotations
 
@@ -81,8 +85,42 @@ def _rate(value: Any) -> float | None:
     return f if f is not None and math.isfinite(f) and f > 0 else None
 
 
+class OpenedVideo:
+    """A probed video, open and positioned after the frames the probe decoded. Its
+    decoder is set up for the decode pass (FFmpeg's threads) before the first packet,
+    so that pass can continue with it. Close it (or use it as a context manager);
+    closing twice is harmless."""
+
+    def __init__(self, probe: ProbeResult, container: av.container.InputContainer,
+                 stream: av.video.stream.VideoStream, first_frames: list[av.VideoFrame],
+                 ended: bool) -> None:
+        self.probe, self.container, self.stream = probe, container, stream
+        self._first, self.ended = first_frames, ended  # ended: the decoder is flushed
+
+    def take_first_frames(self) -> list[av.VideoFrame]:
+        """The frames the probe decoded, once (then released)."""
+        first, self._first = self._first, []
+        return first
+
+    def close(self) -> None:
+        self._first = []
+        self.container.close()
+
+    def __enter__(self) -> OpenedVideo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def probe_video(path: str | Path, settings: CurateSettings | None = None) -> ProbeResult:
     """Describe a video file or raise BadInput saying why it is unusable."""
+    with open_video(path, settings) as video:
+        return video.probe
+
+
+def open_video(path: str | Path, settings: CurateSettings | None = None) -> OpenedVideo:
+    """Probe a video file (see ``probe_video``) and keep it open for the decode pass."""
     s = settings or CurateSettings()
     path = Path(path)
     try:
@@ -91,80 +129,93 @@ def probe_video(path: str | Path, settings: CurateSettings | None = None) -> Pro
         raise BadInput(f"cannot read the file: {exc.strerror or exc}") from None
     if size == 0:
         raise BadInput("empty file (0 bytes)")
+    c = _open(path, s.decode_timeout_s)
+    try:
+        return _probe(path, c, s)
+    except BaseException:
+        c.close()
+        raise
+
+
+def _probe(path: Path, c: av.container.InputContainer, s: CurateSettings) -> OpenedVideo:
     deadline = time.monotonic() + s.decode_timeout_s
     notes: list[str] = []
-    with _open(path, s.decode_timeout_s) as c:
-        fmt = c.format.name
-        streams = [{"index": st.index, "type": st.type,
-                    "codec": st.codec_context.name if st.codec_context else None}
-                   for st in c.streams]
-        if len(streams) > _MAX_STREAMS:
-            raise BadInput(f"too many streams ({len(streams)} > {_MAX_STREAMS})")
-        videos = [st for st in c.streams.video
-                  if not (st.disposition & av.stream.Disposition.attached_pic)]
-        if not videos:
-            kinds = sorted({st.type for st in c.streams})
-            raise BadInput("no video stream" + (f" (only {', '.join(kinds)})" if kinds else ""))
-        if fmt.split(",")[0] in _IMAGE_FORMATS:
-            raise BadInput(f"a still image ({fmt}), not a video")
-        v = videos[0]
-        cc = v.codec_context
-        codec = cc.name if cc else "unknown"
-        # A damaged stream may come without a codec context: no size to trust then.
-        width, height = (int(cc.width or 0), int(cc.height or 0)) if cc else (0, 0)
-        if width <= 0 or height <= 0:
-            raise BadInput(f"video size missing or invalid ({width}x{height})")
+    fmt = c.format.name
+    streams = [{"index": st.index, "type": st.type,
+                "codec": st.codec_context.name if st.codec_context else None}
+               for st in c.streams]
+    if len(streams) > _MAX_STREAMS:
+        raise BadInput(f"too many streams ({len(streams)} > {_MAX_STREAMS})")
+    videos = [st for st in c.streams.video
+              if not (st.disposition & av.stream.Disposition.attached_pic)]
+    if not videos:
+        kinds = sorted({st.type for st in c.streams})
+        raise BadInput("no video stream" + (f" (only {', '.join(kinds)})" if kinds else ""))
+    if fmt.split(",")[0] in _IMAGE_FORMATS:
+        raise BadInput(f"a still image ({fmt}), not a video")
+    v = videos[0]
+    cc = v.codec_context
+    codec = cc.name if cc else "unknown"
+    # A damaged stream may come without a codec context: no size to trust then.
+    width, height = (int(cc.width or 0), int(cc.height or 0)) if cc else (0, 0)
+    if width <= 0 or height <= 0:
+        raise BadInput(f"video size missing or invalid ({width}x{height})")
+    _check_size(width, height, s)
+
+    fps = _rate(v.average_rate) or _rate(v.guessed_rate) or _rate(v.base_rate)
+    if fps is not None and not (_MIN_FPS <= fps <= _MAX_FPS):
+        notes.append(f"container frame rate {fps:g} ignored (outside {_MIN_FPS:g}..{_MAX_FPS:g})")
+        fps = None
+
+    # Decode the first frame(s): proves the stream decodes, gives the true size, pixel
+    # format, rotation and (if the container had none) the frame rate from timestamps.
+    # The decode pass continues with this decoder, so it gets that pass's threading now.
+    v.thread_type = "AUTO"
+    if s.decode_threads:
+        v.thread_count = s.decode_threads
+    first, ended = _first_frames(c, v, deadline, n=1 if fps is not None else 3)
+    if not first:
+        raise BadInput(f"no frame of the {codec} stream could be decoded")
+    f0 = first[0]
+    if (f0.width, f0.height) != (width, height):
+        notes.append(f"container size {width}x{height} differs from decoded {f0.width}x{f0.height}")
+        width, height = f0.width, f0.height
         _check_size(width, height, s)
-
-        fps = _rate(v.average_rate) or _rate(v.guessed_rate) or _rate(v.base_rate)
-        if fps is not None and not (_MIN_FPS <= fps <= _MAX_FPS):
-            notes.append(f"container frame rate {fps:g} ignored (outside {_MIN_FPS:g}..{_MAX_FPS:g})")
-            fps = None
-
-        # Decode the first frames: proves the stream decodes, gives the true size,
-        # rotation and (if the container had none) the frame rate from timestamps.
-        first = _first_frames(c, v, deadline)
-        if not first:
-            raise BadInput(f"no frame of the {codec} stream could be decoded")
-        f0 = first[0]
-        if (f0.width, f0.height) != (width, height):
-            notes.append(f"container size {width}x{height} differs from decoded {f0.width}x{f0.height}")
-            width, height = f0.width, f0.height
-            _check_size(width, height, s)
-        rotation = int(round((getattr(f0, "rotation", 0) or 0) / 90.0)) * 90 % 360
+    rotation = int(round((getattr(f0, "rotation", 0) or 0) / 90.0)) * 90 % 360
+    if fps is None:
+        fps = _fps_from_pts(first)
         if fps is None:
-            fps = _fps_from_pts(first)
-            if fps is None:
-                raise BadInput("frame rate missing or absurd, and the timestamps do not give one")
-            notes.append(f"frame rate {fps:.3f} measured from timestamps")
+            raise BadInput("frame rate missing or absurd, and the timestamps do not give one")
+        notes.append(f"frame rate {fps:.3f} measured from timestamps")
 
+    duration = None
+    if v.duration is not None and v.time_base:
+        duration = float(v.duration * v.time_base)
+    elif c.duration is not None:
+        duration = c.duration / 1_000_000
+    if duration is not None and not (0 < duration < 1e7 and math.isfinite(duration)):
+        notes.append(f"container duration {duration!r} ignored")
         duration = None
-        if v.duration is not None and v.time_base:
-            duration = float(v.duration * v.time_base)
-        elif c.duration is not None:
-            duration = c.duration / 1_000_000
-        if duration is not None and not (0 < duration < 1e7 and math.isfinite(duration)):
-            notes.append(f"container duration {duration!r} ignored")
-            duration = None
 
-        frames, source = int(v.frames or 0), "container"
-        if frames <= 0 or (duration and abs(frames - duration * fps) > 0.1 * frames + 2):
-            if frames > 0:
-                notes.append(f"container frame count {frames} disagrees with duration x fps")
-            frames, source = _count_packets(path, s, deadline, v.index), "counted"
-        if duration is None:
-            duration = frames / fps
-            notes.append("duration computed from the frame count")
-        if len(first) == 1 and frames <= 1:
-            frames, source = 1, "counted"
-        if frames > s.max_frames:
-            raise BadInput(f"too many frames ({frames} > max_frames {s.max_frames})")
-        return ProbeResult(
-            container=fmt, codec=codec, width=width, height=height, fps=round(fps, 6),
-            frames=frames, frames_source=source, duration_s=round(duration, 6),
-            rotation=rotation, pix_fmt=cc.pix_fmt if cc else None,
-            bit_rate=int(c.bit_rate) if c.bit_rate else None, streams=streams, notes=notes,
-        )
+    frames, source = int(v.frames or 0), "container"
+    if frames <= 0 or (duration and abs(frames - duration * fps) > 0.1 * frames + 2):
+        if frames > 0:
+            notes.append(f"container frame count {frames} disagrees with duration x fps")
+        frames, source = _count_packets(path, s, deadline, v.index), "counted"
+    if duration is None:
+        duration = frames / fps
+        notes.append("duration computed from the frame count")
+    if ended and len(first) == 1 and frames <= 1:
+        frames, source = 1, "counted"
+    if frames > s.max_frames:
+        raise BadInput(f"too many frames ({frames} > max_frames {s.max_frames})")
+    probe = ProbeResult(
+        container=fmt, codec=codec, width=width, height=height, fps=round(fps, 6),
+        frames=frames, frames_source=source, duration_s=round(duration, 6),
+        rotation=rotation, pix_fmt=f0.format.name or (cc.pix_fmt if cc else None),
+        bit_rate=int(c.bit_rate) if c.bit_rate else None, streams=streams, notes=notes,
+    )
+    return OpenedVideo(probe, c, v, first, ended)
 
 
 def _check_size(width: int, height: int, s: CurateSettings) -> None:
@@ -174,18 +225,21 @@ def _check_size(width: int, height: int, s: CurateSettings) -> None:
 
 
 def _first_frames(c: av.container.InputContainer, v: av.video.stream.VideoStream,
-                  deadline: float, n: int = 3) -> list[av.VideoFrame]:
+                  deadline: float, n: int) -> tuple[list[av.VideoFrame], bool]:
+    """The first n frames (fewer if the stream ends or breaks), and whether the stream
+    ended: then the decoder has been flushed and has nothing more to give."""
     out: list[av.VideoFrame] = []
     try:
         for packet in c.demux(v):
             for frame in packet.decode():
                 out.append(frame)
             if len(out) >= n or time.monotonic() > deadline:
-                break
+                return out, packet.size == 0  # an empty packet flushes the decoder
     except av.error.FFmpegError as exc:
         if not out:
             raise BadInput(f"the video stream does not decode: {_msg(exc)}") from None
-    return out
+        return out, False
+    return out, True
 
 
 def _fps_from_pts(frames: list[av.VideoFrame]) -> float | None:

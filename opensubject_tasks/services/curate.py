@@ -19,7 +19,7 @@ from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Clip, Video
 from opensubject_tasks.errors import BadInput, Rejected
 from opensubject_tasks.media.decode import DecodeStats, iter_frames
-from opensubject_tasks.media.probe import probe_video
+from opensubject_tasks.media.probe import open_video
 from opensubject_tasks.services.common import StageResult, stage
 from opensubject_tasks.stages.curate import ClipResult, check_video, curate_frames
 from opensubject_tasks.storage import Keys
@@ -66,17 +66,20 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
     with local_copy(ctx.store, source) as path:
         timings["fetch_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        probe = probe_video(path, s)
+        # the decode pass continues with the probe's open file and decoder
+        video = open_video(path, s)
+        probe = video.probe
         timings["probe_s"] = time.perf_counter() - t1
-        with session_scope(ctx.sessions) as db:
-            row = db.get(Video, video_id)
-            row.probe = probe.to_dict()
         stats = DecodeStats()
         try:
-            check_video(probe, s)
-            scorer = ctx.backend("quality")
-            outcome = curate_frames(iter_frames(path, probe, s, stats), probe, s, scorer,
-                                    on_clip=write_keyframes)
+            with video:
+                with session_scope(ctx.sessions) as db:
+                    row = db.get(Video, video_id)
+                    row.probe = probe.to_dict()
+                check_video(probe, s)
+                scorer = ctx.backend("quality")
+                outcome = curate_frames(iter_frames(video, probe, s, stats), probe, s, scorer,
+                                        on_clip=write_keyframes)
         except BadInput:
             # nothing of this video stays minable: drop clips and keyframes of any earlier run
             with session_scope(ctx.sessions) as db:
