@@ -4,7 +4,7 @@ PostgreSQL is created from ``sql/``; SQLite (embedded mode) from these models.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from sqlalchemy import (
@@ -15,7 +15,6 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
-    String,
     Text,
     UniqueConstraint,
 )
@@ -27,7 +26,7 @@ BigIntPK = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincremen
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
