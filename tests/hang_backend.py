@@ -54,8 +54,8 @@ def make_hang_once_inpainter(**options: Any) -> HangOnceInpainter:
 
 
 class HangQuality:
-    """A quality scorer that never returns: every curate hangs until its hard time limit
-    kills the pool process."""
+    """A quality scorer that never returns: every curate hangs until its soft time limit
+    interrupts the sleep, or its hard limit kills the pool process."""
 
     def score(self, *_args: Any, **_kwargs: Any) -> Any:
         time.sleep(HANG_S)

@@ -260,14 +260,18 @@ def test_worker_killed_mid_task(stack, sample_media, reference):
 
 
 def test_timeout_is_recorded_retried_and_shown_in_airflow(stack, sample_media, capfd):
+    # curate hangs in a quality scorer that never returns (tests/hang_backend.py) until the
+    # soft limit interrupts it: however fast the machine, the limit is what ends it.
     env = stack["apply"](
-        OPENSUBJECT_CELERY__TIME_LIMITS='{"curate": {"soft_s": 0.3, "hard_s": 60}}',
+        OPENSUBJECT_BACKENDS__QUALITY="hang_always",
+        OPENSUBJECT_CELERY__TIME_LIMITS='{"curate": {"soft_s": 1, "hard_s": 60}}',
         OPENSUBJECT_CELERY__MAX_RETRIES="1",
         OPENSUBJECT_CELERY__RETRY_BACKOFF_S="0.2",
+        PYTHONPATH=str(Path(__file__).parent),
     )
     store = stack["store"]
     upload(store, sample_media, VIDEOS[:1], bad=False)
-    worker = stack["worker"]("t1", env)
+    worker = stack["worker"]("t1", env, include="hang_backend")
 
     run, states = run_dag_test(load_dag("opensubject_build"), {"source": "store://raw/", "build_name": "slow"})
 
