@@ -51,14 +51,17 @@ def _progress_bars(enabled: bool) -> Iterator[Any]:
     if not enabled:
         yield None
         return
+    from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
+    # On stderr, like logging: stdout carries the run's summary only.
     with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), transient=False) as prog:
-        def factory(stage: str, total: int):
-            task = prog.add_task(stage, total=total)
-            return lambda n: prog.advance(task, n)
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+                  console=Console(stderr=True)) as prog:
+        def factory(stage: str):
+            task = prog.add_task(stage, total=None)
+            return lambda advance, total: prog.update(task, advance=advance, total=total)
         yield factory
 
 

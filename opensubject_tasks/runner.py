@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 UNTIL_CHOICES = ("ingest",) + STAGE_ORDER
 TERMINAL_VIDEO = ("done", "rejected", "failed")
 
-# A callable(stage, total) -> advance(n) used for progress display; the CLI passes rich
-# bars. total is None: follow-up units appear while the build runs.
-ProgressFactory = Callable[[str, "int | None"], Callable[[int], None]]
+# A callable(stage) -> update(advance, total) used for progress display; the CLI passes
+# rich bars. The total grows while the build runs: follow-up units (a video's samples, a
+# re-synthesis) appear as earlier units finish.
+ProgressFactory = Callable[[str], Callable[[int, int], None]]
 # What one unit gives back: entity id, status, reason, follow-up (stage, entity) units.
 UnitResult = tuple[str, str, "str | None", list[tuple[str, str]]]
 
@@ -65,8 +66,8 @@ class BuildSummary:
                 "timings": [t.__dict__ for t in self.timings], "export_dir": self.export_dir}
 
 
-def _no_progress(stage: str, total: int | None) -> Callable[[int], None]:
-    return lambda n: None
+def _no_progress(stage: str) -> Callable[[int, int], None]:
+    return lambda advance, total: None
 
 
 # --- worker processes -------------------------------------------------------------
@@ -166,12 +167,20 @@ class Runner:
         pending: set[tuple[str, str]] = set()          # ready or running: not added twice
         span: dict[str, list[float]] = {}               # stage -> [first start, last end]
         counts: dict[str, int] = {}
-        bars: dict[str, Callable[[int], None]] = {}
+        queued: dict[str, int] = {}                     # stage -> units added so far
+        bars: dict[str, Callable[[int, int], None]] = {}
+
+        def bar(stage: str, advance: int) -> None:
+            if stage not in bars:
+                bars[stage] = self.progress(stage)
+            bars[stage](advance, queued[stage])
 
         def add(stage: str, entity_id: str) -> None:
             if stage in allowed and (stage, entity_id) not in pending:
                 pending.add((stage, entity_id))
                 heapq.heappush(ready, (rank[stage], next(order), stage, entity_id))
+                queued[stage] = queued.get(stage, 0) + 1
+                bar(stage, 0)
 
         def start() -> tuple[str, str]:
             _, _, stage, entity_id = heapq.heappop(ready)
@@ -182,9 +191,7 @@ class Runner:
             pending.discard((stage, entity_id))
             span[stage][1] = time.perf_counter()
             counts[stage] = counts.get(stage, 0) + 1
-            if stage not in bars:
-                bars[stage] = self.progress(stage, None)
-            bars[stage](1)
+            bar(stage, 1)
             for follow in result[3]:
                 add(*follow)
 

@@ -47,9 +47,10 @@ def _status(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def full_run(sample_media: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run_full")
-    proc = subprocess.run([*OPENSUBJECT, "run", str(sample_media), "--out", str(out), "--jobs", "2"],
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run([*OPENSUBJECT, "run", str(sample_media), "--out", str(out), "--jobs", "2",
+                           "--progress"], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out / "run.stderr").write_text(proc.stderr)
     return out
 
 
@@ -70,6 +71,23 @@ def test_run_produces_dataset_and_status(full_run: Path, sample_media: Path) -> 
     assert list(ds.glob("shard-*.tar")) and (ds / "manifest.parquet").exists()
     assert (ds / "stats.json").exists() and (ds / "report.html").exists()
     assert (full_run / "contact_sheet.png").stat().st_size > 1000
+
+
+def test_progress_bars_count_every_unit_of_each_stage(full_run: Path) -> None:
+    """The bars' totals grow as follow-up units appear and end at what each stage ran."""
+    import re
+
+    bars = {m[1]: (int(m[2]), int(m[3])) for m in
+            re.finditer(r"^(curate|mine|synthesize|verify)\s.*?(\d+)/(\d+)", (full_run / "run.stderr").read_text(),
+                         re.MULTILINE)}
+    assert set(bars) == {"curate", "mine", "synthesize", "verify"}, bars
+    assert all(done == total for done, total in bars.values()), bars
+    con = sqlite3.connect(full_run / "opensubject.db")
+    try:
+        ran = dict(con.execute("SELECT stage, COUNT(*) FROM stage_attempts GROUP BY stage").fetchall())
+    finally:
+        con.close()
+    assert {st: total for st, (_, total) in bars.items()} == {st: ran[st] for st in bars}
 
 
 def test_status_json_shape(full_run: Path) -> None:
