@@ -79,10 +79,14 @@ def box_area(b: Sequence[float]) -> float:
     return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
 
 
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
+def intersection_area(a: Sequence[float], b: Sequence[float]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
+    return ix * iy
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    inter = intersection_area(a, b)
     union = box_area(a) + box_area(b) - inter
     return inter / union if union > 0 else 0.0
 
@@ -253,9 +257,7 @@ def predict_box(ident: list[_Box], frame: int, frame_numbers: Sequence[int], ski
 
 
 def _share_inside(inner: Sequence[float], outer: Sequence[float]) -> float:
-    ix = max(0.0, min(inner[2], outer[2]) - max(inner[0], outer[0]))
-    iy = max(0.0, min(inner[3], outer[3]) - max(inner[1], outer[1]))
-    return ix * iy / max(box_area(inner), 1e-6)
+    return intersection_area(inner, outer) / max(box_area(inner), 1e-6)
 
 
 def _clip_box(box: Sequence[float], outer: Sequence[float]) -> list[float]:
@@ -296,7 +298,7 @@ def join_pieces(idents: list[list[_Box]], frame_numbers: Sequence[int]
             if iou(joined, pred) >= max(0.6, iou(own.det.box, pred) + JOIN_GAIN):
                 joins.append((ai, k, Detection(joined, own.det.score, own.det.category, own.det.track)))
                 taken.update({(ci, k) for ci, _ in pieces} | {(ai, k)})
-    return joins, {t for t in taken if t not in {(i, k) for i, k, _ in joins}}
+    return joins, taken - {(i, k) for i, k, _ in joins}
 
 
 def find_merged(idents: list[list[_Box]], n: int, frame_numbers: Sequence[int]
