@@ -34,14 +34,13 @@ from opensubject_tasks.celery_app import app, task_name
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video
+from opensubject_tasks.db.models import Build, StageAttempt
 from opensubject_tasks.errors import TransientError
-from opensubject_tasks.services.common import StageResult, run_stage, utcnow
+from opensubject_tasks.services.common import StageResult, build_of, mark_terminal, run_stage, utcnow
 from opensubject_tasks.services.resynth import SAMPLE_STAGES, requeue
 
 log = logging.getLogger(__name__)
 
-ENTITY_MODEL = {"video": Video, "sample": Sample, "build": Build}
 STAGE_ENTITY = {"curate": "video", "mine": "video", "synthesize": "sample", "verify": "sample",
                 "export": "build"}
 
@@ -69,19 +68,9 @@ def worker_context(profile: str | None = None) -> Context:
     return _contexts[key]
 
 
-def build_of(ctx: Context, stage: str, entity_id: str) -> str | None:
-    model = ENTITY_MODEL.get(STAGE_ENTITY.get(stage, ""))
-    if model is None:
-        return None
-    if model is Build:
-        return entity_id
-    with session_scope(ctx.sessions) as s:
-        return s.scalar(select(model.build_id).where(model.id == entity_id))
-
-
 def build_profile(ctx: Context, stage: str, entity_id: str) -> str | None:
     """The profile the entity's build was started with (None: the worker's own)."""
-    build_id = build_of(ctx, stage, entity_id)
+    build_id = build_of(ctx, STAGE_ENTITY.get(stage, ""), entity_id)
     if build_id is None:
         return None
     with session_scope(ctx.sessions) as s:
@@ -113,24 +102,11 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def mark_failed(ctx: Context, stage: str, entity_id: str, reason: str) -> None:
-    """Give the entity its terminal failed state with the error, so nothing is left in flight."""
-    model = ENTITY_MODEL.get(STAGE_ENTITY.get(stage, ""))
-    if model is None:
-        return
-    with session_scope(ctx.sessions) as s:
-        row = s.get(model, entity_id)
-        if row is None:
-            return
-        row.state = "failed"
-        if hasattr(row, "reason"):
-            row.reason = reason[:2000]
-
-
 def give_up(stage: str, entity_id: str, reason: str) -> None:
-    """Mark the entity failed; a database that is down too must not hide the first error."""
+    """Give the entity its terminal failed state with the error, so nothing is left in
+    flight; a database that is down too must not hide the first error."""
     try:
-        mark_failed(worker_context(), stage, entity_id, reason)
+        mark_terminal(worker_context(), STAGE_ENTITY.get(stage, ""), entity_id, "failed", reason)
     except Exception:  # noqa: BLE001
         log.exception("could not record the failure of %s(%s): %s", stage, entity_id, reason)
 
@@ -214,9 +190,10 @@ class StageTask(Task):
             # A row of its own: the attempt's row belongs to the pool process, which is still
             # alive here and writes it as it is terminated (an error "SystemExit"), or leaves
             # it running (closed as lost when the task starts again).
+            entity_type = STAGE_ENTITY.get(self.stage, "video")
+            build_id = build_of(ctx, entity_type, entity_id)
             with session_scope(ctx.sessions) as s:
-                s.add(StageAttempt(build_id=build_of(ctx, self.stage, entity_id),
-                                   entity_type=STAGE_ENTITY.get(self.stage, "video"), entity_id=entity_id,
+                s.add(StageAttempt(build_id=build_id, entity_type=entity_type, entity_id=entity_id,
                                    stage=self.stage, attempt=kills, worker=ctx.worker, status="timeout",
                                    error=error, finished_at=utcnow(), duration_s=0.0))
         except Exception:  # noqa: BLE001 - the database is down too: Celery's FAILURE stands

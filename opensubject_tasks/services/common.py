@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Sample, StageAttempt, Video, utcnow
+from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video, utcnow
 from opensubject_tasks.errors import BadInput, Rejected
 
 # Follow-up work: (stage, entity_id) pairs an orchestrator should run next.
@@ -67,7 +67,8 @@ def load_stages() -> dict[str, StageSpec]:
     return STAGES
 
 
-def _build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
+def build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
+    """The build a video, sample or build belongs to (None for other entities)."""
     with session_scope(ctx.sessions) as s:
         if entity_type == "video":
             return s.scalar(select(Video.build_id).where(Video.id == entity_id))
@@ -79,15 +80,17 @@ def _build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
 
 
 def mark_terminal(ctx: Context, entity_type: str, entity_id: str, state: str, reason: str) -> None:
-    """Give a video or sample a terminal state with its reason (other entities have none)."""
-    model = {"video": Video, "sample": Sample}.get(entity_type)
+    """Give a video, sample or build a terminal state, with its reason where the row keeps
+    one (a build does not)."""
+    model = {"video": Video, "sample": Sample, "build": Build}.get(entity_type)
     if model is None:
         return
     with session_scope(ctx.sessions) as s:
         row = s.get(model, entity_id)
         if row is not None:
             row.state = state
-            row.reason = reason[:2000]
+            if hasattr(row, "reason"):
+                row.reason = reason[:2000]
 
 
 def mark_bad_input(ctx: Context, entity_type: str, entity_id: str, exc: BadInput) -> None:
@@ -100,7 +103,7 @@ def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1) -
     """Run one stage on one entity; bad input becomes a recorded result, other errors
     are recorded and re-raised (the caller decides whether to retry)."""
     spec = load_stages()[stage_name]
-    build_id = _build_of(ctx, spec.entity_type, entity_id)
+    build_id = build_of(ctx, spec.entity_type, entity_id)
     with session_scope(ctx.sessions) as s:
         row = StageAttempt(build_id=build_id, entity_type=spec.entity_type, entity_id=entity_id,
                            stage=stage_name, attempt=attempt, worker=ctx.worker, status="running")
