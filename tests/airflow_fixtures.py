@@ -90,10 +90,12 @@ class Worker:
     """A real ``celery worker`` process (its own process group, so the pool dies with it)."""
 
     def __init__(self, env: dict[str, str], name: str, log_path: Path, queues: str = "cpu,gpu",
-                 concurrency: int = 1) -> None:
+                 concurrency: int = 1, include: str | None = None) -> None:
         self.cmd = [str(VENV_BIN / "celery"), "-A", "opensubject_tasks.celery_app", "worker",
                     "-Q", queues, "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
                     "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+        if include:  # a test-only module loaded into the worker (celery worker --include)
+            self.cmd += ["--include", include]
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None

@@ -77,10 +77,8 @@ class Stack:
 
     def worker(self, env: dict[str, str], name: str, concurrency: int = 1, include: str | None = None,
                loglevel: str = "INFO") -> Worker:
-        w = Worker(env, name, self.tmp / f"worker-{name}.log", concurrency=concurrency)
+        w = Worker(env, name, self.tmp / f"worker-{name}.log", concurrency=concurrency, include=include)
         w.cmd[w.cmd.index("--loglevel") + 1] = loglevel
-        if include:  # a test-only module loaded into the worker (celery worker --include)
-            w.cmd += ["--include", include]
         self.workers.append(w)
         return w.start()
 

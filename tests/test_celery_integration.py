@@ -105,9 +105,7 @@ def stack(pg_db, redis_url, s3_store_settings, monkeypatch, airflow_db, tmp_path
     workers: list[Worker] = []
 
     def worker(name: str, env: dict[str, str], include: str | None = None) -> Worker:
-        w = Worker(env, name, tmp_path / f"worker-{name}.log")
-        if include:  # a test-only module loaded into the worker (celery worker --include)
-            w.cmd += ["--include", include]
+        w = Worker(env, name, tmp_path / f"worker-{name}.log", include=include)
         workers.append(w)
         return w.start()
 
