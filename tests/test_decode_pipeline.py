@@ -15,7 +15,7 @@ from opensubject_tasks.backends.classical.quality import ClassicalQuality
 from opensubject_tasks.config import CurateSettings
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.media.decode import DecodeStats, Shrinker, analysis_size, fit_size, iter_frames
-from opensubject_tasks.media.probe import open_video, probe_video
+from opensubject_tasks.media.probe import FrameNumbers, open_video, probe_video
 from opensubject_tasks.media.samples import photo
 from opensubject_tasks.stages.curate import curate_frames
 
@@ -60,25 +60,80 @@ def clip(tmp_path_factory) -> Path:
     return _video(tmp_path_factory.mktemp("pipeline") / "clip.mp4")
 
 
-@pytest.mark.parametrize("codec,ext", [("mpeg4", "avi"), ("libvpx-vp9", "webm"), ("libx264", "mkv")])
+@pytest.mark.parametrize("codec,ext", [("mpeg4", "avi"), ("libvpx-vp9", "webm"), ("libx264", "mkv"),
+                                       ("libx264", "mp4")])
 @pytest.mark.parametrize("threads", [0, 1])
+@pytest.mark.parametrize("skip", [False, True])
 def test_the_probes_open_video_continues_into_every_frame(tmp_path: Path, codec: str, ext: str,
-                                                         threads: int):
+                                                         threads: int, skip: bool):
     """The decode pass continues with the probe's container and decoder and starts with
     the frame the probe decoded: every frame comes once, in order, the same bytes as a
-    plain decode, and the file is closed at the end."""
+    plain decode, and the file is closed at the end. With decode_skip_nonref the frames
+    no other frame refers to are skipped (x264's B-frames), and each frame that comes
+    carries its own number: the same picture as that frame of a plain decode."""
     path = _video(tmp_path / f"v.{ext}", n=40, codec=codec)
-    s = CurateSettings(decode_threads=threads)
+    s = CurateSettings(decode_threads=threads, decode_skip_nonref=skip)
     aw, ah = analysis_size(320, 180, s.analysis_width)
     with av.open(str(path)) as c:
         plain = [f.to_ndarray(width=aw, height=ah, format="bgr24", interpolation="AREA") for f in c.decode(video=0)]
     video = open_video(path, s)
-    assert video.probe.pix_fmt == "yuv420p" and video.probe.frames == 40
-    frames = list(iter_frames(video, video.probe, s))
-    assert [f.index for f in frames] == list(range(40)) and len(plain) == 40
-    assert all(np.array_equal(f.small, q) for f, q in zip(frames, plain))
+    assert video.probe.pix_fmt == "yuv420p" and video.probe.frames == 40 and len(plain) == 40
+    stats = DecodeStats()
+    frames = list(iter_frames(video, video.probe, s, stats))
+    numbers = [f.index for f in frames]
+    assert stats.frames == 40 and stats.decoded == len(frames)
+    if skip and codec == "libx264":
+        assert numbers[0] == 0 and numbers == sorted(set(numbers)) and 20 <= len(numbers) < 36
+    else:  # without B-frames there is nothing to skip
+        assert numbers == list(range(40))
+    assert all(np.array_equal(f.small, plain[f.index]) for f in frames)
     assert not _open_by_us(path)
     video.close()  # closing again (as the service does) is harmless
+
+
+def _packet(pts: int | None) -> av.Packet:
+    packet = av.Packet(b"\0\0")
+    packet.pts = pts
+    return packet
+
+
+class _Shown:  # what FrameNumbers reads of a decoded frame
+    def __init__(self, pts: int | None) -> None:
+        self.pts = pts
+
+
+def test_frame_numbers_count_the_frames_a_decoder_skips():
+    """Packets arrive in decode order (I0 P4 B2 b1 b3 P8 B6 b5 b7); the decoder shows
+    frames in presentation order and skips the unreferenced b-frames: each shown frame
+    gets its presentation number, and the total counts the skipped ones."""
+    numbers = FrameNumbers()
+    shown = []
+    for pts, decoded in [(0, [0]), (4, []), (2, []), (1, []), (3, [2]), (8, [4]), (6, []), (5, []), (7, [6])]:
+        numbers.packet(_packet(pts * 512))
+        shown += [numbers.frame(_Shown(t * 512)) for t in decoded]
+    numbers.packet(av.Packet())  # the flush packet counts for nothing
+    shown.append(numbers.frame(_Shown(8 * 512)))
+    assert shown == [0, 2, 4, 6, 8] and numbers.total == 9
+    assert len(numbers._ahead) == 0  # nothing kept behind the last frame
+
+
+def test_frame_numbers_without_timestamps_count_what_comes():
+    numbers = FrameNumbers()
+    numbers.packet(_packet(None))
+    assert not numbers.exact
+    assert [numbers.frame(_Shown(None)) for _ in range(3)] == [0, 1, 2] and numbers.total == 3
+
+
+def test_a_stream_without_timestamps_is_decoded_whole(tmp_path: Path):
+    """Raw H.264 carries no timestamps to number skipped frames by: every frame is
+    decoded, in order, even with decode_skip_nonref."""
+    path = _video(tmp_path / "v.h264", n=40, fmt="h264")
+    s = CurateSettings(decode_skip_nonref=True)
+    with av.open(str(path)) as c:
+        assert all(p.pts is None for p in c.demux(video=0) if p.size)
+    stats = DecodeStats()
+    assert [f.index for f in iter_frames(path, probe_video(path, s), s, stats)] == list(range(40))
+    assert stats.decoded == stats.frames == 40
 
 
 def test_a_single_frame_video_is_not_decoded_past_its_end(tmp_path: Path):
@@ -92,7 +147,7 @@ def test_a_single_frame_video_is_not_decoded_past_its_end(tmp_path: Path):
 
 
 def test_frames_arrive_complete_in_order_and_equal_a_plain_decode(clip: Path):
-    s = CurateSettings(keyframe_max_side=160)
+    s = CurateSettings(keyframe_max_side=160, decode_skip_nonref=False)
     p = probe_video(clip, s)
     aw, ah = analysis_size(p.width, p.height, s.analysis_width)
     with av.open(str(clip)) as c:
@@ -153,7 +208,8 @@ def test_an_error_in_the_analysis_stops_decoding(clip: Path):
     assert not _decode_threads() and not _open_by_us(clip)
 
 
-def test_a_decode_error_reaches_the_caller_after_the_good_frames(tmp_path: Path):
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_decode_error_reaches_the_caller_after_the_good_frames(tmp_path: Path, skip: bool):
     full = _video(tmp_path / "full.mp4")
     cut = tmp_path / "cut.mp4"
     with av.open(str(full)) as src, av.open(str(cut), "w", options={"movflags": "faststart"}) as out:
@@ -164,12 +220,14 @@ def test_a_decode_error_reaches_the_caller_after_the_good_frames(tmp_path: Path)
                 out.mux(pk)
     data = cut.read_bytes()
     cut.write_bytes(data[: len(data) // 2])  # the index (first) promises 60 frames
-    s = CurateSettings()
+    s = CurateSettings(decode_skip_nonref=skip)
     seen = []
-    with pytest.raises(BadInput, match="truncated or corrupt video: decoded"):
+    with pytest.raises(BadInput, match="truncated or corrupt video: read"):
         for f in iter_frames(cut, probe_video(cut, s), s):
             seen.append(f.index)
-    assert seen and seen == list(range(len(seen))) and len(seen) < 54
+    assert seen and seen[0] == 0 and seen == sorted(set(seen)) and seen[-1] < 54
+    if not skip:
+        assert seen == list(range(len(seen)))
     assert not _decode_threads() and not _open_by_us(cut)
 
 

@@ -1,12 +1,20 @@
 """One decode pass per video, overlapped with the analysis.
 
+A coarse pass (``decode_skip_nonref``, on by default): the decoder skips the frames
+that no other frame refers to (most B-frames: 40 % of the frames of common H.264,
+HEVC and AV1 encodes), which saves their decoding and their analysis; the frames
+that remain are numbered by presentation timestamp (``FrameNumbers``), so frame
+numbers, clip bounds and keyframe numbers mean the same as in a full decode. Shot
+precision/recall is unchanged (docs/curation.md). Streams without timestamps, or
+whose gaps would be long, are decoded whole.
+
 A decode thread does nothing but demux and decode each frame once (with FFmpeg's
 own decoding threads) and hands the pictures over through a small bounded queue;
 the caller's thread, which has time to spare while the decoder works, has
 FFmpeg's scaler shrink each picture straight to the small analysis size that shot
 detection and motion need. PyAV's decode and scale calls, OpenCV and NumPy release
-the GIL, so the two threads run in parallel. Every ``keyframe_stride``-th frame is
-also kept as a keyframe candidate: a reference to the decoded picture, converted
+the GIL, so the two threads run in parallel. The first frame at or after every
+``keyframe_stride``-th is also kept as a keyframe candidate: a reference to the decoded picture, converted
 to an RGB keyframe (longest side at most ``keyframe_max_side``, rotated upright)
 only if a clip picks it. Candidates from large sources are shrunk at once so that
 holding them stays cheap.
@@ -22,7 +30,6 @@ declared is reported as truncated.
 """
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -42,6 +49,9 @@ _HOLD_RAW_MAX_PIXELS = 1920 * 1088  # above this, candidates are shrunk right aw
 _QUEUE_FRAMES = 24                  # decoded frames buffered ahead of the analysis ...
 _QUEUE_BYTES = 64 * 1024 * 1024     # ... and at most about this many bytes of them
 _END = object()                     # end-of-stream marker in the queue
+# Skipping unreferenced frames leaves gaps of 1-2 frames in common encodings (B-frames);
+# a stream with longer gaps is decoded whole, so shot detection sees the motion.
+_MAX_SKIP_GAP = 4
 
 
 def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -130,7 +140,8 @@ class Frame:
 
 @dataclass
 class DecodeStats:
-    frames: int = 0
+    frames: int = 0       # frames of the stream gone through, decoded or skipped
+    decoded: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -168,6 +179,7 @@ def iter_frames(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateS
     worker = threading.Thread(target=_decode_into, args=(source, probe, s, stats, frames, stop),
                               name="decode", daemon=True)
     deadline = time.monotonic() + s.decode_timeout_s
+    next_analysed = next_candidate = 0
     worker.start()
     try:
         while True:
@@ -182,13 +194,18 @@ def iter_frames(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateS
                 raise item
             index, frame = item
             # area averaging on one thread: swscale's thread pool costs more than it
-            # saves at this size, and competes with the decoder
-            analysed = index % s.analysis_step == 0
+            # saves at this size, and competes with the decoder. (Shrinking first and
+            # converting after, as for keyframes, halves this cost but moved shot
+            # precision by a cut or two on the sample media: not done.)
+            analysed = index >= next_analysed  # the first frame at or after each analysis_step-th
+            if analysed:
+                next_analysed = (index // s.analysis_step + 1) * s.analysis_step
             small = (analysis.reformat(frame, width=aw, height=ah, format="bgr24",
                                        interpolation="AREA", threads=1).to_ndarray()
                      if analysed else None)
             cand = None
-            if index % stride == 0:
+            if index >= next_candidate:  # the first frame at or after each stride-th
+                next_candidate = (index // stride + 1) * stride
                 held = (frame if frame.width * frame.height <= _HOLD_RAW_MAX_PIXELS
                         else keyframes.shrink(frame, (kw, kh)))
                 cand = KeyframeCandidate(held, (kw, kh), probe.rotation, keyframes)
@@ -218,12 +235,12 @@ def _decode_into(source: str | Path | OpenedVideo, probe: ProbeResult, s: Curate
         for item in _decode(source, s, stats, stop):
             if not _offer(frames, stop, item):
                 return
-        if stats.frames == 0:
+        if stats.decoded == 0:
             raise BadInput("no frame could be decoded")
         expected = probe.frames if probe.frames_source in ("container", "counted") else 0
         if expected and stats.frames < s.min_decoded_share * expected:
             why = f" ({stats.errors[0]})" if stats.errors else ""
-            raise BadInput(f"truncated or corrupt video: decoded {stats.frames} of {expected} frames{why}")
+            raise BadInput(f"truncated or corrupt video: read {stats.frames} of {expected} frames{why}")
         _offer(frames, stop, _END)
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
         _offer(frames, stop, exc)
@@ -231,30 +248,51 @@ def _decode_into(source: str | Path | OpenedVideo, probe: ProbeResult, s: Curate
 
 def _decode(source: str | Path | OpenedVideo, s: CurateSettings, stats: DecodeStats,
             stop: threading.Event) -> Iterator[tuple[int, av.VideoFrame]]:
+    """(frame number, decoded picture) in presentation order. With ``decode_skip_nonref``
+    the decoder skips the frames no other frame refers to; numbers still count them."""
     t0 = time.monotonic()
     deadline = t0 + s.decode_timeout_s
-    index = 0
+    index = last = -1
     try:
         with (source if isinstance(source, OpenedVideo) else open_video(source, s)) as video:
-            rest = () if video.ended else video.container.decode(video.stream)
+            numbers, decoder = video.numbers, video.stream.codec_context
+            skipping = s.decode_skip_nonref and numbers.exact
+
+            def decoded() -> Iterator[av.VideoFrame]:
+                yield from video.take_first_frames()  # decoded whole by the probe
+                if video.ended:
+                    return
+                if skipping:
+                    decoder.skip_frame = "NONREF"
+                for packet in video.container.demux(video.stream):
+                    numbers.packet(packet)
+                    yield from packet.decode()
+
             try:
-                for frame in itertools.chain(video.take_first_frames(), rest):
+                for frame in decoded():
                     if stop.is_set():
                         return
+                    index = numbers.frame(frame)
+                    if skipping and (not numbers.exact or index - last > _MAX_SKIP_GAP):
+                        # no timestamps to number skipped frames by, or gaps too long for
+                        # shot detection: decode every frame from here on
+                        decoder.skip_frame, skipping = "DEFAULT", False
+                    last = index
                     if index >= s.max_frames:
                         raise BadInput(f"more than max_frames={s.max_frames} frames decoded")
                     yield index, frame
-                    index += 1
-                    stats.frames = index
+                    stats.decoded += 1
+                    stats.frames = numbers.total
                     if time.monotonic() > deadline:
                         raise BadInput(f"decoding took longer than decode_timeout_s={s.decode_timeout_s:g} "
-                                       f"({index} frames decoded)")
+                                       f"({index + 1} frames decoded)")
             except av.error.FFmpegError as exc:
-                stats.errors.append(f"frame {index}: {getattr(exc, 'strerror', None) or exc}")
+                stats.errors.append(f"frame {index + 1}: {getattr(exc, 'strerror', None) or exc}")
+            stats.frames = numbers.total
     except av.error.FFmpegError as exc:
         if time.monotonic() > deadline:  # FFmpeg's own I/O timeout fired
             raise BadInput(f"decoding took longer than decode_timeout_s={s.decode_timeout_s:g} "
-                           f"({index} frames decoded)") from None
+                           f"({index + 1} frames decoded)") from None
         raise BadInput(f"cannot decode the video: {getattr(exc, 'strerror', None) or exc}") from None
     finally:
         stats.seconds = time.monotonic() - t0

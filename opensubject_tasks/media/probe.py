@@ -10,6 +10,7 @@ decoded, so a video is opened, stream-probed and started decoding only once.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -85,17 +86,63 @@ def _rate(value: Any) -> float | None:
     return f if f is not None and math.isfinite(f) and f > 0 else None
 
 
+class FrameNumbers:
+    """Frame numbers in presentation order that also count frames the decoder skipped.
+
+    Feed it every packet read (``packet``) and every frame decoded (``frame``). A
+    frame's number is the rank of its timestamp among the packets' timestamps: frames
+    leave the decoder in presentation order, and by then every packet shown before
+    them has been read. Timestamps behind the last frame are only counted, so this
+    holds a few dozen of them, whatever the video's length. A stream without
+    timestamps (raw H.264, for one) makes ``exact`` False: frames are then numbered as
+    they come, and the decoder must not skip any.
+    """
+
+    def __init__(self) -> None:
+        self._ahead: list[int] = []  # sorted timestamps of packets not yet behind the last frame
+        self._behind = 0             # packets presented up to the last frame
+        self._last = -1
+        self.exact = True
+
+    def packet(self, packet: av.Packet) -> None:
+        if not packet.size or packet.is_discard:  # a flush, or a packet FFmpeg drops unshown
+            return
+        if packet.pts is None:
+            self.exact = False
+        else:
+            bisect.insort(self._ahead, packet.pts)
+
+    def frame(self, frame: av.VideoFrame) -> int:
+        number = self._last + 1
+        if self.exact and frame.pts is not None:
+            earlier = bisect.bisect_left(self._ahead, frame.pts)
+            own = int(earlier < len(self._ahead) and self._ahead[earlier] == frame.pts)
+            number = max(number, self._behind + earlier)
+            del self._ahead[:earlier + own]
+            self._behind += earlier + own
+        elif self.exact:
+            self.exact = False
+        self._last = number
+        return number
+
+    @property
+    def total(self) -> int:
+        """Frames in the stream so far, decoded or not."""
+        return max(self._last + 1, self._behind + len(self._ahead)) if self.exact else self._last + 1
+
+
 class OpenedVideo:
     """A probed video, open and positioned after the frames the probe decoded. Its
     decoder is set up for the decode pass (FFmpeg's threads) before the first packet,
-    so that pass can continue with it. Close it (or use it as a context manager);
-    closing twice is harmless."""
+    so that pass can continue with it; ``numbers`` has seen the packets read so far.
+    Close it (or use it as a context manager); closing twice is harmless."""
 
     def __init__(self, probe: ProbeResult, container: av.container.InputContainer,
                  stream: av.video.stream.VideoStream, first_frames: list[av.VideoFrame],
-                 ended: bool) -> None:
+                 ended: bool, numbers: FrameNumbers) -> None:
         self.probe, self.container, self.stream = probe, container, stream
         self._first, self.ended = first_frames, ended  # ended: the decoder is flushed
+        self.numbers = numbers
 
     def take_first_frames(self) -> list[av.VideoFrame]:
         """The frames the probe decoded, once (then released)."""
@@ -173,7 +220,8 @@ def _probe(path: Path, c: av.container.InputContainer, s: CurateSettings) -> Ope
     v.thread_type = "AUTO"
     if s.decode_threads:
         v.thread_count = s.decode_threads
-    first, ended = _first_frames(c, v, deadline, n=1 if fps is not None else 3)
+    numbers = FrameNumbers()
+    first, ended = _first_frames(c, v, deadline, numbers, n=1 if fps is not None else 3)
     if not first:
         raise BadInput(f"no frame of the {codec} stream could be decoded")
     f0 = first[0]
@@ -215,7 +263,7 @@ def _probe(path: Path, c: av.container.InputContainer, s: CurateSettings) -> Ope
         rotation=rotation, pix_fmt=f0.format.name or (cc.pix_fmt if cc else None),
         bit_rate=int(c.bit_rate) if c.bit_rate else None, streams=streams, notes=notes,
     )
-    return OpenedVideo(probe, c, v, first, ended)
+    return OpenedVideo(probe, c, v, first, ended, numbers)
 
 
 def _check_size(width: int, height: int, s: CurateSettings) -> None:
@@ -225,12 +273,13 @@ def _check_size(width: int, height: int, s: CurateSettings) -> None:
 
 
 def _first_frames(c: av.container.InputContainer, v: av.video.stream.VideoStream,
-                  deadline: float, n: int) -> tuple[list[av.VideoFrame], bool]:
+                  deadline: float, numbers: FrameNumbers, n: int) -> tuple[list[av.VideoFrame], bool]:
     """The first n frames (fewer if the stream ends or breaks), and whether the stream
     ended: then the decoder has been flushed and has nothing more to give."""
     out: list[av.VideoFrame] = []
     try:
         for packet in c.demux(v):
+            numbers.packet(packet)
             for frame in packet.decode():
                 out.append(frame)
             if len(out) >= n or time.monotonic() > deadline:

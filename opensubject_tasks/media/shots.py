@@ -84,6 +84,7 @@ class ShotDetector:
         self._gradual: list[int] = []
         self._emitted: list[int] = []
         self._last = -1
+        self._slot = -1                          # slot of the last frame the phases saw
 
     def _tc(self, n: int) -> FrameTimecode:
         return FrameTimecode(n, self.fps)
@@ -92,10 +93,10 @@ class ShotDetector:
                 lookup: Callable[[int], np.ndarray | None] | None = None) -> list[int]:
         """Feed frame ``index`` (BGR, analysis size); returns cuts that are now final.
 
-        With ``step`` > 1 feed only frames whose index is a multiple of step, and pass
-        ``lookup(n)`` giving the analysis image of a recent skipped frame n: a hard cut
-        found between two fed frames is then placed on its exact frame by looking
-        only at the few frames in that gap."""
+        Frames may come with gaps (a decoder that skipped some). With ``step`` > 1 feed
+        about every step-th frame, and pass ``lookup(n)`` giving the analysis image of a
+        recent frame n that was not fed: a hard cut found between two fed frames is then
+        placed on its exact frame by looking only at the few frames in that gap."""
         self._last = index
         tc = self._tc(index)
         self._recent.append((index, frame_bgr))
@@ -110,8 +111,13 @@ class ShotDetector:
             h, w = frame_bgr.shape[:2]
             half = cv2.resize(frame_bgr, (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
             self._frames.append((index, half))
-            det = self._phases[(index // self.step) % self.phases]
-            self._votes += [c.frame_num for c in det.process_frame(tc, half)]
+            # phase j sees the first frame fed at or after each of its slots j, j + phases, ...
+            # (slots are fed-frame positions): one phase per frame when every frame is fed, and
+            # frames a steady span apart in every phase when the decoder skipped some
+            slot = index // self.step
+            for j in sorted({t % self.phases for t in range(max(self._slot + 1, slot - self.phases + 1), slot + 1)}):
+                self._votes += [c.frame_num for c in self._phases[j].process_frame(tc, half)]
+            self._slot = slot
             self._group_votes(index, final=False)
         return self._release(index - self.lag)
 
@@ -129,14 +135,15 @@ class ShotDetector:
         return self._release(self._last + 1)
 
     def _refine(self, cut: int, lookup: Callable[[int], np.ndarray | None]) -> int:
-        """The first frame in (cut - step, cut] that looks like ``cut`` rather than like
-        the fed frame before the gap."""
+        """The first frame between the fed frame before ``cut`` and ``cut`` that looks
+        like ``cut`` rather than like that fed frame."""
+        fed = [n for n, _ in self._recent if n < cut]
         recent = dict(self._recent)
-        before, after = recent.get(cut - self.step), recent.get(cut)
-        if before is None or after is None:
+        after = recent.get(cut)
+        if not fed or after is None:
             return cut
-        b, a = before.astype(np.int16), after.astype(np.int16)
-        for n in range(cut - self.step + 1, cut):
+        b, a = recent[fed[-1]].astype(np.int16), after.astype(np.int16)
+        for n in range(fed[-1] + 1, cut):
             img = lookup(n)
             if img is None:
                 return cut

@@ -79,7 +79,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
                 check_video(probe, s)
                 scorer = ctx.backend("quality")
                 outcome = curate_frames(iter_frames(video, probe, s, stats), probe, s, scorer,
-                                        on_clip=write_keyframes)
+                                        on_clip=write_keyframes, total_frames=lambda: stats.frames)
         except BadInput:
             # nothing of this video stays minable: drop clips and keyframes of any earlier run
             with session_scope(ctx.sessions) as db:
@@ -103,7 +103,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
     _delete_stale_keyframes(ctx, video_id, {e["key"] for es in written.values() for e in es})
 
     details = {
-        "frames": outcome.frames, "cuts": outcome.cuts,
+        "frames": outcome.frames, "decoded_frames": stats.decoded, "cuts": outcome.cuts,
         "clips": len(outcome.clips), "kept": len(kept),
         "decode_fps": round(stats.fps, 1), "decode_s": round(stats.seconds, 3),
         "decode_errors": stats.errors[:5],

@@ -137,11 +137,13 @@ class _ClipMaker:
 
 
 def curate_frames(frames: Iterable[Frame], probe: ProbeResult, s: CurateSettings,
-                  scorer: QualityScorer, on_clip: Callable[[ClipResult], None] | None = None) -> CurateOutcome:
+                  scorer: QualityScorer, on_clip: Callable[[ClipResult], None] | None = None,
+                  total_frames: Callable[[], int] | None = None) -> CurateOutcome:
     """Shots, clips, keyframes and quality from one pass over the frames.
 
     ``on_clip`` is called once per scored clip (kept or rejected on quality) while
-    its keyframe images are still attached.
+    its keyframe images are still attached. Frames may come with gaps (a decoder that
+    skipped some); ``total_frames()``, asked at the end, counts the skipped ones too.
     """
     fps = probe.fps
     det = ShotDetector(fps, s.detector, min_shot_s=s.min_shot_s, gradual_detector=s.gradual_detector,
@@ -151,6 +153,7 @@ def curate_frames(frames: Iterable[Frame], probe: ProbeResult, s: CurateSettings
     candidates: dict[int, KeyframeCandidate] = {}
     shot_start = 0
     prev: np.ndarray | None = None
+    prev_index = 0
     n = 0
 
     def close_until(end: int) -> None:
@@ -162,7 +165,7 @@ def curate_frames(frames: Iterable[Frame], probe: ProbeResult, s: CurateSettings
         for f in [f for f in maker.motion if f < end]:
             del maker.motion[f]
 
-    recent: deque[Frame] = deque(maxlen=8 * s.analysis_step)  # skipped frames near a cut
+    recent: deque[Frame] = deque(maxlen=8 * s.analysis_step)  # frames not analysed, near a cut
 
     def lookup(index: int) -> np.ndarray | None:
         for f in recent:
@@ -179,9 +182,9 @@ def curate_frames(frames: Iterable[Frame], probe: ProbeResult, s: CurateSettings
                 candidates[fr.index] = fr.candidate
             if fr.small is not None:
                 g = fr.small[::2, ::2, 1].astype(np.int16)  # green ~ luma; half size is enough
-                if prev is not None:
-                    maker.motion[fr.index] = float(np.abs(g - prev).mean()) / s.analysis_step
-                prev = g
+                if prev is not None:  # change per frame, over the gap since the last analysed one
+                    maker.motion[fr.index] = float(np.abs(g - prev).mean()) / (fr.index - prev_index)
+                prev, prev_index = g, fr.index
                 for cut in det.process(fr.index, fr.small, lookup):
                     close_until(cut)
             # A long shot: once no cut can appear in the next two clip lengths, emit one clip.
@@ -194,5 +197,6 @@ def curate_frames(frames: Iterable[Frame], probe: ProbeResult, s: CurateSettings
             close()
     for cut in det.finish():
         close_until(cut)
+    n = max(n, total_frames() if total_frames else 0)  # frames the decoder skipped at the end
     close_until(n)
     return CurateOutcome(clips=maker.clips, cuts=det.cuts, frames=n)
