@@ -1,8 +1,8 @@
 """One decode pass per video, overlapped with the analysis.
 
 A coarse pass (``decode_skip_nonref``, on by default): the decoder skips the frames
-that no other frame refers to (most B-frames: 40 % of the frames of common H.264,
-HEVC and AV1 encodes), which saves their decoding and their analysis; the frames
+that no other frame refers to (most B-frames: 30-40 % of the frames of common H.264
+and HEVC encodes), which saves their decoding and their analysis; the frames
 that remain are numbered by presentation timestamp (``FrameNumbers``), so frame
 numbers, clip bounds and keyframe numbers mean the same as in a full decode. Shot
 precision/recall is unchanged (docs/curation.md). Streams without timestamps, or
