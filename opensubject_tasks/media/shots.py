@@ -76,9 +76,7 @@ class ShotDetector:
                         for _ in range(self.phases)]
         # Every decision about frame n is made by frame n + lag; frames kept for that.
         self.lag = 2 * self.span + 2 * self.min_len + 8 if self.span else 4
-        # half-size frames for placing dissolves and for telling one long dissolve from a
-        # short shot when cuts are released (lag frames late): a few MB
-        self._frames: deque[tuple[int, np.ndarray]] = deque(maxlen=self.lag + 2 * self.min_len + self.span + 8)
+        self._frames: deque[tuple[int, np.ndarray]] = deque(maxlen=4 * self.phases + self.min_len + 8)
         self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=8)  # fed frames, for _refine
         self._fine_cuts: list[int] = []         # every-frame cuts not yet emitted
         self._all_fine: list[int] = []
@@ -87,7 +85,6 @@ class ShotDetector:
         self._emitted: list[int] = []
         self._last = -1
         self._slot = -1                          # slot of the last frame the phases saw
-        self._last_kind = 0                      # of the last cut emitted: 0 hard, 1 gradual
 
     def _tc(self, n: int) -> FrameTimecode:
         return FrameTimecode(n, self.fps)
@@ -181,27 +178,6 @@ class ShotDetector:
                 continue
             self._gradual.append(self._place(group))
 
-    def _one_transition(self, a: int, b: int) -> bool:
-        """Whether gradual cuts a < b, less than two minimal shots apart, bound one
-        transition rather than a short shot: the pictures between them keep changing
-        (a shot's would stay alike) by at least half as much as across either cut."""
-        if b - a >= 2 * self.min_len:
-            return False
-        frames = dict(self._frames)
-        half = max(1, self.span // 2)
-        picks = [self._near(frames, n) for n in (a - self.span, a + half, b - half, b + self.span)]
-        if any(n is None for n in picks) or not picks[0] < picks[1] < picks[2] < picks[3]:
-            return False
-        before, first, last, after = (_hist(frames[n]) for n in picks)
-        inside = np.abs(last - first).sum()
-        return bool(inside >= 0.5 * min(np.abs(first - before).sum(), np.abs(after - last).sum()))
-
-    @staticmethod
-    def _near(frames: dict[int, np.ndarray], n: int) -> int | None:
-        """The kept frame nearest to frame n (frames may have gaps), if any is within 2."""
-        best = min(frames, key=lambda f: abs(f - n), default=None)
-        return best if best is not None and abs(best - n) <= 2 else None
-
     def _place(self, group: list[int]) -> int:
         """The first frame closer (in colour histogram) to after the change than before it."""
         c = int(np.median(group))
@@ -229,11 +205,7 @@ class ShotDetector:
             last = self._emitted[-1] if self._emitted else 0
             if c <= 0 or c > self._last or c - last < self.min_len and self._emitted:
                 continue
-            # a long dissolve can be found at its start and again at its end (by either pass)
-            if self._emitted and 1 in (kind, self._last_kind) and self._one_transition(last, c):
-                continue
             self._emitted.append(c)
-            self._last_kind = kind
             out.append(c)
         self._fine_cuts, self._gradual = keep_fine, keep_gradual
         return out
