@@ -157,7 +157,8 @@ def keyframe_stride(fps: float, s: CurateSettings) -> int:
 
 def iter_frames(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateSettings,
                 stats: DecodeStats | None = None) -> Iterator[Frame]:
-    """Decode the video once, yielding every frame in order (see module doc).
+    """Decode the video once, yielding every decoded frame in order, numbered as in a
+    full decode (``decode_skip_nonref`` skips some; see module doc).
     ``source`` is a path, or the probe's open video (then closed at the end).
 
     A decode thread does nothing but demux and decode, so FFmpeg's own decoding
@@ -187,7 +188,7 @@ def iter_frames(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateS
                 item = frames.get(timeout=max(0.0, deadline - time.monotonic()) + 5.0)
             except queue.Empty:
                 raise BadInput(f"decoding took longer than decode_timeout_s={s.decode_timeout_s:g} "
-                               f"({stats.frames} frames decoded)") from None
+                               f"({stats.frames} frames read)") from None
             if item is _END:
                 return
             if isinstance(item, BaseException):
@@ -279,20 +280,20 @@ def _decode(source: str | Path | OpenedVideo, s: CurateSettings, stats: DecodeSt
                         decoder.skip_frame, skipping = "DEFAULT", False
                     last = index
                     if index >= s.max_frames:
-                        raise BadInput(f"more than max_frames={s.max_frames} frames decoded")
+                        raise BadInput(f"more than max_frames={s.max_frames} frames in the stream")
                     yield index, frame
                     stats.decoded += 1
                     stats.frames = numbers.total
                     if time.monotonic() > deadline:
                         raise BadInput(f"decoding took longer than decode_timeout_s={s.decode_timeout_s:g} "
-                                       f"({index + 1} frames decoded)")
+                                       f"({index + 1} frames read)")
             except av.error.FFmpegError as exc:
                 stats.errors.append(f"frame {index + 1}: {getattr(exc, 'strerror', None) or exc}")
             stats.frames = numbers.total
     except av.error.FFmpegError as exc:
         if time.monotonic() > deadline:  # FFmpeg's own I/O timeout fired
             raise BadInput(f"decoding took longer than decode_timeout_s={s.decode_timeout_s:g} "
-                           f"({index + 1} frames decoded)") from None
+                           f"({index + 1} frames read)") from None
         raise BadInput(f"cannot decode the video: {getattr(exc, 'strerror', None) or exc}") from None
     finally:
         stats.seconds = time.monotonic() - t0
