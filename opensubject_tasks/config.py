@@ -133,7 +133,19 @@ class ExportSettings(_Section):
     report_worst: int = Field(8, ge=0)              # worst-scoring verified samples shown
     report_thumb_px: int = Field(160, ge=32, le=1024)
     report_seed: int = 0                            # picks the report's random sample grid
-    omnigen2: bool = True                           # also write Images/ + train_*.jsonl
+    omnigen2: bool = True                           # also write Images/ + omnigen2/ (training layout)
+    # OmniGen2 opens record paths as written: "absolute" works from any working directory.
+    # The root is omnigen2_root, else the export folder itself (a local export); an
+    # object-store export without omnigen2_root (where will the trainers mount it?) is
+    # written with relative paths and says so in stats.json.
+    omnigen2_paths: Literal["absolute", "relative"] = "absolute"
+    omnigen2_root: str | None = None                # where trainers see the export, e.g. /data/ds
+
+    @model_validator(mode="after")
+    def _root_is_absolute(self) -> ExportSettings:
+        if self.omnigen2_root is not None and not self.omnigen2_root.startswith("/"):
+            raise ValueError(f"omnigen2_root must be an absolute path, got {self.omnigen2_root!r}")
+        return self
     # Bench folders (`opensubject bench build --out`) whose held-out videos the training
     # export leaves out, so that no video is both trained on and benchmarked.
     exclude_bench_dirs: list[Path] = Field(default_factory=list)

@@ -7,8 +7,8 @@ Written under the export root:
   manifest.parquet              one row per sample
   stats.json                    funnel, rejection reasons, verification, throughput
   report.html                   self-contained report
-  Images/{generation,manipulation}/{input_images,output_images}/...,
-  train_generation.jsonl, train_manipulation.jsonl   OmniGen2 training layout
+  Images/{generation,manipulation}/{input_images,output_images}/NNNN/...,
+  omnigen2/data.yml, omnigen2/jsonl/*.jsonl         OmniGen2 training layout (stages/omnigen2.py)
 Files of an earlier export that this one did not write (shards beyond the new count,
 images of samples no longer verified) are removed, so the root always equals one export.
 """
@@ -37,9 +37,10 @@ from opensubject_tasks.errors import BadInput
 from opensubject_tasks.report import THUMB_NAMES, ReportSample, pick_grid, render_report, thumbnail_uri
 from opensubject_tasks.services.common import StageResult, stage
 from opensubject_tasks.stages.export import (
-    REQUIRED_IMAGES, SHARD_IMAGES, ExportRecord, ShardWriter, count_reasons, dumps, jsonl,
-    omnigen2_files, omnigen2_records, sample_members, throughput,
+    REQUIRED_IMAGES, SHARD_IMAGES, ExportRecord, ShardWriter, count_reasons, dumps, sample_members,
+    throughput,
 )
+from opensubject_tasks.stages.omnigen2 import LayoutEntry, OmniGen2Layout, multi_subject_groups, multi_subject_key
 from opensubject_tasks.storage import Keys, ObjectStore
 
 MANIFEST_SCHEMA = pa.schema([
@@ -54,12 +55,16 @@ MANIFEST_SCHEMA = pa.schema([
     ("artifact", pa.float64()), ("overall", pa.float64()), ("scores_json", pa.string()),
     ("generation_input_image", pa.string()), ("manipulation_input_images", pa.list_(pa.string())),
     ("output_image", pa.string()),
+    ("generation_instruction", pa.string()), ("manipulation_instruction", pa.string()),
+    ("multi_subject_key", pa.string()),   # the multi-subject record this sample is part of
 ])
 # Files this exporter owns in a local export folder (anything else there is left alone),
 # including temporary files an interrupted export left behind.
 _OWNED = re.compile(r"^(shard-\d{6}\.tar|manifest\.parquet|stats\.json|report\.html|"
                     r"train_(generation|manipulation)\.jsonl|Images/(generation|manipulation)/"
-                    r"(input|output)_images/[^/]+|(Images/.*/)?\.[^/]*\.part)$")
+                    r"(input|output)_images/(\d{4}/)?[^/]+|omnigen2/(data\.yml|jsonl/[^/]+\.jsonl)|"
+                    r"((Images|omnigen2)/.*/)?\.[^/]*\.part)$")
+FILE_MODE, DIR_MODE = 0o644, 0o755   # readable by a training job under another user
 _VERSIONED = ("opensubject-tasks", "numpy", "opencv-contrib-python-headless", "pillow",
               "scikit-image", "torch", "transformers", "diffusers")
 
@@ -67,6 +72,7 @@ _VERSIONED = ("opensubject-tasks", "numpy", "opencv-contrib-python-headless", "p
 # -- sinks ---------------------------------------------------------------------------
 class Sink(Protocol):
     root: str
+    local_root: str | None                 # absolute folder path of the root, where it has one
     tmp_dir: str | None                    # where shard files are built before put_file
     def put(self, rel: str, data: bytes) -> None: ...
     def put_file(self, rel: str, path: Path) -> None: ...
@@ -81,6 +87,7 @@ class StoreSink:
         self.store, self.build_id = store, build_id
         self.prefix = Keys.dataset(build_id, "x")[:-1]
         self.root = self.prefix
+        self.local_root = None          # no file-system path: see export.omnigen2_root
         self.tmp_dir = None
 
     def put(self, rel: str, data: bytes) -> None:
@@ -97,28 +104,42 @@ class StoreSink:
 
 
 class DirSink:
-    """Writes into a local folder; each file appears whole (temp file + rename)."""
+    """Writes into a local folder; each file appears whole (temp file + rename). Files
+    are 0644 and folders 0755 whatever the umask: a training job under another user
+    or in a container must be able to read them."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._mkdir(self.out)
+        st = self.out.stat()
+        if (st.st_mode & DIR_MODE) != DIR_MODE and st.st_uid == os.getuid():
+            os.chmod(self.out, DIR_MODE)   # an existing export folder of ours made under a strict umask
         self.root = str(self.out)
+        self.local_root = str(self.out.resolve())
         self.tmp_dir = str(self.out)   # same filesystem: a finished shard is renamed into place
+
+    def _mkdir(self, folder: Path) -> None:
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in missing:   # mkdir honours the umask: open up every folder made here
+            os.chmod(p, DIR_MODE)
 
     def put(self, rel: str, data: bytes) -> None:
         path = self.out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdir(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".part", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, FILE_MODE)   # mkstemp makes 0600
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
 
     def put_file(self, rel: str, path: Path) -> None:
         dest = self.out / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdir(dest.parent)
+        os.chmod(path, FILE_MODE)
         os.replace(path, dest)
 
     def existing(self) -> list[str]:
@@ -126,7 +147,15 @@ class DirSink:
                       if p.is_file() and _OWNED.match(p.relative_to(self.out).as_posix()))
 
     def remove(self, rel: str) -> None:
-        (self.out / rel).unlink(missing_ok=True)
+        path = self.out / rel
+        path.unlink(missing_ok=True)
+        for folder in path.parents:   # numbered image folders left empty go too
+            if folder == self.out or not folder.is_relative_to(self.out):
+                break
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _content_type(rel: str) -> str:
@@ -332,7 +361,8 @@ def _held_out(bench_dirs: list[Path]) -> set[str]:
 
 
 # -- the export ----------------------------------------------------------------------
-def _manifest_row(r: ExportRecord, shard: str, gen: dict[str, Any], man: dict[str, Any]) -> dict[str, Any]:
+def _manifest_row(r: ExportRecord, shard: str, entry: LayoutEntry | None,
+                  multi: dict[str, str]) -> dict[str, Any]:
     lin = r.meta["lineage"]
     return {
         "key": r.key, "sample_id": r.sample_id, "shard": shard,
@@ -347,9 +377,26 @@ def _manifest_row(r: ExportRecord, shard: str, gen: dict[str, Any], man: dict[st
         "identity": r.scores.get("identity"), "residual": r.scores.get("residual"),
         "artifact": r.scores.get("artifact"), "overall": r.scores.get("overall"),
         "scores_json": dumps(r.scores).decode(),
-        "generation_input_image": gen["input_images"][0],
-        "manipulation_input_images": man["input_images"], "output_image": gen["output_image"],
+        # the OmniGen2 layout's files (relative to the export root) and instructions
+        "generation_input_image": entry.generation_input if entry else None,
+        "manipulation_input_images": [entry.manipulation_input, entry.generation_input] if entry else None,
+        "output_image": entry.target if entry else None,
+        "generation_instruction": entry.generation_instruction if entry else None,
+        "manipulation_instruction": entry.manipulation_instruction if entry else None,
+        "multi_subject_key": multi.get(r.key),
     }
+
+
+def _layout_root(cfg: Any, sink: Sink) -> tuple[str | None, str | None]:
+    """The absolute root written into OmniGen2 records (None: relative paths), and why
+    relative paths were written when absolute ones were asked for."""
+    if cfg.omnigen2_paths == "relative":
+        return None, None
+    root = cfg.omnigen2_root or sink.local_root
+    if root is None:
+        return None, ("export.omnigen2_root is not set for an object-store export: paths are relative "
+                      "to the export root; set it to where training jobs see this folder")
+    return root, None
 
 
 def _export(ctx: Context, build_id: str, sink: Sink) -> ExportResult:
@@ -382,19 +429,16 @@ def _export(ctx: Context, build_id: str, sink: Sink) -> ExportResult:
         written.append(rel)
 
     shards = ShardWriter(put_shard, cfg.shard_max_bytes, cfg.shard_max_samples, tmp_dir=sink.tmp_dir)
-    manifest: list[dict[str, Any]] = []
-    gen_lines, man_lines = [], []
+    root, relative_why = _layout_root(cfg, sink)
+    layout = OmniGen2Layout(root) if cfg.omnigen2 else None
+    manifest: list[tuple[ExportRecord, str]] = []   # (record, its shard)
+    entries: dict[str, LayoutEntry | None] = {}
     try:
         for r in records:
             images = {n: ctx.store.get_bytes(r.image_keys[n]) for n in SHARD_IMAGES if r.image_keys.get(n)}
             shard = shards.add(sample_members(r, images))
-            gen, man = omnigen2_records(r)
-            if cfg.omnigen2:
-                for rel, (name, _) in omnigen2_files(r).items():
-                    put(rel, images[name])
-                gen_lines.append(gen)
-                man_lines.append(man)
-            manifest.append(_manifest_row(r, shard, gen, man))
+            entries[r.key] = layout.add(r, images, put) if layout else None
+            manifest.append((r, shard))
             if r.key in shown:
                 cards[r.key] = ReportSample(
                     key=r.key, caption_short=r.caption_short, caption_long=r.caption_long,
@@ -405,16 +449,21 @@ def _export(ctx: Context, build_id: str, sink: Sink) -> ExportResult:
     finally:
         shards.abort()   # no-op after finish; drops a half-written shard after an error
 
+    multi = {e.key: multi_subject_key(g) for g in multi_subject_groups(
+        [e for e in entries.values() if e is not None]) for e in g}
+    rows = [_manifest_row(r, shard, entries[r.key], multi) for r, shard in manifest]
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), buf, compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buf, compression="zstd")
     put("manifest.parquet", buf.getvalue())
-    if cfg.omnigen2:
-        put("train_generation.jsonl", jsonl(gen_lines))
-        put("train_manipulation.jsonl", jsonl(man_lines))
+    training = layout.finish(put) if layout else None
+    if training is not None and relative_why:
+        training["note"] = relative_why
 
     shard_bytes = sum(s["bytes"] for s in shard_info)
     stats["export"] = {"samples": len(records), "shards": len(shard_info), "bytes": shard_bytes,
                        "shard_list": shard_info}
+    if training is not None:
+        stats["export"]["omnigen2"] = training
     secrets = ctx.settings.secrets()
     put("stats.json", _redact(dumps(stats), secrets))
     report = render_report(build_id, stats, [cards[k] for k in sorted(grid_keys)],
