@@ -64,6 +64,10 @@ class CurateSettings(_Section):
     keyframes_per_clip: int = Field(6, ge=2, le=64)
     keyframe_max_side: int = Field(768, ge=64, le=4096)  # stored keyframes; boxes use this scale
     keyframe_quality: int = Field(92, ge=50, le=100)     # JPEG quality of stored keyframes
+    # Full frames (lossless PNG) of kept clips' keyframes, longest side at most this: the
+    # training targets and subject crops come from them. 1920 keeps 1080p at source
+    # resolution; 0 = none (targets then come from the small JPEG keyframes).
+    frame_max_side: int = Field(1920, ge=0, le=8192)
     min_quality: float = Field(0.3, ge=0, le=1)
     # coarse pass: skip decoding frames no other frame refers to (most B-frames), ~40 %
     # less decoding on common encodes, same shot precision/recall (docs/curation.md);
@@ -100,7 +104,8 @@ class SynthSettings(_Section):
     max_rotation_deg: float = Field(15.0, ge=0, le=180)
     scale_range: tuple[float, float] = (0.8, 1.1)
     flip_probability: float = Field(0.5, ge=0, le=1)
-    output_size: int = Field(512, ge=64, le=2048)      # longest side of the generation canvas
+    # longest side of the generation canvas at most (never above the reference frame's)
+    output_size: int = Field(1024, ge=64, le=2048)
     box_margin: float = Field(0.08, ge=0, le=0.5)      # manipulation box grown by this share (soft edges)
 
 

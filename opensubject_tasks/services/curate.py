@@ -31,6 +31,13 @@ def clip_id(video_id: str, idx: int) -> str:
     return f"{video_id}-c{idx}"
 
 
+def _encode_png(rgb: Any) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
 def _encode_jpeg(rgb: Any, quality: int) -> bytes:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
@@ -60,6 +67,13 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
             ctx.store.put_bytes(key, _encode_jpeg(kf.image, s.keyframe_quality), "image/jpeg")
             h, w = kf.image.shape[:2]
             entries.append({"frame": kf.frame, "key": key, "width": w, "height": h})
+            full = getattr(kf.source, "full_image", None)
+            if s.frame_max_side and clip.state == "kept" and full is not None:
+                # lossless, at source resolution: the training targets and subject crops
+                image = full()
+                full_key = Keys.frame(video_id, cid, kf.frame)
+                ctx.store.put_bytes(full_key, _encode_png(image), "image/png")
+                entries[-1].update(full_key=full_key, full_width=image.shape[1], full_height=image.shape[0])
         written[clip.idx] = entries
 
     t0 = time.perf_counter()
@@ -100,7 +114,8 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
         row.stage_done = "curate"
         if kept:
             row.state, row.reason = "running", None
-    _delete_stale_keyframes(ctx, video_id, {e["key"] for es in written.values() for e in es})
+    _delete_stale_keyframes(ctx, video_id, {k for es in written.values() for e in es
+                                            for k in (e["key"], e.get("full_key")) if k})
 
     details = {
         "frames": outcome.frames, "decoded_frames": stats.decoded, "cuts": outcome.cuts,

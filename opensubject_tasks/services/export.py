@@ -213,7 +213,9 @@ def _record(build_id: str, sample: Sample, pair: Pair, subject: Subject, clip: C
                      "source": sample.caption_source},
         "boxes": {"reference": pair.ref_box, "target": pair.tgt_box, "space": "keyframe pixels",
                   "reference_frame_size": _frame_size(clip, pair.ref_frame),
-                  "target_frame_size": _frame_size(clip, pair.tgt_frame)},
+                  "target_frame_size": _frame_size(clip, pair.tgt_frame),
+                  # keyframe pixels -> the exported images' pixels (targets are full frames)
+                  "image_scale": {k: v.get("scale") for k, v in ((sample.augment or {}).get("frames") or {}).items()}},
         "scores": {"verify": verdict.get("scores", {}), "pair": pair.scores or {},
                    "clip_quality": clip.score, "category_consensus": subject.consensus},
         "verdict": {"passed": verdict.get("passed"), "source": verdict.get("source"),

@@ -59,11 +59,12 @@ def draw_augmentation(crop_size: tuple[int, int], mask: Mask, frame_size: tuple[
     """Random flip/scale/rotation/translation placing the subject inside the canvas.
 
     ``crop_size``/``frame_size`` are (width, height). The canvas has the reference
-    frame's aspect ratio with its longest side ``output_size``; the subject keeps its
-    relative size up to the drawn scale, shrunk if it would not fit."""
+    frame's aspect ratio with its longest side the frame's, at most ``output_size`` (never
+    upscaled); the subject keeps its relative size up to the drawn scale, shrunk if it
+    would not fit."""
     cw0, ch0 = crop_size
     fw, fh = frame_size
-    base = s.output_size / max(fw, fh)
+    base = min(s.output_size, max(fw, fh)) / max(fw, fh)
     canvas = (max(1, round(fw * base)), max(1, round(fh * base)))
     flip = bool(rng.random() < s.flip_probability)
     scale = float(rng.uniform(*sorted(s.scale_range)))
