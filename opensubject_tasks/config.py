@@ -92,6 +92,9 @@ class MineSettings(_Section):
     # embedder (measured in docs/mining.md), CLIP/DINO-class embedders want their own
     min_identity: float = Field(0.75, ge=-1, le=1)
     max_pairs_per_subject: int = Field(3, ge=1)
+    # subjects of one clip first take a pair targeting the keyframe most of them are usable
+    # on: their verified samples then make one multi-subject generation sample
+    shared_targets: bool = True
     min_diversity: float = Field(0.1, ge=0, le=1)
     near_duplicate_iou: float = Field(0.9, ge=0, le=1)     # same place and size...
     near_duplicate_identity: float = Field(0.98, ge=-1, le=1)  # ...and same look: a duplicate
