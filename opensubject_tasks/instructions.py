@@ -54,12 +54,17 @@ def generation_instruction(subjects: Sequence[str], description: str | None = No
 
 
 def region_phrase(box: Sequence[float], width: int, height: int) -> str:
-    """Where a box lies in an image, in words: the cell of a 3x3 grid holding its centre."""
+    """Where a box lies in an image, in words, from the cell of a 3x3 grid holding its
+    centre: "in the top left", "on the left side", "at the bottom", "in the centre"."""
     cx = (box[0] + box[2]) / 2 / max(width, 1)
     cy = (box[1] + box[3]) / 2 / max(height, 1)
     col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
     row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
-    return " ".join(p for p in (row, col) if p) or "centre"
+    if row and col:
+        return f"in the {row} {col}"
+    if col:
+        return f"on the {col} side"
+    return f"at the {row}" if row else "in the centre"
 
 
 def region_box(mask: np.ndarray) -> list[float] | None:
@@ -80,5 +85,5 @@ def manipulation_instruction(subject: str, box: Sequence[float], size: Sequence[
     object the inpainter was asked for); otherwise the region's content is unnamed."""
     what = f"the {_ARTICLE.sub('', replaced.strip())}" if replaced and replaced.strip() else "the content"
     where = region_phrase(box, int(size[0]), int(size[1]))
-    return (f"Replace {what} in the {where} of image 1 with the {subject} from image 2. "
+    return (f"Replace {what} {where} of image 1 with the {subject} from image 2. "
             f"{_description(description)}").strip()

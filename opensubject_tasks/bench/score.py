@@ -120,11 +120,22 @@ def calibrate(embedder: Any, bench: Path, cases: list[Case]) -> Calibration:
 
 
 def _find_predictions(pred_dir: Path) -> dict[str, Path]:
+    """Prediction files by name: ``<case id>.png`` at the top, and OSBench's layout
+    ``fullset/<task_type>/<key>.png`` under the name ``<task_type>/<key>``."""
     found: dict[str, Path] = {}
     for p in sorted(pred_dir.iterdir()):
         if p.is_file() and p.suffix.lower() in PREDICTION_EXTS:
             found.setdefault(p.stem, p)
+    fullset = pred_dir / "fullset"
+    if fullset.is_dir():
+        for p in sorted(fullset.glob("*/*")):
+            if p.is_file() and p.suffix.lower() in PREDICTION_EXTS:
+                found.setdefault(f"{p.parent.name}/{p.stem}", p)
     return found
+
+
+def prediction_for(case: Case, found: dict[str, Path]) -> Path | None:
+    return found.get(case.id) or found.get(f"{case.task_type}/{case.key}")
 
 
 def _r(v: float | None, nd: int = 4) -> float | None:
@@ -132,9 +143,15 @@ def _r(v: float | None, nd: int = 4) -> float | None:
 
 
 def classical_metrics(embedder: Any, case: Case, imgs: dict[str, np.ndarray], out: np.ndarray,
-                      cal: Calibration) -> dict[str, Any]:
-    """Every classical measure of one case, raw and mapped to 0-10."""
-    sim, where = M.identity_similarity(embedder, out, imgs["reference"], case.box)
+                      cal: Calibration, bench: Path | None = None) -> dict[str, Any]:
+    """Every classical measure of one case, raw and mapped to 0-10. A multi-subject case's
+    identity is the mean over its subjects, each at its own box."""
+    if case.members and bench is not None:
+        found = [M.identity_similarity(embedder, out, read_image(bench / m["reference"]), m["box"])
+                 for m in case.members]
+        sim, where = float(np.mean([f[0] for f in found])), [f[1] for f in found]
+    else:
+        sim, where = M.identity_similarity(embedder, out, imgs["reference"], case.box)
     m: dict[str, Any] = {"identity_sim": _r(sim), "identity_box": where,
                          "identity10": _r(M.similarity_score10(sim, cal.identity))}
     clip = M.text_image_score(embedder, [out], [case.prompt])
@@ -205,7 +222,7 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
                                    "category": case.category, "size": case.size,
                                    "images": case.images}
             imgs = _load(bench, case)
-            path = found.get(case.id)
+            path = prediction_for(case, found)
             output = None
             if path is None:
                 rec["missing"] = "no prediction file"
@@ -229,7 +246,7 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
                 for i, res in zip(idx, judge.score(axis, items), strict=True):
                     judged[(i, axis)] = res
         for i, (case, imgs, output, rec) in enumerate(loaded):
-            records.append(_finish(case, imgs, output, rec, embedder, cal, judged, i, use_judge))
+            records.append(_finish(case, imgs, output, rec, embedder, cal, judged, i, use_judge, bench))
             (out / "cases" / f"{case.id}.json").write_text(json.dumps(records[-1], indent=1))
 
     summary = summarize(records)
@@ -252,14 +269,14 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
 
 def _finish(case: Case, imgs: dict[str, np.ndarray], output: np.ndarray | None, rec: dict[str, Any],
             embedder: Any, cal: Calibration, judged: dict[tuple[int, str], Any], i: int,
-            use_judge: bool) -> dict[str, Any]:
+            use_judge: bool, bench: Path | None = None) -> dict[str, Any]:
     pf_axis, sc_axis = PF_SC[case.task]
     if output is None:
         # No output is a failed case: 0, counted apart as "missing" (not a judge score).
         rec.update(status="missing", pf=0.0, sc=0.0, overall=0.0, pf_source="missing",
                    sc_source="missing", classical={}, judge={}, axes={})
         return rec
-    m = classical_metrics(embedder, case, imgs, output, cal)
+    m = classical_metrics(embedder, case, imgs, output, cal, bench)
     jd = {axis: judged[(i, axis)].to_dict() for axis in JUDGE_AXES[case.task]}
     axes_c = classical_axes(case, m)
     axes: dict[str, dict[str, Any]] = {}

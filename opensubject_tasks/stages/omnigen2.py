@@ -182,17 +182,19 @@ def _line(record: dict[str, Any]) -> bytes:
     return dumps(record) + b"\n"
 
 
-def multi_subject_groups(entries: Sequence[LayoutEntry]) -> list[list[LayoutEntry]]:
+def multi_subject_groups(entries: Sequence[Any]) -> list[list[Any]]:
     """Samples of different subjects of one clip sharing a target frame: 2..MAX_SUBJECTS
-    per group (the best-verified sample per subject; subjects in index order)."""
-    by_frame: dict[tuple[str, int], dict[int, LayoutEntry]] = {}
+    per group (the best-verified sample per subject; subjects in index order). Entries
+    are anything with ``clip_id``, ``target_frame``, ``subject_idx``, ``score``, ``key``
+    (the benchmark groups its cases with the same rule)."""
+    by_frame: dict[tuple[str, int], dict[int, Any]] = {}
     for e in entries:
         per_subject = by_frame.setdefault((e.clip_id, e.target_frame), {})
         best = per_subject.get(e.subject_idx)
         if best is None or (e.score, best.key) > (best.score, e.key):
             per_subject[e.subject_idx] = e
     groups = []
-    for (_, _), per_subject in sorted(by_frame.items()):
+    for _, per_subject in sorted(by_frame.items()):
         members = [per_subject[i] for i in sorted(per_subject)][:MAX_SUBJECTS]
         if len(members) >= 2:
             groups.append(members)
