@@ -29,12 +29,13 @@ from PIL import Image, ImageDraw
 
 from opensubject_tasks.bench import metrics as M
 from opensubject_tasks.bench.build import SCENES, SPLITS, TASKS, Case, load_cases, read_image
-from opensubject_tasks.bench.judge import Judge, JudgeItem
+from opensubject_tasks.bench.judge import Judge, JudgeItem, load_rubric
 from opensubject_tasks.config import Settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.errors import BadInput
 
 PREDICTION_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+PROTOCOLS = ("opensubject", "osbench")
 AXES = ("identity", "prompt_adherence", "manipulation", "background")
 # Which judge axes each task asks, and which of them are PF and SC.
 JUDGE_AXES = {"generation": ("prompt_adherence", "identity"),
@@ -190,23 +191,42 @@ def _judge_items(case: Case, imgs: dict[str, np.ndarray], out: np.ndarray) -> Ju
 
 def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, predictions_dir: str | Path,
                 out_dir: str | Path, *, name: str | None = None, scorer: str = "auto",
-                judge_attempts: int = 3, worst: int = 20) -> dict[str, Any]:
-    """Score ``predictions_dir`` (one ``<case id>.png`` per case) against the bench.
+                judge_attempts: int = 3, worst: int = 20, protocol: str = "opensubject",
+                missing: str | None = None, rubric: str | Path | None = None) -> dict[str, Any]:
+    """Score ``predictions_dir`` (one ``<case id>.png`` per case, or OSBench's
+    ``fullset/<task_type>/<key>.png``) against the bench.
 
+    ``protocol``: "opensubject" (this project's four axes, below) or "osbench" (the
+    released OSBench scorer's images, order, prompts and JSON replies: bench/osbench.py).
     ``scorer``: "judge" (PF/SC from the VLM judge), "classical" (from classical metrics
     mapped to 0-10) or "auto" (judge when a VLM other than "none" is configured).
+    ``missing``: a missing prediction scores 0 ("zero", this protocol's default) or is
+    left out ("skip", the osbench protocol's default, as the released scorer does).
     Writes cases/<id>.json, summary.json, summary.csv, summary.md and worst.html.
     """
     bench, preds, out = Path(bench_dir), Path(predictions_dir), Path(out_dir)
     if not preds.is_dir():
         raise BadInput(f"predictions folder not found: {preds}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "osbench":
+        from opensubject_tasks.bench.osbench import score_osbench
+
+        return score_osbench(ctx.backend("vlm"), bench, _find_predictions(preds), out, name=name or preds.name,
+                             missing=missing or "skip", judge_attempts=judge_attempts, rubric_file=rubric)
     if scorer not in ("auto", "judge", "classical"):
         raise ValueError(f"scorer must be auto, judge or classical, got {scorer!r}")
+    if (missing or "zero") not in ("zero", "skip"):
+        raise ValueError(f"missing must be zero or skip, got {missing!r}")
+    skip_missing = missing == "skip"
     cases = load_cases(bench)
+    if any(c.box is None for c in cases):
+        raise BadInput(f"{bench} has cases without a subject box (an imported OSBench): "
+                       "score it with --protocol osbench")
     vlm_name = ctx.settings.backends.vlm
     use_judge = scorer == "judge" or (scorer == "auto" and vlm_name != "none")
     embedder = ctx.backend("embedder")
-    judge = Judge(ctx.backend("vlm"), max_attempts=judge_attempts)
+    judge = Judge(ctx.backend("vlm"), load_rubric(Path(rubric)) if rubric else None, max_attempts=judge_attempts)
     cal = calibrate(embedder, bench, cases)
     found = _find_predictions(preds)
     shutil.rmtree(out / "cases", ignore_errors=True)  # no stale case files from an earlier run
@@ -246,7 +266,8 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
                 for i, res in zip(idx, judge.score(axis, items), strict=True):
                     judged[(i, axis)] = res
         for i, (case, imgs, output, rec) in enumerate(loaded):
-            records.append(_finish(case, imgs, output, rec, embedder, cal, judged, i, use_judge, bench))
+            records.append(_finish(case, imgs, output, rec, embedder, cal, judged, i, use_judge, bench,
+                                   skip_missing))
             (out / "cases" / f"{case.id}.json").write_text(json.dumps(records[-1], indent=1))
 
     summary = summarize(records)
@@ -254,6 +275,7 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
         "name": name or preds.name, "bench": str(bench.resolve()),
         "predictions": str(preds.resolve()),
         "scorer": "judge" if use_judge else "classical",
+        "protocol": "opensubject", "missing_policy": "skip" if skip_missing else "zero",
         "judge": {"backend": judge.name, "rubric_version": judge.rubric.version,
                   "max_attempts": judge_attempts},
         "embedder": getattr(embedder, "name", type(embedder).__name__),
@@ -269,11 +291,13 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
 
 def _finish(case: Case, imgs: dict[str, np.ndarray], output: np.ndarray | None, rec: dict[str, Any],
             embedder: Any, cal: Calibration, judged: dict[tuple[int, str], Any], i: int,
-            use_judge: bool, bench: Path | None = None) -> dict[str, Any]:
+            use_judge: bool, bench: Path | None = None, skip_missing: bool = False) -> dict[str, Any]:
     pf_axis, sc_axis = PF_SC[case.task]
     if output is None:
-        # No output is a failed case: 0, counted apart as "missing" (not a judge score).
-        rec.update(status="missing", pf=0.0, sc=0.0, overall=0.0, pf_source="missing",
+        # No output is a failed case: 0, counted apart as "missing" (not a judge score);
+        # or, asked to skip it (as the released OSBench scorer does), left out of the means.
+        zero = None if skip_missing else 0.0
+        rec.update(status="missing", pf=zero, sc=zero, overall=zero, pf_source="missing",
                    sc_source="missing", classical={}, judge={}, axes={})
         return rec
     m = classical_metrics(embedder, case, imgs, output, cal, bench)
@@ -308,7 +332,7 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 
 def _group_stats(recs: list[dict[str, Any]]) -> dict[str, Any]:
-    counted = [r for r in recs if r["overall"] is not None]  # scored, and missing as 0
+    counted = [r for r in recs if r["overall"] is not None]  # scored, and missing as 0 (unless skipped)
     axes = {}
     for axis in AXES:
         axes[axis] = {kind: _mean(r["axes"].get(axis, {}).get(kind) for r in recs)
@@ -424,7 +448,8 @@ def markdown(summary: dict[str, Any]) -> str:
              f"unscored judge replies: {summary['counts']['judge_unscored'] or 'none asked'}",
              f"* Cases: {summary['counts']['cases']}, scored {summary['counts']['scored']}, "
              f"unscored {summary['counts']['unscored']}, missing predictions {summary['counts']['missing']} "
-             "(missing counts as 0)", "",
+             + ("(left out of the means)" if summary.get("missing_policy") == "skip" else "(missing counts as 0)"),
+             "",
              "| group | cases | unscored | missing | PF | SC | overall | identity | prompt | manipulation "
              "| background | PSNR | SSIM |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
