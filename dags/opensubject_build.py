@@ -58,9 +58,14 @@ STAGE_TOGGLES = {
 def opensubject_build():
     @task
     def start(params=None, run_id=None) -> str:
+        from airflow.sdk.exceptions import AirflowFailException
+        from opensubject_tasks.errors import BadInput
         from opensubject_tasks.orchestrate import start_build
 
-        return start_build(dict(params), run_id)
+        try:
+            return start_build(dict(params), run_id)
+        except BadInput as exc:  # a source the workers may not read: no retry, nothing started
+            raise AirflowFailException(str(exc)) from None
 
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def has_source(params=None) -> bool:

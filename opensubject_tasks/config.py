@@ -44,6 +44,12 @@ class StoreSettings(_Section):
     read_timeout_s: float = Field(60.0, gt=0)  # between two reads, not for a whole transfer
 
 
+class IngestSettings(_Section):
+    # Folders on the workers that a source given from the UI or the API may name (with
+    # everything below them); store://PREFIX sources are always allowed. Empty: store only.
+    allowed_roots: list[Path] = Field(default_factory=list)
+
+
 class CurateSettings(_Section):
     min_short_side: int = Field(240, ge=1)
     min_duration_s: float = Field(1.0, ge=0)
@@ -225,6 +231,7 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///out/opensubject.db"
     broker_url: str = "redis://127.0.0.1:6379/0"
     store: StoreSettings = Field(default_factory=StoreSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
     curate: CurateSettings = Field(default_factory=CurateSettings)
     mine: MineSettings = Field(default_factory=MineSettings)
     synth: SynthSettings = Field(default_factory=SynthSettings)

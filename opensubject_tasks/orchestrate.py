@@ -43,10 +43,13 @@ def build_id_for(params: dict[str, Any], run_id: str) -> str:
 
 
 def start_build(params: dict[str, Any], run_id: str) -> str:
-    """Create (or re-open) the build row; returns the build id."""
-    from opensubject_tasks.services.ingest import ensure_build
+    """Create (or re-open) the build row; returns the build id. A source the workers may
+    not read is refused here, before any work (``SourceNotAllowed``)."""
+    from opensubject_tasks.services.ingest import check_source_allowed, ensure_build
 
     ctx = context()
+    if (params.get("source") or "").strip():
+        check_source_allowed(ctx, params["source"].strip())
     build_id = build_id_for(params, run_id)
     ensure_build(ctx, build_id, {k: v for k, v in params.items()}, params.get("profile") or "cpu")
     return build_id
@@ -110,6 +113,32 @@ def send_stage(stage: str, args: list[Any]) -> str:
 
     task_id = record_queued(context(), stage, str(args[0])) if args else None
     return send(stage, *args, **({"task_id": task_id} if task_id else {}))
+
+
+def rerun_on_workers(stage: str, video_id: str, timeout_s: float, poll_s: float = 1.0) -> dict[str, Any]:
+    """Hand one video stage to the workers, as a build does, and wait for its outcome in
+    the attempt rows (retries included); TimeoutError when it has not ended in time."""
+    import time
+
+    ctx = context()
+    with session_scope(ctx.sessions) as s:
+        before = s.scalar(select(func.max(StageAttempt.id))) or 0
+    send_stage(stage, [video_id])
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with session_scope(ctx.sessions) as s:
+            last = s.execute(select(StageAttempt.status, StageAttempt.error, StageAttempt.details)
+                             .where(StageAttempt.id > before, StageAttempt.stage == stage,
+                                    StageAttempt.entity_id == video_id)
+                             .order_by(StageAttempt.id.desc()).limit(1)).first()
+            video_state = s.scalar(select(Video.state).where(Video.id == video_id))
+        if last is not None and last.status in ("ok", "rejected", "failed"):
+            return {"status": last.status, "reason": last.error, "details": last.details or {}, "next": []}
+        if last is not None and last.status in ERROR_STATUSES and video_state == "failed":
+            return {"status": "failed", "reason": last.error, "details": last.details or {}, "next": []}
+        time.sleep(poll_s)
+    raise TimeoutError(f"{stage} of video {video_id} has not ended after {timeout_s:.0f} s; "
+                       "`opensubject status` shows where it stands")
 
 
 def enqueue_samples(sample_ids: list[str]) -> list[tuple[str, str]]:

@@ -27,8 +27,8 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
-from sqlalchemy import select, update
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, OperationalError
 
 from opensubject_tasks.celery_app import app, task_name
 from opensubject_tasks.config import load_settings
@@ -80,8 +80,10 @@ def build_profile(ctx: Context, stage: str, entity_id: str) -> str | None:
 # --- retry rules ----------------------------------------------------------------------------
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: the same call may succeed later."""
+    # IntegrityError: a unique key taken by a concurrent run of the same work; the retry
+    # finds that run's rows and skips.
     if isinstance(exc, (TransientError, SoftTimeLimitExceeded, OperationalError, DisconnectionError,
-                        ConnectionError, TimeoutError)):
+                        IntegrityError, ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
@@ -111,22 +113,6 @@ def give_up(stage: str, entity_id: str, reason: str) -> None:
         log.exception("could not record the failure of %s(%s): %s", stage, entity_id, reason)
 
 
-def close_lost_attempts(ctx: Context, stage: str, entity_id: str, status: str, error: str) -> int:
-    """Close attempts still marked running for this stage and entity (their process died).
-
-    A task that really is still running (a duplicate delivery) overwrites this mark when it
-    ends, because ``run_stage`` sets the final status of its own row.
-    """
-    with session_scope(ctx.sessions) as s:
-        res = s.execute(
-            update(StageAttempt)
-            .where(StageAttempt.stage == stage, StageAttempt.entity_id == entity_id,
-                   StageAttempt.status == "running")
-            .values(status=status, error=error, finished_at=utcnow())
-        )
-        return res.rowcount or 0
-
-
 def send(stage: str, *args: str, **options: Any) -> str:
     """Put a stage task on its queue; returns the Celery task id.
 
@@ -150,9 +136,6 @@ class StageTask(Task):
         stage, retries = self.stage, self.request.retries
         try:
             ctx = worker_context(build_profile(worker_context(), stage, entity_id))
-            # A message that comes back after its worker died leaves a row marked running.
-            close_lost_attempts(ctx, stage, entity_id, "lost",
-                                "the worker running this attempt was lost; the task was delivered again")
             result = run_stage(ctx, stage, entity_id, attempt=retries + 1)
         except Exception as exc:  # noqa: BLE001 - sorted into retry / give up below
             max_retries = load_settings().celery.max_retries
@@ -245,10 +228,10 @@ export = _stage_task("export")
 def ingest(self: Task, source: str, build_id: str | None = None) -> dict[str, Any]:
     """Register the videos under a source (a folder on the worker, or store://prefix/;
     empty: the configured raw-videos prefix). Returns the ids registered now."""
-    from opensubject_tasks.services.ingest import register_source
+    from opensubject_tasks.services.ingest import check_source_allowed, register_source
 
     ctx = worker_context()
-    source = source.strip() or f"store://{ctx.settings.store.raw_prefix}"
+    source = check_source_allowed(ctx, source.strip() or f"store://{ctx.settings.store.raw_prefix}")
     build_id = build_id or None
     try:
         result = register_source(ctx, source, build_id=build_id)

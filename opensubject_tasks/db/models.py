@@ -92,7 +92,7 @@ class Clip(Base):
     __tablename__ = "clips"
     __table_args__ = (UniqueConstraint("video_id", "idx"),)
     id: Mapped[str] = mapped_column(Text, primary_key=True)
-    video_id: Mapped[str] = mapped_column(Text, ForeignKey("videos.id", ondelete="CASCADE"))
+    video_id: Mapped[str] = mapped_column(Text, ForeignKey("videos.id", ondelete="RESTRICT"))
     idx: Mapped[int] = mapped_column(Integer)
     start_frame: Mapped[int] = mapped_column(Integer)
     end_frame: Mapped[int] = mapped_column(Integer)
@@ -110,7 +110,7 @@ class Subject(Base):
     __tablename__ = "subjects"
     __table_args__ = (UniqueConstraint("clip_id", "idx"),)
     id: Mapped[str] = mapped_column(Text, primary_key=True)
-    clip_id: Mapped[str] = mapped_column(Text, ForeignKey("clips.id", ondelete="CASCADE"))
+    clip_id: Mapped[str] = mapped_column(Text, ForeignKey("clips.id", ondelete="RESTRICT"))
     idx: Mapped[int] = mapped_column(Integer)
     category: Mapped[str] = mapped_column(Text)
     category_source: Mapped[str] = mapped_column(Text)
@@ -126,7 +126,7 @@ class Pair(Base):
     __tablename__ = "pairs"
     __table_args__ = (UniqueConstraint("subject_id", "ref_frame", "tgt_frame"),)
     id: Mapped[str] = mapped_column(Text, primary_key=True)
-    subject_id: Mapped[str] = mapped_column(Text, ForeignKey("subjects.id", ondelete="CASCADE"))
+    subject_id: Mapped[str] = mapped_column(Text, ForeignKey("subjects.id", ondelete="RESTRICT"))
     ref_frame: Mapped[int] = mapped_column(Integer)
     tgt_frame: Mapped[int] = mapped_column(Integer)
     ref_box: Mapped[list[Any]] = mapped_column(JSONType)
@@ -140,7 +140,7 @@ class Sample(Base):
     __table_args__ = (Index("samples_state_idx", "state"),)
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     pair_id: Mapped[str] = mapped_column(
-        Text, ForeignKey("pairs.id", ondelete="CASCADE"), unique=True
+        Text, ForeignKey("pairs.id", ondelete="RESTRICT"), unique=True
     )
     build_id: Mapped[str | None] = mapped_column(
         Text, ForeignKey("builds.id", ondelete="SET NULL"), nullable=True
@@ -180,3 +180,19 @@ class StageAttempt(Base):
     finished_at: Mapped[datetime | None] = _ts(nullable=True)
     duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+
+
+class Invalidation(Base):
+    """sql/003_keep_finished_work.sql: what an explicit recompute removed, why and by whom."""
+    __tablename__ = "invalidations"
+    __table_args__ = (Index("invalidations_video_idx", "video_id"),)
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = _ts()
+    actor: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    stage: Mapped[str] = mapped_column(Text)
+    video_id: Mapped[str] = mapped_column(Text)
+    entity_type: Mapped[str] = mapped_column(Text)
+    entity_id: Mapped[str] = mapped_column(Text)
+    state: Mapped[str | None] = mapped_column(Text, nullable=True)
+    objects: Mapped[list[Any]] = mapped_column(JSONType, default=list)

@@ -11,10 +11,11 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.locks import entity_lock
 from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video, utcnow
 from opensubject_tasks.errors import BadInput, Rejected
 
@@ -44,6 +45,19 @@ class StageSpec:
 
 STAGES: dict[str, StageSpec] = {}
 STAGE_ORDER = ("curate", "mine", "synthesize", "verify", "export")
+
+
+def stage_reached(stage_done: str | None, stage: str) -> bool:
+    """Whether a video whose last completed stage is ``stage_done`` has completed ``stage``."""
+    return stage_done in STAGE_ORDER and STAGE_ORDER.index(stage_done) >= STAGE_ORDER.index(stage)
+
+
+def already_done(stage: str, why: str, **kw: Any) -> StageResult:
+    """The result of a re-run that finds its stage completed: what the stage produced the
+    first time, and nothing changed. Finished work is redone only on an explicit
+    recompute (``opensubject rerun STAGE VIDEO --recompute``), which records what it drops."""
+    return StageResult(**kw, details={"skipped": f"{stage} already done: {why}; later work kept "
+                                                 "(rerun --recompute to redo it)"})
 
 
 def stage(name: str, entity_type: str, queue: str) -> Callable[[Callable[[Context, str], StageResult]], Callable[[Context, str], StageResult]]:
@@ -79,18 +93,24 @@ def build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
     return None
 
 
+# Finished with a result: an error in a later re-run (a redelivery, an operator's re-run)
+# is recorded on its attempt but never turns these into ``failed``.
+SUCCEEDED = {"video": "done", "sample": "verified"}
+
+
 def mark_terminal(ctx: Context, entity_type: str, entity_id: str, state: str, reason: str) -> None:
     """Give a video, sample or build a terminal state, with its reason where the row keeps
-    one (a build does not)."""
+    one (a build does not). A finished video or verified sample keeps its state."""
     model = {"video": Video, "sample": Sample, "build": Build}.get(entity_type)
     if model is None:
         return
     with session_scope(ctx.sessions) as s:
-        row = s.get(model, entity_id)
-        if row is not None:
-            row.state = state
-            if hasattr(row, "reason"):
-                row.reason = reason[:2000]
+        row = s.get(model, entity_id, with_for_update=True)
+        if row is None or (state != row.state and row.state == SUCCEEDED.get(entity_type)):
+            return
+        row.state = state
+        if hasattr(row, "reason"):
+            row.reason = reason[:2000]
 
 
 def mark_bad_input(ctx: Context, entity_type: str, entity_id: str, exc: BadInput) -> None:
@@ -99,14 +119,38 @@ def mark_bad_input(ctx: Context, entity_type: str, entity_id: str, exc: BadInput
                   "rejected" if isinstance(exc, Rejected) else "failed", exc.reason)
 
 
+def close_lost_attempts(ctx: Context, stage: str, entity_id: str) -> int:
+    """Close this stage's attempts on the entity that are still marked running. Called
+    with the entity's lock held: whoever ran them no longer holds it, so they are dead."""
+    with session_scope(ctx.sessions) as s:
+        res = s.execute(
+            update(StageAttempt)
+            .where(StageAttempt.stage == stage, StageAttempt.entity_id == entity_id,
+                   StageAttempt.status == "running")
+            .values(status="lost", finished_at=utcnow(),
+                    error="the process running this attempt was lost; the stage ran again")
+            .execution_options(synchronize_session=False))
+        return res.rowcount or 0
+
+
 def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1) -> StageResult:
     """Run one stage on one entity; bad input becomes a recorded result, other errors
-    are recorded and re-raised (the caller decides whether to retry)."""
+    are recorded and re-raised (the caller decides whether to retry).
+
+    One run per entity at a time: a second copy (a redelivery racing the original, a
+    re-run during a build) waits for the first, then finds its work done and skips it."""
     spec = load_stages()[stage_name]
+    wait_s = ctx.settings.celery.limits(stage_name).hard_s
+    with entity_lock(ctx.engine, f"{spec.entity_type}:{entity_id}", wait_s) as waited:
+        close_lost_attempts(ctx, stage_name, entity_id)
+        return _run_locked(ctx, spec, entity_id, attempt, waited)
+
+
+def _run_locked(ctx: Context, spec: StageSpec, entity_id: str, attempt: int, waited: float) -> StageResult:
     build_id = build_of(ctx, spec.entity_type, entity_id)
     with session_scope(ctx.sessions) as s:
         row = StageAttempt(build_id=build_id, entity_type=spec.entity_type, entity_id=entity_id,
-                           stage=stage_name, attempt=attempt, worker=ctx.worker, status="running")
+                           stage=spec.name, attempt=attempt, worker=ctx.worker, status="running")
         s.add(row)
         s.flush()
         attempt_id = row.id
@@ -134,8 +178,11 @@ def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1) -
                 row.error = error[:8000] if error else None
                 row.finished_at = utcnow()
                 row.duration_s = time.perf_counter() - t0
-                if result is not None and result.details:
-                    row.details = result.details
+                details = dict(result.details) if result is not None else {}
+                if waited >= 1.0:
+                    details["waited_for_other_run_s"] = round(waited, 1)
+                if details:
+                    row.details = details
 
 
 def finalize_video(ctx: Context, video_id: str) -> str:

@@ -34,7 +34,7 @@ from sqlalchemy import select, update
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video
-from opensubject_tasks.services.common import STAGE_ORDER, utcnow
+from opensubject_tasks.services.common import stage_reached, utcnow
 from opensubject_tasks.services.resynth import IN_FLIGHT, NEXT_STAGE
 
 Enqueue = Callable[[str, str], object]  # (stage, entity_id) -> anything
@@ -72,10 +72,6 @@ def queued_task_id(ctx: Context, stage: str, entity_id: str) -> str | None:
 
 
 # --- finding outstanding work --------------------------------------------------------------------
-def _stage_done(stage_done: str | None, stage: str) -> bool:
-    return stage_done in STAGE_ORDER and STAGE_ORDER.index(stage_done) >= STAGE_ORDER.index(stage)
-
-
 def _alive_since(ctx: Context, older_than_s: float, stages: Collection[str], now: datetime,
                  broker_known: bool) -> datetime:
     """Running attempts that started after this time may still be working."""
@@ -130,7 +126,7 @@ def reconcile(ctx: Context, enqueue: Enqueue, *, older_than_s: float,
             .where(Video.build_id.in_(running_builds), Video.state.not_in(TERMINAL_VIDEO),
                    Video.queued_stage.in_(VIDEO_STAGES), Video.queued_at < cutoff)
             .order_by(Video.id).with_for_update(of=Video, skip_locked=True)).all()
-        rows = [r for r in rows if not _stage_done(r.stage_done, r.queued_stage)]
+        rows = [r for r in rows if not stage_reached(r.stage_done, r.queued_stage)]
         busy = _running(s, "video", [r.id for r in rows],
                         _alive_since(ctx, older_than_s, VIDEO_STAGES, now, known))
         videos = [(r.queued_stage, r.id) for r in rows
