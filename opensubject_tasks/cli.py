@@ -25,6 +25,13 @@ class CannotRun(OpenSubjectError):
     """The command cannot start; the message says why."""
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, with where to look (argparse prints the whole usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def _settings(args: argparse.Namespace, out: Path | None = None, **overrides: Any):
     """Settings from --config/env/YAML; ``--out`` supplies the embedded database and
     store locations unless they were configured explicitly."""
@@ -58,7 +65,7 @@ def _existing_out(value: str | None, flag: str = "--out") -> Path | None:
     return out
 
 
-def _existing_database(settings) -> None:  # noqa: ANN001
+def _existing_database(settings, flag: str = "--out") -> None:  # noqa: ANN001
     """A configured SQLite database must exist already (it is never created by a reader)."""
     url = settings.database_url
     if url.startswith("sqlite"):
@@ -66,7 +73,7 @@ def _existing_database(settings) -> None:  # noqa: ANN001
 
         path = make_url(url).database
         if path and path != ":memory:" and not Path(path).is_file():
-            raise CannotRun(f"no database at {path}: pass --out OUT (the folder of an embedded build) "
+            raise CannotRun(f"no database at {path}: pass {flag} OUT (the folder of an embedded build) "
                             "or set OPENSUBJECT_DATABASE_URL")
 
 
@@ -283,7 +290,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opensubject", description=__doc__.splitlines()[0])
+    p = Parser(prog="opensubject", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML settings file (also OPENSUBJECT_CONFIG)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)

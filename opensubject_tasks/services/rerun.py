@@ -90,16 +90,17 @@ def invalidate(ctx: Context, stage: str, video_id: str, *, reason: str, actor: s
             if busy is not None:
                 raise WorkInFlight(f"video {video_id} has a stage running now ({busy}); "
                                    "recompute it once that has ended")
-            objects = {x.id: _listed(ctx, safe_key("videos", video_id, "samples", x.id) + "/")
+            # (kind, id): a sample's id is its pair's id
+            objects = {("sample", x.id): _listed(ctx, safe_key("videos", video_id, "samples", x.id) + "/")
                        for x in samples}
             if stage == "curate":
-                objects.update({c.id: _listed(ctx, safe_key("videos", video_id, "clips", c.id) + "/")
+                objects.update({("clip", c.id): _listed(ctx, safe_key("videos", video_id, "clips", c.id) + "/")
                                 for c in clips})
 
             def record(kind: str, entity_id: str, state: str | None) -> None:
                 s.add(Invalidation(actor=actor, reason=reason, stage=stage, video_id=video_id,
                                    entity_type=kind, entity_id=entity_id, state=state,
-                                   objects=objects.get(entity_id, [])))
+                                   objects=objects.get((kind, entity_id), [])))
 
             for x in samples:
                 record("sample", x.id, x.state)
