@@ -21,7 +21,8 @@ from opensubject_tasks.db.models import Clip, Video
 from opensubject_tasks.errors import BadInput, Rejected
 from opensubject_tasks.media.decode import DecodeStats, iter_frames
 from opensubject_tasks.media.probe import open_video
-from opensubject_tasks.services.common import StageResult, already_done, stage, stage_reached
+from opensubject_tasks.catalogue import stage_reached
+from opensubject_tasks.services.common import StageResult, already_done, stage
 from opensubject_tasks.stages.curate import ClipResult, check_video, curate_frames
 from opensubject_tasks.storage import Keys
 from opensubject_tasks.storage.base import safe_key
@@ -39,7 +40,7 @@ def _encode_jpeg(rgb: Any, quality: int) -> bytes:
     return buf.tobytes()
 
 
-@stage("curate", "video", "cpu")
+@stage("curate")
 def curate_video(ctx: Context, video_id: str) -> StageResult:
     s = ctx.settings.curate
     with session_scope(ctx.sessions) as db:

@@ -18,7 +18,8 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.errors import BadInput, Rejected
-from opensubject_tasks.services.common import StageResult, already_done, stage, stage_reached, utcnow
+from opensubject_tasks.catalogue import stage_reached
+from opensubject_tasks.services.common import StageResult, already_done, stage, utcnow
 from opensubject_tasks.stages.mine import MineResult, mine_clip
 from opensubject_tasks.stages.verify import sample_seed
 from opensubject_tasks.storage import ObjectStore
@@ -55,7 +56,7 @@ def pair_id(subj_id: str, ref_frame: int, tgt_frame: int) -> str:
     return f"{subj_id}-p{ref_frame}-{tgt_frame}"
 
 
-@stage("mine", "video", "gpu")
+@stage("mine")
 def mine_video(ctx: Context, video_id: str) -> StageResult:
     with session_scope(ctx.sessions) as s:
         video = s.get(Video, video_id)

@@ -72,7 +72,7 @@ def check_rerun(ctx: Context, stage: str, video_id: str) -> Video:
 def invalidate(ctx: Context, stage: str, video_id: str, *, reason: str, actor: str | None = None) -> Invalidated:
     """Drop what ``stage`` and every later stage produced for the video, recording each row
     and object removed; the video is left ready for ``stage`` to run from scratch."""
-    video = check_rerun(ctx, stage, video_id)
+    check_rerun(ctx, stage, video_id)
     actor = actor or default_actor()
     # The video's lock: no curate or mine of it runs while its rows go.
     with entity_lock(ctx.engine, f"video:{video_id}", wait_s=5.0):
