@@ -83,13 +83,17 @@ def test_curate_keeps_lossless_frames_at_source_resolution(embedded_settings, tm
     stored = {o.key for o in ctx.store.list(f"videos/{vid}/clips/")}
     assert stored == {k for e in entries for k in (e["key"], e["full_key"])}
 
-    # frame_max_side bounds the stored frames; 0 stores none
+    # frame_max_side bounds the stored frames; 0 stores none (each an explicit recompute)
+    from opensubject_tasks.services.rerun import invalidate
+
     ctx.settings.curate.frame_max_side = 960
+    invalidate(ctx, "curate", vid, reason="smaller full frames", actor="test")
     assert run_stage(ctx, "curate", vid).status == "ok"
     with session_scope(ctx.sessions) as s:
         e = next(iter(s.query(Clip).filter(Clip.state == "kept"))).keyframes[0]
     assert (e["full_width"], e["full_height"]) == (960, 540)
     ctx.settings.curate.frame_max_side = 0
+    invalidate(ctx, "curate", vid, reason="no full frames", actor="test")
     assert run_stage(ctx, "curate", vid).status == "ok"
     assert not [o.key for o in ctx.store.list(f"videos/{vid}/clips/") if o.key.endswith(".png")]
     ctx.engine.dispose()

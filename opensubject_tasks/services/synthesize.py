@@ -59,7 +59,7 @@ def _scaled(box: list[float], scale: list[float]) -> list[float]:
     return [box[0] * scale[0], box[1] * scale[1], box[2] * scale[0], box[3] * scale[1]]
 
 
-@stage("synthesize", "sample", "gpu")
+@stage("synthesize")
 def synthesize_sample(ctx: Context, sample_id: str) -> StageResult:
     with session_scope(ctx.sessions) as s:
         row = s.get(Sample, sample_id)
