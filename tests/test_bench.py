@@ -376,7 +376,7 @@ def test_score_refuses_what_is_not_a_bench(tmp_path):
     (tmp_path / "preds").mkdir()
     with pytest.raises(CannotRun, match="not a bench directory"):
         _cli(["bench", "score", "--bench", str(tmp_path), "--predictions", str(tmp_path / "preds")])
-    with pytest.raises(CannotRun, match="no build found"):
+    with pytest.raises(CannotRun, match="holds no build"):
         _cli(["bench", "build", "--from", "x", "--out", str(tmp_path / "b"), "--db-out", str(tmp_path)])
     with pytest.raises(SystemExit):
         _cli(["bench", "baseline", "no-such-baseline", "--bench", str(tmp_path), "--out", str(tmp_path)])
