@@ -202,9 +202,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_samples_make(args: argparse.Namespace) -> int:
-    from opensubject_tasks.media.samples import make_samples
+    from opensubject_tasks.media.samples import SAMPLE_SIZE, make_samples
 
-    size = tuple(int(x) for x in args.size.lower().split("x")) if args.size else (640, 360)
+    size = tuple(int(x) for x in args.size.lower().split("x")) if args.size else SAMPLE_SIZE
     gt = make_samples(Path(args.dir), seed=args.seed, size=size)  # type: ignore[arg-type]
     print(f"sample videos and ground truth written: {gt}")
     return EXIT_OK
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk = sm.add_parser("make", help="write sample videos with ground truth")
     mk.add_argument("dir")
     mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--size", help="WIDTHxHEIGHT, default 640x360")
+    mk.add_argument("--size", help="WIDTHxHEIGHT, default 854x480")
     mk.set_defaults(fn=cmd_samples_make)
 
     db = sub.add_parser("db", help="database").add_subparsers(dest="sub", required=True)

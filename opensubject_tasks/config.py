@@ -51,7 +51,9 @@ class IngestSettings(_Section):
 
 
 class CurateSettings(_Section):
-    min_short_side: int = Field(240, ge=1)
+    # OpenS2V-Nexus keeps clips whose shorter side is >= 480 px; the paper filters on
+    # resolution too without a number: 480 is where the two agree
+    min_short_side: int = Field(480, ge=1)
     min_duration_s: float = Field(1.0, ge=0)
     max_duration_s: float = Field(4 * 3600, gt=0)
     # Frames are scaled by the decoder's scaler to this width for analysis; 256 px is

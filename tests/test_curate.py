@@ -273,7 +273,7 @@ def test_service_embedded_and_rerun(embedded_settings, sample_media: Path):
     assert res.status == "rejected" and "min_short_side 720" in res.reason
     state, _, reason, probe, clips = _state(ctx, vid)
     assert (state, reason, clips, _frame_keys(ctx, vid)) == ("rejected", res.reason, [], [])
-    assert probe["width"] == 640
+    assert probe["width"] == 854   # the sample media are 480p
     ctx.engine.dispose()
 
 
