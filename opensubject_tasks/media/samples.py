@@ -420,7 +420,7 @@ def make_bad_samples(out_dir: Path) -> list[Path]:
     the expected outcome of each ("failed", "rejected" or "ok")."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = (480, 270)  # above the default minimum resolution: the all-black video must fail on quality
+    size = SAMPLE_SIZE  # passes the default minimum resolution: the all-black video must fail on quality
     rng = np.random.default_rng(1234)
     expect: dict[str, tuple[str, str]] = {}
 
