@@ -130,6 +130,9 @@ def test_export_writes_a_loadable_dataset(built, tmp_path: Path) -> None:
     assert "data:image/jpeg;base64," in html and "http://" not in html.replace(
         'xmlns="http://www.w3.org/2000/svg"', "")
     assert "identity" in html and "clip shorter than" in html
+    # single- and multi-subject samples counted apart
+    assert '<table class="training">' in html and "<td>generation multi</td><td>1</td>" in html
+    assert "<td>generation single</td><td>3</td>" in html and "<td>generation with 2 subjects</td><td>1</td>" in html
     assert SECRET not in html and "[redacted]" in html
     assert SECRET not in (out / "stats.json").read_text()
     assert res.files and all((out / f).is_file() for f in res.files)
