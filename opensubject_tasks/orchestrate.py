@@ -110,7 +110,7 @@ def claim_build_videos(build_id: str, limit: int | None = None, video_ids: list[
         # One statement numbers them all: chunk = position in id order // size.
         ranked = todo.add_columns((func.row_number().over(order_by=Video.id) - 1).label("rn")).subquery()
         s.execute(update(Video).where(Video.id == ranked.c.id)
-                  .values(chunk=ranked.c.rn / size).execution_options(synchronize_session=False))
+                  .values(chunk=ranked.c.rn // size).execution_options(synchronize_session=False))
     chunks = math.ceil(count / size) if count else 0
     log.info("build %s: %d video(s) with work left in %d chunk(s) of %d", build_id, count, chunks, size)
     return list(range(chunks))
