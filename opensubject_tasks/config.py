@@ -79,7 +79,12 @@ class CurateSettings(_Section):
 
 class MineSettings(_Section):
     consensus_frames: int = Field(4, ge=1, le=64)     # keyframes the VLM names categories on
-    consensus_share: float = Field(0.5, gt=0, le=1)   # share of those that must agree
+    consensus_share: float = Field(0.5, gt=0, le=1)   # share of the frames asked that must name it
+    consensus_min_answers: int = Field(2, ge=1, le=64)  # frames that must answer at all
+    # A clip whose VLM answers agree on no category: "reject" it with the reason, or
+    # "class_agnostic": ground the detector's unnamed subjects (category "object", source
+    # "none") as without a VLM. The tiny profile uses the latter (its VLM is random).
+    without_consensus: Literal["reject", "class_agnostic"] = "reject"
     min_box_area: float = Field(1 / 64, ge=0, le=1)   # share of the frame
     max_box_area: float = Field(0.85, gt=0, le=1)
     border_margin: float = Field(0.005, ge=0, le=0.2)  # share of the shorter side counted as border
@@ -317,10 +322,22 @@ def _shown_input(err: Any) -> str:
     return f" (got {value!r})"
 
 
+# Stage settings a profile changes, unless they were set explicitly.
+PROFILE_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    # The tiny VLM is random and never agrees on a category: ground unnamed subjects.
+    "tiny": {"mine": {"without_consensus": "class_agnostic"}},
+}
+
+
 def apply_profile(settings: Settings) -> Settings:
-    """Fill backend names from the profile unless they were set explicitly."""
+    """Fill backend names and profile settings unless they were set explicitly."""
     explicit = settings.backends.model_fields_set
     for key, name in PROFILE_BACKENDS[settings.profile].items():
         if key not in explicit:
             setattr(settings.backends, key, name)
+    for section, values in PROFILE_SETTINGS.get(settings.profile, {}).items():
+        target = getattr(settings, section)
+        for key, value in values.items():
+            if key not in target.model_fields_set:
+                setattr(target, key, value)
     return settings
