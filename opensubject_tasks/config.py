@@ -13,7 +13,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from opensubject_tasks.errors import ConfigError
@@ -129,6 +129,46 @@ class VerifySettings(_Section):
     # "all": a VLM verdict must also pass every classical check; "vlm": the VLM's answers
     # replace the classical identity/residual/artifact checks (mask sanity still applies).
     vlm_combine: Literal["all", "vlm"] = "all"
+    # Same individual: least cosine between the reference and the target's subject crop,
+    # per embedder model (name or model directory name; a cosine means something only for
+    # the embedder that gave it). Measured by `opensubject models calibrate` on
+    # ground-truth tracks (docs/models.md); entries given here add to these.
+    same_individual_min: dict[str, float] = Field(default_factory=lambda: dict(SAME_INDIVIDUAL_MIN))
+    # Share of each box's width and height, around its centre, that is compared: the
+    # subject fills a box's middle, its corners show the scene, which two subjects of one
+    # clip share (docs/models.md: 0.6 against the whole box on the sample media).
+    same_individual_centre: float = Field(0.6, gt=0, le=1)
+
+    @field_validator("same_individual_min", mode="after")
+    @classmethod
+    def _keep_calibrated(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not -1.0 <= float(v) <= 1.0}
+        if bad:
+            raise ValueError(f"thresholds are cosines between -1 and 1, got {bad}")
+        return {**SAME_INDIVIDUAL_MIN, **value}
+
+    def same_individual_threshold(self, embedder: str) -> float:
+        """The calibrated threshold of an embedder (by backend name, then model name)."""
+        for key in (embedder, embedder_key(embedder)):
+            if key in self.same_individual_min:
+                return float(self.same_individual_min[key])
+        raise ConfigError(
+            f"verify.same_individual_min has no threshold for embedder {embedder!r} (known: "
+            f"{', '.join(sorted(self.same_individual_min))}); measure one with `opensubject models "
+            f"calibrate` and add it as `{embedder_key(embedder)}: <value>`")
+
+
+# Calibrated on the ground-truth tracks of `opensubject samples make` (seed 0) with
+# `opensubject models calibrate`; docs/models.md has the accuracies, also on other media.
+SAME_INDIVIDUAL_MIN: dict[str, float] = {"classical": 0.88, "tiny:embedder": 0.98}
+
+
+def embedder_key(name: str) -> str:
+    """The model part of an embedder's name: ``hf:openai/clip-vit-large-patch14`` and
+    ``hf:/models/clip-vit-large-patch14`` are both ``clip-vit-large-patch14``."""
+    if ":" in name and name.split(":", 1)[0] in ("hf", "small"):
+        return name.split(":", 1)[1].rstrip("/").rsplit("/", 1)[-1]
+    return name
 
 
 class ExportSettings(_Section):
