@@ -78,8 +78,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not p.exists():
             raise CannotRun(f"input not found: {src}")
         sources.append(str(p.resolve()))
-    out.mkdir(parents=True, exist_ok=True)
     settings = _settings(args, out)
+    from opensubject_tasks.models_cli import require_models  # missing weights: stop before any video
+
+    require_models(settings)
+    out.mkdir(parents=True, exist_ok=True)
     ctx = _context(settings)
     build_id = args.build or "default"
     with _progress_bars(not args.quiet and sys.stderr.isatty() or args.progress) as bars:
@@ -243,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=cmd_export)
 
     from opensubject_tasks.bench.cli import add_bench_commands
+    from opensubject_tasks.models_cli import add_models_commands
 
     add_bench_commands(sub)
+    add_models_commands(sub)
     return p
 
 

@@ -197,6 +197,9 @@ class BackendSettings(_Section):
     batch_size: int = Field(8, ge=1)
     device: str = "cpu"
     dtype: str = "auto"
+    # Where `opensubject models fetch` puts weights (<owner>/<name> per Hub model) and
+    # backends look first; then the Hugging Face cache. Nothing is downloaded at run time.
+    models_dir: Path = Path("~/.cache/opensubject/models")
 
 
 class StageTimeLimit(_Section):

@@ -48,7 +48,7 @@ def available(interface: str) -> list[str]:
     return sorted(n for (i, n) in _FACTORIES if i == interface)
 
 
-def get_backend(interface: str, name: str, **options: Any) -> Any:
+def get_backend(interface: str, name: str, /, **options: Any) -> Any:
     """Return the process-wide instance of a backend, creating it on first use."""
     key = (interface, name, repr(sorted(options.items())))
     with _LOCK:
