@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("videos", nargs="+", help="video folders or files, or store://PREFIX")
     r.add_argument("--out", required=True, help="output folder (database, store, dataset)")
     r.add_argument("--build", help="build name (default: 'default')")
-    r.add_argument("--profile", choices=["cpu", "gpu", "tiny"])
+    r.add_argument("--profile", choices=["cpu", "gpu", "tiny", "small"])
     r.add_argument("--until", choices=["ingest", "curate", "mine", "synthesize", "verify", "export"])
     r.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="parallel worker processes (default: number of cores)")

@@ -269,7 +269,7 @@ class Settings(BaseSettings):
         env_prefix="OPENSUBJECT_", env_nested_delimiter="__", extra="forbid"
     )
 
-    profile: Literal["cpu", "gpu", "tiny"] = "cpu"
+    profile: Literal["cpu", "gpu", "tiny", "small"] = "cpu"
     database_url: str = "sqlite:///out/opensubject.db"
     broker_url: str = "redis://127.0.0.1:6379/0"
     store: StoreSettings = Field(default_factory=StoreSettings)
@@ -333,6 +333,24 @@ PROFILE_BACKENDS: dict[str, dict[str, str]] = {
             "embedder": "hf", "quality": "hf", "verifier": "vlm", "device": "auto"},
     "tiny": {"vlm": "tiny", "detector": "tiny", "segmenter": "tiny", "inpainter": "tiny",
              "embedder": "tiny", "quality": "tiny", "verifier": "vlm"},
+    # Small real models on a CPU (docs/models.md): Florence-2 names, grounds and captions;
+    # it answers no yes/no questions, so the classical verifier checks the samples.
+    "small": {"vlm": "florence", "detector": "florence", "segmenter": "hf", "inpainter": "hf",
+              "embedder": "hf", "quality": "classical", "verifier": "classical", "device": "cpu"},
+}
+
+# Backend options a profile sets, per interface; configured keys win one by one.
+PROFILE_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "small": {
+        "vlm": {"model": "florence-community/Florence-2-base"},
+        "detector": {"model": "florence-community/Florence-2-base"},
+        "segmenter": {"model": "facebook/sam-vit-base"},
+        # LCM-distilled Stable Diffusion 1.5: 4 steps, guidance as an embedding (w = 8),
+        # inpainting by latent blending (its UNet has 4 input channels)
+        "inpainter": {"model": "SimianLuo/LCM_Dreamshaper_v7", "pipeline_class": "StableDiffusionInpaintPipeline",
+                      "steps": 4, "guidance_scale": 8.0, "strength": 1.0, "resolution": 512, "batch_size": 1},
+        "embedder": {"model": "facebook/dinov2-small"},
+    },
 }
 
 
@@ -378,6 +396,8 @@ def apply_profile(settings: Settings) -> Settings:
     for key, name in PROFILE_BACKENDS[settings.profile].items():
         if key not in explicit:
             setattr(settings.backends, key, name)
+    for interface, opts in PROFILE_OPTIONS.get(settings.profile, {}).items():
+        settings.backends.options[interface] = {**opts, **settings.backends.options.get(interface, {})}
     for section, values in PROFILE_SETTINGS.get(settings.profile, {}).items():
         target = getattr(settings, section)
         for key, value in values.items():

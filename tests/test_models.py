@@ -282,3 +282,14 @@ def test_fetch_through_the_cli(hub, tmp_path, capsys) -> None:
     cfg.write_text(f"backends: {{models_dir: {models}}}\n"
                    "verify: {same_individual_min: {clip-vit-large-patch14: 0.5}}\n")
     assert main(["--config", str(cfg), "models", "check", "--profile", "gpu"]) == 0
+
+
+def test_default_models_are_the_backend_classes_defaults() -> None:
+    from opensubject_tasks.backends.hf import detector, embedder, florence, inpainter, segmenter, vlm
+
+    d = weights.DEFAULT_MODELS
+    assert d[("vlm", "hf")] == vlm.DEFAULT_VLM and d[("detector", "hf")] == detector.DEFAULT_DETECTOR
+    assert d[("segmenter", "hf")] == segmenter.DEFAULT_SEGMENTER
+    assert d[("inpainter", "hf")] == inpainter.DEFAULT_INPAINTER
+    assert d[("embedder", "hf")] == d[("quality", "hf")] == embedder.DEFAULT_EMBEDDER
+    assert d[("vlm", "florence")] == d[("detector", "florence")] == florence.DEFAULT_FLORENCE

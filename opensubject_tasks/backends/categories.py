@@ -87,4 +87,19 @@ def category_problem(name: str, allowed: frozenset[str] | None = None) -> str | 
     return None
 
 
-__all__ = ["NOT_SUBJECTS", "category_problem", "normalise_category", "singular"]
+def screen_categories(items: list, allowed: frozenset[str] | None = None,
+                      max_categories: int = 8) -> tuple[list[str], list[str]]:
+    """(valid names in normal form, each once; refused entries as "word (why)")."""
+    valid: list[str] = []
+    rejected: list[str] = []
+    for item in items:
+        name = normalise_category(item) if isinstance(item, str) else ""
+        problem = category_problem(name, allowed) if isinstance(item, str) else "not text"
+        if problem:
+            rejected.append(f"{(name or repr(item))[:40]} ({problem})")
+        elif name not in valid:
+            valid.append(name)
+    return valid[:max_categories], rejected
+
+
+__all__ = ["NOT_SUBJECTS", "category_problem", "normalise_category", "screen_categories", "singular"]

@@ -25,6 +25,7 @@ _PROVIDERS = {
     "vlm": "opensubject_tasks.backends.classical",
     "hf": "opensubject_tasks.backends.hf",
     "tiny": "opensubject_tasks.backends.hf",
+    "florence": "opensubject_tasks.backends.hf",
 }
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from opensubject_tasks.backends.base import Caption, CategoryList, Image, YesNo
-from opensubject_tasks.backends.categories import category_problem, normalise_category
+from opensubject_tasks.backends.categories import normalise_category, screen_categories
 from opensubject_tasks.backends.hf.common import HFBackend, fit_within, move, to_pil
 from opensubject_tasks.backends.prompts import prompt_text, prompts_version
 from opensubject_tasks.backends.registry import register
@@ -62,16 +62,8 @@ def parse_categories(raw: str, vocabulary: Sequence[str] | None = None, max_cate
     if not isinstance(items, list):
         return CategoryList([], raw=raw, error="JSON reply holds no 'categories' list")
     allowed = frozenset(normalise_category(v) for v in vocabulary) if vocabulary else None
-    valid: list[str] = []
-    rejected: list[str] = []
-    for item in items:
-        name = normalise_category(item) if isinstance(item, str) else ""
-        problem = category_problem(name, allowed) if isinstance(item, str) else "not text"
-        if problem:
-            rejected.append(f"{(name or repr(item))[:40]} ({problem})")
-        elif name not in valid:
-            valid.append(name)
-    return CategoryList(valid[:max_categories], raw=raw, rejected=rejected)
+    valid, rejected = screen_categories(items, allowed, max_categories)
+    return CategoryList(valid, raw=raw, rejected=rejected)
 
 
 def parse_yes_no(reply: str) -> bool | None:
