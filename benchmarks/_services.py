@@ -127,7 +127,7 @@ class Proc:
 
 
 def celery_worker(env: dict[str, str], log: Path, name: str = "bench", concurrency: int = 1,
-                  queues: str = "cpu,gpu") -> Proc:
+                  queues: str = "cpu,gpu,maintenance") -> Proc:
     return Proc([str(BIN / "celery"), "-A", "opensubject_tasks.celery_app", "worker", "-Q", queues,
                  "--concurrency", str(concurrency), "--hostname", f"{name}@%h", "--loglevel", "INFO",
                  "--without-gossip", "--without-mingle"], env, log, ready=" ready.")

@@ -1,27 +1,33 @@
 """Build an OpenSubject dataset from registered videos.
 
-Trigger it from the UI ("Trigger DAG"): the form shows the parameters below. Each video
-gets its own task group: curate -> mine -> synthesize+verify (every sample, re-synthesis
-included) -> finalize. Every stage runs on the Celery workers (`cpu` / `gpu` queues);
-Airflow tasks only hand work over and wait in the triggerer. A video rejected or failed
-at one stage stops there with its reason; the other videos go on, and the build is
-exported and reported at the end. The `watch` task turns the run red when any stage
-failed on an error (bad input is recorded, not an error).
+Trigger it from the UI ("Trigger DAG"): the form shows the parameters below. `claim` takes
+the build's videos and splits the ones with work left into chunks; one `chunk` task per
+chunk hands its videos to the Celery workers, which chain each video's stages (curate ->
+mine -> synthesize <-> verify, re-synthesis included), and waits in the triggerer until
+the database says every video of the chunk is settled. A video rejected or failed on its
+input stops with its reason; the other videos go on. A chunk whose videos failed on an
+*error* turns red and lists them (stage and error) in its log: clear it to retry exactly
+those. Then the dataset is exported and published as the `opensubject_dataset` asset, and
+the build is reported; `watch` turns the run red when any task failed.
+
+Task instances grow with chunks, not videos (a 10^6-video build stays under `[core]
+max_map_length`); at most `OPENSUBJECT_MAX_ACTIVE_CHUNKS` chunks of a run are in flight
+at once, so a build never floods the queues.
 """
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, task, task_group
-from opensubject_airflow.operators import CeleryStageOperator, SamplesOperator
+from airflow.sdk import Asset, Param, dag, task
+from opensubject_airflow.notifiers import failure_notifiers
+from opensubject_airflow.operators import CeleryTaskOperator, ChunkOperator, ExportOperator
 
-STAGE_TOGGLES = {
-    "curate": "Curate (probe, shots, quality, keyframes)",
-    "mine": "Mine subjects and pairs",
-    "synthesize": "Synthesize and verify samples (re-synthesis included)",
-    "export": "Export shards, manifest and report",
-}
+# Chunks of one run handed to the workers at once (deferred chunk tasks count: Airflow's
+# max_active_tis_per_dagrun). Read when the file is parsed.
+MAX_ACTIVE_CHUNKS = int(os.environ.get("OPENSUBJECT_MAX_ACTIVE_CHUNKS", "16"))
+DATASET = Asset(name="opensubject_dataset", uri="opensubject://datasets")
 
 
 @dag(
@@ -33,6 +39,7 @@ STAGE_TOGGLES = {
     max_active_runs=4,
     tags=["opensubject", "build"],
     doc_md=__doc__,
+    on_failure_callback=failure_notifiers(),
     default_args={"owner": "opensubject", "retries": 2, "retry_delay": timedelta(seconds=30),
                   "retry_exponential_backoff": 2.0},
     params={
@@ -42,7 +49,8 @@ STAGE_TOGGLES = {
                             pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"),
         "source": Param(None, type=["null", "string"], title="Source",
                         description="Register new videos from here first: store://<prefix>/ (the "
-                                    "object store) or a folder on the workers. Empty: use the videos "
+                                    "object store) or a folder on the workers under an allowed root "
+                                    "(OPENSUBJECT_INGEST__ALLOWED_ROOTS). Empty: use the videos "
                                     "registered already."),
         "profile": Param("cpu", type="string", enum=["cpu", "gpu", "tiny"], title="Profile",
                          description="Model backends: cpu = classical (no weights), gpu = the paper's "
@@ -50,57 +58,50 @@ STAGE_TOGGLES = {
         "limit": Param(0, type="integer", minimum=0, title="Most videos",
                        description="Most registered videos to claim for this build (0: all)."),
         "video_ids": Param([], type=["null", "array"], items={"type": "string"}, title="Only these videos",
-                           description="Video ids to build (as sent by opensubject_ingest). "
-                                       "Empty: claim registered videos."),
-        **{name: Param(True, type="boolean", title=title) for name, title in STAGE_TOGGLES.items()},
+                           description="Video ids to build. Empty: claim registered videos."),
+        "until": Param("verify", type="string", enum=["curate", "mine", "verify"], title="Run up to",
+                       description="The last stage: curate (clips and keyframes), mine (subjects and "
+                                   "pairs) or verify (synthesized, verified and captioned samples)."),
+        "export": Param(True, type="boolean", title="Export shards, manifest and report"),
+        "chunk_size": Param(0, type="integer", minimum=0, title="Videos per chunk",
+                            description="0: automatic (at least 50, and as many as needed to stay "
+                                        "within Airflow's max_map_length)."),
     },
 )
 def opensubject_build():
     @task
     def start(params=None, run_id=None) -> str:
+        from airflow.sdk.exceptions import AirflowFailException
+        from opensubject_tasks.errors import BadInput
         from opensubject_tasks.orchestrate import start_build
 
-        return start_build(dict(params), run_id)
+        try:
+            return start_build(dict(params), run_id)
+        except BadInput as exc:  # a source the workers may not read: no retry, nothing started
+            raise AirflowFailException(str(exc)) from None
 
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def has_source(params=None) -> bool:
         return bool((params["source"] or "").strip())
 
     @task(trigger_rule="none_failed")
-    def claim(build_id: str, params=None) -> list[str]:
+    def claim(build_id: str, params=None) -> list[int]:
+        """Chunk numbers of the build's videos with work left (what `chunk` maps over)."""
+        from airflow.configuration import conf
         from opensubject_tasks.orchestrate import claim_build_videos
 
-        ids = claim_build_videos(build_id, params["limit"], params["video_ids"] or [])
-        print(f"build {build_id}: {len(ids)} video(s) to process")
-        return ids
+        chunks = claim_build_videos(build_id, params["limit"], params["video_ids"] or [],
+                                    max_chunks=conf.getint("core", "max_map_length"),
+                                    chunk_size=params["chunk_size"] or 0)
+        print(f"build {build_id}: {len(chunks)} chunk(s) to process")
+        return chunks
 
     @task(trigger_rule="one_failed", retries=0)
     def watch() -> None:
-        """Turns the run red when any stage failed on an error (see the red task's log)."""
+        """Turns the run red when any task failed (see the red task's log)."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        raise AirflowFailException("a stage failed on a Celery worker: see the failed task's log")
-
-    watcher = watch()
-
-    @task_group(group_id="video")
-    def per_video(video_id: str) -> None:
-        curate = CeleryStageOperator(task_id="curate", stage="curate", args=[video_id], toggle="curate")
-        mine = CeleryStageOperator(task_id="mine", stage="mine", args=[video_id], after=curate.output,
-                                   toggle="mine")
-        samples = SamplesOperator(task_id="synthesize_verify", after=mine.output, toggle="synthesize")
-
-        @task(trigger_rule="all_done")
-        def finalize(video_id: str, params=None) -> str:
-            """The video's terminal state (done / rejected / failed) once its samples ended."""
-            from opensubject_tasks.orchestrate import finalize as finalize_video
-
-            if not params["synthesize"]:
-                return "not finalized: synthesis switched off"
-            return finalize_video(video_id)
-
-        curate >> mine >> samples >> finalize(video_id)
-        [curate, mine, samples] >> watcher
+        raise AirflowFailException("a task of this build failed: see its log")
 
     @task(trigger_rule="all_done")
     def report(build_id: str) -> dict:
@@ -112,15 +113,16 @@ def opensubject_build():
         return doc
 
     build_id = start()
-    register = CeleryStageOperator(task_id="register", stage="ingest",
-                                   args=["{{ params.source or '' }}", build_id])
-    videos = claim(build_id)
-    has_source() >> register >> videos
-    groups = per_video.expand(video_id=videos)
-    export = CeleryStageOperator(task_id="export", stage="export", args=[build_id], toggle="export",
-                                 trigger_rule="all_done")
-    groups >> export >> report(build_id)
-    [register, videos, export] >> watcher
+    register = CeleryTaskOperator(task_id="register", stage="ingest",
+                                  args=["{{ params.source or '' }}", build_id])
+    chunks = claim(build_id)
+    has_source() >> register >> chunks
+    work = ChunkOperator.partial(task_id="chunk", build_id=build_id,
+                                 max_active_tis_per_dagrun=MAX_ACTIVE_CHUNKS).expand(chunk=chunks)
+    export = ExportOperator(task_id="export", build_id=build_id, toggle="export", trigger_rule="all_done",
+                            outlets=[DATASET])
+    work >> export >> report(build_id)
+    [register, chunks, work, export] >> watch()
 
 
 opensubject_build()

@@ -1,9 +1,15 @@
 """Pick up new videos: list the raw-videos prefix of the object store, register what is
-new (by content identity, so nothing is registered twice) and trigger an
-`opensubject_build` run for exactly those videos.
+new (by content identity, so nothing is registered twice; a byte-identical copy is
+recorded as a duplicate) and trigger an `opensubject_build` run that claims every
+registered video no build holds yet.
+
+Nothing is stranded: the build claims *all* unclaimed videos, not only the ones this run
+registered, so a video registered by an attempt that was interrupted, or whose trigger
+failed, is built by the next run. The triggered run's id is derived from this run's
+(`ingest__<run id>`) and skipped when it exists: a retried trigger starts no second build.
 
 Schedule: `OPENSUBJECT_INGEST_SCHEDULE` (cron or preset, default `@hourly`), read when
-the file is parsed. The listing and registration run on a Celery `cpu` worker.
+the file is parsed. The listing and registration run on a `maintenance` worker.
 """
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ from datetime import timedelta
 import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, task
-from opensubject_airflow.operators import CeleryStageOperator
+from opensubject_airflow.notifiers import failure_notifiers
+from opensubject_airflow.operators import CeleryTaskOperator
 
 
 @dag(
@@ -25,6 +32,7 @@ from opensubject_airflow.operators import CeleryStageOperator
     max_active_runs=1,
     tags=["opensubject", "ingest"],
     doc_md=__doc__,
+    on_failure_callback=failure_notifiers(),
     default_args={"owner": "opensubject", "retries": 2, "retry_delay": timedelta(minutes=1)},
     params={
         "source": Param(None, type=["null", "string"], title="Source",
@@ -35,25 +43,27 @@ from opensubject_airflow.operators import CeleryStageOperator
     },
 )
 def opensubject_ingest():
-    register = CeleryStageOperator(task_id="register_new", stage="ingest", args=["{{ params.source or '' }}"])
+    register = CeleryTaskOperator(task_id="register_new", stage="ingest", args=["{{ params.source or '' }}"])
 
-    @task
-    def build_conf(registered: dict, params=None, run_id=None) -> dict:
-        """The build's parameters: only the videos registered now."""
+    @task(trigger_rule="all_done")
+    def build_conf(params=None, run_id=None) -> dict:
+        """The build's parameters, when any registered video waits for a build."""
         from airflow.sdk.exceptions import AirflowSkipException
+        from opensubject_tasks.orchestrate import unclaimed_videos
         from opensubject_tasks.storage.base import slug
 
-        new_ids = registered["new_ids"]
-        print(f"{len(new_ids)} new video(s) under {registered['source']}")
-        if not new_ids:
-            raise AirflowSkipException("no new videos")
-        return {"build_name": slug(f"ingest-{run_id}", 64), "video_ids": new_ids,
-                "profile": params["profile"], "source": "", "limit": 0}
+        waiting = unclaimed_videos()
+        print(f"{waiting} registered video(s) wait for a build")
+        if not waiting:
+            raise AirflowSkipException("no video waits for a build")
+        return {"build_name": slug(f"ingest-{run_id}", 64), "video_ids": [], "profile": params["profile"],
+                "source": "", "limit": 0}
 
-    conf = build_conf(register.output)
+    conf = build_conf()
     trigger = TriggerDagRunOperator(task_id="trigger_build", trigger_dag_id="opensubject_build",
+                                    trigger_run_id="ingest__{{ run_id }}", skip_when_already_exists=True,
                                     conf=conf, wait_for_completion=False)
-    conf >> trigger
+    register >> conf >> trigger
 
 
 opensubject_ingest()

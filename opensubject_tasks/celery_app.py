@@ -1,24 +1,21 @@
-"""The Celery application: broker Redis, task results in PostgreSQL, queues ``cpu`` and ``gpu``.
+"""The Celery application: broker Redis; queues ``cpu`` (decoding, curation, export),
+``gpu`` (model stages) and ``maintenance`` (ingest, reconcile), from the catalogue.
 
-Workers start with ``celery -A opensubject_tasks.celery_app worker -Q cpu`` (decoding,
-curation) or ``-Q gpu`` (model stages). Settings come from the environment
-(``OPENSUBJECT_*``), read when the configuration is first needed, so importing this
-module is cheap and does no I/O: Airflow's triggerer imports it to look at results.
+Workers start with ``celery -A opensubject_tasks.celery_app worker -Q cpu`` (or ``gpu``,
+``maintenance``). Settings come from the environment (``OPENSUBJECT_*``), read when the
+configuration is first needed, so importing this module is cheap and does no I/O.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
 
+from opensubject_tasks.catalogue import QUEUES, STAGES
 from opensubject_tasks.config import Settings, load_settings
 
-QUEUES = ("cpu", "gpu")
 TASK_PREFIX = "opensubject."
-# Work that is not a stage service but still runs on workers.
-AUX_TASKS = {"ingest": "cpu", "resynth_sweep": "cpu", "reconcile": "cpu"}
 
 
 def task_name(stage: str) -> str:
@@ -27,40 +24,10 @@ def task_name(stage: str) -> str:
 
 
 def queue_for(stage: str) -> str:
-    """The queue a stage's tasks go to: the ``queue`` its service registered with."""
-    if stage in AUX_TASKS:
-        return AUX_TASKS[stage]
-    from opensubject_tasks.services.common import STAGES
-
-    spec = STAGES.get(stage)
-    if spec is not None:
-        return spec.queue
-    # Not imported in this process (Airflow hands work over without loading the stages,
-    # which pull in OpenCV, PyAV and friends): read the @stage declarations instead.
-    queues = declared_queues()
-    if stage not in queues:
-        raise KeyError(f"no stage named {stage!r}; declared: {sorted(queues)}")
-    return queues[stage]
-
-
-@functools.cache
-def declared_queues() -> dict[str, str]:
-    """{stage: queue} from the ``@stage(name, entity_type, queue)`` decorators in
-    ``opensubject_tasks/services/*.py``, read from the source without importing it."""
-    import ast
-    from pathlib import Path
-
-    found: dict[str, str] = {}
-    for path in sorted((Path(__file__).parent / "services").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if not isinstance(node, ast.FunctionDef):
-                continue
-            for deco in node.decorator_list:
-                if (isinstance(deco, ast.Call) and getattr(deco.func, "id", None) == "stage"
-                        and len(deco.args) == 3 and all(isinstance(a, ast.Constant) for a in deco.args)):
-                    name, _, queue = (a.value for a in deco.args)
-                    found[name] = queue
-    return found
+    """The queue a stage's tasks go to (the catalogue's)."""
+    if stage not in STAGES:
+        raise KeyError(f"no stage named {stage!r}; known: {sorted(STAGES)}")
+    return STAGES[stage].queue
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict | None:
@@ -70,16 +37,20 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
     return None
 
 
-def result_backend_url(settings: Settings) -> str:
-    return settings.celery.result_backend or f"db+{settings.database_url}"
+def result_backend_url(settings: Settings) -> str | None:
+    """Celery keeps no task results by default: the stages record their outcome in the
+    project's own tables, which orchestrators read through pooled connections."""
+    return settings.celery.result_backend or None
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     c = settings.celery
-    stages = set(c.time_limits) | {"curate", "mine", "synthesize", "verify", "export"} | set(AUX_TASKS)
+    stages = set(c.time_limits) | set(STAGES)
+    backend = result_backend_url(settings)
     return {
         "broker_url": settings.broker_url,
-        "result_backend": result_backend_url(settings),
+        "result_backend": backend,
+        "task_ignore_result": backend is None,
         "broker_connection_retry_on_startup": True,
         # A message comes back to the queue if its worker dies before acknowledging it.
         "broker_transport_options": {
@@ -101,7 +72,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_track_started": True,
+        "task_track_started": backend is not None,
         "result_extended": True,
         "database_engine_options": {"pool_pre_ping": True},
         # A result that cannot be stored fails the task outside its body, and its message

@@ -1,7 +1,9 @@
 """The `opensubject` command line.
 
 Exit codes: 0 = the command ran (bad videos are recorded as failed, not an error);
-1 = it could not run (missing input, unreachable service); 2 = invalid usage or config.
+1 = it could not run: a missing path, an unknown build or video, a database that does not
+exist or cannot be reached (one line says which and what to do; ``-v`` adds details);
+2 = invalid usage or configuration.
 """
 from __future__ import annotations
 
@@ -21,6 +23,13 @@ EXIT_OK, EXIT_CANNOT_RUN, EXIT_USAGE = 0, 1, 2
 
 class CannotRun(OpenSubjectError):
     """The command cannot start; the message says why."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, with where to look (argparse prints the whole usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def _settings(args: argparse.Namespace, out: Path | None = None, **overrides: Any):
@@ -43,6 +52,52 @@ def _context(settings):
     from opensubject_tasks.context import Context
 
     return Context.from_settings(settings)
+
+
+def _existing_out(value: str | None, flag: str = "--out") -> Path | None:
+    """The output folder of an embedded build, which must hold its database."""
+    if value is None:
+        return None
+    out = Path(value)
+    if not (out / "opensubject.db").is_file():
+        what = "does not exist" if not out.exists() else "holds no build (no opensubject.db)"
+        raise CannotRun(f"{flag} {value} {what}: give the folder an `opensubject run ... --out` wrote")
+    return out
+
+
+def _existing_database(settings, flag: str = "--out") -> None:  # noqa: ANN001
+    """A configured SQLite database must exist already (it is never created by a reader)."""
+    url = settings.database_url
+    if url.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        path = make_url(url).database
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise CannotRun(f"no database at {path}: pass {flag} OUT (the folder of an embedded build) "
+                            "or set OPENSUBJECT_DATABASE_URL")
+
+
+def _name(value: str, flag: str) -> str:
+    """A build name, refusing what is plainly a path."""
+    if "/" in value or value in (".", "..") or Path(value).is_dir():
+        raise CannotRun(f"{flag} takes a build name, not a folder (got {value!r}); "
+                        "`opensubject status --out OUT` lists the builds")
+    return value
+
+
+def _known_build(ctx, build: str, flag: str = "--build") -> str:  # noqa: ANN001
+    from sqlalchemy import select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Build
+
+    with session_scope(ctx.sessions) as s:
+        names = list(s.scalars(select(Build.id).order_by(Build.id)))
+    if build not in names:
+        shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+        raise CannotRun(f"{flag}: no build named {build!r} in this database"
+                        + (f" (builds: {shown})" if names else " (it holds no build yet)"))
+    return build
 
 
 @contextmanager
@@ -78,13 +133,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not p.exists():
             raise CannotRun(f"input not found: {src}")
         sources.append(str(p.resolve()))
+    build_id = _name(args.build, "--build") if args.build else "default"
+    if out.exists() and not out.is_dir():
+        raise CannotRun(f"--out {out} is a file: give a folder for the database, store and dataset")
     settings = _settings(args, out)
     from opensubject_tasks.models_cli import require_models  # missing weights: stop before any video
 
     require_models(settings)
     out.mkdir(parents=True, exist_ok=True)
     ctx = _context(settings)
-    build_id = args.build or "default"
     with _progress_bars(not args.quiet and sys.stderr.isatty() or args.progress) as bars:
         summary = run_build(ctx, sources, build_id, until=args.until, jobs=args.jobs,
                             progress=bars, export_dir=str(out / "dataset"))
@@ -133,10 +190,12 @@ def _print_funnel(doc: dict[str, Any], summary: dict[str, Any] | None = None) ->
 def cmd_status(args: argparse.Namespace) -> int:
     from opensubject_tasks.runner import funnel
 
-    out = Path(args.out) if args.out else None
-    if out is not None and not (out / "opensubject.db").exists():
-        raise CannotRun(f"no build found in {out} (expected {out / 'opensubject.db'})")
-    ctx = _context(_settings(args, out))
+    out = _existing_out(args.out)
+    settings = _settings(args, out)
+    _existing_database(settings)
+    ctx = _context(settings)
+    if args.build:
+        _known_build(ctx, _name(args.build, "--build"))
     doc = funnel(ctx, args.build)
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -157,6 +216,8 @@ def cmd_samples_make(args: argparse.Namespace) -> int:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from opensubject_tasks.db.engine import make_engine, upgrade
 
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     settings = _settings(args, Path(args.out) if args.out else None)
     applied = upgrade(make_engine(settings.database_url))
     print("schema up to date" + (f"; applied {', '.join(applied)}" if applied else ""))
@@ -167,12 +228,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from opensubject_tasks.db.engine import upgrade
     from opensubject_tasks.services.ingest import register_source
 
-    settings = _settings(args, Path(args.out) if args.out else None)
-    ctx = _context(settings)
-    upgrade(ctx.engine)
     source = args.source if args.source.startswith("store://") else str(Path(args.source).resolve())
     if not source.startswith("store://") and not Path(source).exists():
         raise CannotRun(f"input not found: {args.source}")
+    if args.build:
+        _name(args.build, "--build")
+    settings = _settings(args, Path(args.out) if args.out else None)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    ctx = _context(settings)
+    upgrade(ctx.engine)
     res = register_source(ctx, source, build_id=args.build)
     print(json.dumps({"new": len(res.new_ids), "known": len(res.known_ids),
                       "skipped": [list(s) for s in res.skipped]}))
@@ -182,20 +247,53 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from opensubject_tasks.services.export import export_build_to
 
-    out = Path(args.out)
+    out = _existing_out(args.out)
+    _name(args.build, "--build")
     settings = _settings(args, out)
     if args.exclude_bench:
         settings.export.exclude_bench_dirs = [*settings.export.exclude_bench_dirs,
                                               *map(Path, args.exclude_bench)]
     ctx = _context(settings)
+    _known_build(ctx, args.build)
     dest = Path(args.dest) if args.dest else out / "dataset"
     res = export_build_to(ctx, args.build, str(dest))
     print(f"exported build {args.build!r} to {dest}: {res}")
     return EXIT_OK
 
 
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """Re-run one stage of one video: in this process (embedded builds, or --in-process), or
+    handed to the Celery workers as an orchestrator does, waiting for its outcome."""
+    from opensubject_tasks.services.rerun import check_rerun, default_actor, invalidate
+
+    out = _existing_out(args.out)
+    settings = _settings(args, out)
+    _existing_database(settings)
+    ctx = _context(settings)
+    check_rerun(ctx, args.stage, args.video_id)
+    if args.recompute:
+        why = f"rerun {args.stage} --recompute" + (f": {args.reason}" if args.reason else "")
+        print(f"{args.stage} {args.video_id}: {invalidate(ctx, args.stage, args.video_id, reason=why, actor=default_actor())}")
+    if out is None and not args.in_process and ctx.engine.dialect.name != "sqlite":
+        from opensubject_tasks.orchestrate import rerun_on_workers
+
+        outcome = rerun_on_workers(args.stage, args.video_id, timeout_s=args.timeout)
+    else:
+        from opensubject_tasks.services.common import run_stage
+
+        outcome = run_stage(ctx, args.stage, args.video_id).to_dict()
+    details = outcome.get("details") or {}
+    line = f"{args.stage} {args.video_id}: {outcome['status']}"
+    if outcome.get("reason"):
+        line += f" ({outcome['reason'].splitlines()[0]})"
+    if details.get("skipped"):
+        line += f"; {details['skipped']}"
+    print(line + f"; follow-up units: {len(outcome.get('next') or [])}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opensubject", description=__doc__.splitlines()[0])
+    p = Parser(prog="opensubject", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML settings file (also OPENSUBJECT_CONFIG)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
@@ -245,12 +343,47 @@ def build_parser() -> argparse.ArgumentParser:
                          "also export.exclude_bench_dirs)")
     ex.set_defaults(fn=cmd_export)
 
+    rr = sub.add_parser("rerun", help="re-run one stage of one video (finished work is kept "
+                                      "unless --recompute)")
+    rr.add_argument("stage", choices=["curate", "mine"])
+    rr.add_argument("video_id")
+    rr.add_argument("--out", help="output folder of an embedded build (default: the configured "
+                                  "database; with PostgreSQL the stage runs on the Celery workers)")
+    rr.add_argument("--recompute", action="store_true",
+                    help="drop what this stage and later ones produced for the video (recorded in "
+                         "the invalidations table) and run it from scratch")
+    rr.add_argument("--reason", help="why, recorded with a recompute")
+    rr.add_argument("--in-process", action="store_true",
+                    help="run here instead of on the workers (distributed database)")
+    rr.add_argument("--timeout", type=float, default=3600.0,
+                    help="seconds to wait for the workers (default 3600)")
+    rr.set_defaults(fn=cmd_rerun)
+
     from opensubject_tasks.bench.cli import add_bench_commands
     from opensubject_tasks.models_cli import add_models_commands
 
     add_bench_commands(sub)
     add_models_commands(sub)
     return p
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one sentence: the first line of its message, without the library's
+    documentation link or the SQL it ran."""
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        text = str(exc.orig)
+        if "does not exist" in text and "database" in text:
+            return f"the configured database does not exist ({text.strip().splitlines()[0]}): " \
+                   "create it, or run `opensubject db upgrade` against an existing one"
+        if "unable to open database file" in text:
+            return "the database file cannot be opened: check the --out folder or OPENSUBJECT_DATABASE_URL"
+        return f"database error: {text.strip().splitlines()[0] if text.strip() else type(exc.orig).__name__}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,15 +394,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as exc:
-        print(f"opensubject: {exc}", file=sys.stderr)
+        print(f"opensubject: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except (CannotRun, OpenSubjectError, OSError) as exc:
-        print(f"opensubject: cannot run: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
-    except Exception as exc:  # noqa: BLE001 - e.g. database unreachable: say so, no traceback
+    except Exception as exc:  # noqa: BLE001 - one sentence, no traceback (details with -v)
+        from sqlalchemy.exc import SQLAlchemyError
+
         if args.verbose:
             raise
-        print(f"opensubject: cannot run: {type(exc).__name__}: {exc} (use -v for details)",
+        known = isinstance(exc, (CannotRun, OpenSubjectError, OSError, SQLAlchemyError))
+        prefix = "cannot run" if known else f"internal error ({type(exc).__name__})"
+        print(f"opensubject: {prefix}: {one_line(exc)}" + ("" if known else " (use -v for details)"),
               file=sys.stderr)
         return EXIT_CANNOT_RUN
 

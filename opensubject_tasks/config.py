@@ -44,6 +44,12 @@ class StoreSettings(_Section):
     read_timeout_s: float = Field(60.0, gt=0)  # between two reads, not for a whole transfer
 
 
+class IngestSettings(_Section):
+    # Folders on the workers that a source given from the UI or the API may name (with
+    # everything below them); store://PREFIX sources are always allowed. Empty: store only.
+    allowed_roots: list[Path] = Field(default_factory=list)
+
+
 class CurateSettings(_Section):
     min_short_side: int = Field(240, ge=1)
     min_duration_s: float = Field(1.0, ge=0)
@@ -114,7 +120,6 @@ class VerifySettings(_Section):
     min_identity: float = Field(0.6, ge=0, le=1)   # subject in generation input vs reference
     max_residual: float = Field(0.6, ge=0, le=1)   # subject left in the inpainted box
     max_artifact: float = Field(0.6, ge=0, le=1)   # seams along mask/box edges, blank fills
-    resynth_stuck_after_s: int = Field(1800, ge=1)
     # Mask sanity: the subject's share of the generation input and of the reference,
     # and the share of the mask held by its largest connected part.
     min_mask_share: float = Field(0.005, ge=0, le=1)
@@ -225,8 +230,9 @@ class CelerySettings(_Section):
         "mine": StageTimeLimit(soft_s=1800, hard_s=2100),
         "synthesize": StageTimeLimit(soft_s=900, hard_s=1080),
         "verify": StageTimeLimit(soft_s=600, hard_s=720),
+        "export_part": StageTimeLimit(soft_s=3600, hard_s=3900),
         "export": StageTimeLimit(soft_s=3600, hard_s=3900),
-        "resynth_sweep": StageTimeLimit(soft_s=300, hard_s=360),
+        "reconcile": StageTimeLimit(soft_s=600, hard_s=660),
     })
     # A message not acknowledged within this time is delivered again (Redis broker): it must
     # exceed the longest hard limit and the longest retry delay.
@@ -239,6 +245,12 @@ class CelerySettings(_Section):
     # one Redis database without taking each other's messages.
     broker_key_prefix: str = ""
     max_retries: int = Field(5, ge=0)
+    # A task whose process dies under it (out of memory, a crash in native code) is given back
+    # to the queue; after this many deaths in a row its video or sample fails instead.
+    max_worker_lost: int = Field(3, ge=1)
+    # The reconciler sends again work handed out longer ago than this whose message the broker
+    # no longer holds and that no worker runs (keep it above the longest stage).
+    reconcile_after_s: float = Field(1800.0, gt=0)
     retry_backoff_s: float = Field(5.0, gt=0)        # first delay; doubles each retry
     retry_backoff_max_s: float = Field(600.0, gt=0)
     poll_interval_s: float = Field(5.0, gt=0)        # how often Airflow's triggers look at progress
@@ -273,6 +285,7 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///out/opensubject.db"
     broker_url: str = "redis://127.0.0.1:6379/0"
     store: StoreSettings = Field(default_factory=StoreSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
     curate: CurateSettings = Field(default_factory=CurateSettings)
     mine: MineSettings = Field(default_factory=MineSettings)
     synth: SynthSettings = Field(default_factory=SynthSettings)

@@ -1,28 +1,37 @@
-"""What an orchestrator (Airflow) asks of the package: start a build, hand stages to the
-Celery workers, and read progress and outcomes. No Airflow import here.
+"""What an orchestrator (Airflow) asks of the package: start a build, split its videos into
+chunks, hand a chunk to the workers, and read progress and outcomes. No Airflow import.
+
+Airflow maps one task over the *chunks* of a build, not over videos: a chunk task hands
+each of its videos to the workers once (``start_chunk``; the workers chain the stages) and
+waits in the triggerer until the database says every video is settled (``chunk_progress``).
+Task instances grow with chunks; a 10^6-video build stays under ``[core] max_map_length``.
 
 Airflow tasks call these in short-lived processes; Airflow triggers call the read-only
-ones from a long-lived event loop (in a thread), so contexts are cached per settings.
+ones from a long-lived event loop (in a thread), so contexts (one pooled engine each) are
+cached per process and settings.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import time
 from typing import Any
 
 from sqlalchemy import func, select, update
 
+from opensubject_tasks.catalogue import UNTIL, VIDEO_TERMINAL, settled, stage_reached
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video
+from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, TaskOutcome, Video
 from opensubject_tasks.storage.base import slug
 
 log = logging.getLogger(__name__)
 
-TERMINAL_VIDEO = ("done", "rejected", "failed")
-# Attempt statuses that mean "the code or the system broke", not "the input was bad".
-ERROR_STATUSES = ("error", "timeout", "lost")
+# A chunk holds at least this many videos (fewer task instances on small builds) and is
+# made larger when a build would need more chunks than Airflow maps.
+MIN_CHUNK = 50
 
 _contexts: dict[str, Context] = {}
 
@@ -36,6 +45,12 @@ def context() -> Context:
     return _contexts[key]
 
 
+def _send(stage: str, *args: Any, **options: Any) -> str:
+    from opensubject_tasks.tasks import send
+
+    return send(stage, *args, **options)
+
+
 # --- builds ---------------------------------------------------------------------------------
 def build_id_for(params: dict[str, Any], run_id: str) -> str:
     """The build name from the run's parameters, or one made from the run id."""
@@ -43,20 +58,40 @@ def build_id_for(params: dict[str, Any], run_id: str) -> str:
 
 
 def start_build(params: dict[str, Any], run_id: str) -> str:
-    """Create (or re-open) the build row; returns the build id."""
-    from opensubject_tasks.services.ingest import ensure_build
+    """Create (or re-open) the build row; returns the build id. A source the workers may
+    not read is refused here, before any work (``SourceNotAllowed``)."""
+    from opensubject_tasks.errors import BadInput
+    from opensubject_tasks.services.ingest import check_source_allowed, ensure_build
 
     ctx = context()
+    if (params.get("source") or "").strip():
+        check_source_allowed(ctx, params["source"].strip())
+    until = params.get("until") or "verify"
+    if until not in UNTIL:
+        raise BadInput(f"until must be one of {', '.join(UNTIL)} (got {until!r})")
     build_id = build_id_for(params, run_id)
-    ensure_build(ctx, build_id, {k: v for k, v in params.items()}, params.get("profile") or "cpu")
+    ensure_build(ctx, build_id, dict(params), params.get("profile") or "cpu")
     return build_id
 
 
-def claim_build_videos(build_id: str, limit: int | None = None,
-                       video_ids: list[str] | None = None) -> list[str]:
-    """The videos this build runs: with ``video_ids``, exactly those (taking any that no
-    build holds); otherwise up to ``limit`` registered videos that no build holds
-    (``FOR UPDATE SKIP LOCKED``), plus the build's own unfinished videos (a re-run resumes)."""
+def chunk_size_for(videos: int, max_chunks: int, wanted: int = 0) -> int:
+    """Videos per chunk: ``wanted`` when it keeps the chunks within ``max_chunks``, else the
+    smallest size that does (and never below MIN_CHUNK when chosen automatically)."""
+    needed = max(1, math.ceil(videos / max(1, max_chunks)))
+    if wanted > 0:
+        return max(wanted, needed)
+    return max(MIN_CHUNK, needed)
+
+
+def claim_build_videos(build_id: str, limit: int | None = None, video_ids: list[str] | None = None, *,
+                       max_chunks: int = 1024, chunk_size: int = 0) -> list[int]:
+    """Claim the build's videos and split the ones with work left into chunks; returns the
+    chunk numbers (what the chunk task maps over).
+
+    With ``video_ids``: exactly those (taking any that no build holds); otherwise up to
+    ``limit`` registered videos that no build holds (``FOR UPDATE SKIP LOCKED``), plus the
+    build's own videos that are not finished (a re-run resumes; errored videos are retried).
+    """
     from opensubject_tasks.services.ingest import claim_videos
 
     ctx = context()
@@ -67,16 +102,167 @@ def claim_build_videos(build_id: str, limit: int | None = None,
     if not video_ids:
         claim_videos(ctx, build_id, limit or None)
     with session_scope(ctx.sessions) as s:
-        q = select(Video.id).where(Video.build_id == build_id, Video.state.not_in(TERMINAL_VIDEO))
+        todo = _needs_work(select(Video.id).where(Video.build_id == build_id))
         if video_ids:
-            q = q.where(Video.id.in_(video_ids))
-        return sorted(s.scalars(q))
+            todo = todo.where(Video.id.in_(video_ids))
+        count = int(s.scalar(select(func.count()).select_from(todo.subquery())) or 0)
+        size = chunk_size_for(count, max_chunks, chunk_size)
+        # One statement numbers them all: chunk = position in id order // size.
+        ranked = todo.add_columns((func.row_number().over(order_by=Video.id) - 1).label("rn")).subquery()
+        s.execute(update(Video).where(Video.id == ranked.c.id)
+                  .values(chunk=ranked.c.rn / size).execution_options(synchronize_session=False))
+    chunks = math.ceil(count / size) if count else 0
+    log.info("build %s: %d video(s) with work left in %d chunk(s) of %d", build_id, count, chunks, size)
+    return list(range(chunks))
 
 
-def finalize(video_id: str) -> str:
-    from opensubject_tasks.services.common import finalize_video
+def _needs_work(q: Any) -> Any:
+    """Videos not finished: not done or rejected, and not failed on their input (a video
+    failed by an error is retried)."""
+    return q.where(Video.state.not_in(("done", "rejected")),
+                   (Video.state != "failed") | Video.error_stage.is_not(None))
 
-    return finalize_video(context(), video_id)
+
+def unclaimed_videos() -> int:
+    """Registered videos that no build holds (what a scheduled ingest builds next)."""
+    with session_scope(context().sessions) as s:
+        return int(s.scalar(select(func.count(Video.id)).where(Video.build_id.is_(None),
+                                                               Video.state == "registered")) or 0)
+
+
+# --- chunks ---------------------------------------------------------------------------------
+def start_chunk(build_id: str, chunk: int) -> dict[str, int]:
+    """Hand the chunk's videos that need work to the workers, each to ``curate`` (the chain
+    skips what is done and goes on from there): videos never handed out, videos an error
+    failed (their errored samples go back to pending), and videos handed out before whose
+    work is nowhere (not on the broker, not running: a lost message, or a build resumed
+    with a later ``until``). Work that is queued or running is left alone, so a retried or
+    cleared chunk sends nothing twice. Returns counts."""
+    from opensubject_tasks.services.chain import build_until
+    from opensubject_tasks.services.handoff import hand_out_videos
+
+    ctx = context()
+    until = build_until(ctx, build_id)
+    with session_scope(ctx.sessions) as s:
+        rows = s.execute(select(Video.id, Video.state, Video.stage_done, Video.error_stage, Video.queued_at)
+                         .where(Video.build_id == build_id, Video.chunk == chunk).order_by(Video.id)).all()
+        ids = [r.id for r in rows]
+        errored = sorted({r.id for r in rows if r.state == "failed" and r.error_stage}
+                         | set(_videos_with_errored_samples(s, ids)))
+        if errored:
+            _reset_errors(s, errored)
+        open_ = [r for r in rows if r.id not in errored and not settled(r.state, r.stage_done, until)]
+        fresh = [r.id for r in open_ if r.queued_at is None]
+        handed = [r.id for r in open_ if r.queued_at is not None]
+        idle = _idle(s, handed) if handed else []
+    sent = hand_out_videos(ctx, "curate", fresh, _send)
+    again = hand_out_videos(ctx, "curate", errored + idle, _send, again=True)
+    return {"videos": len(rows), "sent": len(sent), "retried": len(errored), "resent": len(idle),
+            "in_flight": len(handed) - len(idle), "handed_out": len(sent) + len(again)}
+
+
+def _idle(s: Any, video_ids: list[str]) -> list[str]:
+    """Of videos handed out before, those with nothing of theirs on the broker or running."""
+    from opensubject_tasks.tasks import waiting_in_broker
+
+    held = waiting_in_broker()
+    if held is None:  # cannot tell: leave them to the reconciler's age rule
+        return []
+    mine = set(video_ids)
+    sample_video = dict(s.execute(_samples_of_videos(video_ids).add_columns(Clip.video_id)).all())
+    busy = {e if e in mine else sample_video.get(e) for (_, e) in held} - {None}
+    running = set(s.scalars(select(StageAttempt.entity_id).where(
+        StageAttempt.status == "running", StageAttempt.entity_id.in_([*video_ids, *sample_video]))))
+    busy |= {sample_video.get(e, e) for e in running}
+    return sorted(set(video_ids) - busy)
+
+
+def _samples_of_videos(ids: list[str]) -> Any:
+    return (select(Sample.id).join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
+            .join(Clip, Subject.clip_id == Clip.id).where(Clip.video_id.in_(ids)))
+
+
+def _videos_with_errored_samples(s: Any, ids: list[str]) -> list[str]:
+    return list(s.scalars(
+        select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id).join(Pair, Pair.subject_id == Subject.id)
+        .join(Sample, Sample.pair_id == Pair.id)
+        .where(Clip.video_id.in_(ids), Sample.state == "failed", Sample.error_stage.is_not(None)).distinct()))
+
+
+def _reset_errors(s: Any, video_ids: list[str]) -> None:
+    """Videos and samples an error failed go back into work (attempts and seeds kept)."""
+    s.execute(update(Sample).where(Sample.id.in_(_samples_of_videos(video_ids).scalar_subquery()),
+                                   Sample.state == "failed", Sample.error_stage.is_not(None))
+              .values(state="pending", error_stage=None, reason=None).execution_options(synchronize_session=False))
+    s.execute(update(Video).where(Video.id.in_(video_ids))
+              .values(state="running", error_stage=None, reason=None).execution_options(synchronize_session=False))
+
+
+def chunk_progress(build_id: str, chunk: int) -> dict[str, int] | None:
+    """None while any video of the chunk still has work in this build; else the counts.
+    One indexed query (the chunk triggers' poll)."""
+    from opensubject_tasks.services.chain import build_until
+
+    ctx = context()
+    until = build_until(ctx, build_id)
+    done_until = Video.stage_done.in_([st for st in ("curate", "mine") if stage_reached(st, until)]) \
+        if until != "verify" else None
+    cond = Video.state.in_(VIDEO_TERMINAL) if done_until is None else (Video.state.in_(VIDEO_TERMINAL) | done_until)
+    with session_scope(ctx.sessions) as s:
+        total, done = s.execute(select(func.count(), func.count().filter(cond))
+                                .where(Video.build_id == build_id, Video.chunk == chunk)).one()
+    if done < total:
+        return None
+    return {"videos": int(total), "settled": int(done)}
+
+
+def chunk_report(build_id: str, chunk: int) -> dict[str, Any]:
+    """What a finished chunk tells its operator: states, bad inputs by reason, and every
+    video an error failed (or whose samples an error failed), with the stage and error."""
+    ctx = context()
+    with session_scope(ctx.sessions) as s:
+        videos = s.execute(select(Video.id, Video.name, Video.state, Video.reason, Video.error_stage)
+                           .where(Video.build_id == build_id, Video.chunk == chunk).order_by(Video.id)).all()
+        ids = [v.id for v in videos]
+        sample_errors = s.execute(
+            select(Clip.video_id, Sample.id, Sample.error_stage, Sample.reason)
+            .join(Subject, Subject.clip_id == Clip.id).join(Pair, Pair.subject_id == Subject.id)
+            .join(Sample, Sample.pair_id == Pair.id)
+            .where(Clip.video_id.in_(ids), Sample.state == "failed", Sample.error_stage.is_not(None))
+            .order_by(Sample.id)).all()
+    states: dict[str, int] = {}
+    bad_input: dict[str, int] = {}
+    errors = []
+    names = {v.id: v.name for v in videos}
+    for v in videos:
+        states[v.state] = states.get(v.state, 0) + 1
+        if v.state == "failed" and v.error_stage:
+            errors.append({"video": v.id, "name": v.name, "sample": None, "stage": v.error_stage,
+                           "error": v.reason or ""})
+        elif v.state in ("rejected", "failed") and v.reason:
+            key = v.reason.split(":", 1)[0][:120]
+            bad_input[key] = bad_input.get(key, 0) + 1
+    for vid, sid, stage, reason in sample_errors:
+        errors.append({"video": vid, "name": names.get(vid, ""), "sample": sid, "stage": stage, "error": reason or ""})
+    return {"build": build_id, "chunk": chunk, "videos": len(videos), "states": states,
+            "bad_input": bad_input, "errors": errors}
+
+
+# --- tasks an orchestrator waits for ----------------------------------------------------------
+def send_task(stage: str, args: list[Any]) -> str:
+    """Put one task (ingest, export, reconcile) on its queue; returns its Celery task id,
+    whose outcome ``task_outcome`` reads."""
+    return _send(stage, *args)
+
+
+def task_outcome(task_id: str) -> dict[str, Any] | None:
+    """None while the task has no outcome yet; else ``{"status": "success", "result": ...}``
+    or ``{"status": "failure", "error": ...}`` (the project's table, pooled connection)."""
+    with session_scope(context().sessions) as s:
+        row = s.get(TaskOutcome, task_id)
+        if row is None:
+            return None
+        return {"status": row.status, "result": row.result, "error": row.error}
 
 
 def build_report(build_id: str) -> dict[str, Any]:
@@ -96,68 +282,35 @@ def build_report(build_id: str) -> dict[str, Any]:
         if build is not None and build.state == "running":
             build.state = "done"
     doc["build_id"] = build_id
+    doc.pop("videos", None)  # per-video rows: the dashboard and `opensubject status` list them
     return doc
 
 
-# --- hand-off to Celery ----------------------------------------------------------------------
-def send_stage(stage: str, args: list[Any]) -> str:
-    """Put one task on its queue; returns the Celery task id.
+# --- an operator's re-run -------------------------------------------------------------------------
+def rerun_on_workers(stage: str, video_id: str, timeout_s: float, poll_s: float = 1.0) -> dict[str, Any]:
+    """Hand one video stage to the workers, as a chunk does, and wait for its outcome in the
+    attempt rows (retries included); TimeoutError when it has not ended in time. The
+    workers carry the video on from there as far as its build goes."""
+    from opensubject_tasks.catalogue import ATTEMPT_ERRORS
+    from opensubject_tasks.services.handoff import hand_out_videos
 
-    A video or build stage is recorded on its row first (stage, task id, time), so a
-    message the broker loses is sent again by the reconciler under the same id."""
-    from opensubject_tasks.services.reconcile import record_queued
-    from opensubject_tasks.tasks import send
-
-    task_id = record_queued(context(), stage, str(args[0])) if args else None
-    return send(stage, *args, **({"task_id": task_id} if task_id else {}))
-
-
-def enqueue_samples(sample_ids: list[str]) -> list[tuple[str, str]]:
-    """Hand every unfinished sample its next stage; returns the (stage, sample) pairs sent."""
-    from opensubject_tasks.services.resynth import enqueue_in_flight
-    from opensubject_tasks.tasks import send
-
-    return enqueue_in_flight(context(), sample_ids, send)
-
-
-# --- progress ------------------------------------------------------------------------------------
-def task_outcome(task_id: str) -> dict[str, Any] | None:
-    """None while the Celery task is queued, running or waiting to retry; else its outcome."""
-    from celery.result import AsyncResult
-
-    from opensubject_tasks.celery_app import app
-
-    res = AsyncResult(task_id, app=app)
-    state = res.state
-    if state == "SUCCESS":
-        return {"status": "success", "result": res.result}
-    if state in ("FAILURE", "REVOKED"):
-        exc = res.result
-        return {"status": "failure", "state": state,
-                "error": f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc),
-                "traceback": res.traceback or ""}
-    return None
-
-
-def samples_outcome(sample_ids: list[str]) -> dict[str, Any] | None:
-    """None while any of the samples is still in flight; else their states and, for samples
-    that failed on an error (not on bad input), the error of their last attempt."""
     ctx = context()
     with session_scope(ctx.sessions) as s:
-        states = dict(s.execute(select(Sample.id, Sample.state).where(Sample.id.in_(sample_ids))).all())
-        if any(st in ("pending", "synthesized") for st in states.values()):
-            return None
-        errors = []
-        for sid in sorted(i for i, st in states.items() if st == "failed"):
-            last = s.execute(select(StageAttempt.stage, StageAttempt.status, StageAttempt.error)
-                             .where(StageAttempt.entity_type == "sample", StageAttempt.entity_id == sid)
+        before = s.scalar(select(func.max(StageAttempt.id))) or 0
+    hand_out_videos(ctx, stage, [video_id], _send)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with session_scope(ctx.sessions) as s:
+            last = s.execute(select(StageAttempt.status, StageAttempt.error, StageAttempt.details)
+                             .where(StageAttempt.id > before, StageAttempt.stage == stage,
+                                    StageAttempt.entity_id == video_id)
                              .order_by(StageAttempt.id.desc()).limit(1)).first()
-            if last is None:  # failed before any stage ran on it
-                errors.append({"sample": sid, "stage": None, "error": s.get(Sample, sid).reason})
-            elif last.status in ERROR_STATUSES:
-                errors.append({"sample": sid, "stage": last.stage, "error": last.error})
-    counts: dict[str, int] = {}
-    for st in states.values():
-        counts[st] = counts.get(st, 0) + 1
-    missing = sorted(set(sample_ids) - set(states))
-    return {"states": counts, "errors": errors, "missing": missing}
+            video_state = s.scalar(select(Video.state).where(Video.id == video_id))
+        if last is not None and last.status in ("ok", "rejected", "failed"):
+            return {"status": last.status, "reason": last.error, "details": last.details or {}, "next": []}
+        if last is not None and last.status in ATTEMPT_ERRORS and video_state == "failed":
+            return {"status": "failed", "reason": last.error, "details": last.details or {}, "next": []}
+        time.sleep(poll_s)
+    raise TimeoutError(f"{stage} of video {video_id} has not ended after {timeout_s:.0f} s; "
+                       "`opensubject status` shows where it stands")
+

@@ -30,13 +30,12 @@ from opensubject_tasks.config import Settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
 from opensubject_tasks.db.models import Clip, Sample, Video
-from opensubject_tasks.services.common import (STAGE_ORDER, finalize_video, load_stages,
-                                               mark_terminal, run_stage)
+from opensubject_tasks.catalogue import STAGE_ORDER, VIDEO_TERMINAL
+from opensubject_tasks.services.common import finalize_video, load_stages, mark_terminal, run_stage
 
 log = logging.getLogger(__name__)
 
 UNTIL_CHOICES = ("ingest",) + STAGE_ORDER
-TERMINAL_VIDEO = ("done", "rejected", "failed")
 
 # A callable(stage) -> update(advance, total) used for progress display; the CLI passes
 # rich bars. The total grows while the build runs: follow-up units (a video's samples, a
@@ -125,7 +124,7 @@ def _run_one(ctx: Context, stage: str, entity_id: str) -> UnitResult:
     except Exception as exc:  # noqa: BLE001 - recorded on the entity, the build goes on
         reason = f"internal error in {stage}: {type(exc).__name__}: {exc}"
         log.error("%s\n%s", reason, traceback.format_exc())
-        mark_terminal(ctx, load_stages()[stage].entity_type, entity_id, "failed", reason)
+        mark_terminal(ctx, load_stages()[stage].entity_type, entity_id, "failed", reason, error_stage=stage)
         return entity_id, "failed", reason, []
 
 
@@ -220,7 +219,7 @@ def _video_ids(ctx: Context, build_id: str, stage_done: Iterable[str | None]) ->
     wanted = list(stage_done)
     with session_scope(ctx.sessions) as s:
         q = select(Video.id, Video.stage_done).where(
-            Video.build_id == build_id, Video.state.not_in(TERMINAL_VIDEO)).order_by(Video.id)
+            Video.build_id == build_id, Video.state.not_in(VIDEO_TERMINAL)).order_by(Video.id)
         return [vid for vid, done in s.execute(q) if done in wanted]
 
 

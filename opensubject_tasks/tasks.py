@@ -3,46 +3,54 @@
 Arguments are ids only. Each worker process builds its Context once (per build profile)
 and keeps it, so database pools and model backends stay warm between tasks.
 
+Each video walks its own chain on the workers (services/chain.py): curate hands it to
+mine, mine hands each new sample to synthesize, synthesize to verify, verify back to
+synthesize for a re-synthesis; the last piece of work of a video gives it its terminal
+state. Orchestrators hand a video to curate once and then read the database.
+
 Failure rules, the same for every stage:
 
 * bad input (``BadInput``/``Rejected``): ``run_stage`` records it on the entity; the task
   succeeds with that result and is never retried;
-* transient trouble (store, database, broker, connection errors) and the soft time limit:
-  retried with exponential backoff up to ``celery.max_retries``;
+* transient trouble (store, database, broker, connection errors, a unique key taken by a
+  concurrent copy) and the soft time limit: retried with exponential backoff up to
+  ``celery.max_retries``;
 * anything else, or retries used up: the entity is marked ``failed`` with the error and the
-  task fails, so the orchestrator shows the error text;
+  stage that raised it (so that a retry redoes exactly that), and the task fails;
 * the hard time limit kills the pool process; the worker records the attempt as ``timeout``
-  and sends the task again under the same rules.
+  and sends the task again under the same rules;
+* a process that dies under a task (out of memory, a crash in native code) gives the
+  message back (``task_reject_on_worker_lost``); after ``celery.max_worker_lost`` such
+  deaths in a row the entity fails instead of taking down another worker.
 
-Sample stages chain themselves: synthesize hands its sample to verify, and verify hands it
-back to synthesize when a re-synthesis is due (``StageResult.next``).
+Tasks an orchestrator waits for (ingest, export, reconcile) record their outcome in the
+``task_outcomes`` table, which Airflow's triggers read: Celery itself keeps no results.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
 from sqlalchemy import select, update
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, OperationalError
 
+from opensubject_tasks.catalogue import STAGES
 from opensubject_tasks.celery_app import app, task_name
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Build, StageAttempt
+from opensubject_tasks.db.models import Build, StageAttempt, TaskOutcome
 from opensubject_tasks.errors import TransientError
-from opensubject_tasks.services.common import StageResult, build_of, mark_terminal, run_stage, utcnow
-from opensubject_tasks.services.resynth import SAMPLE_STAGES, requeue
+from opensubject_tasks.services.common import build_of, mark_terminal, run_stage, utcnow
 
 log = logging.getLogger(__name__)
-
-STAGE_ENTITY = {"curate": "video", "mine": "video", "synthesize": "sample", "verify": "sample",
-                "export": "build"}
 
 # --- per-process context ------------------------------------------------------------------
 _contexts: dict[str, Context] = {}
@@ -70,7 +78,7 @@ def worker_context(profile: str | None = None) -> Context:
 
 def build_profile(ctx: Context, stage: str, entity_id: str) -> str | None:
     """The profile the entity's build was started with (None: the worker's own)."""
-    build_id = build_of(ctx, STAGE_ENTITY.get(stage, ""), entity_id)
+    build_id = build_of(ctx, STAGES[stage].entity, entity_id)
     if build_id is None:
         return None
     with session_scope(ctx.sessions) as s:
@@ -80,8 +88,10 @@ def build_profile(ctx: Context, stage: str, entity_id: str) -> str | None:
 # --- retry rules ----------------------------------------------------------------------------
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: the same call may succeed later."""
+    # IntegrityError: a unique key taken by a concurrent run of the same work; the retry
+    # finds that run's rows and skips.
     if isinstance(exc, (TransientError, SoftTimeLimitExceeded, OperationalError, DisconnectionError,
-                        ConnectionError, TimeoutError)):
+                        IntegrityError, ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
@@ -103,32 +113,33 @@ def error_text(exc: BaseException) -> str:
 
 
 def give_up(stage: str, entity_id: str, reason: str) -> None:
-    """Give the entity its terminal failed state with the error, so nothing is left in
-    flight; a database that is down too must not hide the first error."""
+    """Give the entity its terminal failed state with the error and the stage that raised
+    it, so nothing is left in flight (a sample's video is settled too); a database that
+    is down as well must not hide the first error."""
     try:
-        mark_terminal(worker_context(), STAGE_ENTITY.get(stage, ""), entity_id, "failed", reason)
+        ctx = worker_context()
+        mark_terminal(ctx, STAGES[stage].entity, entity_id, "failed", reason, error_stage=stage)
+        if STAGES[stage].entity == "sample":
+            from opensubject_tasks.services.chain import settle_video_of_sample
+
+            settle_video_of_sample(ctx, entity_id)
     except Exception:  # noqa: BLE001
         log.exception("could not record the failure of %s(%s): %s", stage, entity_id, reason)
 
 
-def close_lost_attempts(ctx: Context, stage: str, entity_id: str, status: str, error: str) -> int:
-    """Close attempts still marked running for this stage and entity (their process died).
-
-    A task that really is still running (a duplicate delivery) overwrites this mark when it
-    ends, because ``run_stage`` sets the final status of its own row.
-    """
+def record_outcome(task_id: str | None, task: str, status: str, result: Any = None, error: str | None = None) -> None:
+    """The final outcome of a task an orchestrator waits for (an upsert: a redelivered
+    task's outcome replaces the first)."""
+    if not task_id:
+        return
+    ctx = worker_context()
     with session_scope(ctx.sessions) as s:
-        res = s.execute(
-            update(StageAttempt)
-            .where(StageAttempt.stage == stage, StageAttempt.entity_id == entity_id,
-                   StageAttempt.status == "running")
-            .values(status=status, error=error, finished_at=utcnow())
-        )
-        return res.rowcount or 0
+        s.merge(TaskOutcome(task_id=task_id, task=task, status=status, result=result,
+                            error=(error or "")[:8000] or None, finished_at=utcnow()))
 
 
-def send(stage: str, *args: str, **options: Any) -> str:
-    """Put a stage task on its queue; returns the Celery task id.
+def send(stage: str, *args: Any, **options: Any) -> str:
+    """Put a task on its queue; returns the Celery task id.
 
     The time limits are left to the worker that runs the task (its configuration).
     Celery would otherwise copy the limits the *sending* process's tasks had when it
@@ -145,40 +156,40 @@ class StageTask(Task):
 
     stage: str = ""
     typing = True
+    # Tasks an orchestrator waits for record their outcome (task_outcomes).
+    records_outcome: bool = False
 
     def run_stage_task(self, entity_id: str) -> dict[str, Any]:
         stage, retries = self.stage, self.request.retries
         try:
             ctx = worker_context(build_profile(worker_context(), stage, entity_id))
-            # A message that comes back after its worker died leaves a row marked running.
-            close_lost_attempts(ctx, stage, entity_id, "lost",
-                                "the worker running this attempt was lost; the task was delivered again")
-            result = run_stage(ctx, stage, entity_id, attempt=retries + 1)
+            result = run_stage(ctx, stage, entity_id, attempt=retries + 1,
+                               max_lost=ctx.settings.celery.max_worker_lost)
+            from opensubject_tasks.services.chain import continue_work
+
+            continue_work(ctx, stage, entity_id, result, send)
         except Exception as exc:  # noqa: BLE001 - sorted into retry / give up below
             max_retries = load_settings().celery.max_retries
             if is_transient(exc) and retries < max_retries:
                 log.warning("%s(%s) attempt %d: %s; retrying", stage, entity_id, retries + 1, error_text(exc))
                 raise self.retry(exc=exc, countdown=backoff_s(retries), max_retries=max_retries) from exc
-            give_up(stage, entity_id, f"{stage} failed after {retries + 1} attempt(s): {error_text(exc)}")
+            reason = f"{stage} failed after {retries + 1} attempt(s): {error_text(exc)}"
+            give_up(stage, entity_id, reason)
+            if self.records_outcome:
+                record_outcome(self.request.id, stage, "failure", error=reason)
             raise
-        self.follow_up(ctx, result)
+        if self.records_outcome:
+            record_outcome(self.request.id, stage, "success", result.to_dict())
         return result.to_dict()
 
-    def follow_up(self, ctx: Context, result: StageResult) -> None:
-        """Keep a sample cycling through synthesize and verify (re-synthesis included)."""
-        if self.stage not in SAMPLE_STAGES:
-            return
-        for next_stage, sample_id in result.next:
-            if next_stage in SAMPLE_STAGES:
-                requeue(ctx, next_stage, sample_id, send)
-
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        """The hard time limit, in the worker's main process: Celery calls this, then kills
-        the pool process. Record the timeout and send the task again under the same id (the
-        retry rules of any timeout), or give up.
+        """The hard time limit, in the worker's main process: Celery (>= 5.7) calls this,
+        then kills the pool process. Record the timeout on the attempt and send the task
+        again under the same id (the retry rules of any timeout), or give up.
 
-        The count of kills travels with the message (``hard_timeouts``): the killed process
-        may still write its attempt row before it dies, so rows cannot be counted on."""
+        The count of kills travels with the message (``hard_timeouts``): rows written by a
+        process being killed cannot be counted on. Were this hook not called, the message
+        would be acknowledged and the reconciler would send the work again."""
         if not isinstance(exc, TimeLimitExceeded) or not args:
             return  # other failures were handled in the task body
         entity_id = args[0]
@@ -187,68 +198,108 @@ class StageTask(Task):
         try:
             ctx = worker_context()
             max_retries = ctx.settings.celery.max_retries
-            # A row of its own: the attempt's row belongs to the pool process, which is still
-            # alive here and writes it as it is terminated (an error "SystemExit"), or leaves
-            # it running (closed as lost when the task starts again).
-            entity_type = STAGE_ENTITY.get(self.stage, "video")
-            build_id = build_of(ctx, entity_type, entity_id)
+            entity_type = STAGES[self.stage].entity
             with session_scope(ctx.sessions) as s:
-                s.add(StageAttempt(build_id=build_id, entity_type=entity_type, entity_id=entity_id,
-                                   stage=self.stage, attempt=kills, worker=ctx.worker, status="timeout",
-                                   error=error, finished_at=utcnow(), duration_s=0.0))
-        except Exception:  # noqa: BLE001 - the database is down too: Celery's FAILURE stands
+                # The attempt the pool process opened (it is being killed: not "lost").
+                closed = s.execute(update(StageAttempt).where(
+                    StageAttempt.stage == self.stage, StageAttempt.entity_id == entity_id,
+                    StageAttempt.status == "running").values(status="timeout", error=error, finished_at=utcnow())
+                    .execution_options(synchronize_session=False)).rowcount
+                if not closed:
+                    s.add(StageAttempt(build_id=build_of(ctx, entity_type, entity_id), entity_type=entity_type,
+                                       entity_id=entity_id, stage=self.stage, attempt=kills, worker=ctx.worker,
+                                       status="timeout", error=error, finished_at=utcnow(), duration_s=0.0))
+        except Exception:  # noqa: BLE001 - the database is down too: the reconciler sends it again
             log.exception("could not record the hard time limit of %s(%s)", self.stage, entity_id)
             return
         if kills <= max_retries:
             log.warning("%s(%s) hit the hard time limit (%d time(s)); sending it again",
                         self.stage, entity_id, kills)
-            # Same task id: whoever waits on this task sees it go on instead of failing.
             self.apply_async(args=list(args), kwargs={"hard_timeouts": kills}, task_id=task_id,
                              countdown=backoff_s(kills - 1), retries=kills)
-            self.backend.mark_as_retry(task_id, exc)
         else:
-            give_up(self.stage, entity_id, f"{self.stage} failed: hard time limit exceeded {kills} time(s)")
+            reason = f"{self.stage} failed: hard time limit exceeded {kills} time(s)"
+            give_up(self.stage, entity_id, reason)
+            if self.records_outcome:
+                record_outcome(task_id, self.stage, "failure", error=reason)
 
 
-@worker_init.connect
-def _import_stages(**_: Any) -> None:
-    """Import the stage services once in the main process, before the pool forks: every
-    pool process starts with them loaded (shared pages, no import on the first task)."""
-    from opensubject_tasks.services.common import load_stages
-
-    load_stages()
-
-
-@worker_process_init.connect
-def _warm_context(**_: Any) -> None:
-    """Each pool process builds its Context (database pool, store client) at start."""
-    worker_context()
-
-
-def _stage_task(stage: str):  # noqa: ANN202 - returns the registered Celery task
+def _stage_task(stage: str, records_outcome: bool = False):  # noqa: ANN202 - the registered task
     def run(self: StageTask, entity_id: str, hard_timeouts: int = 0) -> dict[str, Any]:
         return self.run_stage_task(entity_id)
 
     run.__name__ = stage
     run.__doc__ = f"Run the {stage} stage on one entity (ids only)."
-    return app.task(bind=True, base=StageTask, name=task_name(stage), stage=stage)(run)
+    return app.task(bind=True, base=StageTask, name=task_name(stage), stage=stage,
+                    records_outcome=records_outcome)(run)
 
 
 curate = _stage_task("curate")
 mine = _stage_task("mine")
 synthesize = _stage_task("synthesize")
 verify = _stage_task("verify")
-export = _stage_task("export")
+export = _stage_task("export", records_outcome=True)
+
+
+# --- worker start ---------------------------------------------------------------------------------
+_consumed_queues: tuple[str, ...] = ()
+
+
+@worker_init.connect
+def _before_fork(sender: Any = None, **_: Any) -> None:
+    """In the worker's main process, before the pool forks: import the stage services (every
+    pool process starts with them loaded) and note the queues this worker consumes."""
+    global _consumed_queues
+    from opensubject_tasks.services.common import load_stages
+
+    load_stages()
+    try:
+        _consumed_queues = tuple(sorted(sender.app.amqp.queues.consume_from))
+    except AttributeError:
+        _consumed_queues = ()
+
+
+@worker_process_init.connect
+def _warm(**_: Any) -> None:
+    """Each pool process builds its Context and loads the models of the stages its worker
+    consumes before it takes a task, so no model load runs inside a task's time limit;
+    then it reports ready (the container health check waits for every process)."""
+    from opensubject_tasks.workers import mark_ready, warm_backends
+
+    ctx = worker_context()
+    warm_backends(ctx, _consumed_queues)
+    mark_ready()
+
+
+# --- work an orchestrator waits for ---------------------------------------------------------------
+def outcome_recorded(task: str) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    """Record a plain task's outcome in task_outcomes, success or final failure."""
+    def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        @functools.wraps(fn)
+        def wrapper(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            try:
+                result = fn(self, *args, **kwargs)
+            except Exception as exc:
+                from celery.exceptions import Retry
+
+                if not isinstance(exc, Retry):
+                    record_outcome(self.request.id, task, "failure", error=error_text(exc))
+                raise
+            record_outcome(self.request.id, task, "success", result)
+            return result
+        return wrapper
+    return deco
 
 
 @app.task(bind=True, name=task_name("ingest"))
+@outcome_recorded("ingest")
 def ingest(self: Task, source: str, build_id: str | None = None) -> dict[str, Any]:
-    """Register the videos under a source (a folder on the worker, or store://prefix/;
-    empty: the configured raw-videos prefix). Returns the ids registered now."""
-    from opensubject_tasks.services.ingest import register_source
+    """Register the videos under a source (a folder on the worker under an allowed root, or
+    store://prefix/; empty: the configured raw-videos prefix)."""
+    from opensubject_tasks.services.ingest import check_source_allowed, register_source
 
     ctx = worker_context()
-    source = source.strip() or f"store://{ctx.settings.store.raw_prefix}"
+    source = check_source_allowed(ctx, source.strip() or f"store://{ctx.settings.store.raw_prefix}")
     build_id = build_id or None
     try:
         result = register_source(ctx, source, build_id=build_id)
@@ -257,55 +308,30 @@ def ingest(self: Task, source: str, build_id: str | None = None) -> dict[str, An
             raise self.retry(exc=exc, countdown=backoff_s(self.request.retries),
                              max_retries=ctx.settings.celery.max_retries) from exc
         raise
-    return {"source": source, "build_id": build_id, "new_ids": list(result.new_ids)}
-
-
-@app.task(name=task_name("resynth_sweep"))
-def resynth_sweep(older_than_s: float | None = None) -> dict[str, Any]:
-    """Re-enqueue samples whose hand-off is older than ``verify.resynth_stuck_after_s``,
-    and drop expired task results."""
-    from opensubject_tasks.services.resynth import sweep_stuck
-
-    ctx = worker_context()
-    age = older_than_s if older_than_s is not None else ctx.settings.verify.resynth_stuck_after_s
-    ids = sweep_stuck(ctx, age, send)
-    if ids:
-        log.warning("re-enqueued %d sample(s) whose work was lost: %s", len(ids), ", ".join(ids[:20]))
-    # Task results older than result_expires (a day) leave the result table; with the
-    # database backend nothing else removes them (Celery beat is not part of the stack).
-    app.backend.cleanup()
-    return {"requeued": ids}
-
-
-def resend(stage: str, entity_id: str) -> str:
-    """Send a unit of work again; a video or build stage keeps the task id it was first
-    handed out under, so whoever waits on that id sees this run's outcome."""
-    from opensubject_tasks.services.reconcile import queued_task_id
-
-    task_id = queued_task_id(worker_context(), stage, entity_id)
-    return send(stage, entity_id, **({"task_id": task_id} if task_id else {}))
+    return {"source": source, "build_id": build_id, **result.to_dict()}
 
 
 def waiting_in_broker() -> set[tuple[str, str]] | None:
     """(stage, entity_id) of the messages the broker holds now (None: cannot tell)."""
-    from opensubject_tasks.celery_app import QUEUES, TASK_PREFIX
+    from opensubject_tasks.catalogue import QUEUES
+    from opensubject_tasks.celery_app import TASK_PREFIX
     from opensubject_tasks.services.reconcile import waiting_in_redis
 
     prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
     return waiting_in_redis(app.conf.broker_url, QUEUES, TASK_PREFIX, key_prefix=prefix)
 
 
-@app.task(name=task_name("reconcile"))
-def reconcile(older_than_s: float | None = None) -> dict[str, Any]:
-    """Send again every unit of work (video stage, sample stage, export) still outstanding
-    ``older_than_s`` (default ``verify.resynth_stuck_after_s``) after it was queued whose
-    message the broker no longer holds: a flushed or restarted broker loses no work."""
+@app.task(bind=True, name=task_name("reconcile"))
+@outcome_recorded("reconcile")
+def reconcile(self: Task, older_than_s: float | None = None) -> dict[str, Any]:
+    """Send again every unit of work (video stage, sample stage) still outstanding
+    ``older_than_s`` (default ``celery.reconcile_after_s``) after it was handed out whose
+    message the broker no longer holds and that no worker runs."""
     from opensubject_tasks.services.reconcile import reconcile as reconcile_work
 
     ctx = worker_context()
-    age = older_than_s if older_than_s is not None else ctx.settings.verify.resynth_stuck_after_s
-    waiting = waiting_in_broker()
-    sent = reconcile_work(ctx, resend, older_than_s=age, waiting=waiting)
+    age = older_than_s if older_than_s is not None else ctx.settings.celery.reconcile_after_s
+    sent = reconcile_work(ctx, send, older_than_s=age, waiting=waiting_in_broker())
     if sent:
         log.warning("sent again %d unit(s) of work whose message was lost: %s", len(sent),
                     ", ".join(f"{st}({e})" for st, e in sent[:20]))

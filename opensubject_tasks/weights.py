@@ -102,12 +102,13 @@ class Report:
         return not self.problems and all(s.state == "present" for s in self.statuses)
 
     def missing_text(self, profile: str) -> str:
-        lines = [f"  {', '.join(s.weight.interfaces)}: {s.weight.label} {s.state} ({s.detail})"
+        """One line naming everything missing (``models check`` shows where it looked)."""
+        items = [f"{s.weight.label} ({', '.join(s.weight.interfaces)}{', ' + s.state if s.state != 'missing' else ''})"
                  for s in self.statuses if s.state != "present"]
-        lines += [f"  {p.what}: {p.detail}" for p in self.problems]
-        return (f"the {profile} profile cannot start, {len(lines)} thing(s) missing:\n" + "\n".join(lines)
-                + f"\nFetch the weights with `opensubject models fetch --profile {profile}`; "
-                  "`opensubject models check --profile {profile}` shows the full table.")
+        items += [p.what for p in self.problems]
+        return (f"the {profile} profile cannot start, {len(items)} missing: {'; '.join(items)}. Fetch the "
+                f"weights with `opensubject models fetch --profile {profile}`; `opensubject models check "
+                f"--profile {profile}` shows where each was looked for")
 
 
 def _looks_like_path(model: str) -> bool:

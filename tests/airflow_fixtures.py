@@ -89,7 +89,7 @@ def service_env(database_url: str, broker_url: str, store_settings, **extra: str
 class Worker:
     """A real ``celery worker`` process (its own process group, so the pool dies with it)."""
 
-    def __init__(self, env: dict[str, str], name: str, log_path: Path, queues: str = "cpu,gpu",
+    def __init__(self, env: dict[str, str], name: str, log_path: Path, queues: str = "cpu,gpu,maintenance",
                  concurrency: int = 1, include: str | None = None) -> None:
         self.cmd = [str(VENV_BIN / "celery"), "-A", "opensubject_tasks.celery_app", "worker",
                     "-Q", queues, "--concurrency", str(concurrency), "--hostname", f"{name}@%h",

@@ -3,9 +3,10 @@ workers the way the ``opensubject_build`` DAG drives it (without Airflow), a thr
 PostgreSQL cluster that can be restarted, and the exact end-of-build checks.
 
 The driver calls the same ``opensubject_tasks.orchestrate`` functions as the DAG's tasks
-and triggers, waits on Celery task ids like ``CeleryTaskTrigger`` and on sample states
-like ``SamplesTrigger``, and sends ``opensubject.reconcile`` every few seconds as the
-``opensubject_resynth_sweep`` DAG does on its schedule. Every call is retried until a
+and triggers (claim into chunks, start each chunk, wait on the chunk's video states like
+``ChunkTrigger`` and on task outcomes like ``TaskOutcomeTrigger``), and sends
+``opensubject.reconcile`` every few seconds as the ``opensubject_reconcile`` DAG does on
+its schedule. Every call is retried until a
 deadline, as Airflow retries its tasks and triggers poll again after an error.
 """
 from __future__ import annotations
@@ -28,9 +29,6 @@ from airflow_fixtures import row_snapshot as rows  # noqa: F401 - the fault test
 PG_BIN = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]) if glob.glob("/usr/lib/postgresql/*/bin") \
     else Path("/usr/lib/postgresql/bin")
 TERMINAL_VIDEO = {"done", "rejected", "failed"}
-# A failure that turns back into a retry within this time was a hard time limit that the
-# worker sent again (the same rule as the Airflow trigger's).
-CONFIRM_FAILURE_S = 2.0
 
 
 def free_port() -> int:
@@ -210,9 +208,11 @@ def _retry(fn: Callable[[], Any], deadline: float, errors: list[str], pause: flo
 
 def drive_build(build_name: str, *, source: str = "store://raw/", poll_s: float = 0.3,
                 reconcile_every_s: float | None = 2.0, reconcile_age_s: float = 4.0,
-                timeout_s: float = 600, on_tick: Callable[[], None] | None = None) -> BuildRun:
-    """Run one build through the Celery workers (start, register, claim, per video
-    curate -> mine -> samples -> finalize, export, report) and return what happened."""
+                timeout_s: float = 600, on_tick: Callable[[], None] | None = None,
+                chunk_size: int = 0, params: dict[str, Any] | None = None) -> BuildRun:
+    """Run one build through the Celery workers as the build DAG does (start, register,
+    claim into chunks, every chunk handed out and waited for in the database, export,
+    report) and return what happened."""
     from opensubject_tasks import orchestrate as o
     from opensubject_tasks.tasks import send
 
@@ -230,7 +230,7 @@ def drive_build(build_name: str, *, source: str = "store://raw/", poll_s: float 
         nonlocal last_reconcile
         if on_tick:
             on_tick()
-        # Like the sweep DAG (max_active_runs=1): a new pass once the last one ended, or
+        # Like the reconcile DAG (max_active_runs=1): a new pass once the last one ended, or
         # after a while if its message was lost too.
         if reconcile_every_s is not None and time.monotonic() - last_reconcile >= reconcile_every_s:
             try:
@@ -239,74 +239,52 @@ def drive_build(build_name: str, *, source: str = "store://raw/", poll_s: float 
                     pass_id[:] = [send("reconcile", reconcile_age_s)]
                     run.reconciles += 1
                     last_reconcile = time.monotonic()
-            except Exception as exc:  # noqa: BLE001 - the sweep runs again on its next schedule
+            except Exception as exc:  # noqa: BLE001 - the reconciler runs again on its next schedule
                 errs.append(f"reconcile: {type(exc).__name__}: {exc}")
         if time.monotonic() > deadline:
             raise Deadline(f"build {run.build_id} not finished after {timeout_s}s")
         time.sleep(poll_s)
 
-    failed_at: dict[str, float] = {}
-
-    def outcome(task_id: str) -> dict | None:
-        out = call(lambda: o.task_outcome(task_id))
-        if out is None or out["status"] == "success":
-            failed_at.pop(task_id, None)
-            return out
-        first = failed_at.setdefault(task_id, time.monotonic())
-        return out if time.monotonic() - first >= CONFIRM_FAILURE_S else None
-
     def wait_task(task_id: str) -> dict:
-        while (out := outcome(task_id)) is None:
+        while (out := call(lambda: o.task_outcome(task_id))) is None:
             tick()
         return out
 
-    run.build_id = call(lambda: o.start_build({"build_name": build_name, "source": source}, "fault-run"))
-    reg = wait_task(call(lambda: o.send_stage("ingest", [source, run.build_id])))
+    run.build_id = call(lambda: o.start_build({"build_name": build_name, "source": source, **(params or {})},
+                                              "fault-run"))
+    reg = wait_task(call(lambda: o.send_task("ingest", [source, run.build_id])))
     if reg["status"] != "success":
         raise RuntimeError(f"register failed: {reg}")
-    videos = call(lambda: o.claim_build_videos(run.build_id))
-
-    # Each video walks its chain; all of them at once, as the DAG maps one group per video.
-    active: dict[str, tuple[str, Any]] = {
-        vid: ("curate", call(lambda v=vid: o.send_stage("curate", [v]))) for vid in videos}
-
-    def finish(vid: str) -> None:
-        run.videos[vid] = call(lambda: o.finalize(vid))
-        del active[vid]
-
-    while active:
-        for vid, (stage, handle) in list(active.items()):
-            if stage in ("curate", "mine"):
-                out = outcome(handle)
-                if out is None:
-                    continue
-                if out["status"] != "success":
-                    run.failures.append(f"{stage}({vid}): {out.get('error')}")
-                    finish(vid)
-                    continue
-                nxt = [tuple(n) for n in out["result"].get("next") or []]
-                if stage == "curate" and ("mine", vid) in nxt:
-                    active[vid] = ("mine", call(lambda v=vid: o.send_stage("mine", [v])))
-                elif stage == "mine" and (ids := sorted({i for st, i in nxt if st == "synthesize"})):
-                    call(lambda ids=ids: o.enqueue_samples(ids))
-                    active[vid] = ("samples", ids)
-                else:
-                    finish(vid)
-            else:
-                out = call(lambda ids=handle: o.samples_outcome(ids))
-                if out is None:
-                    continue
-                run.failures += [f"{e['stage']}({e['sample']}): {e['error']}" for e in out["errors"]]
-                finish(vid)
-        if active:
+    chunks = call(lambda: o.claim_build_videos(run.build_id, chunk_size=chunk_size))
+    for chunk in chunks:  # all of them at once, as the mapped chunk task does
+        call(lambda c=chunk: o.start_chunk(run.build_id, c))
+    waiting = set(chunks)
+    while waiting:
+        for chunk in sorted(waiting):
+            if call(lambda c=chunk: o.chunk_progress(run.build_id, c)) is not None:
+                report = call(lambda c=chunk: o.chunk_report(run.build_id, c))
+                run.failures += [f"{e['stage']}({e['sample'] or e['video']}): {e['error']}" for e in report["errors"]]
+                waiting.discard(chunk)
+        if waiting:
             tick()
+    run.videos = {vid: st for vid, st in call(lambda: _video_states(o.context(), run.build_id)).items()}
 
-    exp = wait_task(call(lambda: o.send_stage("export", [run.build_id])))
+    exp = wait_task(call(lambda: o.send_task("export", [run.build_id])))
     if exp["status"] != "success":
         run.failures.append(f"export({run.build_id}): {exp.get('error')}")
     run.report = call(lambda: o.build_report(run.build_id))
     run.wall_s = time.monotonic() - t0
     return run
+
+
+def _video_states(ctx, build_id: str) -> dict[str, str]:  # noqa: ANN001
+    from sqlalchemy import select
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Video
+
+    with session_scope(ctx.sessions) as s:
+        return dict(s.execute(select(Video.id, Video.state).where(Video.build_id == build_id)).all())
 
 
 # --- what a finished build must look like -----------------------------------------------------------

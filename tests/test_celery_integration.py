@@ -115,11 +115,11 @@ def stack(pg_db, redis_url, s3_store_settings, monkeypatch, airflow_db, tmp_path
         w.stop()
 
 
-def assert_all_green(states: dict, expect_mapped: int) -> None:
+def assert_all_green(states: dict, expect_chunks: int) -> None:
     bad = {k: v for k, v in states.items() if v not in ("success", "skipped")}
     assert not bad, bad
     assert states[("watch", -1)] == "skipped"  # nothing failed
-    assert sum(1 for (t, i) in states if t == "video.curate" and i >= 0) == expect_mapped
+    assert sum(1 for (t, i) in states if t == "chunk" and i >= 0) == expect_chunks
     for tid in ("start", "register", "claim", "export", "report"):
         assert states[(tid, -1)] == "success", tid
 
@@ -166,7 +166,7 @@ def test_build_over_sample_media(stack, sample_media, reference):
     run, states = run_dag_test(load_dag("opensubject_build"), {"source": "store://raw/", "build_name": "it"})
 
     assert str(run.state) in ("success", "DagRunState.SUCCESS")
-    assert_all_green(states, expect_mapped=len(VIDEOS) + 1)
+    assert_all_green(states, expect_chunks=1)
     ctx = stack["context"]()
     rows = row_snapshot(ctx)
     # Every video reached a terminal state; the bad one failed alone with its reason.
@@ -244,7 +244,7 @@ def test_worker_killed_mid_task(stack, sample_media, reference):
     thread.join(30)
 
     assert "worker" in killed and "pool" in killed, f"the faults were not injected: {killed}"
-    assert_all_green(states, expect_mapped=len(VIDEOS) + 1)
+    assert_all_green(states, expect_chunks=1)
     assert_same_as_reference(ctx, store, reference)
     assert_export(ctx, store, "it")
     att = attempts(ctx)
@@ -274,8 +274,7 @@ def test_timeout_is_recorded_retried_and_shown_in_airflow(stack, sample_media, c
     run, states = run_dag_test(load_dag("opensubject_build"), {"source": "store://raw/", "build_name": "slow"})
 
     assert str(run.state) in ("failed", "DagRunState.FAILED")
-    assert states[("video.curate", 0)] == "failed"
-    assert states[("video.mine", 0)] == "upstream_failed"
+    assert states[("chunk", 0)] == "failed"
     assert states[("watch", -1)] == "failed"
     # One bad stage does not stop the build: it is still exported and reported.
     assert states[("export", -1)] == "success" and states[("report", -1)] == "success"
@@ -290,12 +289,15 @@ def test_timeout_is_recorded_retried_and_shown_in_airflow(stack, sample_media, c
 
     with session_scope(ctx.sessions) as s:
         [video] = s.query(Video).all()
-        assert video.state == "failed"
+        assert video.state == "failed" and video.error_stage == "curate"
         assert video.reason.startswith("curate failed after 2 attempt(s): SoftTimeLimitExceeded")
     out = capfd.readouterr()
     text = out.out + out.err
-    assert "curate failed on the Celery worker: SoftTimeLimitExceeded" in text
-    assert "Celery task for curate" in text
+    # The red chunk's log lists the video with its stage and error, and the dataset page.
+    assert f"video {video.id} ({video.name}), video, stage curate: curate failed after 2 attempt(s): " \
+           "SoftTimeLimitExceeded" in text
+    assert "/opensubject/?build=slow" in text
+    assert "1 piece(s) of work in chunk 0 failed on an error" in text
 
 
 def test_hard_time_limit_kills_records_and_sends_again(stack, sample_media, capfd):
@@ -316,7 +318,7 @@ def test_hard_time_limit_kills_records_and_sends_again(stack, sample_media, capf
 
     run, states = run_dag_test(load_dag("opensubject_build"), {"source": "store://raw/", "build_name": "hard"})
 
-    assert states[("video.curate", 0)] == "failed" and states[("watch", -1)] == "failed"
+    assert states[("chunk", 0)] == "failed" and states[("watch", -1)] == "failed"
     ctx = stack["context"]()
     # Killed twice (max_retries=1), each kill recorded as a timeout; the stage never finished.
     assert worker.log().count("Hard time limit (1.0s) exceeded") == 2
@@ -329,7 +331,7 @@ def test_hard_time_limit_kills_records_and_sends_again(stack, sample_media, capf
 
     with create_session() as s:
         ti = s.query(TaskInstance).filter(TaskInstance.run_id == run.run_id,
-                                          TaskInstance.task_id == "video.curate").one()
+                                          TaskInstance.task_id == "chunk").one()
         assert ti.end_date >= max(a.finished_at for a in attempts_full(ctx) if a.stage == "curate")
     from opensubject_tasks.db.engine import session_scope
     from opensubject_tasks.db.models import Video
@@ -338,87 +340,95 @@ def test_hard_time_limit_kills_records_and_sends_again(stack, sample_media, capf
         [video] = s.query(Video).all()
         assert video.state == "failed" and video.reason == "curate failed: hard time limit exceeded 2 time(s)"
     out = capfd.readouterr()
-    assert "curate failed on the Celery worker: TimeLimitExceeded" in out.out + out.err
+    assert "stage curate: curate failed: hard time limit exceeded 2 time(s)" in out.out + out.err
 
 
-def test_ingest_registers_only_new_videos(stack, sample_media):
+def test_ingest_builds_every_waiting_video(stack, sample_media):
+    """A scheduled ingest triggers a build that claims every registered video no build holds
+    (also those an earlier, interrupted attempt registered), under a run id derived from
+    its own; with nothing waiting it triggers nothing."""
     from airflow.models import DagRun
     from airflow.utils.session import create_session
+
+    from opensubject_tasks.orchestrate import claim_build_videos
+    from opensubject_tasks.services.ingest import register_source
 
     env = stack["apply"]()
     store = stack["store"]
     upload(store, sample_media, VIDEOS[:2], bad=False)
     stack["worker"]("i1", env)
+    ctx = stack["context"]()
+    # An earlier attempt registered these and was interrupted before its build was triggered.
+    assert len(register_source(ctx, "store://raw/").new_ids) == 2
+    upload(store, sample_media, [NEW], bad=False)
     started = time.time()
 
-    def triggered() -> list[dict]:
+    def triggered() -> list:
         with create_session() as s:
-            runs = [r for r in s.query(DagRun).filter(DagRun.dag_id == "opensubject_build")
-                    if r.conf and r.conf.get("video_ids") and r.start_date is None
-                    and r.queued_at is not None and r.queued_at.timestamp() >= started]
-            return [dict(r.conf) for r in sorted(runs, key=lambda r: r.queued_at)]
+            return sorted(((r.run_id, dict(r.conf)) for r in s.query(DagRun).filter(
+                DagRun.dag_id == "opensubject_build") if r.queued_at and r.queued_at.timestamp() >= started))
 
     ingest = load_dag("opensubject_ingest")
-    _, states = run_dag_test(ingest)
-    assert states[("trigger_build", -1)] == "success", states
-    ctx = stack["context"]()
-    first_ids = {vid for vid, _ in row_snapshot(ctx)["videos"].values()}
-    assert len(first_ids) == 2
-    [conf] = triggered()
-    assert set(conf["video_ids"]) == first_ids and conf["build_name"].startswith("ingest-")
+    run, states = run_dag_test(ingest)
+    assert states[("register_new", -1)] == "success" and states[("trigger_build", -1)] == "success", states
+    [(run_id, conf)] = triggered()
+    assert run_id == f"ingest__{run.run_id}" and conf["build_name"].startswith("ingest-") and not conf["video_ids"]
+    # What the triggered build claims: all three, the interrupted attempt's two included.
+    assert claim_build_videos(conf["build_name"]) == [0]
+    with __import__("opensubject_tasks.db.engine", fromlist=["x"]).session_scope(ctx.sessions) as s:
+        from opensubject_tasks.db.models import Video
 
-    upload(store, sample_media, [NEW], bad=False)
-    _, states = run_dag_test(ingest)
-    assert states[("trigger_build", -1)] == "success", states
-    rows = row_snapshot(ctx)["videos"]
-    assert len(rows) == 3
-    new_id = rows[NEW][0]
-    assert [c["video_ids"] for c in triggered()][1:] == [[new_id]]
+        assert {v.build_id for v in s.query(Video)} == {conf["build_name"]} and s.query(Video).count() == 3
 
-    # Nothing new: nothing registered, no build triggered.
+    # Nothing waits for a build now: nothing is triggered.
     _, states = run_dag_test(ingest)
     assert states[("build_conf", -1)] == "skipped" and states[("trigger_build", -1)] == "skipped"
-    assert len(triggered()) == 2 and len(row_snapshot(ctx)["videos"]) == 3
+    assert len(triggered()) == 1
 
 
-def test_sweep_requeues_lost_sample_work(stack, sample_media, monkeypatch, capfd):
-    """Samples handed to the gpu queue whose messages are lost (the queue purged) are found
-    by the sweep DAG and finish."""
+def test_reconcile_sends_lost_sample_work_once_and_never_a_waiting_backlog(stack, sample_media, monkeypatch, capfd):
+    """Sample stages handed to the gpu queue wait there while no worker runs: the reconciler
+    sends none of them again, however old. Then the queue is purged (the messages are lost):
+    the reconcile DAG sends each exactly once, counts it on the sample, and they finish."""
     from opensubject_tasks.celery_app import app
     from opensubject_tasks.db.engine import session_scope
-    from opensubject_tasks.db.models import Sample
-    from opensubject_tasks.orchestrate import enqueue_samples, start_build
-    from opensubject_tasks.services.resynth import sweep_stuck
+    from opensubject_tasks.db.models import Build, Sample
+    from opensubject_tasks.orchestrate import start_build
+    from opensubject_tasks.services.handoff import hand_out_samples
+    from opensubject_tasks.services.reconcile import reconcile
+    from opensubject_tasks.tasks import send, waiting_in_broker
 
-    env = stack["apply"](OPENSUBJECT_VERIFY__RESYNTH_STUCK_AFTER_S="1")
+    env = stack["apply"](OPENSUBJECT_CELERY__RECONCILE_AFTER_S="1")
     store = stack["store"]
     upload(store, sample_media, VIDEOS[:1], bad=False)
     worker = stack["worker"]("s1", env)
     # Curate and mine only: the samples stay pending, never handed to a queue.
     _, states = run_dag_test(load_dag("opensubject_build"),
-                             {"source": "store://raw/", "build_name": "sweep", "synthesize": False, "export": False})
-    assert states[("video.synthesize_verify", 0)] == "skipped" and states[("export", -1)] == "skipped"
+                             {"source": "store://raw/", "build_name": "sweep", "until": "mine", "export": False})
+    assert states[("chunk", 0)] == "success" and states[("export", -1)] == "skipped"
     ctx = stack["context"]()
     with session_scope(ctx.sessions) as s:
         ids = sorted(x.id for x in s.query(Sample))
         assert ids and all(x.state == "pending" for x in s.query(Sample))
+        s.get(Build, "sweep").state = "running"  # the report marked it done
     time.sleep(1.5)
-    assert sweep_stuck(ctx, 1, lambda *a: None) == []  # synthesis is off for this build
-    # Synthesis switched on again (as a new trigger of the build does), and the hand-off of
-    # every sample is lost: the queue is purged before any worker takes it.
-    start_build({"build_name": "sweep", "synthesize": True}, "run")
+    assert reconcile(ctx, send, older_than_s=1, waiting=waiting_in_broker) == []  # until=mine: not this build's work
+    start_build({"build_name": "sweep", "until": "verify"}, "run")  # resumed for the whole pipeline
     worker.stop()
-    sent = enqueue_samples(ids)
+    sent = hand_out_samples(ctx, ids, send)
     assert sorted(sid for _, sid in sent) == ids
-    assert app.control.purge() >= len(ids)  # the messages are lost
+    time.sleep(1.5)
+    # A backlog: queued long ago and still waiting on the broker. Never sent twice.
+    assert reconcile(ctx, send, older_than_s=0, waiting=waiting_in_broker) == []
+    assert app.control.purge() >= len(ids)  # now the messages are lost
     time.sleep(1.5)
 
     stack["worker"]("s2", env)
-    # The sweep waits in its own task here (no deferral): the path for sites without a triggerer.
+    # The reconcile waits in its own task here (no deferral): the path for sites without a triggerer.
     monkeypatch.setenv("OPENSUBJECT_AIRFLOW_DEFERRABLE", "false")
     capfd.readouterr()
-    _, states = run_dag_test(load_dag("opensubject_resynth_sweep"))
-    assert states[("sweep", -1)] == "success"
+    _, states = run_dag_test(load_dag("opensubject_reconcile"))
+    assert states[("reconcile", -1)] == "success"
     assert "Pausing task as DEFERRED" not in capfd.readouterr().out
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -428,3 +438,4 @@ def test_sweep_requeues_lost_sample_work(stack, sample_media, monkeypatch, capfd
         time.sleep(0.5)
     with session_scope(ctx.sessions) as s:
         assert {x.id: x.state in TERMINAL_SAMPLE for x in s.query(Sample)} == dict.fromkeys(ids, True)
+        assert {x.id: x.resends for x in s.query(Sample)} == dict.fromkeys(ids, 1)

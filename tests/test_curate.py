@@ -18,13 +18,14 @@ from opensubject_tasks.backends.registry import get_backend
 from opensubject_tasks.config import CurateSettings, load_settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
-from opensubject_tasks.db.models import Clip, StageAttempt, Video
+from opensubject_tasks.db.models import Clip, Invalidation, StageAttempt, Video
 from opensubject_tasks.errors import Rejected
 from opensubject_tasks.media.decode import DecodeStats, Frame, iter_frames
 from opensubject_tasks.media.probe import ProbeResult, probe_video
 from opensubject_tasks.media.samples import photo
 from opensubject_tasks.media.shots import ShotDetector, ShotScore, score_cuts
 from opensubject_tasks.services.common import run_stage
+from opensubject_tasks.services.rerun import invalidate
 from opensubject_tasks.stages.curate import check_video, curate_frames, pick_keyframes, split_shot
 from opensubject_tasks.storage.sources import file_uri, store_uri
 
@@ -235,8 +236,16 @@ def test_service_embedded_and_rerun(embedded_settings, sample_media: Path):
     assert run_stage(ctx, "curate", vid).status == "ok"
     assert _state(ctx, vid)[4] == clips and _frame_keys(ctx, vid) == keys
 
-    # a rerun with other settings replaces rows and removes keyframes no row points to
+    # a rerun with other settings keeps what curation produced: later stages built on it
     ctx.settings.curate.keyframes_per_clip = 3
+    res = run_stage(ctx, "curate", vid)
+    assert res.status == "ok" and res.next == [("mine", vid)] and "already done" in res.details["skipped"]
+    assert _state(ctx, vid)[4] == clips and _frame_keys(ctx, vid) == keys
+
+    # an explicit recompute drops the clips and their keyframes (recorded), then the rerun
+    # replaces them under the new settings
+    dropped = invalidate(ctx, "curate", vid, reason="test: fewer keyframes", actor="tester")
+    assert dropped.rows == len(clips) and dropped.objects == len(keys)
     assert run_stage(ctx, "curate", vid).status == "ok"
     new_clips = _state(ctx, vid)[4]
     assert all(len(c[6]) == 3 for c in new_clips if c[3] == "kept")
@@ -244,10 +253,16 @@ def test_service_embedded_and_rerun(embedded_settings, sample_media: Path):
     with session_scope(ctx.sessions) as s:
         assert s.scalar(select(func.count()).select_from(Clip)) == len(new_clips)
         attempts = s.scalars(select(StageAttempt.status).where(StageAttempt.entity_id == vid)).all()
-    assert attempts == ["ok", "ok", "ok"]
+        recorded = s.execute(select(Invalidation.entity_type, Invalidation.actor, Invalidation.reason,
+                                    Invalidation.objects)).all()
+    assert attempts == ["ok", "ok", "ok", "ok"]
+    assert {r.entity_type for r in recorded} == {"clip"} and len(recorded) == len(clips)
+    assert all(r.actor == "tester" and "fewer keyframes" in r.reason for r in recorded)
+    assert sorted(k for r in recorded for k in r.objects) == keys
 
-    # rejected on a rerun (stricter filter): nothing of the earlier runs stays minable
+    # rejected on a recompute with a stricter filter: nothing of the earlier runs stays minable
     ctx.settings.curate.min_short_side = 720
+    invalidate(ctx, "curate", vid, reason="test: stricter filter", actor="tester")
     res = run_stage(ctx, "curate", vid)
     assert res.status == "rejected" and "min_short_side 720" in res.reason
     state, _, reason, probe, clips = _state(ctx, vid)

@@ -10,7 +10,7 @@ import sys
 import pytest
 from airflow_fixtures import AIRFLOW_ENV, REPO, airflow_db  # noqa: F401 - fixture
 
-DAG_IDS = {"opensubject_build", "opensubject_ingest", "opensubject_resynth_sweep"}
+DAG_IDS = {"opensubject_build", "opensubject_ingest", "opensubject_reconcile"}
 # Modules a DAG file must not pull in when it is parsed: models, media, the database and
 # store clients, Celery. They belong in the tasks (imported when a task runs).
 HEAVY = ("torch", "transformers", "diffusers", "cv2", "av", "scenedetect", "skimage", "numpy",
@@ -96,11 +96,12 @@ def test_every_dag_has_tags_no_catchup_and_retries(parsed):
 def test_build_dag_has_typed_params(parsed):
     params = parsed["dags"]["opensubject_build"]["params"]
     expected = {"build_name": ["null", "string"], "source": ["null", "string"], "profile": "string",
-                "limit": "integer", "video_ids": ["null", "array"], "curate": "boolean", "mine": "boolean", "synthesize": "boolean",
-                "export": "boolean"}
+                "limit": "integer", "video_ids": ["null", "array"], "until": "string", "export": "boolean",
+                "chunk_size": "integer"}
     assert {k: v.get("type") for k, v in params.items()} == expected
     assert params["profile"]["enum"] == ["cpu", "gpu", "tiny"]
-    assert params["limit"]["minimum"] == 0
+    assert params["until"]["enum"] == ["curate", "mine", "verify"]
+    assert params["limit"]["minimum"] == 0 and params["chunk_size"]["minimum"] == 0
 
 
 @pytest.mark.usefixtures("airflow_db")
@@ -109,22 +110,25 @@ def test_no_cycles_and_expected_structure():
 
     dag = load_dag("opensubject_build")
     order = [t.task_id for t in dag.topological_sort()]  # raises on a cycle
-    assert order.index("start") < order.index("claim") < order.index("video.curate") \
-        < order.index("video.mine") < order.index("video.synthesize_verify") \
-        < order.index("video.finalize") < order.index("export") < order.index("report")
-    # Stages run on Celery through deferrable operators, never inside the Airflow worker.
-    for tid in ("video.curate", "video.mine", "video.synthesize_verify", "export", "register"):
-        task = dag.get_task(tid)
-        assert hasattr(task, "execute_complete"), tid
-    # The watcher sees every stage task, so a failure anywhere turns the run red.
-    watch = dag.get_task("watch")
-    assert {"video.curate", "video.mine", "video.synthesize_verify", "export", "register"} \
-        <= watch.upstream_task_ids
+    assert order.index("start") < order.index("claim") < order.index("chunk") \
+        < order.index("export") < order.index("report")
+    # One mapped task over chunks (not a group per video), at most N chunks of a run at once.
+    chunk = dag.get_task("chunk")
+    assert chunk.max_active_tis_per_dagrun == 16
+    assert len(dag.tasks) == 8, [t.task_id for t in dag.tasks]
+    # Work runs on Celery through deferrable operators, never inside the Airflow worker.
+    assert chunk.operator_class.__name__ == "ChunkOperator"
+    for tid in ("export", "register"):
+        assert hasattr(dag.get_task(tid), "execute_complete"), tid
+    # The watcher sees every working task, so a failure anywhere turns the run red.
+    assert {"chunk", "export", "register", "claim"} <= dag.get_task("watch").upstream_task_ids
+    # The export publishes the dataset asset a training DAG can be scheduled on.
+    assert [a.name for a in dag.get_task("export").outlets] == ["opensubject_dataset"]
 
 
 def test_schedules_default_and_configurable(parsed):
     assert parsed["dags"]["opensubject_ingest"]["schedule"] == "@hourly"
-    assert parsed["dags"]["opensubject_resynth_sweep"]["schedule"] == "*/15 * * * *"
+    assert parsed["dags"]["opensubject_reconcile"]["schedule"] == "*/15 * * * *"
     assert parsed["dags"]["opensubject_build"]["schedule"] == "None"  # manual only
     custom = _parse({"OPENSUBJECT_INGEST_SCHEDULE": "*/5 * * * *"})
     assert custom["dags"]["opensubject_ingest"]["schedule"] == "*/5 * * * *"
@@ -137,8 +141,8 @@ def test_triggers_import_from_plugins_folder_alone(tmp_path):
 import importlib, sys
 sys.path = [p for p in sys.path if not p.rstrip('/').endswith('dags')]
 sys.path.insert(0, sys.argv[1])
-from opensubject_airflow.triggers import CeleryTaskTrigger, SamplesTrigger
-for t in (CeleryTaskTrigger("abc", 1.0, 5.0), SamplesTrigger(["s1", "s2"], 2.0, 0.0)):
+from opensubject_airflow.triggers import ChunkTrigger, TaskOutcomeTrigger
+for t in (TaskOutcomeTrigger("abc", 1.0, 5.0), ChunkTrigger("b1", 3, 2.0, 0.0)):
     path, kwargs = t.serialize()
     mod, _, name = path.rpartition(".")
     again = getattr(importlib.import_module(mod), name)(**kwargs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -262,3 +263,39 @@ def test_claims_skip_rows_locked_by_another_claimer(pg_ctx, pg_db, tmp_path):
         t.join(15)
         other.dispose()
     assert sorted(claim_videos(pg_ctx, "late", None)) == sorted(held)
+
+
+def test_sources_from_outside_are_confined_to_the_store_and_allowed_roots(tmp_path, monkeypatch):
+    from opensubject_tasks import orchestrate
+    from opensubject_tasks.db.engine import session_scope, upgrade
+    from opensubject_tasks.db.models import Build
+    from opensubject_tasks.services.ingest import SourceNotAllowed, check_source_allowed
+
+    allowed = tmp_path / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (allowed / "link").symlink_to(tmp_path / "secret")
+    ctx = Context.from_settings(load_settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                                              ingest={"allowed_roots": [str(allowed)]}))
+    for ok in ("store://raw/", "store://incoming/2026/", str(allowed), str(allowed / "sub"),
+               (allowed / "sub").as_uri()):
+        assert check_source_allowed(ctx, ok) == ok
+    for bad in (str(tmp_path / "secret"), str(allowed / ".." / "secret"), str(allowed / "link"),
+                "/etc", "/", str(tmp_path / "allowed-not")):
+        with pytest.raises(SourceNotAllowed, match="is not allowed: use store://PREFIX"):
+            check_source_allowed(ctx, bad)
+    with pytest.raises(Exception, match="unsafe store key"):
+        check_source_allowed(ctx, "store://../escape/")
+    bare = Context.from_settings(load_settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    with pytest.raises(SourceNotAllowed, match="none configured"):
+        check_source_allowed(bare, str(allowed))
+
+    # from the build DAG's first task: refused before anything is written
+    monkeypatch.setenv("OPENSUBJECT_DATABASE_URL", f"sqlite:///{tmp_path / 'db.sqlite'}")
+    monkeypatch.setenv("OPENSUBJECT_INGEST__ALLOWED_ROOTS", json.dumps([str(allowed)]))
+    upgrade(ctx.engine)
+    with pytest.raises(SourceNotAllowed):
+        orchestrate.start_build({"build_name": "b", "source": "/etc"}, "run-1")
+    with session_scope(ctx.sessions) as s:
+        assert s.get(Build, "b") is None
+    assert orchestrate.start_build({"build_name": "b", "source": str(allowed / "sub")}, "run-1") == "b"

@@ -187,9 +187,11 @@ def test_run_refuses_to_start_without_weights(tmp_path, sample_media, capsys, mo
     out = tmp_path / "out"
     assert main(["run", str(sample_media), "--out", str(out), "--profile", "gpu", "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("opensubject: cannot run: the gpu profile cannot start, 7 thing(s) missing:")
-    assert "Qwen/Qwen2.5-VL-7B-Instruct missing" in err and "opensubject models fetch --profile gpu" in err
-    assert "Traceback" not in err
+    assert err.startswith("opensubject: cannot run: the gpu profile cannot start, 7 missing: "
+                          "Qwen/Qwen2.5-VL-7B-Instruct (vlm); google/owlv2-large-patch14-ensemble (detector); ")
+    assert "same-individual threshold for hf:openai/clip-vit-large-patch14" in err
+    assert "opensubject models fetch --profile gpu" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()                     # stopped before any video, nothing written
 
 

@@ -15,11 +15,9 @@ BASELINE_NAMES = ("copy-input", "paste-reference", "ground-truth")  # = bench.ba
 
 
 def _bench_settings(args: argparse.Namespace, db_out: str | None) -> Any:
-    from opensubject_tasks.cli import CannotRun, _settings
+    from opensubject_tasks.cli import _existing_out, _settings
 
-    out = Path(db_out) if db_out else None
-    if out is not None and not (out / "opensubject.db").exists():
-        raise CannotRun(f"no build found in {out} (expected {out / 'opensubject.db'})")
+    out = _existing_out(db_out, "--db-out")
     settings = _settings(args, out)
     for interface in ("vlm", "embedder"):
         name = getattr(args, interface, None)
@@ -30,9 +28,13 @@ def _bench_settings(args: argparse.Namespace, db_out: str | None) -> Any:
 
 def cmd_bench_build(args: argparse.Namespace) -> int:
     from opensubject_tasks.bench.build import build_bench
-    from opensubject_tasks.cli import EXIT_OK, _context
+    from opensubject_tasks.cli import EXIT_OK, _context, _existing_database, _known_build, _name
 
-    ctx = _context(_bench_settings(args, args.db_out))
+    _name(args.build, "--from")
+    settings = _bench_settings(args, args.db_out)
+    _existing_database(settings, "--db-out")
+    ctx = _context(settings)
+    _known_build(ctx, args.build, "--from")
     info = build_bench(ctx, args.build, Path(args.out), share=args.share, seed=args.seed)
     print(json.dumps({"bench": info.bench_dir, "cases": info.cases, "splits": info.splits,
                       "held_out_videos": len(info.held_out_videos), "videos_total": info.videos_total,

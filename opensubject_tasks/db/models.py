@@ -67,6 +67,7 @@ class Video(Base):
     __table_args__ = (
         Index("videos_state_idx", "state"),
         Index("videos_build_idx", "build_id"),
+        Index("videos_build_chunk_idx", "build_id", "chunk"),
     )
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     content_hash: Mapped[str] = mapped_column(Text, unique=True)
@@ -86,13 +87,17 @@ class Video(Base):
     queued_stage: Mapped[str | None] = mapped_column(Text, nullable=True)
     queued_task_id: Mapped[str | None] = mapped_column(Text, nullable=True)
     queued_at: Mapped[datetime | None] = _ts(nullable=True)
+    # sql/004_corpus_scale.sql
+    chunk: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error_stage: Mapped[str | None] = mapped_column(Text, nullable=True)
+    resends: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Clip(Base):
     __tablename__ = "clips"
     __table_args__ = (UniqueConstraint("video_id", "idx"),)
     id: Mapped[str] = mapped_column(Text, primary_key=True)
-    video_id: Mapped[str] = mapped_column(Text, ForeignKey("videos.id", ondelete="CASCADE"))
+    video_id: Mapped[str] = mapped_column(Text, ForeignKey("videos.id", ondelete="RESTRICT"))
     idx: Mapped[int] = mapped_column(Integer)
     start_frame: Mapped[int] = mapped_column(Integer)
     end_frame: Mapped[int] = mapped_column(Integer)
@@ -110,7 +115,7 @@ class Subject(Base):
     __tablename__ = "subjects"
     __table_args__ = (UniqueConstraint("clip_id", "idx"),)
     id: Mapped[str] = mapped_column(Text, primary_key=True)
-    clip_id: Mapped[str] = mapped_column(Text, ForeignKey("clips.id", ondelete="CASCADE"))
+    clip_id: Mapped[str] = mapped_column(Text, ForeignKey("clips.id", ondelete="RESTRICT"))
     idx: Mapped[int] = mapped_column(Integer)
     category: Mapped[str] = mapped_column(Text)
     category_source: Mapped[str] = mapped_column(Text)
@@ -126,7 +131,7 @@ class Pair(Base):
     __tablename__ = "pairs"
     __table_args__ = (UniqueConstraint("subject_id", "ref_frame", "tgt_frame"),)
     id: Mapped[str] = mapped_column(Text, primary_key=True)
-    subject_id: Mapped[str] = mapped_column(Text, ForeignKey("subjects.id", ondelete="CASCADE"))
+    subject_id: Mapped[str] = mapped_column(Text, ForeignKey("subjects.id", ondelete="RESTRICT"))
     ref_frame: Mapped[int] = mapped_column(Integer)
     tgt_frame: Mapped[int] = mapped_column(Integer)
     ref_box: Mapped[list[Any]] = mapped_column(JSONType)
@@ -137,10 +142,11 @@ class Pair(Base):
 
 class Sample(Base):
     __tablename__ = "samples"
-    __table_args__ = (Index("samples_state_idx", "state"),)
+    __table_args__ = (Index("samples_state_idx", "state"),
+                      Index("samples_build_state_idx", "build_id", "state"))
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     pair_id: Mapped[str] = mapped_column(
-        Text, ForeignKey("pairs.id", ondelete="CASCADE"), unique=True
+        Text, ForeignKey("pairs.id", ondelete="RESTRICT"), unique=True
     )
     build_id: Mapped[str | None] = mapped_column(
         Text, ForeignKey("builds.id", ondelete="SET NULL"), nullable=True
@@ -160,6 +166,9 @@ class Sample(Base):
     queued_at: Mapped[datetime | None] = _ts(nullable=True)
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = _ts(onupdate=True)
+    # sql/004_corpus_scale.sql
+    error_stage: Mapped[str | None] = mapped_column(Text, nullable=True)
+    resends: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class StageAttempt(Base):
@@ -180,3 +189,54 @@ class StageAttempt(Base):
     finished_at: Mapped[datetime | None] = _ts(nullable=True)
     duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+
+
+class Invalidation(Base):
+    """sql/003_keep_finished_work.sql: what an explicit recompute removed, why and by whom."""
+    __tablename__ = "invalidations"
+    __table_args__ = (Index("invalidations_video_idx", "video_id"),)
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = _ts()
+    actor: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    stage: Mapped[str] = mapped_column(Text)
+    video_id: Mapped[str] = mapped_column(Text)
+    entity_type: Mapped[str] = mapped_column(Text)
+    entity_id: Mapped[str] = mapped_column(Text)
+    state: Mapped[str | None] = mapped_column(Text, nullable=True)
+    objects: Mapped[list[Any]] = mapped_column(JSONType, default=list)
+
+
+class TaskOutcome(Base):
+    """sql/004_corpus_scale.sql: the outcome of a worker task an orchestrator waits for."""
+    __tablename__ = "task_outcomes"
+    task_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    task: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    finished_at: Mapped[datetime] = _ts()
+
+
+class Duplicate(Base):
+    """sql/004_corpus_scale.sql: an input whose bytes equal a registered video's."""
+    __tablename__ = "duplicates"
+    __table_args__ = (UniqueConstraint("source_uri", "video_id"), Index("duplicates_video_idx", "video_id"))
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    video_id: Mapped[str] = mapped_column(Text, ForeignKey("videos.id", ondelete="RESTRICT"))
+    source_uri: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = _ts()
+
+
+class ExportShard(Base):
+    """sql/004_corpus_scale.sql: one shard of a build's export, planned then written."""
+    __tablename__ = "export_shards"
+    build_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    first_sample: Mapped[str] = mapped_column(Text)
+    samples: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(Text, nullable=True)
+    written_at: Mapped[datetime | None] = _ts(nullable=True)

@@ -11,10 +11,13 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, SUCCEEDED, stage_reached
+from opensubject_tasks.catalogue import STAGES as CATALOGUE
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.locks import entity_lock
 from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video, utcnow
 from opensubject_tasks.errors import BadInput, Rejected
 
@@ -37,19 +40,29 @@ class StageResult:
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    entity_type: str                   # video | sample | build
+    entity_type: str                   # the catalogue's entity: video | sample | build | export_part
     fn: Callable[[Context, str], StageResult]
-    queue: str                         # cpu | gpu
 
 
 STAGES: dict[str, StageSpec] = {}
-STAGE_ORDER = ("curate", "mine", "synthesize", "verify", "export")
 
 
-def stage(name: str, entity_type: str, queue: str) -> Callable[[Callable[[Context, str], StageResult]], Callable[[Context, str], StageResult]]:
-    """Register a stage service function under its name."""
-    def deco(fn: Callable[[Context, str], StageResult]) -> Callable[[Context, str], StageResult]:
-        STAGES[name] = StageSpec(name, entity_type, fn, queue)
+def already_done(stage: str, why: str, **kw: Any) -> StageResult:
+    """The result of a re-run that finds its stage completed: what the stage produced the
+    first time, and nothing changed. Finished work is redone only on an explicit
+    recompute (``opensubject rerun STAGE VIDEO --recompute``), which records what it drops."""
+    return StageResult(**kw, details={"skipped": f"{stage} already done: {why}; later work kept "
+                                                 "(rerun --recompute to redo it)"})
+
+
+StageFn = Callable[[Context, str], StageResult]
+
+
+def stage(name: str) -> Callable[[StageFn], StageFn]:
+    """Register a stage service function under its catalogue name (which says the entity it
+    works on and its queue)."""
+    def deco(fn: StageFn) -> StageFn:
+        STAGES[name] = StageSpec(name, CATALOGUE[name].entity, fn)
         return fn
     return deco
 
@@ -58,7 +71,7 @@ def load_stages() -> dict[str, StageSpec]:
     """Import the stage modules so that they register themselves."""
     import importlib
 
-    for mod in ("curate", "mine", "synthesize", "verify", "export"):
+    for mod in ("curate", "mine", "synthesize", "verify", "export"):  # services/<module>.py
         try:
             importlib.import_module(f"opensubject_tasks.services.{mod}")
         except ModuleNotFoundError as exc:
@@ -79,18 +92,24 @@ def build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
     return None
 
 
-def mark_terminal(ctx: Context, entity_type: str, entity_id: str, state: str, reason: str) -> None:
+def mark_terminal(ctx: Context, entity_type: str, entity_id: str, state: str, reason: str,
+                  error_stage: str | None = None) -> None:
     """Give a video, sample or build a terminal state, with its reason where the row keeps
-    one (a build does not)."""
+    one (a build does not). ``error_stage``: the stage whose error (not bad input) caused
+    it, so that a retry redoes exactly that. A finished video or verified sample keeps its
+    state: an error in a later re-run is recorded on its attempt only."""
     model = {"video": Video, "sample": Sample, "build": Build}.get(entity_type)
     if model is None:
         return
     with session_scope(ctx.sessions) as s:
-        row = s.get(model, entity_id)
-        if row is not None:
-            row.state = state
-            if hasattr(row, "reason"):
-                row.reason = reason[:2000]
+        row = s.get(model, entity_id, with_for_update=True)
+        if row is None or (state != row.state and row.state == SUCCEEDED.get(entity_type)):
+            return
+        row.state = state
+        if hasattr(row, "reason"):
+            row.reason = reason[:2000]
+        if hasattr(row, "error_stage"):
+            row.error_stage = error_stage
 
 
 def mark_bad_input(ctx: Context, entity_type: str, entity_id: str, exc: BadInput) -> None:
@@ -99,14 +118,64 @@ def mark_bad_input(ctx: Context, entity_type: str, entity_id: str, exc: BadInput
                   "rejected" if isinstance(exc, Rejected) else "failed", exc.reason)
 
 
-def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1) -> StageResult:
+def close_lost_attempts(ctx: Context, stage: str, entity_id: str) -> int:
+    """Close this stage's attempts on the entity that are still marked running, and return
+    how many times in a row its process was lost. Called with the entity's lock held:
+    whoever ran those attempts no longer holds it, so they are dead."""
+    with session_scope(ctx.sessions) as s:
+        s.execute(
+            update(StageAttempt)
+            .where(StageAttempt.stage == stage, StageAttempt.entity_id == entity_id,
+                   StageAttempt.status == "running")
+            .values(status="lost", finished_at=utcnow(),
+                    error="the process running this attempt was lost (killed, out of memory or a "
+                          "crash in native code); the stage ran again")
+            .execution_options(synchronize_session=False))
+        statuses = s.scalars(select(StageAttempt.status).where(
+            StageAttempt.stage == stage, StageAttempt.entity_id == entity_id)
+            .order_by(StageAttempt.id.desc()).limit(100)).all()
+    lost = 0
+    for st in statuses:
+        if st != "lost":
+            break
+        lost += 1
+    return lost
+
+
+def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1,
+              max_lost: int | None = None) -> StageResult:
     """Run one stage on one entity; bad input becomes a recorded result, other errors
-    are recorded and re-raised (the caller decides whether to retry)."""
+    are recorded and re-raised (the caller decides whether to retry).
+
+    One run per entity at a time: a second copy (a redelivery racing the original, a
+    re-run during a build) waits for the first, then finds its work done and skips it.
+    ``max_lost``: after this many runs in a row whose process died (a video that crashes
+    its decoder or exhausts memory), the entity fails instead of killing another worker."""
     spec = load_stages()[stage_name]
+    wait_s = ctx.settings.celery.limits(stage_name).hard_s
+    with entity_lock(ctx.engine, f"{spec.entity_type}:{entity_id}", wait_s) as waited:
+        lost = close_lost_attempts(ctx, stage_name, entity_id)
+        if max_lost is not None and lost >= max_lost:
+            return _give_up_lost(ctx, spec, entity_id, attempt, lost)
+        return _run_locked(ctx, spec, entity_id, attempt, waited)
+
+
+def _give_up_lost(ctx: Context, spec: StageSpec, entity_id: str, attempt: int, lost: int) -> StageResult:
+    reason = (f"worker lost {lost} times running {spec.name} (killed, out of memory or a crash in "
+              "native code); not tried again")
+    with session_scope(ctx.sessions) as s:
+        s.add(StageAttempt(build_id=build_of(ctx, spec.entity_type, entity_id), entity_type=spec.entity_type,
+                           entity_id=entity_id, stage=spec.name, attempt=attempt, worker=ctx.worker,
+                           status="error", error=reason, finished_at=utcnow(), duration_s=0.0))
+    mark_terminal(ctx, spec.entity_type, entity_id, "failed", reason, error_stage=spec.name)
+    return StageResult(status="failed", reason=reason)
+
+
+def _run_locked(ctx: Context, spec: StageSpec, entity_id: str, attempt: int, waited: float) -> StageResult:
     build_id = build_of(ctx, spec.entity_type, entity_id)
     with session_scope(ctx.sessions) as s:
         row = StageAttempt(build_id=build_id, entity_type=spec.entity_type, entity_id=entity_id,
-                           stage=stage_name, attempt=attempt, worker=ctx.worker, status="running")
+                           stage=spec.name, attempt=attempt, worker=ctx.worker, status="running")
         s.add(row)
         s.flush()
         attempt_id = row.id
@@ -129,30 +198,35 @@ def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1) -
     finally:
         with session_scope(ctx.sessions) as s:
             row = s.get(StageAttempt, attempt_id)
-            if row is not None:
+            # Closed by someone else already (the worker's hard-limit handler): theirs stands.
+            if row is not None and row.status == "running":
                 row.status = status
                 row.error = error[:8000] if error else None
                 row.finished_at = utcnow()
                 row.duration_s = time.perf_counter() - t0
-                if result is not None and result.details:
-                    row.details = result.details
+                details = dict(result.details) if result is not None else {}
+                if waited >= 1.0:
+                    details["waited_for_other_run_s"] = round(waited, 1)
+                if details:
+                    row.details = details
 
 
 def finalize_video(ctx: Context, video_id: str) -> str:
-    """Give a video its terminal state once none of its samples is still in flight:
-    done (at least one verified sample), rejected (none), or keep failed/rejected."""
+    """Give a video its terminal state once mining has completed and none of its samples
+    is in flight: done (at least one verified sample) or rejected (none). Decided on
+    evidence only: a video whose mining never completed keeps its state."""
     from opensubject_tasks.db.models import Clip, Pair, Subject
 
     with session_scope(ctx.sessions) as s:
-        video = s.get(Video, video_id)
-        if video is None or video.state in ("failed", "rejected"):
+        video = s.get(Video, video_id, with_for_update=True)
+        if video is None or video.state in ("failed", "rejected") or not stage_reached(video.stage_done, "mine"):
             return video.state if video else "missing"
         states = [st for (st,) in s.execute(
             select(Sample.state).join(Pair, Sample.pair_id == Pair.id)
             .join(Subject, Pair.subject_id == Subject.id)
             .join(Clip, Subject.clip_id == Clip.id).where(Clip.video_id == video_id)
         )]
-        if any(st in ("pending", "synthesized") for st in states):
+        if any(st in SAMPLE_IN_FLIGHT for st in states):
             return video.state
         if any(st == "verified" for st in states):
             video.state, video.reason = "done", None

@@ -1,10 +1,11 @@
 """Stage 1 service: probe, decode once, detect shots, write keyframes and clips.
 
 Idempotent: clip ids are ``<video_id>-c<idx>`` and keyframe keys are
-``Keys.keyframe(video, clip, frame)``; keyframes are written first, then this
-video's clip rows are replaced in one transaction, then keyframe objects that no
-row points to any more (left by an earlier run with other settings) are deleted.
-A rerun leaves exactly one copy of everything.
+``Keys.keyframe(video, clip, frame)``; keyframes are written first, then the clip rows
+and ``stage_done`` in one transaction, then keyframe objects that no row points to (left
+by an interrupted run) are deleted. A re-run of a video that completed curation changes
+nothing: it returns what the first run produced, so the clips that later stages built on
+(and their verified samples) stay. Redoing it is an explicit recompute (services/rerun.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from typing import Any
 
 import cv2
-from sqlalchemy import delete
+from sqlalchemy import func, select
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
@@ -20,7 +21,8 @@ from opensubject_tasks.db.models import Clip, Video
 from opensubject_tasks.errors import BadInput, Rejected
 from opensubject_tasks.media.decode import DecodeStats, iter_frames
 from opensubject_tasks.media.probe import open_video
-from opensubject_tasks.services.common import StageResult, stage
+from opensubject_tasks.catalogue import stage_reached
+from opensubject_tasks.services.common import StageResult, already_done, stage
 from opensubject_tasks.stages.curate import ClipResult, check_video, curate_frames
 from opensubject_tasks.storage import Keys
 from opensubject_tasks.storage.base import safe_key
@@ -38,7 +40,7 @@ def _encode_jpeg(rgb: Any, quality: int) -> bytes:
     return buf.tobytes()
 
 
-@stage("curate", "video", "cpu")
+@stage("curate")
 def curate_video(ctx: Context, video_id: str) -> StageResult:
     s = ctx.settings.curate
     with session_scope(ctx.sessions) as db:
@@ -46,6 +48,13 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
         if video is None:
             raise BadInput(f"video {video_id} does not exist")
         source = video.source_uri
+        if stage_reached(video.stage_done, "curate"):
+            kept = db.scalar(select(func.count(Clip.id)).where(Clip.video_id == video_id,
+                                                               Clip.state != "rejected"))
+            if kept:
+                return already_done("curate", f"{kept} clip(s) kept", next=[("mine", video_id)])
+            return already_done("curate", "no clip kept", status="rejected",
+                                reason=video.reason or "no clip kept")
 
     timings: dict[str, float] = {}
     written: dict[int, list[dict[str, Any]]] = {}
@@ -81,9 +90,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
                 outcome = curate_frames(iter_frames(video, probe, s, stats), probe, s, scorer,
                                         on_clip=write_keyframes, total_frames=lambda: stats.frames)
         except BadInput:
-            # nothing of this video stays minable: drop clips and keyframes of any earlier run
-            with session_scope(ctx.sessions) as db:
-                db.execute(delete(Clip).where(Clip.video_id == video_id))
+            # keyframes of clips written before the input turned out bad
             _delete_stale_keyframes(ctx, video_id, set())
             raise
 
@@ -93,8 +100,8 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
             for c in outcome.clips]
     kept = [c for c in outcome.clips if c.state == "kept"]
     with session_scope(ctx.sessions) as db:
-        db.execute(delete(Clip).where(Clip.video_id == video_id))
-        db.flush()
+        # A video that has not completed curation has no clip rows (they are written with
+        # stage_done in this one transaction, or dropped by a recompute): plain inserts.
         db.add_all(rows)
         row = db.get(Video, video_id)
         row.stage_done = "curate"

@@ -444,7 +444,7 @@ def export_build_to(ctx: Context, build_id: str, out_dir: Path) -> ExportResult:
     return _export(ctx, build_id, DirSink(Path(out_dir)))
 
 
-@stage("export", "build", "cpu")
+@stage("export")
 def export_build(ctx: Context, build_id: str) -> StageResult:
     """Export a build into the object store under datasets/<build>/."""
     res = _export(ctx, build_id, StoreSink(ctx.store, build_id))

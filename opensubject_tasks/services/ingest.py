@@ -82,6 +82,28 @@ def _insert(session: Session, model: type) -> Any:  # noqa: ANN401 - a dialect i
     return insert(model)
 
 
+class SourceNotAllowed(BadInput):
+    """A source outside the store and the configured folders: refused before any work."""
+
+
+def check_source_allowed(ctx: Context, source: str) -> str:
+    """The source, if a build started from outside (the UI, the API) may read it:
+    ``store://PREFIX`` (its key cannot leave the bucket's prefix space), or a folder or file
+    on the workers under one of ``ingest.allowed_roots`` (links and ``..`` resolved first)."""
+    src = parse_source(source)
+    if src.kind == "store":
+        return source
+    assert src.path is not None
+    roots = [Path(r).resolve() for r in ctx.settings.ingest.allowed_roots]
+    target = src.path.resolve()
+    if any(target == r or target.is_relative_to(r) for r in roots):
+        return source
+    allowed = ", ".join(str(r) for r in roots) if roots else "none configured"
+    raise SourceNotAllowed(
+        f"source {source!r} is not allowed: use store://PREFIX, or a folder under an allowed root "
+        f"({allowed}; set OPENSUBJECT_INGEST__ALLOWED_ROOTS on the workers and Airflow)")
+
+
 # -- candidates ----------------------------------------------------------------
 def _folder_candidates(root: Path, skipped: list[tuple[str, str]]) -> Iterator[_Candidate]:
     if root.is_file():

@@ -2,22 +2,24 @@
 pending sample per pair.
 
 Idempotent: ids are derived from the clip, the subject's index and the pair's frames
-(``<clip>-s<i>``, ``<subject>-p<ref>-<tgt>``, sample id = pair id), rows are upserted
-in one transaction, and rows of this video that a new run no longer produces are
-deleted. A sample that already exists keeps its state, attempt and seed, so mining
-again never undoes synthesis or verification.
+(``<clip>-s<i>``, ``<subject>-p<ref>-<tgt>``, sample id = pair id), and the rows are
+written with ``stage_done`` in one transaction. A re-run of a video that completed mining
+changes nothing and hands on its unfinished samples: a VLM or detector that answers
+differently the second time cannot replace the subjects and pairs that verified samples
+were made from. Redoing it is an explicit recompute (services/rerun.py).
 """
 from __future__ import annotations
 
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
 from opensubject_tasks.backends.base import Image
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.errors import BadInput, Rejected
-from opensubject_tasks.services.common import StageResult, stage, utcnow
+from opensubject_tasks.catalogue import stage_reached
+from opensubject_tasks.services.common import StageResult, already_done, stage, utcnow
 from opensubject_tasks.stages.mine import MineResult, mine_clip
 from opensubject_tasks.stages.verify import sample_seed
 from opensubject_tasks.storage import ObjectStore
@@ -54,12 +56,14 @@ def pair_id(subj_id: str, ref_frame: int, tgt_frame: int) -> str:
     return f"{subj_id}-p{ref_frame}-{tgt_frame}"
 
 
-@stage("mine", "video", "gpu")
+@stage("mine")
 def mine_video(ctx: Context, video_id: str) -> StageResult:
     with session_scope(ctx.sessions) as s:
         video = s.get(Video, video_id)
         if video is None:
             raise BadInput(f"video {video_id} does not exist")
+        if stage_reached(video.stage_done, "mine"):
+            return _mined_already(s, video)
         build_id = video.build_id
         clips = [(c.id, list(c.keyframes or [])) for c in s.scalars(
             select(Clip).where(Clip.video_id == video_id, Clip.state.in_(MINABLE_CLIP_STATES))
@@ -88,10 +92,25 @@ def mine_video(ctx: Context, video_id: str) -> StageResult:
 
     with session_scope(ctx.sessions) as s:
         states = dict(s.execute(select(Sample.id, Sample.state).where(Sample.id.in_(sample_ids))).all())
-    follow = {"pending": "synthesize", "synthesized": "verify"}
-    nxt = [(follow[states[sid]], sid) for sid in sample_ids if states.get(sid) in follow]
     details["samples"] = len(sample_ids)
-    return StageResult(next=nxt, details=details)
+    return StageResult(next=_follow_up(states), details=details)
+
+
+def _follow_up(states: dict[str, str]) -> list[tuple[str, str]]:
+    """The next stage of each unfinished sample, in id order."""
+    follow = {"pending": "synthesize", "synthesized": "verify"}
+    return [(follow[st], sid) for sid, st in sorted(states.items()) if st in follow]
+
+
+def _mined_already(s, video: Video) -> StageResult:  # noqa: ANN001 - an open session
+    states = dict(s.execute(
+        select(Sample.id, Sample.state).join(Pair, Sample.pair_id == Pair.id)
+        .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
+        .where(Clip.video_id == video.id)).all())
+    if not states:
+        return already_done("mine", "no subject pair", status="rejected",
+                            reason=video.reason or "no subject pair found")
+    return already_done("mine", f"{len(states)} sample(s)", next=_follow_up(states))
 
 
 def _write(ctx: Context, video_id: str, build_id: str | None, results: list[tuple[str, MineResult]],
@@ -115,13 +134,10 @@ def _write(ctx: Context, video_id: str, build_id: str | None, results: list[tupl
             pairs.append(Pair(id=pid, subject_id=sid, ref_frame=p.ref_frame, tgt_frame=p.tgt_frame,
                               ref_box=p.ref_box, tgt_box=p.tgt_box, scores=p.scores))
             samples.append(pid)
-    clip_ids = [cid for cid, _ in results]
     with session_scope(ctx.sessions) as s:
-        # rows of this video a new run no longer produces (their samples go with them)
-        s.execute(delete(Subject).where(Subject.clip_id.in_(clip_ids),
-                                        Subject.id.not_in([x.id for x in subjects])))
-        s.execute(delete(Pair).where(Pair.subject_id.in_([x.id for x in subjects]),
-                                     Pair.id.not_in([x.id for x in pairs])))
+        # A video that has not completed mining has no subject rows (they are written with
+        # stage_done in this transaction, or dropped by a recompute); merge keeps a run that
+        # races this one (it holds the video's lock) from failing on a taken id.
         for row in subjects:
             s.merge(row)
         s.flush()
@@ -146,4 +162,6 @@ def _write(ctx: Context, video_id: str, build_id: str | None, results: list[tupl
         video = s.get(Video, video_id)
         if video is not None:
             video.stage_done = "mine"
+            if samples and video.state in ("failed", "rejected"):  # a re-run found work again
+                video.state, video.reason = "running", None
     return samples

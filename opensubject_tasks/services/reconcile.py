@@ -1,79 +1,49 @@
-"""Send again the work whose queue message is gone.
+"""Send again the work whose queue message is gone: the one repair path.
 
 PostgreSQL is the source of truth for work; a message on the broker is only derived from
-it. Every hand-off to a queue is recorded on the row it is for before the message is
-sent: ``samples.queued_at`` (the next stage follows from the sample's state),
-``videos.queued_stage/queued_task_id/queued_at`` (curate, mine) and the same columns on
-``builds`` (export). A broker that loses its messages (a restart without persistence, a
-flush, a dropped publish) therefore loses no work: ``reconcile`` finds every unit still
-outstanding long after it was queued and hands it out again. Stages are idempotent, so a
-duplicate is harmless; video and build stages go out under the task id recorded at the
-first hand-off, so whoever waits on that id (an Airflow trigger) sees it finish.
+it. Every hand-off is recorded on its row before the message is sent (services/handoff.py):
+``videos.queued_stage/queued_at`` for curate and mine, ``samples.queued_at`` for a sample's
+next stage (synthesize when pending, verify when synthesized). A broker that loses its
+messages (a restart without persistence, a flush, a dropped publish) therefore loses no
+work: ``reconcile`` finds every unit still outstanding and hands it out again.
 
-A unit is outstanding when its entity is not finished, its build is running, it was
-queued more than ``older_than_s`` ago, its message is not on the broker (``waiting``,
-when the caller can tell: queued, or delivered and not yet acknowledged) and no attempt
-on it is still running. A task runs with its message unacknowledged (``acks_late``), so
-with the broker's view an attempt marked running for longer than ``older_than_s`` whose
-message is gone is dead (its final status could not be written: the database was down,
-the process was killed); without it, only one older than the stage's hard time limit
-is. The broker's view also keeps a long backlog from being duplicated at every pass.
+A unit is outstanding when its entity is not finished, its build is running and runs that
+stage (``builds.params.until``), it was handed out more than ``older_than_s`` ago, its
+message is not on the broker (``waiting``: queued, or delivered and not yet acknowledged)
+and no attempt on it is still running. A task runs with its message unacknowledged
+(``acks_late``), so with the broker's view an attempt marked running long after the
+hand-off whose message is gone is dead; without it (a broker whose contents cannot be
+read), only one older than the stage's hard time limit is. The broker's view is what keeps
+a long GPU backlog, queued and waiting its turn, from being sent twice.
 
-This module knows nothing of Celery: the caller passes ``enqueue(stage, entity_id)``.
+Each unit sent again counts on its row (``resends``). Rows are locked
+(``FOR UPDATE SKIP LOCKED``) and their ``queued_at`` moved to now in the transaction that
+picks them, so two passes never hand out the same unit.
+
+Cost: one indexed query per entity kind for candidates; the broker is read only when there
+are candidates, page by page.
+
+This module knows nothing of Celery: the caller passes ``send(stage, entity_id, task_id=...)``.
 """
 from __future__ import annotations
 
 import base64
 import json
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
+from opensubject_tasks.catalogue import (NEXT_SAMPLE_STAGE, SAMPLE_IN_FLIGHT, VIDEO_STAGES, VIDEO_TERMINAL,
+                                         stage_reached)
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video
-from opensubject_tasks.services.common import STAGE_ORDER, utcnow
-from opensubject_tasks.services.resynth import IN_FLIGHT, NEXT_STAGE
+from opensubject_tasks.services.common import utcnow
 
-Enqueue = Callable[[str, str], object]  # (stage, entity_id) -> anything
-
-VIDEO_STAGES = ("curate", "mine")
-BUILD_STAGES = ("export",)
-TERMINAL_VIDEO = ("done", "rejected", "failed")
-ENDED = ("ok", "rejected", "failed")  # attempt statuses after which a stage needs no resend
-
-
-# --- recording hand-offs -------------------------------------------------------------------
-def record_queued(ctx: Context, stage: str, entity_id: str) -> str | None:
-    """Record that ``stage`` of a video or build is being handed to a queue; returns the
-    Celery task id to send it under (None for work this module does not track: samples
-    record their own hand-offs, ingest and maintenance tasks need none)."""
-    model = Video if stage in VIDEO_STAGES else Build if stage in BUILD_STAGES else None
-    if model is None:
-        return None
-    task_id = str(uuid.uuid4())
-    with session_scope(ctx.sessions) as s:
-        s.execute(update(model).where(model.id == entity_id)
-                  .values(queued_stage=stage, queued_task_id=task_id, queued_at=utcnow())
-                  .execution_options(synchronize_session=False))
-    return task_id
-
-
-def queued_task_id(ctx: Context, stage: str, entity_id: str) -> str | None:
-    """The task id a video or build stage was first handed out under (None: a new one)."""
-    model = Video if stage in VIDEO_STAGES else Build if stage in BUILD_STAGES else None
-    if model is None:
-        return None
-    with session_scope(ctx.sessions) as s:
-        return s.scalar(select(model.queued_task_id).where(model.id == entity_id,
-                                                           model.queued_stage == stage))
-
-
-# --- finding outstanding work --------------------------------------------------------------------
-def _stage_done(stage_done: str | None, stage: str) -> bool:
-    return stage_done in STAGE_ORDER and STAGE_ORDER.index(stage_done) >= STAGE_ORDER.index(stage)
+Send = Callable[..., object]
+Waiting = Collection[tuple[str, str]] | Callable[[], Collection[tuple[str, str]] | None] | None
 
 
 def _alive_since(ctx: Context, older_than_s: float, stages: Collection[str], now: datetime,
@@ -93,73 +63,78 @@ def _running(s, entity_type: str, ids: list[str], since: datetime) -> set[str]: 
         StageAttempt.status == "running", StageAttempt.started_at > since)))
 
 
-def reconcile(ctx: Context, enqueue: Enqueue, *, older_than_s: float,
-              waiting: Collection[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
-    """Hand out again every outstanding unit of work queued more than ``older_than_s``
+def _until_allows(params: dict | None, stage: str) -> bool:
+    until = (params or {}).get("until") or "verify"
+    order = ("curate", "mine", "synthesize", "verify")
+    return until not in order or order.index(stage) <= order.index(until)
+
+
+def reconcile(ctx: Context, send: Send, *, older_than_s: float, waiting: Waiting = None,
+              video_ids: Collection[str] | None = None) -> list[tuple[str, str]]:
+    """Hand out again every outstanding unit of work handed out more than ``older_than_s``
     seconds ago; returns the ``(stage, entity_id)`` pairs sent.
 
-    ``waiting``: ``(stage, entity_id)`` of the messages on the broker now (None: unknown;
-    then age alone decides, and running attempts are trusted up to the hard time limit).
-    Rows are locked (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and their ``queued_at``
-    moved to now in the transaction that picks them, so two reconcilers never hand out the
-    same unit.
-    """
+    ``waiting``: ``(stage, entity_id)`` of the messages on the broker now, or a function
+    that reads them (called only when there are candidates); None: unknown, and age alone
+    decides. ``video_ids``: only these videos and their samples (a chunk being retried)."""
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_s)
-    known = waiting is not None
-    waiting = set(waiting or ())
     with session_scope(ctx.sessions) as s:
-        running_builds = select(Build.id).where(Build.state == "running")
-        synth_on = Build.params["synthesize"].as_boolean()
-
         # Samples: the next stage follows from the state.
-        rows = s.execute(
-            select(Sample.id, Sample.state).join(Build, Build.id == Sample.build_id)
-            .where(Build.state == "running", Sample.state.in_(IN_FLIGHT),
-                   Sample.queued_at.is_not(None), Sample.queued_at < cutoff,
-                   synth_on.is_not(False))
-            .order_by(Sample.id).with_for_update(of=Sample, skip_locked=True)).all()
-        busy = _running(s, "sample", [r.id for r in rows],
-                        _alive_since(ctx, older_than_s, NEXT_STAGE.values(), now, known))
-        samples = [(NEXT_STAGE[r.state], r.id) for r in rows
-                   if r.id not in busy and (NEXT_STAGE[r.state], r.id) not in waiting]
-
+        q = (select(Sample.id, Sample.state, Build.params).join(Build, Build.id == Sample.build_id)
+             .where(Build.state == "running", Sample.state.in_(SAMPLE_IN_FLIGHT),
+                    Sample.queued_at.is_not(None), Sample.queued_at < cutoff))
+        if video_ids is not None:
+            q = q.where(Sample.id.in_(_samples_of(s, video_ids)))
+        sample_rows = [r for r in s.execute(q.order_by(Sample.id).with_for_update(of=Sample, skip_locked=True))
+                       if _until_allows(r.params, NEXT_SAMPLE_STAGE[r.state])]
         # Videos: the stage handed out last, until the video records it done.
-        rows = s.execute(
-            select(Video.id, Video.queued_stage, Video.stage_done)
-            .where(Video.build_id.in_(running_builds), Video.state.not_in(TERMINAL_VIDEO),
-                   Video.queued_stage.in_(VIDEO_STAGES), Video.queued_at < cutoff)
-            .order_by(Video.id).with_for_update(of=Video, skip_locked=True)).all()
-        rows = [r for r in rows if not _stage_done(r.stage_done, r.queued_stage)]
-        busy = _running(s, "video", [r.id for r in rows],
+        q = (select(Video.id, Video.queued_stage, Video.stage_done, Build.params)
+             .join(Build, Build.id == Video.build_id)
+             .where(Build.state == "running", Video.state.not_in(VIDEO_TERMINAL),
+                    Video.queued_stage.in_(VIDEO_STAGES), Video.queued_at < cutoff))
+        if video_ids is not None:
+            q = q.where(Video.id.in_(list(video_ids)))
+        video_rows = [r for r in s.execute(q.order_by(Video.id).with_for_update(of=Video, skip_locked=True))
+                      if not stage_reached(r.stage_done, r.queued_stage) and _until_allows(r.params, r.queued_stage)]
+        if not sample_rows and not video_rows:
+            return []
+
+        held = waiting() if callable(waiting) else waiting
+        known = held is not None
+        held = set(held or ())
+        busy = _running(s, "sample", [r.id for r in sample_rows],
+                        _alive_since(ctx, older_than_s, NEXT_SAMPLE_STAGE.values(), now, known))
+        samples = [(NEXT_SAMPLE_STAGE[r.state], r.id) for r in sample_rows
+                   if r.id not in busy and (NEXT_SAMPLE_STAGE[r.state], r.id) not in held]
+        busy = _running(s, "video", [r.id for r in video_rows],
                         _alive_since(ctx, older_than_s, VIDEO_STAGES, now, known))
-        videos = [(r.queued_stage, r.id) for r in rows
-                  if r.id not in busy and (r.queued_stage, r.id) not in waiting]
+        videos = [(r.queued_stage, r.id) for r in video_rows
+                  if r.id not in busy and (r.queued_stage, r.id) not in held]
 
-        # Builds: export, until an export attempt has ended after the hand-off.
-        rows = s.execute(
-            select(Build.id, Build.queued_stage, Build.queued_at)
-            .where(Build.state == "running", Build.queued_stage.in_(BUILD_STAGES), Build.queued_at < cutoff)
-            .order_by(Build.id).with_for_update(of=Build, skip_locked=True)).all()
-        ended = set(s.execute(
-            select(StageAttempt.stage, StageAttempt.entity_id)
-            .join(Build, Build.id == StageAttempt.entity_id)
-            .where(StageAttempt.entity_type == "build", StageAttempt.entity_id.in_([r.id for r in rows]),
-                   StageAttempt.status.in_(ENDED), StageAttempt.finished_at >= Build.queued_at)).tuples())
-        rows = [r for r in rows if (r.queued_stage, r.id) not in ended]
-        busy = _running(s, "build", [r.id for r in rows],
-                        _alive_since(ctx, older_than_s, BUILD_STAGES, now, known))
-        builds = [(r.queued_stage, r.id) for r in rows
-                  if r.id not in busy and (r.queued_stage, r.id) not in waiting]
+        if samples:
+            s.execute(update(Sample).where(Sample.id.in_([e for _, e in samples]))
+                      .values(queued_at=now, resends=Sample.resends + 1)
+                      .execution_options(synchronize_session=False))
+        task_ids = {e: str(uuid.uuid4()) for _, e in videos}
+        if videos:
+            table = Video.__table__
+            s.connection().execute(
+                update(table).where(table.c.id == bindparam("vid"))
+                .values(queued_at=now, queued_task_id=bindparam("tid"), resends=table.c.resends + 1),
+                [{"vid": e, "tid": task_ids[e]} for _, e in videos])
+    for stage, entity_id in samples:
+        send(stage, entity_id)
+    for stage, entity_id in videos:
+        send(stage, entity_id, task_id=task_ids[entity_id])
+    return samples + videos
 
-        for model, units in ((Sample, samples), (Video, videos), (Build, builds)):
-            if units:
-                s.execute(update(model).where(model.id.in_([e for _, e in units])).values(queued_at=now)
-                          .execution_options(synchronize_session=False))
-        work = samples + videos + builds
-    for stage, entity_id in work:
-        enqueue(stage, entity_id)
-    return work
+
+def _samples_of(s, video_ids: Collection[str]):  # noqa: ANN001, ANN202 - a subquery
+    from opensubject_tasks.db.models import Clip, Pair, Subject
+
+    return (select(Sample.id).join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
+            .join(Clip, Subject.clip_id == Clip.id).where(Clip.video_id.in_(list(video_ids)))).scalar_subquery()
 
 
 # --- what the broker still holds -----------------------------------------------------------------
@@ -187,22 +162,32 @@ def _unit(raw: bytes | str, prefix: str) -> tuple[str, str] | None:
     return name[len(prefix):], str(args[0])
 
 
+_PAGE = 1000
+
+
 def waiting_in_redis(broker_url: str, queues: Collection[str], task_prefix: str,
                      key_prefix: str = "") -> set[tuple[str, str]] | None:
     """``(stage, entity_id)`` of every message a Redis broker holds for ``queues``, queued
     or delivered and unacknowledged; None when the broker is not Redis. ``key_prefix``:
-    the transport's ``global_keyprefix``."""
+    the transport's ``global_keyprefix``. Read a page at a time: memory stays bounded by
+    the set of units, not by the messages' bodies."""
     if not broker_url.startswith(("redis://", "rediss://")):
         return None
     import redis
 
     client = redis.Redis.from_url(broker_url)
     try:
-        raw: list[bytes] = []
-        for q in queues:
-            for key in (q, *(f"{q}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS)):
-                raw += client.lrange(key_prefix + key, 0, -1)
-        raw += client.hvals(key_prefix + _UNACKED)
+        return {u for raw in _messages(client, queues, key_prefix) if (u := _unit(raw, task_prefix)) is not None}
     finally:
         client.close()
-    return {u for u in (_unit(r, task_prefix) for r in raw) if u is not None}
+
+
+def _messages(client, queues: Collection[str], key_prefix: str) -> Iterator[bytes]:  # noqa: ANN001
+    for q in queues:
+        for key in (q, *(f"{q}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS)):
+            start = 0
+            while page := client.lrange(key_prefix + key, start, start + _PAGE - 1):
+                yield from page
+                start += _PAGE
+    for _, raw in client.hscan_iter(key_prefix + _UNACKED, count=_PAGE):
+        yield raw

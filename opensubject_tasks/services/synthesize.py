@@ -42,7 +42,7 @@ def _keyframe_key(keyframes: list[dict], frame: int, clip_id: str) -> str:
     raise BadInput(f"clip {clip_id} has no keyframe {frame}")
 
 
-@stage("synthesize", "sample", "gpu")
+@stage("synthesize")
 def synthesize_sample(ctx: Context, sample_id: str) -> StageResult:
     with session_scope(ctx.sessions) as s:
         row = s.get(Sample, sample_id)

@@ -57,7 +57,7 @@ def _skip(why: str) -> StageResult:
     return StageResult(status="ok", details={"skipped": why})
 
 
-@stage("verify", "sample", "gpu")
+@stage("verify")
 def verify_sample(ctx: Context, sample_id: str) -> StageResult:
     with session_scope(ctx.sessions) as s:
         row = s.get(Sample, sample_id)

@@ -1,12 +1,19 @@
 """Operators that hand OpenSubject work to the Celery workers and wait without a worker slot.
 
-``execute`` puts the task on its Celery queue (a few milliseconds) and defers to a trigger;
-the triggerer waits; ``execute_complete`` runs when the work has ended, logs the outcome
-and fails the Airflow task with the worker's error text when the work failed.
+``execute`` puts the work on its queue (milliseconds) and defers to a trigger; the
+triggerer waits; ``execute_complete`` runs when the work has ended, logs the outcome and
+fails the Airflow task, with the errors, when work failed on an error.
 
-A Celery failure is final here (``AirflowFailException``): the worker already applied the
-retry rules and recorded the failure on the entity. Airflow's own retries cover what
-happens on the Airflow side (the broker unreachable at hand-off, a lost trigger).
+* ``ChunkOperator``: one chunk of a build's videos (mapped over the chunks). The workers
+  chain each video's stages; the task waits until the database says every video of the
+  chunk is settled. It ends red when videos ended in an *error* (not bad input), listing
+  each with its stage and error; clearing it retries exactly those (and anything lost).
+* ``CeleryTaskOperator``: one worker task (ingest, export, reconcile) whose outcome the
+  worker records in the project's tables.
+
+A worker's failure is final here (``AirflowFailException``): the worker already applied the
+retry rules and recorded the failure. Airflow's own retries cover the Airflow side (the
+broker unreachable at hand-off, a lost trigger).
 """
 from __future__ import annotations
 
@@ -17,9 +24,11 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 DEFAULT_WAIT = timedelta(hours=24)
+CHUNK_WAIT = timedelta(days=7)
 # "false": wait inside the task (holding an Airflow worker slot) instead of deferring to the
 # triggerer, for installations without a triggerer. Read when a task runs, not at parse time.
 DEFERRABLE_ENV = "OPENSUBJECT_AIRFLOW_DEFERRABLE"
+MAX_LISTED = 50  # failed videos listed one per line in a chunk's log
 
 
 def _deferrable() -> bool:
@@ -59,107 +68,119 @@ def _switched_off(context: Any, toggle: str | None) -> bool:
     return bool(toggle) and not context["params"].get(toggle, True)
 
 
-class CeleryStageOperator(BaseOperator):
-    """Run ``opensubject.<stage>(*args)`` on a Celery worker and return its result.
+def dashboard_url(build_id: str) -> str:
+    """The dataset page of a build, as Airflow's UI users reach it."""
+    from urllib.parse import quote
 
-    :param stage: a stage (curate, mine, export) or worker task (ingest, resynth_sweep).
-    :param args: the task's arguments (ids only), templated.
-    :param after: the previous stage's result (an XComArg); the stage runs only if that
-        result's ``next`` lists ``(stage, args[0])``, so a rejected video stops here.
-    :param toggle: name of a boolean run parameter that switches this stage off.
+    from airflow.configuration import conf
+
+    base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+    return f"{base}/opensubject/?build={quote(build_id)}"
+
+
+class ChunkOperator(BaseOperator):
+    """Hand one chunk of a build's videos to the workers and wait until all are settled.
+
+    :param build_id: the build (templated; usually the ``start`` task's result).
+    :param chunk: the chunk number (mapped over ``claim``'s list).
     """
 
-    template_fields = ("args", "after")
+    template_fields = ("build_id",)
     ui_color = "#e8f1fb"
 
-    def __init__(self, *, stage: str, args: Any = (), after: Any = None, toggle: str | None = None,
+    def __init__(self, *, build_id: Any, chunk: int, poll_interval: float | None = None,
+                 wait_timeout: timedelta = CHUNK_WAIT, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.build_id, self.chunk = build_id, chunk
+        self.poll_interval, self.wait_timeout = poll_interval, wait_timeout
+
+    def execute(self, context: Any) -> Any:
+        from opensubject_airflow.triggers import ChunkTrigger
+        from opensubject_tasks.orchestrate import start_chunk
+
+        counts = start_chunk(self.build_id, int(self.chunk))
+        self.log.info("chunk %s of build %s: %d video(s); handed %d to the workers (%d retried after an "
+                      "error), sent %d lost unit(s) again", self.chunk, self.build_id, counts["videos"],
+                      counts["sent"], counts["retried"], counts["resent"])
+        return _wait(self, ChunkTrigger(self.build_id, int(self.chunk), **_timing(self.poll_interval)),
+                     self.wait_timeout, context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        from opensubject_tasks.orchestrate import chunk_report
+
+        report = chunk_report(self.build_id, int(self.chunk))
+        self.log.info("chunk %s: %d video(s) by state %s", self.chunk, report["videos"], report["states"])
+        for reason, n in sorted(report["bad_input"].items(), key=lambda kv: -kv[1]):
+            self.log.info("not used (input): %d x %s", n, reason)
+        errors = report["errors"]
+        if errors:
+            self.log.error("%d piece(s) of work failed on an error (details: %s):", len(errors),
+                           dashboard_url(self.build_id))
+            for e in errors[:MAX_LISTED]:
+                where = f"sample {e['sample']}" if e["sample"] else "video"
+                self.log.error("video %s (%s), %s, stage %s: %s", e["video"], e["name"], where, e["stage"],
+                               (e["error"] or "").splitlines()[0] if e["error"] else "")
+            if len(errors) > MAX_LISTED:
+                self.log.error("... and %d more", len(errors) - MAX_LISTED)
+            raise AirflowFailException(
+                f"{len(errors)} piece(s) of work in chunk {self.chunk} failed on an error; clear this task "
+                "to retry exactly those")
+        return {k: report[k] for k in ("chunk", "videos", "states", "bad_input")}
+
+
+class CeleryTaskOperator(BaseOperator):
+    """Run ``opensubject.<stage>(*args)`` on a worker and return its result.
+
+    :param stage: ingest, export or reconcile.
+    :param args: the task's arguments (ids or a source), templated.
+    :param toggle: name of a boolean run parameter that switches this task off.
+    """
+
+    template_fields = ("args",)
+    ui_color = "#fbeee8"
+
+    def __init__(self, *, stage: str, args: Any = (), toggle: str | None = None,
                  poll_interval: float | None = None, wait_timeout: timedelta = DEFAULT_WAIT,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.stage = stage
-        self.args = args
-        self.after = after
-        self.toggle = toggle
-        self.poll_interval = poll_interval
-        self.wait_timeout = wait_timeout
+        self.stage, self.args, self.toggle = stage, args, toggle
+        self.poll_interval, self.wait_timeout = poll_interval, wait_timeout
 
     def execute(self, context: Any) -> Any:
-        from opensubject_airflow.triggers import CeleryTaskTrigger
-        from opensubject_tasks.orchestrate import send_stage
+        from opensubject_airflow.triggers import TaskOutcomeTrigger
+        from opensubject_tasks.orchestrate import send_task
 
         if _switched_off(context, self.toggle):
             raise AirflowSkipException(f"{self.stage} is switched off for this run")
         args = [self.args] if isinstance(self.args, str) else list(self.args)
-        if self.after is not None:
-            wanted = [self.stage, args[0]]
-            if wanted not in [list(n) for n in self.after.get("next", [])]:
-                raise AirflowSkipException(
-                    f"nothing to {self.stage}: the previous stage ended {self.after.get('status')}"
-                    f" ({self.after.get('reason') or 'no follow-up work'})")
-        celery_id = send_stage(self.stage, args)
-        self.log.info("Handed opensubject.%s%s to Celery as task %s", self.stage, tuple(args), celery_id)
-        return _wait(self, CeleryTaskTrigger(celery_id, **_timing(self.poll_interval)),
-                     self.wait_timeout, context)
+        celery_id = send_task(self.stage, args)
+        self.log.info("Handed opensubject.%s%s to the workers as task %s", self.stage, tuple(args), celery_id)
+        return _wait(self, TaskOutcomeTrigger(celery_id, **_timing(self.poll_interval)), self.wait_timeout, context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         if event["status"] == "success":
             result = event["result"]
-            if isinstance(result, dict) and "status" in result:
-                self.log.info("%s ended %s%s; next: %d item(s)", self.stage, result["status"],
-                              f" ({result['reason']})" if result.get("reason") else "",
-                              len(result.get("next") or []))
+            self.log.info("%s ended: %s", self.stage, result)
+            self.on_result(context, result)
             return result
-        self.log.error("Celery task for %s%s failed on the worker:\n%s\n%s", self.stage,
-                       tuple(self.args) if not isinstance(self.args, str) else (self.args,),
-                       event.get("error"), event.get("traceback", ""))
-        raise AirflowFailException(f"{self.stage} failed on the Celery worker: {event.get('error')}")
+        self.log.error("%s failed on the worker: %s", self.stage, event.get("error"))
+        raise AirflowFailException(f"{self.stage} failed on the worker: {event.get('error')}")
+
+    def on_result(self, context: Any, result: Any) -> None:
+        """What to do with a successful result (nothing here)."""
 
 
-class SamplesOperator(BaseOperator):
-    """Synthesize and verify every sample a mining result lists, re-synthesis included.
+class ExportOperator(CeleryTaskOperator):
+    """Export a build on a worker, then publish it: each asset in ``outlets`` gets an event
+    saying which build, where and how many samples, so a training DAG scheduled on the
+    asset finds the new dataset."""
 
-    Each unfinished sample gets its next stage on the ``gpu`` queue; the workers then keep
-    it cycling (synthesize -> verify -> synthesize ...) until it is verified or rejected.
-    The task waits for all of them and fails, with the errors, if any sample failed on an
-    error rather than on its input.
-    """
+    def __init__(self, *, build_id: Any, **kwargs: Any) -> None:
+        super().__init__(stage="export", args=[build_id], **kwargs)
 
-    template_fields = ("after",)
-    ui_color = "#fbeee8"
-
-    def __init__(self, *, after: Any, toggle: str | None = None, poll_interval: float | None = None,
-                 wait_timeout: timedelta = DEFAULT_WAIT, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.after = after
-        self.toggle = toggle
-        self.poll_interval = poll_interval
-        self.wait_timeout = wait_timeout
-
-    def execute(self, context: Any) -> Any:
-        from opensubject_airflow.triggers import SamplesTrigger
-        from opensubject_tasks.orchestrate import enqueue_samples
-
-        if _switched_off(context, self.toggle):
-            raise AirflowSkipException("synthesis is switched off for this run")
-        sample_ids = sorted({i for st, i in (self.after or {}).get("next", []) if st == "synthesize"})
-        if not sample_ids:
-            raise AirflowSkipException("mining found no subject pair: no sample to synthesize")
-        sent = enqueue_samples(sample_ids)
-        self.log.info("%d sample(s); handed %d to Celery: %s", len(sample_ids), len(sent),
-                      ", ".join(f"{st}({sid})" for st, sid in sent[:20]))
-        return _wait(self, SamplesTrigger(sample_ids, **_timing(self.poll_interval)),
-                     self.wait_timeout, context)
-
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
-        self.log.info("samples by state: %s", event["states"])
-        if event.get("missing"):
-            self.log.warning("samples no longer in the database: %s", ", ".join(event["missing"]))
-        if event["errors"]:
-            for err in event["errors"]:
-                self.log.error("sample %s failed in %s on the Celery worker:\n%s",
-                               err["sample"], err["stage"], err["error"])
-            first = event["errors"][0]
-            raise AirflowFailException(
-                f"{len(event['errors'])} sample(s) failed on the Celery worker; first: "
-                f"{first['sample']} in {first['stage']}: {(first['error'] or '').splitlines()[0]}")
-        return event
+    def on_result(self, context: Any, result: Any) -> None:
+        details = (result or {}).get("details") or {}
+        extra = {"build": self.args[0], "location": details.get("root"),
+                 "samples": details.get("samples"), "shards": details.get("shards")}
+        for asset in self.outlets:
+            context["outlet_events"][asset].extra = extra

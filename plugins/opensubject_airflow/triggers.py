@@ -1,7 +1,9 @@
 """Triggers that wait, in the triggerer's event loop, for work done by the Celery workers.
 
-They hold no Airflow worker slot. Every check is one small database query (the Celery
-result row, or the samples' states), run in a thread so the event loop never blocks.
+They hold no Airflow worker slot. Every check is one small query on the project's own
+tables (a chunk's video states, a task's outcome row), run in a thread so the event loop
+never blocks, through one pooled engine per triggerer process (``orchestrate.context``):
+the number of PostgreSQL connections does not grow with the number of waiting tasks.
 """
 from __future__ import annotations
 
@@ -11,9 +13,6 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-# A FAILURE that turns back into RETRY within this time was a hard time limit that the
-# worker sent again (see opensubject_tasks.tasks.StageTask.on_failure).
-CONFIRM_FAILURE_S = 2.0
 _CLASSPATH = "opensubject_airflow.triggers."
 
 
@@ -35,62 +34,47 @@ async def _poll(check: Callable[[], dict[str, Any] | None], interval: float, log
         await asyncio.sleep(interval)
 
 
-class CeleryTaskTrigger(BaseTrigger):
-    """Fires once the Celery task has succeeded or failed for good.
+class ChunkTrigger(BaseTrigger):
+    """Fires once every video of a build's chunk is settled (terminal, or as far as the
+    build goes). Payload: ``{"videos": n, "settled": n}``."""
 
-    Payload: ``{"status": "success", "result": ...}`` or
-    ``{"status": "failure", "error": "...", "traceback": "..."}``.
+    def __init__(self, build_id: str, chunk: int, poll_interval: float = 5.0, min_wait: float = 0.0) -> None:
+        super().__init__()
+        self.build_id, self.chunk = build_id, int(chunk)
+        self.poll_interval, self.min_wait = poll_interval, min_wait
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (_CLASSPATH + "ChunkTrigger", {"build_id": self.build_id, "chunk": self.chunk,
+                                             "poll_interval": self.poll_interval, "min_wait": self.min_wait})
+
+    def _check(self) -> dict[str, Any] | None:
+        from opensubject_tasks.orchestrate import chunk_progress
+
+        return chunk_progress(self.build_id, self.chunk)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        yield TriggerEvent(await _poll(self._check, self.poll_interval, self.log, self.min_wait))
+
+
+class TaskOutcomeTrigger(BaseTrigger):
+    """Fires once a worker task (ingest, export, reconcile) has recorded its outcome.
+
+    Payload: ``{"status": "success", "result": ...}`` or ``{"status": "failure", "error": ...}``.
     """
 
     def __init__(self, celery_task_id: str, poll_interval: float = 5.0, min_wait: float = 0.0) -> None:
         super().__init__()
         self.celery_task_id = celery_task_id
-        self.poll_interval = poll_interval
-        self.min_wait = min_wait
+        self.poll_interval, self.min_wait = poll_interval, min_wait
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (_CLASSPATH + "CeleryTaskTrigger", {"celery_task_id": self.celery_task_id,
+        return (_CLASSPATH + "TaskOutcomeTrigger", {"celery_task_id": self.celery_task_id,
                                                    "poll_interval": self.poll_interval, "min_wait": self.min_wait})
 
     def _check(self) -> dict[str, Any] | None:
         from opensubject_tasks.orchestrate import task_outcome
 
         return task_outcome(self.celery_task_id)
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        while True:
-            outcome = await _poll(self._check, self.poll_interval, self.log, self.min_wait)
-            if outcome["status"] == "failure":
-                await asyncio.sleep(CONFIRM_FAILURE_S)
-                again = await asyncio.to_thread(self._check)
-                if again is None:  # sent again by the worker: keep waiting
-                    continue
-                outcome = again
-            yield TriggerEvent(outcome)
-            return
-
-
-class SamplesTrigger(BaseTrigger):
-    """Fires once none of the samples is in flight (pending or synthesized) any more:
-    the synthesize/verify loop, re-synthesis included, has ended for each of them.
-
-    Payload: ``{"states": {state: count}, "errors": [{"sample", "stage", "error"}], "missing": [...]}``.
-    """
-
-    def __init__(self, sample_ids: list[str], poll_interval: float = 5.0, min_wait: float = 0.0) -> None:
-        super().__init__()
-        self.sample_ids = list(sample_ids)
-        self.poll_interval = poll_interval
-        self.min_wait = min_wait
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (_CLASSPATH + "SamplesTrigger", {"sample_ids": self.sample_ids,
-                                                "poll_interval": self.poll_interval, "min_wait": self.min_wait})
-
-    def _check(self) -> dict[str, Any] | None:
-        from opensubject_tasks.orchestrate import samples_outcome
-
-        return samples_outcome(self.sample_ids)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         yield TriggerEvent(await _poll(self._check, self.poll_interval, self.log, self.min_wait))

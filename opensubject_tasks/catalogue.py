@@ -1,0 +1,71 @@
+"""The pipeline's vocabulary in one place: stages, the entity each works on, its queue and
+the stage after it; the states of videos, samples and builds and which of them are
+terminal; attempt statuses. Imports nothing heavy: Airflow's DAG files, triggers, the
+Celery router and the dashboard read it without loading a stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- queues ----------------------------------------------------------------------------------
+CPU, GPU, MAINTENANCE = "cpu", "gpu", "maintenance"
+QUEUES = (CPU, GPU, MAINTENANCE)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    entity: str          # video | sample | build | source | export_part | system
+    queue: str
+    next: str | None     # the stage a success hands the entity (or its samples) to
+    backends: tuple[str, ...] = ()  # model interfaces it calls (a worker loads them at start)
+
+
+# The pipeline's stages in order, then the work that runs on workers around them.
+PIPELINE = (
+    Stage("curate", "video", CPU, "mine", ("quality",)),
+    Stage("mine", "video", GPU, "synthesize", ("vlm", "detector", "embedder")),
+    Stage("synthesize", "sample", GPU, "verify", ("segmenter", "inpainter")),
+    Stage("verify", "sample", GPU, None, ("verifier", "embedder", "vlm")),  # or back to synthesize
+)
+AUXILIARY = (
+    Stage("ingest", "source", MAINTENANCE, None),
+    Stage("export_part", "export_part", CPU, None),  # a range of shards of a build's export
+    Stage("export", "build", CPU, None),             # manifest, stats, report, training layout
+    Stage("reconcile", "system", MAINTENANCE, None),
+)
+STAGES = {s.name: s for s in PIPELINE + AUXILIARY}
+STAGE_ORDER = tuple(s.name for s in PIPELINE) + ("export",)
+VIDEO_STAGES = tuple(s.name for s in PIPELINE if s.entity == "video")
+SAMPLE_STAGES = tuple(s.name for s in PIPELINE if s.entity == "sample")
+
+
+def stage_reached(stage_done: str | None, stage: str) -> bool:
+    """Whether a video whose last completed stage is ``stage_done`` has completed ``stage``."""
+    return stage_done in STAGE_ORDER and STAGE_ORDER.index(stage_done) >= STAGE_ORDER.index(stage)
+
+
+# --- states ----------------------------------------------------------------------------------
+# videos: registered -> running -> done | rejected (input below the bar) | failed
+VIDEO_TERMINAL = ("done", "rejected", "failed")
+# samples: pending -> synthesized -> verified | rejected | failed (or back to pending)
+SAMPLE_IN_FLIGHT = ("pending", "synthesized")
+SAMPLE_TERMINAL = ("verified", "rejected", "failed")
+NEXT_SAMPLE_STAGE = {"pending": "synthesize", "synthesized": "verify"}
+# Finished with a result: a later error never turns these into "failed".
+SUCCEEDED = {"video": "done", "sample": "verified"}
+BUILD_STATES = ("running", "done", "failed")
+
+# stage_attempts.status: running | ok | rejected | failed (bad input) | error | timeout | lost
+ATTEMPT_ENDED = ("ok", "rejected", "failed")
+ATTEMPT_ERRORS = ("error", "timeout", "lost")   # the code or the system broke, not the input
+
+# How far a build goes (the build DAG's `until`, the CLI's --until): the last stage run.
+UNTIL = ("curate", "mine", "verify")
+
+
+def settled(state: str, stage_done: str | None, until: str = "verify") -> bool:
+    """A video needs nothing more from a build that runs up to ``until``."""
+    if state in VIDEO_TERMINAL:
+        return True
+    return until != "verify" and stage_reached(stage_done, until)
