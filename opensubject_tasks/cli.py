@@ -162,12 +162,23 @@ def _print_funnel(doc: dict[str, Any], summary: dict[str, Any] | None = None) ->
     from rich.console import Console
     from rich.table import Table
 
+    from opensubject_tasks.readmodel import FUNNEL
+
     console = Console(stderr=False)
     f = Table(title="Stage funnel")
-    for k in doc["funnel"]:
-        f.add_column(k, justify="right")
-    f.add_row(*[str(v) for v in doc["funnel"].values()])
+    f.add_column("step")
+    f.add_column("what it counts")
+    f.add_column("count", justify="right")
+    for k, v in doc["funnel"].items():
+        f.add_row(k, FUNNEL.get(k, ""), str(v))
     console.print(f)
+    if doc.get("duplicates"):
+        t = Table(title="Inputs recorded as duplicates (byte-identical copies, not built again)")
+        t.add_column("input file")
+        t.add_column("copy of")
+        for d in doc["duplicates"]:
+            t.add_row(d["name"], d["copy_of"])
+        console.print(t)
     bad = [v for v in doc["videos"] if v["state"] in ("failed", "rejected")]
     if bad:
         t = Table(title="Videos not used")
