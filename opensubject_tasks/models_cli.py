@@ -52,12 +52,16 @@ def cmd_models_check(args: argparse.Namespace) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
-    from opensubject_tasks.cli import EXIT_CANNOT_RUN, EXIT_OK, _settings
+    from opensubject_tasks.cli import EXIT_CANNOT_RUN, EXIT_OK, CannotRun, _settings
     from opensubject_tasks.weights import Fetcher, fetch
 
     settings = _settings(args)
     if args.models_dir:
         settings.backends.models_dir = Path(args.models_dir)
+    where = Path(settings.backends.models_dir).expanduser()
+    if where.exists() and not where.is_dir():
+        raise CannotRun(f"the models folder {where} is a file: give a folder (--models-dir or "
+                        "OPENSUBJECT_BACKENDS__MODELS_DIR)")
     report = fetch(settings, Fetcher(endpoint=args.endpoint))
     _print_report(report, settings.profile)
     return EXIT_OK if report.ok else EXIT_CANNOT_RUN

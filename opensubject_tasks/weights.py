@@ -359,8 +359,16 @@ class Fetcher:
 
     def repo_files(self, repo: str, revision: str = "main") -> tuple[str, dict[str, dict[str, Any]]]:
         """(commit, {path: {size, sha256 | blob}}) from the hub's model API."""
+        import requests
+
         url = f"{self.endpoint}/api/models/{repo}/revision/{quote(revision, safe='')}"
-        r = self.session.get(url, params={"blobs": "true"}, headers=self._headers(url), timeout=self.timeout_s)
+        try:
+            r = self.session.get(url, params={"blobs": "true"}, headers=self._headers(url), timeout=self.timeout_s)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            why = "name not resolved" if "NameResolution" in repr(exc) else type(exc).__name__
+            raise ModelNotAvailable(f"cannot reach {self.endpoint} ({why}): set HF_ENDPOINT or --endpoint to a "
+                                    "mirror this machine reaches, or copy the weights into the models folder "
+                                    "(`opensubject models check` lists where)") from None
         if r.status_code in (401, 403):
             raise ModelNotAvailable(f"{repo}: the hub refused access (HTTP {r.status_code}); a gated model "
                                     "needs its licence accepted on the hub and HF_TOKEN set")
