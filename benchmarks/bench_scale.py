@@ -95,7 +95,8 @@ def embedded(videos: list[Path], until: str | None, jobs: int, s3: str, work: Pa
     from opensubject_tasks.context import Context
     from opensubject_tasks.runner import run_build
 
-    settings = load_settings(database_url=f"sqlite:///{work / f'embedded-{until or 'all'}.db'}",
+    name = f"embedded-{until or 'all'}.db"
+    settings = load_settings(database_url=f"sqlite:///{work / name}",
                              store={"kind": "minio", "endpoint": s3, "access_key": "bench", "secret_key": "bench",
                                     "bucket": f"emb-{uuid.uuid4().hex[:8]}", "region": "us-east-1"},
                              curate={"min_short_side": 64}, mine={"max_pairs_per_subject": 1},

@@ -125,3 +125,28 @@ class FailWideQuality:
 @register("quality", "fail_wide")
 def make_fail_wide_quality(**_: Any) -> FailWideQuality:
     return FailWideQuality()
+
+
+class KillWideQuality:
+    """The classical scorer, except that on frames ``OPENSUBJECT_TEST_KILL_WIDTH`` pixels wide
+    it kills its own process with SIGKILL, as an out-of-memory kill or a crash in native
+    code would: the video that makes every worker die."""
+
+    name = "kill_wide"
+
+    def __init__(self) -> None:
+        self.inner = make_classical_quality()
+
+    def score(self, clips: Sequence[Sequence[Image]]) -> list[QualityScore]:
+        import os
+        import signal
+
+        width = int(os.environ.get("OPENSUBJECT_TEST_KILL_WIDTH", "0"))
+        if any(f.shape[1] == width for clip in clips for f in clip[:1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner.score(clips)
+
+
+@register("quality", "kill_wide")
+def make_kill_wide_quality(**_: Any) -> KillWideQuality:
+    return KillWideQuality()
