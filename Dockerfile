@@ -1,7 +1,7 @@
 # One image for the Airflow components and the Celery workers (docker-compose.yml).
 # CPU build by default; the GPU worker is built with a CUDA torch:
 #   docker compose build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 worker-gpu
-FROM python:3.11-slim-bookworm
+FROM python:3.11.11-slim-bookworm
 
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -12,6 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     AIRFLOW_HOME=/opt/airflow \
     HF_HOME=/models \
+    OPENSUBJECT_BACKENDS__MODELS_DIR=/models \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1
 

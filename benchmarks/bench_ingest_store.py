@@ -1,6 +1,12 @@
 """Throughput of stage 0 (ingest) and of the object stores.
 
     .venv/bin/python benchmarks/bench_ingest_store.py [--files 200] [--file-mb 5] [--db URL]
+    .venv/bin/python benchmarks/bench_ingest_store.py --prefix-objects 100000 --db URL
+
+``--prefix-objects N``: the cost of listing a large prefix. N small objects with video
+names are put under one prefix of the S3 server; ``register_source(store://prefix/)``
+runs three times: first (everything new), again (nothing new) and after 100 more objects
+arrive. Each run reports its time, the S3 list calls and the database round trips.
 
 Ingest: registering a folder (SHA-256 of every file, streamed) the first time and
 again (everything known). Stores: put/get of small objects (keyframe-sized) and of
@@ -67,12 +73,74 @@ def bench_store(name: str, store, work: Path, small: int = 300, small_kb: int = 
           f"list {list_s * 1000:.0f} ms; {big_mb} MB file: put {big_mb / bput:.0f} MB/s, get {big_mb / bget:.0f} MB/s")
 
 
+def bench_prefix(store: MinioStore, n: int, db_url: str | None, work: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import event
+
+    def put(i: int) -> None:
+        store.put_bytes(f"big-prefix/{i // 1000:04d}/v{i:07d}.mp4", f"video {i}".encode(), "video/mp4")
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(n)))
+    print(f"prefix  {n} objects put in {time.perf_counter() - t0:.0f} s")
+    url = db_url or f"sqlite:///{work / 'prefix.db'}"
+    ctx = Context.from_settings(load_settings(database_url=url))
+    ctx.store = store
+    upgrade(ctx.engine)
+    trips = [0]
+    event.listen(ctx.engine, "before_cursor_execute", lambda *a, **k: trips.__setitem__(0, trips[0] + 1))
+    pages = [0]
+    inner = store._list_page
+
+    def counted(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        pages[0] += 1
+        return inner(*a, **k)
+
+    store._list_page = counted
+    for label, extra in (("first run", 0), ("nothing new", 0), ("100 new objects", 100)):
+        for i in range(n, n + extra):
+            put(i)
+        n += extra
+        trips[0] = pages[0] = 0
+        res, secs = timed(lambda: register_source(ctx, "store://big-prefix/"))
+        print(f"prefix  {label:<16} {secs:7.1f} s  new {len(res.new_ids):>7}  known {len(res.known_ids):>7}  "
+              f"list calls {pages[0]:>4}  database round trips {trips[0]:>5}  "
+              f"({n / secs:.0f} objects/s)")
+    ctx.engine.dispose()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=200)
     ap.add_argument("--file-mb", type=float, default=5)
     ap.add_argument("--db", default=None, help="database URL (default: a SQLite file)")
+    ap.add_argument("--prefix-objects", type=int, default=0, help="measure listing a prefix this large only")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        if args.prefix_objects:
+            work = Path(d)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                for _ in range(100):
+                    try:
+                        socket.create_connection(("127.0.0.1", port), 0.2).close()
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+                store = MinioStore.from_settings(StoreSettings(
+                    kind="minio", endpoint=f"127.0.0.1:{port}", access_key="k", secret_key="s",
+                    bucket="bench", region="us-east-1"))
+                bench_prefix(store, args.prefix_objects, args.db, work)
+            finally:
+                server.terminate()
+                server.wait(10)
+            return
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         bench_ingest(work, args.files, args.file_mb, args.db)

@@ -32,9 +32,9 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from opensubject_tasks.media.samples import make_tiny_videos  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _services import (  # noqa: E402
     celery_worker,
@@ -45,42 +45,6 @@ from _services import (  # noqa: E402
 )
 
 REDIS_DB = 11  # a database index of this benchmark's own
-BACKGROUNDS = ("hubble", "brick", "moon", "astronaut", "gravel", "coins", "coffee", "grass", "camera",
-               "rocket", "motorcycle", "chelsea", "retina", "clock")
-SUBJECTS = ("cat", "person", "cup", "rocket", "motorcycle")
-
-
-# --- media ------------------------------------------------------------------------------------
-def tiny_video(path: Path, i: int, size: tuple[int, int] = (160, 90), frames: int = 38) -> None:
-    """One photo background and one cut-out moving across it; parameters drawn from ``i``."""
-    import cv2
-
-    from opensubject_tasks.media.samples import cutout, encode, photo
-
-    rng = np.random.default_rng([7, i])
-    w, h = size
-    bg_full = photo(BACKGROUNDS[i % len(BACKGROUNDS)])
-    bh, bw = bg_full.shape[:2]
-    cw, chh = int(bw * rng.uniform(0.5, 0.9)), int(bh * rng.uniform(0.5, 0.9))
-    x0, y0 = int(rng.integers(0, bw - cw + 1)), int(rng.integers(0, bh - chh + 1))
-    bg = cv2.resize(bg_full[y0:y0 + chh, x0:x0 + cw], size, interpolation=cv2.INTER_AREA).astype(np.float32)
-    rgb, alpha = cutout(SUBJECTS[(i // len(BACKGROUNDS)) % len(SUBJECTS)])
-    sh = rng.uniform(0.45, 0.7) * h
-    sw = sh * rgb.shape[1] / rgb.shape[0]
-    sub = cv2.resize(rgb, (int(sw), int(sh)), interpolation=cv2.INTER_AREA)
-    sa = cv2.resize(alpha, (int(sw), int(sh)), interpolation=cv2.INTER_AREA)[..., None]
-    ax, bx = rng.uniform(0.05, 0.35) * w, rng.uniform(0.55, 0.95) * w - sw
-    ay, by = rng.uniform(0.05, 0.4) * h, rng.uniform(0.05, 0.4) * h
-
-    def frame(k: int) -> np.ndarray:
-        t = k / (frames - 1)
-        x, y = int(ax + (bx - ax) * t), int(ay + (by - ay) * t)
-        img = bg.copy()
-        hh, ww = min(sub.shape[0], h - y), min(sub.shape[1], w - x)
-        img[y:y + hh, x:x + ww] += (sub[:hh, :ww] - img[y:y + hh, x:x + ww]) * sa[:hh, :ww]
-        return np.clip(img, 0, 255).astype(np.uint8)
-
-    encode(path, (frame(k) for k in range(frames)), size)
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -181,10 +145,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_load_"))
     media = work / "media"
-    media.mkdir()
     t = time.monotonic()
-    for i in range(args.videos):
-        tiny_video(media / f"tiny_{i:04d}.mp4", i)
+    make_tiny_videos(media, args.videos)
     make_s = time.monotonic() - t
 
     with pg_database("os_bench_load") as db_url, redis_db(REDIS_DB) as broker, s3_server() as s3:

@@ -56,8 +56,8 @@ def main() -> None:
     prepare_db(ctx)
     vid, clip = add_video(ctx, "bench.mp4")
     variants = [dict(scene=s) for s in SCENES] + [dict(generation_subject="rocket"), dict(keep_subject=True)]
-    ids = [add_sample(ctx, vid, clip, i, scaled(make_images(**variants[i % len(variants)]), args.size))
-           for i in range(args.samples)]
+    ids = [add_sample(ctx, vid, clip, i, scaled(make_images(**variants[i % len(variants)]), args.size),
+                      scale=args.size / 256) for i in range(args.samples)]
     get_backend("verifier", "classical").verify([scaled(make_images(), args.size)])  # warm up
 
     t0 = time.perf_counter()

@@ -136,8 +136,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     build_id = _name(args.build, "--build") if args.build else "default"
     if out.exists() and not out.is_dir():
         raise CannotRun(f"--out {out} is a file: give a folder for the database, store and dataset")
-    out.mkdir(parents=True, exist_ok=True)
     settings = _settings(args, out)
+    from opensubject_tasks.models_cli import require_models  # missing weights: stop before any video
+
+    require_models(settings)
+    out.mkdir(parents=True, exist_ok=True)
     ctx = _context(settings)
     with _progress_bars(not args.quiet and sys.stderr.isatty() or args.progress) as bars:
         summary = run_build(ctx, sources, build_id, until=args.until, jobs=args.jobs,
@@ -159,12 +162,23 @@ def _print_funnel(doc: dict[str, Any], summary: dict[str, Any] | None = None) ->
     from rich.console import Console
     from rich.table import Table
 
+    from opensubject_tasks.readmodel import FUNNEL
+
     console = Console(stderr=False)
     f = Table(title="Stage funnel")
-    for k in doc["funnel"]:
-        f.add_column(k, justify="right")
-    f.add_row(*[str(v) for v in doc["funnel"].values()])
+    f.add_column("step")
+    f.add_column("what it counts")
+    f.add_column("count", justify="right")
+    for k, v in doc["funnel"].items():
+        f.add_row(k, FUNNEL.get(k, ""), str(v))
     console.print(f)
+    if doc.get("duplicates"):
+        t = Table(title="Inputs recorded as duplicates (byte-identical copies, not built again)")
+        t.add_column("input file")
+        t.add_column("copy of")
+        for d in doc["duplicates"]:
+            t.add_row(d["name"], d["copy_of"])
+        console.print(t)
     bad = [v for v in doc["videos"] if v["state"] in ("failed", "rejected")]
     if bad:
         t = Table(title="Videos not used")
@@ -299,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("videos", nargs="+", help="video folders or files, or store://PREFIX")
     r.add_argument("--out", required=True, help="output folder (database, store, dataset)")
     r.add_argument("--build", help="build name (default: 'default')")
-    r.add_argument("--profile", choices=["cpu", "gpu", "tiny"])
+    r.add_argument("--profile", choices=["cpu", "gpu", "tiny", "small"])
     r.add_argument("--until", choices=["ingest", "curate", "mine", "synthesize", "verify", "export"])
     r.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="parallel worker processes (default: number of cores)")
@@ -357,8 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     rr.set_defaults(fn=cmd_rerun)
 
     from opensubject_tasks.bench.cli import add_bench_commands
+    from opensubject_tasks.models_cli import add_models_commands
 
     add_bench_commands(sub)
+    add_models_commands(sub)
     return p
 
 

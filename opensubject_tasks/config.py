@@ -13,7 +13,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from opensubject_tasks.errors import ConfigError
@@ -91,7 +91,12 @@ class CurateSettings(_Section):
 
 class MineSettings(_Section):
     consensus_frames: int = Field(4, ge=1, le=64)     # keyframes the VLM names categories on
-    consensus_share: float = Field(0.5, gt=0, le=1)   # share of those that must agree
+    consensus_share: float = Field(0.5, gt=0, le=1)   # share of the frames asked that must name it
+    consensus_min_answers: int = Field(2, ge=1, le=64)  # frames that must answer at all
+    # A clip whose VLM answers agree on no category: "reject" it with the reason, or
+    # "class_agnostic": ground the detector's unnamed subjects (category "object", source
+    # "none") as without a VLM. The tiny profile uses the latter (its VLM is random).
+    without_consensus: Literal["reject", "class_agnostic"] = "reject"
     min_box_area: float = Field(1 / 64, ge=0, le=1)   # share of the frame
     max_box_area: float = Field(0.85, gt=0, le=1)
     border_margin: float = Field(0.005, ge=0, le=0.2)  # share of the shorter side counted as border
@@ -139,6 +144,46 @@ class VerifySettings(_Section):
     # "all": a VLM verdict must also pass every classical check; "vlm": the VLM's answers
     # replace the classical identity/residual/artifact checks (mask sanity still applies).
     vlm_combine: Literal["all", "vlm"] = "all"
+    # Same individual: least cosine between the reference and the target's subject crop,
+    # per embedder model (name or model directory name; a cosine means something only for
+    # the embedder that gave it). Measured by `opensubject models calibrate` on
+    # ground-truth tracks (docs/models.md); entries given here add to these.
+    same_individual_min: dict[str, float] = Field(default_factory=lambda: dict(SAME_INDIVIDUAL_MIN))
+    # Share of each box's width and height, around its centre, that is compared: the
+    # subject fills a box's middle, its corners show the scene, which two subjects of one
+    # clip share (docs/models.md: 0.6 against the whole box on the sample media).
+    same_individual_centre: float = Field(0.6, gt=0, le=1)
+
+    @field_validator("same_individual_min", mode="after")
+    @classmethod
+    def _keep_calibrated(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not -1.0 <= float(v) <= 1.0}
+        if bad:
+            raise ValueError(f"thresholds are cosines between -1 and 1, got {bad}")
+        return {**SAME_INDIVIDUAL_MIN, **value}
+
+    def same_individual_threshold(self, embedder: str) -> float:
+        """The calibrated threshold of an embedder (by backend name, then model name)."""
+        for key in (embedder, embedder_key(embedder)):
+            if key in self.same_individual_min:
+                return float(self.same_individual_min[key])
+        raise ConfigError(
+            f"verify.same_individual_min has no threshold for embedder {embedder!r} (known: "
+            f"{', '.join(sorted(self.same_individual_min))}); measure one with `opensubject models "
+            f"calibrate` and add it as `{embedder_key(embedder)}: <value>`")
+
+
+# Calibrated on the ground-truth tracks of `opensubject samples make` (seed 0) with
+# `opensubject models calibrate`; docs/models.md has the accuracies, also on other media.
+SAME_INDIVIDUAL_MIN: dict[str, float] = {"classical": 0.88, "tiny:embedder": 0.98}
+
+
+def embedder_key(name: str) -> str:
+    """The model part of an embedder's name: ``hf:openai/clip-vit-large-patch14`` and
+    ``hf:/models/clip-vit-large-patch14`` are both ``clip-vit-large-patch14``."""
+    if ":" in name and name.split(":", 1)[0] in ("hf", "small"):
+        return name.split(":", 1)[1].rstrip("/").rsplit("/", 1)[-1]
+    return name
 
 
 class ExportSettings(_Section):
@@ -179,6 +224,9 @@ class BackendSettings(_Section):
     batch_size: int = Field(8, ge=1)
     device: str = "cpu"
     dtype: str = "auto"
+    # Where `opensubject models fetch` puts weights (<owner>/<name> per Hub model) and
+    # backends look first; then the Hugging Face cache. Nothing is downloaded at run time.
+    models_dir: Path = Path("~/.cache/opensubject/models")
 
 
 class StageTimeLimit(_Section):
@@ -255,7 +303,7 @@ class Settings(BaseSettings):
         env_prefix="OPENSUBJECT_", env_nested_delimiter="__", extra="forbid"
     )
 
-    profile: Literal["cpu", "gpu", "tiny"] = "cpu"
+    profile: Literal["cpu", "gpu", "tiny", "small"] = "cpu"
     database_url: str = "sqlite:///out/opensubject.db"
     broker_url: str = "redis://127.0.0.1:6379/0"
     store: StoreSettings = Field(default_factory=StoreSettings)
@@ -320,6 +368,24 @@ PROFILE_BACKENDS: dict[str, dict[str, str]] = {
             "embedder": "hf", "quality": "hf", "verifier": "vlm", "device": "auto"},
     "tiny": {"vlm": "tiny", "detector": "tiny", "segmenter": "tiny", "inpainter": "tiny",
              "embedder": "tiny", "quality": "tiny", "verifier": "vlm"},
+    # Small real models on a CPU (docs/models.md): Florence-2 names, grounds and captions;
+    # it answers no yes/no questions, so the classical verifier checks the samples.
+    "small": {"vlm": "florence", "detector": "florence", "segmenter": "hf", "inpainter": "hf",
+              "embedder": "hf", "quality": "classical", "verifier": "classical", "device": "cpu"},
+}
+
+# Backend options a profile sets, per interface; configured keys win one by one.
+PROFILE_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "small": {
+        "vlm": {"model": "florence-community/Florence-2-base"},
+        "detector": {"model": "florence-community/Florence-2-base"},
+        "segmenter": {"model": "facebook/sam-vit-base"},
+        # LCM-distilled Stable Diffusion 1.5: 4 steps, guidance as an embedding (w = 8),
+        # inpainting by latent blending (its UNet has 4 input channels)
+        "inpainter": {"model": "SimianLuo/LCM_Dreamshaper_v7", "pipeline_class": "StableDiffusionInpaintPipeline",
+                      "steps": 4, "guidance_scale": 8.0, "strength": 1.0, "resolution": 512, "batch_size": 1},
+        "embedder": {"model": "facebook/dinov2-small"},
+    },
 }
 
 
@@ -352,10 +418,24 @@ def _shown_input(err: Any) -> str:
     return f" (got {value!r})"
 
 
+# Stage settings a profile changes, unless they were set explicitly.
+PROFILE_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    # The tiny VLM is random and never agrees on a category: ground unnamed subjects.
+    "tiny": {"mine": {"without_consensus": "class_agnostic"}},
+}
+
+
 def apply_profile(settings: Settings) -> Settings:
-    """Fill backend names from the profile unless they were set explicitly."""
+    """Fill backend names and profile settings unless they were set explicitly."""
     explicit = settings.backends.model_fields_set
     for key, name in PROFILE_BACKENDS[settings.profile].items():
         if key not in explicit:
             setattr(settings.backends, key, name)
+    for interface, opts in PROFILE_OPTIONS.get(settings.profile, {}).items():
+        settings.backends.options[interface] = {**opts, **settings.backends.options.get(interface, {})}
+    for section, values in PROFILE_SETTINGS.get(settings.profile, {}).items():
+        target = getattr(settings, section)
+        for key, value in values.items():
+            if key not in target.model_fields_set:
+                setattr(target, key, value)
     return settings

@@ -13,6 +13,7 @@ from opensubject_tasks.backends.registry import get_backend
 from opensubject_tasks.config import Settings
 from opensubject_tasks.db.engine import make_engine, make_session_factory
 from opensubject_tasks.storage import ObjectStore, make_store
+from opensubject_tasks.weights import local_model_options
 
 
 @dataclass
@@ -34,4 +35,5 @@ class Context:
         name = getattr(b, interface)
         options: dict[str, Any] = {"device": b.device, "dtype": b.dtype, "batch_size": b.batch_size}
         options.update(b.options.get(interface, {}))
+        options.update(local_model_options(self.settings, interface))  # weights fetched into models_dir
         return get_backend(interface, name, **options)

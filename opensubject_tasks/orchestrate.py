@@ -110,7 +110,7 @@ def claim_build_videos(build_id: str, limit: int | None = None, video_ids: list[
         # One statement numbers them all: chunk = position in id order // size.
         ranked = todo.add_columns((func.row_number().over(order_by=Video.id) - 1).label("rn")).subquery()
         s.execute(update(Video).where(Video.id == ranked.c.id)
-                  .values(chunk=ranked.c.rn / size).execution_options(synchronize_session=False))
+                  .values(chunk=ranked.c.rn // size).execution_options(synchronize_session=False))
     chunks = math.ceil(count / size) if count else 0
     log.info("build %s: %d video(s) with work left in %d chunk(s) of %d", build_id, count, chunks, size)
     return list(range(chunks))
@@ -266,23 +266,17 @@ def task_outcome(task_id: str) -> dict[str, Any] | None:
 
 
 def build_report(build_id: str) -> dict[str, Any]:
-    """The build's funnel and states; marks the build done."""
-    from opensubject_tasks.runner import funnel
+    """The build's funnel and states (the shared read model); marks the build done."""
+    from opensubject_tasks import readmodel
 
     ctx = context()
-    doc = funnel(ctx, build_id)
     with session_scope(ctx.sessions) as s:
-        doc["samples_by_state"] = dict(s.execute(
-            select(Sample.state, func.count()).where(Sample.build_id == build_id)
-            .group_by(Sample.state)).all())
-        doc["videos_by_state"] = dict(s.execute(
-            select(Video.state, func.count()).where(Video.build_id == build_id)
-            .group_by(Video.state)).all())
+        doc = {"build_id": build_id, "funnel": readmodel.funnel(s, build_id)}
+        st = readmodel.states(s, build_id)
+        doc["videos_by_state"], doc["samples_by_state"] = st["videos"], st["samples"]
         build = s.get(Build, build_id)
         if build is not None and build.state == "running":
             build.state = "done"
-    doc["build_id"] = build_id
-    doc.pop("videos", None)  # per-video rows: the dashboard and `opensubject status` list them
     return doc
 
 

@@ -17,7 +17,9 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-FUNNEL_ORDER = ("videos", "clips", "subjects", "pairs", "samples", "verified", "rejected")
+from opensubject_tasks.readmodel import FUNNEL
+
+FUNNEL_ORDER = tuple(FUNNEL)
 THUMB_NAMES = ("reference", "generation_input", "manipulation_input", "target")
 REDACTED = "[redacted]"
 
@@ -75,7 +77,7 @@ def funnel_svg(funnel: dict[str, int], width: int = 640) -> str:
         w = max(1, round(span * n / top)) if n else 0
         colour = "#c0392b" if name == "rejected" else "#2e86c1" if name != "verified" else "#27ae60"
         parts.append(
-            f'<g class="step" data-step="{name}" data-count="{n}">'
+            f'<g class="step" data-step="{name}" data-count="{n}"><title>{html.escape(FUNNEL[name])}</title>'
             f'<text x="{label_w - 8}" y="{y + bar_h * 0.7:.1f}" text-anchor="end">{name}</text>'
             f'<rect x="{label_w}" y="{y}" width="{w}" height="{bar_h}" fill="{colour}" rx="3"/>'
             f'<text x="{label_w + w + 6}" y="{y + bar_h * 0.7:.1f}">{n}</text></g>')
@@ -147,13 +149,16 @@ def render_report(build_id: str, stats: dict[str, Any], grid: Sequence[ReportSam
         "<h2>Training samples (OmniGen2 layout)</h2>",
         _table(("kind", "samples"), training, t, "training")
         + (f'<p class="sub">{t(og["note"])}</p>' if og.get("note") else ""),
+        "<h2>Duplicate inputs</h2>",
+        _table(("input file", "byte-identical copy of"),
+               [(d["name"], d["copy_of"]) for d in stats.get("duplicates", [])], t, "duplicates"),
         "<h2>Rejection reasons</h2>",
         _table(("stage", "reason", "count", "example"), reasons, t, "reasons"),
         "<h2>Verification</h2>",
         _table(("failed check", "count (all attempts)"), checks, t, "checks"),
         _table(("verified at attempt", "samples"), attempts, t, "attempts"),
         "<h2>Throughput</h2>",
-        _table(("stage", "attempts", "entities", "by status", "busy s", "mean s", "per busy s"), thr, t,
+        _table(("stage", "attempts", "entities", "attempts by status", "busy s", "mean s", "entities per busy s"), thr, t,
                "throughput"),
         f"<h2>Random verified samples ({len(grid)})</h2>",
         '<div class="grid" id="grid">' + "".join(_card(s, t) for s in grid) + "</div>"

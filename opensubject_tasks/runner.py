@@ -286,37 +286,31 @@ def _open_units(ctx: Context, build_id: str) -> list[tuple[str, str]]:
 
 
 def _counts(ctx: Context, build_id: str) -> tuple[dict[str, int], dict[str, int]]:
-    from sqlalchemy import func
+    from opensubject_tasks import readmodel
 
     with session_scope(ctx.sessions) as s:
-        videos = dict(s.execute(select(Video.state, func.count()).where(
-            Video.build_id == build_id).group_by(Video.state)).all())
-        samples = dict(s.execute(select(Sample.state, func.count()).where(
-            Sample.build_id == build_id).group_by(Sample.state)).all())
-    return videos, samples
+        st = readmodel.states(s, build_id)
+    return st["videos"], st["samples"]
 
 
 def funnel(ctx: Context, build_id: str | None = None) -> dict[str, Any]:
-    """The status document: per-video state and clips, and the stage funnel so far
-    (the same counts as the export's stats.json), for one build or all of them."""
-    from opensubject_tasks.db.models import Build
-    from opensubject_tasks.services.export import funnel_counts
+    """The status document: the stage funnel (the read model every surface shares),
+    per-video state and clips, and the inputs recorded as duplicates; for one build or
+    every video in the database."""
+    from opensubject_tasks import readmodel
 
     with session_scope(ctx.sessions) as s:
-        builds = [build_id] if build_id else list(s.scalars(select(Build.id).order_by(Build.id)))
-        vq = select(Video).where(Video.build_id.in_(builds)).order_by(Video.name, Video.id)
+        vq = select(Video).order_by(Video.name, Video.id)
+        if build_id:
+            vq = vq.where(Video.build_id == build_id)
         videos = list(s.scalars(vq))
         clips: dict[str, list[list[int]]] = {v.id: [] for v in videos}
         for vid, a, b in s.execute(select(Clip.video_id, Clip.start_frame, Clip.end_frame)
                                    .where(Clip.video_id.in_(list(clips))).order_by(Clip.video_id, Clip.idx)):
             clips[vid].append([a, b])
-        totals: dict[str, int] = {}
-        for b in builds:
-            for k, n in funnel_counts(s, b).items():
-                totals[k] = totals.get(k, 0) + n
-        keys = ("videos", "clips", "subjects", "pairs", "samples", "verified", "rejected")
         return {
             "videos": [{"name": v.name, "id": v.id, "state": v.state, "reason": v.reason,
                         "stage_done": v.stage_done, "clips": clips[v.id]} for v in videos],
-            "funnel": {k: totals.get(k, 0) for k in keys},
+            "funnel": readmodel.funnel(s, build_id),
+            "duplicates": readmodel.duplicates(s, build_id),
         }

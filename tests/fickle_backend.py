@@ -100,3 +100,53 @@ class SlowQuality:
 @register("quality", "slow")
 def make_slow_quality(**_: Any) -> SlowQuality:
     return SlowQuality()
+
+
+class FailWideQuality:
+    """The classical scorer, except that it raises (an error, not bad input) on frames
+    ``OPENSUBJECT_TEST_FAIL_WIDTH`` pixels wide while the file ``OPENSUBJECT_TEST_FAIL_FLAG``
+    exists: one video of a build, told apart by its size, fails until the flag is removed."""
+
+    name = "fail_wide"
+
+    def __init__(self) -> None:
+        self.inner = make_classical_quality()
+
+    def score(self, clips: Sequence[Sequence[Image]]) -> list[QualityScore]:
+        import os
+
+        width = int(os.environ.get("OPENSUBJECT_TEST_FAIL_WIDTH", "0"))
+        flag = os.environ.get("OPENSUBJECT_TEST_FAIL_FLAG", "")
+        if flag and os.path.exists(flag) and any(f.shape[1] == width for clip in clips for f in clip[:1]):
+            raise RuntimeError(f"injected error for {width}-px-wide videos")
+        return self.inner.score(clips)
+
+
+@register("quality", "fail_wide")
+def make_fail_wide_quality(**_: Any) -> FailWideQuality:
+    return FailWideQuality()
+
+
+class KillWideQuality:
+    """The classical scorer, except that on frames ``OPENSUBJECT_TEST_KILL_WIDTH`` pixels wide
+    it kills its own process with SIGKILL, as an out-of-memory kill or a crash in native
+    code would: the video that makes every worker die."""
+
+    name = "kill_wide"
+
+    def __init__(self) -> None:
+        self.inner = make_classical_quality()
+
+    def score(self, clips: Sequence[Sequence[Image]]) -> list[QualityScore]:
+        import os
+        import signal
+
+        width = int(os.environ.get("OPENSUBJECT_TEST_KILL_WIDTH", "0"))
+        if any(f.shape[1] == width for clip in clips for f in clip[:1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner.score(clips)
+
+
+@register("quality", "kill_wide")
+def make_kill_wide_quality(**_: Any) -> KillWideQuality:
+    return KillWideQuality()

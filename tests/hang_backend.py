@@ -23,29 +23,49 @@ from opensubject_tasks.backends.registry import register
 HANG_S = 3600.0
 
 
+def _hang_once(token: str, call: Any) -> Any:
+    """The first call across all worker processes (the one that creates ``token``) hangs;
+    every other one is ``call()``."""
+    try:
+        fd = os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return call()
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    deadline = time.monotonic() + HANG_S
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(HANG_S)  # the soft time limit interrupts this sleep
+        except SoftTimeLimitExceeded:
+            if os.environ.get("OPENSUBJECT_TEST_HANG_MODE") != "hard":
+                raise
+    raise AssertionError("the stage time limit never fired")
+
+
 class HangOnceInpainter:
     def __init__(self, inner: Any, token: str) -> None:
         self.inner = inner
         self.token = token
 
     def inpaint(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            fd = os.open(self.token, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return self.inner.inpaint(*args, **kwargs)
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        deadline = time.monotonic() + HANG_S
-        while time.monotonic() < deadline:
-            try:
-                time.sleep(HANG_S)  # the soft time limit interrupts this sleep
-            except SoftTimeLimitExceeded:
-                if os.environ.get("OPENSUBJECT_TEST_HANG_MODE") != "hard":
-                    raise
-        raise AssertionError("the stage time limit never fired")
+        return _hang_once(self.token, lambda: self.inner.inpaint(*args, **kwargs))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+class HangOnceDetector(HangOnceInpainter):
+    """The same hang, once, in mining's detector."""
+
+    def detect(self, *args: Any, **kwargs: Any) -> Any:
+        return _hang_once(self.token, lambda: self.inner.detect(*args, **kwargs))
+
+
+@register("detector", "hang_once")
+def make_hang_once_detector(**options: Any) -> HangOnceDetector:
+    from opensubject_tasks.backends.classical.detector import make_motion_saliency_detector
+
+    return HangOnceDetector(make_motion_saliency_detector(**options), os.environ["OPENSUBJECT_TEST_HANG_ONCE"])
 
 
 @register("inpainter", "hang_once")

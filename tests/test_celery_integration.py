@@ -439,3 +439,36 @@ def test_reconcile_sends_lost_sample_work_once_and_never_a_waiting_backlog(stack
     with session_scope(ctx.sessions) as s:
         assert {x.id: x.state in TERMINAL_SAMPLE for x in s.query(Sample)} == dict.fromkeys(ids, True)
         assert {x.id: x.resends for x in s.query(Sample)} == dict.fromkeys(ids, 1)
+
+
+def test_a_worker_loads_its_models_before_it_reports_ready(stack, tmp_path):
+    """Each pool process loads the models of the stages its queues carry at start (here the
+    tiny profile's gpu-queue models), before it takes a task; the health check passes only
+    once every process has."""
+    import subprocess
+    import sys
+
+    ready = tmp_path / "ready"
+    env = stack["apply"](OPENSUBJECT_PROFILE="tiny", OPENSUBJECT_WORKER_READY_DIR=str(ready),
+                         OPENSUBJECT_WORKER_CONCURRENCY="2")
+
+    def check() -> int:
+        return subprocess.run([sys.executable, "-m", "opensubject_tasks.workers", "--check"],
+                              env={**__import__("os").environ, **env}, capture_output=True).returncode
+
+    assert check() == 1  # nothing started yet
+    w = Worker(env, "warm", tmp_path / "warm.log", queues="gpu", concurrency=2)
+    w.start()
+    try:
+        deadline = time.monotonic() + 120
+        while check() != 0:
+            assert time.monotonic() < deadline, w.log()[-2000:]
+            time.sleep(0.5)
+        assert len(list(ready.iterdir())) == 2
+        loaded = [line for line in w.log().splitlines() if "backends loaded in" in line]
+        assert len(loaded) == 2, w.log()[-2000:]
+        # the gpu queue's stages: mining, synthesis and verification models, not curation's
+        assert all("detector=" in line and "inpainter=" in line and "quality=" not in line for line in loaded)
+    finally:
+        w.stop()
+    assert check() == 1  # its processes are gone

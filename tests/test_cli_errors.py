@@ -54,6 +54,12 @@ CASES = [
                                      "--out", "{empty}/p"], 1, "not a bench directory"),
     ("bench score: not a bench", ["bench", "score", "--bench", "{nope}", "--predictions", "{empty}"], 1,
      "not a bench directory"),
+    ("models check: unknown profile", ["models", "check", "--profile", "big"], 2, "invalid choice"),
+    ("models calibrate: missing media", ["models", "calibrate", "--media", "{nope}"], 1, "{nope}"),
+    ("models fetch: a file as models folder", ["models", "fetch", "--profile", "small", "--models-dir", "{file}"],
+     1, "{file} is a file"),
+    ("models fetch: hub unreachable", ["models", "fetch", "--profile", "small", "--models-dir", "{empty}/m",
+                                       "--endpoint", "http://127.0.0.1:9"], 1, "cannot reach http://127.0.0.1:9"),
     ("missing required option", ["export", "--build", "default"], 2, "--out"),
     ("unknown command", ["frobnicate"], 2, "invalid choice"),
 ]
@@ -104,7 +110,11 @@ def test_every_cli_error_is_one_sentence(case, argv, code, words, places, tmp_pa
     assert got == code, (case, err)
     assert len(lines) == 1, (case, err)
     assert words.format(**places) in lines[0], (case, lines[0])
-    assert "Traceback" not in err and "sqlalche.me" not in err and "http" not in err
+    assert "Traceback" not in err and "sqlalche.me" not in err
+    # no library's documentation link: any address shown is one the user gave
+    import re
+
+    assert all(any(u.rstrip(")") in a for a in argv) for u in re.findall(r"https?://\S+", err)), err
 
 
 def test_a_database_that_does_not_exist_on_the_server(pg_url, monkeypatch, places, tmp_path):

@@ -13,7 +13,9 @@ from airflow_fixtures import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
 LONG_RUNNING = {"postgres", "redis", "minio", "airflow-apiserver", "airflow-scheduler",
-                "airflow-dag-processor", "airflow-triggerer", "worker-cpu", "worker-gpu", "flower"}
+                "airflow-dag-processor", "airflow-triggerer", "worker-cpu", "worker-gpu", "worker-maintenance",
+                "flower"}
+WORKERS = ("worker-cpu", "worker-gpu", "worker-maintenance")
 ONE_SHOT = {"minio-init", "airflow-init"}
 AIRFLOW_COMMANDS = {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
                     "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer"}
@@ -77,7 +79,7 @@ def test_depends_on_waits_for_health(services):
 
 def test_build_context_and_dockerfile_copy_what_exists(services):
     built = [n for n, s in services.items() if "build" in s]
-    assert set(AIRFLOW_COMMANDS) | {"worker-cpu", "worker-gpu", "flower", "airflow-init"} <= set(built)
+    assert set(AIRFLOW_COMMANDS) | {*WORKERS, "flower", "airflow-init"} <= set(built)
     for name in built:
         build = services[name]["build"]
         context = build if isinstance(build, str) else build.get("context", ".")
@@ -95,13 +97,13 @@ def test_build_context_and_dockerfile_copy_what_exists(services):
 
 
 def test_celery_workers_consume_real_queues_and_tasks(services):
-    from opensubject_tasks.celery_app import QUEUES, app, queue_for
-    from opensubject_tasks.services.common import STAGE_ORDER
+    from opensubject_tasks.catalogue import QUEUES, STAGES
+    from opensubject_tasks.celery_app import app, queue_for
 
     import opensubject_tasks.tasks  # noqa: F401 - registers the tasks
 
     consumed: set[str] = set()
-    for name in ("worker-cpu", "worker-gpu", "flower"):
+    for name in (*WORKERS, "flower"):
         argv = _argv(services[name])
         assert argv[:3] == ["celery", "-A", "opensubject_tasks.celery_app"], name
         module = __import__(argv[2], fromlist=["app"])
@@ -114,24 +116,64 @@ def test_celery_workers_consume_real_queues_and_tasks(services):
     # Without GPU workers the cpu worker can take both queues.
     raw = services["worker-cpu"]["command"]
     assert raw[raw.index("-Q") + 1] == "${CPU_WORKER_QUEUES:-cpu}"
-    assert _argv(services["worker-gpu"])[_argv(services["worker-gpu"]).index("-Q") + 1] == "gpu"
-    assert _argv(services["worker-cpu"])[_argv(services["worker-cpu"]).index("-Q") + 1] == "cpu"
-    # Every stage the DAGs hand over is a registered task whose queue some worker consumes.
-    for stage in (*STAGE_ORDER, "ingest", "resynth_sweep", "reconcile"):
+    queue_of = {n: _argv(services[n])[_argv(services[n]).index("-Q") + 1] for n in WORKERS}
+    assert queue_of == {"worker-cpu": "cpu", "worker-gpu": "gpu", "worker-maintenance": "maintenance"}
+    # Every stage and task of the catalogue is a registered task whose queue a worker consumes;
+    # maintenance work (ingest, reconcile) never waits behind a curate backlog.
+    for stage in STAGES:
         assert f"opensubject.{stage}" in app.tasks, stage
         assert queue_for(stage) in consumed, stage
-    # Routing without importing the stages reads the same queues the stages register with.
-    from opensubject_tasks.celery_app import declared_queues
-    from opensubject_tasks.services.common import load_stages
+    assert queue_for("ingest") == queue_for("reconcile") == "maintenance"
 
-    assert declared_queues() == {name: spec.queue for name, spec in load_stages().items()}
+
+def test_workers_are_warm_before_healthy_and_stop_after_their_longest_task(services):
+    from opensubject_tasks.catalogue import STAGES
+    from opensubject_tasks.config import Settings
+
+    limits = Settings().celery
+    for name in WORKERS:
+        svc = services[name]
+        assert svc["healthcheck"]["test"] == ["CMD", "python", "-m", "opensubject_tasks.workers", "--check"], name
+        env = _env(svc)
+        assert env["OPENSUBJECT_WORKER_READY_DIR"] and env["OPENSUBJECT_WORKER_CONCURRENCY"], name
+        queue = _argv(svc)[_argv(svc).index("-Q") + 1]
+        longest = max(limits.limits(s).hard_s for s, st in STAGES.items() if st.queue == queue)
+        grace = svc["stop_grace_period"]
+        assert grace.endswith("m") and int(grace[:-1]) * 60 >= longest, (name, grace, longest)
+
+
+def test_the_services_use_their_own_roles_not_the_superusers(services, env_example):
+    env = _env(services["worker-cpu"])
+    assert "OPENSUBJECT_DB_USER" in env["OPENSUBJECT_DATABASE_URL"]
+    assert "POSTGRES_PASSWORD" not in env["OPENSUBJECT_DATABASE_URL"]
+    assert "AIRFLOW_DB_USER" in _env(services["airflow-scheduler"])["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert env["OPENSUBJECT_STORE__ACCESS_KEY"].startswith("${OPENSUBJECT_S3_ACCESS_KEY")
+    assert "MINIO_ROOT" not in env["OPENSUBJECT_STORE__ACCESS_KEY"] + env["OPENSUBJECT_STORE__SECRET_KEY"]
+    roles = (REPO / "deploy" / "postgres" / "00-roles.sh").read_text()
+    assert "CREATE ROLE :\"app_user\"" in roles and "OWNER :\"app_user\"" in roles
+    entry = " ".join(services["minio-init"]["entrypoint"])
+    assert "mc admin user add" in entry and "mc admin policy attach" in entry
+    assert env_example["MINIO_ROOT_USER"] != env_example["OPENSUBJECT_S3_ACCESS_KEY"]
+
+
+def test_images_are_pinned(services):
+    for name, svc in services.items():
+        if "build" in svc:
+            continue
+        image = svc["image"]
+        tag = image.rsplit(":", 1)[1] if ":" in image else ""
+        assert tag and tag != "latest" and re.search(r"\d", tag), (name, image)
+    assert re.search(r"^FROM python:3\.11\.\d+-slim", (REPO / "Dockerfile").read_text(), re.M)
 
 
 def test_gpu_worker_reserves_a_gpu_and_mounts_the_model_cache(services):
     gpu = services["worker-gpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
-    assert any(v.endswith(":/models") for v in gpu["volumes"])
+    assert any(":/models" in v for v in gpu["volumes"])
+    # the gpu profile's curation needs the aesthetic model on the cpu worker too
+    assert any(":/models" in v for v in services["worker-cpu"]["volumes"])
+    assert _env(services["worker-cpu"])["OPENSUBJECT_BACKENDS__DEVICE"] == "cpu"
     assert "HF_HOME=/models" in (REPO / "Dockerfile").read_text()
 
 
@@ -194,16 +236,19 @@ def test_env_var_names_are_real_settings(services):
     assert "OPENSUBJECT_DATABASE_URL" in seen and "AIRFLOW__API_AUTH__JWT_SECRET" in seen
 
 
-def test_secrets_come_from_env_file(compose, services, env_example):
+def test_secrets_come_from_env_file_and_are_required(compose, services, env_example):
     text = COMPOSE.read_text()
     # ${VAR} is filled in by compose from .env; $${VAR} is left to the container's shell.
-    referenced = set(re.findall(r"(?<!\$)\$\{(\w+)(?::-[^}]*)?\}", text))
+    referenced = set(re.findall(r"(?<!\$)\$\{(\w+)(?::[-?][^}]*)?\}", text))
     missing = referenced - set(env_example)
     assert not missing, f"compose uses variables .env.example does not document: {missing}"
     secret_keys = [k for k in env_example if re.search(r"PASSWORD|SECRET|FERNET", k)]
-    assert secret_keys
+    assert len(secret_keys) >= 8
     for key in secret_keys:
-        assert "change-me" in env_example[key], f".env.example holds a real-looking secret in {key}"
+        # no value to start with, and compose refuses to start without one: no default secret
+        assert env_example[key] == "", f".env.example holds a value for {key}"
+        assert re.search(r"\$\{" + key + r":\?", text), f"{key} is not required with ${{{key}:?...}}"
+        assert not re.search(r"\$\{" + key + r":-", text), f"{key} has a default"
     for name, svc in services.items():
         for key, value in _env(svc).items():
             if re.search(r"PASSWORD(?!S_FILE)|SECRET|_KEY$|FERNET", key):
@@ -211,9 +256,9 @@ def test_secrets_come_from_env_file(compose, services, env_example):
     assert ".env" in (REPO / ".gitignore").read_text().split()
 
 
-def test_postgres_is_initialised_from_sql(services):
+def test_postgres_roles_and_schema(services):
     vols = services["postgres"]["volumes"]
-    assert "./sql:/docker-entrypoint-initdb.d:ro" in vols
+    assert "./deploy/postgres:/docker-entrypoint-initdb.d:ro" in vols
     assert sorted(p.name for p in (REPO / "sql").glob("*.sql"))
     init = services["airflow-init"]["command"][-1]
     assert "airflow db migrate" in init and "opensubject db upgrade" in init

@@ -117,7 +117,7 @@ def test_errors_do_not_echo_secrets():
     assert "store.secret_key" in str(info.value) and "hunter2" not in str(info.value)
 
 
-@pytest.mark.parametrize("profile", ["cpu", "gpu", "tiny"])
+@pytest.mark.parametrize("profile", ["cpu", "gpu", "tiny", "small"])
 def test_profiles_set_backend_names(profile):
     s = load_settings(profile=profile)
     expected = {"vlm": "none", "detector": "classical", "segmenter": "classical",

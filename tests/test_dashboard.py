@@ -95,8 +95,9 @@ def test_api_serves_funnel_failures_retries_thumbnails_and_progress(api, dataset
     assert r.status_code == 200, r.text
     doc = r.json()
     funnel = {f["stage"]: f["count"] for f in doc["funnel"]}
-    assert funnel == {"videos": 3, "curated": 1, "clips kept": 1, "subjects": 1, "pairs": 2, "samples": 2,
-                      "verified": 1}
+    assert funnel == {"inputs": 3, "duplicates": 0, "videos": 3, "curated": 1, "clips": 1, "subjects": 1,
+                      "pairs": 2, "samples": 2, "verified": 1, "rejected": 1}
+    assert {f["stage"]: f["label"] for f in doc["funnel"]}["clips"] == "clips kept"
     [failure] = doc["failures"]
     assert failure["reason"] == FAIL_REASON and failure["count"] == 1
     assert failure["videos"][0]["name"] == HOSTILE and failure["videos"][0]["stage"] == "curate"
@@ -116,7 +117,7 @@ def test_api_serves_funnel_failures_retries_thumbnails_and_progress(api, dataset
         assert Image.open(io.BytesIO(resp.read())).size == (160, 120)
     # Narrowed to a build that does not exist: nothing counted.
     other = client.get("/opensubject/api/summary?build=nope", headers={"Authorization": f"Bearer {token}"}).json()
-    assert other["funnel"][0] == {"stage": "videos", "count": 0}
+    assert {f["stage"]: f["count"] for f in other["funnel"]}["videos"] == 0
 
 
 def test_page_with_the_login_cookie_escapes_what_it_shows(api, dataset):

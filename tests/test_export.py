@@ -111,8 +111,8 @@ def test_export_writes_a_loadable_dataset(built, tmp_path: Path) -> None:
 
     # Stats: the funnel counts what was built.
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["funnel"] == {"videos": 2, "clips": 2, "subjects": 4, "pairs": 4, "samples": 4,
-                               "verified": 3, "rejected": 1}
+    assert stats["funnel"] == {"inputs": 2, "duplicates": 0, "videos": 2, "curated": 2, "clips": 2,
+                               "subjects": 4, "pairs": 4, "samples": 4, "verified": 3, "rejected": 1}
     assert stats["states"]["clips"] == {"mined": 2, "rejected": 1}
     by_stage = {(r["stage"], r["reason"].split(":")[0]): r["count"] for r in stats["rejections"]}
     assert by_stage[("clip", "clip shorter than # s (# s)")] == 1

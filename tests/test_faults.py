@@ -358,23 +358,27 @@ def test_database_restart_mid_build(stack, s3_store_settings, media, reference):
         cluster.destroy()
 
 
-@pytest.mark.parametrize("limit", ["soft", "hard"])
-def test_hung_stage_hits_its_time_limit_and_is_retried(limit, stack, pg_db, s3_store_settings, media,  # noqa: F811
+@pytest.mark.parametrize(("stage", "limit"), [("synthesize", "soft"), ("synthesize", "hard"), ("mine", "hard")])
+def test_hung_stage_hits_its_time_limit_and_is_retried(stage, limit, stack, pg_db, s3_store_settings, media,  # noqa: F811
                                                        reference, tmp_path):
     """A model call that hangs (a test backend loaded into the worker, selected by
-    configuration) in synthesize: the soft time limit of 2 s raises in the task (``soft``),
-    or, when the call swallows that, the hard limit of 4 s kills the pool process
-    (``hard``). Either way the attempt is recorded as a timeout, the task is sent again and
-    the build finishes."""
+    configuration) in synthesize or mine: the soft time limit of 2 s raises in the task
+    (``soft``), or, when the call swallows that, the hard limit of 4 s kills the pool
+    process (``hard``). Either way the attempt is recorded as a timeout, the task is sent
+    again and the build finishes exactly; a video whose mining was killed is never taken
+    for one without subjects (nothing is decided before mining has run)."""
     token = tmp_path / "hang-token"
+    interface = {"synthesize": "INPAINTER", "mine": "DETECTOR"}[stage]
+    # mining takes seconds on these videos: only a hard limit, well above that
+    soft, hard = (2, 4) if stage == "synthesize" else ("null", 20)
     env = stack.apply(pg_db, s3_store_settings,
-                      OPENSUBJECT_BACKENDS__INPAINTER="hang_once",
+                      **{f"OPENSUBJECT_BACKENDS__{interface}": "hang_once"},
                       OPENSUBJECT_TEST_HANG_ONCE=str(token),
                       OPENSUBJECT_TEST_HANG_MODE=limit,
-                      OPENSUBJECT_CELERY__TIME_LIMITS='{"synthesize": {"soft_s": 2, "hard_s": 4}}',
+                      OPENSUBJECT_CELERY__TIME_LIMITS=f'{{"{stage}": {{"soft_s": {soft}, "hard_s": {hard}}}}}',
                       PYTHONPATH=str(Path(__file__).parent))
     upload(stack.store, media)
-    worker = stack.worker(env, f"hang-{limit}", concurrency=2, include="hang_backend")
+    worker = stack.worker(env, f"hang-{stage}-{limit}", concurrency=2, include="hang_backend")
 
     # The reconciler looks for work handed out 10 s ago: longer than the hard limit plus the
     # retry delay, as in production (30 min against limits of minutes).
@@ -388,8 +392,8 @@ def test_hung_stage_hits_its_time_limit_and_is_retried(limit, stack, pg_db, s3_s
     timed_out = [a for a in attempts(ctx) if a.status == "timeout"]
     assert len(timed_out) == 1, timed_out
     hung = timed_out[0]
-    assert hung.stage == "synthesize"
-    tries = [a for a in attempts(ctx) if a.stage == "synthesize" and a.entity_id == hung.entity_id]
+    assert hung.stage == stage
+    tries = [a for a in attempts(ctx) if a.stage == stage and a.entity_id == hung.entity_id]
     if limit == "soft":
         assert "SoftTimeLimitExceeded" in hung.error
         assert 1.5 < (hung.finished_at - hung.started_at).total_seconds() < 4
@@ -399,6 +403,39 @@ def test_hung_stage_hits_its_time_limit_and_is_retried(limit, stack, pg_db, s3_s
         # The worker closes the killed attempt as a timeout; the process, terminated, cannot
         # overwrite it (one row for the kill, not a "lost" or "SystemExit" one besides).
         assert "hard time limit exceeded" in hung.error
-        assert "Hard time limit (4.0s) exceeded" in worker.log() and "hit the hard time limit" in worker.log()
+        assert f"Hard time limit ({hard:.1f}s) exceeded" in worker.log() and "hit the hard time limit" in worker.log()
         assert tries[:-1] == [hung], [(a.status, a.error) for a in tries]
     assert tries[-1].status == "ok", [a.status for a in tries]
+
+
+def test_a_video_that_kills_its_worker_fails_after_n_deaths_and_the_rest_finishes(stack, pg_db, s3_store_settings,  # noqa: F811
+                                                                                   media, tmp_path):
+    """A video whose curation kills the pool process every time (SIGKILL, as the OOM killer
+    does) is given back to the queue and runs again, at most ``celery.max_worker_lost``
+    times in a row; then it fails with that reason, listed as an error, and the other
+    videos of the build finish."""
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Video
+    from opensubject_tasks.media.samples import tiny_video
+
+    tiny_video(tmp_path / "killer.mp4", 7, size=(224, 126))
+    env = stack.apply(pg_db, s3_store_settings, OPENSUBJECT_BACKENDS__QUALITY="kill_wide",
+                      OPENSUBJECT_TEST_KILL_WIDTH="224", OPENSUBJECT_CELERY__MAX_WORKER_LOST="2",
+                      PYTHONPATH=str(Path(__file__).parent))
+    upload(stack.store, media)
+    stack.store.put_file("raw/killer.mp4", tmp_path / "killer.mp4", "video/mp4")
+    worker = stack.worker(env, "killed", concurrency=1, include="fickle_backend")
+
+    run = drive_build("faults", timeout_s=240)
+
+    ctx = stack.context()
+    with session_scope(ctx.sessions) as s:
+        killer = s.query(Video).filter(Video.name == "killer.mp4").one()
+        others = [v.state for v in s.query(Video).filter(Video.name != "killer.mp4")]
+    assert killer.state == "failed" and killer.error_stage == "curate"
+    assert killer.reason.startswith("worker lost 2 times running curate")
+    assert len(others) == 3 and set(others) <= {"done", "rejected"}
+    lost = [a for a in attempts(ctx) if a.entity_id == killer.id]
+    assert [a.status for a in lost] == ["lost", "lost", "error"], [(a.status, a.error) for a in lost]
+    assert run.failures == [f"curate({killer.id}): {killer.reason}"]
+    assert worker.log().count("WorkerLostError") + worker.log().count("signal 9") >= 2

@@ -99,26 +99,31 @@ def test_tiny_profile_gives_every_interface_from_local_dirs(tiny_models: dict[st
 
 # ----------------------------------------------------------------- VLM
 
-@pytest.mark.parametrize("raw, categories, error", [
-    ('{"categories": ["dog", "Person", "a red car"]}', ["dog", "person", "red car"], None),
-    ('```json\n{"categories": ["cat"]}\n```', ["cat"], None),
-    ('Sure! Here they are: {"categories": ["horse"]} Hope this helps.', ["horse"], None),
-    ('["bicycle", "dog", "dog"]', ["bicycle", "dog"], None),
-    (PREFIX + '"cat", "dog"', ["cat", "dog"], None),          # cut off by the token limit
-    ("", [], "empty reply"),
-    ("   ", [], "empty reply"),
-    (PREFIX, [], "empty reply"),
-    ("I see a dog and a cat.", [], "not JSON"),
-    (PREFIX + "[[[[[[[[", [], "not JSON"),
-    ('{"objects": ["dog"]}', [], "no 'categories' list"),
-    ('{"categories": []}', [], "lists no categories"),
-    ('{"categories": [42, "sky", "background"]}', [], "3 of 3 entries"),
-    ('{"categories": ["dog", "a very long description of a thing"]}', ["dog"], "1 of 2 entries"),
+@pytest.mark.parametrize("raw, categories, error, rejected", [
+    ('{"categories": ["dog", "Person", "a red car"]}', ["dog", "person", "car"], None, []),
+    ('```json\n{"categories": ["cat"]}\n```', ["cat"], None, []),
+    ('Sure! Here they are: {"categories": ["horse"]} Hope this helps.', ["horse"], None, []),
+    ('["bicycle", "dog", "dogs", "Dog"]', ["bicycle", "dog"], None, []),
+    (PREFIX + '"cat", "dog"', ["cat", "dog"], None, []),          # cut off by the token limit
+    ('{"categories": ["People", "teddy bears", "puppies", "boxes", "glasses"]}',
+     ["person", "teddy bear", "puppy", "box", "glasses"], None, []),
+    ("", [], "empty reply", []),
+    ("   ", [], "empty reply", []),
+    (PREFIX, [], "empty reply", []),
+    ("I see a dog and a cat.", [], "not JSON", []),
+    (PREFIX + "[[[[[[[[", [], "not JSON", []),
+    ('{"objects": ["dog"]}', [], "no 'categories' list", []),
+    ('{"categories": []}', [], None, []),                           # a valid "nothing there"
+    ('{"categories": [42, "sky", "background"]}', [], None,
+     ["42 (not text)", "sky (not a subject)", "background (not a subject)"]),
+    ('{"categories": ["dog", "a very long description of a thing"]}', ["dog"], None,
+     ["very long description of a thing (not a short noun)"]),
 ])
-def test_parse_categories(raw: str, categories: list[str], error: str | None) -> None:
+def test_parse_categories(raw: str, categories: list[str], error: str | None, rejected: list[str]) -> None:
     got = parse_categories(raw, prefix=PREFIX)
     assert got.categories == categories
     assert got.raw == raw
+    assert got.rejected == rejected
     if error is None:
         assert got.error is None
     else:
@@ -126,9 +131,9 @@ def test_parse_categories(raw: str, categories: list[str], error: str | None) ->
 
 
 def test_parse_categories_vocabulary_and_limit() -> None:
-    got = parse_categories('{"categories": ["dog", "cat", "unicorn"]}', vocabulary=["Dog", "cat"])
+    got = parse_categories('{"categories": ["dog", "cat", "unicorn"]}', vocabulary=["Dog", "cats"])
     assert got.categories == ["dog", "cat"]
-    assert "unicorn" in got.error and "vocabulary" in got.error
+    assert got.rejected == ["unicorn (not in the vocabulary)"] and got.error is None
     got = parse_categories('{"categories": ["ant", "bee", "cow", "doe"]}', max_categories=2)
     assert got.categories == ["ant", "bee"] and got.error is None
 

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, func, select, text
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
-from opensubject_tasks.db.models import Build, Video
+from opensubject_tasks.db.models import Duplicate, Build, Video
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.services.ingest import claim_videos, ensure_build, register_source, video_id_for
 from opensubject_tasks.storage.sources import local_copy, parse_source
@@ -80,9 +80,15 @@ def test_folder_ingest_registers_each_content_once(ctx, tmp_path):
     distinct = {vid(d) for d in videos.values()}
     assert len(distinct) == 6
     assert sorted(res.new_ids) == sorted(distinct)
-    assert res.known_ids == [vid(files["a.mp4"])]  # the duplicate content
+    assert res.known_ids == []
+    # the byte-identical copy is no new video: it is recorded as a duplicate of the first
+    assert res.duplicates == [("dup-of-a.mp4", vid(files["a.mp4"]))]
     assert res.skipped == [("notes.txt", "not a video file name (extension '.txt')")]
     assert count_videos(ctx) == 6
+    with session_scope(ctx.sessions) as s:
+        [dup] = s.query(Duplicate).all()
+        assert (dup.video_id, dup.name, parse_source(dup.source_uri).path) == \
+            (vid(files["a.mp4"]), "dup-of-a.mp4", root / "dup-of-a.mp4")
     with session_scope(ctx.sessions) as s:
         for rel, data in videos.items():
             if rel == "dup-of-a.mp4":
@@ -103,12 +109,16 @@ def test_rerun_registers_nothing_and_a_new_file_registers_alone(ctx, tmp_path):
     first = register_source(ctx, str(root))
     again = register_source(ctx, root.as_uri())  # the file:// form names the same folder
     assert again.new_ids == []
-    assert sorted(again.known_ids) == sorted(first.new_ids + first.known_ids)
+    assert sorted(again.known_ids) == sorted(first.new_ids)
+    assert again.duplicates == first.duplicates  # seen again, recorded once
     (root / "sub" / "new.mp4").write_bytes(b"new content")
-    (root / "moved-a.mp4").write_bytes(files["a.mp4"])  # same content, new name: known
+    (root / "moved-a.mp4").write_bytes(files["a.mp4"])  # same content, new name: a duplicate
     third = register_source(ctx, str(root))
     assert third.new_ids == [vid(b"new content")]
+    assert ("moved-a.mp4", vid(files["a.mp4"])) in third.duplicates
     assert count_videos(ctx) == 7
+    with session_scope(ctx.sessions) as s:
+        assert s.query(Duplicate).count() == 2
 
 
 def test_limit_and_build(ctx, tmp_path):
@@ -136,7 +146,8 @@ def test_store_prefix_ingest(ctx):
     info_x, info_y = store.stat("incoming/x.mp4"), store.stat("incoming/sub/y.mov")
     expected = {video_id_for(f"{i.etag}:{i.size}"): i for i in (info_x, info_y)}
     assert sorted(res.new_ids) == sorted(expected)
-    assert res.known_ids == [video_id_for(f"{info_x.etag}:{info_x.size}")]  # same etag+size
+    # same etag+size: a duplicate of the first one listed
+    assert res.known_ids == [] and res.duplicates == [("x.mp4", video_id_for(f"{info_x.etag}:{info_x.size}"))]
     assert res.skipped == [("readme.txt", "not a video file name")]
     with session_scope(ctx.sessions) as s:
         uris = {v.source_uri for v in s.scalars(select(Video))}
@@ -147,6 +158,33 @@ def test_store_prefix_ingest(ctx):
             assert p.read_bytes() in (b"x video", b"y video")
     assert register_source(ctx, "store://incoming/").new_ids == []
     assert count_videos(ctx) == 2
+
+
+def test_an_object_overwritten_at_the_same_key_is_a_new_video_version(ctx):
+    from opensubject_tasks.services.common import run_stage
+    from opensubject_tasks.services.ingest import ensure_build
+
+    store = ctx.store
+    store.put_bytes("in/a.mp4", b"first a")
+    store.put_bytes("in/b.mp4", b"first b")
+    first = {v: k for k, v in zip(("a", "b"), register_source(ctx, "store://in/").new_ids, strict=True)}
+    old_a, old_b = sorted(first, key=lambda v: first[v])
+    ensure_build(ctx, "b1", {}, "cpu")
+    with session_scope(ctx.sessions) as s:  # b was handed to curate already; a was not
+        s.get(Video, old_b).queued_at = s.get(Video, old_b).created_at
+        s.get(Video, old_b).build_id = "b1"
+    store.put_bytes("in/a.mp4", b"second a, another encode")
+    store.put_bytes("in/b.mp4", b"second b, another encode")
+    res = register_source(ctx, "store://in/")
+    assert len(res.new_ids) == 2 and not set(res.new_ids) & {old_a, old_b}
+    assert res.replaced == [old_a]
+    with session_scope(ctx.sessions) as s:
+        a = s.get(Video, old_a)
+        assert a.state == "rejected" and "replaced by a new version at store://in/a.mp4" in a.reason
+        assert s.get(Video, old_b).state == "registered"
+    # the old b started before the new version came: curate refuses bytes it did not register
+    out = run_stage(ctx, "curate", old_b)
+    assert out.status == "failed" and "changed since it was registered" in out.reason
 
 
 def test_bad_sources_are_refused(ctx, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from mining_fixtures import BORDER, FULL_FRAME, TINY, gt_clips, iou, make_clip, seed_video
+from mining_fixtures import BORDER, FULL_FRAME, ONE_CAT, TINY, gt_clips, iou, make_clip, seed_video
 from opensubject_tasks.backends.base import CategoryList, Detection
 from opensubject_tasks.backends.registry import get_backend
 from opensubject_tasks.config import MineSettings, load_settings
@@ -31,11 +31,74 @@ def mine(frames, numbers, settings: MineSettings = SETTINGS) -> M.MineResult:
 def test_category_consensus_keeps_what_most_frames_agree_on() -> None:
     lists = [CategoryList(["Cat", "cup"]), CategoryList(["cat."]), CategoryList(["cat", "dog"]),
              CategoryList([], error="unparsable reply")]
-    kept, answered = M.category_consensus(lists, 0.5)
-    assert answered and kept == {"cat": 1.0}          # 3 of the 3 frames that answered
-    kept, _ = M.category_consensus(lists, 0.3)
-    assert kept == {"cat": 1.0, "cup": pytest.approx(1 / 3), "dog": pytest.approx(1 / 3)}
-    assert M.category_consensus([CategoryList([], error="no VLM configured")] * 3, 0.5) == ({}, False)
+    got = M.category_consensus(lists, 0.5, 2)
+    # divided by the 4 frames asked, not the 3 that answered
+    assert got.kept == {"cat": 0.75} and got.answered == 3 and got.asked == 4 and got.reason is None
+    assert got.named == {"cat": 0.75, "cup": 0.25, "dog": 0.25} and got.errors == ["unparsable reply"]
+    assert M.category_consensus(lists, 0.25, 2).kept == {"cat": 0.75, "cup": 0.25, "dog": 0.25}
+
+
+def test_category_consensus_keeps_valid_entries_and_records_refused_words() -> None:
+    """The replies [dog, grass] [dog, sky] [dog, person] [dogs, tree], parsed as the hf
+    VLM parses them: every frame votes for dog; grass and sky are refused and recorded."""
+    from opensubject_tasks.backends.hf.vlm import parse_categories
+
+    replies = ['{"categories": ["dog", "grass"]}', '{"categories": ["dog", "sky"]}',
+               '{"categories": ["dog", "person"]}', '{"categories": ["dogs", "tree"]}']
+    lists = [parse_categories(r) for r in replies]
+    assert [cl.error for cl in lists] == [None] * 4
+    got = M.category_consensus(lists, 0.5, 2)
+    assert got.kept == {"dog": 1.0}
+    assert got.named == {"dog": 1.0, "person": 0.25, "tree": 0.25}
+    assert got.rejected == {"grass (not a subject)": 1, "sky (not a subject)": 1}
+    assert got.reason is None
+
+
+def test_category_consensus_fails_with_a_reason() -> None:
+    one = [CategoryList(["dog"]), *[CategoryList([], error="reply is not JSON: 'x'")] * 3]
+    got = M.category_consensus(one, 0.25, 2)        # dog on 1 of 4 would pass the share...
+    assert got.kept == {} and got.reason.startswith("no category consensus: 1 of 4 keyframes")
+    assert "at least 2 needed" in got.reason and "not JSON" in got.reason
+    split = [CategoryList(["dog"]), CategoryList(["cat"]), CategoryList(["cow"]),
+             CategoryList([], rejected=["sky (not a subject)"])]
+    got = M.category_consensus(split, 0.5, 2)
+    assert got.kept == {} and "no category named on 50% of 4 keyframes" in got.reason
+    assert "refused: sky (not a subject)" in got.reason
+    assert M.category_consensus([CategoryList([], error="empty reply")] * 3, 0.5, 2).reason
+
+
+@pytest.fixture(scope="module")
+def one_cat_clip():
+    clip = make_clip(ONE_CAT)
+    return clip.frames, list(range(0, 60, 10))
+
+
+class _Replies:
+    """A VLM that lists the given categories, frame after frame."""
+
+    name = "scripted-vlm"
+
+    def __init__(self, replies: list[CategoryList]) -> None:
+        self.replies = replies
+
+    def list_categories(self, images):
+        return self.replies[:len(images)]
+
+
+def test_clip_without_consensus_is_rejected_not_labelled_object(one_cat_clip) -> None:
+    frames, numbers = one_cat_clip
+    failing = _Replies([CategoryList([], raw="???", error="reply is not JSON: '???'")] * 4)
+    r = M.mine_clip(frames, numbers, vlm=failing, detector=backends()["detector"],
+                    embedder=backends()["embedder"], settings=SETTINGS)
+    assert r.subjects == [] and r.pairs == [] and r.categories == {}
+    assert r.reason.startswith("no category consensus: 0 of 4 keyframes gave a usable answer")
+    assert r.details["consensus"]["errors"] == ["reply is not JSON: '???'"] * 4
+    # configured fallback: unnamed subjects, said so
+    fallback = M.mine_clip(frames, numbers, vlm=failing, detector=backends()["detector"],
+                           embedder=backends()["embedder"],
+                           settings=MineSettings(without_consensus="class_agnostic"))
+    assert fallback.pairs and {x.category_source for x in fallback.subjects} == {"none"}
+    assert fallback.details["consensus"]["reason"].startswith("no category consensus")
 
 
 def test_box_problems_and_subject_reasons() -> None:

@@ -11,12 +11,13 @@ from opensubject_tasks.backends.classical.verifier import ClassicalVerifier, sea
 from opensubject_tasks.backends.registry import get_backend
 from opensubject_tasks.backends.verifier_vlm import QUESTIONS, combine
 from opensubject_tasks.config import VerifySettings
+from opensubject_tasks.errors import ConfigError
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Sample, StageAttempt
 from opensubject_tasks.services.common import run_stage
 from opensubject_tasks.stages.verify import sample_seed
-from verify_fixtures import add_sample, add_video, make_images, prepare_db, store_attempt
+from verify_fixtures import add_sample, add_video, make_images, make_sample, prepare_db, store_attempt
 
 SCENES = ("brick", "coffee", "hubble", "grass")
 
@@ -29,7 +30,7 @@ def verifier() -> ClassicalVerifier:
 # -- the classical verifier on samples whose answer is known -------------------------
 @pytest.mark.parametrize("scene", SCENES)
 def test_faithful_sample_passes(verifier: ClassicalVerifier, scene: str) -> None:
-    v = verifier.verify([make_images(scene=scene)], thresholds=VerifySettings())[0]
+    v = verifier.verify([make_sample(scene=scene)], thresholds=VerifySettings())[0]
     assert v.passed, v.reasons
     assert v.scores["identity"] >= 0.9
     assert v.scores["identity_keypoints"] >= 2.0       # the subject's own pixels, mirrored
@@ -40,7 +41,7 @@ def test_faithful_sample_passes(verifier: ClassicalVerifier, scene: str) -> None
 @pytest.mark.parametrize("scene", SCENES)
 @pytest.mark.parametrize("other", ["astronaut", "coffee", "rocket"])
 def test_different_subject_fails_identity(verifier: ClassicalVerifier, scene: str, other: str) -> None:
-    v = verifier.verify([make_images(scene=scene, generation_subject=other)])[0]
+    v = verifier.verify([make_sample(scene=scene, generation_subject=other)])[0]
     assert not v.passed
     assert any(r.startswith("identity:") for r in v.reasons), v.reasons
     assert not any(r.startswith("residual:") for r in v.reasons), v.reasons  # the box was inpainted
@@ -49,20 +50,53 @@ def test_different_subject_fails_identity(verifier: ClassicalVerifier, scene: st
 
 @pytest.mark.parametrize("scene", SCENES)
 def test_subject_left_in_manipulation_input_fails_residual(verifier: ClassicalVerifier, scene: str) -> None:
-    v = verifier.verify([make_images(scene=scene, keep_subject=True)])[0]
+    v = verifier.verify([make_sample(scene=scene, keep_subject=True)])[0]
     assert not v.passed
     residual = [r for r in v.reasons if r.startswith("residual:")]
     assert len(residual) == 3, v.reasons   # embedding, keypoints and unchanged pixels all see it
     assert not any(r.startswith("identity:") for r in v.reasons)
 
 
+@pytest.mark.parametrize("scene", SCENES)
+@pytest.mark.parametrize("other", ["astronaut", "coffee", "rocket"])
+def test_target_of_another_individual_fails_same_individual(verifier: ClassicalVerifier, scene: str,
+                                                           other: str) -> None:
+    """A wrongly linked pair: synthesis is faithful to the reference, but the target
+    frame shows another individual. Only the reference-vs-target check can see it."""
+    v = verifier.verify([make_sample(scene=scene, target_subject=other)])[0]
+    assert not v.passed
+    assert [r for r in v.reasons if r.startswith("same individual:")], v.reasons
+    assert not any(r.startswith("identity:") for r in v.reasons), v.reasons  # the generation input is fine
+    good = verifier.verify([make_sample(scene=scene)])[0]
+    assert good.scores["same_individual"] >= VerifySettings().same_individual_threshold("classical")
+    assert v.scores["same_individual"] < good.scores["same_individual"]
+
+
+def test_same_individual_needs_a_target_box_and_a_calibrated_embedder(verifier: ClassicalVerifier) -> None:
+    v = verifier.verify([make_images()])[0]          # images only: nothing says where the target's subject is
+    assert not v.passed and "same individual: no target box to compare the reference with" in v.reasons
+
+    class Uncalibrated:
+        name = "hf:/models/some-new-embedder"
+
+        def embed(self, images):
+            return np.ones((len(images), 4), np.float32) / 2
+
+    with pytest.raises(ConfigError, match="no threshold for embedder 'hf:/models/some-new-embedder'"):
+        verifier.verify([make_sample()], embedder=Uncalibrated())
+    t = VerifySettings(same_individual_min={"some-new-embedder": 0.5})   # keyed by the model's name
+    assert verifier.verify([make_sample()], thresholds=t, embedder=Uncalibrated())[0].scores[
+        "same_individual"] == pytest.approx(1.0)
+    assert t.same_individual_threshold("classical") == VerifySettings().same_individual_threshold("classical")
+
+
 def test_batch_verdicts_follow_input_order(verifier: ClassicalVerifier) -> None:
-    samples = [make_images(), make_images(generation_subject="rocket"), make_images(keep_subject=True)]
+    samples = [make_sample(), make_sample(generation_subject="rocket"), make_sample(keep_subject=True)]
     assert [v.passed for v in verifier.verify(samples)] == [True, False, False]
 
 
 def test_seam_and_mask_sanity(verifier: ClassicalVerifier) -> None:
-    img = make_images(scene="coffee")
+    img = make_sample(scene="coffee")
     box = img["manipulation_mask"]
     flat = img["target"].copy()
     flat[box] = img["target"][~box].mean(axis=0).astype(np.uint8)  # a box pasted flat: a seam
@@ -109,7 +143,7 @@ def test_colour_names() -> None:
 # -- the VLM verifier ---------------------------------------------------------------
 def test_vlm_verifier_records_unparseable_answers_as_failures() -> None:
     v = get_backend("verifier", "vlm")   # with the "none" VLM: it answers nothing
-    verdict = v.verify([make_images() | {"category": "cat"}], thresholds=VerifySettings())[0]
+    verdict = v.verify([make_sample()], thresholds=VerifySettings())[0]
     assert not verdict.passed
     unparseable = [r for r in verdict.reasons if "unparseable answer from none" in r]
     assert len(unparseable) == len(QUESTIONS), verdict.reasons
@@ -119,11 +153,11 @@ def test_vlm_verifier_records_unparseable_answers_as_failures() -> None:
 
 
 def test_vlm_answers_combine_with_classical_scores(verifier: ClassicalVerifier) -> None:
-    good = verifier.verify([make_images()])[0]
-    bad_identity = verifier.verify([make_images(generation_subject="rocket")])[0]
+    good = verifier.verify([make_sample()])[0]
+    bad_identity = verifier.verify([make_sample(generation_subject="rocket")])[0]
     right = [YesNo(True, 0.9, "Yes."), YesNo(False, 0.2, "No."), YesNo(False, None, "no")]
     v = combine(right, good, "qwen")
-    assert v.passed and v.scores["vlm_same_identity"] == 0.9 and v.scores["vlm_subject_present"] == 0.8
+    assert v.passed and v.scores["vlm_same_individual"] == 0.9 and v.scores["vlm_subject_present"] == 0.8
     assert v.scores["vlm_artifacts"] == 1.0
 
     wrong = [YesNo(True, 0.9, "Yes"), YesNo(True, 0.7, "Yes, the cat is still there"), YesNo(False, 0.1, "No")]
@@ -274,7 +308,50 @@ def test_vlm_verifier_through_the_service_rejects_with_reason(ctx: Context) -> N
     res = run_stage(ctx, "verify", sid)
     row = _row(ctx, sid)
     assert res.status == "rejected" and row.state == "rejected"
-    assert "vlm_same_identity: unparseable answer from none" in row.reason
+    assert "vlm_same_individual: unparseable answer from none" in row.reason
+
+
+def test_wrong_identity_pair_is_rejected_at_once_with_its_reason(any_ctx: Context) -> None:
+    """The target frame shows another individual: rejected on attempt 1 of 3, with the
+    reason, and not sent back to synthesis (a new seed cannot change the pair)."""
+    ctx = any_ctx
+    ctx.settings.verify.max_attempts = 3
+    vid, clip = add_video(ctx, "a.mp4")
+    sid = add_sample(ctx, vid, clip, 0, make_images(target_subject="astronaut"))
+    ok = add_sample(ctx, vid, clip, 1, make_images())
+    res = run_stage(ctx, "verify", sid)
+    row = _row(ctx, sid)
+    assert res.status == "rejected" and res.next == [] and (row.state, row.attempt) == ("rejected", 1)
+    assert row.reason.startswith("wrong identity, not re-synthesized: rejected after 1 attempt(s)")
+    assert "same individual: the target's subject differs from the reference" in row.reason
+    assert row.verdict["scores"]["same_individual"] < ctx.settings.verify.same_individual_threshold("classical")
+    assert run_stage(ctx, "verify", ok).status == "ok" and _row(ctx, ok).state == "verified"
+
+
+def test_vlm_is_asked_about_reference_and_target_subject() -> None:
+    from opensubject_tasks.backends.verifier_vlm import questions_for
+    from verify_fixtures import TGT_BOX
+
+    sample = make_sample(target_subject="rocket")
+    asked = questions_for(sample)
+    assert [len(imgs) for imgs, _ in asked] == [2, 2, 2]
+    (ref, tgt), question = asked[0]
+    x0, y0, x1, y1 = (int(v) for v in TGT_BOX)
+    assert ref is sample["reference"] and np.array_equal(tgt, sample["target"][y0:y1, x0:x1])
+    assert "same individual cat" in question and "yes or no" in question
+
+    class SaysNo:
+        name = "scripted-vlm"
+
+        def ask_yes_no(self, images, questions):
+            return [YesNo(False, 0.1, "No") for _ in questions]
+
+    verdict = get_backend("verifier", "vlm").verify([make_sample()], vlm=SaysNo())[0]
+    assert "vlm_same_individual: scripted-vlm answered no" in verdict.reasons
+    from opensubject_tasks.stages.verify import decide
+
+    d = decide("s", 1, 7, verdict, [], max_attempts=3)
+    assert d.state == "rejected" and d.next == [] and d.reason.startswith("wrong identity")
 
 
 def test_missing_images_fail_the_sample_with_a_reason(ctx: Context) -> None:

@@ -67,28 +67,38 @@ def _paste(bg: np.ndarray, subj: np.ndarray, mask: np.ndarray, x: int, y: int) -
     return out
 
 
+# the subject's box in the target frame, as the pair row holds it
+TGT_BOX = [float(TGT_AT[0]), float(TGT_AT[1]), float(TGT_AT[0] + SUBJECT_HW[1]), float(TGT_AT[1] + SUBJECT_HW[0])]
+
+
 def make_images(subject: str = "cat", scene: str = "brick", generation_subject: str | None = None,
-                keep_subject: bool = False) -> dict[str, np.ndarray]:
+                keep_subject: bool = False, target_subject: str | None = None) -> dict[str, np.ndarray]:
     """The seven images of one sample (RGB uint8 / bool masks), fresh copies.
 
     ``generation_subject``: put a different subject into the generation input
     (identity must fail). ``keep_subject``: leave the target's box untouched in the
-    manipulation input (residual must fail).
+    manipulation input (residual must fail). ``target_subject``: the target frame shows
+    another individual than the reference (a wrongly linked pair: same individual must fail).
     """
-    made = _make_images(subject, scene, generation_subject, keep_subject)
+    made = _make_images(subject, scene, generation_subject, keep_subject, target_subject)
     return {k: v.copy() for k, v in made.items()}
+
+
+def make_sample(category: str = "cat", **variant: Any) -> dict[str, Any]:
+    """A sample as the verify service hands it over: the images plus its metadata."""
+    return make_images(**variant) | {"tgt_box": list(TGT_BOX), "category": category}
 
 
 @functools.lru_cache(maxsize=64)
 def _make_images(subject: str, scene: str, generation_subject: str | None,
-                 keep_subject: bool) -> dict[str, np.ndarray]:
+                 keep_subject: bool, target_subject: str | None = None) -> dict[str, np.ndarray]:
     subj, m = subject_photo(subject), ellipse_mask(*SUBJECT_HW)
     bg = scene_photo(scene)
     h, w = SUBJECT_HW
     rx, ry = REF_AT
     ref_frame = _paste(bg, subj, m, rx, ry)
     reference = ref_frame[ry:ry + h, rx:rx + w].copy()        # the subject crop, with its background
-    target = _paste(bg, subj, m, *TGT_AT)
+    target = _paste(bg, subject_photo(target_subject) if target_subject else subj, m, *TGT_AT)
     box = np.zeros((SIZE, SIZE), bool)
     box[TGT_AT[1]:TGT_AT[1] + h, TGT_AT[0]:TGT_AT[0] + w] = True
     manipulation = target.copy() if keep_subject else cv2.inpaint(target, box.astype(np.uint8), 5,
@@ -141,17 +151,19 @@ def add_video(ctx: Context, name: str, build_id: str = "b1", clip_rejected: bool
 
 
 def add_sample(ctx: Context, video_id: str, clip_id: str, idx: int, images: dict[str, np.ndarray],
-               category: str = "cat", build_id: str = "b1") -> str:
-    """Subject, pair and a synthesized sample (attempt 1) with its images in the store."""
+               category: str = "cat", build_id: str = "b1", scale: float = 1.0) -> str:
+    """Subject, pair and a synthesized sample (attempt 1) with its images in the store
+    (``scale``: the images were resized by that factor; the boxes follow)."""
     subject_id = f"{clip_id}-s{idx}"
     pair_id = f"{subject_id}-p0-40"
+    ref_box, tgt_box = [v * scale for v in (20.0, 30.0, 130.0, 130.0)], [v * scale for v in TGT_BOX]
     with session_scope(ctx.sessions) as s:
         s.add(Subject(id=subject_id, clip_id=clip_id, idx=idx, category=category, category_source="test",
-                      consensus=1.0, boxes={"0": [20, 30, 130, 130], "40": [120, 110, 230, 210]},
+                      consensus=1.0, boxes={"0": ref_box, "40": tgt_box},
                       backends={"detector": "classical"}))
         s.flush()
         s.add(Pair(id=pair_id, subject_id=subject_id, ref_frame=0, tgt_frame=40,
-                   ref_box=[20.0, 30.0, 130.0, 130.0], tgt_box=[120.0, 110.0, 230.0, 210.0],
+                   ref_box=ref_box, tgt_box=tgt_box,
                    scores={"identity": 0.9, "diversity": 0.5}))
         s.flush()
         s.add(Sample(id=pair_id, pair_id=pair_id, build_id=build_id, state="pending", attempt=1,

@@ -41,9 +41,13 @@ class Caption:
 
 @dataclass
 class CategoryList:
+    """One frame's answer. ``error`` means the frame gave no usable answer (a reply that
+    is not the asked-for list); entries the parser refused are in ``rejected`` and do
+    not void the valid ones. An empty list without error: the frame holds no subject."""
     categories: list[str]
     raw: str = ""
-    error: str | None = None   # set when the model output was malformed
+    error: str | None = None
+    rejected: list[str] = field(default_factory=list)  # refused entries, "word (why)"
 
 
 @dataclass

@@ -25,6 +25,7 @@ _PROVIDERS = {
     "vlm": "opensubject_tasks.backends.classical",
     "hf": "opensubject_tasks.backends.hf",
     "tiny": "opensubject_tasks.backends.hf",
+    "florence": "opensubject_tasks.backends.hf",
 }
 
 
@@ -48,7 +49,7 @@ def available(interface: str) -> list[str]:
     return sorted(n for (i, n) in _FACTORIES if i == interface)
 
 
-def get_backend(interface: str, name: str, **options: Any) -> Any:
+def get_backend(interface: str, name: str, /, **options: Any) -> Any:
     """Return the process-wide instance of a backend, creating it on first use."""
     key = (interface, name, repr(sorted(options.items())))
     with _LOCK:

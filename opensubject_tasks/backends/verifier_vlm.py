@@ -1,12 +1,13 @@
 """VLM verifier: asks a vision-language model three yes/no questions per sample and
 combines the answers with the classical scores.
 
-1. Is the subject in the generation input the same individual as in the reference?  (yes)
+1. Are the reference and the subject in the target frame the same individual?         (yes)
 2. Is the subject still visible in the inpainted region of the manipulation input?   (no)
 3. Do the synthesized images show visible artifacts or extra copies of the subject?  (no)
 
-An answer the model's reply could not be parsed into (``YesNo.answer is None``) is
-recorded as such and fails the sample: a guess is never substituted.
+The questions' wording is in prompts.yaml (``verify``). An answer the model's reply
+could not be parsed into (``YesNo.answer is None``) is recorded as such and fails the
+sample: a guess is never substituted.
 """
 from __future__ import annotations
 
@@ -15,22 +16,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from opensubject_tasks.backends.base import VLM, Embedder, Verdict, YesNo
-from opensubject_tasks.backends.classical.verifier import ClassicalVerifier, as_mask, bbox
+from opensubject_tasks.backends.classical.verifier import ClassicalVerifier, as_mask, bbox, box_crop
+from opensubject_tasks.backends.prompts import prompt_text
 from opensubject_tasks.backends.registry import get_backend, register
 from opensubject_tasks.config import VerifySettings
 
-# (check, expected answer, question template). {category} is the subject's category.
+# (check, expected answer, question key in prompts.yaml under `verify`)
 QUESTIONS: tuple[tuple[str, bool, str], ...] = (
-    ("vlm_same_identity", True,
-     "Image 1 shows a {category}. Is the {category} in image 2 the same individual "
-     "{category} as in image 1 (same identity, not just the same kind)? Answer yes or no."),
-    ("vlm_subject_present", False,
-     "Image 1 shows a {category}. Image 2 is a region of a photo from which that {category} "
-     "was removed. Is the {category} from image 1, or part of it, still visible in image 2? "
-     "Answer yes or no."),
-    ("vlm_artifacts", False,
-     "Do these images show visible editing artifacts (seams, smears, distorted or melted "
-     "parts) or more than one copy of the {category}? Answer yes or no."),
+    ("vlm_same_individual", True, "same_individual"),
+    ("vlm_subject_present", False, "subject_present"),
+    ("vlm_artifacts", False, "artifacts"),
 )
 # Which classical checks the VLM's answers stand in for when vlm_combine == "vlm".
 _REPLACED = ("identity:", "residual:", "artifact: seam")
@@ -51,9 +46,17 @@ def questions_for(sample: dict[str, Any]) -> list[tuple[list[np.ndarray], str]]:
     """The three (images, question) pairs asked about one sample."""
     category = str(sample.get("category") or "subject")
     ref, gen, man = sample["reference"], sample["generation_input"], sample["manipulation_input"]
+    target = sample.get("target")
+    tgt_box = sample.get("tgt_box")
+    # the target's subject; without its box the whole target frame (the classical
+    # same-individual check fails such a sample anyway)
+    tgt_subject = (box_crop(target, tgt_box) if target is not None and tgt_box else None)
+    if tgt_subject is None:
+        tgt_subject = target if target is not None else man
     region = _region(man, as_mask(sample.get("manipulation_mask")))
-    images = ([ref, gen], [ref, region], [gen, man])
-    return [(list(imgs), q.format(category=category)) for imgs, (_, _, q) in zip(images, QUESTIONS, strict=True)]
+    images = ([ref, tgt_subject], [ref, region], [gen, man])
+    return [(list(imgs), prompt_text("verify", key, category=category))
+            for imgs, (_, _, key) in zip(images, QUESTIONS, strict=True)]
 
 
 def combine(answers: Sequence[YesNo], classical: Verdict, vlm_name: str,

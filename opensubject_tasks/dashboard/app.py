@@ -66,9 +66,12 @@ def render(doc: dict[str, Any]) -> str:
     """The page (server-rendered, no script; every value escaped)."""
     e = escape
     top = max([f["count"] for f in doc["funnel"]] + [1])
-    funnel = _table(["stage", "count", ""], [
-        [e(f["stage"]), str(f["count"]), f'<span class="bar" style="width:{int(300 * f["count"] / top)}px"></span>']
+    funnel = _table(["step", "what it counts", "count", ""], [
+        [e(f["stage"]), e(f["label"]), str(f["count"]),
+         f'<span class="bar" style="width:{int(300 * f["count"] / top)}px"></span>']
         for f in doc["funnel"]], "nothing yet")
+    duplicates = _table(["input file", "byte-identical copy of", "video id"], [
+        [e(d["name"]), e(d["copy_of"]), e(d["video_id"])] for d in doc["duplicates"]], "no duplicate input")
     failures = _table(["reason", "state", "videos", "video", "stage", "error"], [
         [e(g["reason"]), e(g["state"]), str(g["count"]), e(f'{v["name"]} ({v["id"]})'), e(v["stage"] or ""),
          f'<pre>{e(v["error"] or "")}</pre>']
@@ -97,6 +100,7 @@ def render(doc: dict[str, Any]) -> str:
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>OpenSubject dataset</title>'
             f'<style>{_CSS}</style></head><body><h1>OpenSubject dataset{scope}</h1>'
             f'<h2 id="funnel">Stage funnel</h2>{funnel}'
+            f'<h2 id="duplicates">Duplicate inputs</h2>{duplicates}'
             f'<h2 id="failures">Failures by reason</h2>{failures}'
             f'<h2 id="rejections">Rejected samples by reason</h2>{rejections}'
             f'<h2 id="attempts">Attempts and retries</h2>{attempts}'

@@ -8,9 +8,11 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from opensubject_tasks import readmodel
+from opensubject_tasks.catalogue import VIDEO_TERMINAL
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
+from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video
 from opensubject_tasks.storage import make_store
 
 THUMB_EXPIRY_S = 300          # presigned thumbnail links live five minutes
@@ -18,7 +20,6 @@ THUMB_NAMES = ("reference", "generation_input", "manipulation_input", "target")
 # Browsers reach the store under another name than the services do (compose: minio:9000
 # inside, localhost:9000 outside); links are signed for that name.
 PUBLIC_ENDPOINT_ENV = "OPENSUBJECT_DASHBOARD_STORE_ENDPOINT"
-TERMINAL_VIDEO = ("done", "rejected", "failed")
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -50,24 +51,9 @@ def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
         def count(q: Any) -> int:
             return int(s.scalar(q) or 0)
 
-        vids = select(Video.id)
-        if vb is not None:
-            vids = vids.where(vb)
-        clip_q = select(func.count()).select_from(Clip).where(Clip.video_id.in_(vids))
-        subj_q = select(func.count()).select_from(Subject).join(Clip).where(Clip.video_id.in_(vids))
-        pair_q = (select(func.count()).select_from(Pair).join(Subject).join(Clip)
-                  .where(Clip.video_id.in_(vids)))
-        samples = _by(s, Sample.state, sb)
-        funnel = [
-            ("videos", count(select(func.count()).select_from(Video).where(*([vb] if vb is not None else [])))),
-            ("curated", count(select(func.count()).select_from(Video).where(
-                Video.stage_done.is_not(None), *([vb] if vb is not None else [])))),
-            ("clips kept", count(clip_q.where(Clip.state != "rejected"))),
-            ("subjects", count(subj_q)),
-            ("pairs", count(pair_q)),
-            ("samples", sum(samples.values())),
-            ("verified", samples.get("verified", 0)),
-        ]
+        funnel = readmodel.funnel(s, build_id)
+        samples = readmodel.states(s, build_id)["samples"]
+        duplicates = readmodel.duplicates(s, build_id, limit=failures)
 
         failed_videos = s.execute(
             select(Video.id, Video.name, Video.state, Video.reason, Video.updated_at)
@@ -116,7 +102,7 @@ def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
             v = _by(s, Video.state, Video.build_id == b.id)
             sm = _by(s, Sample.state, Sample.build_id == b.id)
             total = sum(v.values())
-            finished = sum(n for st, n in v.items() if st in TERMINAL_VIDEO)
+            finished = sum(n for st, n in v.items() if st in VIDEO_TERMINAL)
             builds.append({"id": b.id, "state": b.state, "profile": b.profile,
                            "created_at": _iso(b.created_at), "updated_at": _iso(b.updated_at),
                            "videos": v, "samples": sm, "videos_total": total, "videos_finished": finished,
@@ -140,7 +126,8 @@ def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
 
     return {
         "build": build_id,
-        "funnel": [{"stage": k, "count": v} for k, v in funnel],
+        "funnel": [{"stage": k, "label": readmodel.FUNNEL[k], "count": v} for k, v in funnel.items()],
+        "duplicates": duplicates,
         "samples_by_state": samples,
         "failures": sorted(by_reason.values(), key=lambda g: -g["count"]),
         "sample_rejections": sample_reasons,

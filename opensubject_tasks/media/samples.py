@@ -409,6 +409,54 @@ def make_samples(out_dir: Path, *, seed: int = 0, size: tuple[int, int] = SAMPLE
     return gt_path
 
 
+# --------------------------------------------------------------------- many tiny videos
+TINY_BACKGROUNDS = ("hubble", "brick", "moon", "astronaut", "gravel", "coins", "coffee", "grass", "camera",
+                    "rocket", "motorcycle", "chelsea", "retina", "clock")
+TINY_SUBJECTS = ("cat", "person", "cup", "rocket", "motorcycle")
+
+
+def tiny_video(path: Path, i: int, size: tuple[int, int] = (160, 90), frames: int = 38) -> None:
+    """One photo background and one cut-out moving across it, all drawn from ``i``: load
+    tests need many different videos that are quick to make and to process."""
+    rng = np.random.default_rng([7, i])
+    w, h = size
+    bg_full = photo(TINY_BACKGROUNDS[i % len(TINY_BACKGROUNDS)])
+    bh, bw = bg_full.shape[:2]
+    cw, chh = int(bw * rng.uniform(0.5, 0.9)), int(bh * rng.uniform(0.5, 0.9))
+    x0, y0 = int(rng.integers(0, bw - cw + 1)), int(rng.integers(0, bh - chh + 1))
+    bg = cv2.resize(bg_full[y0:y0 + chh, x0:x0 + cw], size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    rgb, alpha = cutout(TINY_SUBJECTS[(i // len(TINY_BACKGROUNDS)) % len(TINY_SUBJECTS)])
+    sh = rng.uniform(0.45, 0.7) * h
+    sw = sh * rgb.shape[1] / rgb.shape[0]
+    sub = cv2.resize(rgb, (int(sw), int(sh)), interpolation=cv2.INTER_AREA)
+    sa = cv2.resize(alpha, (int(sw), int(sh)), interpolation=cv2.INTER_AREA)[..., None]
+    ax, bx = rng.uniform(0.05, 0.35) * w, rng.uniform(0.55, 0.95) * w - sw
+    ay, by = rng.uniform(0.05, 0.4) * h, rng.uniform(0.05, 0.4) * h
+
+    def frame(k: int) -> np.ndarray:
+        t = k / (frames - 1)
+        x, y = int(ax + (bx - ax) * t), int(ay + (by - ay) * t)
+        img = bg.copy()
+        hh, ww = min(sub.shape[0], h - y), min(sub.shape[1], w - x)
+        img[y:y + hh, x:x + ww] += (sub[:hh, :ww] - img[y:y + hh, x:x + ww]) * sa[:hh, :ww]
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+    encode(path, (frame(k) for k in range(frames)), size)
+
+
+def make_tiny_videos(out_dir: Path, count: int, size: tuple[int, int] = (160, 90), start: int = 0) -> list[Path]:
+    """``count`` different tiny videos (``tiny-00000.mp4`` ...), each made once."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        path = out_dir / f"tiny-{i:05d}.mp4"
+        if not path.exists():
+            tiny_video(path, i, size)
+        paths.append(path)
+    return paths
+
+
 # --------------------------------------------------------------------- bad inputs
 
 HOSTILE_NAME = "-rf $(touch pwned); `id` ünï 猫 'q' \"x\".mp4"

@@ -26,7 +26,7 @@ from opensubject_tasks.services.common import StageResult, already_done, stage
 from opensubject_tasks.stages.curate import ClipResult, check_video, curate_frames
 from opensubject_tasks.storage import Keys
 from opensubject_tasks.storage.base import safe_key
-from opensubject_tasks.storage.sources import local_copy
+from opensubject_tasks.storage.sources import local_copy, parse_source
 
 
 def clip_id(video_id: str, idx: int) -> str:
@@ -54,7 +54,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
         video = db.get(Video, video_id)
         if video is None:
             raise BadInput(f"video {video_id} does not exist")
-        source = video.source_uri
+        source, registered = video.source_uri, (video.content_hash, video.size_bytes)
         if stage_reached(video.stage_done, "curate"):
             kept = db.scalar(select(func.count(Clip.id)).where(Clip.video_id == video_id,
                                                                Clip.state != "rejected"))
@@ -85,6 +85,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
                 entries[-1].update(full_key=full_key, full_width=image.shape[1], full_height=image.shape[0])
         written[clip.idx] = entries
 
+    _check_unchanged(ctx, source, *registered)
     t0 = time.perf_counter()
     with local_copy(ctx.store, source) as path:
         timings["fetch_s"] = time.perf_counter() - t0
@@ -136,6 +137,23 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
         raise Rejected(f"no clip kept ({len(outcome.clips)} clip(s)): {reasons}" if outcome.clips
                        else "no clip kept: no shot found")
     return StageResult(status="ok", next=[("mine", video_id)], details=details)
+
+
+def _check_unchanged(ctx: Context, source: str, content_hash: str, size: int) -> None:
+    """The bytes at the source must still be the ones registered: an object overwritten at
+    the same key is registered as another video, not processed under this one's id."""
+    src = parse_source(source)
+    if src.kind == "store":
+        try:
+            info = ctx.store.stat(src.key)
+        except FileNotFoundError:
+            return  # local_copy says it is missing
+        if f"{info.etag}:{info.size}" != content_hash:
+            raise BadInput(f"the object at {source} changed since it was registered (now etag {info.etag}, "
+                           f"{info.size} bytes): its new version is registered as another video")
+    elif src.path is not None and src.path.is_file() and size and src.path.stat().st_size != size:
+        raise BadInput(f"the file {src.path} changed since it was registered ({size} -> "
+                       f"{src.path.stat().st_size} bytes): register it again")
 
 
 def _delete_stale_keyframes(ctx: Context, video_id: str, live: set[str]) -> None:

@@ -248,70 +248,23 @@ def _chain(stmt):  # noqa: ANN001, ANN202 - select joined from samples up to vid
             .join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id))
 
 
-def funnel_counts(s: Session, build_id: str) -> dict[str, int]:
-    """Entities that passed each stage of a build: videos registered, clips and subjects
-    kept, pairs made, samples made, verified, and rejected (failed samples included:
-    neither reaches the dataset), so samples == verified + rejected once all are done."""
-    def count(stmt) -> int:  # noqa: ANN001
-        return int(s.scalar(stmt) or 0)
-
-    in_build = Video.build_id == build_id
-    clips = select(func.count(Clip.id)).join(Video, Clip.video_id == Video.id).where(in_build)
-    subjects = (select(func.count(Subject.id)).join(Clip, Subject.clip_id == Clip.id)
-                .join(Video, Clip.video_id == Video.id).where(in_build))
-    pairs = (select(func.count(Pair.id)).join(Subject, Pair.subject_id == Subject.id)
-             .join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id).where(in_build))
-    samples = _chain(select(func.count(Sample.id))).where(in_build)
-    return {
-        "videos": count(select(func.count(Video.id)).where(in_build)),
-        "clips": count(clips.where(Clip.state != "rejected")),
-        "subjects": count(subjects.where(Subject.state != "rejected")),
-        "pairs": count(pairs),
-        "samples": count(samples),
-        "verified": count(samples.where(Sample.state == "verified")),
-        "rejected": count(samples.where(Sample.state.in_(("rejected", "failed")))),
-    }
-
-
 def build_stats(s: Session, build_id: str) -> dict[str, Any]:
-    """Funnel, states, rejection reasons, verification history and throughput of a build."""
+    """Funnel, states, rejection reasons, duplicates, verification history and throughput."""
+    from opensubject_tasks import readmodel
+
     in_build = Video.build_id == build_id
-
-    video_states = dict(s.execute(select(Video.state, func.count()).where(in_build)
-                                  .group_by(Video.state).order_by(Video.state)).all())
-    clip_states = dict(s.execute(select(Clip.state, func.count()).join(Video, Clip.video_id == Video.id)
-                                 .where(in_build).group_by(Clip.state).order_by(Clip.state)).all())
-    sample_states = dict(s.execute(_chain(select(Sample.state, func.count())).where(in_build)
-                                   .group_by(Sample.state).order_by(Sample.state)).all())
-
-    reasons: list[tuple[str, str]] = []
-    reasons += [("video", r) for (r,) in s.execute(
-        select(Video.reason).where(in_build, Video.state.in_(("rejected", "failed")))
-        .order_by(Video.id))]
-    reasons += [("clip", r) for (r,) in s.execute(
-        select(Clip.reason).join(Video, Clip.video_id == Video.id)
-        .where(in_build, Clip.state == "rejected").order_by(Clip.id))]
-    reasons += [("subject", r) for (r,) in s.execute(
-        select(Subject.reason).join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id)
-        .where(in_build, Subject.state == "rejected").order_by(Subject.id))]
-
+    reasons = readmodel.rejection_reasons(s, build_id)
     failed_checks: Counter[str] = Counter()
     verified_at: Counter[str] = Counter()
     verify_attempts = 0
-    for st, verdict, history, reason, attempt in s.execute(
-            _chain(select(Sample.state, Sample.verdict, Sample.history, Sample.reason, Sample.attempt))
-            .where(in_build).order_by(Sample.id)):
+    for st, history, attempt in s.execute(
+            _chain(select(Sample.state, Sample.history, Sample.attempt)).where(in_build).order_by(Sample.id)):
         for h in history or []:
             verify_attempts += 1
             for r in h.get("reasons") or []:
                 failed_checks[r.split(":", 1)[0]] += 1
         if st == "verified":
             verified_at[str(attempt)] += 1
-        elif st == "rejected":
-            last = (verdict or {}).get("reasons") or ([reason] if reason else [])
-            reasons += [("sample", r) for r in last]
-        elif st == "failed" and reason:
-            reasons.append(("sample", reason))
 
     attempts = [{"stage": a, "status": b, "duration_s": c, "entity_id": d} for a, b, c, d in s.execute(
         select(StageAttempt.stage, StageAttempt.status, StageAttempt.duration_s, StageAttempt.entity_id)
@@ -320,9 +273,10 @@ def build_stats(s: Session, build_id: str) -> dict[str, Any]:
         .order_by(StageAttempt.id))]
     return {
         "build": build_id,
-        "funnel": funnel_counts(s, build_id),
-        "states": {"videos": video_states, "clips": clip_states, "samples": sample_states},
+        "funnel": readmodel.funnel(s, build_id),
+        "states": readmodel.states(s, build_id),
         "rejections": count_reasons(reasons),
+        "duplicates": readmodel.duplicates(s, build_id, limit=1000),
         "verification": {"attempts": verify_attempts,
                          "failed_checks": dict(sorted(failed_checks.items())),
                          "verified_at_attempt": dict(sorted(verified_at.items(), key=lambda kv: int(kv[0])))},

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Build, Video, utcnow
+from opensubject_tasks.db.models import Build, Duplicate, Video, utcnow
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.storage.sources import file_uri, parse_source, store_uri
 
@@ -31,18 +31,20 @@ VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".m2v", ".ts", ".mts",
     ".m2ts", ".flv", ".wmv", ".asf", ".3gp", ".3g2", ".ogv", ".vob", ".mxf", ".y4m",
 })
-_BATCH = 64  # candidates per database round trip
+_BATCH = 500  # candidates per database round trip
 
 
 @dataclass
 class IngestResult:
     new_ids: list[str] = field(default_factory=list)
     known_ids: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)     # (name, reason)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (name, id of the video it copies)
+    replaced: list[str] = field(default_factory=list)               # old versions of overwritten objects
 
     def to_dict(self) -> dict[str, Any]:
-        return {"new": len(self.new_ids), "known": len(self.known_ids),
-                "skipped": [list(s) for s in self.skipped]}
+        return {"new": len(self.new_ids), "known": len(self.known_ids), "duplicates": len(self.duplicates),
+                "replaced": len(self.replaced), "skipped": [list(s) for s in self.skipped]}
 
 
 @dataclass(frozen=True)
@@ -170,13 +172,8 @@ def register_source(ctx: Context, source: str, build_id: str | None = None,
         assert src.path is not None
         candidates = _folder_candidates(src.path, result.skipped)
 
-    seen: set[str] = set()
     batch: list[_Candidate] = []
     for cand in candidates:
-        if cand.content_hash in seen:  # same content twice in this source
-            result.known_ids.append(cand.video_id)
-            continue
-        seen.add(cand.content_hash)
         batch.append(cand)
         # With a limit, smaller batches: no file is hashed far past the point of stopping.
         wanted = _BATCH if limit is None else min(_BATCH, limit - len(result.new_ids))
@@ -192,15 +189,31 @@ def register_source(ctx: Context, source: str, build_id: str | None = None,
 
 def _register_batch(ctx: Context, batch: list[_Candidate], build_id: str | None,
                     limit: int | None, result: IngestResult) -> None:
+    """One round trip for a batch: what is new becomes a video (the first file of each
+    content), a file whose bytes equal a registered video's is recorded as its duplicate,
+    and a new version of an object at a known key retires the old one if it never started."""
     with session_scope(ctx.sessions) as s:
-        hashes = [c.content_hash for c in batch]
-        known = set(s.scalars(select(Video.content_hash).where(Video.content_hash.in_(hashes))))
-        fresh = [c for c in batch if c.content_hash not in known]
+        known = {h: (vid, uri) for h, vid, uri in s.execute(
+            select(Video.content_hash, Video.id, Video.source_uri)
+            .where(Video.content_hash.in_({c.content_hash for c in batch})))}
+        firsts: dict[str, _Candidate] = {}
+        copies: list[_Candidate] = []
+        for c in batch:
+            if c.content_hash in known:
+                if c.source_uri == known[c.content_hash][1]:
+                    result.known_ids.append(known[c.content_hash][0])
+                else:
+                    copies.append(c)
+            elif c.content_hash in firsts:
+                copies.append(c)
+            else:
+                firsts[c.content_hash] = c
+        fresh = list(firsts.values())
         if limit is not None:
             fresh = fresh[: max(0, limit - len(result.new_ids))]
         inserted: set[str] = set()
+        now = utcnow()
         if fresh:
-            now = utcnow()
             rows = [{"id": c.video_id, "content_hash": c.content_hash, "source_uri": c.source_uri,
                      "name": c.name, "size_bytes": c.size, "build_id": build_id,
                      "state": "registered", "created_at": now, "updated_at": now} for c in fresh]
@@ -208,13 +221,32 @@ def _register_batch(ctx: Context, batch: list[_Candidate], build_id: str | None,
             # the unique content_hash makes the database keep exactly one.
             stmt = _insert(s, Video).values(rows).on_conflict_do_nothing().returning(Video.id)
             inserted = set(s.scalars(stmt))
-    fresh_ids = {c.video_id for c in fresh}
-    for c in batch:
-        if c.video_id in inserted:
-            result.new_ids.append(c.video_id)
-        elif c.content_hash in known or c.video_id in fresh_ids:
-            result.known_ids.append(c.video_id)
-        # else: left out by the limit; a later run registers it
+        for c in fresh:
+            (result.new_ids if c.video_id in inserted else result.known_ids).append(c.video_id)
+        registered = set(known) | {c.content_hash for c in fresh}
+        copies = [c for c in copies if c.content_hash in registered]  # not those the limit left out
+        if copies:
+            s.execute(_insert(s, Duplicate).values([
+                {"video_id": c.video_id, "source_uri": c.source_uri, "name": c.name, "size_bytes": c.size,
+                 "created_at": now} for c in copies]).on_conflict_do_nothing())
+            result.duplicates += [(c.name, c.video_id) for c in copies]
+        if inserted:
+            result.replaced += _retire_old_versions(s, [c for c in fresh if c.video_id in inserted])
+
+
+def _retire_old_versions(s: Session, new: list[_Candidate]) -> list[str]:
+    """An object overwritten at the same key is a new video: the row of the old version is
+    rejected with that reason if no work on it has started (a started one is checked by
+    curate, which refuses bytes that are no longer the ones registered)."""
+    by_uri = {c.source_uri: c.video_id for c in new}
+    old = s.execute(select(Video.id, Video.source_uri).where(
+        Video.source_uri.in_(list(by_uri)), Video.id.not_in(list(by_uri.values())),
+        Video.state == "registered", Video.stage_done.is_(None), Video.queued_at.is_(None))).all()
+    for vid, uri in old:
+        s.execute(update(Video).where(Video.id == vid).values(
+            state="rejected", reason=f"replaced by a new version at {uri} (video {by_uri[uri]}) before "
+                                     "any work on it started").execution_options(synchronize_session=False))
+    return [vid for vid, _ in old]
 
 
 # -- builds ------------------------------------------------------------------------

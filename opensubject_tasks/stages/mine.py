@@ -2,9 +2,11 @@
 of frames that show the same subject.
 
 1. Category consensus: the VLM names the subjects on a few keyframes; categories
-   named on at least ``consensus_share`` of them are kept. Without a VLM (or when it
-   cannot answer) the detector's class-agnostic proposals are used, labelled
-   ``object`` with category source ``none``.
+   named on at least ``consensus_share`` of the keyframes asked are kept, provided at
+   least ``consensus_min_answers`` keyframes answered. A clip without consensus is
+   rejected with the reason (or, when configured, grounded class-agnostically). Without
+   a VLM the detector's class-agnostic proposals are used, labelled ``object`` with
+   category source ``none``.
 2. Local grounding: the detector gives boxes per keyframe for the kept categories.
 3. Identities: boxes are linked across keyframes by detector track, overlap and
    embedding similarity; several subjects per clip are allowed. Pieces of one subject
@@ -34,6 +36,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from opensubject_tasks.backends.base import VLM, CategoryList, Detection, Detector, Embedder, Image
+from opensubject_tasks.backends.categories import normalise_category
 from opensubject_tasks.config import MineSettings
 
 GENERIC = "object"  # the label of a subject nobody named
@@ -110,10 +113,6 @@ def spread_indices(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
-def normalise_category(name: str) -> str:
-    return " ".join(name.lower().strip().strip(".").split())
-
-
 def box_problem(box: Sequence[float], width: int, height: int, s: MineSettings) -> str | None:
     """Why a box cannot serve as a reference or target, or None."""
     share = box_area(box) / float(width * height)
@@ -129,17 +128,58 @@ def box_problem(box: Sequence[float], width: int, height: int, s: MineSettings) 
 
 # --------------------------------------------------------------------- 1. consensus
 
-def category_consensus(lists: Sequence[CategoryList], share: float) -> tuple[dict[str, float], bool]:
-    """(kept category -> share of frames naming it, whether the VLM answered at all)."""
-    answered = [cl for cl in lists if cl.error is None]
-    if not answered:
-        return {}, False
+@dataclass
+class Consensus:
+    """What the keyframes asked said about the clip's subject categories."""
+    kept: dict[str, float]               # category -> share of the keyframes asked naming it
+    named: dict[str, float]              # every valid category named, with its share
+    asked: int
+    answered: int                        # keyframes whose reply was a usable list
+    rejected: dict[str, int]             # refused entries -> keyframes that gave them
+    errors: list[str]                    # why the other keyframes gave no usable list
+    reason: str | None = None            # why there is no consensus
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept, "named": self.named, "asked": self.asked, "answered": self.answered,
+                "rejected": self.rejected, "errors": self.errors, "reason": self.reason}
+
+
+def category_consensus(lists: Sequence[CategoryList], share: float, min_answers: int = 1) -> Consensus:
+    """Categories named on at least ``share`` of the keyframes asked.
+
+    A frame's valid entries count even when it also gave refused words ("dog, grass":
+    a vote for dog, "grass" recorded apart); names are compared in their normal form
+    ("Dogs" = "dog"). Shares divide by the frames asked, not by those that answered,
+    so one frame of four cannot carry a category; and fewer than ``min_answers``
+    answering frames are no consensus at all."""
+    asked = len(lists)
     counts: Counter[str] = Counter()
-    for cl in answered:
-        counts.update({normalise_category(c) for c in cl.categories if c and c.strip()})
-    n = len(answered)
-    kept = {c: k / n for c, k in sorted(counts.items()) if k / n >= share - 1e-9}
-    return kept, True
+    rejected: Counter[str] = Counter()
+    errors: list[str] = []
+    answered = 0
+    for cl in lists:
+        rejected.update(set(cl.rejected))
+        if cl.error is not None:
+            errors.append(cl.error)
+            continue
+        answered += 1
+        counts.update({n for n in (normalise_category(c) for c in cl.categories if c) if n})
+    named = {c: round(k / asked, 4) for c, k in sorted(counts.items())} if asked else {}
+    kept = {c: v for c, v in named.items() if v >= share - 1e-9}
+    reason = None
+    need = min(min_answers, asked)
+    if answered < max(need, 1):
+        why = "; ".join(sorted(set(errors)))[:300]
+        reason = (f"no category consensus: {answered} of {asked} keyframes gave a usable answer "
+                  f"(at least {max(need, 1)} needed){': ' + why if why else ''}")
+    elif not kept:
+        seen = ", ".join(f"{c} {v:.0%}" for c, v in sorted(named.items(), key=lambda kv: -kv[1])[:5])
+        reason = (f"no category consensus: no category named on {share:.0%} of {asked} keyframes"
+                  f" ({seen or 'none named'})")
+    if reason and rejected:
+        reason += "; refused: " + ", ".join(sorted(rejected))[:200]
+    return Consensus({} if reason else kept, named, asked, answered, dict(sorted(rejected.items())),
+                     errors, reason)
 
 
 # ------------------------------------------------------------------ 3. identities
@@ -460,14 +500,17 @@ def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM
     height, width = frames[0].shape[:2]
     n = len(frames)
 
-    # 1. category consensus
-    asked = spread_indices(n, s.consensus_frames)
-    kept, vlm_answered = category_consensus(vlm.list_categories([frames[i] for i in asked]), s.consensus_share)
-    source = vlm.name if vlm_answered else "none"
-    if vlm_answered and not kept:
-        return MineResult([], [], {}, source,
-                          reason=f"no subject: no category named on {s.consensus_share:.0%} of "
-                                 f"{len(asked)} keyframes")
+    # 1. category consensus (none without a VLM: the detector's subjects stay unnamed)
+    kept: dict[str, float] = {}
+    asked_info: dict[str, Any] = {"asked": 0, "reason": "no VLM configured"}
+    if getattr(vlm, "name", "none") != "none":
+        asked = spread_indices(n, s.consensus_frames)
+        cons = category_consensus(vlm.list_categories([frames[i] for i in asked]), s.consensus_share,
+                                  s.consensus_min_answers)
+        asked_info, kept = cons.as_dict(), cons.kept
+        if cons.reason and s.without_consensus == "reject":
+            return MineResult([], [], {}, vlm.name, reason=cons.reason, details={"consensus": asked_info})
+    source = vlm.name if kept else "none"
 
     # 2. local grounding
     dets = detector.detect(list(frames), sorted(kept))
@@ -477,7 +520,8 @@ def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM
     if not flat:
         what = f"of {', '.join(sorted(kept))} " if kept else ""
         return MineResult([], [], kept, source,
-                          reason=f"no subject: the detector found no subject {what}in {n} keyframes")
+                          reason=f"no subject: the detector found no subject {what}in {n} keyframes",
+                          details={"consensus": asked_info})
 
     # 3. identities
     embs = embedder.embed([crop(frames[i], d.box) for i, d in flat]) if flat else np.zeros((0, 1))
@@ -534,7 +578,7 @@ def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM
     reason = None
     if not pairs:
         reason = "no subject: " + "; ".join(f"subject {x.idx} ({x.category}): {x.reason}" for x in subjects)
-    details = {"keyframes": n, "detections": len(flat), "identities": len(idents),
+    details = {"consensus": asked_info, "keyframes": n, "detections": len(flat), "identities": len(idents),
                "pairs": len(pairs), "dropped_pairs": dict(dropped_total)}
     return MineResult(subjects, pairs, kept, source, reason=reason, details=details)
 

@@ -87,13 +87,25 @@ def rejection_summary(history: Sequence[dict[str, Any]]) -> str:
     return f"rejected after {len(history)} attempt(s): " + " | ".join(parts)
 
 
+def shows_two_individuals(reason: str) -> bool:
+    """A failure of the pair itself, not of what synthesis made of it: the reference and
+    the target are two individuals (by the embedding, or the VLM said so). A new seed
+    cannot change that, so such a sample is not re-synthesized."""
+    return reason.startswith("same individual: the target's subject differs") or (
+        reason.startswith("vlm_same_individual:") and reason.endswith(" answered no"))
+
+
 def decide(sample_id: str, attempt: int, seed: int, verdict: Verdict,
            history: Sequence[dict[str, Any]], max_attempts: int, base_seed: int = 0) -> Decision:
-    """Verified, re-synthesize with a new seed, or reject once max_attempts have failed."""
+    """Verified, re-synthesize with a new seed, or reject once max_attempts have failed
+    (at once when the pair shows two individuals)."""
     entry = {"attempt": attempt, "seed": seed, "verdict": verdict_dict(verdict),
              "reasons": list(verdict.reasons)}
     if verdict.passed:
         return Decision("verified", attempt, seed, entry)
+    if any(shows_two_individuals(r) for r in verdict.reasons):
+        return Decision("rejected", attempt, seed, entry,
+                        reason="wrong identity, not re-synthesized: " + rejection_summary([*history, entry]))
     if attempt < max_attempts:
         nxt = attempt + 1
         return Decision("pending", nxt, sample_seed(sample_id, nxt, base_seed), entry,

@@ -5,6 +5,10 @@ A sample (dict) carries the synthesized images: ``reference`` and its ``mask``,
 ``manipulation_input`` and ``manipulation_mask`` (the inpainted box region) and the
 ``target`` frame. Checks, each with a threshold from VerifySettings:
 
+* same individual - the reference against the subject in the target frame (its box
+  crop): is the pair one individual at all? Embedding cosine against the threshold
+  calibrated for the embedder (``same_individual_min``). A sample without a target box
+  fails this check: it cannot be shown to hold one individual;
 * identity - the subject in the generation input against the reference subject:
   embedding cosine similarity, and (when the subject has enough texture) a keypoint
   match: ORB features related by one similarity transform (RANSAC), tried mirrored
@@ -61,6 +65,21 @@ def subject_view(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     crop, m = image[y0:y1, x0:x1].copy(), mask[y0:y1, x0:x1]
     crop[~m] = crop[m].mean(axis=0).astype(np.uint8)
     return crop
+
+
+def box_crop(image: np.ndarray, box: Sequence[float]) -> np.ndarray | None:
+    """The pixels of a [x0, y0, x1, y1] box (outward to whole pixels), None when empty."""
+    h, w = image.shape[:2]
+    x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
+    x1, y1 = min(w, int(np.ceil(box[2]))), min(h, int(np.ceil(box[3])))
+    return image[y0:y1, x0:x1] if x1 > x0 and y1 > y0 else None
+
+
+def centre_crop(image: np.ndarray, share: float) -> np.ndarray:
+    """The middle ``share`` of an image's width and height."""
+    h, w = image.shape[:2]
+    dy, dx = int(round(h * (1 - share) / 2)), int(round(w * (1 - share) / 2))
+    return np.ascontiguousarray(image[dy:max(dy + 1, h - dy), dx:max(dx + 1, w - dx)])
 
 
 def context_crops(image: np.ndarray, box: tuple[int, int, int, int], max_overlap: float = 0.25) -> list[np.ndarray]:
@@ -177,7 +196,9 @@ class ClassicalVerifier:
                embedder: Embedder | None = None) -> list[Verdict]:
         t = thresholds or VerifySettings()
         emb = embedder or self.embedder()
-        prepared = [self._prepare(s) for s in samples]
+        emb_name = getattr(emb, "name", "embedder")
+        same_min = t.same_individual_threshold(emb_name)  # before any work: a missing one is a config error
+        prepared = [self._prepare(s, t.same_individual_centre) for s in samples]
         # One embedding call for every crop of every sample (batched on a GPU embedder).
         crops = [c for p in prepared for c in p["crops"].values()]
         vecs = emb.embed(crops) if crops else np.zeros((0, 1), np.float32)
@@ -185,13 +206,13 @@ class ClassicalVerifier:
         for p in prepared:
             n = len(p["crops"])
             named = dict(zip(p["crops"], vecs[i:i + n], strict=True))
-            verdicts.append(self._judge(p, named, t, getattr(emb, "name", "embedder")))
+            verdicts.append(self._judge(p, named, t, emb_name, same_min))
             i += n
         return verdicts
 
     # -- internals -------------------------------------------------------------------
     @staticmethod
-    def _prepare(s: dict[str, Any]) -> dict[str, Any]:
+    def _prepare(s: dict[str, Any], centre: float = 1.0) -> dict[str, Any]:
         ref = s["reference"]
         ref_mask = as_mask(s.get("mask"))
         if ref_mask is not None and ref_mask.shape != ref.shape[:2]:
@@ -210,6 +231,12 @@ class ClassicalVerifier:
         if tgt is not None and tgt.shape != man.shape:
             tgt = None  # cannot compare pixel by pixel; the other checks still run
         crops = {"ref": subject_view(ref, ref_mask), "gen": subject_view(gen, gen_mask)}
+        # same individual: box crops on both sides, as mining compares them
+        tgt_subject = box_crop(s["target"], s["tgt_box"]) if s.get("target") is not None and s.get("tgt_box") else None
+        if tgt_subject is None:
+            problems.append("same individual: no target box to compare the reference with")
+        else:
+            crops["ref_box"], crops["tgt_subject"] = centre_crop(ref, centre), centre_crop(tgt_subject, centre)
         if man_mask is not None:
             box = bbox(man_mask)
             x0, y0, x1, y1 = box
@@ -221,9 +248,18 @@ class ClassicalVerifier:
         return {"ref": ref, "ref_mask": ref_mask, "gen": gen, "gen_mask": gen_mask, "man": man,
                 "man_mask": man_mask, "tgt": tgt, "crops": crops, "problems": problems}
 
-    def _judge(self, p: dict[str, Any], v: dict[str, np.ndarray], t: VerifySettings, emb_name: str) -> Verdict:
+    def _judge(self, p: dict[str, Any], v: dict[str, np.ndarray], t: VerifySettings, emb_name: str,
+               same_min: float) -> Verdict:
         reasons = list(p["problems"])
         scores: dict[str, float] = {}
+
+        # Same individual: the reference against the subject in the target frame.
+        if "tgt_subject" in v:
+            same = cosine(v["ref_box"], v["tgt_subject"])
+            scores["same_individual"] = same
+            if same < same_min:
+                reasons.append(f"same individual: the target's subject differs from the reference "
+                               f"(embedding {same:.2f} < min {same_min:.2f} for {emb_name})")
         ref_feats = self.keypoints.features(p["ref"], p["ref_mask"])
         textured = ref_feats[1] is not None and len(ref_feats[0]) >= t.min_keypoints
 

@@ -22,9 +22,9 @@ import torch
 from opensubject_tasks.backends.registry import register
 
 # Bump when a tiny model's config changes, so stale caches are rebuilt.
-TINY_VERSION = "2"
+TINY_VERSION = "3"
 PARTS = ("vlm", "detector", "grounding_dino", "segmenter", "inpainter", "clip",
-         "aesthetic_head.safetensors")
+         "aesthetic_head.safetensors", "florence", "dinov2", "lcm_inpainter")
 SEED = 1234
 
 
@@ -234,11 +234,90 @@ def build_inpainter(out: Path) -> None:
     pipe.save_pretrained(out)
 
 
+# -- the small profile's model classes (Florence-2, DINOv2, a latent-consistency UNet)
+
+FLORENCE_POST_PROCESSING = ("ocr", "phrase_grounding", "pure_text", "description_with_bboxes",
+                            "description_with_polygons", "polygons", "bboxes",
+                            "description_with_bboxes_or_polygons")
+
+
+def build_florence(out: Path) -> None:
+    """Florence-2: a DaViT vision tower and a BART encoder-decoder, with the byte-level
+    BART tokenizer carrying Florence's <image>, <loc_0..999> and region tokens."""
+    from transformers import (
+        BartTokenizer, CLIPImageProcessorPil, Florence2Config, Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
+
+    vocab = {s: i for i, s in enumerate(("<s>", "<pad>", "</s>", "<unk>"))}
+    for sym in _byte_symbols():
+        vocab.setdefault(sym, len(vocab))
+    vocab["<mask>"] = len(vocab)
+    names = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+             "mask_token": "<mask>"}  # token names, not secrets
+    tok = BartTokenizer(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"}, **names)
+    tok.add_special_tokens({"additional_special_tokens": [f"<loc_{i}>" for i in range(1000)]
+                            + ["<od>", "</od>", "<poly>", "</poly>", "<sep>"]})
+    tok.model_max_length = 1024
+    config = Florence2Config(
+        vision_config={"depths": [1, 1, 1, 1], "embed_dim": [8, 16, 16, 32], "num_heads": [1, 1, 1, 2],
+                       "num_groups": [1, 1, 1, 2], "window_size": 2, "projection_dim": 32,
+                       "max_position_embeddings": 8, "max_temporal_embeddings": 4, "drop_path_rate": 0.0},
+        text_config={"model_type": "bart", "vocab_size": len(tok), "d_model": 32, "encoder_layers": 1,
+                     "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+                     "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_position_embeddings": 1024,
+                     "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 2,
+                     "forced_bos_token_id": 0, "forced_eos_token_id": 2},
+        image_token_id=tok.image_token_id)
+    Florence2ForConditionalGeneration(config).eval().save_pretrained(out)
+    # 64 px through strides 4, 2, 2, 2: 2x2 features plus the pooled one = 5 image tokens
+    image_processor = CLIPImageProcessorPil(size={"height": 64, "width": 64}, do_center_crop=False,
+                                            crop_size={"height": 64, "width": 64}, image_seq_length=5)
+    Florence2Processor(image_processor=image_processor, tokenizer=tok,
+                       post_processor_config={k: {} for k in FLORENCE_POST_PROCESSING}).save_pretrained(out)
+
+
+def build_dinov2(out: Path) -> None:
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).eval().save_pretrained(out)
+    BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+
+
+def build_lcm_inpainter(out: Path) -> None:
+    """A latent-consistency text-to-image pipeline (4-channel UNet with a guidance
+    embedding, LCMScheduler), stored as LCM_Dreamshaper_v7 is; the small profile runs
+    it through StableDiffusionInpaintPipeline (mask blending in latent space)."""
+    from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok, vocab_size = _clip_tokenizer(77)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, time_cond_proj_dim=32,
+        block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    LatentConsistencyModelPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**_clip_text(vocab_size, 77))), tokenizer=tok,
+        unet=unet, scheduler=LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(out)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "vlm": build_vlm, "detector": build_detector, "grounding_dino": build_grounding_dino,
     "segmenter": build_segmenter,
     "inpainter": build_inpainter, "clip": build_clip,
     "aesthetic_head.safetensors": build_aesthetic_head,
+    "florence": build_florence, "dinov2": build_dinov2, "lcm_inpainter": build_lcm_inpainter,
 }
 
 

@@ -15,28 +15,15 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from opensubject_tasks.backends.base import Caption, CategoryList, Image, YesNo
+from opensubject_tasks.backends.categories import normalise_category, screen_categories
 from opensubject_tasks.backends.hf.common import HFBackend, fit_within, move, to_pil
 from opensubject_tasks.backends.prompts import prompt_text, prompts_version
 from opensubject_tasks.backends.registry import register
 
 DEFAULT_VLM = "Qwen/Qwen2.5-VL-7B-Instruct"
 
-# Things a VLM tends to list that are not subjects one can photograph on their own.
-NOT_SUBJECTS = frozenset({
-    "background", "scene", "scenery", "image", "picture", "photo", "frame", "sky", "ground",
-    "floor", "wall", "ceiling", "grass", "road", "street", "water", "light", "shadow", "text",
-    "logo", "watermark", "nothing", "none", "unknown", "object", "objects", "thing", "noun",
-})
-_CATEGORY_RE = re.compile(r"^[a-z][a-z' -]{0,39}$")
 _YES = {"yes", "true"}
 _NO = {"no", "false"}
-
-
-def normalize_category(text: str) -> str:
-    words = " ".join(text.lower().replace("_", " ").split()).strip(" .,;:!?\"'").split(" ")
-    while words and words[0] in ("a", "an", "the"):
-        words = words[1:]
-    return " ".join(words)
 
 
 def _json_candidates(text: str, prefix: str) -> list[str]:
@@ -55,9 +42,10 @@ def _json_candidates(text: str, prefix: str) -> list[str]:
 
 def parse_categories(raw: str, vocabulary: Sequence[str] | None = None, max_categories: int = 8,
                      prefix: str = "") -> CategoryList:
-    """Parse a category-listing reply. ``error`` is set, with the reason, whenever the
-    reply broke the contract (not JSON, no list, empty, entries that are not subject
-    nouns or not in ``vocabulary``); entries that were valid are still returned."""
+    """Parse a category-listing reply. ``error`` is set, with the reason, when the reply
+    is not the asked-for JSON list; entries that are not subject nouns (or not in
+    ``vocabulary``) are refused one by one into ``rejected`` and the valid ones kept.
+    Names come back in their normal form (lowercase, singular, no adjectives)."""
     text = (raw or "").strip()
     if not text or text == prefix.strip():
         return CategoryList([], raw=raw, error="empty reply")
@@ -73,24 +61,9 @@ def parse_categories(raw: str, vocabulary: Sequence[str] | None = None, max_cate
     items = data.get("categories") if isinstance(data, dict) else data
     if not isinstance(items, list):
         return CategoryList([], raw=raw, error="JSON reply holds no 'categories' list")
-    if not items:
-        return CategoryList([], raw=raw, error="reply lists no categories")
-    allowed = {normalize_category(v) for v in vocabulary} if vocabulary else None
-    valid: list[str] = []
-    invalid: list[str] = []
-    for item in items:
-        name = normalize_category(item) if isinstance(item, str) else ""
-        ok = (bool(_CATEGORY_RE.match(name)) and len(name.split()) <= 4 and name not in NOT_SUBJECTS
-              and (allowed is None or name in allowed))
-        if not ok:
-            invalid.append(repr(item)[:40])
-        elif name not in valid:
-            valid.append(name)
-    error = None
-    if invalid:
-        what = "not subject nouns" + (" of the vocabulary" if allowed is not None else "")
-        error = f"{len(invalid)} of {len(items)} entries are {what}: {', '.join(invalid[:5])}"
-    return CategoryList(valid[:max_categories], raw=raw, error=error)
+    allowed = frozenset(normalise_category(v) for v in vocabulary) if vocabulary else None
+    valid, rejected = screen_categories(items, allowed, max_categories)
+    return CategoryList(valid, raw=raw, rejected=rejected)
 
 
 def parse_yes_no(reply: str) -> bool | None:
@@ -258,4 +231,4 @@ def make_hf_vlm(**options: Any) -> HFVLM:
     return HFVLM(**options)
 
 
-__all__ = ["DEFAULT_VLM", "HFVLM", "normalize_category", "parse_categories", "parse_yes_no"]
+__all__ = ["DEFAULT_VLM", "HFVLM", "parse_categories", "parse_yes_no"]

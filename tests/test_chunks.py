@@ -1,0 +1,151 @@
+"""How a build splits into chunks and what a chunk task hands out (orchestrate.py), on a
+real PostgreSQL, with the Celery hand-off recorded instead of sent (the broker's view is
+given explicitly): what runs is decided here, the workers' part is tested elsewhere."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from opensubject_tasks import orchestrate
+from opensubject_tasks.db.engine import session_scope, upgrade
+from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
+
+
+@pytest.fixture()
+def ctx(pg_db, monkeypatch):
+    monkeypatch.setenv("OPENSUBJECT_DATABASE_URL", pg_db)
+    c = orchestrate.context()
+    upgrade(c.engine)
+    yield c
+    c.engine.dispose()
+
+
+@pytest.fixture()
+def sent(monkeypatch):
+    """Messages the chunk hands out, and the broker's contents the test decides."""
+    out: list[tuple] = []
+    broker: set[tuple[str, str]] = set()
+    monkeypatch.setattr(orchestrate, "_send", lambda stage, *a, **kw: out.append((stage, *a)))
+    import opensubject_tasks.tasks as tasks
+
+    monkeypatch.setattr(tasks, "waiting_in_broker", lambda: set(broker))
+    return out, broker
+
+
+def add_videos(c, build: str, n: int, **kw) -> list[str]:
+    with session_scope(c.sessions) as s:
+        if s.get(Build, build) is None:
+            s.add(Build(id=build, params={}))
+            s.flush()
+        ids = [f"{build}-v{i:03d}" for i in range(n)]
+        for vid in ids:
+            s.add(Video(id=vid, content_hash=vid, source_uri=f"store://raw/{vid}.mp4", name=f"{vid}.mp4",
+                        build_id=build, **kw))
+    return ids
+
+
+@pytest.mark.parametrize(("videos", "wanted", "limit", "size"), [
+    (10, 0, 1024, 50), (3000, 0, 1024, 50), (120_000, 0, 1024, 118), (1_000_000, 0, 1024, 977),
+    (20, 2, 8, 3), (20, 5, 8, 5)])
+def test_chunk_size_keeps_a_build_within_the_mapping_limit(videos, wanted, limit, size):
+    got = orchestrate.chunk_size_for(videos, limit, wanted)
+    assert got == size and -(-videos // got) <= limit
+
+
+def test_claim_numbers_chunks_evenly_and_only_videos_with_work_left(ctx):
+    ids = add_videos(ctx, "b", 7)
+    with session_scope(ctx.sessions) as s:  # finished ones are not chunked again
+        s.get(Video, ids[0]).state = "done"
+        s.get(Video, ids[1]).state, s.get(Video, ids[1]).reason = "failed", "not a video"
+        s.get(Video, ids[2]).state, s.get(Video, ids[2]).error_stage = "failed", "mine"  # retried
+    assert orchestrate.claim_build_videos("b", chunk_size=2) == [0, 1, 2]
+    with session_scope(ctx.sessions) as s:
+        chunks = dict(s.execute(select(Video.id, Video.chunk)).all())
+    assert [chunks[v] for v in ids[2:]] == [0, 0, 1, 1, 2]
+    # More chunks than Airflow maps: the size grows to fit.
+    assert orchestrate.claim_build_videos("b", chunk_size=1, max_chunks=2) == [0, 1]
+
+
+def test_a_chunk_hands_out_each_video_once_and_a_clear_only_what_needs_it(ctx, sent):
+    out, broker = sent
+    ids = add_videos(ctx, "b", 4)
+    assert orchestrate.claim_build_videos("b", chunk_size=4) == [0]
+    counts = orchestrate.start_chunk("b", 0)
+    assert sorted(v for _, v in out) == ids and {st for st, _ in out} == {"curate"}
+    assert counts == {"videos": 4, "sent": 4, "retried": 0, "resent": 0, "in_flight": 0, "handed_out": 4}
+    assert orchestrate.chunk_progress("b", 0) is None
+
+    # The chunk task runs again (an Airflow retry, an operator's clear) while the work is
+    # queued or running: nothing is sent twice.
+    out.clear()
+    broker |= {("curate", ids[0]), ("curate", ids[1]), ("curate", ids[2])}
+    with session_scope(ctx.sessions) as s:
+        s.add(StageAttempt(entity_type="video", entity_id=ids[3], stage="curate", status="running"))
+    assert orchestrate.start_chunk("b", 0)["handed_out"] == 0 and out == []
+
+    # Meanwhile: one video failed on an error (and one of its samples with it), one on its
+    # input, one finished, one's message was lost and nothing runs it.
+    with session_scope(ctx.sessions) as s:
+        s.execute(StageAttempt.__table__.delete())
+        v0, v1, v2 = (s.get(Video, v) for v in ids[:3])
+        v0.state, v0.error_stage, v0.reason = "failed", "curate", "curate failed: RuntimeError"
+        v1.state, v1.reason = "failed", "not a video: moov atom not found"
+        v2.state, v2.stage_done = "done", "mine"
+        s.add(Clip(id="c2", video_id=ids[2], idx=0, start_frame=0, end_frame=9, start_s=0, end_s=1))
+        s.flush()
+        s.add(Subject(id="s2", clip_id="c2", idx=0, category="cat", category_source="t", boxes={}))
+        s.flush()
+        for i, (state, err) in enumerate([("verified", None), ("failed", "synthesize")]):
+            s.add(Pair(id=f"p{i}", subject_id="s2", ref_frame=i, tgt_frame=i + 1, ref_box=[0, 0, 1, 1],
+                       tgt_box=[0, 0, 1, 1]))
+            s.flush()
+            s.add(Sample(id=f"p{i}", pair_id=f"p{i}", build_id="b", state=state, seed=i, error_stage=err,
+                         reason="synthesize failed: CUDA error" if err else None))
+    broker.clear()
+    report = orchestrate.chunk_report("b", 0)
+    assert [(e["video"], e["sample"], e["stage"]) for e in report["errors"]] == \
+        [(ids[0], None, "curate"), (ids[2], "p1", "synthesize")]
+    assert report["bad_input"] == {"not a video": 1}
+
+    out.clear()
+    counts = orchestrate.start_chunk("b", 0)
+    # The errored video and the video with an errored sample go back to work; the lost one
+    # is sent again; the bad input and the finished work stay as they are.
+    assert sorted(v for _, v in out) == sorted([ids[0], ids[2], ids[3]])
+    assert counts["retried"] == 2 and counts["resent"] == 1
+    with session_scope(ctx.sessions) as s:
+        assert (s.get(Video, ids[0]).state, s.get(Video, ids[0]).error_stage) == ("running", None)
+        assert s.get(Video, ids[1]).state == "failed"
+        assert (s.get(Sample, "p1").state, s.get(Sample, "p1").error_stage) == ("pending", None)
+        assert s.get(Sample, "p0").state == "verified"
+        assert {v.id: v.resends for v in s.query(Video)} == {ids[0]: 1, ids[1]: 0, ids[2]: 1, ids[3]: 1}
+
+
+def test_a_chunk_is_settled_as_far_as_its_build_goes(ctx, sent):
+    ids = add_videos(ctx, "u", 2)
+    with session_scope(ctx.sessions) as s:
+        s.get(Build, "u").params = {"until": "curate"}
+    orchestrate.claim_build_videos("u", chunk_size=2)
+    orchestrate.start_chunk("u", 0)
+    assert orchestrate.chunk_progress("u", 0) is None
+    with session_scope(ctx.sessions) as s:
+        s.get(Video, ids[0]).stage_done = "curate"
+        s.get(Video, ids[1]).state = "rejected"
+    assert orchestrate.chunk_progress("u", 0) == {"videos": 2, "settled": 2}
+    with session_scope(ctx.sessions) as s:  # the whole pipeline: curated is not enough
+        s.get(Build, "u").params = {"until": "verify"}
+    assert orchestrate.chunk_progress("u", 0) is None
+
+
+def test_finalize_decides_only_on_evidence(ctx):
+    """A video whose mining never completed (a stage killed, a message on its way back) is
+    not rejected for having no pair: it keeps its state until mining has run."""
+    from opensubject_tasks.services.common import finalize_video
+
+    (vid,) = add_videos(ctx, "f", 1, state="running", stage_done="curate")
+    assert finalize_video(ctx, vid) == "running"
+    with session_scope(ctx.sessions) as s:
+        s.get(Video, vid).stage_done = "mine"
+    assert finalize_video(ctx, vid) == "rejected"
+    with session_scope(ctx.sessions) as s:
+        assert s.get(Video, vid).reason == "no subject pair found"
