@@ -164,3 +164,16 @@ def test_synthesis_cuts_target_and_reference_from_full_frames(full_frame_sample)
     assert augment["frames"]["target"] == {"source": "full", "size": [W, H], "scale": [2.0, 2.0]}
     assert augment["manipulation_box"] == [bx0, by0, bx1, by1]
     assert max(img("generation_input").shape[:2]) == ctx.settings.synth.output_size   # 1024 of 1280
+
+
+def test_verification_compares_the_subject_where_it_is_in_the_full_frame(full_frame_sample) -> None:
+    """The same-individual check crops the target's subject with the pair's box scaled to
+    the full frame: the same cat passes (the unscaled box would crop grass)."""
+    ctx, sid, _, _ = full_frame_sample
+    assert run_stage(ctx, "synthesize", sid).status == "ok"
+    run_stage(ctx, "verify", sid)
+    with session_scope(ctx.sessions) as s:
+        verdict = s.get(Sample, sid).verdict
+    threshold = ctx.settings.verify.same_individual_threshold("classical")
+    assert verdict["scores"]["same_individual"] >= threshold
+    assert not any(r.startswith("same individual") for r in verdict["reasons"])
