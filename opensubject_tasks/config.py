@@ -187,8 +187,10 @@ def embedder_key(name: str) -> str:
 
 
 class ExportSettings(_Section):
-    shard_max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
+    # samples per WebDataset shard; an export is planned as shards of this many, in id order
     shard_max_samples: int = Field(1000, ge=1)
+    # most tasks an export is split into (keep within Airflow's [core] max_map_length)
+    max_parts: int = Field(1024, ge=1)
     report_grid: int = Field(24, ge=0)
     report_worst: int = Field(8, ge=0)              # worst-scoring verified samples shown
     report_thumb_px: int = Field(160, ge=32, le=1024)
@@ -252,6 +254,7 @@ class CelerySettings(_Section):
         "mine": StageTimeLimit(soft_s=1800, hard_s=2100),
         "synthesize": StageTimeLimit(soft_s=900, hard_s=1080),
         "verify": StageTimeLimit(soft_s=600, hard_s=720),
+        "export_plan": StageTimeLimit(soft_s=600, hard_s=660),
         "export_part": StageTimeLimit(soft_s=3600, hard_s=3900),
         "export": StageTimeLimit(soft_s=3600, hard_s=3900),
         "reconcile": StageTimeLimit(soft_s=600, hard_s=660),

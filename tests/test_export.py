@@ -154,8 +154,12 @@ def test_reexport_is_byte_identical_and_both_sinks_agree(built, tmp_path: Path) 
     assert _portable(_files(second), second) == _portable(before, first)
     assert b"<root>/Images/" in _portable(before, first)["omnigen2/jsonl/generation.jsonl"]
 
-    # The stage writes the same files into the store under datasets/<build>/; there the
-    # OmniGen2 records are relative (no folder is known) and stats/report say so.
+    # The distributed stages (plan, one task per part, finish) write the same files into the
+    # store under datasets/<build>/; there the OmniGen2 records are relative (no folder is
+    # known) and stats/report say so.
+    parts = run_stage(ctx, "export_plan", "b1").details["parts"]
+    assert parts == ["b1#000000-000000", "b1#000001-000001"]  # 3 samples, 2 per shard: a part each
+    assert all(run_stage(ctx, "export_part", p).status == "ok" for p in parts)
     res = run_stage(ctx, "export", "b1")
     assert res.status == "ok" and res.details["samples"] == 3
     prefix = Keys.dataset("b1", "x")[:-1]
