@@ -50,6 +50,8 @@ BENCH_VERSION = 2   # 2: OmniGen2 instructions and inputs, multi-subject generat
 HELD_OUT_FILE = "held_out_videos.json"
 TASKS = ("generation", "manipulation")
 SCENES = ("simple", "complex")
+# the axes a case is scored on
+AXES = ("identity", "prompt_adherence", "manipulation", "background")
 SPLITS = tuple(f"{t}/{s}" for t in TASKS for s in SCENES)
 # What each task needs from the sample's stored images.
 NEEDS = {

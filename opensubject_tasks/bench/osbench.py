@@ -206,7 +206,7 @@ def score_osbench(vlm: Any, bench_dir: str | Path, predictions: dict[str, Path],
                   rubric_file: str | Path | None = None) -> dict[str, Any]:
     """Score predictions of a bench under the released scorer's protocol; writes
     cases/<id>.json and summary.json/.md (and returns the summary)."""
-    from opensubject_tasks.bench.score import prediction_for
+    from opensubject_tasks.bench.predictions import prediction_for
 
     if missing not in MISSING:
         raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")

@@ -176,7 +176,8 @@ def records_between(ctx: Context, build_id: str, first: str, before: str | None,
 def held_out_summary(ctx: Context, build_id: str, benches: list[Path], held_out: set[str]) -> dict[str, Any]:
     """How many videos and verified samples the benches keep out of the training export."""
     with session_scope(ctx.sessions) as s:
-        rows = s.execute(_chain(select(Video.id)).where(Video.build_id == build_id, Sample.state == "verified")).all()
-    ids = [r[0] for r in rows]
+        rows = s.execute(_chain(select(Sample.id)).add_columns(Video.id)
+                         .where(Video.build_id == build_id, Sample.state == "verified")).all()
+    ids = [r[1] for r in rows]
     return {"benches": [str(b) for b in benches], "videos": len(set(ids) & held_out),
             "samples_excluded": sum(1 for v in ids if v in held_out)}
