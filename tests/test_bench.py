@@ -371,7 +371,7 @@ def test_judge_scoring_without_a_judge_leaves_every_case_unscored(built, tmp_pat
 
 
 def test_score_refuses_what_is_not_a_bench(tmp_path):
-    from opensubject_tasks.cli import CannotRun
+    from opensubject_tasks.cli_common import CannotRun
 
     (tmp_path / "preds").mkdir()
     with pytest.raises(CannotRun, match="not a bench directory"):

@@ -17,7 +17,7 @@ BASELINE_NAMES = ("copy-input", "paste-reference", "ground-truth")  # = bench.ba
 
 
 def _bench_settings(args: argparse.Namespace, db_out: str | None) -> Any:
-    from opensubject_tasks.cli import _existing_out, _settings
+    from opensubject_tasks.cli_common import _existing_out, _settings
 
     out = _existing_out(db_out, "--db-out")
     settings = _settings(args, out)
@@ -30,7 +30,7 @@ def _bench_settings(args: argparse.Namespace, db_out: str | None) -> Any:
 
 def cmd_bench_build(args: argparse.Namespace) -> int:
     from opensubject_tasks.bench.build import build_bench
-    from opensubject_tasks.cli import EXIT_OK, _context, _existing_database, _known_build, _name
+    from opensubject_tasks.cli_common import EXIT_OK, _context, _existing_database, _known_build, _name
 
     _name(args.build, "--from")
     settings = _bench_settings(args, args.db_out)
@@ -49,7 +49,7 @@ def cmd_bench_build(args: argparse.Namespace) -> int:
 
 def cmd_bench_baseline(args: argparse.Namespace) -> int:
     from opensubject_tasks.bench.baselines import run_baseline
-    from opensubject_tasks.cli import EXIT_OK, CannotRun
+    from opensubject_tasks.cli_common import EXIT_OK, CannotRun
 
     if not (Path(args.bench) / "cases.jsonl").exists():
         raise CannotRun(f"not a bench directory: {args.bench}")
@@ -60,7 +60,7 @@ def cmd_bench_baseline(args: argparse.Namespace) -> int:
 
 def cmd_bench_score(args: argparse.Namespace) -> int:
     from opensubject_tasks.bench.score import ScoringContext, score_bench
-    from opensubject_tasks.cli import EXIT_OK, CannotRun
+    from opensubject_tasks.cli_common import EXIT_OK, CannotRun
 
     bench, preds = Path(args.bench), Path(args.predictions)
     if not (bench / "cases.jsonl").exists():
@@ -82,7 +82,7 @@ def cmd_bench_score(args: argparse.Namespace) -> int:
 
 def cmd_bench_import_osbench(args: argparse.Namespace) -> int:
     from opensubject_tasks.bench.osbench import import_osbench
-    from opensubject_tasks.cli import EXIT_OK, CannotRun
+    from opensubject_tasks.cli_common import EXIT_OK, CannotRun
 
     if not Path(args.path).is_dir():
         raise CannotRun(f"OSBench dataset folder not found: {args.path}")
