@@ -437,8 +437,10 @@ def tiny_video(path: Path, i: int, size: tuple[int, int] = (160, 90), frames: in
         t = k / (frames - 1)
         x, y = int(ax + (bx - ax) * t), int(ay + (by - ay) * t)
         img = bg.copy()
+        x, y = max(0, x), max(0, y)
         hh, ww = min(sub.shape[0], h - y), min(sub.shape[1], w - x)
-        img[y:y + hh, x:x + ww] += (sub[:hh, :ww] - img[y:y + hh, x:x + ww]) * sa[:hh, :ww]
+        if hh > 0 and ww > 0:  # a wide cut-out can start past the right edge on the last frames
+            img[y:y + hh, x:x + ww] += (sub[:hh, :ww] - img[y:y + hh, x:x + ww]) * sa[:hh, :ww]
         return np.clip(img, 0, 255).astype(np.uint8)
 
     encode(path, (frame(k) for k in range(frames)), size)
