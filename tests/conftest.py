@@ -127,14 +127,17 @@ def pg_url() -> str:
 
 
 class _Tables:
-    """Empties the session database's tables between tests (the schema stays)."""
+    """Empties the session database's tables between tests; the schema stays.
+
+    DELETE, children before parents, then every sequence used back to 1: on the few rows
+    a test leaves this is several times cheaper than TRUNCATE (which costs per table) or
+    applying the schema again."""
 
     def __init__(self, url: str) -> None:
         from sqlalchemy import create_engine
-        from sqlalchemy.pool import NullPool
 
-        self.engine = create_engine(url, poolclass=NullPool)
-        self.expected = self._state()
+        self.engine = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+        self._learn()
 
     def _state(self) -> tuple[frozenset, frozenset]:
         from sqlalchemy import text
@@ -144,6 +147,30 @@ class _Tables:
             applied = frozenset(c.scalars(text("SELECT filename FROM schema_migrations"))) \
                 if "schema_migrations" in tables else frozenset()
         return tables, applied
+
+    def _learn(self) -> None:
+        """The schema as applied, and its tables in an order that deletes children first."""
+        from sqlalchemy import text
+
+        self.expected = self._state()
+        with self.engine.connect() as c:
+            edges = c.execute(text(
+                "SELECT c.conrelid::regclass::text, c.confrelid::regclass::text FROM pg_constraint c "
+                "JOIN pg_namespace n ON n.oid = c.connamespace WHERE c.contype = 'f' AND n.nspname = 'public'"
+            )).all()
+        parents = {t: set() for t in self.expected[0] - {"schema_migrations"}}
+        for child, parent in edges:
+            if child != parent and child in parents:
+                parents[child].add(parent)
+        order: list[str] = []
+        while parents:  # a table goes once no remaining table refers to it
+            free = sorted(t for t in parents if not any(t in ps for o, ps in parents.items() if o != t))
+            if not free:
+                raise RuntimeError(f"foreign keys form a cycle among {sorted(parents)}")
+            order += free
+            for t in free:
+                del parents[t]
+        self.delete_sql = "; ".join(f'DELETE FROM "{t}"' for t in order)
 
     def empty(self) -> None:
         from sqlalchemy import text
@@ -155,18 +182,19 @@ class _Tables:
             with self.engine.begin() as c:
                 c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
             upgrade(self.engine)
-            self.expected = self._state()
-        names = ", ".join(f'"{t}"' for t in sorted(self.expected[0] - {"schema_migrations"}))
+            self._learn()
         for attempt in range(2):
             try:
                 with self.engine.begin() as c:
                     c.execute(text("SET LOCAL lock_timeout = '15s'"))
-                    c.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+                    c.execute(text(self.delete_sql))
+                    c.execute(text("SELECT setval(format('%I.%I', schemaname, sequencename)::regclass, 1, false) "
+                                   "FROM pg_sequences WHERE schemaname = 'public' AND last_value IS NOT NULL"))
                 return
             except OperationalError:
                 if attempt:
                     raise
-                # A connection left open by an earlier test still holds a table: end it.
+                # A connection left open by an earlier test still holds a row or a table: end it.
                 with self.engine.begin() as c:
                     c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
