@@ -7,8 +7,9 @@ mine -> synthesize <-> verify, re-synthesis included), and waits in the triggere
 the database says every video of the chunk is settled. A video rejected or failed on its
 input stops with its reason; the other videos go on. A chunk whose videos failed on an
 *error* turns red and lists them (stage and error) in its log: clear it to retry exactly
-those. Then the dataset is exported and published as the `opensubject_dataset` asset, and
-the build is reported; `watch` turns the run red when any task failed.
+those. Then the dataset is exported (`export_plan`, one `export_part` per part of its
+shards, `export`) and published as the `opensubject_dataset` asset, and the build is
+reported; `watch` turns the run red when any task failed.
 
 Task instances grow with chunks, not videos (a 10^6-video build stays under `[core]
 max_map_length`); at most `OPENSUBJECT_MAX_ACTIVE_CHUNKS` chunks of a run are in flight
@@ -22,7 +23,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 from opensubject_airflow.notifiers import failure_notifiers
-from opensubject_airflow.operators import CeleryTaskOperator, ChunkOperator, ExportOperator
+from opensubject_airflow.operators import CeleryTaskOperator, ChunkOperator, ExportOperator, ExportPlanOperator
 
 # Chunks of one run handed to the workers at once (deferred chunk tasks count: Airflow's
 # max_active_tis_per_dagrun). Read when the file is parsed.
@@ -119,10 +120,15 @@ def opensubject_build():
     has_source() >> register >> chunks
     work = ChunkOperator.partial(task_id="chunk", build_id=build_id,
                                  max_active_tis_per_dagrun=MAX_ACTIVE_CHUNKS).expand(chunk=chunks)
-    export = ExportOperator(task_id="export", build_id=build_id, toggle="export", trigger_rule="all_done",
+    # The export, split to scale with the build: its plan, one task per part of its shards
+    # (each retried alone), then the manifest, stats, report and training layout.
+    plan = ExportPlanOperator(task_id="export_plan", build_id=build_id, toggle="export", trigger_rule="all_done")
+    parts = CeleryTaskOperator.partial(task_id="export_part", stage="export_part",
+                                       max_active_tis_per_dagrun=MAX_ACTIVE_CHUNKS).expand(args=plan.output)
+    export = ExportOperator(task_id="export", build_id=build_id, toggle="export", trigger_rule="none_failed",
                             outlets=[DATASET])
-    work >> export >> report(build_id)
-    [register, chunks, work, export] >> watch()
+    work >> plan >> parts >> export >> report(build_id)
+    [register, chunks, work, plan, parts, export] >> watch()
 
 
 opensubject_build()

@@ -30,6 +30,7 @@ PIPELINE = (
 )
 AUXILIARY = (
     Stage("ingest", "source", MAINTENANCE, None),
+    Stage("export_plan", "build", CPU, None),        # an export's shards, split into parts
     Stage("export_part", "export_part", CPU, None),  # a range of shards of a build's export
     Stage("export", "build", CPU, None),             # manifest, stats, report, training layout
     Stage("reconcile", "system", MAINTENANCE, None),

@@ -51,7 +51,9 @@ class IngestSettings(_Section):
 
 
 class CurateSettings(_Section):
-    min_short_side: int = Field(240, ge=1)
+    # OpenS2V-Nexus keeps clips whose shorter side is >= 480 px; the paper filters on
+    # resolution too without a number: 480 is where the two agree
+    min_short_side: int = Field(480, ge=1)
     min_duration_s: float = Field(1.0, ge=0)
     max_duration_s: float = Field(4 * 3600, gt=0)
     # Frames are scaled by the decoder's scaler to this width for analysis; 256 px is
@@ -70,6 +72,10 @@ class CurateSettings(_Section):
     keyframes_per_clip: int = Field(6, ge=2, le=64)
     keyframe_max_side: int = Field(768, ge=64, le=4096)  # stored keyframes; boxes use this scale
     keyframe_quality: int = Field(92, ge=50, le=100)     # JPEG quality of stored keyframes
+    # Full frames (lossless PNG) of kept clips' keyframes, longest side at most this: the
+    # training targets and subject crops come from them. 1920 keeps 1080p at source
+    # resolution; 0 = none (targets then come from the small JPEG keyframes).
+    frame_max_side: int = Field(1920, ge=0, le=8192)
     min_quality: float = Field(0.3, ge=0, le=1)
     # coarse pass: skip decoding frames no other frame refers to (most B-frames), ~40 %
     # less decoding on common encodes, same shot precision/recall (docs/curation.md);
@@ -99,6 +105,9 @@ class MineSettings(_Section):
     # embedder (measured in docs/mining.md), CLIP/DINO-class embedders want their own
     min_identity: float = Field(0.75, ge=-1, le=1)
     max_pairs_per_subject: int = Field(3, ge=1)
+    # subjects of one clip first take a pair targeting the keyframe most of them are usable
+    # on: their verified samples then make one multi-subject generation sample
+    shared_targets: bool = True
     min_diversity: float = Field(0.1, ge=0, le=1)
     near_duplicate_iou: float = Field(0.9, ge=0, le=1)     # same place and size...
     near_duplicate_identity: float = Field(0.98, ge=-1, le=1)  # ...and same look: a duplicate
@@ -111,7 +120,8 @@ class SynthSettings(_Section):
     max_rotation_deg: float = Field(15.0, ge=0, le=180)
     scale_range: tuple[float, float] = (0.8, 1.1)
     flip_probability: float = Field(0.5, ge=0, le=1)
-    output_size: int = Field(512, ge=64, le=2048)      # longest side of the generation canvas
+    # longest side of the generation canvas at most (never above the reference frame's)
+    output_size: int = Field(1024, ge=64, le=2048)
     box_margin: float = Field(0.08, ge=0, le=0.5)      # manipulation box grown by this share (soft edges)
 
 
@@ -165,7 +175,7 @@ class VerifySettings(_Section):
 
 # Calibrated on the ground-truth tracks of `opensubject samples make` (seed 0) with
 # `opensubject models calibrate`; docs/models.md has the accuracies, also on other media.
-SAME_INDIVIDUAL_MIN: dict[str, float] = {"classical": 0.88, "tiny:embedder": 0.98}
+SAME_INDIVIDUAL_MIN: dict[str, float] = {"classical": 0.88, "tiny:embedder": 0.97}  # 480p sample media, seed 0
 
 
 def embedder_key(name: str) -> str:
@@ -177,13 +187,27 @@ def embedder_key(name: str) -> str:
 
 
 class ExportSettings(_Section):
-    shard_max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
+    # samples per WebDataset shard; an export is planned as shards of this many, in id order
     shard_max_samples: int = Field(1000, ge=1)
+    # most tasks an export is split into (keep within Airflow's [core] max_map_length)
+    max_parts: int = Field(1024, ge=1)
     report_grid: int = Field(24, ge=0)
     report_worst: int = Field(8, ge=0)              # worst-scoring verified samples shown
     report_thumb_px: int = Field(160, ge=32, le=1024)
     report_seed: int = 0                            # picks the report's random sample grid
-    omnigen2: bool = True                           # also write Images/ + train_*.jsonl
+    omnigen2: bool = True                           # also write Images/ + omnigen2/ (training layout)
+    # OmniGen2 opens record paths as written: "absolute" works from any working directory.
+    # The root is omnigen2_root, else the export folder itself (a local export); an
+    # object-store export without omnigen2_root (where will the trainers mount it?) is
+    # written with relative paths and says so in stats.json.
+    omnigen2_paths: Literal["absolute", "relative"] = "absolute"
+    omnigen2_root: str | None = None                # where trainers see the export, e.g. /data/ds
+
+    @model_validator(mode="after")
+    def _root_is_absolute(self) -> ExportSettings:
+        if self.omnigen2_root is not None and not self.omnigen2_root.startswith("/"):
+            raise ValueError(f"omnigen2_root must be an absolute path, got {self.omnigen2_root!r}")
+        return self
     # Bench folders (`opensubject bench build --out`) whose held-out videos the training
     # export leaves out, so that no video is both trained on and benchmarked.
     exclude_bench_dirs: list[Path] = Field(default_factory=list)
@@ -230,6 +254,7 @@ class CelerySettings(_Section):
         "mine": StageTimeLimit(soft_s=1800, hard_s=2100),
         "synthesize": StageTimeLimit(soft_s=900, hard_s=1080),
         "verify": StageTimeLimit(soft_s=600, hard_s=720),
+        "export_plan": StageTimeLimit(soft_s=600, hard_s=660),
         "export_part": StageTimeLimit(soft_s=3600, hard_s=3900),
         "export": StageTimeLimit(soft_s=3600, hard_s=3900),
         "reconcile": StageTimeLimit(soft_s=600, hard_s=660),

@@ -79,3 +79,46 @@ def write_contact_sheet(ctx: Context, out_png: Path, limit: int = 8) -> Path:
         raise ValueError("PNG encoding failed")
     out_png.write_bytes(buf.tobytes())
     return out_png
+
+
+def write_training_sheet(export_dir: Path, out_png: Path, kinds: tuple[str, ...] = (
+        "generation_multi_subject", "manipulation")) -> Path:
+    """A sheet of training records as OmniGen2 reads them from an export: for the first
+    record of each JSONL named in ``kinds`` (omnigen2/jsonl/<kind>.jsonl), its input
+    images, its output image and its instruction."""
+    import json
+    import textwrap
+
+    export_dir = Path(export_dir)
+    parts = []
+    width = CELL * 4
+    for kind in kinds:
+        path = export_dir / "omnigen2" / "jsonl" / f"{kind}.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        if not lines:
+            parts.append(_label(width, f"{kind}: no record"))
+            continue
+        rec = json.loads(lines[0])
+        images = [*rec["input_images"], rec["output_image"]]
+        titles = [f"input image {i}" for i in range(1, len(rec["input_images"]) + 1)] + ["output (target)"]
+        cells = []
+        for p, title in zip(images, titles, strict=True):
+            img = cv2.imread(str(p if Path(p).is_absolute() else export_dir / p))
+            cell = _fit(cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if img is not None else
+                        np.full((CELL, CELL, 3), 200, np.uint8))
+            cells.append(np.concatenate([_label(CELL, title, bold=True), cell], axis=0))
+        row = np.concatenate(cells, axis=1)
+        pad = width - row.shape[1]
+        if pad > 0:
+            row = np.concatenate([row, np.full((row.shape[0], pad, 3), BACKGROUND, np.uint8)], axis=1)
+        parts.append(_label(width, f"{kind} ({rec['task_type']})", bold=True))
+        parts += [_label(width, line) for line in textwrap.wrap(rec["instruction"], width // 9)[:5]]
+        parts.append(row[:, :width])
+    sheet = np.concatenate(parts, axis=0)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    out_png.write_bytes(buf.tobytes())
+    return out_png

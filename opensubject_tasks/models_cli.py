@@ -42,7 +42,7 @@ def _print_report(report: Any, profile: str) -> None:
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
-    from opensubject_tasks.cli import EXIT_CANNOT_RUN, EXIT_OK, _settings
+    from opensubject_tasks.cli_common import EXIT_CANNOT_RUN, EXIT_OK, _settings
     from opensubject_tasks.weights import check
 
     settings = _settings(args)
@@ -52,7 +52,7 @@ def cmd_models_check(args: argparse.Namespace) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
-    from opensubject_tasks.cli import EXIT_CANNOT_RUN, EXIT_OK, CannotRun, _settings
+    from opensubject_tasks.cli_common import EXIT_CANNOT_RUN, EXIT_OK, CannotRun, _settings
     from opensubject_tasks.weights import Fetcher, fetch
 
     settings = _settings(args)
@@ -69,7 +69,7 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 def cmd_models_calibrate(args: argparse.Namespace) -> int:
     from opensubject_tasks.calibrate import calibrate, track_crops
-    from opensubject_tasks.cli import EXIT_OK, _context, _settings
+    from opensubject_tasks.cli_common import EXIT_OK, _context, _settings
     from opensubject_tasks.config import embedder_key
 
     settings = _settings(args)

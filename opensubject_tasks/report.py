@@ -137,11 +137,18 @@ def render_report(build_id: str, stats: dict[str, Any], grid: Sequence[ReportSam
             "" if v["per_second"] is None else f"{v['per_second']:.2f}")
            for stage, v in stats.get("throughput", {}).items()]
     exp = stats.get("export", {})
+    og = exp.get("omnigen2") or {}
+    training = [(k.replace("_", " "), og[k]) for k in ("generation_single", "generation_multi", "manipulation")
+                if k in og]
+    training += [(f"generation with {n} subjects", c) for n, c in og.get("generation_multi_by_subjects", {}).items()]
     body = [
         f"<h1>OpenSubject build {t(build_id)}</h1>",
         f'<p class="sub">{exp.get("samples", 0)} verified samples in {exp.get("shards", 0)} shard(s)'
         f' · {exp.get("bytes", 0) / 1e6:.1f} MB of shards</p>',
         "<h2>Stage funnel</h2>", funnel_svg(funnel),
+        "<h2>Training samples (OmniGen2 layout)</h2>",
+        _table(("kind", "samples"), training, t, "training")
+        + (f'<p class="sub">{t(og["note"])}</p>' if og.get("note") else ""),
         "<h2>Duplicate inputs</h2>",
         _table(("input file", "byte-identical copy of"),
                [(d["name"], d["copy_of"]) for d in stats.get("duplicates", [])], t, "duplicates"),

@@ -238,6 +238,8 @@ curate = _stage_task("curate")
 mine = _stage_task("mine")
 synthesize = _stage_task("synthesize")
 verify = _stage_task("verify")
+export_plan = _stage_task("export_plan", records_outcome=True)
+export_part = _stage_task("export_part", records_outcome=True)
 export = _stage_task("export", records_outcome=True)
 
 

@@ -205,12 +205,27 @@ def drive_build(build_name: str, *, source: str = "store://raw/", poll_s: float 
             tick()
     run.videos = {vid: st for vid, st in call(lambda: _video_states(o.context(), run.build_id)).items()}
 
-    exp = wait_task(call(lambda: o.send_task("export", [run.build_id])))
-    if exp["status"] != "success":
-        run.failures.append(f"export({run.build_id}): {exp.get('error')}")
+    run.failures += export_build(run.build_id, call, wait_task)
     run.report = call(lambda: o.build_report(run.build_id))
     run.wall_s = time.monotonic() - t0
     return run
+
+
+def export_build(build_id: str, call: Callable, wait_task: Callable) -> list[str]:
+    """The DAG's export: plan, every part at once, then the finish; returns failures."""
+    from opensubject_tasks import orchestrate as o
+
+    plan = wait_task(call(lambda: o.send_task("export_plan", [build_id])))
+    if plan["status"] != "success":
+        return [f"export_plan({build_id}): {plan.get('error')}"]
+    parts = plan["result"]["details"]["parts"]
+    handles = [call(lambda p=p: o.send_task("export_part", [p])) for p in parts]
+    failures = [f"export_part({p}): {out.get('error')}" for p, h in zip(parts, handles, strict=True)
+                if (out := wait_task(h))["status"] != "success"]
+    if failures:
+        return failures
+    exp = wait_task(call(lambda: o.send_task("export", [build_id])))
+    return [] if exp["status"] == "success" else [f"export({build_id}): {exp.get('error')}"]
 
 
 def _video_states(ctx, build_id: str) -> dict[str, str]:  # noqa: ANN001

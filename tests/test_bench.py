@@ -256,8 +256,22 @@ def test_bench_build_baselines_and_score_end_to_end(built, tmp_path):
     for task in ("generation", "manipulation"):
         assert {c.sample_id for c in cases if c.task == task} == expected
     assert {c.scene for c in cases} == {"simple", "complex"}
-    for c in cases:  # constructed: odd videos hold two subjects
-        assert (c.scene == "complex") == (c.n_subjects == 2)
+    multi = [c for c in cases if c.members]
+    for c in cases:  # constructed: odd videos hold two subjects, both in the target frame
+        if c.task == "generation":   # OSBench's split: several subject images
+            assert (c.scene == "complex") == (len(c.input_images) >= 2) == bool(c.members)
+            assert c.prompt.startswith("Generate an image of the ")
+        else:                        # a scene holding several subjects, one replaced
+            assert (c.scene == "complex") == (c.n_subjects == 2) and len(c.input_images) == 2
+            assert " of image 1 with the " in c.prompt and c.input_images[0] == c.images["input"]
+    # one multi-subject case per held-out two-subject video: its subjects' generation inputs
+    assert len(multi) == len({c.video_id for c in cases if c.n_subjects == 2}) >= 1
+    for c in multi:
+        singles = {x.subject_id: x for x in cases if x.task == "generation" and not x.members
+                   and x.clip_id == c.clip_id}
+        assert [m["subject_id"] for m in c.members] == sorted(singles)
+        assert c.input_images == [singles[m["subject_id"]].input_images[0] for m in c.members]
+        assert "from image 2 together." in c.prompt and c.images["target"] == singles[c.members[0]["subject_id"]].images["target"]
         assert (bench / c.images["target"]).exists() and c.size == [W, H]
         if c.task == "manipulation":
             region = M.box_mask((H, W), c.box)
@@ -278,9 +292,9 @@ def test_bench_build_baselines_and_score_end_to_end(built, tmp_path):
         assert summary["scorer"] == "classical" and "classical" in summary["labels"]["mode"]
         assert summary["counts"]["unscored"] == 0 and summary["counts"]["missing"] == 0
         # no VLM: every judge question was asked and left unscored, never filled in
-        n = len(cases) // 2
-        assert summary["counts"]["judge_unscored"] == {"prompt_adherence": n, "identity": n,
-                                                      "manipulation": n, "background": n}
+        n_gen, n_man = (sum(c.task == t for c in cases) for t in ("generation", "manipulation"))
+        assert summary["counts"]["judge_unscored"] == {"prompt_adherence": n_gen, "identity": n_gen,
+                                                      "manipulation": n_man, "background": n_man}
         split_means = [summary["splits"][sp]["overall"] for sp in summary["overall_splits"]]
         assert summary["overall"] == pytest.approx(np.mean(split_means), abs=1e-3)
         assert len(summary["overall_splits"]) == 4
@@ -357,12 +371,12 @@ def test_judge_scoring_without_a_judge_leaves_every_case_unscored(built, tmp_pat
 
 
 def test_score_refuses_what_is_not_a_bench(tmp_path):
-    from opensubject_tasks.cli import CannotRun
+    from opensubject_tasks.cli_common import CannotRun
 
     (tmp_path / "preds").mkdir()
     with pytest.raises(CannotRun, match="not a bench directory"):
         _cli(["bench", "score", "--bench", str(tmp_path), "--predictions", str(tmp_path / "preds")])
-    with pytest.raises(CannotRun, match="no build found"):
+    with pytest.raises(CannotRun, match="holds no build"):
         _cli(["bench", "build", "--from", "x", "--out", str(tmp_path / "b"), "--db-out", str(tmp_path)])
     with pytest.raises(SystemExit):
         _cli(["bench", "baseline", "no-such-baseline", "--bench", str(tmp_path), "--out", str(tmp_path)])

@@ -186,10 +186,11 @@ def test_build_over_sample_media(stack, sample_media, reference):
     worker_pids = {int(a.worker.rsplit(":", 1)[1]) for a in att}
     assert set(worker_pids).isdisjoint({__import__("os").getpid()})
     assert set(worker_pids) <= set(worker.pool_children())
-    assert {a.stage for a in att} == {"curate", "mine", "synthesize", "verify", "export"}
+    assert {a.stage for a in att} == {"curate", "mine", "synthesize", "verify", "export_plan", "export_part",
+                                      "export"}
     log = worker.log()
     for name in ("opensubject.ingest", "opensubject.curate", "opensubject.mine", "opensubject.synthesize",
-                 "opensubject.verify", "opensubject.export"):
+                 "opensubject.verify", "opensubject.export_plan", "opensubject.export_part", "opensubject.export"):
         assert f"Task {name}[" in log, name
     assert len(rows["videos"]) == len(VIDEOS) + 1
 

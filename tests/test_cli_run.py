@@ -34,7 +34,8 @@ def _dataset_digest(out: Path) -> dict[str, str]:
     """Hashes of every exported file that must not depend on timing."""
     ds = out / "dataset"
     skip = {"stats.json", "report.html"}  # carry throughput/timestamps
-    return {str(p.relative_to(ds)): hashlib.sha256(p.read_bytes()).hexdigest()
+    root = str(ds.resolve()).encode()     # the OmniGen2 records hold the folder's absolute path
+    return {str(p.relative_to(ds)): hashlib.sha256(p.read_bytes().replace(root, b"<root>")).hexdigest()
             for p in sorted(ds.rglob("*")) if p.is_file() and p.name not in skip}
 
 

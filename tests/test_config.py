@@ -25,7 +25,7 @@ def write(tmp_path, text, name="config.yaml"):
 
 def test_defaults():
     s = load_settings()
-    assert s.profile == "cpu" and s.curate.min_short_side == 240 and s.store.kind == "local"
+    assert s.profile == "cpu" and s.curate.min_short_side == 480 and s.store.kind == "local"
 
 
 def test_environment_variables(monkeypatch):
@@ -65,7 +65,7 @@ store:
 
 def test_a_path_is_not_remembered_by_the_next_load(tmp_path):
     load_settings(write(tmp_path, "curate: {min_short_side: 999}\n"))
-    assert load_settings().curate.min_short_side == 240
+    assert load_settings().curate.min_short_side == 480
 
 
 @pytest.mark.parametrize("text,field", [

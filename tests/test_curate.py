@@ -219,6 +219,11 @@ def _frame_keys(ctx: Context, video_id: str) -> list[str]:
     return sorted(o.key for o in ctx.store.list(f"videos/{video_id}/") if "/frames/" in o.key)
 
 
+def _row_keys(clips) -> list[str]:  # noqa: ANN001
+    """Every stored frame the clip rows point to: keyframes, and full frames of kept clips."""
+    return sorted(k for c in clips for kf in c[6] for k in (kf["key"], kf.get("full_key")) if k)
+
+
 def test_service_embedded_and_rerun(embedded_settings, sample_media: Path):
     ctx = _ctx(embedded_settings)
     gt = {v["file"]: v for v in json.loads((sample_media / "ground_truth.json").read_text())["videos"]}
@@ -230,7 +235,8 @@ def test_service_embedded_and_rerun(embedded_settings, sample_media: Path):
     assert 0 < res.details["decoded_frames"] < res.details["frames"]  # the coarse pass, by default
     clips = _check_curated(ctx, vid, gt[name])
     keys = _frame_keys(ctx, vid)
-    assert keys == sorted(k["key"] for c in clips for k in c[6])
+    assert keys == _row_keys(clips)
+    assert all(kf.get("full_key") for c in clips if c[3] == "kept" for kf in c[6])
 
     # a rerun leaves exactly one copy of every row and object
     assert run_stage(ctx, "curate", vid).status == "ok"
@@ -249,7 +255,7 @@ def test_service_embedded_and_rerun(embedded_settings, sample_media: Path):
     assert run_stage(ctx, "curate", vid).status == "ok"
     new_clips = _state(ctx, vid)[4]
     assert all(len(c[6]) == 3 for c in new_clips if c[3] == "kept")
-    assert _frame_keys(ctx, vid) == sorted(k["key"] for c in new_clips for k in c[6])
+    assert _frame_keys(ctx, vid) == _row_keys(new_clips)
     with session_scope(ctx.sessions) as s:
         assert s.scalar(select(func.count()).select_from(Clip)) == len(new_clips)
         attempts = s.scalars(select(StageAttempt.status).where(StageAttempt.entity_id == vid)).all()
@@ -267,7 +273,7 @@ def test_service_embedded_and_rerun(embedded_settings, sample_media: Path):
     assert res.status == "rejected" and "min_short_side 720" in res.reason
     state, _, reason, probe, clips = _state(ctx, vid)
     assert (state, reason, clips, _frame_keys(ctx, vid)) == ("rejected", res.reason, [], [])
-    assert probe["width"] == 640
+    assert probe["width"] == 854   # the sample media are 480p
     ctx.engine.dispose()
 
 

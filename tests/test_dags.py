@@ -115,13 +115,17 @@ def test_no_cycles_and_expected_structure():
     # One mapped task over chunks (not a group per video), at most N chunks of a run at once.
     chunk = dag.get_task("chunk")
     assert chunk.max_active_tis_per_dagrun == 16
-    assert len(dag.tasks) == 8, [t.task_id for t in dag.tasks]
+    assert len(dag.tasks) == 10, [t.task_id for t in dag.tasks]
+    # The export is split too: its plan, a mapped task over its parts, the finish.
+    assert order.index("chunk") < order.index("export_plan") < order.index("export_part") < order.index("export")
+    assert dag.get_task("export_part").operator_class.__name__ == "CeleryTaskOperator"
     # Work runs on Celery through deferrable operators, never inside the Airflow worker.
     assert chunk.operator_class.__name__ == "ChunkOperator"
     for tid in ("export", "register"):
         assert hasattr(dag.get_task(tid), "execute_complete"), tid
     # The watcher sees every working task, so a failure anywhere turns the run red.
-    assert {"chunk", "export", "register", "claim"} <= dag.get_task("watch").upstream_task_ids
+    assert {"chunk", "export_plan", "export_part", "export", "register", "claim"} \
+        <= dag.get_task("watch").upstream_task_ids
     # The export publishes the dataset asset a training DAG can be scheduled on.
     assert [a.name for a in dag.get_task("export").outlets] == ["opensubject_dataset"]
 

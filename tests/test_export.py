@@ -99,20 +99,15 @@ def test_export_writes_a_loadable_dataset(built, tmp_path: Path) -> None:
     assert [r["shard"] for r in table] == ["shard-000000.tar", "shard-000000.tar", "shard-000001.tar"]
     assert all(r["caption_short"] and r["identity"] >= 0.9 for r in table)
 
-    # OmniGen2 layout: JSONL records whose images exist and open.
-    for fname, task, n_inputs in (("train_generation.jsonl", "ic", 1), ("train_manipulation.jsonl", "edit", 2)):
-        records = [json.loads(line) for line in (out / fname).read_text().splitlines()]
-        assert len(records) == 3
-        for r in records:
-            assert set(r) == {"task_type", "instruction", "input_images", "output_image"}
-            assert r["task_type"] == task and len(r["input_images"]) == n_inputs and r["instruction"]
-            for rel in [*r["input_images"], r["output_image"]]:
-                assert not rel.startswith("/") and ".." not in rel
-                with Image.open(out / rel) as im:
-                    assert im.size == (256, 256)
-    sub = "generation/input_images", "generation/output_images", "manipulation/input_images", \
-        "manipulation/output_images"
-    assert [len(list((out / "Images" / d).iterdir())) for d in sub] == [3, 3, 6, 3]
+    # OmniGen2 layout: what the trainer reads (tested in depth below).
+    og = json.loads((out / "stats.json").read_text())["export"]["omnigen2"]
+    # a and b: two subjects of one clip sharing the target frame -> one 2-subject record
+    assert (og["generation_single"], og["generation_multi"], og["manipulation"]) == (3, 1, 3)
+    assert og["generation_multi_by_subjects"] == {"2": 1} and og["paths"] == "absolute"
+    multi = {r["sample_id"]: r["multi_subject_key"] for r in table}
+    assert multi[ids["a"]] == multi[ids["b"]] is not None and multi[ids["c"]] is None
+    assert all(r["generation_instruction"].startswith("Generate an image of the ") for r in table)
+    assert all(r["manipulation_instruction"].startswith("Replace the ") for r in table)
 
     # Stats: the funnel counts what was built.
     stats = json.loads((out / "stats.json").read_text())
@@ -135,9 +130,17 @@ def test_export_writes_a_loadable_dataset(built, tmp_path: Path) -> None:
     assert "data:image/jpeg;base64," in html and "http://" not in html.replace(
         'xmlns="http://www.w3.org/2000/svg"', "")
     assert "identity" in html and "clip shorter than" in html
+    # single- and multi-subject samples counted apart
+    assert '<table class="training">' in html and "<td>generation multi</td><td>1</td>" in html
+    assert "<td>generation single</td><td>3</td>" in html and "<td>generation with 2 subjects</td><td>1</td>" in html
     assert SECRET not in html and "[redacted]" in html
     assert SECRET not in (out / "stats.json").read_text()
     assert res.files and all((out / f).is_file() for f in res.files)
+
+
+def _portable(files: dict[str, bytes], root: Path) -> dict[str, bytes]:
+    """An export's files with its own absolute root (in the OmniGen2 records) blanked."""
+    return {k: v.replace(str(root.resolve()).encode(), b"<root>") for k, v in files.items()}
 
 
 def test_reexport_is_byte_identical_and_both_sinks_agree(built, tmp_path: Path) -> None:
@@ -147,17 +150,30 @@ def test_reexport_is_byte_identical_and_both_sinks_agree(built, tmp_path: Path) 
     before = _files(first)
     export_build_to(ctx, "b1", first)            # again into the same folder
     export_build_to(ctx, "b1", second)           # and into a fresh one
-    assert _files(first) == before == _files(second)
+    assert _files(first) == before
+    assert _portable(_files(second), second) == _portable(before, first)
+    assert b"<root>/Images/" in _portable(before, first)["omnigen2/jsonl/generation.jsonl"]
 
-    # The stage writes the same files into the store under datasets/<build>/.
+    # The distributed stages (plan, one task per part, finish) write the same files into the
+    # store under datasets/<build>/; there the OmniGen2 records are relative (no folder is
+    # known) and stats/report say so.
+    parts = run_stage(ctx, "export_plan", "b1").details["parts"]
+    assert parts == ["b1#000000-000000", "b1#000001-000001"]  # 3 samples, 2 per shard: a part each
+    assert all(run_stage(ctx, "export_part", p).status == "ok" for p in parts)
     res = run_stage(ctx, "export", "b1")
     assert res.status == "ok" and res.details["samples"] == 3
     prefix = Keys.dataset("b1", "x")[:-1]
     stored = {o.key[len(prefix):]: ctx.store.get_bytes(o.key) for o in ctx.store.list(prefix)}
-    assert stored == before
+    layout = {"stats.json", "report.html"} | {k for k in before if k.startswith("omnigen2/")}
+    assert set(stored) == set(before)
+    assert {k: v for k, v in stored.items() if k not in layout} == {k: v for k, v in before.items() if k not in layout}
+    assert b'"output_image":"Images/generation/output_images/' in stored["omnigen2/jsonl/generation.jsonl"]
+    og = json.loads(stored["stats.json"])["export"]["omnigen2"]
+    assert og["paths"] == "relative" and "export.omnigen2_root" in og["note"]
+    assert "export.omnigen2_root" in stored["report.html"].decode()
     # The export's own stage attempt does not change the next export.
     export_build_to(ctx, "b1", second)
-    assert _files(second) == before
+    assert _portable(_files(second), second) == _portable(before, first)
 
 
 def test_reexport_after_a_change_removes_stale_files(built, tmp_path: Path) -> None:
@@ -173,10 +189,15 @@ def test_reexport_after_a_change_removes_stale_files(built, tmp_path: Path) -> N
     key = sample_key(ids["c"])
     assert res.samples == 2 and res.shards == ["shard-000000.tar"]
     assert not (out / "shard-000001.tar").exists()
-    assert not any(key in p.name for p in (out / "Images").rglob("*"))
+    gone = [rel for rel in res.removed if rel.startswith("Images/")]
+    # c's target and scene; its generation input stays: the constructed samples' generation
+    # inputs do not depend on the scene, so a and b hold the same bytes
+    assert len(gone) == 2
+    assert all(not (out / rel).exists() and not (out / rel).parent.exists() for rel in gone)
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert key not in {r["key"] for r in manifest}
     assert (out / "notes.txt").read_text() == "not ours"          # files not ours are kept
     assert not (out / ".shard-x1.tar.part").exists()
-    assert f"Images/generation/input_images/{key}.png" in res.removed
 
 
 def test_unknown_build_is_a_clear_error(built, tmp_path: Path) -> None:
@@ -223,10 +244,84 @@ def test_postgresql_export_equals_sqlite_export(built, embedded_settings, pg_db,
     pg_ctx, _ = _build(pg_settings)
     export_build_to(pg_ctx, "b1", tmp_path / "pg")
     timing = {"stats.json", "report.html"}    # stage durations differ between the two runs
-    a = {k: v for k, v in _files(tmp_path / "sqlite").items() if k not in timing}
-    b = {k: v for k, v in _files(tmp_path / "pg").items() if k not in timing}
+    a = {k: v for k, v in _portable(_files(tmp_path / "sqlite"), tmp_path / "sqlite").items() if k not in timing}
+    b = {k: v for k, v in _portable(_files(tmp_path / "pg"), tmp_path / "pg").items() if k not in timing}
     assert a == b and len(a) > 10
     sa = json.loads((tmp_path / "sqlite" / "stats.json").read_text())
     sb = json.loads((tmp_path / "pg" / "stats.json").read_text())
     assert sa["funnel"] == sb["funnel"] and sa["rejections"] == sb["rejections"]
     pg_ctx.engine.dispose()
+
+
+def _omnigen2_load(config: Path, cache: Path) -> list[dict]:
+    """What OmniGen2's training dataset does with a data config (omnigen2/dataset/
+    omnigen2_train_dataset.py): every `data` entry needs path, type and ratio; a folder
+    means every *.jsonl / *.json under it; each file is loaded with `datasets`; then
+    every input and output image is opened with PIL exactly as the record writes it."""
+    import glob
+    import os
+
+    import yaml
+    from datasets import load_dataset
+
+    entries = yaml.load(config.read_text(), Loader=yaml.FullLoader)["data"]
+    rows = []
+    for entry in entries:
+        assert {"path", "type", "ratio"} <= set(entry) and float(entry["ratio"]) > 0
+        path = entry["path"]
+        files = (glob.glob(os.path.join(path, "**/*.jsonl"), recursive=True)
+                 + glob.glob(os.path.join(path, "**/*.json"), recursive=True)) if os.path.isdir(path) else path
+        rows += list(load_dataset("json", data_files=files, cache_dir=str(cache))["train"])
+    for row in rows:
+        assert set(row) == {"task_type", "instruction", "input_images", "output_image"}
+        for image in [*row["input_images"], row["output_image"]]:
+            Image.open(image).convert("RGB")          # as OmniGen2's process_item opens them
+    return rows
+
+
+def test_omnigen2_layout_loads_from_any_working_directory(built, tmp_path: Path, monkeypatch) -> None:
+    ctx, ids = built
+    out = tmp_path / "dataset"
+    export_build_to(ctx, "b1", out)
+    elsewhere = tmp_path / "trainer"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)                      # a trainer that runs in its own folder
+    config = out / "omnigen2" / "data.yml"
+    rows = _omnigen2_load(config, tmp_path / "hf-cache")
+    by_task = {t: [r for r in rows if r["task_type"] == t] for t in ("ic", "edit")}
+    assert len(by_task["ic"]) == 4 and len(by_task["edit"]) == 3    # 3 single + 1 two-subject record
+    assert all(Path(p).is_absolute() for r in rows for p in [*r["input_images"], r["output_image"]])
+    multi = [r for r in by_task["ic"] if len(r["input_images"]) == 2]
+    assert len(multi) == 1 and "from image 1 and the " in multi[0]["instruction"] \
+        and "from image 2 together" in multi[0]["instruction"]
+    for r in by_task["edit"]:    # the scene, then the subject image of the sample's generation record
+        assert len(r["input_images"]) == 2 and r["output_image"] in {g["output_image"] for g in by_task["ic"]}
+        assert r["input_images"][1] in {g["input_images"][0] for g in by_task["ic"]}
+        assert " of image 1 with the " in r["instruction"] and " from image 2." in r["instruction"]
+    # pointed at the JSONL folder instead, OmniGen2 globs it: nothing else (stats.json) is there
+    folder = tmp_path / "folder.yml"
+    folder.write_text(f"data:\n  - path: {out / 'omnigen2' / 'jsonl'}\n    type: ic\n    ratio: 1.0\n")
+    assert len(_omnigen2_load(folder, tmp_path / "hf-cache")) == len(rows)
+    # no image is stored twice: every file under Images/ has bytes of its own
+    images = [p for p in (out / "Images").rglob("*") if p.is_file()]
+    # 3 samples x 3 roles, but the three constructed generation inputs are the same bytes
+    assert len({p.read_bytes() for p in images}) == len(images) == 7
+    assert all(p.parent.name.isdigit() and len(p.parent.name) == 4 for p in images)
+
+
+def test_export_is_readable_by_other_users_whatever_the_umask(built, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    ctx, _ = built
+    out = tmp_path / "new" / "nested" / "dataset"
+    old = os.umask(0o077)               # a strict umask: files 0600, folders 0700 by default
+    try:
+        export_build_to(ctx, "b1", out)
+        export_build_to(ctx, "b1", out)   # a re-export into the existing folder too
+    finally:
+        os.umask(old)
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*"), out.parent, out.parent.parent]}
+    files = {p: m for p, m in modes.items() if p.is_file()}
+    assert len(files) >= 15 and set(files.values()) == {0o644}   # shards, images, layout, manifest...
+    assert {m for p, m in modes.items() if p.is_dir()} == {0o755}

@@ -437,3 +437,77 @@ def test_a_video_that_kills_its_worker_fails_after_n_deaths_and_the_rest_finishe
     assert [a.status for a in lost] == ["lost", "lost", "error"], [(a.status, a.error) for a in lost]
     assert run.failures == [f"curate({killer.id}): {killer.reason}"]
     assert worker.log().count("WorkerLostError") + worker.log().count("signal 9") >= 2
+
+
+def test_an_export_part_killed_mid_way_writes_byte_identical_shards(stack, pg_db, s3_store_settings, media):  # noqa: F811
+    """Export in one part of one-sample shards; the first time, SIGKILL the pool process
+    while the part writes (its message comes back at once and the part runs again). The
+    shards in the store, and the digests recorded for them, equal an undisturbed export's."""
+    import hashlib
+
+    from opensubject_tasks import orchestrate as o
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import ExportShard
+
+    env = stack.apply(pg_db, s3_store_settings, OPENSUBJECT_EXPORT__SHARD_MAX_SAMPLES="1",
+                      OPENSUBJECT_EXPORT__MAX_PARTS="1")
+    upload(stack.store, media)
+    worker = stack.worker(env, "export", concurrency=1)
+    run = drive_build("faults", timeout_s=240)
+    assert not run.failures, run.failures
+    ctx = stack.context()
+
+    def shards() -> dict[str, str]:
+        keys = sorted(k for k in store_keys(stack.store, "datasets/faults/") if k.endswith(".tar"))
+        return {k: hashlib.sha256(stack.store.get_bytes(k)).hexdigest() for k in keys}
+
+    def recorded() -> dict[int, str]:
+        with session_scope(ctx.sessions) as s:
+            return {x.shard: x.sha256 for x in s.query(ExportShard).filter(ExportShard.build_id == "faults")}
+
+    undisturbed, undisturbed_rows = shards(), recorded()
+    assert len(undisturbed) >= 3 and len(set(undisturbed_rows.values())) == len(undisturbed)
+    for key in undisturbed:  # the next export writes them all again
+        stack.store.delete(key)
+
+    killed: dict[str, int] = {}
+
+    def running_part():  # noqa: ANN202
+        from sqlalchemy import select
+
+        from opensubject_tasks.db.models import StageAttempt
+
+        with session_scope(ctx.sessions) as s:
+            return s.execute(select(StageAttempt.worker).where(StageAttempt.stage == "export_part",
+                                                               StageAttempt.status == "running")).first()
+
+    def chaos() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "pid" not in killed:
+            a = running_part()
+            if a is not None:
+                os.kill(int(a.worker.rsplit(":", 1)[1]), signal.SIGKILL)
+                killed["pid"] = int(a.worker.rsplit(":", 1)[1])
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=chaos, daemon=True)
+    thread.start()
+    [part] = _wait_outcome(o.send_task("export_plan", ["faults"]))["result"]["details"]["parts"]
+    assert _wait_outcome(o.send_task("export_part", [part]))["status"] == "success"
+    thread.join(5)
+    assert "pid" in killed, "the part finished before it could be killed"
+    assert _wait_outcome(o.send_task("export", ["faults"]))["status"] == "success"
+    assert shards() == undisturbed and recorded() == undisturbed_rows
+    statuses = [a.status for a in attempts(ctx) if a.stage == "export_part" and a.entity_id == part]
+    assert statuses[-2:] == ["lost", "ok"], statuses
+    assert "WorkerLostError" in worker.log() or "signal 9" in worker.log()
+
+
+def _wait_outcome(task_id: str, timeout: float = 120) -> dict:
+    from opensubject_tasks import orchestrate as o
+
+    deadline = time.monotonic() + timeout
+    while (out := o.task_outcome(task_id)) is None:
+        assert time.monotonic() < deadline, f"no outcome for {task_id}"
+        time.sleep(0.2)
+    return out

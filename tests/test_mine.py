@@ -148,6 +148,33 @@ def test_pairing_prefers_diverse_pairs_and_rejects_near_duplicates() -> None:
         assert all(0.0 <= sc[k] <= 1.0 for k in M.DIVERSITY_WEIGHTS)
 
 
+def test_pairing_takes_the_shared_target_first() -> None:
+    numbers = [0, 10, 20, 30, 40, 50]
+    ident = [_view(k, [40 + 60 * k, 100, 140 + 60 * k + 8 * k, 200], [1.0, 0.05 * k, 0.0]) for k in range(6)]
+    s = MineSettings(max_pairs_per_subject=2)
+    free, _ = M.choose_pairs(ident, set(range(6)), numbers, 640, 360, s)
+    assert all(2 not in (r.frame, t.frame) for r, t, _ in free)      # frame 2 is not the most diverse
+    pairs, _ = M.choose_pairs(ident, set(range(6)), numbers, 640, 360, s, prefer_target=2)
+    assert len(pairs) == 2 and pairs[0][1].frame == 2 and pairs[0][0].frame != 2
+    assert {frozenset((r.frame, t.frame)) for r, t, _ in pairs[1:]} <= {frozenset((r.frame, t.frame)) for r, t, _ in free}
+    assert M.shared_target([{0, 1, 2}, {2, 3}, {3, 4}]) == 3 and M.shared_target([{0, 1}, {2, 3}]) is None
+
+
+def test_subjects_of_a_clip_share_a_target_frame(ground_truth) -> None:
+    """Clips with two or more paired subjects have a target frame that several of their
+    pairs share (the export's multi-subject samples); without shared_targets, fewer do."""
+    def shares(r: M.MineResult) -> bool:
+        targets: dict[int, set[int]] = {}
+        for p in r.pairs:
+            targets.setdefault(p.tgt_frame, set()).add(p.subject_idx)
+        return max(len(v) for v in targets.values()) >= 2
+
+    several = [(clip, r) for clip, r in ground_truth if len({p.subject_idx for p in r.pairs}) >= 2]
+    assert len(several) >= 2 and all(shares(r) for _, r in several)
+    apart = MineSettings(shared_targets=False)
+    assert sum(shares(mine(c.frames, c.frame_numbers, apart)) for c, _ in several) < len(several)
+
+
 def _track(boxes: dict[int, list[float]], emb) -> list[M._Box]:
     return [_view(k, b, emb) for k, b in sorted(boxes.items())]
 

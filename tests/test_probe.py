@@ -41,12 +41,12 @@ def _video(path: Path, n: int = 30, size=(320, 180), rate=25, rotation: int | No
 def test_probe_sample(sample_media: Path):
     gt = json.loads((sample_media / "ground_truth.json").read_text())["videos"][0]
     p = probe_video(sample_media / gt["file"])
-    assert (p.codec, p.width, p.height, p.fps, p.rotation) == ("h264", 640, 360, 25.0, 0)
+    assert (p.codec, p.width, p.height, p.fps, p.rotation) == ("h264", 854, 480, 25.0, 0)
     assert p.frames == gt["frames"] and p.frames_source == "container"
     assert p.duration_s == pytest.approx(gt["frames"] / 25, abs=0.05)
     assert p.container.startswith("mov,mp4") and p.pix_fmt == "yuv420p"
     assert p.streams == [{"index": 0, "type": "video", "codec": "h264"}]
-    assert json.loads(json.dumps(p.to_dict()))["display_width"] == 640
+    assert json.loads(json.dumps(p.to_dict()))["display_width"] == 854
 
 
 def test_rotation_tag_swaps_display_size_and_keyframes(tmp_path: Path):

@@ -239,3 +239,41 @@ def test_two_workers_running_the_same_stage_of_a_video_at_once(stack, pg_db, s3_
         assert got[table] == reference["rows"][table], table
     objects = store_keys(stack.store, "videos/")
     assert len(objects) == len(set(objects)) and set(objects) == reference["objects"]
+
+
+def test_reruns_on_the_workers_keep_every_verified_sample(stack, pg_db, s3_store_settings, race_media):  # noqa: F811
+    """The distributed path of `opensubject rerun`: curate and mine of every video handed to
+    the workers again (as a cleared chunk would hand them), each carried on down its chain;
+    with the fickle backends, nothing finished changes and nothing is invalidated."""
+    from fault_fixtures import drive_build, upload
+
+    from opensubject_tasks import orchestrate as o
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Invalidation, Sample, Video
+
+    env = stack.apply(pg_db, s3_store_settings, OPENSUBJECT_BACKENDS__DETECTOR="fickle",
+                      OPENSUBJECT_BACKENDS__VLM="fickle", PYTHONPATH=str(Path(__file__).parent))
+    upload(stack.store, race_media)
+    stack.worker(env, "rerun", include="fickle_backend")
+    run = drive_build("faults", timeout_s=240)
+    assert not run.failures, run.failures
+    ctx = stack.context()
+
+    def finished() -> dict:
+        with session_scope(ctx.sessions) as s:
+            samples = {x.id: (x.state, x.attempt, x.seed, json.dumps(x.keys, sort_keys=True), x.caption_long)
+                       for x in s.query(Sample)}
+            videos = {v.id: (v.state, v.stage_done) for v in s.query(Video)}
+        objects = {k: hashlib.sha256(stack.store.get_bytes(k)).hexdigest()
+                   for k in (o.key for o in stack.store.list("videos/"))}
+        return {"samples": samples, "videos": videos, "objects": objects}
+
+    before = finished()
+    assert any(st == "verified" for st, *_ in before["samples"].values())
+    for vid in before["videos"]:
+        for stage in ("curate", "mine"):
+            out = o.rerun_on_workers(stage, vid, timeout_s=120)
+            assert out["status"] in ("ok", "rejected") and "already done" in out["details"]["skipped"], out
+    assert finished() == before
+    with session_scope(ctx.sessions) as s:
+        assert s.query(Invalidation).count() == 0

@@ -9,7 +9,7 @@ import av
 import numpy as np
 
 from opensubject_tasks.media.samples import (
-    HOSTILE_NAME, make_bad_samples, make_samples, render, video_specs,
+    HOSTILE_NAME, SAMPLE_SIZE, make_bad_samples, make_samples, render, video_specs,
 )
 
 
@@ -34,7 +34,7 @@ def test_ground_truth_matches_the_files(sample_media: Path):
             s = c.streams.video[0]
             assert s.codec_context.name == "h264"
             assert s.codec_context.pix_fmt == "yuv420p"
-            assert (s.width, s.height) == (v["width"], v["height"]) == (640, 360)
+            assert (s.width, s.height) == (v["width"], v["height"]) == SAMPLE_SIZE
             assert s.average_rate == 25
             n = sum(1 for _ in c.decode(video=0))
         assert n == v["frames"]
@@ -47,7 +47,7 @@ def test_ground_truth_matches_the_files(sample_media: Path):
             assert s["category"] in {"cat", "person", "cup", "rocket", "motorcycle"}
             for f, (x0, y0, x1, y1) in s["boxes"].items():
                 assert 0 <= int(f) < n
-                assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 360
+                assert 0 <= x0 < x1 <= SAMPLE_SIZE[0] and 0 <= y0 < y1 <= SAMPLE_SIZE[1]
 
 
 def test_cut_frames_are_where_the_picture_changes(sample_media: Path):

@@ -181,6 +181,23 @@ def test_clearing_a_red_chunk_reruns_only_its_failed_video(scale, tmp_path):
         assert s.get(Video, bad_id).state in ("done", "rejected")
         assert {v.id: v.state for v in s.query(Video).filter(Video.build_id == "red", Video.id != bad_id)} == others
 
+    # Clearing a chunk whose videos all finished (an operator's "retry" of finished work)
+    # hands nothing out again: every verified sample stays exactly as it was.
+    from opensubject_tasks.db.models import Sample
+
+    def verified() -> dict:
+        with session_scope(ctx.sessions) as s:
+            return {x.id: (x.attempt, x.seed, json.dumps(x.keys, sort_keys=True)) for x in s.query(Sample)
+                    .filter(Sample.build_id == "red", Sample.state == "verified")}
+
+    green = min(i for (t, i), st in states.items() if t == "chunk" and i != bad_chunk)
+    kept, attempts_before = verified(), _attempt_counts(ctx)
+    assert kept
+    stack.clear("opensubject_build", run_id, [["chunk", green]], downstream=True)
+    assert stack.wait_run("opensubject_build", run_id, timeout=900) == "success"
+    assert verified() == kept and _attempt_counts(ctx) == attempts_before
+    assert "handed 0 to the workers" in stack.log("opensubject_build", run_id, "chunk", green, try_number=2)
+
 
 def test_a_retried_trigger_starts_no_second_build_run(scale, tmp_path):
     from opensubject_tasks.media.samples import make_tiny_videos

@@ -90,10 +90,12 @@ class Segmenter(Protocol):
 
 @runtime_checkable
 class Inpainter(Protocol):
-    """Fill the True pixels of each mask; keep the rest. Seeds make it deterministic."""
+    """Fill the True pixels of each mask; keep the rest. Seeds make it deterministic.
+    ``family`` names its entry in synthesis_prompts.yaml (what to ask it, and how)."""
     name: str
-    def inpaint(self, images: Sequence[Image], masks: Sequence[Mask],
-                prompts: Sequence[str], seeds: Sequence[int]) -> list[Image]: ...
+    family: str
+    def inpaint(self, images: Sequence[Image], masks: Sequence[Mask], prompts: Sequence[str],
+                seeds: Sequence[int], negative_prompts: Sequence[str] | None = None) -> list[Image]: ...
 
 
 @runtime_checkable

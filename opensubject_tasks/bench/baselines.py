@@ -27,10 +27,12 @@ def copy_input(case: Case, bench: Path) -> np.ndarray:
 
 
 def paste_reference(case: Case, bench: Path) -> np.ndarray:
+    """Each subject's reference crop pasted at its box (a multi-subject case: all of them)."""
     out = copy_input(case, bench).copy()
-    x0, y0, x1, y1 = clamp_box(case.box, out.shape[1], out.shape[0])
-    ref = read_image(bench / case.images["reference"])
-    out[y0:y1, x0:x1] = resize_to(ref, x1 - x0, y1 - y0)
+    for ref_path, box in ([(m["reference"], m["box"]) for m in case.members]
+                          or [(case.images["reference"], case.box)]):
+        x0, y0, x1, y1 = clamp_box(box, out.shape[1], out.shape[0])
+        out[y0:y1, x0:x1] = resize_to(read_image(bench / ref_path), x1 - x0, y1 - y0)
     return out
 
 

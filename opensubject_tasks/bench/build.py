@@ -8,11 +8,16 @@ Layout of a bench directory::
     images/<sample>/      reference.png, mask.png, generation_input.png, generation_mask.png,
                           manipulation_input.png, manipulation_mask.png, target.png
 
-Every verified sample of a held-out video gives one generation case (reference subject
-+ prompt -> image; ground truth: the target frame with the subject's box) and one
-manipulation case (scene with the region to fill + reference subject + prompt -> image;
-ground truth: the target, with the region's mask and box). A case is "complex" when its
-target frame holds two or more mined subjects, else "simple".
+Every verified sample of a held-out video gives one generation case (its subject image
++ instruction -> image; ground truth: the target frame with the subject's box) and one
+manipulation case (the scene whose region holds something else + the subject image +
+instruction -> image; ground truth: the target, with the region's mask and box).
+Verified samples of 2-4 subjects of one clip sharing the target frame also give one
+multi-subject generation case (one subject image each), grouped as the export groups
+its multi-subject records. Inputs and instructions are exactly the training records'
+(``opensubject_tasks.instructions``). Splits follow OSBench: generation is "complex"
+(multiple subjects) when it has several subject images, manipulation when its target
+frame holds two or more mined subjects.
 """
 from __future__ import annotations
 
@@ -31,17 +36,22 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import select
 
-from opensubject_tasks.bench.metrics import mask_box
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.errors import BadInput
+from opensubject_tasks.instructions import (
+    generation_instruction, manipulation_instruction, region_box, subject_phrase,
+)
+from opensubject_tasks.stages.omnigen2 import multi_subject_groups
 from opensubject_tasks.storage import slug
 
-BENCH_VERSION = 1
+BENCH_VERSION = 2   # 2: OmniGen2 instructions and inputs, multi-subject generation cases
 HELD_OUT_FILE = "held_out_videos.json"
 TASKS = ("generation", "manipulation")
 SCENES = ("simple", "complex")
+# the axes a case is scored on
+AXES = ("identity", "prompt_adherence", "manipulation", "background")
 SPLITS = tuple(f"{t}/{s}" for t in TASKS for s in SCENES)
 # What each task needs from the sample's stored images.
 NEEDS = {
@@ -114,9 +124,9 @@ class Case:
     task: str                 # generation | manipulation
     scene: str                # simple | complex
     split: str                # "<task>/<scene>"
-    prompt: str
+    prompt: str               # the instruction, worded as in the training records
     category: str
-    box: list[float]          # where the subject is in the target (manipulation: the region)
+    box: list[float] | None   # where the subject is in the target (manipulation: the region); None: unknown
     size: list[int]           # [width, height] of the target = the expected output size
     images: dict[str, str]    # reference, input, input_mask (manipulation), target: paths in the bench
     sample_id: str
@@ -126,9 +136,27 @@ class Case:
     n_subjects: int           # mined subjects in the target frame
     captions: dict[str, str | None] = field(default_factory=dict)
     box_source: str = ""
+    input_images: list[str] = field(default_factory=list)  # the model's inputs, "image 1", "image 2", ...
+    members: list[dict[str, Any]] = field(default_factory=list)  # multi-subject: subject_id, reference, box
+    task_type: str = ""       # OSBench task type: predictions may also be fullset/<task_type>/<key>.png
+    key: str = ""
+    instruction_language: str = "en"
+
+    def __post_init__(self) -> None:
+        if not self.input_images:   # a bench written before inputs were listed
+            self.input_images = [self.images["input"]] + (
+                [self.images["reference"]] if self.task == "manipulation" else [])
+        self.task_type = self.task_type or osbench_task_type(self.task, self.scene)
+        self.key = self.key or self.id
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def osbench_task_type(task: str, scene: str) -> str:
+    """An OSBench-style task type: the released scorer reads "manipulation" and "single"
+    from it."""
+    return f"{'single' if scene == 'simple' else 'multiple'}_subject_{task}"
 
 
 def load_cases(bench_dir: str | Path) -> list[Case]:
@@ -143,19 +171,12 @@ def read_image(path: str | Path, mask: bool = False) -> np.ndarray:
         return np.asarray(im.convert("L")) > 127 if mask else np.asarray(im.convert("RGB"))
 
 
-def _prompts(category: str, short: str | None, long: str | None) -> tuple[str, str]:
-    desc = (long or short or f"a {category}").strip().rstrip(".")
-    gen = f"{desc}." if desc else f"A photo of the {category}."
-    man = f"Place the {category} from the reference image into the marked region: {desc}."
-    return gen, man
-
-
 def _target_box(pair: Pair, clip: Clip, target_wh: tuple[int, int],
                 region: np.ndarray | None) -> tuple[list[float], str]:
     """The subject's box in target-image pixels: the manipulation region when stored,
     else the pair's box scaled from keyframe to target size."""
     if region is not None and region.shape[::-1] == target_wh:
-        box = mask_box(region)
+        box = region_box(region)
         if box is not None:
             return box, "manipulation_mask"
     kf = next((k for k in (clip.keyframes or []) if k.get("frame") == pair.tgt_frame), None)
@@ -169,6 +190,36 @@ def _target_box(pair: Pair, clip: Clip, target_wh: tuple[int, int],
 def _subjects_in_frame(subjects: list[Subject], frame: int) -> int:
     n = sum(1 for s in subjects if str(frame) in (s.boxes or {}))
     return n if n else len(subjects)  # boxes not keyed by this frame: count the clip's subjects
+
+
+@dataclass
+class _Member:
+    clip_id: str
+    target_frame: int
+    subject_idx: int
+    subject_id: str
+    subject: str
+    score: float
+    key: str
+    saved: dict[str, str]
+    box: list[float]
+    common: dict[str, Any]
+
+
+def _multi_case(group: list[_Member]) -> Case:
+    """One generation case from 2-4 subjects sharing a target frame, as the export's
+    multi-subject record: one subject image per subject, the shared target."""
+    first = group[0]
+    return Case(
+        id=f"gen-{slug(first.clip_id, 120)}-f{first.target_frame}-multi", task="generation", scene="complex",
+        split="generation/complex",
+        prompt=generation_instruction([m.subject for m in group], first.common["captions"]["long"]),
+        box=first.box, images={"reference": first.saved["reference"], "input": first.saved["generation_input"],
+                               "target": first.saved["target"]},
+        input_images=[m.saved["generation_input"] for m in group],
+        members=[{"subject_id": m.subject_id, "reference": m.saved["reference"], "box": m.box,
+                  "sample_id": m.key} for m in group],
+        **first.common)
 
 
 def build_bench(ctx: Context, build_id: str, out_dir: str | Path, *, share: float = 0.2,
@@ -204,6 +255,7 @@ def build_bench(ctx: Context, build_id: str, out_dir: str | Path, *, share: floa
     (tmp / "images").mkdir(parents=True)
     cases: list[Case] = []
     skipped: list[dict[str, str]] = []
+    members: list[_Member] = []     # generation cases that may join a multi-subject case
     for sample, pair, subject, clip, video in rows:
         if video.id not in held:
             continue
@@ -231,8 +283,14 @@ def build_bench(ctx: Context, build_id: str, out_dir: str | Path, *, share: floa
             if "manipulation_mask" in saved else None
         box, box_source = _target_box(pair, clip, target_wh, region)
         n_subj = _subjects_in_frame(clip_subjects.get(clip.id, []), pair.tgt_frame)
-        scene = "complex" if n_subj >= 2 else "simple"
-        gen_prompt, man_prompt = _prompts(subject.category, sample.caption_short, sample.caption_long)
+        phrase = subject_phrase(sample.caption_short, subject.category)
+        replaced = (((sample.augment or {}).get("replacement") or {}).get("object"))
+        prompts = {"generation": generation_instruction([phrase], sample.caption_long),
+                   "manipulation": manipulation_instruction(phrase, box, target_wh, replaced, sample.caption_long)}
+        common = dict(category=subject.category, size=list(target_wh), sample_id=sample.id, video_id=video.id,
+                      clip_id=clip.id, subject_id=subject.id, n_subjects=n_subj, box_source=box_source,
+                      captions={"short": sample.caption_short, "long": sample.caption_long,
+                                "source": sample.caption_source})
         for task in TASKS:
             missing = [n for n in NEEDS[task] if n not in saved]
             if missing:
@@ -245,14 +303,19 @@ def build_bench(ctx: Context, build_id: str, out_dir: str | Path, *, share: floa
                 images["input_mask"] = saved["manipulation_mask"]
             if "mask" in saved:
                 images["reference_mask"] = saved["mask"]
-            cases.append(Case(
-                id=f"{task[:3]}-{slug(sample.id, 160)}", task=task, scene=scene,
-                split=f"{task}/{scene}", prompt=gen_prompt if task == "generation" else man_prompt,
-                category=subject.category, box=[round(v, 2) for v in box], size=list(target_wh),
-                images=images, sample_id=sample.id, video_id=video.id, clip_id=clip.id,
-                subject_id=subject.id, n_subjects=n_subj, box_source=box_source,
-                captions={"short": sample.caption_short, "long": sample.caption_long,
-                          "source": sample.caption_source}))
+            # the training records' inputs: the subject image; for manipulation the scene first
+            inputs = [saved["generation_input"]] if task == "generation" else \
+                [saved["manipulation_input"], saved["generation_input"]]
+            # one subject image: a single-subject case; manipulation: complex when others are in the frame
+            scene = "complex" if task == "manipulation" and n_subj >= 2 else "simple"
+            cases.append(Case(id=f"{task[:3]}-{slug(sample.id, 160)}", task=task, scene=scene,
+                              split=f"{task}/{scene}", prompt=prompts[task], box=[round(v, 2) for v in box],
+                              images=images, input_images=inputs, **common))
+        if "generation_input" in saved:
+            members.append(_Member(clip.id, pair.tgt_frame, subject.idx, subject.id, phrase,
+                                   float((sample.verdict or {}).get("scores", {}).get("overall", 0.0) or 0.0),
+                                   sample.id, saved, [round(v, 2) for v in box], common))
+    cases += [_multi_case(g) for g in multi_subject_groups(members)]
 
     counts = Counter(c.split for c in cases)
     info = BenchInfo(

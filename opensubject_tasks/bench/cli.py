@@ -3,6 +3,8 @@
     opensubject bench build --from BUILD --out DIR [--db-out OUT] [--share 0.2] [--seed 0]
     opensubject bench baseline copy-input|paste-reference --bench DIR --out DIR
     opensubject bench score --bench DIR --predictions DIR [--out DIR] [--scorer auto|judge|classical]
+                            [--protocol opensubject|osbench] [--missing zero|skip] [--rubric FILE]
+    opensubject bench import-osbench PATH --out DIR [--language en]
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ BASELINE_NAMES = ("copy-input", "paste-reference", "ground-truth")  # = bench.ba
 
 
 def _bench_settings(args: argparse.Namespace, db_out: str | None) -> Any:
-    from opensubject_tasks.cli import _existing_out, _settings
+    from opensubject_tasks.cli_common import _existing_out, _settings
 
     out = _existing_out(db_out, "--db-out")
     settings = _settings(args, out)
@@ -28,7 +30,7 @@ def _bench_settings(args: argparse.Namespace, db_out: str | None) -> Any:
 
 def cmd_bench_build(args: argparse.Namespace) -> int:
     from opensubject_tasks.bench.build import build_bench
-    from opensubject_tasks.cli import EXIT_OK, _context, _existing_database, _known_build, _name
+    from opensubject_tasks.cli_common import EXIT_OK, _context, _existing_database, _known_build, _name
 
     _name(args.build, "--from")
     settings = _bench_settings(args, args.db_out)
@@ -47,7 +49,7 @@ def cmd_bench_build(args: argparse.Namespace) -> int:
 
 def cmd_bench_baseline(args: argparse.Namespace) -> int:
     from opensubject_tasks.bench.baselines import run_baseline
-    from opensubject_tasks.cli import EXIT_OK, CannotRun
+    from opensubject_tasks.cli_common import EXIT_OK, CannotRun
 
     if not (Path(args.bench) / "cases.jsonl").exists():
         raise CannotRun(f"not a bench directory: {args.bench}")
@@ -58,7 +60,7 @@ def cmd_bench_baseline(args: argparse.Namespace) -> int:
 
 def cmd_bench_score(args: argparse.Namespace) -> int:
     from opensubject_tasks.bench.score import ScoringContext, score_bench
-    from opensubject_tasks.cli import EXIT_OK, CannotRun
+    from opensubject_tasks.cli_common import EXIT_OK, CannotRun
 
     bench, preds = Path(args.bench), Path(args.predictions)
     if not (bench / "cases.jsonl").exists():
@@ -68,10 +70,26 @@ def cmd_bench_score(args: argparse.Namespace) -> int:
     name = args.name or preds.resolve().name
     out = Path(args.out) if args.out else bench / "scores" / name
     ctx = ScoringContext(_bench_settings(args, None))
+    if args.rubric and not Path(args.rubric).is_file():
+        raise CannotRun(f"rubric file not found: {args.rubric}")
     score_bench(ctx, bench, preds, out, name=name, scorer=args.scorer,
-                          judge_attempts=args.judge_attempts, worst=args.worst)
+                judge_attempts=args.judge_attempts, worst=args.worst, protocol=args.protocol,
+                missing=args.missing, rubric=args.rubric)
     print((out / "summary.md").read_text())
-    print(f"per-case results, summary.json/csv/md and worst.html in {out}")
+    print(f"per-case results and summary files in {out}")
+    return EXIT_OK
+
+
+def cmd_bench_import_osbench(args: argparse.Namespace) -> int:
+    from opensubject_tasks.bench.osbench import import_osbench
+    from opensubject_tasks.cli_common import EXIT_OK, CannotRun
+
+    if not Path(args.path).is_dir():
+        raise CannotRun(f"OSBench dataset folder not found: {args.path}")
+    info = import_osbench(args.path, Path(args.out), language=args.language)
+    print(json.dumps({k: info[k] for k in ("cases", "splits", "task_types", "skipped_other_languages")}))
+    print(f"score predictions with: opensubject bench score --bench {args.out} --predictions RESULTS "
+          "--protocol osbench (RESULTS/fullset/<task_type>/<key>.png)")
     return EXIT_OK
 
 
@@ -108,4 +126,16 @@ def add_bench_commands(subparsers: Any) -> None:
     s.add_argument("--embedder", help="embedder backend (overrides the configuration)")
     s.add_argument("--judge-attempts", type=int, default=3, help="tries per judge question (default 3)")
     s.add_argument("--worst", type=int, default=20, help="cases on the worst-cases page (default 20)")
+    s.add_argument("--protocol", choices=["opensubject", "osbench"], default="opensubject",
+                   help="opensubject: four axes, classical metrics and judge; osbench: the released OSBench "
+                        "scorer's images, order and JSON replies (docs/benchmark.md)")
+    s.add_argument("--missing", choices=["zero", "skip"],
+                   help="a missing prediction scores 0 or is left out (default: zero; skip with --protocol osbench)")
+    s.add_argument("--rubric", help="judge prompts file (default: the protocol's own)")
     s.set_defaults(fn=cmd_bench_score)
+
+    i = sub.add_parser("import-osbench", help="read the released OSBench (a `datasets` folder) into a bench")
+    i.add_argument("path", help="folder saved with datasets' save_to_disk")
+    i.add_argument("--out", required=True, help="bench directory to write")
+    i.add_argument("--language", default="en", help="instruction language to keep (default en, as released)")
+    i.set_defaults(fn=cmd_bench_import_osbench)

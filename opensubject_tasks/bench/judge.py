@@ -12,7 +12,7 @@ import string
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import yaml
@@ -133,7 +133,7 @@ def load_rubric(path: str | Path = RUBRIC_FILE) -> Rubric:
         if not isinstance(spec, dict) or not spec.get("prompt") or not spec.get("images"):
             raise ConfigError(f"judge rubric {path}: axis {name!r} needs `prompt` and `images`")
         names = [f for _, f, _, _ in string.Formatter().parse(spec["prompt"]) if f]
-        unknown = set(names) - {"prompt", "category", "box"}
+        unknown = set(names) - {"prompt", "category", "box", "instruction"}
         if unknown:
             raise ConfigError(f"judge rubric {path}: axis {name!r} uses unknown fields {sorted(unknown)}")
         axes[name] = Axis(name, tuple(spec["images"]), spec["prompt"])
@@ -141,9 +141,17 @@ def load_rubric(path: str | Path = RUBRIC_FILE) -> Rubric:
 
 
 # --- the judge ---------------------------------------------------------------------
+def _images(item: JudgeItem, names: Sequence[str]) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    for n in names:
+        out += list(item.images[n]) if n == "inputs" else [item.images[n]]
+    return out
+
+
+
 @dataclass
 class JudgeItem:
-    images: dict[str, np.ndarray]        # name -> RGB uint8; the axis picks which ones
+    images: dict[str, Any]               # name -> RGB uint8 ("inputs": a list); the axis picks which ones
     fields: dict[str, Any]               # prompt, category, box
 
 
@@ -166,14 +174,17 @@ class JudgeResult:
 
 
 class Judge:
-    """Scores batches of items on one rubric axis with a VLM backend."""
+    """Scores batches of items on one rubric axis with a VLM backend. An axis lists the
+    item images it shows, in order; ``inputs`` stands for the item's list of input images."""
 
-    def __init__(self, vlm: Any, rubric: Rubric | None = None, max_attempts: int = 3) -> None:
+    def __init__(self, vlm: Any, rubric: Rubric | None = None, max_attempts: int = 3,
+                 parse: Callable[[str | None], Parsed] | None = None) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self.vlm = vlm
         self.rubric = rubric or load_rubric()
         self.max_attempts = max_attempts
+        self.parse = parse or parse_reply
         self.name = getattr(vlm, "name", type(vlm).__name__)
 
     def score(self, axis: str, items: Sequence[JudgeItem]) -> list[JudgeResult]:
@@ -186,12 +197,12 @@ class Judge:
         for attempt in range(self.max_attempts):
             if not todo:
                 break
-            images = [[items[i].images[n] for n in spec.images] for i in todo]
+            images = [_images(items[i], spec.images) for i in todo]
             prompts = [self.rubric.render(axis, items[i].fields, retry=attempt > 0) for i in todo]
             replies = self._ask(images, prompts)
             still = []
             for i, reply in zip(todo, replies, strict=True):
-                parsed = parse_reply(reply)
+                parsed = self.parse(reply)
                 r = results[i]
                 r.raw.append(reply or "")
                 r.score, r.rationale, r.error = parsed.score, parsed.rationale, parsed.error

@@ -13,10 +13,6 @@ the field unscored (with the raw reply), never filled in.
 """
 from __future__ import annotations
 
-import base64
-import csv
-import html
-import io
 import json
 import shutil
 import statistics
@@ -25,17 +21,18 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from opensubject_tasks.bench import metrics as M
-from opensubject_tasks.bench.build import SCENES, SPLITS, TASKS, Case, load_cases, read_image
-from opensubject_tasks.bench.judge import Judge, JudgeItem
+from opensubject_tasks.bench.build import AXES, SCENES, SPLITS, TASKS, Case, load_cases, read_image
+from opensubject_tasks.bench.judge import Judge, JudgeItem, load_rubric
+from opensubject_tasks.bench.predictions import find_predictions, prediction_for
+from opensubject_tasks.bench.render import markdown, worst_html, write_csv
 from opensubject_tasks.config import Settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.errors import BadInput
 
-PREDICTION_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-AXES = ("identity", "prompt_adherence", "manipulation", "background")
+PROTOCOLS = ("opensubject", "osbench")
 # Which judge axes each task asks, and which of them are PF and SC.
 JUDGE_AXES = {"generation": ("prompt_adherence", "identity"),
               "manipulation": ("manipulation", "background")}
@@ -119,22 +116,20 @@ def calibrate(embedder: Any, bench: Path, cases: list[Case]) -> Calibration:
                        statistics.median(image), len(pairs))
 
 
-def _find_predictions(pred_dir: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for p in sorted(pred_dir.iterdir()):
-        if p.is_file() and p.suffix.lower() in PREDICTION_EXTS:
-            found.setdefault(p.stem, p)
-    return found
-
-
 def _r(v: float | None, nd: int = 4) -> float | None:
     return None if v is None else round(float(v), nd)
 
 
 def classical_metrics(embedder: Any, case: Case, imgs: dict[str, np.ndarray], out: np.ndarray,
-                      cal: Calibration) -> dict[str, Any]:
-    """Every classical measure of one case, raw and mapped to 0-10."""
-    sim, where = M.identity_similarity(embedder, out, imgs["reference"], case.box)
+                      cal: Calibration, bench: Path | None = None) -> dict[str, Any]:
+    """Every classical measure of one case, raw and mapped to 0-10. A multi-subject case's
+    identity is the mean over its subjects, each at its own box."""
+    if case.members and bench is not None:
+        found = [M.identity_similarity(embedder, out, read_image(bench / m["reference"]), m["box"])
+                 for m in case.members]
+        sim, where = float(np.mean([f[0] for f in found])), [f[1] for f in found]
+    else:
+        sim, where = M.identity_similarity(embedder, out, imgs["reference"], case.box)
     m: dict[str, Any] = {"identity_sim": _r(sim), "identity_box": where,
                          "identity10": _r(M.similarity_score10(sim, cal.identity))}
     clip = M.text_image_score(embedder, [out], [case.prompt])
@@ -173,25 +168,44 @@ def _judge_items(case: Case, imgs: dict[str, np.ndarray], out: np.ndarray) -> Ju
 
 def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, predictions_dir: str | Path,
                 out_dir: str | Path, *, name: str | None = None, scorer: str = "auto",
-                judge_attempts: int = 3, worst: int = 20) -> dict[str, Any]:
-    """Score ``predictions_dir`` (one ``<case id>.png`` per case) against the bench.
+                judge_attempts: int = 3, worst: int = 20, protocol: str = "opensubject",
+                missing: str | None = None, rubric: str | Path | None = None) -> dict[str, Any]:
+    """Score ``predictions_dir`` (one ``<case id>.png`` per case, or OSBench's
+    ``fullset/<task_type>/<key>.png``) against the bench.
 
+    ``protocol``: "opensubject" (this project's four axes, below) or "osbench" (the
+    released OSBench scorer's images, order, prompts and JSON replies: bench/osbench.py).
     ``scorer``: "judge" (PF/SC from the VLM judge), "classical" (from classical metrics
     mapped to 0-10) or "auto" (judge when a VLM other than "none" is configured).
+    ``missing``: a missing prediction scores 0 ("zero", this protocol's default) or is
+    left out ("skip", the osbench protocol's default, as the released scorer does).
     Writes cases/<id>.json, summary.json, summary.csv, summary.md and worst.html.
     """
     bench, preds, out = Path(bench_dir), Path(predictions_dir), Path(out_dir)
     if not preds.is_dir():
         raise BadInput(f"predictions folder not found: {preds}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "osbench":
+        from opensubject_tasks.bench.osbench import score_osbench
+
+        return score_osbench(ctx.backend("vlm"), bench, find_predictions(preds), out, name=name or preds.name,
+                             missing=missing or "skip", judge_attempts=judge_attempts, rubric_file=rubric)
     if scorer not in ("auto", "judge", "classical"):
         raise ValueError(f"scorer must be auto, judge or classical, got {scorer!r}")
+    if (missing or "zero") not in ("zero", "skip"):
+        raise ValueError(f"missing must be zero or skip, got {missing!r}")
+    skip_missing = missing == "skip"
     cases = load_cases(bench)
+    if any(c.box is None for c in cases):
+        raise BadInput(f"{bench} has cases without a subject box (an imported OSBench): "
+                       "score it with --protocol osbench")
     vlm_name = ctx.settings.backends.vlm
     use_judge = scorer == "judge" or (scorer == "auto" and vlm_name != "none")
     embedder = ctx.backend("embedder")
-    judge = Judge(ctx.backend("vlm"), max_attempts=judge_attempts)
+    judge = Judge(ctx.backend("vlm"), load_rubric(Path(rubric)) if rubric else None, max_attempts=judge_attempts)
     cal = calibrate(embedder, bench, cases)
-    found = _find_predictions(preds)
+    found = find_predictions(preds)
     shutil.rmtree(out / "cases", ignore_errors=True)  # no stale case files from an earlier run
     (out / "cases").mkdir(parents=True)
 
@@ -205,7 +219,7 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
                                    "category": case.category, "size": case.size,
                                    "images": case.images}
             imgs = _load(bench, case)
-            path = found.get(case.id)
+            path = prediction_for(case, found)
             output = None
             if path is None:
                 rec["missing"] = "no prediction file"
@@ -229,7 +243,8 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
                 for i, res in zip(idx, judge.score(axis, items), strict=True):
                     judged[(i, axis)] = res
         for i, (case, imgs, output, rec) in enumerate(loaded):
-            records.append(_finish(case, imgs, output, rec, embedder, cal, judged, i, use_judge))
+            records.append(_finish(case, imgs, output, rec, embedder, cal, judged, i, use_judge, bench,
+                                   skip_missing))
             (out / "cases" / f"{case.id}.json").write_text(json.dumps(records[-1], indent=1))
 
     summary = summarize(records)
@@ -237,6 +252,7 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
         "name": name or preds.name, "bench": str(bench.resolve()),
         "predictions": str(preds.resolve()),
         "scorer": "judge" if use_judge else "classical",
+        "protocol": "opensubject", "missing_policy": "skip" if skip_missing else "zero",
         "judge": {"backend": judge.name, "rubric_version": judge.rubric.version,
                   "max_attempts": judge_attempts},
         "embedder": getattr(embedder, "name", type(embedder).__name__),
@@ -252,14 +268,16 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
 
 def _finish(case: Case, imgs: dict[str, np.ndarray], output: np.ndarray | None, rec: dict[str, Any],
             embedder: Any, cal: Calibration, judged: dict[tuple[int, str], Any], i: int,
-            use_judge: bool) -> dict[str, Any]:
+            use_judge: bool, bench: Path | None = None, skip_missing: bool = False) -> dict[str, Any]:
     pf_axis, sc_axis = PF_SC[case.task]
     if output is None:
-        # No output is a failed case: 0, counted apart as "missing" (not a judge score).
-        rec.update(status="missing", pf=0.0, sc=0.0, overall=0.0, pf_source="missing",
+        # No output is a failed case: 0, counted apart as "missing" (not a judge score);
+        # or, asked to skip it (as the released OSBench scorer does), left out of the means.
+        zero = None if skip_missing else 0.0
+        rec.update(status="missing", pf=zero, sc=zero, overall=zero, pf_source="missing",
                    sc_source="missing", classical={}, judge={}, axes={})
         return rec
-    m = classical_metrics(embedder, case, imgs, output, cal)
+    m = classical_metrics(embedder, case, imgs, output, cal, bench)
     jd = {axis: judged[(i, axis)].to_dict() for axis in JUDGE_AXES[case.task]}
     axes_c = classical_axes(case, m)
     axes: dict[str, dict[str, Any]] = {}
@@ -291,7 +309,7 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 
 def _group_stats(recs: list[dict[str, Any]]) -> dict[str, Any]:
-    counted = [r for r in recs if r["overall"] is not None]  # scored, and missing as 0
+    counted = [r for r in recs if r["overall"] is not None]  # scored, and missing as 0 (unless skipped)
     axes = {}
     for axis in AXES:
         axes[axis] = {kind: _mean(r["axes"].get(axis, {}).get(kind) for r in recs)
@@ -357,120 +375,3 @@ def labels(use_judge: bool, records: list[dict[str, Any]]) -> dict[str, str]:
             "sc": "classical metrics mapped to 0-10 (no VLM judge): generation embedding identity "
                   "at the target box, manipulation masked PSNR+SSIM outside the region",
             "mode": "classical (not comparable with judge-scored numbers)"}
-
-
-_COLUMNS = ("group", "cases", "scored", "unscored", "missing", "pf", "sc", "overall",
-            "identity_classical", "identity_judge", "prompt_adherence_classical", "prompt_adherence_judge",
-            "manipulation_classical", "manipulation_judge", "background_classical", "background_judge",
-            "psnr", "ssim")
-
-
-def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    groups = [(sp, summary["splits"][sp]) for sp in SPLITS]
-    groups += [(t, summary["tasks"][t]) for t in TASKS] + [(s, summary["scenes"][s]) for s in SCENES]
-    rows = []
-    for g, st in groups:
-        row = {"group": g, **{k: st[k] for k in ("cases", "scored", "unscored", "missing", "pf", "sc",
-                                                 "overall", "psnr", "ssim")}}
-        for ax in AXES:
-            for kind in ("classical", "judge"):
-                row[f"{ax}_{kind}"] = st["axes"][ax][kind]
-        rows.append(row)
-    c = summary["counts"]
-    rows.append({"group": "overall", "cases": c["cases"], "scored": c["scored"], "unscored": c["unscored"],
-                 "missing": c["missing"], "pf": summary["pf"], "sc": summary["sc"],
-                 "overall": summary["overall"]})
-    return rows
-
-
-def write_csv(path: Path, summary: dict[str, Any]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_COLUMNS)
-        w.writeheader()
-        for row in _rows(summary):
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in _COLUMNS})
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-
-def markdown(summary: dict[str, Any]) -> str:
-    lab = summary["labels"]
-    lines = [f"# Benchmark scores: {summary['name']}", "",
-             f"Overall (mean of {len(summary['overall_splits'])} splits): **{_fmt(summary['overall'])}**"
-             f" · PF {_fmt(summary['pf'])} · SC {_fmt(summary['sc'])}", "",
-             f"* Scored by: {lab['mode']}", f"* PF: {lab['pf']}", f"* SC: {lab['sc']}",
-             f"* Judge: {summary['judge']['backend']} (rubric {summary['judge']['rubric_version']}); "
-             f"unscored judge replies: {summary['counts']['judge_unscored'] or 'none asked'}",
-             f"* Cases: {summary['counts']['cases']}, scored {summary['counts']['scored']}, "
-             f"unscored {summary['counts']['unscored']}, missing predictions {summary['counts']['missing']} "
-             "(missing counts as 0)", "",
-             "| group | cases | unscored | missing | PF | SC | overall | identity | prompt | manipulation "
-             "| background | PSNR | SSIM |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    def ax(row: dict[str, Any], name: str) -> str:
-        c, j = row.get(f"{name}_classical"), row.get(f"{name}_judge")
-        return _fmt(c) + (f" / j {_fmt(j)}" if j is not None else "")
-
-    for row in _rows(summary):
-        lines.append(f"| {row['group']} | {row['cases']} | {row['unscored']} | {row['missing']} | "
-                     f"{_fmt(row['pf'])} | {_fmt(row['sc'])} | {_fmt(row['overall'])} | "
-                     + " | ".join(ax(row, a) for a in AXES) + f" | {_fmt(row.get('psnr'))} | {_fmt(row.get('ssim'))} |")
-    lines += ["", "Axis columns: classical value on 0-10, then the judge's (`j`) where it scored.", ""]
-    return "\n".join(lines)
-
-
-# --- worst cases page ---------------------------------------------------------------------
-def _thumb(img: np.ndarray, box: list[float] | None = None, side: int = 192) -> str:
-    im = Image.fromarray(img if img.dtype == np.uint8 else img.astype(np.uint8) * 255).convert("RGB")
-    if box is not None:
-        ImageDraw.Draw(im).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 40, 40),
-                                     width=max(1, im.width // 160))
-    im.thumbnail((side, side))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def worst_html(bench: Path, records: list[dict[str, Any]], summary: dict[str, Any], n: int) -> str:
-    """The n lowest-scoring cases plus the unscored ones, with inline thumbnails."""
-    scored = sorted((r for r in records if r["overall"] is not None), key=lambda r: (r["overall"], r["id"]))
-    unscored = [r for r in records if r["overall"] is None]
-    esc = html.escape
-
-    def card(r: dict[str, Any]) -> str:
-        imgs = []
-        for label, rel in (("reference", r["images"]["reference"]), ("input", r["images"]["input"])):
-            imgs.append((label, _thumb(read_image(bench / rel))))
-        if r.get("prediction") and r["status"] != "missing":
-            imgs.append(("output", _thumb(M.resize_to(read_image(r["prediction"]), *r["size"]), r["box"])))
-        imgs.append(("ground truth", _thumb(read_image(bench / r["images"]["target"]), r["box"])))
-        figs = "".join(f'<figure><img src="{src}" alt="{esc(lbl)}"><figcaption>{esc(lbl)}</figcaption></figure>'
-                       for lbl, src in imgs)
-        judge = "".join(
-            f"<li>judge <b>{esc(ax)}</b>: "
-            + (f"unscored ({esc(res['error'] or '')}); last reply: <code>{esc(repr(res['raw'][-1][:300]))}</code>"
-               if res["score"] is None else f"{esc(_fmt(res['score']))} — {esc(res['rationale'][:300])}")
-            + "</li>" for ax, res in r["judge"].items())
-        return (f'<section><h3>{esc(r["id"])} · {esc(r["split"])} · overall {esc(_fmt(r["overall"]))} '
-                f'(PF {esc(_fmt(r["pf"]))} [{esc(r["pf_source"])}], SC {esc(_fmt(r["sc"]))} '
-                f'[{esc(r["sc_source"])}])</h3><p>{esc(r["prompt"])}</p>'
-                + (f'<p class="warn">{esc(r["missing"])}</p>' if r.get("missing") else "")
-                + f'<div class="row">{figs}</div><ul>{judge}</ul></section>')
-
-    body = "".join(card(r) for r in scored[:n])
-    body_u = "".join(card(r) for r in unscored[:n])
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>Worst cases: "
-        f"{esc(summary['name'])}</title><style>body{{font-family:sans-serif;margin:1.5em}}"
-        "figure{display:inline-block;margin:0 .5em .5em 0}figcaption{font-size:.8em;text-align:center}"
-        "section{border-top:1px solid #ccc;padding:.5em 0}.warn{color:#b00}code{font-size:.8em}</style>"
-        f"</head><body><h1>Worst cases: {esc(summary['name'])}</h1>"
-        f"<p>Overall {esc(_fmt(summary['overall']))}; scored by {esc(summary['labels']['mode'])}. "
-        f"The red box is where the ground truth has the subject.</p>"
-        f"<h2>Lowest scores</h2>{body or '<p>none</p>'}"
-        f"<h2>Unscored ({len(unscored)})</h2>{body_u or '<p>none</p>'}</body></html>")
-

@@ -16,8 +16,9 @@ detection and motion need. PyAV's decode and scale calls, OpenCV and NumPy relea
 the GIL, so the two threads run in parallel. The first frame at or after every
 ``keyframe_stride``-th is also kept as a keyframe candidate: a reference to the decoded picture, converted
 to an RGB keyframe (longest side at most ``keyframe_max_side``, rotated upright)
-only if a clip picks it. Candidates from large sources are shrunk at once so that
-holding them stays cheap.
+only if a clip picks it, and to the full frame (longest side at most ``frame_max_side``)
+that training targets are cut from. Candidates from sources above 1080p are shrunk at
+once to ``frame_max_side`` so that holding them stays cheap.
 
 Given the probe's open video (``open_video``), the pass continues with the
 probe's decoder and starts with the frames the probe decoded: a video is opened
@@ -103,17 +104,24 @@ class Shrinker:
 class KeyframeCandidate:
     """A decoded picture held until a clip decides whether to keep it."""
 
-    __slots__ = ("_frame", "_size", "_rotation", "_shrinker")
+    __slots__ = ("_frame", "_size", "_full_size", "_rotation", "_shrinker")
 
     def __init__(self, frame: av.VideoFrame, size: tuple[int, int], rotation: int,
-                 shrinker: Shrinker | None = None) -> None:
+                 shrinker: Shrinker | None = None, full_size: tuple[int, int] | None = None) -> None:
         self._frame, self._size, self._rotation = frame, size, rotation
+        self._full_size = full_size or (frame.width, frame.height)
         self._shrinker = shrinker or Shrinker()
 
     def image(self) -> np.ndarray:
         """RGB uint8, upright, longest side <= keyframe_max_side. Call it from one
         thread per shrinker (the consumer of iter_frames)."""
-        img = self._shrinker.to_array(self._frame, self._size, "rgb24")
+        return self._upright(self._shrinker.to_array(self._frame, self._size, "rgb24"))
+
+    def full_image(self) -> np.ndarray:
+        """RGB uint8, upright, at the source's resolution (longest side <= frame_max_side)."""
+        return self._upright(self._shrinker.to_array(self._frame, self._full_size, "rgb24"))
+
+    def _upright(self, img: np.ndarray) -> np.ndarray:
         if self._rotation:
             img = np.ascontiguousarray(np.rot90(img, k=self._rotation // 90))
         return img
@@ -169,6 +177,12 @@ def iter_frames(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateS
     stats = stats if stats is not None else DecodeStats()
     aw, ah = analysis_size(probe.width, probe.height, s.analysis_width)
     kw, kh = fit_size(probe.width, probe.height, s.keyframe_max_side)
+    if not s.frame_max_side:
+        fw, fh = kw, kh
+    elif s.frame_max_side >= max(probe.width, probe.height):
+        fw, fh = probe.width, probe.height   # the source's own size
+    else:
+        fw, fh = fit_size(probe.width, probe.height, s.frame_max_side)
     stride = keyframe_stride(probe.fps, s)
     # one swscale context per purpose, reused for every frame (a fresh one per frame
     # costs about half as much again as the scaling itself)
@@ -208,8 +222,8 @@ def iter_frames(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateS
             if index >= next_candidate:  # the first frame at or after each stride-th
                 next_candidate = (index // stride + 1) * stride
                 held = (frame if frame.width * frame.height <= _HOLD_RAW_MAX_PIXELS
-                        else keyframes.shrink(frame, (kw, kh)))
-                cand = KeyframeCandidate(held, (kw, kh), probe.rotation, keyframes)
+                        else keyframes.shrink(frame, (fw, fh)))
+                cand = KeyframeCandidate(held, (kw, kh), probe.rotation, keyframes, (fw, fh))
             t = float(frame.time) if frame.time is not None else index / probe.fps
             yield Frame(index, t, small, cand, None if analysed else frame, (aw, ah))
     finally:

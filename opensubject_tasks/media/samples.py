@@ -22,6 +22,8 @@ import cv2
 import numpy as np
 
 FPS = 25
+# 480p: the sample videos pass the default resolution filter (curate.min_short_side 480)
+SAMPLE_SIZE = (854, 480)
 
 # Cut-outs: (photo, crop box x0, y0, x1, y1 in the photo, category). The crop holds
 # the object; an elliptical soft mask inside it makes the cut-out.
@@ -390,7 +392,7 @@ def _collect(frames: Iterable[tuple[np.ndarray, dict[int, list[float]]]],
         yield img
 
 
-def make_samples(out_dir: Path, *, seed: int = 0, size: tuple[int, int] = (640, 360),
+def make_samples(out_dir: Path, *, seed: int = 0, size: tuple[int, int] = SAMPLE_SIZE,
                  count: int | None = None) -> Path:
     """Write the sample videos and ground_truth.json into out_dir; returns the JSON path."""
     out_dir = Path(out_dir)
@@ -466,7 +468,7 @@ def make_bad_samples(out_dir: Path) -> list[Path]:
     the expected outcome of each ("failed", "rejected" or "ok")."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = (480, 270)  # above the default minimum resolution: the all-black video must fail on quality
+    size = SAMPLE_SIZE  # passes the default minimum resolution: the all-black video must fail on quality
     rng = np.random.default_rng(1234)
     expect: dict[str, tuple[str, str]] = {}
 

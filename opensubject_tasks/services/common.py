@@ -89,6 +89,8 @@ def build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
             return s.scalar(select(Sample.build_id).where(Sample.id == entity_id))
         if entity_type == "build":
             return entity_id
+        if entity_type == "export_part":
+            return entity_id.rpartition("#")[0]
     return None
 
 

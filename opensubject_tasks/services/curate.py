@@ -33,6 +33,13 @@ def clip_id(video_id: str, idx: int) -> str:
     return f"{video_id}-c{idx}"
 
 
+def _encode_png(rgb: Any) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
 def _encode_jpeg(rgb: Any, quality: int) -> bytes:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
@@ -69,6 +76,13 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
             ctx.store.put_bytes(key, _encode_jpeg(kf.image, s.keyframe_quality), "image/jpeg")
             h, w = kf.image.shape[:2]
             entries.append({"frame": kf.frame, "key": key, "width": w, "height": h})
+            full = getattr(kf.source, "full_image", None)
+            if s.frame_max_side and clip.state == "kept" and full is not None:
+                # lossless, at source resolution: the training targets and subject crops
+                image = full()
+                full_key = Keys.frame(video_id, cid, kf.frame)
+                ctx.store.put_bytes(full_key, _encode_png(image), "image/png")
+                entries[-1].update(full_key=full_key, full_width=image.shape[1], full_height=image.shape[0])
         written[clip.idx] = entries
 
     _check_unchanged(ctx, source, *registered)
@@ -108,7 +122,8 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
         row.stage_done = "curate"
         if kept:
             row.state, row.reason = "running", None
-    _delete_stale_keyframes(ctx, video_id, {e["key"] for es in written.values() for e in es})
+    _delete_stale_keyframes(ctx, video_id, {k for es in written.values() for e in es
+                                            for k in (e["key"], e.get("full_key")) if k})
 
     details = {
         "frames": outcome.frames, "decoded_frames": stats.decoded, "cuts": outcome.cuts,
@@ -128,7 +143,7 @@ def _check_unchanged(ctx: Context, source: str, content_hash: str, size: int) ->
     """The bytes at the source must still be the ones registered: an object overwritten at
     the same key is registered as another video, not processed under this one's id."""
     src = parse_source(source)
-    if src.kind == "store":
+    if src.kind == "store" and ":" in content_hash:  # registered by the store's etag:size
         try:
             info = ctx.store.stat(src.key)
         except FileNotFoundError:

@@ -35,11 +35,28 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _keyframe_key(keyframes: list[dict], frame: int, clip_id: str) -> str:
+def _keyframe(keyframes: list[dict], frame: int, clip_id: str) -> dict:
     for kf in keyframes:
         if int(kf["frame"]) == int(frame):
-            return kf["key"]
+            return kf
     raise BadInput(f"clip {clip_id} has no keyframe {frame}")
+
+
+def load_frame(ctx: Context, keyframes: list[dict], frame: int, clip_id: str) -> tuple[np.ndarray, dict]:
+    """A pair's frame for synthesis: the lossless full-resolution frame where curate
+    stored one, else the keyframe; with the scale from keyframe pixels (where mining's
+    boxes are) to the returned image's pixels."""
+    kf = _keyframe(keyframes, frame, clip_id)
+    key = kf.get("full_key") or kf["key"]
+    image = decode_rgb(_get(ctx, key), f"frame {frame}")
+    h, w = image.shape[:2]
+    scale = [w / kf["width"], h / kf["height"]] if kf.get("width") and kf.get("height") else [1.0, 1.0]
+    return image, {"source": "full" if kf.get("full_key") else "keyframe", "size": [w, h],
+                   "scale": [round(v, 6) for v in scale]}
+
+
+def _scaled(box: list[float], scale: list[float]) -> list[float]:
+    return [box[0] * scale[0], box[1] * scale[1], box[2] * scale[0], box[3] * scale[1]]
 
 
 @stage("synthesize")
@@ -64,11 +81,13 @@ def synthesize_sample(ctx: Context, sample_id: str) -> StageResult:
     if state == "synthesized" and keys == wanted:
         return StageResult(next=[("verify", sample_id)], details={"skipped": f"attempt {attempt} done"})
 
-    ref = decode_rgb(_get(ctx, _keyframe_key(keyframes, ref_frame, clip_id)), f"keyframe {ref_frame}")
-    tgt = decode_rgb(_get(ctx, _keyframe_key(keyframes, tgt_frame, clip_id)), f"keyframe {tgt_frame}")
-    result = synthesize_pair(ref, ref_box, tgt, tgt_box, seed=seed, attempt=attempt,
+    ref, ref_info = load_frame(ctx, keyframes, ref_frame, clip_id)
+    tgt, tgt_info = load_frame(ctx, keyframes, tgt_frame, clip_id)
+    result = synthesize_pair(ref, _scaled(ref_box, ref_info["scale"]), tgt, _scaled(tgt_box, tgt_info["scale"]),
+                             seed=seed, attempt=attempt,
                              segmenter=ctx.backend("segmenter"), inpainter=ctx.backend("inpainter"),
                              settings=ctx.settings.synth, category=category)
+    result.augment["frames"] = {"reference": ref_info, "target": tgt_info}
     for name in IMAGE_NAMES:
         image = result.images[name]
         if name in MASK_NAMES:
@@ -92,4 +111,4 @@ def _get(ctx: Context, key: str) -> bytes:
     try:
         return ctx.store.get_bytes(key)
     except FileNotFoundError as exc:
-        raise BadInput(f"keyframe {key} is missing from the store") from exc
+        raise BadInput(f"frame {key} is missing from the store") from exc

@@ -57,6 +57,13 @@ def _skip(why: str) -> StageResult:
     return StageResult(status="ok", details={"skipped": why})
 
 
+def _in_image(box: list[float] | None, frame: dict[str, Any] | None) -> list[float] | None:
+    if not box or not frame or not frame.get("scale"):
+        return box
+    sx, sy = frame["scale"]
+    return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+
+
 @stage("verify")
 def verify_sample(ctx: Context, sample_id: str) -> StageResult:
     with session_scope(ctx.sessions) as s:
@@ -72,9 +79,13 @@ def verify_sample(ctx: Context, sample_id: str) -> StageResult:
         if found is None:
             raise BadInput(f"sample {sample_id}: its pair {row.pair_id} does not exist")
         pair, subject = found
+        # boxes in the synthesized images' pixels: targets are full frames, mining's boxes
+        # keyframe pixels (services/synthesize.py records the scale)
+        frames = (row.augment or {}).get("frames") or {}
         meta: dict[str, Any] = {"id": sample_id, "attempt": attempt, "seed": seed,
-                                "category": subject.category, "ref_box": pair.ref_box,
-                                "tgt_box": pair.tgt_box}
+                                "category": subject.category,
+                                "ref_box": _in_image(pair.ref_box, frames.get("reference")),
+                                "tgt_box": _in_image(pair.tgt_box, frames.get("target"))}
     if state in TERMINAL:
         return _skip(f"already {state}")
     if state != "synthesized":

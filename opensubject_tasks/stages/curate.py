@@ -27,6 +27,7 @@ from opensubject_tasks.media.shots import ShotDetector
 class Keyframe:
     frame: int
     image: Image | None          # RGB, longest side <= keyframe_max_side; None once written
+    source: Any = None           # the decoded picture (``full_image()``: source resolution); None once written
 
 
 @dataclass
@@ -122,7 +123,7 @@ class _ClipMaker:
         if len(frames) < 2:
             clip.state, clip.reason = "rejected", "fewer than 2 keyframes could be sampled"
             return
-        clip.keyframes = [Keyframe(f, candidates[f].image()) for f in frames]
+        clip.keyframes = [Keyframe(f, candidates[f].image(), candidates[f]) for f in frames]
         q = self.scorer.score([[k.image for k in clip.keyframes]])[0]
         clip.score = float(q.score)
         motion = [self.motion[f] for f in range(a + 1, b) if f in self.motion]
@@ -133,7 +134,7 @@ class _ClipMaker:
         if self.on_clip is not None:
             self.on_clip(clip)
         for k in clip.keyframes:
-            k.image = None  # written out by on_clip; do not hold images for the whole video
+            k.image = k.source = None  # written out by on_clip; do not hold images for the whole video
 
 
 def curate_frames(frames: Iterable[Frame], probe: ProbeResult, s: CurateSettings,

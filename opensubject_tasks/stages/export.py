@@ -157,56 +157,7 @@ class ShardWriter:
         self._tar = self._path = None
 
 
-# -- OmniGen2 layout -----------------------------------------------------------------
-def _subject_phrase(short: str) -> str:
-    """'a brown cat' -> 'brown cat', for "the ... from image 1"."""
-    return re.sub(r"^(a|an|the)\s+", "", short.strip().rstrip("."), flags=re.IGNORECASE) or "subject"
-
-
-def instruction_ic(record: ExportRecord) -> str:
-    """In-context generation: make an image of the subject shown in image 1."""
-    subject = _subject_phrase(record.caption_short or record.category)
-    long = record.caption_long.strip()
-    return f"Generate an image of the {subject} from image 1. {long}".strip()
-
-
-def instruction_edit(record: ExportRecord) -> str:
-    """Manipulation: put the subject of image 2 into the scene of image 1."""
-    subject = _subject_phrase(record.caption_short or record.category)
-    long = record.caption_long.strip()
-    return f"Add the {subject} from image 2 to image 1. {long}".strip()
-
-
-def omnigen2_files(record: ExportRecord) -> dict[str, tuple[str, str]]:
-    """Relative output path -> (image name in the sample, role) for one sample."""
-    k = record.key
-    ext = {n: image_ext(record.image_keys[n]) for n in ("generation_input", "manipulation_input", "target")}
-    return {
-        f"Images/generation/input_images/{k}.{ext['generation_input']}": ("generation_input", "gen_in"),
-        f"Images/generation/output_images/{k}.{ext['target']}": ("target", "gen_out"),
-        f"Images/manipulation/input_images/{k}_scene.{ext['manipulation_input']}": ("manipulation_input", "man_scene"),
-        f"Images/manipulation/input_images/{k}_subject.{ext['generation_input']}": ("generation_input", "man_subject"),
-        f"Images/manipulation/output_images/{k}.{ext['target']}": ("target", "man_out"),
-    }
-
-
-def omnigen2_records(record: ExportRecord) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The two training records of one sample, paths relative to the export root.
-
-    Generation ("ic"): the synthesized reference (subject outpainted on a new canvas)
-    -> the target frame. Manipulation ("edit"): the target with the subject's box
-    inpainted, plus the subject reference -> the target frame.
-    """
-    roles = {role: path for path, (_, role) in omnigen2_files(record).items()}
-    gen = {"task_type": "ic", "instruction": instruction_ic(record),
-           "input_images": [roles["gen_in"]], "output_image": roles["gen_out"]}
-    man = {"task_type": "edit", "instruction": instruction_edit(record),
-           "input_images": [roles["man_scene"], roles["man_subject"]], "output_image": roles["man_out"]}
-    return gen, man
-
-
-def jsonl(records: Iterable[dict[str, Any]]) -> bytes:
-    return b"".join(dumps(r) + b"\n" for r in records)
+# The OmniGen2 training layout is its own unit: stages/omnigen2.py.
 
 
 # -- stats ---------------------------------------------------------------------------

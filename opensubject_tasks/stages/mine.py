@@ -18,7 +18,10 @@ of frames that show the same subject.
 5. Diversity-aware pairing: among usable keyframe pairs of one identity whose
    embedding similarity stays above ``min_identity``, near-duplicates are rejected
    and the most diverse pairs (temporal gap, change of box scale/position/aspect,
-   appearance distance) are chosen, at most ``max_pairs_per_subject``.
+   appearance distance) are chosen, at most ``max_pairs_per_subject``. With several
+   subjects in a clip, each first takes its best pair whose target is the keyframe
+   most of them are usable on (``shared_targets``), so their samples can be combined
+   into one multi-subject sample.
 
 Boxes are in keyframe pixels. Everything is deterministic for the same inputs.
 """
@@ -427,8 +430,13 @@ def pair_scores(a: _Box, b: _Box, frame_a: int, frame_b: int, span: int, width: 
 
 
 def choose_pairs(ident: list[_Box], usable: set[int], frame_numbers: Sequence[int], width: int, height: int,
-                 s: MineSettings) -> tuple[list[tuple[_Box, _Box, dict[str, float]]], Counter[str]]:
-    """The most diverse non-duplicate pairs of usable views; also why others were dropped."""
+                 s: MineSettings, prefer_target: int | None = None
+                 ) -> tuple[list[tuple[_Box, _Box, dict[str, float]]], Counter[str]]:
+    """The most diverse non-duplicate pairs of usable views; also why others were dropped.
+
+    ``prefer_target`` (a keyframe index): the most diverse pair that includes this view is
+    taken first, with this view as the target, so that subjects of one clip share a target
+    frame (the multi-subject samples of the export)."""
     views = [b for b in ident if b.frame in usable]
     span = max(frame_numbers) - min(frame_numbers)
     dropped: Counter[str] = Counter()
@@ -451,6 +459,15 @@ def choose_pairs(ident: list[_Box], usable: set[int], frame_numbers: Sequence[in
             cands.append((ref, tgt, sc))
     chosen: list[tuple[_Box, _Box, dict[str, float]]] = []
     used: Counter[int] = Counter()
+    shared = [i for i, (r, t, _) in enumerate(cands) if prefer_target in (r.frame, t.frame)]
+    if shared:
+        k = max(shared, key=lambda i: (cands[i][2]["diversity"], -cands[i][0].frame, -cands[i][1].frame))
+        ref, tgt, sc = cands.pop(k)
+        if ref.frame == prefer_target:
+            ref, tgt = tgt, ref
+        chosen.append((ref, tgt, sc))
+        used[ref.frame] += 1
+        used[tgt.frame] += 1
     while cands and len(chosen) < s.max_pairs_per_subject:
         # prefer pairs on keyframes not used yet, so the chosen pairs differ among themselves
         k = max(range(len(cands)), key=lambda i: (
@@ -461,6 +478,13 @@ def choose_pairs(ident: list[_Box], usable: set[int], frame_numbers: Sequence[in
         used[ref.frame] += 1
         used[tgt.frame] += 1
     return chosen, dropped
+
+
+def shared_target(usable: Sequence[set[int]]) -> int | None:
+    """The keyframe usable by the most subjects (at least two; the later one on a tie)."""
+    counts = Counter(f for frames in usable for f in frames)
+    best = max(counts.items(), key=lambda kv: (kv[1], kv[0]), default=None)
+    return best[0] if best and best[1] >= 2 else None
 
 
 # ------------------------------------------------------------------------- the stage
@@ -517,6 +541,7 @@ def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM
     pairs: list[PairResult] = []
     dropped_total: Counter[str] = Counter()
     names = _name_identities(idents, frames, kept, vlm, source, n)
+    usable_of: list[set[int]] = []
     for idx, ident in enumerate(idents):
         category, cat_source, consensus = names[idx]
         flags = {}
@@ -531,19 +556,24 @@ def mine_clip(frames: Sequence[Image], frame_numbers: Sequence[int], *, vlm: VLM
             scores={frame_numbers[bx.frame]: round(float(bx.det.score), 4) for bx in ident},
             usable=sorted(frame_numbers[i] for i in usable), flags=flags)
         subj.reason = subject_problem(subj, n, s)
+        subjects.append(subj)
+        usable_of.append(usable)
+    # several subjects of the clip paired onto one target frame make a multi-subject sample
+    prefer = shared_target([u for u, x in zip(usable_of, subjects, strict=True) if x.reason is None]) \
+        if s.shared_targets else None
+    for ident, subj, usable in zip(idents, subjects, usable_of, strict=True):
         if subj.reason is None:
-            chosen, dropped = choose_pairs(ident, usable, frame_numbers, width, height, s)
+            chosen, dropped = choose_pairs(ident, usable, frame_numbers, width, height, s, prefer)
             dropped_total.update(dropped)
             if not chosen:
                 subj.reason = "no pair: " + (", ".join(f"{v} {k}" for k, v in sorted(dropped.items()))
                                             or "no two usable keyframes")
             for ref, tgt, sc in chosen:
-                pairs.append(PairResult(idx, frame_numbers[ref.frame], frame_numbers[tgt.frame],
+                pairs.append(PairResult(subj.idx, frame_numbers[ref.frame], frame_numbers[tgt.frame],
                                         subj.boxes[frame_numbers[ref.frame]],
                                         subj.boxes[frame_numbers[tgt.frame]], sc))
         if subj.reason:
             subj.state = "rejected"
-        subjects.append(subj)
 
     reason = None
     if not pairs:

@@ -7,8 +7,14 @@
   and everything outside the eroded mask is synthesized by the inpainter. Pixels
   under the eroded mask are the augmented reference, untouched.
 * Manipulation input (box-guided inpainting): the target frame with the subject's
-  box (slightly grown, to cover soft edges) filled by the inpainter; everything
-  outside the box is the target frame, untouched.
+  box (slightly grown, to cover soft edges) filled by the inpainter with *something
+  else*: a different object where the model family can be asked for one (the sample
+  then teaches "replace it with the reference subject"), plausible background where it
+  cannot (OpenCV). Everything outside the box is the target frame, untouched.
+
+What each model family is asked (prompts, negative prompts) is in
+backends/synthesis_prompts.yaml; outpainting never names the subject, whose category
+goes into the negative prompt instead.
 
 The same (seed, attempt) gives the same images, bit for bit. Every random choice is
 returned in ``augment`` so the transform can be replayed (``apply_augmentation``).
@@ -22,6 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from opensubject_tasks.backends import synthesis_prompts as sp
 from opensubject_tasks.backends.base import Box, Image, Inpainter, Mask, Segmenter
 from opensubject_tasks.config import SynthSettings
 from opensubject_tasks.errors import Rejected
@@ -52,11 +59,12 @@ def draw_augmentation(crop_size: tuple[int, int], mask: Mask, frame_size: tuple[
     """Random flip/scale/rotation/translation placing the subject inside the canvas.
 
     ``crop_size``/``frame_size`` are (width, height). The canvas has the reference
-    frame's aspect ratio with its longest side ``output_size``; the subject keeps its
-    relative size up to the drawn scale, shrunk if it would not fit."""
+    frame's aspect ratio with its longest side the frame's, at most ``output_size`` (never
+    upscaled); the subject keeps its relative size up to the drawn scale, shrunk if it
+    would not fit."""
     cw0, ch0 = crop_size
     fw, fh = frame_size
-    base = s.output_size / max(fw, fh)
+    base = min(s.output_size, max(fw, fh)) / max(fw, fh)
     canvas = (max(1, round(fw * base)), max(1, round(fh * base)))
     flip = bool(rng.random() < s.flip_probability)
     scale = float(rng.uniform(*sorted(s.scale_range)))
@@ -170,19 +178,32 @@ def synthesize_pair(ref_image: Image, ref_box: Box, tgt_image: Image, tgt_box: B
     gen_seed, man_seed = (int(v) for v in rng.integers(0, 2**31 - 1, size=2))
     canvas = np.zeros_like(subject)
     canvas[eroded] = subject[eroded]
-    generation = inpainter.inpaint([canvas], [~eroded], [f"a {category} in a natural scene"], [gen_seed])[0]
+    family = inpainter.family
+    outpaint = sp.synthesis_prompt(family, "outpaint", category)
+    generation = inpainter.inpaint([canvas], [~eroded], [outpaint.prompt], [gen_seed], [outpaint.negative])[0]
 
-    # manipulation input: the target with the subject's box filled in
+    # manipulation input: the target with the subject's box filled by something else
     th, tw = tgt_image.shape[:2]
     bx0, by0, bx1, by1 = grow_box(tgt_box, s.box_margin, tw, th)
     box_mask = np.zeros((th, tw), bool)
     box_mask[by0:by1, bx0:bx1] = True
-    manipulation = inpainter.inpaint([tgt_image], [box_mask], ["background"], [man_seed])[0]
+    if sp.paints_objects(family):
+        fill = sp.synthesis_prompt(family, "replace", category,
+                                   sp.pick_replacement(np.random.default_rng(man_seed), category))
+    else:
+        fill = sp.synthesis_prompt(family, "remove", category)
+    manipulation = inpainter.inpaint([tgt_image], [box_mask], [fill.prompt], [man_seed], [fill.negative])[0]
 
     augment = {"seed": int(seed), "attempt": int(attempt), "reference_crop": [x0, y0, x1, y1],
                "geometry": geometry, "erosion": erosion,
                "manipulation_box": [bx0, by0, bx1, by1],
-               "inpaint_seeds": {"generation": gen_seed, "manipulation": man_seed}}
+               "inpaint_seeds": {"generation": gen_seed, "manipulation": man_seed},
+               "prompts": {"version": sp.version(), "family": family,
+                           "generation": {"prompt": outpaint.prompt, "negative": outpaint.negative},
+                           "manipulation": {"request": fill.request, "prompt": fill.prompt,
+                                            "negative": fill.negative}},
+               # what now fills the subject's box (None: background), named by instructions
+               "replacement": {"object": fill.replacement}}
     images = {"reference": crop, "mask": mask, "generation_input": generation,
               "generation_mask": eroded, "manipulation_input": manipulation,
               "manipulation_mask": box_mask, "target": np.ascontiguousarray(tgt_image)}

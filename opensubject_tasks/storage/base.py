@@ -131,6 +131,12 @@ class Keys:
                         "frames", f"{int(frame):07d}.jpg")
 
     @staticmethod
+    def frame(video_id: str, clip_id: str, frame: int) -> str:
+        """A keyframe at source resolution, lossless (next to its small JPEG)."""
+        return safe_key("videos", check_segment(video_id), "clips", check_segment(clip_id),
+                        "frames", f"{int(frame):07d}.png")
+
+    @staticmethod
     def sample_file(video_id: str, sample_id: str, attempt: int, name: str) -> str:
         return safe_key("videos", check_segment(video_id), "samples", check_segment(sample_id),
                         f"a{int(attempt)}", name)

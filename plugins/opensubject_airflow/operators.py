@@ -170,10 +170,24 @@ class CeleryTaskOperator(BaseOperator):
         """What to do with a successful result (nothing here)."""
 
 
+class ExportPlanOperator(CeleryTaskOperator):
+    """Plan a build's export on a worker; returns its parts as the arguments of the
+    ``export_part`` tasks mapped over them (at most ``export.max_parts``)."""
+
+    def __init__(self, *, build_id: Any, **kwargs: Any) -> None:
+        super().__init__(stage="export_plan", args=[build_id], **kwargs)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> list[list[str]]:
+        result = super().execute_complete(context, event)
+        parts = (result.get("details") or {}).get("parts") or []
+        self.log.info("export planned in %d part(s)", len(parts))
+        return [[p] for p in parts]
+
+
 class ExportOperator(CeleryTaskOperator):
-    """Export a build on a worker, then publish it: each asset in ``outlets`` gets an event
-    saying which build, where and how many samples, so a training DAG scheduled on the
-    asset finds the new dataset."""
+    """Finish a build's export on a worker (its parts written), then publish it: each asset
+    in ``outlets`` gets an event saying which build, where and how many samples, so a
+    training DAG scheduled on the asset finds the new dataset."""
 
     def __init__(self, *, build_id: Any, **kwargs: Any) -> None:
         super().__init__(stage="export", args=[build_id], **kwargs)

@@ -17,6 +17,7 @@ from opensubject_tasks.backends.registry import register
 
 class ClassicalInpainter:
     name = "classical"
+    family = "classical"   # synthesis_prompts.yaml: prompts are ignored, no objects are painted
 
     def __init__(self, radius: int = 5, coarse_depth: float = 6.0, band_px: int = 12,
                  texture_amplitude: float = 6.0, texture_scale: float = 3.0) -> None:
@@ -26,8 +27,8 @@ class ClassicalInpainter:
         self.texture_amplitude = texture_amplitude    # max std of the added texture (grey levels)
         self.texture_scale = texture_scale            # texture grain in pixels
 
-    def inpaint(self, images: Sequence[Image], masks: Sequence[Mask],
-                prompts: Sequence[str], seeds: Sequence[int]) -> list[Image]:
+    def inpaint(self, images: Sequence[Image], masks: Sequence[Mask], prompts: Sequence[str],
+                seeds: Sequence[int], negative_prompts: Sequence[str] | None = None) -> list[Image]:
         return [self._one(img, m, int(s)) for img, m, s in zip(images, masks, seeds, strict=True)]
 
     def _one(self, image: Image, mask: Mask, seed: int) -> Image:

@@ -1,6 +1,10 @@
 """Diffusers inpainting (default SDXL inpainting; FLUX-Fill through ``pipeline_class``),
 used for box-guided inpainting and mask-guided outpainting alike: it fills the True
-pixels of each mask and keeps every other pixel exactly as it was."""
+pixels of each mask and keeps every other pixel exactly as it was.
+
+Steps, guidance and strength default to what the model family's documentation gives
+(synthesis_prompts.yaml: SDXL inpainting 20 / 8.0 / 0.99, FLUX.1 Fill 50 / 30 / 1.0);
+configured values win."""
 from __future__ import annotations
 
 import inspect
@@ -11,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from opensubject_tasks.backends import synthesis_prompts
 from opensubject_tasks.backends.base import Image, Mask
 from opensubject_tasks.backends.hf.common import HFBackend, to_pil
 from opensubject_tasks.backends.registry import register
@@ -32,13 +37,12 @@ class HFInpainter(HFBackend):
     default_model = DEFAULT_INPAINTER
 
     def __init__(self, model: str = DEFAULT_INPAINTER, device: str = "cpu", dtype: str = "auto",
-                 batch_size: int = 4, steps: int = 30, guidance_scale: float = 7.5,
-                 strength: float = 0.99, resolution: int = 1024, negative_prompt: str = "",
+                 batch_size: int = 4, steps: int | None = None, guidance_scale: float | None = None,
+                 strength: float | None = None, resolution: int = 1024, negative_prompt: str = "",
                  pipeline_class: str | None = None, variant: str | None = None,
                  name: str | None = None) -> None:
         super().__init__(model, device, dtype, batch_size, name)
-        self.steps, self.guidance_scale, self.strength = steps, guidance_scale, strength
-        self.resolution, self.negative_prompt = resolution, negative_prompt
+        self.resolution, self.negative_prompt = resolution, negative_prompt   # negative: added to every call's
         cls = diffusers.AutoPipelineForInpainting
         if pipeline_class:
             cls = getattr(diffusers, pipeline_class, None)
@@ -50,18 +54,26 @@ class HFInpainter(HFBackend):
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._accepts = set(inspect.signature(self.pipe.__call__).parameters)
+        self.family = synthesis_prompts.family_for(type(self.pipe).__name__)
+        documented = synthesis_prompts.defaults(self.family)
+        self.steps = int(steps if steps is not None else documented.get("steps", 50))
+        self.guidance_scale = float(guidance_scale if guidance_scale is not None
+                                    else documented.get("guidance_scale", 7.5))
+        self.strength = float(strength if strength is not None else documented.get("strength", 1.0))
 
     def inpaint(self, images: Sequence[Image], masks: Sequence[Mask], prompts: Sequence[str],
-                seeds: Sequence[int]) -> list[Image]:
-        if not len(images) == len(masks) == len(prompts) == len(seeds):
+                seeds: Sequence[int], negative_prompts: Sequence[str] | None = None) -> list[Image]:
+        negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(images)
+        if not len(images) == len(masks) == len(prompts) == len(seeds) == len(negatives):
             raise ValueError(f"{len(images)} images, {len(masks)} masks, {len(prompts)} prompts, "
-                             f"{len(seeds)} seeds: one of each per image")
+                             f"{len(seeds)} seeds, {len(negatives)} negative prompts: one of each per image")
         items = []
-        for image, mask, prompt, seed in zip(images, masks, prompts, seeds, strict=True):
+        for image, mask, prompt, seed, negative in zip(images, masks, prompts, seeds, negatives, strict=True):
             image, mask = np.asarray(image), np.asarray(mask, bool)
             if mask.shape != image.shape[:2]:
                 raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
-            items.append((image, mask, str(prompt), int(seed)))
+            negative = ", ".join(n for n in (str(negative or ""), self.negative_prompt) if n)
+            items.append((image, mask, str(prompt), int(seed), negative))
         todo = [i for i, it in enumerate(items) if it[1].any()]  # nothing to fill: as is
         filled = self.batcher.map(self._inpaint, [items[i] for i in todo])
         out = [it[0].copy() for it in items]
@@ -69,7 +81,7 @@ class HFInpainter(HFBackend):
             out[i] = im
         return out
 
-    def _inpaint(self, chunk: list[tuple[np.ndarray, np.ndarray, str, int]]) -> list[Image]:
+    def _inpaint(self, chunk: list[tuple[np.ndarray, np.ndarray, str, int, str]]) -> list[Image]:
         # One pipeline call per working size (images of a batch must share it).
         sizes = [working_size(im.shape[1], im.shape[0], self.resolution) for im, *_ in chunk]
         out: list[Image | None] = [None] * len(chunk)
@@ -82,19 +94,20 @@ class HFInpainter(HFBackend):
                 out[i] = np.where(mask[..., None], gen, image)  # outside the mask: untouched
         return out  # type: ignore[return-value]
 
-    def _call(self, group: list[tuple[np.ndarray, np.ndarray, str, int]],
+    def _call(self, group: list[tuple[np.ndarray, np.ndarray, str, int, str]],
               size: tuple[int, int]) -> np.ndarray:
         w, h = size
         kwargs: dict[str, Any] = {
-            "prompt": [p for *_, p, _ in group],
+            "prompt": [p for _, _, p, _, _ in group],
             "image": [to_pil(im).resize(size, PILImage.Resampling.LANCZOS) for im, *_ in group],
             "mask_image": [PILImage.fromarray(m.astype(np.uint8) * 255).resize(size, PILImage.Resampling.NEAREST)
                            for _, m, *_ in group],
             "height": h, "width": w, "num_inference_steps": self.steps,
             "guidance_scale": self.guidance_scale, "strength": self.strength,
-            "negative_prompt": [self.negative_prompt] * len(group),
+            # FLUX.1 Fill takes no negative prompt: dropped below with the other unknown keywords
+            "negative_prompt": [n for *_, n in group],
             # CPU generators: the same seed gives the same noise on any device.
-            "generator": [torch.Generator("cpu").manual_seed(s) for *_, s in group],
+            "generator": [torch.Generator("cpu").manual_seed(s) for _, _, _, s, _ in group],
             "output_type": "np",
         }
         kwargs = {k: v for k, v in kwargs.items() if k in self._accepts}

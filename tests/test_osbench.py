@@ -1,0 +1,246 @@
+"""The released OSBench format and its scorer's protocol: a small benchmark saved with
+`datasets` (4 task types, English and Chinese instructions) is imported, a copy-input
+baseline is written in the released `fullset/<task_type>/<key>.png` layout and scored
+under `--protocol osbench`, by a scripted judge (known replies: the figures are checked
+against a hand computation) and by the tiny random VLM (the real model path)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from opensubject_tasks.backends.registry import register
+from opensubject_tasks.bench.baselines import run_baseline
+from opensubject_tasks.bench.build import load_cases
+from opensubject_tasks.bench.cli import add_bench_commands
+from opensubject_tasks.bench.osbench import parse_json_reply, scorer_size
+from opensubject_tasks.config import load_settings
+from opensubject_tasks.media.samples import photo
+
+TASK_TYPES = ("single_subject_generation", "multiple_subject_generation",
+              "single_subject_manipulation", "multiple_subject_manipulation")
+N_INPUTS = {"single_subject_generation": 1, "multiple_subject_generation": 3,
+            "single_subject_manipulation": 2, "multiple_subject_manipulation": 2}
+
+
+def _image(name: str, size: tuple[int, int]) -> Image.Image:
+    return Image.fromarray(cv2.resize(photo(name), size, interpolation=cv2.INTER_AREA))
+
+
+def _osbench(path: Path) -> list[dict[str, Any]]:
+    """12 English cases (3 per task type) and 4 Chinese ones, saved as the release is."""
+    import datasets
+
+    rows = []
+    names = ["coffee", "chelsea", "astronaut", "rocket", "brick", "moon"]
+    for t, task_type in enumerate(TASK_TYPES):
+        for k in range(4):
+            idx = 4 * t + k
+            truth = np.asarray(_image(names[(t + k + 3) % 6], (512, 384))).copy()
+            truth[:64, :64] = idx * STEP      # a flat patch that tells the scripted judge the case
+            lang = "zh" if k == 3 else "en"
+            text = f"Put subject {k} into scene {t} near the window" if lang == "en" else f"把主体{k}放进场景{t}"
+            big = (1400, 1000) if k == 0 else (320, 240)      # one input above the 1024x1024 bound
+            inputs = [_image(names[(t + k + i) % 6], big if i == 0 else (200, 160)) for i in range(N_INPUTS[task_type])]
+            rows.append({"key": f"case{t}{k}", "task_type": task_type, "instruction": text,
+                         "instruction_language": lang, "input_images": inputs,
+                         "output_image": Image.fromarray(truth), "idx": idx})
+    features = datasets.Features({"key": datasets.Value("string"), "task_type": datasets.Value("string"),
+                                  "instruction": datasets.Value("string"),
+                                  "instruction_language": datasets.Value("string"),
+                                  "input_images": datasets.List(datasets.Image()),
+                                  "output_image": datasets.Image()})
+    datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "idx"} for r in rows],
+                               features=features).save_to_disk(str(path))
+    return rows
+
+
+# --- a scripted judge: replies that are known in advance ----------------------------
+SEEN: list[tuple[int, str]] = []   # (number of images, prompt) of every question
+
+
+STEP = 15   # patch grey level per case index
+
+
+def scripted_score(idx: int, kind: str) -> int | None:
+    """The score the scripted judge gives case ``idx`` (None: an unreadable reply)."""
+    if idx == 6 and kind == "pf":
+        return None
+    h = hashlib.sha256(f"{kind}:{idx}".encode()).digest()
+    return h[0] % 11
+
+
+class ScriptedJudge:
+    """Reads which case it is shown from the ground truth's patch (the second-to-last
+    image, as the released scorer sends it) and replies with that case's known score."""
+
+    name = "scripted-judge"
+
+    def answer(self, images: Sequence[Sequence[np.ndarray]], prompts: Sequence[str]) -> list[str]:
+        out = []
+        for imgs, prompt in zip(images, prompts, strict=True):
+            prompt = " ".join(prompt.split())
+            SEEN.append((len(imgs), prompt))
+            idx = round(float(imgs[-2][8:56, 8:56].mean()) / STEP)
+            kind = "pf" if "carries out the instruction" in prompt or "put into the scene" in prompt else "sc"
+            score = scripted_score(idx, kind)
+            out.append("I cannot tell." if score is None else
+                       f'Here is my rating: {{"score": {score}, "reasoning": "scripted"}}')
+        return out
+
+
+@register("vlm", "scripted-judge")
+def _make_scripted(**_: Any) -> ScriptedJudge:
+    return ScriptedJudge()
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="opensubject")
+    parser.add_argument("--config")
+    add_bench_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+@pytest.fixture()
+def imported(tmp_path: Path, monkeypatch) -> tuple[Path, list[dict[str, Any]], Path]:
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    rows = _osbench(tmp_path / "osbench")
+    bench = tmp_path / "bench"
+    assert _cli(["bench", "import-osbench", str(tmp_path / "osbench"), "--out", str(bench)]) == 0
+    # copy-input predictions, laid out as the released inference writes them
+    flat = tmp_path / "flat"
+    run_baseline("copy-input", bench, flat)
+    results = tmp_path / "results"
+    for case in load_cases(bench):
+        dest = results / "fullset" / case.task_type / f"{case.key}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(flat / f"{case.id}.png", dest)
+    return bench, rows, results
+
+
+def test_import_keeps_english_cases_in_the_released_task_types(imported) -> None:
+    bench, rows, _ = imported
+    cases = load_cases(bench)
+    english = [r for r in rows if r["instruction_language"] == "en"]
+    assert len(cases) == len(english) == 12
+    info = json.loads((bench / "bench.json").read_text())
+    assert info["skipped_other_languages"] == {"zh": 4} and info["task_types"] == {t: 3 for t in TASK_TYPES}
+    for case, row in zip(sorted(cases, key=lambda c: c.key), sorted(english, key=lambda r: r["key"]), strict=True):
+        assert (case.key, case.task_type, case.prompt) == (row["key"], row["task_type"], row["instruction"])
+        assert len(case.input_images) == len(row["input_images"]) and case.box is None
+        assert case.task == ("manipulation" if "manipulation" in case.task_type else "generation")
+        assert case.scene == ("simple" if "single" in case.task_type else "complex")
+        target = np.asarray(Image.open(bench / case.images["target"]))
+        assert np.array_equal(target, np.asarray(row["output_image"].convert("RGB")))
+        assert case.instruction_language == "en"
+
+
+def test_scored_as_the_released_scorer_and_checked_by_hand(imported, tmp_path: Path) -> None:
+    bench, rows, results = imported
+    english = {r["key"]: r for r in rows if r["instruction_language"] == "en"}
+    # one prediction missing: skipped by default (as released), or 0 when asked
+    missing_key = "case01"
+    (results / "fullset" / "single_subject_generation" / f"{missing_key}.png").unlink()
+    settings = load_settings(backends={"vlm": "scripted-judge"})
+    from opensubject_tasks.bench.score import ScoringContext, score_bench
+
+    SEEN.clear()
+    summary = score_bench(ScoringContext(settings), bench, results, tmp_path / "s1", protocol="osbench",
+                          judge_attempts=2)
+
+    # by hand: per task type the mean of sqrt(PF * SC) over cases with both scores
+    expected: dict[str, dict[str, float]] = {}
+    for tt in TASK_TYPES:
+        pfs, scs, overall = [], [], []
+        for key, r in english.items():
+            if r["task_type"] != tt or key == missing_key:
+                continue
+            pf, sc = scripted_score(r["idx"], "pf"), scripted_score(r["idx"], "sc")
+            if pf is None or sc is None:
+                continue
+            pfs.append(pf)
+            scs.append(sc)
+            overall.append(math.sqrt(pf * sc))
+        expected[tt] = {"pf": np.mean(pfs), "sc": np.mean(scs), "overall": np.mean(overall)}
+    for tt in TASK_TYPES:
+        got = summary["task_types"][tt]
+        for k in ("pf", "sc", "overall"):
+            assert got[k] == pytest.approx(expected[tt][k], abs=1e-4), (tt, k)
+    assert summary["overall"] == pytest.approx(np.mean([e["overall"] for e in expected.values()]), abs=1e-4)
+    assert summary["pf"] == pytest.approx(np.mean([e["pf"] for e in expected.values()]), abs=1e-4)
+    c = summary["counts"]
+    assert (c["cases"], c["missing"], c["unscored"], c["scored"]) == (12, 1, 1, 10)
+    unread = json.loads((tmp_path / "s1" / "cases" / "multiple_subject_generation-case12.json").read_text())
+    assert english["case12"]["idx"] == 6
+    assert unread["status"] == "unscored" and unread["pf"] is None
+    assert unread["judge"]["prompt_following"]["raw"] == ["I cannot tell.", "I cannot tell."]   # retried, kept
+
+    # the images the judge saw, in the released scorer's order and number
+    gen_pf = [n for n, p in SEEN if "carries out the instruction" in p]
+    man_pf = [n for n, p in SEEN if "put into the scene" in p]
+    sc = [n for n, p in SEEN if "carries out the instruction" not in p and "put into the scene" not in p]
+    assert sorted(set(gen_pf)) == [1 + 2, 3 + 2]       # every input, the ground truth, the output
+    assert set(man_pf) == {2} and set(sc) == {2}        # ground truth and output only
+
+    zero = score_bench(ScoringContext(settings), bench, results, tmp_path / "s2", protocol="osbench",
+                       judge_attempts=1, missing="zero")
+    rest = [math.sqrt(scripted_score(english[k]["idx"], "pf") * scripted_score(english[k]["idx"], "sc"))
+            for k in english if english[k]["task_type"] == "single_subject_generation" and k != missing_key]
+    assert zero["task_types"]["single_subject_generation"]["overall"] == pytest.approx(
+        np.mean([*rest, 0.0]), abs=1e-4)
+
+
+def test_judge_images_are_sized_and_ordered_as_released(imported) -> None:
+    from opensubject_tasks.bench.osbench import judge_images
+
+    bench, _, results = imported
+    case = next(c for c in load_cases(bench) if c.key == "case10")    # 3 inputs, the first 1400x1000
+    pred = results / "fullset" / case.task_type / f"{case.key}.png"
+    imgs = judge_images(bench, case, pred)
+    # sqrt(1024*1024 / (1400*1000)) = 0.8654: 1211 x 865, down to multiples of 16
+    assert scorer_size((1400, 1000)) == (1200, 864) and scorer_size((200, 160)) == (192, 160)
+    first = imgs["inputs"][0]
+    assert first.shape[:2][::-1] == scorer_size((1400, 1000))          # scaled to 1024x1024 of area
+    assert imgs["output"].shape == first.shape                          # the output follows input 1
+    assert imgs["ground_truth"].shape == (384, 512, 3)                  # the ground truth as it is
+
+
+@pytest.mark.parametrize("reply, score", [
+    ('{"score": 7, "reasoning": "fine"}', 7.0), ('Sure.\n{"score": 0,\n "reasoning": "no"}', 0.0), ("10", 10.0),
+    ('{"score": 11}', None), ('{"reasoning": "x"}', None), ("Score: 7", None), ("", None), ('{"score": "7"}', None),
+])
+def test_json_replies(reply: str, score: float | None) -> None:
+    assert parse_json_reply(reply).score == score
+
+
+def test_tiny_vlm_judge_under_the_osbench_protocol(imported, tmp_path: Path) -> None:
+    """The real model path: each reply is a parsed score or unscored with every raw reply
+    kept; the summary counts exactly those."""
+    from opensubject_tasks.bench.score import ScoringContext, score_bench
+
+    bench, _, results = imported
+    lines = (bench / "cases.jsonl").read_text().splitlines()
+    (bench / "cases.jsonl").write_text("\n".join(lines[::3]) + "\n")   # 4 cases keep the test short
+    settings = load_settings(backends={"vlm": "tiny"})
+    summary = score_bench(ScoringContext(settings), bench, results, tmp_path / "tiny", protocol="osbench",
+                          judge_attempts=2)
+    assert summary["judge"]["backend"].startswith("tiny:vlm") and summary["counts"]["cases"] == 4
+    scored = 0
+    for case in load_cases(bench):
+        rec = json.loads((tmp_path / "tiny" / "cases" / f"{case.id}.json").read_text())
+        for res in rec["judge"].values():
+            parsed = parse_json_reply(res["raw"][-1])
+            assert parsed.score == res["score"] and (res["score"] is not None or len(res["raw"]) == 2)
+        scored += rec["status"] == "scored"
+        assert (rec["status"] == "scored") == (rec["pf"] is not None and rec["sc"] is not None)
+    assert summary["counts"]["scored"] == scored

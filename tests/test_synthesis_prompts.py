@@ -1,0 +1,187 @@
+"""Synthesis prompts per inpainting model family (backends/synthesis_prompts.yaml), the
+documented per-model defaults, negative prompts reaching the pipeline, replacement
+instead of insertion, and a re-synthesis loop that ends."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mining_fixtures import gt_clips, seed_video
+from opensubject_tasks.backends import synthesis_prompts as sp
+from opensubject_tasks.backends.base import Verdict
+from opensubject_tasks.backends.hf import tiny
+from opensubject_tasks.backends.registry import register
+
+FAMILIES = ("sd", "sdxl", "flux-fill")
+
+
+def test_every_family_keeps_the_subject_out_of_what_it_asks_for() -> None:
+    for family in FAMILIES:
+        out = sp.synthesis_prompt(family, "outpaint", "dog")
+        assert out.prompt and "dog" not in out.prompt.lower()      # describes only the surroundings
+        rep = sp.synthesis_prompt(family, "replace", "dog", "wooden crate")
+        assert "wooden crate" in rep.prompt and "dog" not in rep.prompt.lower()
+        assert rep.replacement == "wooden crate" and out.replacement is None
+        rem = sp.synthesis_prompt(family, "remove", "dog")
+        assert "dog" not in rem.prompt.lower()
+        if family == "flux-fill":   # guidance-distilled: takes no negative prompt at all
+            assert out.negative == rep.negative == rem.negative == ""
+        else:                       # the subject's category is what must not be painted
+            assert all("dog" in p.negative for p in (out, rep, rem))
+    assert not sp.paints_objects("classical") and all(sp.paints_objects(f) for f in FAMILIES)
+
+
+def test_documented_defaults_per_model_family() -> None:
+    assert sp.family_for("FluxFillPipeline") == "flux-fill"
+    assert sp.family_for("StableDiffusionXLInpaintPipeline") == "sdxl"
+    assert sp.family_for("StableDiffusionInpaintPipeline") == "sd"
+    assert sp.defaults("flux-fill") == {"steps": 50, "guidance_scale": 30.0, "strength": 1.0}
+    assert sp.defaults("sdxl") == {"steps": 20, "guidance_scale": 8.0, "strength": 0.99}
+    assert sp.defaults("sd") == {"steps": 50, "guidance_scale": 7.5, "strength": 1.0}
+
+
+def test_replacements_are_seeded_and_never_the_subject() -> None:
+    rng = np.random.default_rng(0)
+    picks = [sp.pick_replacement(rng, "bicycle") for _ in range(200)]
+    assert "bicycle" not in picks and len(set(picks)) > 5
+    assert sp.pick_replacement(np.random.default_rng(5), "dog") == sp.pick_replacement(np.random.default_rng(5), "dog")
+
+
+def test_tiny_inpainter_gets_family_defaults_and_per_image_negatives(tmp_path: Path) -> None:
+    from opensubject_tasks.backends.hf.inpainter import HFInpainter
+
+    model = tiny.ensure_tiny_models()["inpainter"]
+    configured = HFInpainter(model=str(model), device="cpu", dtype="auto", steps=2, resolution=64)
+    assert configured.family == "sd" and configured.steps == 2          # configured values win
+    assert (configured.guidance_scale, configured.strength) == (7.5, 1.0)  # the rest: documented
+    calls: list[dict[str, Any]] = []
+    real = configured.pipe.__call__
+
+    def spy(**kwargs: Any) -> Any:   # the real pipeline runs; we only look at what it was given
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    configured.pipe = _Spied(configured.pipe, spy)
+    img = np.full((48, 64, 3), 120, np.uint8)
+    mask = np.zeros((48, 64), bool)
+    mask[10:30, 10:40] = True
+    configured.negative_prompt = "watermark"
+    configured.inpaint([img, img], [mask, mask], ["a plain wall", "a crate"], [1, 2], ["dog", ""])
+    assert calls[0]["negative_prompt"] == ["dog, watermark", "watermark"]
+    assert calls[0]["prompt"] == ["a plain wall", "a crate"] and calls[0]["num_inference_steps"] == 2
+
+
+class _Spied:
+    def __init__(self, pipe: Any, call: Any) -> None:
+        self._pipe, self._call = pipe, call
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self._call(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+
+# --- the re-synthesis loop ---------------------------------------------------------
+CALLS: list[tuple[str, str]] = []   # (prompt, negative) of every inpaint call, in order
+
+
+class RecordingInpainter:
+    """The tiny diffusers inpainter (a real pipeline), recording what it was asked."""
+
+    def __init__(self, **options: Any) -> None:
+        from opensubject_tasks.backends.hf.inpainter import HFInpainter
+
+        # built here, not through get_backend: the registry's lock is held while we are made
+        self.inner = tiny._tiny("inpainter", HFInpainter, options)
+        self.name, self.family = "recording:" + self.inner.name, self.inner.family
+
+    def inpaint(self, images, masks, prompts, seeds, negative_prompts=None):  # noqa: ANN001, ANN201
+        CALLS.extend(zip(prompts, negative_prompts or [""] * len(prompts), strict=True))
+        return self.inner.inpaint(images, masks, prompts, seeds, negative_prompts)
+
+
+class ExtraCopyVerifier:
+    """A scripted stand-in for the VLM's "is there a second <category>?" question about a
+    diffusion model that paints what its prompt names: a sample whose outpainting or box
+    fill asked for the subject's category gets an extra copy and fails. ``always`` makes
+    every attempt fail, as a model that keeps adding one would."""
+
+    name = "scripted-extra-copy"
+    always = False
+
+    def verify(self, samples: list[dict[str, Any]], thresholds=None, **_: Any) -> list[Verdict]:  # noqa: ANN001
+        out = []
+        for s in samples:
+            (gen_prompt, _), (fill_prompt, _) = CALLS[-2:]   # this sample's synthesis, just run
+            named = s["category"] in gen_prompt.lower() or s["category"] in fill_prompt.lower()
+            failed = self.always or named
+            out.append(Verdict(passed=not failed, scores={"identity": 1.0},
+                               reasons=[f"extra copy: a second {s['category']} was painted"] if failed else [],
+                               source=self.name))
+        return out
+
+
+@register("inpainter", "recording-tiny")
+def _make_recording(**options: Any) -> RecordingInpainter:
+    return RecordingInpainter(**options)
+
+
+@register("verifier", "scripted-extra-copy")
+def _make_scripted(**_: Any) -> ExtraCopyVerifier:
+    return ExtraCopyVerifier()
+
+
+def test_the_scripted_verifier_fails_a_prompt_that_names_the_subject() -> None:
+    CALLS[:] = [("a dog in a natural scene", ""), ("background", "")]   # the old outpainting prompt
+    v = ExtraCopyVerifier().verify([{"category": "dog"}])[0]
+    assert not v.passed and "extra copy" in v.reasons[0]
+
+
+@pytest.mark.parametrize("always_fails", [False, True])
+def test_resynthesis_loop_ends(embedded_settings, sample_media, always_fails: bool, monkeypatch) -> None:
+    """synthesize -> verify -> (re-synthesize ...) run until the sample is terminal: with
+    prompts that never ask for the subject it verifies at once; with a model that always
+    adds a copy it is rejected after exactly max_attempts, with every attempt's reason."""
+    from opensubject_tasks.context import Context
+    from opensubject_tasks.db.engine import session_scope, upgrade
+    from opensubject_tasks.db.models import Sample, Subject
+    from opensubject_tasks.services.common import run_stage
+
+    monkeypatch.setattr(ExtraCopyVerifier, "always", always_fails)
+    settings = embedded_settings
+    settings.backends.inpainter, settings.backends.verifier = "recording-tiny", "scripted-extra-copy"
+    settings.backends.options = {"inpainter": dict(tiny.TINY_DEFAULTS["inpainter"])}
+    settings.verify.max_attempts = 3
+    ctx = Context.from_settings(settings)
+    upgrade(ctx.engine)
+    clips = [c for c in gt_clips(sample_media) if c.video == "rocket_dissolve.mp4"][:1]
+    res = run_stage(ctx, "mine", seed_video(ctx, clips))
+    sid = res.next[0][1]
+    with session_scope(ctx.sessions) as s:   # a named category, as a VLM would give
+        for subj in s.query(Subject):
+            subj.category = "rocket"
+    CALLS.clear()
+    queue, steps = [("synthesize", sid)], 0
+    while queue:
+        stage, entity = queue.pop(0)
+        out = run_stage(ctx, stage, entity)
+        assert out.status in ("ok", "rejected"), out.reason
+        queue += out.next
+        steps += 1
+        assert steps <= 2 * settings.verify.max_attempts   # it ends
+    with session_scope(ctx.sessions) as s:
+        row = s.get(Sample, sid)
+        state, attempt, history, augment = row.state, row.attempt, row.history, row.augment
+    assert all("rocket" not in p.lower() and (not n or "rocket" in n) for p, n in CALLS)
+    assert augment["prompts"]["family"] == "sd" and augment["replacement"]["object"]
+    assert augment["prompts"]["manipulation"]["request"] == "replace"
+    if always_fails:
+        assert (state, attempt, len(history)) == ("rejected", 3, 3) and len(CALLS) == 6
+        assert all("extra copy" in h["reasons"][0] for h in history)
+    else:
+        assert (state, attempt, len(history)) == ("verified", 1, 1) and len(CALLS) == 2
+    ctx.engine.dispose()
