@@ -439,7 +439,7 @@ def test_a_video_that_kills_its_worker_fails_after_n_deaths_and_the_rest_finishe
     assert worker.log().count("WorkerLostError") + worker.log().count("signal 9") >= 2
 
 
-def test_an_export_part_killed_mid_way_writes_byte_identical_shards(stack, pg_db, s3_store_settings, media):  # noqa: F811
+def test_an_export_part_killed_mid_way_writes_byte_identical_shards(stack, pg_db, s3_store_settings, media):
     """Export in one part of one-sample shards; the first time, SIGKILL the pool process
     while the part writes (its message comes back at once and the part runs again). The
     shards in the store, and the digests recorded for them, equal an undisturbed export's."""

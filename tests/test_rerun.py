@@ -241,7 +241,7 @@ def test_two_workers_running_the_same_stage_of_a_video_at_once(stack, pg_db, s3_
     assert len(objects) == len(set(objects)) and set(objects) == reference["objects"]
 
 
-def test_reruns_on_the_workers_keep_every_verified_sample(stack, pg_db, s3_store_settings, race_media):  # noqa: F811
+def test_reruns_on_the_workers_keep_every_verified_sample(stack, pg_db, s3_store_settings, race_media):
     """The distributed path of `opensubject rerun`: curate and mine of every video handed to
     the workers again (as a cleared chunk would hand them), each carried on down its chain;
     with the fickle backends, nothing finished changes and nothing is invalidated."""
