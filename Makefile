@@ -26,11 +26,19 @@ demo: venv
 	$(BIN)/opensubject run media --out out
 	$(BIN)/opensubject status --out out
 
-# Browser tests drive Debian's Chromium; install it when missing (needs root or sudo).
+# Debian packages the tests need, installed when missing (needs root or sudo): Chromium
+# for the browser tests; PostgreSQL's and Redis's servers, from which the tests start
+# throwaway ones when no local server answers (tests/local_services.py); none when
+# OPENSUBJECT_TEST_DATABASE_URL / OPENSUBJECT_TEST_REDIS_URL name servers.
 system-deps:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	@PKGS=""; \
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || PKGS=" chromium chromium-driver"; \
+	[ -n "$$OPENSUBJECT_TEST_DATABASE_URL" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || PKGS="$$PKGS postgresql"; \
+	[ -n "$$OPENSUBJECT_TEST_REDIS_URL" ] || command -v redis-server >/dev/null || PKGS="$$PKGS redis-server"; \
+	[ -z "$$PKGS" ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	  echo "installing:$$PKGS"; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$PKGS >/dev/null; }
 
 # Security lint (bandit's rules in ruff) gates the tests; `make audit` checks the
 # pinned requirements against known vulnerabilities (pip-audit; needs PyPI's JSON API

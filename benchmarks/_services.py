@@ -1,8 +1,10 @@
 """Services for the distributed benchmarks: a throwaway PostgreSQL database, a Redis
 database index, an S3 server process (moto) and Celery worker processes.
 
-PostgreSQL and Redis are the local servers (127.0.0.1:5432, :6379; override with
-OPENSUBJECT_TEST_DATABASE_URL / OPENSUBJECT_TEST_REDIS_URL, as the tests do).
+PostgreSQL and Redis are found as the tests find them (tests/local_services.py): the
+servers named by OPENSUBJECT_TEST_DATABASE_URL / OPENSUBJECT_TEST_REDIS_URL, else the
+local ones (127.0.0.1:5432, :6379) when they answer, else throwaway servers started on
+first use and stopped when the benchmark exits.
 """
 from __future__ import annotations
 
@@ -19,15 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PG_ADMIN_URL = os.environ.get("OPENSUBJECT_TEST_DATABASE_URL",
-                              "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("OPENSUBJECT_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(REPO / "tests"))
+from local_services import free_port, pg_admin_url, redis_base_url  # noqa: E402
 
 
 def wait_port(port: int, timeout: float = 30) -> None:
@@ -41,16 +36,17 @@ def wait_port(port: int, timeout: float = 30) -> None:
 
 @contextlib.contextmanager
 def pg_database(prefix: str = "os_bench") -> Iterator[str]:
-    """A new database on the local server, dropped afterwards; yields its URL."""
+    """A new database on the test PostgreSQL server, dropped afterwards; yields its URL."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin_url = pg_admin_url()
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -61,7 +57,7 @@ def pg_database(prefix: str = "os_bench") -> Iterator[str]:
 def redis_db(index: int) -> Iterator[str]:
     import redis
 
-    url = f"{REDIS_URL}/{index}"
+    url = f"{redis_base_url()}/{index}"
     redis.Redis.from_url(url).flushdb()
     try:
         yield url

@@ -243,6 +243,24 @@ def seed_dashboard_data(ctx) -> None:
         ])
 
 
+def age_rows(ctx, seconds: float) -> None:  # noqa: ANN001
+    """Move every hand-out and stage attempt time ``seconds`` into the past: the rows as
+    they would be after waiting that long, without the wait."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Sample, StageAttempt, Video
+
+    back = timedelta(seconds=seconds)
+    with session_scope(ctx.sessions) as s:
+        for model, column in ((Video, Video.queued_at), (Sample, Sample.queued_at),
+                              (StageAttempt, StageAttempt.started_at), (StageAttempt, StageAttempt.finished_at)):
+            s.execute(update(model).where(column.is_not(None)).values({column: column - back})
+                      .execution_options(synchronize_session=False))
+
+
 def row_snapshot(ctx) -> dict:  # noqa: ANN001
     """Every row a build leaves, by id, with the fields that must not change when a
     build is interrupted, retried or run distributed instead of embedded."""

@@ -18,32 +18,27 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from local_services import free_port, pg_admin_url
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PG_ADMIN_URL = os.environ.get("OPENSUBJECT_TEST_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 ADMIN_PASSWORD = "stack-admin-password"  # test-only login
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
 def pg_database(prefix: str) -> Iterator[str]:
-    """A new database on the local server, dropped afterwards; yields its URL."""
+    """A new database on the test PostgreSQL server (local_services.py), dropped
+    afterwards; yields its URL."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin_url = pg_admin_url()
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -1,20 +1,39 @@
 """Real services for tests: PostgreSQL, Redis and an S3 server process.
 
-Nothing here mocks a service. A missing service fails the test with a message that
-says how to start it (it never skips silently).
+Nothing here mocks a service. PostgreSQL and Redis are the servers named by
+OPENSUBJECT_TEST_DATABASE_URL / OPENSUBJECT_TEST_REDIS_URL, else the local ones when they
+answer, else throwaway servers started on first use and stopped at the end of the session
+(tests/local_services.py; OPENSUBJECT_TEST_SERVICES=throwaway forces those). A service
+that cannot be had fails the test with a message that says what to do (it never skips
+silently).
+
+Every test that uses a service fixture is marked ``services`` here, so
+``pytest -m "not services"`` runs the others alone. The fixtures of airflow_fixtures.py
+and fault_fixtures.py come in through ``pytest_plugins``.
 """
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from local_services import (
+    DATABASE_VAR,
+    MODE_VAR,
+    REDIS_VAR,
+    ServiceUnavailable,
+    free_port,
+    mode,
+    pg_admin_url,
+    redis_base_url,
+    stop_throwaway,
+    throwaway_started,
+    wait_port,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
@@ -22,92 +41,225 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
-PG_ADMIN_URL = os.environ.get(
-    "OPENSUBJECT_TEST_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL = os.environ.get("OPENSUBJECT_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# airflow_fixtures first: it configures Airflow before anything imports it.
+pytest_plugins = ["airflow_fixtures", "fault_fixtures"]
+
+__all__ = ["REPO", "S3Server", "free_port", "wait_port"]
+
+# A test that uses any of these (directly or through another fixture) needs services.
+SERVICE_FIXTURES = frozenset({"pg_url", "redis_url", "fault_redis_url", "s3_server", "airflow_db"})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def __getattr__(name: str) -> str:
+    """``PG_ADMIN_URL`` and ``REDIS_URL``, resolved (and started) when first read."""
+    if name == "PG_ADMIN_URL":
+        return pg_admin_url()
+    if name == "REDIS_URL":
+        return redis_base_url()
+    raise AttributeError(name)
 
 
-def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001
+    """Mark ``services`` every test whose fixtures include a service (before ``-m`` selects)."""
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
 
 
+def pytest_report_header(config):  # noqa: ANN001
+    return f"services: {mode()} ({MODE_VAR}); started on first use"
+
+
+def pytest_terminal_summary(terminalreporter):  # noqa: ANN001
+    for var, url in throwaway_started().items():
+        terminalreporter.write_line(f"throwaway server for {var}: {url} (stopped at exit)")
+
+
+def pytest_unconfigure(config):  # noqa: ANN001
+    stop_throwaway()
+
+
+def _service(resolve, what: str) -> str:  # noqa: ANN001
+    try:
+        return resolve()
+    except ServiceUnavailable as exc:
+        pytest.fail(f"{what} for the tests: {exc}", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - a throwaway server that did not start
+        pytest.fail(f"{what} for the tests could not be started: {exc}", pytrace=False)
+
+
+def _unreachable(what: str, url: str, var: str, exc: Exception) -> None:
+    hint = (f"{var} names it: unset it to let the tests use the local server or start a throwaway one"
+            if os.environ.get(var) and var not in throwaway_started() else
+            f"{MODE_VAR}=local: start the local server, or unset {MODE_VAR}")
+    pytest.fail(f"{what} is not reachable at {url} ({exc}). {hint}.", pytrace=False)
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def pg_url() -> str:
-    """A throwaway database on the test PostgreSQL server, dropped at the end."""
+    """A throwaway database on the test PostgreSQL server, with the schema applied once;
+    dropped at the end."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    from opensubject_tasks.db.engine import upgrade
+
+    admin_url = _service(pg_admin_url, "PostgreSQL")
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as c:
             c.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({exc}). Start it with "
-            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` or set "
-            "OPENSUBJECT_TEST_DATABASE_URL to a server you may create databases on."
-        )
+        _unreachable("PostgreSQL", admin_url, DATABASE_VAR, exc)
     name = f"opensubject_test_{uuid.uuid4().hex[:10]}"
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    engine = create_engine(url)
+    upgrade(engine)
+    engine.dispose()
     yield url
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
 
 
+class _Tables:
+    """Empties the session database's tables between tests; the schema stays.
+
+    DELETE, children before parents, then every sequence used back to 1: on the few rows
+    a test leaves this is several times cheaper than TRUNCATE (which costs per table) or
+    applying the schema again."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy import create_engine
+
+        self.engine = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+        self._learn()
+
+    def _state(self) -> tuple[frozenset, frozenset]:
+        from sqlalchemy import text
+
+        with self.engine.connect() as c:
+            tables = frozenset(c.scalars(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")))
+            applied = frozenset(c.scalars(text("SELECT filename FROM schema_migrations"))) \
+                if "schema_migrations" in tables else frozenset()
+        return tables, applied
+
+    def _learn(self) -> None:
+        """The schema as applied, and its tables in an order that deletes children first."""
+        from sqlalchemy import text
+
+        self.expected = self._state()
+        with self.engine.connect() as c:
+            edges = c.execute(text(
+                "SELECT c.conrelid::regclass::text, c.confrelid::regclass::text FROM pg_constraint c "
+                "JOIN pg_namespace n ON n.oid = c.connamespace WHERE c.contype = 'f' AND n.nspname = 'public'"
+            )).all()
+        parents = {t: set() for t in self.expected[0] - {"schema_migrations"}}
+        for child, parent in edges:
+            if child != parent and child in parents:
+                parents[child].add(parent)
+        order: list[str] = []
+        while parents:  # a table goes once no remaining table refers to it
+            free = sorted(t for t in parents if not any(t in ps for o, ps in parents.items() if o != t))
+            if not free:
+                raise RuntimeError(f"foreign keys form a cycle among {sorted(parents)}")
+            order += free
+            for t in free:
+                del parents[t]
+        self.delete_sql = "; ".join(f'DELETE FROM "{t}"' for t in order)
+
+    def empty(self) -> None:
+        from sqlalchemy import text
+        from sqlalchemy.exc import OperationalError
+
+        from opensubject_tasks.db.engine import upgrade
+
+        if self._state() != self.expected:  # a test changed the schema itself: apply it again
+            with self.engine.begin() as c:
+                c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+            upgrade(self.engine)
+            self._learn()
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as c:
+                    c.execute(text("SET LOCAL lock_timeout = '15s'"))
+                    c.execute(text(self.delete_sql))
+                    c.execute(text("SELECT setval(format('%I.%I', schemaname, sequencename)::regclass, 1, false) "
+                                   "FROM pg_sequences WHERE schemaname = 'public' AND last_value IS NOT NULL"))
+                return
+            except OperationalError:
+                if attempt:
+                    raise
+                # A connection left open by an earlier test still holds a row or a table: end it.
+                with self.engine.begin() as c:
+                    c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+
+
+@pytest.fixture(scope="session")
+def _pg_tables(pg_url: str) -> _Tables:
+    tables = _Tables(pg_url)
+    yield tables
+    tables.engine.dispose()
+
+
 @pytest.fixture()
-def pg_db(pg_url: str) -> str:
-    """The session database with a freshly applied schema and no rows."""
-    from sqlalchemy import create_engine, text
-
-    from opensubject_tasks.db.engine import upgrade
-
-    eng = create_engine(pg_url)
-    with eng.begin() as c:
-        c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    upgrade(eng)
-    eng.dispose()
+def pg_db(pg_url: str, _pg_tables: _Tables) -> str:
+    """The session database: its schema, no rows (tables emptied before the test)."""
+    _pg_tables.empty()
     return pg_url
 
 
+@pytest.fixture()
+def pg_fresh_db(pg_url: str) -> str:
+    """A database of this test's own with a freshly applied schema, dropped afterwards:
+    for tests that change or drop the schema itself."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from opensubject_tasks.db.engine import upgrade
+
+    admin_url = pg_admin_url()
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"{make_url(pg_url).database}_{uuid.uuid4().hex[:6]}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    engine = create_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    yield url
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+# --- Redis ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """A Redis database index of its own, flushed before and after."""
     import redis
 
+    base = _service(redis_base_url, "Redis")
     # A database index of this test session's own, so that parallel test sessions on
     # one Redis never consume each other's Celery messages.
     db = int(os.environ.get("OPENSUBJECT_TEST_REDIS_DB", 1 + os.getpid() % 15))
-    url = f"{REDIS_URL}/{db}"
+    url = f"{base}/{db}"
     client = redis.Redis.from_url(url)
     try:
         client.ping()
     except Exception as exc:  # noqa: BLE001
-        pytest.fail(
-            f"Redis is not reachable at {url} ({exc}). Start it with `redis-server --daemonize yes "
-            "--bind 127.0.0.1 --port 6379 --save '' --appendonly no` or set OPENSUBJECT_TEST_REDIS_URL."
-        )
+        _unreachable("Redis", url, REDIS_VAR, exc)
     client.flushdb()
     yield url
     client.flushdb()
 
 
+# --- S3 ------------------------------------------------------------------------------------------
 class S3Server:
     """An S3-compatible server (moto) in its own process on a free loopback port.
 
@@ -163,6 +315,7 @@ def s3_store_settings(s3_server: S3Server):
                          secret_key="testsecret", bucket=f"t-{uuid.uuid4().hex[:12]}")
 
 
+# --- media and contexts ----------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def sample_media(tmp_path_factory) -> Path:
     """The generated sample videos with their ground truth (made once per session)."""
@@ -180,3 +333,22 @@ def embedded_settings(tmp_path: Path):
 
     return load_settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
                          store={"kind": "local", "local_root": str(tmp_path / "store")})
+
+
+@pytest.fixture(params=["embedded", pytest.param("postgres+s3", marks=pytest.mark.services)])
+def service_ctx(request):
+    """A Context with the schema applied, once per kind of services: the embedded mode's
+    (SQLite and a local directory) and production's (PostgreSQL and S3), empty."""
+    from opensubject_tasks.config import load_settings
+    from opensubject_tasks.context import Context
+    from opensubject_tasks.db.engine import upgrade
+
+    if request.param == "embedded":
+        settings = request.getfixturevalue("embedded_settings")
+    else:
+        settings = load_settings(database_url=request.getfixturevalue("pg_db"),
+                                 store=request.getfixturevalue("s3_store_settings").model_dump())
+    ctx = Context.from_settings(settings)
+    upgrade(ctx.engine)
+    yield ctx
+    ctx.engine.dispose()

@@ -1,6 +1,7 @@
 """Helpers for the fault tests and the load benchmark: a build driven through the Celery
 workers the way the ``opensubject_build`` DAG drives it (without Airflow), a throwaway
-PostgreSQL cluster that can be restarted, and the exact end-of-build checks.
+PostgreSQL cluster that can be restarted (``PgCluster``, from local_services.py), and the
+exact end-of-build checks.
 
 The driver calls the same ``opensubject_tasks.orchestrate`` functions as the DAG's tasks
 and triggers (claim into chunks, start each chunk, wait on the chunk's video states like
@@ -11,10 +12,6 @@ deadline, as Airflow retries its tasks and triggers poll again after an error.
 """
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,18 +22,9 @@ from typing import Any
 import pytest
 from airflow_fixtures import Worker, service_env
 from airflow_fixtures import row_snapshot as rows  # noqa: F401 - the fault tests compare these
+from local_services import PgCluster, free_port, redis_base_url  # noqa: F401 - the fault tests use these
 
-PG_BIN = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]) if glob.glob("/usr/lib/postgresql/*/bin") \
-    else Path("/usr/lib/postgresql/bin")
 TERMINAL_VIDEO = {"done", "rejected", "failed"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the stack of a fault test ---------------------------------------------------------------------
@@ -95,9 +83,8 @@ FAULT_REDIS_DB = 10
 @pytest.fixture()
 def fault_redis_url() -> str:
     import redis
-    from conftest import REDIS_URL
 
-    url = f"{REDIS_URL}/{FAULT_REDIS_DB}"
+    url = f"{redis_base_url()}/{FAULT_REDIS_DB}"
     redis.Redis.from_url(url).flushdb()  # no message left over from another test
     yield url
     redis.Redis.from_url(url).flushdb()
@@ -125,57 +112,6 @@ def attempts(ctx):  # noqa: ANN001, ANN201
 
 def running_stages(ctx) -> set[str]:  # noqa: ANN001
     return {a.stage for a in attempts(ctx) if a.status == "running"}
-
-
-# --- a PostgreSQL cluster of the test's own ----------------------------------------------------
-class PgCluster:
-    """``initdb`` + ``pg_ctl`` on a free port, run as the ``postgres`` user (PostgreSQL
-    refuses to run as root), trust auth on loopback only. Stop/start it to make an outage."""
-
-    def __init__(self, database: str = "opensubject") -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="os-pg-"))
-        self.port = free_port()
-        self.database = database
-        self.data, self.log = self.root / "data", self.root / "server.log"
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{self.database}"
-
-    def _as_postgres(self, *cmd: str, timeout: float = 60) -> None:
-        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        out = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=timeout)
-        if out.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}\n"
-                               f"{self.log.read_text() if self.log.exists() else ''}")
-
-    def start(self) -> PgCluster:
-        if not self.data.exists():
-            if os.geteuid() == 0:
-                os.chmod(self.root, 0o755)
-                shutil.chown(self.root, "postgres", "postgres")
-            self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
-            fresh = True
-        else:
-            fresh = False
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o",
-                          f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off",
-                          "-w", "start")
-        if fresh:
-            self._as_postgres(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                              self.database)
-        return self
-
-    def stop(self, mode: str = "fast") -> None:
-        """``fast``: every session is disconnected, as in a restart or a failover."""
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
-
-    def destroy(self) -> None:
-        try:
-            self.stop("immediate")
-        except Exception:  # noqa: BLE001, S110 - not running
-            pass
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 # --- driving a build ---------------------------------------------------------------------------

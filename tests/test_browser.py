@@ -20,7 +20,6 @@ from airflow_fixtures import (
     FAIL_REASON,
     REPO,
     VENV_BIN,
-    airflow_db,  # noqa: F401 - fixture
     seed_dashboard_data,
     service_env,
 )
@@ -39,7 +38,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def api_server(airflow_db, pg_db, redis_url, s3_store_settings, tmp_path, monkeypatch):  # noqa: F811
+def api_server(airflow_db, pg_db, redis_url, s3_store_settings, tmp_path, monkeypatch):
     env = {**os.environ, **AIRFLOW_ENV, **service_env(pg_db, redis_url, s3_store_settings)}
     for k, v in service_env(pg_db, redis_url, s3_store_settings).items():
         monkeypatch.setenv(k, v)
@@ -74,6 +73,20 @@ def api_server(airflow_db, pg_db, redis_url, s3_store_settings, tmp_path, monkey
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
+
+
+# True once no finite CSS animation or transition runs in the page or its iframes.
+SETTLED_JS = """
+return [document, ...Array.from(document.querySelectorAll('iframe'), f => f.contentDocument)]
+  .filter(Boolean)
+  .every(doc => doc.getAnimations().every(a => a.playState !== 'running'
+                                           || a.effect.getComputedTiming().iterations === Infinity));
+"""
+
+
+def settled(d) -> bool:  # noqa: ANN001
+    """The page has finished animating (a screenshot now shows what stays)."""
+    return bool(d.execute_script(SETTLED_JS))
 
 
 @pytest.fixture()
@@ -126,7 +139,7 @@ def test_trigger_form_and_dataset_page(api_server, browser):
                                         if "Run Parameters" in e.text), None))
     wait.until(lambda d: all(label in dialog.text for label in PARAM_LABELS))
     assert "opensubject_build" in dialog.text
-    time.sleep(1)  # let the modal's opening animation finish before the screenshot
+    wait.until(settled)  # the modal's opening animation has finished: screenshot
     d.save_screenshot(str(DOCS / "airflow_trigger_form.png"))
 
     # The dataset page, from Airflow's navigation (an external view in an iframe).
@@ -143,7 +156,8 @@ def test_trigger_form_and_dataset_page(api_server, browser):
     assert "Failures by reason" in text and FAIL_REASON in text
     assert "identity not preserved" in text
     d.switch_to.default_content()
+    height = d.execute_script("return window.innerHeight")
     d.set_window_size(1400, 1300)
-    time.sleep(1)
+    wait.until(lambda d: d.execute_script("return window.innerHeight") != height and settled(d))
     d.save_screenshot(str(DOCS / "dashboard.png"))
     assert (DOCS / "dashboard.png").stat().st_size > 10_000

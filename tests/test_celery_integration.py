@@ -14,8 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from airflow_fixtures import (Worker, airflow_db, load_dag, row_snapshot,  # noqa: F401
-                              run_dag_test, service_env)
+from airflow_fixtures import Worker, age_rows, load_dag, row_snapshot, run_dag_test, service_env
 
 VIDEOS = ("cat_pan_cut.mp4", "static_scene.mp4")
 NEW = "two_subjects.mp4"  # arrives between two ingest runs
@@ -80,7 +79,7 @@ def reference(s3_server, sample_media, tmp_path_factory):
 
 
 @pytest.fixture()
-def stack(pg_db, redis_url, s3_store_settings, monkeypatch, airflow_db, tmp_path):  # noqa: F811
+def stack(pg_db, redis_url, s3_store_settings, monkeypatch, airflow_db, tmp_path):
     """Environment for this test's services, shared by the workers and Airflow's tasks."""
     from airflow_fixtures import BROKER_PREFIX
 
@@ -412,17 +411,17 @@ def test_reconcile_sends_lost_sample_work_once_and_never_a_waiting_backlog(stack
         ids = sorted(x.id for x in s.query(Sample))
         assert ids and all(x.state == "pending" for x in s.query(Sample))
         s.get(Build, "sweep").state = "running"  # the report marked it done
-    time.sleep(1.5)
+    age_rows(ctx, 2)
     assert reconcile(ctx, send, older_than_s=1, waiting=waiting_in_broker) == []  # until=mine: not this build's work
     start_build({"build_name": "sweep", "until": "verify"}, "run")  # resumed for the whole pipeline
     worker.stop()
     sent = hand_out_samples(ctx, ids, send)
     assert sorted(sid for _, sid in sent) == ids
-    time.sleep(1.5)
+    age_rows(ctx, 2)
     # A backlog: queued long ago and still waiting on the broker. Never sent twice.
     assert reconcile(ctx, send, older_than_s=0, waiting=waiting_in_broker) == []
     assert app.control.purge() >= len(ids)  # now the messages are lost
-    time.sleep(1.5)
+    age_rows(ctx, 2)
 
     stack["worker"]("s2", env)
     # The reconcile waits in its own task here (no deferral): the path for sites without a triggerer.

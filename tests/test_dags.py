@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from airflow_fixtures import AIRFLOW_ENV, REPO, airflow_db  # noqa: F401 - fixture
+from airflow_fixtures import AIRFLOW_ENV, REPO
 
 DAG_IDS = {"opensubject_build", "opensubject_ingest", "opensubject_reconcile"}
 # Modules a DAG file must not pull in when it is parsed: models, media, the database and

@@ -9,12 +9,12 @@ import urllib.request
 from datetime import datetime, UTC
 
 import pytest
-from airflow_fixtures import FAIL_REASON, HOSTILE, JWT_SECRET, airflow_db  # noqa: F401 - fixture
+from airflow_fixtures import FAIL_REASON, HOSTILE, JWT_SECRET
 from PIL import Image
 
 
 @pytest.fixture(scope="module")
-def api(airflow_db):  # noqa: F811
+def api(airflow_db):
     from airflow.api_fastapi.app import create_app, get_auth_manager
     from fastapi.testclient import TestClient
 

@@ -21,16 +21,14 @@ from pathlib import Path
 
 import pytest
 from airflow_fixtures import BROKER_PREFIX
-from fault_fixtures import (  # noqa: F401 - fixtures
+from fault_fixtures import (
     SMALL,
     PgCluster,
     attempts,
     check_finished_build,
     drive_build,
-    fault_redis_url,
     rows,
     running_stages,
-    stack,
     store_keys,
     upload,
 )
@@ -166,7 +164,7 @@ def test_reconcile_sends_exactly_the_lost_work(pg_db):
     ctx.engine.dispose()
 
 
-def test_waiting_in_broker_reads_queued_and_delayed_messages(fault_redis_url, monkeypatch):  # noqa: F811 - fixtures
+def test_waiting_in_broker_reads_queued_and_delayed_messages(fault_redis_url, monkeypatch):
     import redis
 
     from opensubject_tasks.catalogue import QUEUES
@@ -193,7 +191,7 @@ def test_waiting_in_broker_reads_queued_and_delayed_messages(fault_redis_url, mo
     assert waiting_in_redis("amqp://guest@localhost//", QUEUES, TASK_PREFIX) is None
 
 
-def test_messages_leave_the_time_limits_to_the_worker(fault_redis_url, monkeypatch):  # noqa: F811 - fixtures
+def test_messages_leave_the_time_limits_to_the_worker(fault_redis_url, monkeypatch):
     """A sender whose tasks were loaded under other limits (its own configuration, read once)
     must not stamp them on the message: the worker's configured limits decide."""
     import json
@@ -215,7 +213,7 @@ def test_messages_leave_the_time_limits_to_the_worker(fault_redis_url, monkeypat
 
 
 # --- faults in a running build -------------------------------------------------------------------------
-def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, reference):  # noqa: F811 - fixtures
+def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, reference):
     """FLUSHDB the broker's Redis database twice, while video-stage messages and then
     sample-stage messages wait in the queues: the reconciler sends the lost work again
     (counted on each row) and the build finishes."""
@@ -258,7 +256,7 @@ def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, referenc
         assert sum(v.resends for v in s.query(Video)) > 0 and sum(x.resends for x in s.query(Sample)) > 0
 
 
-def test_object_store_outage_mid_build(stack, pg_db, media, reference):  # noqa: F811 - fixtures
+def test_object_store_outage_mid_build(stack, pg_db, media, reference):
     """SIGSTOP the S3 server process for 30 s while stages run, then SIGCONT: requests wait
     (or fail and are retried with backoff), and the build finishes."""
     from conftest import S3Server
@@ -304,7 +302,7 @@ def test_object_store_outage_mid_build(stack, pg_db, media, reference):  # noqa:
     assert any(a.started_at < end < a.finished_at for a in attempts(ctx)), "no stage spanned the outage"
 
 
-def test_database_restart_mid_build(stack, s3_store_settings, media, reference):  # noqa: F811 - fixtures
+def test_database_restart_mid_build(stack, s3_store_settings, media, reference):
     """Stop the PostgreSQL cluster (fast shutdown: every session cut) while stages run and
     start it again 8 s later: stages fail with connection errors, are retried with backoff,
     pooled connections are replaced (pool_pre_ping), lost messages are sent again, and the
@@ -359,7 +357,7 @@ def test_database_restart_mid_build(stack, s3_store_settings, media, reference):
 
 
 @pytest.mark.parametrize(("stage", "limit"), [("synthesize", "soft"), ("synthesize", "hard"), ("mine", "hard")])
-def test_hung_stage_hits_its_time_limit_and_is_retried(stage, limit, stack, pg_db, s3_store_settings, media,  # noqa: F811
+def test_hung_stage_hits_its_time_limit_and_is_retried(stage, limit, stack, pg_db, s3_store_settings, media,
                                                        reference, tmp_path):
     """A model call that hangs (a test backend loaded into the worker, selected by
     configuration) in synthesize or mine: the soft time limit of 2 s raises in the task
@@ -408,7 +406,7 @@ def test_hung_stage_hits_its_time_limit_and_is_retried(stage, limit, stack, pg_d
     assert tries[-1].status == "ok", [a.status for a in tries]
 
 
-def test_a_video_that_kills_its_worker_fails_after_n_deaths_and_the_rest_finishes(stack, pg_db, s3_store_settings,  # noqa: F811
+def test_a_video_that_kills_its_worker_fails_after_n_deaths_and_the_rest_finishes(stack, pg_db, s3_store_settings,
                                                                                    media, tmp_path):
     """A video whose curation kills the pool process every time (SIGKILL, as the OOM killer
     does) is given back to the queue and runs again, at most ``celery.max_worker_lost``
@@ -441,7 +439,7 @@ def test_a_video_that_kills_its_worker_fails_after_n_deaths_and_the_rest_finishe
     assert worker.log().count("WorkerLostError") + worker.log().count("signal 9") >= 2
 
 
-def test_an_export_part_killed_mid_way_writes_byte_identical_shards(stack, pg_db, s3_store_settings, media):  # noqa: F811
+def test_an_export_part_killed_mid_way_writes_byte_identical_shards(stack, pg_db, s3_store_settings, media):
     """Export in one part of one-sample shards; the first time, SIGKILL the pool process
     while the part writes (its message comes back at once and the part runs again). The
     shards in the store, and the digests recorded for them, equal an undisturbed export's."""

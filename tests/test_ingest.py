@@ -25,15 +25,10 @@ def _ctx(settings) -> Context:
     return ctx
 
 
-@pytest.fixture(params=["sqlite+local", "postgresql+minio"])
-def ctx(request, tmp_path):
-    if request.param == "sqlite+local":
-        c = _ctx(request.getfixturevalue("embedded_settings"))
-    else:
-        c = _ctx(load_settings(database_url=request.getfixturevalue("pg_db"),
-                               store=request.getfixturevalue("s3_store_settings")))
-    yield c
-    c.engine.dispose()
+@pytest.fixture()
+def ctx(service_ctx):
+    """Embedded (SQLite, local directory) and production (PostgreSQL, S3): conftest's service_ctx."""
+    return service_ctx
 
 
 @pytest.fixture()

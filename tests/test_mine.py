@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from mining_fixtures import BORDER, FULL_FRAME, ONE_CAT, TINY, gt_clips, iou, make_clip, seed_video
 from opensubject_tasks.backends.base import CategoryList, Detection
 from opensubject_tasks.backends.registry import get_backend
-from opensubject_tasks.config import MineSettings, load_settings
+from opensubject_tasks.config import MineSettings
 from opensubject_tasks.stages import mine as M
 
 RUNTIME = {"device": "cpu", "dtype": "auto", "batch_size": 4}
@@ -344,18 +344,6 @@ def _context(settings):
     ctx = Context.from_settings(settings)
     upgrade(ctx.engine)
     return ctx
-
-
-@pytest.fixture(params=["embedded", "postgres+s3"])
-def service_ctx(request, tmp_path):
-    if request.param == "embedded":
-        settings = request.getfixturevalue("embedded_settings")
-    else:
-        settings = load_settings(database_url=request.getfixturevalue("pg_db"),
-                                 store=request.getfixturevalue("s3_store_settings").model_dump())
-    ctx = _context(settings)
-    yield ctx
-    ctx.engine.dispose()
 
 
 def _counts(ctx):

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import fickle_backend  # noqa: F401 - registers the fickle and slow test backends
 import pytest
-from fault_fixtures import fault_redis_url, stack  # noqa: F401 - fixtures
 from sqlalchemy import select
 
 from opensubject_tasks.cli import main
@@ -163,7 +162,7 @@ def race_media(tmp_path_factory) -> Path:
 
 
 def test_two_workers_running_the_same_stage_of_a_video_at_once(stack, pg_db, s3_store_settings,
-                                                              race_media, tmp_path):  # noqa: F811 - fixtures
+                                                              race_media, tmp_path):
     """A video's curate is sent twice at the same moment to two worker processes, so every
     stage of its chain runs twice. The second copy of each waits for the first (attempts
     on one entity never overlap), then finds the work done; the video ends with the rows
@@ -242,7 +241,7 @@ def test_two_workers_running_the_same_stage_of_a_video_at_once(stack, pg_db, s3_
     assert len(objects) == len(set(objects)) and set(objects) == reference["objects"]
 
 
-def test_reruns_on_the_workers_keep_every_verified_sample(stack, pg_db, s3_store_settings, race_media):  # noqa: F811
+def test_reruns_on_the_workers_keep_every_verified_sample(stack, pg_db, s3_store_settings, race_media):
     """The distributed path of `opensubject rerun`: curate and mine of every video handed to
     the workers again (as a cleared chunk would hand them), each carried on down its chain;
     with the fickle backends, nothing finished changes and nothing is invalidated."""

@@ -89,8 +89,9 @@ def db_schema(engine) -> dict:
 
 
 @pytest.fixture()
-def pg_engine(pg_db):
-    engine = create_engine(pg_db)
+def pg_engine(pg_fresh_db):
+    """A database of the test's own: these tests alter and drop the schema."""
+    engine = create_engine(pg_fresh_db)
     yield engine
     engine.dispose()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from fault_fixtures import drive_build, fault_redis_url, stack  # noqa: F401 - fixtures
+from fault_fixtures import drive_build
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT_CODE = ("opensubject_tasks", "dags", "plugins")
@@ -32,7 +32,7 @@ def leaks(text: str) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-def test_secrets_never_reach_logs_results_rows_or_report(stack, pg_db, s3_server, tmp_path):  # noqa: F811
+def test_secrets_never_reach_logs_results_rows_or_report(stack, pg_db, s3_server, tmp_path):
     """A build with a password in the database URL and store credentials, a worker logging
     at DEBUG, a video that fails with an error: none of the secrets appears in the worker's
     log, the task outcome rows, any row of the database or any object the build wrote."""

@@ -34,7 +34,7 @@ from conftest import S3Server, free_port
 PART = 5 * 1024 * 1024  # the smallest part size S3 allows
 
 
-@pytest.fixture(params=["local", "minio"])
+@pytest.fixture(params=["local", pytest.param("minio", marks=pytest.mark.services)])
 def store(request, tmp_path):
     if request.param == "local":
         return LocalStore(tmp_path / "store")
@@ -381,6 +381,7 @@ def test_unreachable_store_fails_within_the_bound():
     assert time.monotonic() - t0 < 5
 
 
+@pytest.mark.services  # starts an S3 server process of its own
 def test_store_outage_is_ridden_out():
     """The S3 server process is frozen (SIGSTOP) for 3 s in the middle of work."""
     server = S3Server().start()

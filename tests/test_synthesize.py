@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from mining_fixtures import gt_clips, seed_video
 from opensubject_tasks.backends.registry import get_backend
-from opensubject_tasks.config import SynthSettings, load_settings
+from opensubject_tasks.config import SynthSettings
 from opensubject_tasks.errors import Rejected
 from opensubject_tasks.services.synthesize import encode_png
 from opensubject_tasks.stages.synthesize import (
@@ -141,25 +141,16 @@ def test_oversized_subjects_are_shrunk_into_the_canvas_and_tiny_boxes_refused(pa
 
 # ------------------------------------------------------------------------ the service
 
-@pytest.fixture(params=["embedded", "postgres+s3"])
-def mined_ctx(request, sample_media):
-    from opensubject_tasks.context import Context
-    from opensubject_tasks.db.engine import upgrade
+@pytest.fixture()
+def mined_ctx(service_ctx, sample_media):
     from opensubject_tasks.services.common import run_stage
 
-    if request.param == "embedded":
-        settings = request.getfixturevalue("embedded_settings")
-    else:
-        settings = load_settings(database_url=request.getfixturevalue("pg_db"),
-                                 store=request.getfixturevalue("s3_store_settings").model_dump())
-    ctx = Context.from_settings(settings)
-    upgrade(ctx.engine)
+    ctx = service_ctx
     clips = [c for c in gt_clips(sample_media) if c.video == "rocket_dissolve.mp4"][:1]
     video_id = seed_video(ctx, clips)
     res = run_stage(ctx, "mine", video_id)
     assert res.status == "ok", res.reason
-    yield ctx, video_id, [sid for _, sid in res.next]
-    ctx.engine.dispose()
+    return ctx, video_id, [sid for _, sid in res.next]
 
 
 def test_synthesize_service_writes_objects_then_rows_idempotently(mined_ctx, tmp_path) -> None:

@@ -180,15 +180,11 @@ def ctx(embedded_settings) -> Context:
     return c
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_ctx(request, embedded_settings) -> Context:
-    """The embedded SQLite database, and the production PostgreSQL one."""
-    if request.param == "postgresql":
-        embedded_settings.database_url = request.getfixturevalue("pg_db")
-    c = Context.from_settings(embedded_settings)
-    prepare_db(c)
-    yield c
-    c.engine.dispose()
+@pytest.fixture()
+def any_ctx(service_ctx) -> Context:
+    """The embedded services and production's (conftest's service_ctx), with a build."""
+    prepare_db(service_ctx)
+    return service_ctx
 
 
 def _row(ctx: Context, sid: str) -> Sample:
