@@ -26,9 +26,8 @@ from airflow_fixtures import (
 
 pytestmark = pytest.mark.browser
 DOCS = REPO / "docs"
-PARAM_LABELS = ("Build name", "Source", "Profile", "Most videos", "Only these videos",
-                "Curate (probe, shots, quality, keyframes)", "Mine subjects and pairs",
-                "Synthesize and verify samples (re-synthesis included)", "Export shards, manifest and report")
+PARAM_LABELS = ("Build name", "Source", "Profile", "Most videos", "Only these videos", "Run up to",
+                "Export shards, manifest and report", "Videos per chunk")
 
 
 def _free_port() -> int:
