@@ -53,9 +53,10 @@ DATASET = Asset(name="opensubject_dataset", uri="opensubject://datasets")
                                     "object store) or a folder on the workers under an allowed root "
                                     "(OPENSUBJECT_INGEST__ALLOWED_ROOTS). Empty: use the videos "
                                     "registered already."),
-        "profile": Param("cpu", type="string", enum=["cpu", "gpu", "tiny"], title="Profile",
+        "profile": Param("cpu", type="string", enum=["cpu", "gpu", "small", "tiny"], title="Profile",
                          description="Model backends: cpu = classical (no weights), gpu = the paper's "
-                                     "models (weights on the workers), tiny = test models."),
+                                     "models (weights on the workers), small = small real models "
+                                     "for CPU workers, tiny = test models."),
         "limit": Param(0, type="integer", minimum=0, title="Most videos",
                        description="Most registered videos to claim for this build (0: all)."),
         "video_ids": Param([], type=["null", "array"], items={"type": "string"}, title="Only these videos",

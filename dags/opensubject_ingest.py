@@ -38,7 +38,7 @@ from opensubject_airflow.operators import CeleryTaskOperator
         "source": Param(None, type=["null", "string"], title="Source",
                         description="store://<prefix>/ to list. Empty: the configured raw-videos "
                                     "prefix (OPENSUBJECT_STORE__RAW_PREFIX)."),
-        "profile": Param("cpu", type="string", enum=["cpu", "gpu", "tiny"], title="Profile",
+        "profile": Param("cpu", type="string", enum=["cpu", "gpu", "small", "tiny"], title="Profile",
                          description="Profile of the builds this run triggers."),
     },
 )

@@ -99,7 +99,7 @@ def test_build_dag_has_typed_params(parsed):
                 "limit": "integer", "video_ids": ["null", "array"], "until": "string", "export": "boolean",
                 "chunk_size": "integer"}
     assert {k: v.get("type") for k, v in params.items()} == expected
-    assert params["profile"]["enum"] == ["cpu", "gpu", "tiny"]
+    assert params["profile"]["enum"] == ["cpu", "gpu", "small", "tiny"]
     assert params["until"]["enum"] == ["curate", "mine", "verify"]
     assert params["limit"]["minimum"] == 0 and params["chunk_size"]["minimum"] == 0
 
