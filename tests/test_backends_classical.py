@@ -206,3 +206,19 @@ def test_detector_subject_on_the_border_is_still_boxed() -> None:
     dets = backend("detector").detect(clip.frames, [])
     hits, _ = _hits(clip, dets)
     assert len(hits.get(0, [])) >= 3
+
+
+def test_the_registry_refuses_a_second_backend_under_a_taken_name():
+    import pytest
+
+    from opensubject_tasks.backends.registry import register
+
+    @register("embedder", "registry-test-one")
+    def first(**_):  # noqa: ANN003, ANN202
+        return None
+
+    register("embedder", "registry-test-one")(first)  # the same factory again: fine
+    with pytest.raises(ValueError, match="registered already"):
+        @register("embedder", "registry-test-one")
+        def second(**_):  # noqa: ANN003, ANN202
+            return None

@@ -34,6 +34,11 @@ def register(interface: str, name: str) -> Callable[[Callable[..., Any]], Callab
         raise ValueError(f"unknown backend interface {interface!r}")
 
     def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+        known = _FACTORIES.get((interface, name))
+        # the same function again (a module reloaded) is no clash; another one is a mistake
+        if known is not None and (known.__module__, known.__qualname__) != (factory.__module__, factory.__qualname__):
+            raise ValueError(f"a {interface} backend named {name!r} is registered already "
+                             f"({known.__module__}.{known.__qualname__})")
         _FACTORIES[(interface, name)] = factory
         return factory
 
