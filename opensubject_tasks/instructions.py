@@ -13,6 +13,7 @@ import re
 from typing import Sequence
 
 import numpy as np
+from opensubject_tasks.geometry import mask_box
 
 # OmniGen2's task types: in-context generation (subject images -> new image) and edit.
 TASK_GENERATION = "ic"
@@ -68,13 +69,9 @@ def region_phrase(box: Sequence[float], width: int, height: int) -> str:
 
 
 def region_box(mask: np.ndarray) -> list[float] | None:
-    """The manipulation region of a stored mask: the bounding box of its True pixels
-    ([x0, y0, x1, y1), pixels), or None for an empty mask. Training records and
-    benchmark cases both take the region from here."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    """The manipulation region of a stored mask: the bounding box of its True pixels, or
+    None for an empty mask. Training records and benchmark cases both take it from here."""
+    return mask_box(mask)
 
 
 def manipulation_instruction(subject: str, box: Sequence[float], size: Sequence[int],

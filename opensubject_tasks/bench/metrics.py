@@ -50,14 +50,6 @@ def box_mask(shape: tuple[int, ...], box: Sequence[float]) -> np.ndarray:
     return mask
 
 
-def mask_box(mask: np.ndarray) -> list[float] | None:
-    """Bounding box of the True pixels, or None for an empty mask."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-
-
 def resize_to(image: np.ndarray, width: int, height: int) -> np.ndarray:
     if image.shape[1] == width and image.shape[0] == height:
         return image

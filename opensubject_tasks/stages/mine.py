@@ -38,6 +38,7 @@ from scipy.optimize import linear_sum_assignment
 from opensubject_tasks.backends.base import VLM, CategoryList, Detection, Detector, Embedder, Image
 from opensubject_tasks.backends.categories import normalise_category
 from opensubject_tasks.config import MineSettings
+from opensubject_tasks.geometry import box_area, intersection_area, iou
 
 GENERIC = "object"  # the label of a subject nobody named
 
@@ -80,22 +81,6 @@ class MineResult:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-def box_area(b: Sequence[float]) -> float:
-    return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
-
-
-def intersection_area(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return ix * iy
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    inter = intersection_area(a, b)
-    union = box_area(a) + box_area(b) - inter
-    return inter / union if union > 0 else 0.0
-
 
 def crop(image: Image, box: Sequence[float]) -> Image:
     h, w = image.shape[:2]

@@ -42,6 +42,7 @@ from skimage.segmentation import watershed
 
 from opensubject_tasks.backends.base import Detection, Image
 from opensubject_tasks.backends.registry import register
+from opensubject_tasks.geometry import iou
 
 GENERIC = "object"
 
@@ -384,7 +385,7 @@ class MotionSaliencyDetector:
                 for b, (_, j, tbox, thist) in enumerate(live):
                     app = 1.0 - cv2.compareHist(hists[i][a], thist, cv2.HISTCMP_BHATTACHARYYA)
                     moved = _warp_box(tbox, homog.get((i, j)))
-                    geo = _iou(box, moved) if moved is not None else 0.0
+                    geo = iou(box, moved) if moved is not None else 0.0
                     aff[a, b] = 0.8 * app + 0.2 * geo if app >= 0.5 else 0.0
             assigned = [-1] * len(regions)
             if regions:
@@ -555,14 +556,6 @@ def _warp_box(box: list[float], h: np.ndarray | None) -> list[float] | None:
     pts = np.float32([[box[0], box[1]], [box[2], box[1]], [box[0], box[3]], [box[2], box[3]]])
     p = cv2.perspectiveTransform(pts[None], h)[0]
     return [float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 @register("detector", "classical")
