@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _services import s3_server  # noqa: E402
 
 from opensubject_tasks.config import StoreSettings, load_settings
 from opensubject_tasks.context import Context
@@ -111,6 +112,11 @@ def bench_prefix(store: MinioStore, n: int, db_url: str | None, work: Path) -> N
     ctx.engine.dispose()
 
 
+def _moto_store(endpoint: str) -> MinioStore:
+    return MinioStore.from_settings(StoreSettings(kind="minio", endpoint=endpoint, access_key="k", secret_key="s",
+                                                  bucket="bench", region="us-east-1"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=200)
@@ -119,51 +125,15 @@ def main() -> None:
     ap.add_argument("--prefix-objects", type=int, default=0, help="measure listing a prefix this large only")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        if args.prefix_objects:
-            work = Path(d)
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                for _ in range(100):
-                    try:
-                        socket.create_connection(("127.0.0.1", port), 0.2).close()
-                        break
-                    except OSError:
-                        time.sleep(0.1)
-                store = MinioStore.from_settings(StoreSettings(
-                    kind="minio", endpoint=f"127.0.0.1:{port}", access_key="k", secret_key="s",
-                    bucket="bench", region="us-east-1"))
-                bench_prefix(store, args.prefix_objects, args.db, work)
-            finally:
-                server.terminate()
-                server.wait(10)
-            return
-    with tempfile.TemporaryDirectory() as d:
         work = Path(d)
+        if args.prefix_objects:
+            with s3_server() as endpoint:
+                bench_prefix(_moto_store(endpoint), args.prefix_objects, args.db, work)
+            return
         bench_ingest(work, args.files, args.file_mb, args.db)
         bench_store("LocalStore", LocalStore(work / "local"), work)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            store = MinioStore.from_settings(StoreSettings(
-                kind="minio", endpoint=f"127.0.0.1:{port}", access_key="k", secret_key="s",
-                bucket="bench", region="us-east-1"))
-            bench_store("MinioStore (moto)", store, work)
-        finally:
-            server.terminate()
-            server.wait(10)
+        with s3_server() as endpoint:
+            bench_store("MinioStore (moto)", _moto_store(endpoint), work)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ processes, then drives one build through the Celery tasks exactly as the fault t
 ``opensubject_build`` DAG, the same waits on task ids and sample states, the reconciler
 every 30 s). Airflow is left out: ``dag.test()`` runs mapped tasks one at a time in one
 process, which would measure Airflow's loop rather than the pipeline (its overhead per
-task is measured by benchmarks/bench_distributed.py).
+build through the real scheduler is measured by benchmarks/bench_scale.py).
 
 The videos are tiny (160x90, 1.5 s at 25 fps, H.264), each a scikit-image photo with a
 cut-out subject moving across it, every one different (content-derived ids).

@@ -5,7 +5,6 @@ and ``triggerer``, with this repository's dags/ and plugins/; and a client of it
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -14,35 +13,13 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-from local_services import free_port, pg_admin_url
+from local_services import free_port, pg_database  # noqa: F401 - pg_database: for importers
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ADMIN_PASSWORD = "stack-admin-password"  # test-only login
-
-
-@contextlib.contextmanager
-def pg_database(prefix: str) -> Iterator[str]:
-    """A new database on the test PostgreSQL server (local_services.py), dropped
-    afterwards; yields its URL."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin_url = pg_admin_url()
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 class Proc:
@@ -61,6 +38,10 @@ class Proc:
                     raise RuntimeError(f"{argv[0]} did not start:\n{log.read_text(errors='replace')[-3000:]}")
                 time.sleep(0.2)
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -75,7 +56,7 @@ class Proc:
         self._log.close()
 
 
-def celery_worker(env: dict[str, str], log: Path, name: str, concurrency: int = 1,
+def celery_worker(env: dict[str, str], log: Path, name: str = "bench", concurrency: int = 1,
                   queues: str = "cpu,gpu,maintenance", include: str | None = None) -> Proc:
     argv = [str(BIN / "celery"), "-A", "opensubject_tasks.celery_app", "worker", "-Q", queues,
             "--concurrency", str(concurrency), "--hostname", f"{name}@%h", "--loglevel", "INFO",

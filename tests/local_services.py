@@ -20,6 +20,7 @@ Imports nothing heavy and no pytest: benchmarks use it too.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import os
 import shutil
@@ -28,6 +29,8 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 DATABASE_VAR, REDIS_VAR, MODE_VAR = ("OPENSUBJECT_TEST_DATABASE_URL", "OPENSUBJECT_TEST_REDIS_URL",
@@ -243,3 +246,30 @@ def stop_throwaway() -> None:
 
 
 atexit.register(stop_throwaway)
+
+
+@contextlib.contextmanager
+def pg_database(prefix: str, schema: bool = False) -> Iterator[str]:
+    """A new database on the test PostgreSQL server, dropped afterwards; yields its URL.
+    ``schema``: with the project's schema applied."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin_url = pg_admin_url()
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        if schema:
+            from opensubject_tasks.db.engine import upgrade
+
+            engine = create_engine(url)
+            upgrade(engine)
+            engine.dispose()
+        yield url
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
