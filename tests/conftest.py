@@ -29,6 +29,7 @@ from local_services import (
     free_port,
     mode,
     pg_admin_url,
+    pg_database,
     redis_base_url,
     stop_throwaway,
     throwaway_started,
@@ -102,9 +103,6 @@ def pg_url() -> str:
     """A throwaway database on the test PostgreSQL server, with the schema applied once;
     dropped at the end."""
     from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    from opensubject_tasks.db.engine import upgrade
 
     admin_url = _service(pg_admin_url, "PostgreSQL")
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
@@ -113,17 +111,10 @@ def pg_url() -> str:
             c.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001
         _unreachable("PostgreSQL", admin_url, DATABASE_VAR, exc)
-    name = f"opensubject_test_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    engine = create_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    finally:
+        admin.dispose()
+    with pg_database("opensubject_test", schema=True) as url:
+        yield url
 
 
 class _Tables:
@@ -218,24 +209,8 @@ def pg_db(pg_url: str, _pg_tables: _Tables) -> str:
 def pg_fresh_db(pg_url: str) -> str:
     """A database of this test's own with a freshly applied schema, dropped afterwards:
     for tests that change or drop the schema itself."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    from opensubject_tasks.db.engine import upgrade
-
-    admin_url = pg_admin_url()
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"{make_url(pg_url).database}_{uuid.uuid4().hex[:6]}"
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    engine = create_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with pg_database("opensubject_fresh", schema=True) as url:
+        yield url
 
 
 # --- Redis ---------------------------------------------------------------------------------------
