@@ -30,7 +30,7 @@ BUILD = "bench"
 
 
 def from_pipeline(ctx: Context, work: Path, jobs: int) -> str:
-    from opensubject_tasks.media.samples import make_samples
+    from opensubject_tasks.testmedia.samples import make_samples
     from opensubject_tasks.runner import run_build
 
     media = work / "media"

@@ -23,7 +23,7 @@ import torch
 
 from opensubject_tasks.backends.registry import clear_cache, get_backend
 from opensubject_tasks.config import load_settings
-from opensubject_tasks.media.samples import BACKGROUNDS, photo
+from opensubject_tasks.testmedia.samples import BACKGROUNDS, photo
 
 START, END = "<!-- bench_batch:start -->", "<!-- bench_batch:end -->"
 

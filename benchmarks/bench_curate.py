@@ -53,7 +53,7 @@ from opensubject_tasks.config import CurateSettings, load_settings  # noqa: E402
 from opensubject_tasks.context import Context  # noqa: E402
 from opensubject_tasks.media.decode import iter_frames  # noqa: E402
 from opensubject_tasks.media.probe import probe_video  # noqa: E402
-from opensubject_tasks.media.samples import encode, make_samples  # noqa: E402
+from opensubject_tasks.testmedia.samples import encode, make_samples  # noqa: E402
 from opensubject_tasks.media.shots import ShotDetector, ShotScore, score_cuts  # noqa: E402
 from opensubject_tasks.runner import run_build  # noqa: E402
 from opensubject_tasks.services.common import run_stage  # noqa: E402

@@ -34,7 +34,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from opensubject_tasks.media.samples import make_tiny_videos  # noqa: E402
+from opensubject_tasks.testmedia.samples import make_tiny_videos  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _services import (  # noqa: E402
     celery_worker,

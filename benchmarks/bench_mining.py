@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--sheet", type=Path)
     args = ap.parse_args()
     if args.media is None:
-        from opensubject_tasks.media.samples import make_samples
+        from opensubject_tasks.testmedia.samples import make_samples
 
         args.media = Path(tempfile.mkdtemp(prefix="osmedia-"))
         make_samples(args.media)

@@ -43,7 +43,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     videos = args.videos
     if videos is None:
-        from opensubject_tasks.media.samples import make_samples
+        from opensubject_tasks.testmedia.samples import make_samples
 
         videos = work / "media"
         make_samples(videos)

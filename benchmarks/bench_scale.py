@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_scale_"))
-    from opensubject_tasks.media.samples import make_tiny_videos
+    from opensubject_tasks.testmedia.samples import make_tiny_videos
 
     t = time.monotonic()
     curate_videos = make_tiny_videos(work / "media", args.videos)

@@ -67,7 +67,7 @@ def main() -> None:
         os.environ.update(env)
         from opensubject_tasks.celery_app import configure
         from opensubject_tasks.db.engine import upgrade
-        from opensubject_tasks.media.samples import make_samples
+        from opensubject_tasks.testmedia.samples import make_samples
         from opensubject_tasks.orchestrate import context
         from opensubject_tasks.services.ingest import register_source
         from opensubject_tasks.tasks import send

@@ -31,7 +31,7 @@ import torch
 from opensubject_tasks.backends.registry import clear_cache, get_backend
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.errors import ModelNotAvailable
-from opensubject_tasks.media.samples import make_samples
+from opensubject_tasks.testmedia.samples import make_samples
 
 INTERFACES = ("vlm", "detector", "segmenter", "inpainter", "embedder", "quality")
 

@@ -139,7 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_samples_make(args: argparse.Namespace) -> int:
-    from opensubject_tasks.media.samples import SAMPLE_SIZE, make_samples
+    from opensubject_tasks.testmedia.samples import SAMPLE_SIZE, make_samples
 
     size = tuple(int(x) for x in args.size.lower().split("x")) if args.size else SAMPLE_SIZE
     gt = make_samples(Path(args.dir), seed=args.seed, size=size)  # type: ignore[arg-type]

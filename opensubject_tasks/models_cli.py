@@ -75,7 +75,7 @@ def cmd_models_calibrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     media = Path(args.media) if args.media else None
     if media is None:
-        from opensubject_tasks.media.samples import make_samples
+        from opensubject_tasks.testmedia.samples import make_samples
 
         media = Path(tempfile.mkdtemp(prefix="opensubject-calibrate-"))
         print(f"writing the sample media (seed {args.seed}) to {media} ...")

@@ -294,7 +294,7 @@ def s3_store_settings(s3_server: S3Server):
 @pytest.fixture(scope="session")
 def sample_media(tmp_path_factory) -> Path:
     """The generated sample videos with their ground truth (made once per session)."""
-    from opensubject_tasks.media.samples import make_samples
+    from opensubject_tasks.testmedia.samples import make_samples
 
     out = tmp_path_factory.mktemp("media")
     make_samples(out)

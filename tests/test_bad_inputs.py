@@ -10,7 +10,7 @@ from sqlalchemy import select
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
 from opensubject_tasks.db.models import Clip, StageAttempt, Video
-from opensubject_tasks.media.samples import HOSTILE_NAME, make_bad_samples
+from opensubject_tasks.testmedia.samples import HOSTILE_NAME, make_bad_samples
 from opensubject_tasks.services.common import run_stage
 from opensubject_tasks.storage.sources import file_uri
 

@@ -25,7 +25,7 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject
 from opensubject_tasks.errors import BadInput
-from opensubject_tasks.media.samples import cutout, photo
+from opensubject_tasks.testmedia.samples import cutout, photo
 
 W, H = 256, 192
 BOX = [40.0, 50.0, 120.0, 130.0]

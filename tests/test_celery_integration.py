@@ -365,8 +365,8 @@ def test_ingest_builds_every_waiting_video(stack, sample_media):
 
     def triggered() -> list:
         with create_session() as s:
-            return sorted(((r.run_id, dict(r.conf)) for r in s.query(DagRun).filter(
-                DagRun.dag_id == "opensubject_build") if r.queued_at and r.queued_at.timestamp() >= started))
+            return sorted((r.run_id, dict(r.conf)) for r in s.query(DagRun).filter(
+                DagRun.dag_id == "opensubject_build") if r.queued_at and r.queued_at.timestamp() >= started)
 
     ingest = load_dag("opensubject_ingest")
     run, states = run_dag_test(ingest)

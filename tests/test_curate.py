@@ -22,7 +22,7 @@ from opensubject_tasks.db.models import Clip, Invalidation, StageAttempt, Video
 from opensubject_tasks.errors import Rejected
 from opensubject_tasks.media.decode import DecodeStats, Frame, iter_frames
 from opensubject_tasks.media.probe import ProbeResult, probe_video
-from opensubject_tasks.media.samples import photo
+from opensubject_tasks.testmedia.samples import photo
 from opensubject_tasks.media.shots import ShotDetector, ShotScore, score_cuts
 from opensubject_tasks.services.common import run_stage
 from opensubject_tasks.services.rerun import invalidate

@@ -16,7 +16,7 @@ from opensubject_tasks.config import CurateSettings
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.media.decode import DecodeStats, Shrinker, analysis_size, fit_size, iter_frames
 from opensubject_tasks.media.probe import FrameNumbers, open_video, probe_video
-from opensubject_tasks.media.samples import photo
+from opensubject_tasks.testmedia.samples import photo
 from opensubject_tasks.stages.curate import curate_frames
 
 

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.timeout(300)
 # --- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> Path:
-    from opensubject_tasks.media.samples import make_samples
+    from opensubject_tasks.testmedia.samples import make_samples
 
     out = tmp_path_factory.mktemp("fault-media")
     make_samples(out, count=3, size=(320, 180))
@@ -414,7 +414,7 @@ def test_a_video_that_kills_its_worker_fails_after_n_deaths_and_the_rest_finishe
     videos of the build finish."""
     from opensubject_tasks.db.engine import session_scope
     from opensubject_tasks.db.models import Video
-    from opensubject_tasks.media.samples import tiny_video
+    from opensubject_tasks.testmedia.samples import tiny_video
 
     tiny_video(tmp_path / "killer.mp4", 7, size=(224, 126))
     env = stack.apply(pg_db, s3_store_settings, OPENSUBJECT_BACKENDS__QUALITY="kill_wide",

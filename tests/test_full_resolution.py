@@ -15,7 +15,7 @@ import pytest
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
 from opensubject_tasks.db.models import Build, Clip, Pair, Sample, Subject, Video
-from opensubject_tasks.media.samples import cutout, encode, photo
+from opensubject_tasks.testmedia.samples import cutout, encode, photo
 from opensubject_tasks.services.common import run_stage
 from opensubject_tasks.stages.synthesize import grow_box, int_box
 from opensubject_tasks.stages.verify import sample_seed

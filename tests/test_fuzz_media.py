@@ -15,8 +15,8 @@ from opensubject_tasks.config import load_settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
 from opensubject_tasks.db.models import StageAttempt, Video
-from opensubject_tasks.media.mutate import mutations
-from opensubject_tasks.media.samples import encode, photo
+from opensubject_tasks.testmedia.mutate import mutations
+from opensubject_tasks.testmedia.samples import encode, photo
 from opensubject_tasks.services.common import run_stage
 from opensubject_tasks.services.ingest import (claim_videos, ensure_build, register_source,
                                                video_id_for)

@@ -24,7 +24,7 @@ from opensubject_tasks.bench.build import load_cases
 from opensubject_tasks.bench.cli import add_bench_commands
 from opensubject_tasks.bench.osbench import parse_json_reply, scorer_size
 from opensubject_tasks.config import load_settings
-from opensubject_tasks.media.samples import photo
+from opensubject_tasks.testmedia.samples import photo
 
 TASK_TYPES = ("single_subject_generation", "multiple_subject_generation",
               "single_subject_manipulation", "multiple_subject_manipulation")

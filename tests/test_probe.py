@@ -15,7 +15,7 @@ from opensubject_tasks.config import CurateSettings
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.media.decode import DecodeStats, iter_frames
 from opensubject_tasks.media.probe import probe_video
-from opensubject_tasks.media.samples import HOSTILE_NAME, make_bad_samples, photo
+from opensubject_tasks.testmedia.samples import HOSTILE_NAME, make_bad_samples, photo
 
 
 def _video(path: Path, n: int = 30, size=(320, 180), rate=25, rotation: int | None = None,

@@ -154,7 +154,7 @@ def test_a_finished_video_or_verified_sample_never_turns_failed(embedded_setting
 # --- two copies of a stage at once, on real workers ----------------------------------------------
 @pytest.fixture(scope="module")
 def race_media(tmp_path_factory) -> Path:
-    from opensubject_tasks.media.samples import make_samples
+    from opensubject_tasks.testmedia.samples import make_samples
 
     out = tmp_path_factory.mktemp("race-media")
     make_samples(out, count=1, size=(320, 180))

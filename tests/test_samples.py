@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from opensubject_tasks.media.samples import (
+from opensubject_tasks.testmedia.samples import (
     HOSTILE_NAME, SAMPLE_SIZE, make_bad_samples, make_samples, render, video_specs,
 )
 

@@ -96,7 +96,7 @@ def test_build_beyond_max_map_length_through_the_real_scheduler(scale, tmp_path)
 
     from opensubject_tasks.config import load_settings
     from opensubject_tasks.context import Context
-    from opensubject_tasks.media.samples import make_tiny_videos
+    from opensubject_tasks.testmedia.samples import make_tiny_videos
     from opensubject_tasks.orchestrate import context
     from opensubject_tasks.runner import run_build
     from opensubject_tasks.storage import make_store
@@ -135,7 +135,7 @@ def test_build_beyond_max_map_length_through_the_real_scheduler(scale, tmp_path)
 def test_clearing_a_red_chunk_reruns_only_its_failed_video(scale, tmp_path):
     from opensubject_tasks.db.engine import session_scope
     from opensubject_tasks.db.models import Video
-    from opensubject_tasks.media.samples import make_tiny_videos, tiny_video
+    from opensubject_tasks.testmedia.samples import make_tiny_videos, tiny_video
     from opensubject_tasks.orchestrate import context
 
     stack, flag = scale["stack"], scale["flag"]
@@ -203,7 +203,7 @@ def test_clearing_a_red_chunk_reruns_only_its_failed_video(scale, tmp_path):
 
 
 def test_a_retried_trigger_starts_no_second_build_run(scale, tmp_path):
-    from opensubject_tasks.media.samples import make_tiny_videos
+    from opensubject_tasks.testmedia.samples import make_tiny_videos
 
     stack = scale["stack"]
     stack.http("PATCH", "/api/v2/dags/opensubject_build", {"is_paused": True})  # the triggered run waits

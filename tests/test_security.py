@@ -40,7 +40,7 @@ def test_secrets_never_reach_logs_results_rows_or_report(stack, pg_db, s3_server
     from sqlalchemy.engine import make_url
 
     from opensubject_tasks.config import StoreSettings
-    from opensubject_tasks.media.samples import make_samples
+    from opensubject_tasks.testmedia.samples import make_samples
 
     make_samples(tmp_path / "media", count=1, size=(320, 180))
     url = make_url(pg_db).set(password=DB_PASSWORD).render_as_string(hide_password=False)

@@ -19,7 +19,7 @@ from PIL import Image
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
 from opensubject_tasks.db.models import Build, Clip, Pair, Sample, Subject, Video
-from opensubject_tasks.media.samples import BACKGROUNDS, CUTOUTS, cutout, photo
+from opensubject_tasks.testmedia.samples import BACKGROUNDS, CUTOUTS, cutout, photo
 from opensubject_tasks.storage import Keys
 
 SUBJECTS = tuple(CUTOUTS)
