@@ -61,6 +61,12 @@ BUILD_STATES = ("running", "done", "failed")
 ATTEMPT_ENDED = ("ok", "rejected", "failed")
 ATTEMPT_ERRORS = ("error", "timeout", "lost")   # the code or the system broke, not the input
 
+# --- a sample's images ------------------------------------------------------------------------
+# What synthesis stores per attempt (``<name>.png``), verification reads and the export ships.
+SAMPLE_IMAGES = ("reference", "mask", "generation_input", "generation_mask",
+                 "manipulation_input", "manipulation_mask", "target")
+SAMPLE_MASKS = ("mask", "generation_mask", "manipulation_mask")   # bool images, stored 0/255
+
 # How far a build goes (the build DAG's `until`, the CLI's --until): the last stage run.
 UNTIL = ("curate", "mine", "verify")
 

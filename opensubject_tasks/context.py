@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from opensubject_tasks.backends.base import VLM, Detector, Embedder, Inpainter, QualityScorer, Segmenter, Verifier
 from opensubject_tasks.backends.registry import get_backend
 from opensubject_tasks.config import Settings
 from opensubject_tasks.db.engine import make_engine, make_session_factory
@@ -28,6 +29,22 @@ class Context:
     def from_settings(cls, settings: Settings) -> Context:
         engine = make_engine(settings.database_url)
         return cls(settings, engine, make_session_factory(engine), make_store(settings.store))
+
+    # The interface type of each backend (backends/base.py), for readers and type checkers.
+    @overload
+    def backend(self, interface: Literal["vlm"]) -> VLM: ...
+    @overload
+    def backend(self, interface: Literal["detector"]) -> Detector: ...
+    @overload
+    def backend(self, interface: Literal["segmenter"]) -> Segmenter: ...
+    @overload
+    def backend(self, interface: Literal["inpainter"]) -> Inpainter: ...
+    @overload
+    def backend(self, interface: Literal["embedder"]) -> Embedder: ...
+    @overload
+    def backend(self, interface: Literal["quality"]) -> QualityScorer: ...
+    @overload
+    def backend(self, interface: Literal["verifier"]) -> Verifier: ...
 
     def backend(self, interface: str) -> Any:
         """The configured backend for an interface (loaded once per process, then warm)."""

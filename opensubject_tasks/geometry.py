@@ -1,4 +1,4 @@
-"""Boxes, one place: ``[x0, y0, x1, y1]`` in pixels, ends exclusive."""
+"""Boxes and masks, one place: ``[x0, y0, x1, y1]`` in pixels, ends exclusive."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,3 +28,12 @@ def mask_box(mask: np.ndarray) -> list[float] | None:
     if len(xs) == 0:
         return None
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def as_mask(a: np.ndarray | None) -> np.ndarray | None:
+    """A mask as bool (H, W): bool as is, grey or RGB images above mid-grey."""
+    if a is None:
+        return None
+    if a.ndim == 3:
+        a = a[..., 0]
+    return a.astype(bool) if a.dtype == bool else a > 127

@@ -16,7 +16,7 @@ from opensubject_tasks.config import SynthSettings
 from opensubject_tasks.errors import Rejected
 from opensubject_tasks.services.synthesize import encode_png
 from opensubject_tasks.stages.synthesize import (
-    IMAGE_NAMES,
+    SAMPLE_IMAGES,
     apply_augmentation,
     irregular_erosion,
     synthesize_pair,
@@ -96,7 +96,7 @@ def test_reference_and_mask_come_from_the_reference_box(pairs) -> None:
     assert np.array_equal(r.images["reference"], ref[y0:y1, x0:x1])
     assert r.images["mask"].shape == r.images["reference"].shape[:2]
     assert 0.4 < r.images["mask"].mean() < 0.99       # an elliptical subject in its box
-    assert set(r.images) == set(IMAGE_NAMES)
+    assert set(r.images) == set(SAMPLE_IMAGES)
     assert r.backends == {"segmenter": "classical", "inpainter": "classical"}
 
 
@@ -167,14 +167,14 @@ def test_synthesize_service_writes_objects_then_rows_idempotently(mined_ctx, tmp
     with session_scope(ctx.sessions) as s:
         row = s.get(Sample, sid)
         assert row.state == "synthesized"
-        assert row.keys == {n: Keys.sample_file(video_id, sid, 1, f"{n}.png") for n in IMAGE_NAMES}
+        assert row.keys == {n: Keys.sample_file(video_id, sid, 1, f"{n}.png") for n in SAMPLE_IMAGES}
         assert row.backends["segmenter"] == "classical" and row.backends["inpainter"] == "classical"
         assert row.augment["seed"] == row.seed and "matrix" in row.augment["geometry"]
         keys = dict(row.keys)
     first = {k: ctx.store.get_bytes(k) for k in keys.values()}
     prefix = f"videos/{video_id}/samples/"
     n_objects = len(list(ctx.store.list(prefix)))
-    assert n_objects == len(IMAGE_NAMES)
+    assert n_objects == len(SAMPLE_IMAGES)
 
     # re-running the same attempt: same keys, same bytes, no new object, one row
     with session_scope(ctx.sessions) as s:

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import func, select
 
 from opensubject_tasks.backends.base import YesNo
-from opensubject_tasks.backends.classical.captions import colour_names, template_caption
+from opensubject_tasks.captions import colour_names, template_caption
 from opensubject_tasks.backends.classical.verifier import ClassicalVerifier, seam_score
 from opensubject_tasks.backends.registry import get_backend
 from opensubject_tasks.backends.verifier_vlm import QUESTIONS, combine

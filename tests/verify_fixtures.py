@@ -195,7 +195,7 @@ class FailFirstAttempt:
     def __init__(self) -> None:
         self.inner = ClassicalVerifier()
 
-    def verify(self, samples: list[dict[str, Any]], thresholds=None, embedder=None) -> list[Verdict]:  # noqa: ANN001
+    def verify(self, samples: list[dict[str, Any]], thresholds=None, embedder=None, vlm=None) -> list[Verdict]:  # noqa: ANN001
         out = self.inner.verify(samples, thresholds=thresholds, embedder=embedder)
         for s, v in zip(samples, out, strict=True):
             if s.get("attempt") == 1:

@@ -8,9 +8,12 @@ to whatever field it filled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from opensubject_tasks.config import VerifySettings
 
 Image = np.ndarray  # (H, W, 3) uint8 RGB
 Mask = np.ndarray   # (H, W) bool
@@ -115,4 +118,8 @@ class QualityScorer(Protocol):
 @runtime_checkable
 class Verifier(Protocol):
     name: str
-    def verify(self, samples: Sequence[dict[str, Any]]) -> list[Verdict]: ...
+    def verify(self, samples: Sequence[dict[str, Any]], thresholds: VerifySettings,
+               embedder: Embedder | None = None, vlm: VLM | None = None) -> list[Verdict]:
+        """One verdict per sample. ``embedder``/``vlm``: the worker's warm models, for the
+        verifiers that use them (others ignore them); None: the verifier loads its own."""
+        ...

@@ -22,7 +22,7 @@ _LOCK = threading.Lock()
 _PROVIDERS = {
     "classical": "opensubject_tasks.backends.classical",
     "none": "opensubject_tasks.backends.classical",
-    "vlm": "opensubject_tasks.backends.classical",
+    "vlm": "opensubject_tasks.backends.verifier_vlm",
     "hf": "opensubject_tasks.backends.hf",
     "tiny": "opensubject_tasks.backends.hf",
     "florence": "opensubject_tasks.backends.hf",

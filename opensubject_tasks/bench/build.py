@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import select
 
+from opensubject_tasks.catalogue import SAMPLE_IMAGES
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
@@ -58,8 +59,6 @@ NEEDS = {
     "generation": ("reference", "generation_input", "target"),
     "manipulation": ("reference", "manipulation_input", "manipulation_mask", "target"),
 }
-IMAGE_NAMES = ("reference", "mask", "generation_input", "generation_mask",
-               "manipulation_input", "manipulation_mask", "target")
 
 
 @dataclass
@@ -262,7 +261,7 @@ def build_bench(ctx: Context, build_id: str, out_dir: str | Path, *, share: floa
         keys = sample.keys or {}
         folder = Path("images") / slug(sample.id, 160)
         saved: dict[str, str] = {}
-        for name in IMAGE_NAMES:
+        for name in SAMPLE_IMAGES:
             if not keys.get(name):
                 continue
             try:

@@ -11,16 +11,16 @@ import cv2
 import numpy as np
 from sqlalchemy import select
 
+from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS, SAMPLE_TERMINAL
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.services.common import StageResult, stage
 from opensubject_tasks.services.mine import decode_rgb
-from opensubject_tasks.stages.synthesize import IMAGE_NAMES, MASK_NAMES, synthesize_pair
+from opensubject_tasks.stages.synthesize import synthesize_pair
 from opensubject_tasks.storage import Keys
 
-TERMINAL = ("verified", "rejected", "failed")
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -75,9 +75,9 @@ def synthesize_sample(ctx: Context, sample_id: str) -> StageResult:
         video_id, clip_id, keyframes = clip.video_id, clip.id, list(clip.keyframes or [])
         ref_frame, tgt_frame = pair.ref_frame, pair.tgt_frame
         ref_box, tgt_box, category = list(pair.ref_box), list(pair.tgt_box), subject.category
-    if state in TERMINAL:
+    if state in SAMPLE_TERMINAL:
         return StageResult(details={"skipped": f"already {state}"})
-    wanted = {n: Keys.sample_file(video_id, sample_id, attempt, f"{n}.png") for n in IMAGE_NAMES}
+    wanted = {n: Keys.sample_file(video_id, sample_id, attempt, f"{n}.png") for n in SAMPLE_IMAGES}
     if state == "synthesized" and keys == wanted:
         return StageResult(next=[("verify", sample_id)], details={"skipped": f"attempt {attempt} done"})
 
@@ -88,15 +88,15 @@ def synthesize_sample(ctx: Context, sample_id: str) -> StageResult:
                              segmenter=ctx.backend("segmenter"), inpainter=ctx.backend("inpainter"),
                              settings=ctx.settings.synth, category=category)
     result.augment["frames"] = {"reference": ref_info, "target": tgt_info}
-    for name in IMAGE_NAMES:
+    for name in SAMPLE_IMAGES:
         image = result.images[name]
-        if name in MASK_NAMES:
+        if name in SAMPLE_MASKS:
             image = image.astype(bool)
         ctx.store.put_bytes(wanted[name], encode_png(image), "image/png")
 
     with session_scope(ctx.sessions) as s:
         row = s.get(Sample, sample_id, with_for_update=True)
-        if row is None or row.attempt != attempt or row.state in TERMINAL:
+        if row is None or row.attempt != attempt or row.state in SAMPLE_TERMINAL:
             # the sample moved on while this attempt was drawn: its objects are harmless
             return StageResult(details={"skipped": "sample changed during synthesis"})
         row.keys = wanted

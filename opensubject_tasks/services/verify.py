@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import select
 
-from opensubject_tasks.backends.classical.verifier import IMAGE_NAMES
+from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS, SAMPLE_TERMINAL
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Pair, Sample, Subject
@@ -24,8 +24,6 @@ from opensubject_tasks.services.common import StageResult, stage, utcnow
 from opensubject_tasks.stages.verify import decide, verify_and_caption
 from opensubject_tasks.storage import ObjectStore
 
-MASK_NAMES = {"mask", "generation_mask", "manipulation_mask"}
-TERMINAL = ("verified", "rejected", "failed")
 
 
 def decode_image(data: bytes, is_mask: bool) -> np.ndarray:
@@ -37,17 +35,17 @@ def decode_image(data: bytes, is_mask: bool) -> np.ndarray:
 
 
 def load_sample_images(store: ObjectStore, keys: dict[str, str], sample_id: str) -> dict[str, np.ndarray]:
-    missing = [n for n in IMAGE_NAMES if not keys.get(n)]
+    missing = [n for n in SAMPLE_IMAGES if not keys.get(n)]
     if missing:
         raise BadInput(f"sample {sample_id} has no stored {', '.join(missing)}")
     images: dict[str, np.ndarray] = {}
-    for name in IMAGE_NAMES:
+    for name in SAMPLE_IMAGES:
         try:
             data = store.get_bytes(keys[name])
         except (FileNotFoundError, KeyError) as exc:
             raise BadInput(f"sample {sample_id}: object {keys[name]} ({name}) is missing") from exc
         try:
-            images[name] = decode_image(data, name in MASK_NAMES)
+            images[name] = decode_image(data, name in SAMPLE_MASKS)
         except (OSError, ValueError) as exc:
             raise BadInput(f"sample {sample_id}: {name} is not a readable image ({exc})") from exc
     return images
@@ -86,7 +84,7 @@ def verify_sample(ctx: Context, sample_id: str) -> StageResult:
                                 "category": subject.category,
                                 "ref_box": _in_image(pair.ref_box, frames.get("reference")),
                                 "tgt_box": _in_image(pair.tgt_box, frames.get("target"))}
-    if state in TERMINAL:
+    if state in SAMPLE_TERMINAL:
         return _skip(f"already {state}")
     if state != "synthesized":
         return _skip(f"state {state}: nothing synthesized to verify")

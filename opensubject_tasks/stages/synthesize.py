@@ -30,17 +30,15 @@ import numpy as np
 
 from opensubject_tasks.backends import synthesis_prompts as sp
 from opensubject_tasks.backends.base import Box, Image, Inpainter, Mask, Segmenter
+from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS
 from opensubject_tasks.config import SynthSettings
 from opensubject_tasks.errors import Rejected
 
-IMAGE_NAMES = ("reference", "mask", "generation_input", "generation_mask",
-               "manipulation_input", "manipulation_mask", "target")
-MASK_NAMES = ("mask", "generation_mask", "manipulation_mask")
 
 
 @dataclass
 class SynthResult:
-    images: dict[str, np.ndarray]      # IMAGE_NAMES -> RGB uint8, or bool for MASK_NAMES
+    images: dict[str, np.ndarray]      # SAMPLE_IMAGES -> RGB uint8, or bool for SAMPLE_MASKS
     augment: dict[str, Any]            # geometry, erosion and inpainting parameters
     backends: dict[str, str] = field(default_factory=dict)
 

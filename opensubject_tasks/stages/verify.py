@@ -6,16 +6,16 @@ service (services/verify.py) loads rows and objects and writes the outcome.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from opensubject_tasks.backends.base import VLM, Caption, Embedder, Verdict, Verifier
-from opensubject_tasks.backends.classical.captions import template_caption
-from opensubject_tasks.backends.classical.verifier import IMAGE_NAMES, as_mask, bbox
+from opensubject_tasks.captions import template_caption
+from opensubject_tasks.catalogue import SAMPLE_IMAGES
 from opensubject_tasks.config import VerifySettings
+from opensubject_tasks.geometry import as_mask, mask_box
 
 
 def sample_seed(sample_id: str, attempt: int, base_seed: int = 0) -> int:
@@ -41,22 +41,14 @@ class Decision:
     next: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _call_verify(verifier: Verifier, samples: list[dict[str, Any]], **extra: Any) -> list[Verdict]:
-    """Pass thresholds/embedder/VLM only to verifiers whose ``verify`` takes them."""
-    params = inspect.signature(verifier.verify).parameters
-    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in extra.items() if v is not None and (takes_all or k in params)}
-    return verifier.verify(samples, **kwargs)
-
-
 def caption_sample(images: dict[str, np.ndarray], meta: dict[str, Any], vlm: VLM | None = None) -> Caption:
     """Short and long captions of the target: from the VLM when one is configured,
     otherwise (or when it returns nothing) template captions marked as such."""
     category = str(meta.get("category") or "object")
     box_mask = as_mask(images.get("manipulation_mask"))
     if vlm is not None and getattr(vlm, "name", "none") != "none":
-        box = bbox(box_mask) if box_mask is not None else None   # in the target's own pixels
-        hint = {"category": category, "box": list(box) if box else None}
+        box = mask_box(box_mask) if box_mask is not None else None   # in the target's own pixels
+        hint = {"category": category, "box": box}
         cap = vlm.caption([images["target"]], [hint])[0]
         if cap.short.strip() and cap.long.strip():
             return cap
@@ -69,8 +61,8 @@ def verify_and_caption(images: dict[str, np.ndarray], meta: dict[str, Any], veri
                        vlm: VLM | None = None, caption_vlm: VLM | None = None) -> VerifyOutcome:
     """Verify one sample; caption it if it passed. ``meta`` carries id, attempt, seed,
     category and boxes (verifiers may use them, e.g. the category in VLM questions)."""
-    sample = {k: images[k] for k in IMAGE_NAMES if k in images} | dict(meta)
-    verdict = _call_verify(verifier, [sample], thresholds=thresholds, embedder=embedder, vlm=vlm)[0]
+    sample = {k: images[k] for k in SAMPLE_IMAGES if k in images} | dict(meta)
+    verdict = verifier.verify([sample], thresholds, embedder=embedder, vlm=vlm)[0]
     caption = caption_sample(images, meta, caption_vlm) if verdict.passed else None
     return VerifyOutcome(verdict=verdict, caption=caption)
 

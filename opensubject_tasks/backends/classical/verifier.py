@@ -34,10 +34,10 @@ import numpy as np
 
 from opensubject_tasks.backends.base import Embedder, Verdict
 from opensubject_tasks.backends.registry import get_backend, register
+from opensubject_tasks.catalogue import SAMPLE_IMAGES
 from opensubject_tasks.config import VerifySettings
+from opensubject_tasks.geometry import as_mask
 
-IMAGE_NAMES = ("reference", "mask", "generation_input", "generation_mask",
-               "manipulation_input", "manipulation_mask", "target")
 
 
 def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -46,14 +46,6 @@ def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     if len(xs) == 0:
         return None
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
-def as_mask(a: np.ndarray | None) -> np.ndarray | None:
-    if a is None:
-        return None
-    if a.ndim == 3:
-        a = a[..., 0]
-    return a.astype(bool) if a.dtype == bool else a > 127
 
 
 def subject_view(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -193,7 +185,7 @@ class ClassicalVerifier:
         return self._embedder
 
     def verify(self, samples: Sequence[dict[str, Any]], thresholds: VerifySettings | None = None,
-               embedder: Embedder | None = None) -> list[Verdict]:
+               embedder: Embedder | None = None, vlm: Any = None) -> list[Verdict]:  # no VLM here
         t = thresholds or VerifySettings()
         emb = embedder or self.embedder()
         emb_name = getattr(emb, "name", "embedder")
@@ -355,7 +347,3 @@ def make_classical_verifier(device: str = "cpu", dtype: str = "auto", batch_size
                             embedder: str = "classical") -> ClassicalVerifier:
     return ClassicalVerifier(embedder_name=embedder, device=device, dtype=dtype, batch_size=batch_size)
 
-
-# The VLM verifier lives in its own module; the registry's lazy provider for the name
-# "vlm" imports this package, so import it here to register it.
-from opensubject_tasks.backends import verifier_vlm as _verifier_vlm  # noqa: E402,F401

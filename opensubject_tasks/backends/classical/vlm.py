@@ -1,15 +1,18 @@
 """The "no VLM" backend: the pipeline runs without a vision-language model and says so.
 
 It never pretends to see: it lists no categories (with an error that says why), answers
-no question, and writes captions only from the facts it is given (``hints``), marked
-with source ``template``.
+no question, and writes captions only from the pixels and facts it is given (``hints``:
+category, box), marked with source ``template``.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from opensubject_tasks.backends.base import Caption, CategoryList, Image, YesNo
 from opensubject_tasks.backends.registry import register
+from opensubject_tasks.captions import template_caption
 
 NO_VLM = "no VLM configured"
 
@@ -27,26 +30,19 @@ class NoVLM:
         return ["" for _ in prompts]
 
     def caption(self, images: Sequence[Image], hints: Sequence[dict[str, Any]]) -> list[Caption]:
-        return [template_caption(h) for h in hints]
+        return [_from_pixels(image, hint) for image, hint in zip(images, hints, strict=True)]
 
 
-def template_caption(hint: dict[str, Any]) -> Caption:
-    """Captions assembled from known facts only (category, colours, position, scene)."""
-    category = str(hint.get("category") or "object")
-    colours = [str(c) for c in (hint.get("colours") or hint.get("colors") or []) if c]
-    colour = " and ".join(colours[:2])
-    words = f"{colour} {category}" if colour else category
-    subject = f"{'an' if words[0].lower() in 'aeiou' else 'a'} {words}"
-    short = subject
-    parts = [subject[0].upper() + subject[1:]]
-    if hint.get("position"):
-        parts.append(f"in the {hint['position']} of the image")
-    if hint.get("size"):
-        parts.append(f"taking up a {hint['size']} part of the frame")
-    long = " ".join(parts)
-    if hint.get("scene"):
-        long += f", in a {hint['scene']} scene"
-    return Caption(short=short, long=long + ".", source="template")
+def _from_pixels(image: Image, hint: dict[str, Any]) -> Caption:
+    """Template captions of the hint's box (the whole image without one) in its scene."""
+    box_mask = None
+    if hint.get("box"):
+        h, w = image.shape[:2]
+        x0, y0, x1, y1 = (int(round(v)) for v in hint["box"])
+        box_mask = np.zeros((h, w), bool)
+        box_mask[max(0, y0):min(h, y1), max(0, x0):min(w, x1)] = True
+    subject = image[box_mask.any(axis=1)][:, box_mask.any(axis=0)] if box_mask is not None and box_mask.any() else image
+    return template_caption(subject, None, image, box_mask, str(hint.get("category") or "object"))
 
 
 @register("vlm", "none")

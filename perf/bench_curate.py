@@ -1,6 +1,6 @@
 """Curation speed next to bare decoding and PySceneDetect's CLI, on the same files.
 
-    .venv/bin/python benchmarks/bench_curate.py [VIDEO ...] [--size 1280x720] [--runs 3]
+    .venv/bin/python perf/bench_curate.py [VIDEO ...] [--size 1280x720] [--runs 3]
 
 Makes the sample media at the given size (default 720p) plus one long file that
 joins all of them (so that start-up costs do not dominate), adds any videos given
@@ -24,7 +24,7 @@ Runs are interleaved and each figure is the best of ``--runs``; CPU milliseconds
 per frame (all threads of the process, and of the CLI's process) are printed too:
 they are steadier than wall-clock speeds on a shared machine.
 
-    .venv/bin/python benchmarks/bench_curate.py --compare-detectors 6
+    .venv/bin/python perf/bench_curate.py --compare-detectors 6
 
 prints instead the shot precision/recall of several detector set-ups on the sample
 media of 6 seeds (the measurement behind the defaults, see docs/curation.md).

@@ -1,6 +1,6 @@
 """Load: many short videos through the distributed stack on this machine.
 
-    .venv/bin/python benchmarks/bench_load.py [--videos 200] [--concurrency 2] [--json out.json]
+    .venv/bin/python perf/bench_load.py [--videos 200] [--concurrency 2] [--json out.json]
 
 Starts PostgreSQL (a new database on the local server), Redis (a database index of its
 own), an S3 server process (moto) and one Celery worker with ``--concurrency`` pool
@@ -9,7 +9,7 @@ processes, then drives one build through the Celery tasks exactly as the fault t
 ``opensubject_build`` DAG, the same waits on task ids and sample states, the reconciler
 every 30 s). Airflow is left out: ``dag.test()`` runs mapped tasks one at a time in one
 process, which would measure Airflow's loop rather than the pipeline (its overhead per
-build through the real scheduler is measured by benchmarks/bench_scale.py).
+build through the real scheduler is measured by perf/bench_scale.py).
 
 The videos are tiny (160x90, 1.5 s at 25 fps, H.264), each a scikit-image photo with a
 cut-out subject moving across it, every one different (content-derived ids).

@@ -1,7 +1,7 @@
 """Does a long-lived Celery worker leak? Peak RSS of its pool process after 5 stage tasks
 and after 50 (the issue asks for the second within 10% of the first).
 
-    .venv/bin/python benchmarks/bench_worker_memory.py [--tasks 50] [--videos 8]
+    .venv/bin/python perf/bench_worker_memory.py [--tasks 50] [--videos 8]
 
 A real worker (one pool process, queues cpu and gpu) runs real stage tasks over the
 sample videos: curate and mine of every video (decoders, keyframes, detector), then

@@ -1,6 +1,6 @@
 """The benchmark's baseline table: build a bench, run the baselines, score them.
 
-    .venv/bin/python benchmarks/bench_baselines.py [--out DIR] [--source auto|pipeline|constructed]
+    .venv/bin/python perf/bench_baselines.py [--out DIR] [--source auto|pipeline|constructed]
                                                    [--share 0.5] [--videos N] [--jobs N]
 
 ``pipeline`` makes the sample media and runs the embedded pipeline over it

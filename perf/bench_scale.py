@@ -1,7 +1,7 @@
 """A build of thousands of videos through the real Airflow scheduler, against the embedded
 runner with the same number of worker processes, on this machine.
 
-    .venv/bin/python benchmarks/bench_scale.py [--videos 2000] [--full-videos 200] [--concurrency 2]
+    .venv/bin/python perf/bench_scale.py [--videos 2000] [--full-videos 200] [--concurrency 2]
                                                [--json out.json]
 
 Starts every component as a real process: PostgreSQL databases for the dataset and for

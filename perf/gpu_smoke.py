@@ -1,6 +1,6 @@
 """Smoke run of every model backend on the sample videos: throughput and peak GPU memory.
 
-    .venv/bin/python benchmarks/gpu_smoke.py [--config opensubject.yaml] [--frames 8]
+    .venv/bin/python perf/gpu_smoke.py [--config opensubject.yaml] [--frames 8]
                                              [--profile gpu|tiny] [--json OUT.json]
 
 On a machine with CUDA it runs the `hf` backends (the `gpu` profile) with the models

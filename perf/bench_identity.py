@@ -10,7 +10,7 @@ docs/models.md come from here).
    individuals is a wrong-identity pair. Counted as mined, as rejected by verification
    and as exported (in the dataset's manifest).
 
-    .venv/bin/python benchmarks/bench_identity.py --media DIR [DIR ...] [--embedders classical tiny]
+    .venv/bin/python perf/bench_identity.py --media DIR [DIR ...] [--embedders classical tiny]
         [--no-build] [--json OUT.json]
 """
 from __future__ import annotations

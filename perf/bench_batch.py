@@ -1,6 +1,6 @@
 """Throughput against batch size for each model backend (tiny models on the CPU by default).
 
-    .venv/bin/python benchmarks/bench_batch.py [--sizes 1 2 4 8 16] [--items 16]
+    .venv/bin/python perf/bench_batch.py [--sizes 1 2 4 8 16] [--items 16]
         [--profile tiny|gpu] [--device cpu] [--write docs/models.md]
 
 Each backend gets the same ``--items`` frames (640x360 photos shipped with
@@ -105,7 +105,7 @@ def main() -> None:
     table = measure(args.profile, device, args.sizes, args.items, args.repeat, args.config)
     note = (f"Items per second, {args.items} frames of 640x360, profile `{args.profile}` on {device} "
             f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)); "
-            f"`python benchmarks/bench_batch.py --profile {args.profile}`.")
+            f"`python perf/bench_batch.py --profile {args.profile}`.")
     text = markdown(table, args.sizes, note)
     print(text)
     if args.write:

@@ -3,7 +3,7 @@ media: grounding IoU against the ground truth, identity linking, pairs and their
 diversity, identity/background preservation (PSNR) of the synthesized inputs, and
 determinism. Prints Markdown (the numbers in docs/mining.md come from here).
 
-    .venv/bin/python benchmarks/bench_mining.py [--media DIR] [--json OUT.json] [--sheet OUT.png]
+    .venv/bin/python perf/bench_mining.py [--media DIR] [--json OUT.json] [--sheet OUT.png]
 
 With --sheet the services (mine, synthesize) also run on an embedded database and
 store over the same clips, and the contact sheet of the samples is written there.

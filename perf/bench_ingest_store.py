@@ -1,7 +1,7 @@
 """Throughput of stage 0 (ingest) and of the object stores.
 
-    .venv/bin/python benchmarks/bench_ingest_store.py [--files 200] [--file-mb 5] [--db URL]
-    .venv/bin/python benchmarks/bench_ingest_store.py --prefix-objects 100000 --db URL
+    .venv/bin/python perf/bench_ingest_store.py [--files 200] [--file-mb 5] [--db URL]
+    .venv/bin/python perf/bench_ingest_store.py --prefix-objects 100000 --db URL
 
 ``--prefix-objects N``: the cost of listing a large prefix. N small objects with video
 names are put under one prefix of the S3 server; ``register_source(store://prefix/)``

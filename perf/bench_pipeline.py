@@ -1,6 +1,6 @@
 """End-to-end embedded build: wall time per stage, peak memory, and --jobs scaling.
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--videos DIR] [--jobs 1 2] [--profile cpu]
+    .venv/bin/python perf/bench_pipeline.py [--videos DIR] [--jobs 1 2] [--profile cpu]
 
 Makes the sample media when no folder is given, runs `opensubject run` once per
 --jobs value in a fresh output folder (a child process, so its peak RSS is its

@@ -1,6 +1,6 @@
 """Speed of stage 4 (classical verification + captions) and stage 5 (export).
 
-    .venv/bin/python benchmarks/bench_verify_export.py [--samples 40] [--size 512]
+    .venv/bin/python perf/bench_verify_export.py [--samples 40] [--size 512]
 
 Samples are built like the test fixtures (real photographs, OpenCV in/outpainting),
 scaled to --size pixels, stored in a local store with an SQLite db; then every sample
