@@ -30,7 +30,6 @@ import numpy as np
 
 from opensubject_tasks.backends import synthesis_prompts as sp
 from opensubject_tasks.backends.base import Box, Image, Inpainter, Mask, Segmenter
-from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS
 from opensubject_tasks.config import SynthSettings
 from opensubject_tasks.errors import Rejected
 

@@ -34,7 +34,6 @@ import numpy as np
 
 from opensubject_tasks.backends.base import Embedder, Verdict
 from opensubject_tasks.backends.registry import get_backend, register
-from opensubject_tasks.catalogue import SAMPLE_IMAGES
 from opensubject_tasks.config import VerifySettings
 from opensubject_tasks.geometry import as_mask
 
