@@ -12,11 +12,11 @@ from sqlalchemy import func, select
 
 from mining_fixtures import gt_clips, seed_video
 from opensubject_tasks.backends.registry import get_backend
+from opensubject_tasks.catalogue import SAMPLE_IMAGES
 from opensubject_tasks.config import SynthSettings
 from opensubject_tasks.errors import Rejected
 from opensubject_tasks.services.synthesize import encode_png
 from opensubject_tasks.stages.synthesize import (
-    SAMPLE_IMAGES,
     apply_augmentation,
     irregular_erosion,
     synthesize_pair,
