@@ -21,10 +21,16 @@ class Stage:
     backends: tuple[str, ...] = ()  # model interfaces it calls (a worker loads them at start)
 
 
-# The pipeline's stages in order, then the work that runs on workers around them.
+# The pipeline's stages in order, then the work that runs on workers around them. A
+# video's samples are synthesized and verified by one ``samples`` unit per video, so the
+# GPU models see batches; ``synthesize`` and ``verify`` are the steps it records on each
+# sample (an attempt row per sample and step, as when a sample runs alone).
 PIPELINE = (
     Stage("curate", "video", CPU, "mine", ("quality",)),
-    Stage("mine", "video", GPU, "synthesize", ("vlm", "detector", "embedder")),
+    Stage("mine", "video", GPU, "samples", ("vlm", "detector", "embedder")),
+    Stage("samples", "video", GPU, None, ("segmenter", "inpainter", "verifier", "embedder", "vlm")),
+)
+SAMPLE_STEPS = (
     Stage("synthesize", "sample", GPU, "verify", ("segmenter", "inpainter")),
     Stage("verify", "sample", GPU, None, ("verifier", "embedder", "vlm")),  # or back to synthesize
 )
@@ -35,15 +41,20 @@ AUXILIARY = (
     Stage("export", "build", CPU, None),             # manifest, stats, report, training layout
     Stage("reconcile", "system", MAINTENANCE, None),
 )
-STAGES = {s.name: s for s in PIPELINE + AUXILIARY}
-STAGE_ORDER = tuple(s.name for s in PIPELINE) + ("export",)
-VIDEO_STAGES = tuple(s.name for s in PIPELINE if s.entity == "video")
-SAMPLE_STAGES = tuple(s.name for s in PIPELINE if s.entity == "sample")
+STAGES = {s.name: s for s in PIPELINE + SAMPLE_STEPS + AUXILIARY}
+STAGE_ORDER = ("curate", "mine", "samples", "synthesize", "verify", "export")
+VIDEO_STAGES = tuple(s.name for s in PIPELINE)
+SAMPLE_STAGES = tuple(s.name for s in SAMPLE_STEPS)
 
 
 def stage_reached(stage_done: str | None, stage: str) -> bool:
     """Whether a video whose last completed stage is ``stage_done`` has completed ``stage``."""
     return stage_done in STAGE_ORDER and STAGE_ORDER.index(stage_done) >= STAGE_ORDER.index(stage)
+
+
+def runs(stage: str, until: str) -> bool:
+    """Whether a build that goes up to ``until`` runs ``stage``."""
+    return until not in STAGE_ORDER or STAGE_ORDER.index(stage) <= STAGE_ORDER.index(until)
 
 
 # --- states ----------------------------------------------------------------------------------
@@ -52,7 +63,6 @@ VIDEO_TERMINAL = ("done", "rejected", "failed")
 # samples: pending -> synthesized -> verified | rejected | failed (or back to pending)
 SAMPLE_IN_FLIGHT = ("pending", "synthesized")
 SAMPLE_TERMINAL = ("verified", "rejected", "failed")
-NEXT_SAMPLE_STAGE = {"pending": "synthesize", "synthesized": "verify"}
 # Finished with a result: a later error never turns these into "failed".
 SUCCEEDED = {"video": "done", "sample": "verified"}
 BUILD_STATES = ("running", "done", "failed")

@@ -123,6 +123,11 @@ class SynthSettings(_Section):
     # longest side of the generation canvas at most (never above the reference frame's)
     output_size: int = Field(1024, ge=64, le=2048)
     box_margin: float = Field(0.08, ge=0, le=0.5)      # manipulation box grown by this share (soft edges)
+    # The samples unit of a video works through its samples this many at a time (each model
+    # then gets that many images per call), and hands itself out again after this long so
+    # that no task runs into its time limit (celery.time_limits.samples).
+    batch_samples: int = Field(8, ge=1, le=256)
+    task_budget_s: float = Field(900, gt=0)
 
 
 class VerifySettings(_Section):
@@ -252,6 +257,7 @@ class CelerySettings(_Section):
         "ingest": StageTimeLimit(soft_s=600, hard_s=660),
         "curate": StageTimeLimit(soft_s=1800, hard_s=2100),
         "mine": StageTimeLimit(soft_s=1800, hard_s=2100),
+        "samples": StageTimeLimit(soft_s=1800, hard_s=2100),   # synth.task_budget_s 900 below it
         "synthesize": StageTimeLimit(soft_s=900, hard_s=1080),
         "verify": StageTimeLimit(soft_s=600, hard_s=720),
         "export_plan": StageTimeLimit(soft_s=600, hard_s=660),

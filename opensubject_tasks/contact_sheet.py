@@ -72,13 +72,7 @@ def write_contact_sheet(ctx: Context, out_png: Path, limit: int = 8) -> Path:
         parts.append(np.concatenate(cells, axis=1))
     if not rows:
         parts.append(_label(width, "no synthesized sample yet"))
-    sheet = np.concatenate(parts, axis=0)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    out_png.write_bytes(buf.tobytes())
-    return out_png
+    return _write_png(parts, out_png)
 
 
 def write_training_sheet(export_dir: Path, out_png: Path, kinds: tuple[str, ...] = (
@@ -114,6 +108,11 @@ def write_training_sheet(export_dir: Path, out_png: Path, kinds: tuple[str, ...]
         parts.append(_label(width, f"{kind} ({rec['task_type']})", bold=True))
         parts += [_label(width, line) for line in textwrap.wrap(rec["instruction"], width // 9)[:5]]
         parts.append(row[:, :width])
+    return _write_png(parts, out_png)
+
+
+def _write_png(parts: list[np.ndarray], out_png: Path | str) -> Path:
+    """Stack the sheet's rows and write them as one PNG."""
     sheet = np.concatenate(parts, axis=0)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,8 @@
 It drives the same stage services as the Celery tasks (``services.common.run_stage``)
 and keeps all progress in the database, so a run that is killed and started again
 continues where it stopped. Work is a set of units (stage, entity); a unit starts as
-soon as the unit before it has finished (a video's mine after its curate, a sample's
-verify after its synthesis), following the ``next`` units each stage names, so no
+soon as the unit before it has finished (a video's mine after its curate, its samples
+after its mine), following the ``next`` units each stage names, so no
 worker waits for a whole stage to end. ``jobs > 1`` runs units in parallel worker
 processes; outputs depend only on ids and seeds, so they equal a ``jobs=1`` run.
 """
@@ -29,8 +29,8 @@ from sqlalchemy import select
 from opensubject_tasks.config import Settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
-from opensubject_tasks.db.models import Clip, Sample, Video
-from opensubject_tasks.catalogue import STAGE_ORDER, VIDEO_TERMINAL
+from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
+from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, STAGE_ORDER, VIDEO_TERMINAL
 from opensubject_tasks.services.common import finalize_video, load_stages, mark_terminal, run_stage
 
 log = logging.getLogger(__name__)
@@ -223,10 +223,12 @@ def _video_ids(ctx: Context, build_id: str, stage_done: Iterable[str | None]) ->
         return [vid for vid, done in s.execute(q) if done in wanted]
 
 
-def _sample_ids(ctx: Context, build_id: str, state: str) -> list[str]:
+def _videos_with_samples_in_flight(ctx: Context, build_id: str) -> list[str]:
     with session_scope(ctx.sessions) as s:
-        return list(s.scalars(select(Sample.id).where(
-            Sample.build_id == build_id, Sample.state == state).order_by(Sample.id)))
+        return list(s.scalars(
+            select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id).join(Pair, Pair.subject_id == Subject.id)
+            .join(Sample, Sample.pair_id == Pair.id)
+            .where(Sample.build_id == build_id, Sample.state.in_(SAMPLE_IN_FLIGHT)).distinct().order_by(Clip.video_id)))
 
 
 def run_build(ctx: Context, sources: list[str], build_id: str, *, until: str | None = None,
@@ -280,8 +282,7 @@ def _open_units(ctx: Context, build_id: str) -> list[tuple[str, str]]:
     that was stopped resumes from here)."""
     units = [("curate", vid) for vid in _video_ids(ctx, build_id, [None])]
     units += [("mine", vid) for vid in _video_ids(ctx, build_id, ["curate"])]
-    units += [("synthesize", sid) for sid in _sample_ids(ctx, build_id, "pending")]
-    units += [("verify", sid) for sid in _sample_ids(ctx, build_id, "synthesized")]
+    units += [("samples", vid) for vid in _videos_with_samples_in_flight(ctx, build_id)]
     return units
 
 

@@ -4,9 +4,9 @@ Arguments are ids only. Each worker process builds its Context once (per build p
 and keeps it, so database pools and model backends stay warm between tasks.
 
 Each video walks its own chain on the workers (services/chain.py): curate hands it to
-mine, mine hands each new sample to synthesize, synthesize to verify, verify back to
-synthesize for a re-synthesis; the last piece of work of a video gives it its terminal
-state. Orchestrators hand a video to curate once and then read the database.
+mine, mine to samples, which synthesizes and verifies the video's samples in batches
+(re-synthesis included) and gives the video its terminal state. Orchestrators hand a
+video to curate once and then read the database.
 
 Failure rules, the same for every stage:
 
@@ -236,6 +236,8 @@ def _stage_task(stage: str, records_outcome: bool = False):  # noqa: ANN202 - th
 
 curate = _stage_task("curate")
 mine = _stage_task("mine")
+samples = _stage_task("samples")
+# A single sample's step (an operator's re-run; messages sent before samples units existed).
 synthesize = _stage_task("synthesize")
 verify = _stage_task("verify")
 export_plan = _stage_task("export_plan", records_outcome=True)

@@ -8,8 +8,8 @@ that cannot be had fails the test with a message that says what to do (it never 
 silently).
 
 Every test that uses a service fixture is marked ``services`` here, so
-``pytest -m "not services"`` runs the others alone. The fixtures of airflow_fixtures.py
-and fault_fixtures.py come in through ``pytest_plugins``.
+``pytest -m "not services"`` runs the others alone. The fixtures of airflow_fixtures.py,
+fault_fixtures.py and model_fixtures.py come in through ``pytest_plugins``.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from local_services import (
     pg_admin_url,
     pg_database,
     redis_base_url,
+    stop_process,
     stop_throwaway,
     throwaway_started,
     wait_port,
@@ -43,7 +44,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 # airflow_fixtures first: it configures Airflow before anything imports it.
-pytest_plugins = ["airflow_fixtures", "fault_fixtures"]
+pytest_plugins = ["airflow_fixtures", "fault_fixtures", "model_fixtures"]
 
 __all__ = ["REPO", "S3Server", "free_port", "wait_port"]
 
@@ -266,12 +267,7 @@ class S3Server:
         ).read()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="session")

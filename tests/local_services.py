@@ -53,6 +53,18 @@ class ServiceUnavailable(RuntimeError):
     """Neither a configured, a local nor a throwaway server could be had; says how to fix it."""
 
 
+def stop_process(proc: subprocess.Popen | None, grace_s: float = 10) -> None:
+    """Terminate a server process we started; kill it when it ignores that."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace_s)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,13 +171,7 @@ class RedisServer:
         return self
 
     def destroy(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -2,7 +2,6 @@
 real VLM path, and build -> baselines -> score end to end on a constructed build."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -14,9 +13,9 @@ import pytest
 from sqlalchemy import select
 
 from opensubject_tasks.backends.registry import get_backend
+from opensubject_tasks.cli import build_parser
 from opensubject_tasks.bench import metrics as M
 from opensubject_tasks.bench.build import build_bench, held_out_videos, load_cases, select_held_out
-from opensubject_tasks.bench.cli import add_bench_commands
 from opensubject_tasks.bench.constructed import make_constructed_build
 from opensubject_tasks.bench.judge import Judge, JudgeItem, load_rubric, parse_reply
 from opensubject_tasks.bench.score import score_bench
@@ -210,11 +209,8 @@ def test_held_out_split_is_deterministic_and_stable_as_videos_are_added():
 
 # --- end to end --------------------------------------------------------------------
 def _cli(argv: list[str]) -> int:
-    """The bench commands as the `opensubject` parser registers them."""
-    parser = argparse.ArgumentParser(prog="opensubject")
-    parser.add_argument("--config")
-    add_bench_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """An `opensubject` command through the real parser (errors raise, as with -v)."""
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 

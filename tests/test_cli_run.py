@@ -79,9 +79,9 @@ def test_progress_bars_count_every_unit_of_each_stage(full_run: Path) -> None:
     import re
 
     bars = {m[1]: (int(m[2]), int(m[3])) for m in
-            re.finditer(r"^(curate|mine|synthesize|verify)\s.*?(\d+)/(\d+)", (full_run / "run.stderr").read_text(),
+            re.finditer(r"^(curate|mine|samples)\s.*?(\d+)/(\d+)", (full_run / "run.stderr").read_text(),
                          re.MULTILINE)}
-    assert set(bars) == {"curate", "mine", "synthesize", "verify"}, bars
+    assert set(bars) == {"curate", "mine", "samples"}, bars
     assert all(done == total for done, total in bars.values()), bars
     con = sqlite3.connect(full_run / "opensubject.db")
     try:

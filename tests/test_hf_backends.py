@@ -7,7 +7,6 @@ compositing, seeds, errors and the out-of-memory fallback.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,30 +22,13 @@ from opensubject_tasks.backends.hf.inpainter import HFInpainter
 from opensubject_tasks.backends.hf.segmenter import HFSegmenter
 from opensubject_tasks.backends.hf.vlm import HFVLM, parse_categories, parse_yes_no
 from opensubject_tasks.backends.prompts import load_prompts, prompt_text, prompts_version
-from opensubject_tasks.backends.registry import clear_cache, get_backend
+from opensubject_tasks.backends.registry import get_backend
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.errors import ConfigError, ModelNotAvailable
 
 CPU = {"device": "cpu", "dtype": "auto"}
 torch.set_num_threads(1)  # as the tiny factories do: tiny layers only lose to thread spin waits
 PREFIX = '{"categories": ['
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny models built once into a fresh cache that the `tiny` factories then use."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    old = os.environ.get("OPENSUBJECT_TINY_CACHE")
-    os.environ["OPENSUBJECT_TINY_CACHE"] = str(root)
-    clear_cache()
-    try:
-        yield tiny.ensure_tiny_models()
-    finally:
-        clear_cache()
-        if old is None:
-            os.environ.pop("OPENSUBJECT_TINY_CACHE", None)
-        else:
-            os.environ["OPENSUBJECT_TINY_CACHE"] = old
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ under `--protocol osbench`, by a scripted judge (known replies: the figures are 
 against a hand computation) and by the tiny random VLM (the real model path)."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -19,9 +18,9 @@ import pytest
 from PIL import Image
 
 from opensubject_tasks.backends.registry import register
+from opensubject_tasks.cli import build_parser
 from opensubject_tasks.bench.baselines import run_baseline
 from opensubject_tasks.bench.build import load_cases
-from opensubject_tasks.bench.cli import add_bench_commands
 from opensubject_tasks.bench.osbench import parse_json_reply, scorer_size
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.testmedia.samples import photo
@@ -104,10 +103,8 @@ def _make_scripted(**_: Any) -> ScriptedJudge:
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="opensubject")
-    parser.add_argument("--config")
-    add_bench_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """An `opensubject` command through the real parser (errors raise, as with -v)."""
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 

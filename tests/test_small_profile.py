@@ -3,38 +3,18 @@ through the same classes and code paths on tiny randomly initialised versions of
 models (Florence-2, SAM, a latent-consistency Stable Diffusion, DINOv2), offline."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from opensubject_tasks.backends import VLM, Detector, Embedder, Inpainter, Segmenter
-from opensubject_tasks.backends.hf import tiny
 from opensubject_tasks.backends.hf.florence import NO_QUESTIONS, FlorenceDetector, FlorenceVLM
-from opensubject_tasks.backends.registry import clear_cache
 from opensubject_tasks.config import PROFILE_OPTIONS, load_settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.weights import required_weights
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-models")
-    old = os.environ.get("OPENSUBJECT_TINY_CACHE")
-    os.environ["OPENSUBJECT_TINY_CACHE"] = str(root)
-    clear_cache()
-    try:
-        yield tiny.ensure_tiny_models()
-    finally:
-        clear_cache()
-        if old is None:
-            os.environ.pop("OPENSUBJECT_TINY_CACHE", None)
-        else:
-            os.environ["OPENSUBJECT_TINY_CACHE"] = old
 
 
 @pytest.fixture(scope="module")

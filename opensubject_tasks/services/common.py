@@ -71,7 +71,7 @@ def load_stages() -> dict[str, StageSpec]:
     """Import the stage modules so that they register themselves."""
     import importlib
 
-    for mod in ("curate", "mine", "synthesize", "verify", "export"):  # services/<module>.py
+    for mod in ("curate", "mine", "synthesize", "verify", "samples", "export"):  # services/<module>.py
         try:
             importlib.import_module(f"opensubject_tasks.services.{mod}")
         except ModuleNotFoundError as exc:
@@ -144,6 +144,21 @@ def close_lost_attempts(ctx: Context, stage: str, entity_id: str) -> int:
     return lost
 
 
+def lock_name(ctx: Context, entity_type: str, entity_id: str) -> str:
+    """The lock a stage run holds: a sample's steps take its video's lock, which the video's
+    samples unit holds while it works through them."""
+    if entity_type == "sample":
+        from opensubject_tasks.db.models import Clip, Pair, Subject
+
+        with session_scope(ctx.sessions) as s:
+            video_id = s.scalar(select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id)
+                                .join(Pair, Pair.subject_id == Subject.id).join(Sample, Sample.pair_id == Pair.id)
+                                .where(Sample.id == entity_id))
+        if video_id is not None:
+            return f"video:{video_id}"
+    return f"{entity_type}:{entity_id}"
+
+
 def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1,
               max_lost: int | None = None) -> StageResult:
     """Run one stage on one entity; bad input becomes a recorded result, other errors
@@ -155,7 +170,7 @@ def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1,
     its decoder or exhausts memory), the entity fails instead of killing another worker."""
     spec = load_stages()[stage_name]
     wait_s = ctx.settings.celery.limits(stage_name).hard_s
-    with entity_lock(ctx.engine, f"{spec.entity_type}:{entity_id}", wait_s) as waited:
+    with entity_lock(ctx.engine, lock_name(ctx, spec.entity_type, entity_id), wait_s) as waited:
         lost = close_lost_attempts(ctx, stage_name, entity_id)
         if max_lost is not None and lost >= max_lost:
             return _give_up_lost(ctx, spec, entity_id, attempt, lost)
@@ -211,6 +226,61 @@ def _run_locked(ctx: Context, spec: StageSpec, entity_id: str, attempt: int, wai
                     details["waited_for_other_run_s"] = round(waited, 1)
                 if details:
                     row.details = details
+
+
+# A step over a batch of samples: each sample's outcome (its result, or the bad input that
+# ends it), from one call of each model for the whole batch.
+BatchFn = Callable[[Context, list[str]], dict[str, "StageResult | BadInput"]]
+
+
+def run_steps(ctx: Context, step: str, sample_ids: list[str], batch_fn: BatchFn) -> dict[str, StageResult]:
+    """Run one sample step (synthesize, verify) on a batch of one video's samples, with the
+    video's lock held by the caller (the samples unit). Each sample gets its own attempt
+    row and its own outcome, exactly as when it runs alone: bad input is recorded on the
+    sample; an error is recorded on every attempt of the batch and raised (the unit is
+    retried; samples already recorded are skipped then)."""
+    build_id = build_of(ctx, "sample", sample_ids[0]) if sample_ids else None
+    with session_scope(ctx.sessions) as s:
+        for sid in sample_ids:   # attempts of a process that died under an earlier batch
+            close_lost_attempts(ctx, step, sid)
+        rows = [StageAttempt(build_id=build_id, entity_type="sample", entity_id=sid, stage=step, attempt=1,
+                             worker=ctx.worker, status="running", details={"batch": len(sample_ids)})
+                for sid in sample_ids]
+        s.add_all(rows)
+        s.flush()
+        attempt_ids = {sid: row.id for sid, row in zip(sample_ids, rows, strict=True)}
+    t0 = time.perf_counter()
+    try:
+        outcomes = batch_fn(ctx, sample_ids)
+    except BaseException as exc:
+        status = "timeout" if type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded") else "error"
+        _close_attempts(ctx, attempt_ids, {sid: (status, f"{type(exc).__name__}: {exc}", None)
+                                           for sid in sample_ids}, time.perf_counter() - t0)
+        raise
+    results: dict[str, StageResult] = {}
+    closing = {}
+    for sid in sample_ids:
+        out = outcomes[sid]
+        if isinstance(out, BadInput):
+            mark_bad_input(ctx, "sample", sid, out)
+            out = StageResult(status="rejected" if isinstance(out, Rejected) else "failed", reason=out.reason)
+        results[sid] = out
+        closing[sid] = (out.status, out.reason, out.details)
+    _close_attempts(ctx, attempt_ids, closing, time.perf_counter() - t0)
+    return results
+
+
+def _close_attempts(ctx: Context, attempt_ids: dict[str, int], outcome: dict[str, tuple], batch_s: float) -> None:
+    """Close a batch's attempts: each with its own status; the batch's time shared out."""
+    with session_scope(ctx.sessions) as s:
+        for sid, attempt_id in attempt_ids.items():
+            row = s.get(StageAttempt, attempt_id)
+            if row is None or row.status != "running":
+                continue
+            status, error, details = outcome[sid]
+            row.status, row.error, row.finished_at = status, (error or "")[:8000] or None, utcnow()
+            row.duration_s = batch_s / max(len(attempt_ids), 1)
+            row.details = {**(row.details or {}), **(details or {}), "batch_s": round(batch_s, 3)}
 
 
 def finalize_video(ctx: Context, video_id: str) -> str:

@@ -18,7 +18,7 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.errors import BadInput, Rejected
-from opensubject_tasks.catalogue import stage_reached
+from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, stage_reached
 from opensubject_tasks.services.common import StageResult, already_done, stage, utcnow
 from opensubject_tasks.stages.mine import MineResult, mine_clip
 from opensubject_tasks.stages.verify import sample_seed
@@ -93,13 +93,12 @@ def mine_video(ctx: Context, video_id: str) -> StageResult:
     with session_scope(ctx.sessions) as s:
         states = dict(s.execute(select(Sample.id, Sample.state).where(Sample.id.in_(sample_ids))).all())
     details["samples"] = len(sample_ids)
-    return StageResult(next=_follow_up(states), details=details)
+    return StageResult(next=_follow_up(video_id, states), details=details)
 
 
-def _follow_up(states: dict[str, str]) -> list[tuple[str, str]]:
-    """The next stage of each unfinished sample, in id order."""
-    follow = {"pending": "synthesize", "synthesized": "verify"}
-    return [(follow[st], sid) for sid, st in sorted(states.items()) if st in follow]
+def _follow_up(video_id: str, states: dict[str, str]) -> list[tuple[str, str]]:
+    """The video's samples unit, while any of its samples is unfinished."""
+    return [("samples", video_id)] if any(st in SAMPLE_IN_FLIGHT for st in states.values()) else []
 
 
 def _mined_already(s, video: Video) -> StageResult:  # noqa: ANN001 - an open session
@@ -110,7 +109,7 @@ def _mined_already(s, video: Video) -> StageResult:  # noqa: ANN001 - an open se
     if not states:
         return already_done("mine", "no subject pair", status="rejected",
                             reason=video.reason or "no subject pair found")
-    return already_done("mine", f"{len(states)} sample(s)", next=_follow_up(states))
+    return already_done("mine", f"{len(states)} sample(s)", next=_follow_up(video.id, states))
 
 
 def _write(ctx: Context, video_id: str, build_id: str | None, results: list[tuple[str, MineResult]],

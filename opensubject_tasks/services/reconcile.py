@@ -1,9 +1,9 @@
 """Send again the work whose queue message is gone: the one repair path.
 
 PostgreSQL is the source of truth for work; a message on the broker is only derived from
-it. Every hand-off is recorded on its row before the message is sent (services/handoff.py):
-``videos.queued_stage/queued_at`` for curate and mine, ``samples.queued_at`` for a sample's
-next stage (synthesize when pending, verify when synthesized). A broker that loses its
+it. Every hand-off is recorded on its video's row before the message is sent
+(services/handoff.py: ``videos.queued_stage/queued_at``, for curate, mine and samples). A
+broker that loses its
 messages (a restart without persistence, a flush, a dropped publish) therefore loses no
 work: ``reconcile`` finds every unit still outstanding and hands it out again.
 
@@ -20,7 +20,7 @@ Each unit sent again counts on its row (``resends``). Rows are locked
 (``FOR UPDATE SKIP LOCKED``) and their ``queued_at`` moved to now in the transaction that
 picks them, so two passes never hand out the same unit.
 
-Cost: one indexed query per entity kind for candidates; the broker is read only when there
+Cost: one indexed query for candidates; the broker is read only when there
 are candidates, page by page.
 
 This module knows nothing of Celery: the caller passes ``send(stage, entity_id, task_id=...)``.
@@ -35,11 +35,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, select, update
 
-from opensubject_tasks.catalogue import (NEXT_SAMPLE_STAGE, SAMPLE_IN_FLIGHT, VIDEO_STAGES, VIDEO_TERMINAL,
-                                         stage_reached)
+from opensubject_tasks.catalogue import VIDEO_STAGES, VIDEO_TERMINAL, runs, stage_reached
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video
+from opensubject_tasks.db.models import Build, StageAttempt, Video
 from opensubject_tasks.services.common import utcnow
 
 Send = Callable[..., object]
@@ -63,10 +62,8 @@ def _running(s, entity_type: str, ids: list[str], since: datetime) -> set[str]: 
         StageAttempt.status == "running", StageAttempt.started_at > since)))
 
 
-def _until_allows(params: dict | None, stage: str) -> bool:
-    until = (params or {}).get("until") or "verify"
-    order = ("curate", "mine", "synthesize", "verify")
-    return until not in order or order.index(stage) <= order.index(until)
+def _until(params: dict | None) -> str:
+    return (params or {}).get("until") or "verify"
 
 
 def reconcile(ctx: Context, send: Send, *, older_than_s: float, waiting: Waiting = None,
@@ -76,65 +73,39 @@ def reconcile(ctx: Context, send: Send, *, older_than_s: float, waiting: Waiting
 
     ``waiting``: ``(stage, entity_id)`` of the messages on the broker now, or a function
     that reads them (called only when there are candidates); None: unknown, and age alone
-    decides. ``video_ids``: only these videos and their samples (a chunk being retried)."""
+    decides. ``video_ids``: only these videos (a chunk being retried)."""
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_s)
     with session_scope(ctx.sessions) as s:
-        # Samples: the next stage follows from the state.
-        q = (select(Sample.id, Sample.state, Build.params).join(Build, Build.id == Sample.build_id)
-             .where(Build.state == "running", Sample.state.in_(SAMPLE_IN_FLIGHT),
-                    Sample.queued_at.is_not(None), Sample.queued_at < cutoff))
-        if video_ids is not None:
-            q = q.where(Sample.id.in_(_samples_of(s, video_ids)))
-        sample_rows = [r for r in s.execute(q.order_by(Sample.id).with_for_update(of=Sample, skip_locked=True))
-                       if _until_allows(r.params, NEXT_SAMPLE_STAGE[r.state])]
-        # Videos: the stage handed out last, until the video records it done.
+        # The stage handed out last, until the video records it done (samples: until the
+        # video is settled).
         q = (select(Video.id, Video.queued_stage, Video.stage_done, Build.params)
              .join(Build, Build.id == Video.build_id)
              .where(Build.state == "running", Video.state.not_in(VIDEO_TERMINAL),
                     Video.queued_stage.in_(VIDEO_STAGES), Video.queued_at < cutoff))
         if video_ids is not None:
             q = q.where(Video.id.in_(list(video_ids)))
-        video_rows = [r for r in s.execute(q.order_by(Video.id).with_for_update(of=Video, skip_locked=True))
-                      if not stage_reached(r.stage_done, r.queued_stage) and _until_allows(r.params, r.queued_stage)]
-        if not sample_rows and not video_rows:
+        rows = [r for r in s.execute(q.order_by(Video.id).with_for_update(of=Video, skip_locked=True))
+                if not stage_reached(r.stage_done, r.queued_stage) and runs(r.queued_stage, _until(r.params))]
+        if not rows:
             return []
 
         held = waiting() if callable(waiting) else waiting
         known = held is not None
         held = set(held or ())
-        busy = _running(s, "sample", [r.id for r in sample_rows],
-                        _alive_since(ctx, older_than_s, NEXT_SAMPLE_STAGE.values(), now, known))
-        samples = [(NEXT_SAMPLE_STAGE[r.state], r.id) for r in sample_rows
-                   if r.id not in busy and (NEXT_SAMPLE_STAGE[r.state], r.id) not in held]
-        busy = _running(s, "video", [r.id for r in video_rows],
+        busy = _running(s, "video", [r.id for r in rows],
                         _alive_since(ctx, older_than_s, VIDEO_STAGES, now, known))
-        videos = [(r.queued_stage, r.id) for r in video_rows
-                  if r.id not in busy and (r.queued_stage, r.id) not in held]
-
-        if samples:
-            s.execute(update(Sample).where(Sample.id.in_([e for _, e in samples]))
-                      .values(queued_at=now, resends=Sample.resends + 1)
-                      .execution_options(synchronize_session=False))
-        task_ids = {e: str(uuid.uuid4()) for _, e in videos}
-        if videos:
+        units = [(r.queued_stage, r.id) for r in rows if r.id not in busy and (r.queued_stage, r.id) not in held]
+        task_ids = {e: str(uuid.uuid4()) for _, e in units}
+        if units:
             table = Video.__table__
             s.connection().execute(
                 update(table).where(table.c.id == bindparam("vid"))
                 .values(queued_at=now, queued_task_id=bindparam("tid"), resends=table.c.resends + 1),
-                [{"vid": e, "tid": task_ids[e]} for _, e in videos])
-    for stage, entity_id in samples:
-        send(stage, entity_id)
-    for stage, entity_id in videos:
+                [{"vid": e, "tid": task_ids[e]} for _, e in units])
+    for stage, entity_id in units:
         send(stage, entity_id, task_id=task_ids[entity_id])
-    return samples + videos
-
-
-def _samples_of(s, video_ids: Collection[str]):  # noqa: ANN001, ANN202 - a subquery
-    from opensubject_tasks.db.models import Clip, Pair, Subject
-
-    return (select(Sample.id).join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
-            .join(Clip, Subject.clip_id == Clip.id).where(Clip.video_id.in_(list(video_ids)))).scalar_subquery()
+    return units
 
 
 # --- what the broker still holds -----------------------------------------------------------------

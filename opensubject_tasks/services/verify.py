@@ -1,4 +1,5 @@
-"""Stage 4 service: verify one synthesized sample and record the outcome.
+"""Stage 4 service: verify synthesized samples (one, or a batch of one video's samples with
+each model called once) and record each outcome.
 
 Pass -> captions, state ``verified``. Fail below ``max_attempts`` -> attempt + 1, a new
 seed, state ``pending`` and a follow-up ``synthesize`` (re-queued, not retried in
@@ -9,6 +10,7 @@ repeated verify of the same attempt changes nothing.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Pair, Sample, Subject
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.services.common import StageResult, stage, utcnow
-from opensubject_tasks.stages.verify import decide, verify_and_caption
+from opensubject_tasks.stages.verify import VerifyOutcome, decide, verify_and_caption_batch
 from opensubject_tasks.storage import ObjectStore
 
 
@@ -62,8 +64,54 @@ def _in_image(box: list[float] | None, frame: dict[str, Any] | None) -> list[flo
     return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
 
 
+@dataclass
+class _Job:
+    sample_id: str
+    attempt: int
+    seed: int
+    keys: dict[str, str]
+    history: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+
 @stage("verify")
 def verify_sample(ctx: Context, sample_id: str) -> StageResult:
+    out = verify_samples(ctx, [sample_id])[sample_id]
+    if isinstance(out, BadInput):
+        raise out
+    return out
+
+
+def verify_samples(ctx: Context, sample_ids: list[str]) -> dict[str, StageResult | BadInput]:
+    """Verify and caption the current attempt of each sample, each model called once for
+    the batch; record each outcome on its sample. Returns each sample's outcome."""
+    outcomes: dict[str, StageResult | BadInput] = {}
+    jobs, images = [], []
+    for sid in sample_ids:
+        try:
+            job = _job(ctx, sid)
+            if isinstance(job, StageResult):
+                outcomes[sid] = job
+                continue
+            images.append(load_sample_images(ctx.store, job.keys, sid))
+            jobs.append(job)
+        except BadInput as exc:
+            outcomes[sid] = exc
+    settings = ctx.settings
+    uses_vlm = settings.backends.verifier == "vlm"
+    has_vlm = settings.backends.vlm != "none"
+    results = verify_and_caption_batch(
+        images, [j.meta for j in jobs], ctx.backend("verifier"), settings.verify,
+        embedder=ctx.backend("embedder"),
+        vlm=ctx.backend("vlm") if uses_vlm else None,
+        caption_vlm=ctx.backend("vlm") if has_vlm else None,
+    ) if jobs else []
+    for job, outcome in zip(jobs, results, strict=True):
+        outcomes[job.sample_id] = _record(ctx, job, outcome)
+    return outcomes
+
+
+def _job(ctx: Context, sample_id: str) -> _Job | StageResult:
     with session_scope(ctx.sessions) as s:
         row = s.get(Sample, sample_id)
         if row is None:
@@ -90,21 +138,14 @@ def verify_sample(ctx: Context, sample_id: str) -> StageResult:
         return _skip(f"state {state}: nothing synthesized to verify")
     if any(h.get("attempt") == attempt for h in history):
         return _skip(f"attempt {attempt} already verified")
+    return _Job(sample_id, attempt, seed, keys, history, meta)
 
-    images = load_sample_images(ctx.store, keys, sample_id)
+
+def _record(ctx: Context, job: _Job, outcome: VerifyOutcome) -> StageResult:
     settings = ctx.settings
-    verifier = ctx.backend("verifier")
-    uses_vlm = settings.backends.verifier == "vlm"
-    has_vlm = settings.backends.vlm != "none"
-    outcome = verify_and_caption(
-        images, meta, verifier, settings.verify,
-        embedder=ctx.backend("embedder"),
-        vlm=ctx.backend("vlm") if uses_vlm else None,
-        caption_vlm=ctx.backend("vlm") if has_vlm else None,
-    )
-    decision = decide(sample_id, attempt, seed, outcome.verdict, history,
+    sample_id, attempt = job.sample_id, job.attempt
+    decision = decide(sample_id, attempt, job.seed, outcome.verdict, job.history,
                       settings.verify.max_attempts, settings.synth.base_seed)
-
     with session_scope(ctx.sessions) as s:
         row = s.get(Sample, sample_id, with_for_update=True)
         # Someone else recorded this attempt while we were verifying: keep theirs.

@@ -147,21 +147,96 @@ def grow_box(box: Box, margin: float, width: int, height: int) -> tuple[int, int
 
 # ------------------------------------------------------------------- the stage
 
+@dataclass
+class PairInput:
+    """One pair to synthesize: the frames (RGB), the subject's boxes in their pixels, the
+    seed and attempt that fix every random choice, and the subject's category."""
+    ref_image: Image
+    ref_box: Box
+    tgt_image: Image
+    tgt_box: Box
+    seed: int
+    attempt: int
+    category: str = "object"
+
+
+@dataclass
+class _Plan:   # a pair's geometry and prompts, before the inpainter fills anything
+    crop: Image
+    mask: Mask
+    crop_box: tuple[int, int, int, int]
+    canvas: Image
+    eroded: Mask
+    box_mask: Mask
+    outpaint: Any
+    fill: Any
+    seeds: tuple[int, int]
+    augment: dict[str, Any]
+
+
 def synthesize_pair(ref_image: Image, ref_box: Box, tgt_image: Image, tgt_box: Box, *, seed: int,
                     attempt: int, segmenter: Segmenter, inpainter: Inpainter, settings: SynthSettings,
                     category: str = "object") -> SynthResult:
     """Reference crop and mask, generation input and mask, manipulation input and mask,
     and the target, for one (reference frame, target frame) pair."""
-    s = settings
-    rng = np.random.default_rng([int(seed) & 0xFFFF_FFFF_FFFF_FFFF, int(attempt)])
-    rh, rw = ref_image.shape[:2]
-    x0, y0, x1, y1 = int_box(ref_box, rw, rh)
-    if x1 - x0 < 4 or y1 - y0 < 4:
-        raise Rejected(f"reference box {list(ref_box)} is smaller than 4x4 pixels")
+    out = synthesize_pairs([PairInput(ref_image, ref_box, tgt_image, tgt_box, seed, attempt, category)],
+                           segmenter=segmenter, inpainter=inpainter, settings=settings)[0]
+    if isinstance(out, Rejected):
+        raise out
+    return out
 
-    # subject mask from the reference box
-    full_mask = segmenter.segment([ref_image], [[float(x0), float(y0), float(x1), float(y1)]])[0]
-    crop = np.ascontiguousarray(ref_image[y0:y1, x0:x1])
+
+def synthesize_pairs(items: list[PairInput], *, segmenter: Segmenter, inpainter: Inpainter,
+                     settings: SynthSettings) -> list[SynthResult | Rejected]:
+    """``synthesize_pair`` for a batch, each model called once for all of it: the segmenter
+    on every reference, the inpainter on every generation canvas and manipulation frame.
+    A pair that cannot be synthesized gets its ``Rejected`` in its place; the others are
+    bit for bit what they would be alone (each pair draws from its own (seed, attempt))."""
+    out: list[SynthResult | Rejected | None] = [None] * len(items)
+    crops: dict[int, tuple[int, int, int, int]] = {}
+    for i, it in enumerate(items):
+        rh, rw = it.ref_image.shape[:2]
+        x0, y0, x1, y1 = int_box(it.ref_box, rw, rh)
+        if x1 - x0 < 4 or y1 - y0 < 4:
+            out[i] = Rejected(f"reference box {list(it.ref_box)} is smaller than 4x4 pixels")
+        else:
+            crops[i] = (x0, y0, x1, y1)
+    live = sorted(crops)
+    masks = segmenter.segment([items[i].ref_image for i in live],
+                              [[float(v) for v in crops[i]] for i in live]) if live else []
+    plans: dict[int, _Plan] = {}
+    for i, full_mask in zip(live, masks, strict=True):
+        try:
+            plans[i] = _plan(items[i], crops[i], full_mask, inpainter.family, settings)
+        except Rejected as exc:
+            out[i] = exc
+    order = sorted(plans)
+    n = len(order)
+    ps = [plans[i] for i in order]
+    painted = inpainter.inpaint(
+        [p.canvas for p in ps] + [items[i].tgt_image for i in order],
+        [~p.eroded for p in ps] + [p.box_mask for p in ps],
+        [p.outpaint.prompt for p in ps] + [p.fill.prompt for p in ps],
+        [p.seeds[0] for p in ps] + [p.seeds[1] for p in ps],
+        [p.outpaint.negative for p in ps] + [p.fill.negative for p in ps]) if order else []
+    backends = {"segmenter": segmenter.name, "inpainter": inpainter.name}
+    for k, i in enumerate(order):
+        p = plans[i]
+        images = {"reference": p.crop, "mask": p.mask, "generation_input": painted[k],
+                  "generation_mask": p.eroded, "manipulation_input": painted[n + k],
+                  "manipulation_mask": p.box_mask, "target": np.ascontiguousarray(items[i].tgt_image)}
+        out[i] = SynthResult(images, p.augment, dict(backends))
+    return out  # type: ignore[return-value]
+
+
+def _plan(it: PairInput, crop_box: tuple[int, int, int, int], full_mask: Mask, family: str,
+          s: SynthSettings) -> _Plan:
+    """Everything of one pair before inpainting: mask, augmentation, erosion, the
+    manipulation box and both prompts, drawn from the pair's own (seed, attempt)."""
+    rng = np.random.default_rng([int(it.seed) & 0xFFFF_FFFF_FFFF_FFFF, int(it.attempt)])
+    rh, rw = it.ref_image.shape[:2]
+    x0, y0, x1, y1 = crop_box
+    crop = np.ascontiguousarray(it.ref_image[y0:y1, x0:x1])
     mask = np.ascontiguousarray(full_mask[y0:y1, x0:x1]).astype(bool)
     if mask.sum() < 16:
         raise Rejected("empty subject mask: the segmenter found no subject in the reference box")
@@ -175,23 +250,20 @@ def synthesize_pair(ref_image: Image, ref_box: Box, tgt_image: Image, tgt_box: B
     gen_seed, man_seed = (int(v) for v in rng.integers(0, 2**31 - 1, size=2))
     canvas = np.zeros_like(subject)
     canvas[eroded] = subject[eroded]
-    family = inpainter.family
-    outpaint = sp.synthesis_prompt(family, "outpaint", category)
-    generation = inpainter.inpaint([canvas], [~eroded], [outpaint.prompt], [gen_seed], [outpaint.negative])[0]
+    outpaint = sp.synthesis_prompt(family, "outpaint", it.category)
 
     # manipulation input: the target with the subject's box filled by something else
-    th, tw = tgt_image.shape[:2]
-    bx0, by0, bx1, by1 = grow_box(tgt_box, s.box_margin, tw, th)
+    th, tw = it.tgt_image.shape[:2]
+    bx0, by0, bx1, by1 = grow_box(it.tgt_box, s.box_margin, tw, th)
     box_mask = np.zeros((th, tw), bool)
     box_mask[by0:by1, bx0:bx1] = True
     if sp.paints_objects(family):
-        fill = sp.synthesis_prompt(family, "replace", category,
-                                   sp.pick_replacement(np.random.default_rng(man_seed), category))
+        fill = sp.synthesis_prompt(family, "replace", it.category,
+                                   sp.pick_replacement(np.random.default_rng(man_seed), it.category))
     else:
-        fill = sp.synthesis_prompt(family, "remove", category)
-    manipulation = inpainter.inpaint([tgt_image], [box_mask], [fill.prompt], [man_seed], [fill.negative])[0]
+        fill = sp.synthesis_prompt(family, "remove", it.category)
 
-    augment = {"seed": int(seed), "attempt": int(attempt), "reference_crop": [x0, y0, x1, y1],
+    augment = {"seed": int(it.seed), "attempt": int(it.attempt), "reference_crop": [x0, y0, x1, y1],
                "geometry": geometry, "erosion": erosion,
                "manipulation_box": [bx0, by0, bx1, by1],
                "inpaint_seeds": {"generation": gen_seed, "manipulation": man_seed},
@@ -201,7 +273,4 @@ def synthesize_pair(ref_image: Image, ref_box: Box, tgt_image: Image, tgt_box: B
                                             "negative": fill.negative}},
                # what now fills the subject's box (None: background), named by instructions
                "replacement": {"object": fill.replacement}}
-    images = {"reference": crop, "mask": mask, "generation_input": generation,
-              "generation_mask": eroded, "manipulation_input": manipulation,
-              "manipulation_mask": box_mask, "target": np.ascontiguousarray(tgt_image)}
-    return SynthResult(images, augment, {"segmenter": segmenter.name, "inpainter": inpainter.name})
+    return _Plan(crop, mask, crop_box, canvas, eroded, box_mask, outpaint, fill, (gen_seed, man_seed), augment)

@@ -41,30 +41,46 @@ class Decision:
     next: list[tuple[str, str]] = field(default_factory=list)
 
 
+def caption_samples(images: list[dict[str, np.ndarray]], metas: list[dict[str, Any]],
+                    vlm: VLM | None = None) -> list[Caption]:
+    """Short and long captions of each target: from the VLM when one is configured (one
+    call for the batch), otherwise (or where it returns nothing) template captions marked
+    as such."""
+    box_masks = [as_mask(im.get("manipulation_mask")) for im in images]
+    categories = [str(m.get("category") or "object") for m in metas]
+    caps: list[Caption | None] = [None] * len(images)
+    if vlm is not None and getattr(vlm, "name", "none") != "none" and images:
+        hints = [{"category": c, "box": mask_box(bm) if bm is not None else None}   # in the target's pixels
+                 for c, bm in zip(categories, box_masks, strict=True)]
+        answered = vlm.caption([im["target"] for im in images], hints)
+        caps = [c if c.short.strip() and c.long.strip() else None for c in answered]
+    return [cap or template_caption(im["reference"], as_mask(im.get("mask")), im["target"], bm, cat)
+            for cap, im, bm, cat in zip(caps, images, box_masks, categories, strict=True)]
+
+
 def caption_sample(images: dict[str, np.ndarray], meta: dict[str, Any], vlm: VLM | None = None) -> Caption:
-    """Short and long captions of the target: from the VLM when one is configured,
-    otherwise (or when it returns nothing) template captions marked as such."""
-    category = str(meta.get("category") or "object")
-    box_mask = as_mask(images.get("manipulation_mask"))
-    if vlm is not None and getattr(vlm, "name", "none") != "none":
-        box = mask_box(box_mask) if box_mask is not None else None   # in the target's own pixels
-        hint = {"category": category, "box": box}
-        cap = vlm.caption([images["target"]], [hint])[0]
-        if cap.short.strip() and cap.long.strip():
-            return cap
-    return template_caption(images["reference"], as_mask(images.get("mask")), images["target"],
-                            box_mask, category)
+    return caption_samples([images], [meta], vlm)[0]
+
+
+def verify_and_caption_batch(images: list[dict[str, np.ndarray]], metas: list[dict[str, Any]],
+                             verifier: Verifier, thresholds: VerifySettings, embedder: Embedder | None = None,
+                             vlm: VLM | None = None, caption_vlm: VLM | None = None) -> list[VerifyOutcome]:
+    """Verify a batch of samples (one verifier call: its models see the whole batch) and
+    caption those that passed (one captioning call). ``metas`` carry id, attempt, seed,
+    category and boxes (verifiers may use them, e.g. the category in VLM questions)."""
+    samples = [{k: im[k] for k in SAMPLE_IMAGES if k in im} | dict(meta) for im, meta in zip(images, metas, strict=True)]
+    verdicts = verifier.verify(samples, thresholds, embedder=embedder, vlm=vlm) if samples else []
+    passed = [i for i, v in enumerate(verdicts) if v.passed]
+    caps = caption_samples([images[i] for i in passed], [metas[i] for i in passed], caption_vlm)
+    caption_of = dict(zip(passed, caps, strict=True))
+    return [VerifyOutcome(verdict=v, caption=caption_of.get(i)) for i, v in enumerate(verdicts)]
 
 
 def verify_and_caption(images: dict[str, np.ndarray], meta: dict[str, Any], verifier: Verifier,
                        thresholds: VerifySettings, embedder: Embedder | None = None,
                        vlm: VLM | None = None, caption_vlm: VLM | None = None) -> VerifyOutcome:
-    """Verify one sample; caption it if it passed. ``meta`` carries id, attempt, seed,
-    category and boxes (verifiers may use them, e.g. the category in VLM questions)."""
-    sample = {k: images[k] for k in SAMPLE_IMAGES if k in images} | dict(meta)
-    verdict = verifier.verify([sample], thresholds, embedder=embedder, vlm=vlm)[0]
-    caption = caption_sample(images, meta, caption_vlm) if verdict.passed else None
-    return VerifyOutcome(verdict=verdict, caption=caption)
+    """``verify_and_caption_batch`` for one sample."""
+    return verify_and_caption_batch([images], [meta], verifier, thresholds, embedder, vlm, caption_vlm)[0]
 
 
 def verdict_dict(v: Verdict) -> dict[str, Any]:
