@@ -90,7 +90,7 @@ def stage_stats(ctx) -> dict:  # noqa: ANN001
     with session_scope(ctx.sessions) as s:
         rows = s.execute(select(StageAttempt.stage, StageAttempt.status, StageAttempt.duration_s)).all()
     out = {}
-    for stage in ("curate", "mine", "synthesize", "verify", "export"):
+    for stage in ("curate", "mine", "samples", "synthesize", "verify", "export"):
         d = [r.duration_s for r in rows if r.stage == stage and r.duration_s is not None]
         if d:
             out[stage] = {"attempts": len(d), "p50_s": round(percentile(d, 50), 3),

@@ -186,11 +186,12 @@ def test_build_over_sample_media(stack, sample_media, reference):
     worker_pids = {int(a.worker.rsplit(":", 1)[1]) for a in att}
     assert set(worker_pids).isdisjoint({__import__("os").getpid()})
     assert set(worker_pids) <= set(worker.pool_children())
-    assert {a.stage for a in att} == {"curate", "mine", "synthesize", "verify", "export_plan", "export_part",
-                                      "export"}
+    # one samples unit per video; each sample's steps recorded on it
+    assert {a.stage for a in att} == {"curate", "mine", "samples", "synthesize", "verify", "export_plan",
+                                      "export_part", "export"}
     log = worker.log()
-    for name in ("opensubject.ingest", "opensubject.curate", "opensubject.mine", "opensubject.synthesize",
-                 "opensubject.verify", "opensubject.export_plan", "opensubject.export_part", "opensubject.export"):
+    for name in ("opensubject.ingest", "opensubject.curate", "opensubject.mine", "opensubject.samples",
+                 "opensubject.export_plan", "opensubject.export_part", "opensubject.export"):
         assert f"Task {name}[" in log, name
     assert len(rows["videos"]) == len(VIDEOS) + 1
 
@@ -387,14 +388,14 @@ def test_ingest_builds_every_waiting_video(stack, sample_media):
 
 
 def test_reconcile_sends_lost_sample_work_once_and_never_a_waiting_backlog(stack, sample_media, monkeypatch, capfd):
-    """Sample stages handed to the gpu queue wait there while no worker runs: the reconciler
+    """Samples units handed to the gpu queue wait there while no worker runs: the reconciler
     sends none of them again, however old. Then the queue is purged (the messages are lost):
-    the reconcile DAG sends each exactly once, counts it on the sample, and they finish."""
+    the reconcile DAG sends each exactly once, counts it on the video, and they finish."""
     from opensubject_tasks.celery_app import app
     from opensubject_tasks.db.engine import session_scope
-    from opensubject_tasks.db.models import Build, Sample
+    from opensubject_tasks.db.models import Build, Sample, Video
     from opensubject_tasks.orchestrate import start_build
-    from opensubject_tasks.services.handoff import hand_out_samples
+    from opensubject_tasks.services.handoff import hand_out_videos
     from opensubject_tasks.services.reconcile import reconcile
     from opensubject_tasks.tasks import send, waiting_in_broker
 
@@ -410,17 +411,17 @@ def test_reconcile_sends_lost_sample_work_once_and_never_a_waiting_backlog(stack
     with session_scope(ctx.sessions) as s:
         ids = sorted(x.id for x in s.query(Sample))
         assert ids and all(x.state == "pending" for x in s.query(Sample))
+        videos = sorted(v.id for v in s.query(Video) if v.stage_done == "mine")
         s.get(Build, "sweep").state = "running"  # the report marked it done
     age_rows(ctx, 2)
     assert reconcile(ctx, send, older_than_s=1, waiting=waiting_in_broker) == []  # until=mine: not this build's work
     start_build({"build_name": "sweep", "until": "verify"}, "run")  # resumed for the whole pipeline
     worker.stop()
-    sent = hand_out_samples(ctx, ids, send)
-    assert sorted(sid for _, sid in sent) == ids
+    assert len(hand_out_videos(ctx, "samples", videos, send)) == len(videos) >= 1
     age_rows(ctx, 2)
     # A backlog: queued long ago and still waiting on the broker. Never sent twice.
     assert reconcile(ctx, send, older_than_s=0, waiting=waiting_in_broker) == []
-    assert app.control.purge() >= len(ids)  # now the messages are lost
+    assert app.control.purge() >= len(videos)  # now the messages are lost
     age_rows(ctx, 2)
 
     stack["worker"]("s2", env)
@@ -438,7 +439,7 @@ def test_reconcile_sends_lost_sample_work_once_and_never_a_waiting_backlog(stack
         time.sleep(0.5)
     with session_scope(ctx.sessions) as s:
         assert {x.id: x.state in TERMINAL_SAMPLE for x in s.query(Sample)} == dict.fromkeys(ids, True)
-        assert {x.id: x.resends for x in s.query(Sample)} == dict.fromkeys(ids, 1)
+        assert {v.id: v.resends for v in s.query(Video) if v.id in videos} == dict.fromkeys(videos, 1)
 
 
 def test_a_worker_loads_its_models_before_it_reports_ready(stack, tmp_path):

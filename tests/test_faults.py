@@ -105,6 +105,9 @@ def test_reconcile_sends_exactly_the_lost_work(pg_db):
             video("v_failed", state="failed", stage="curate"),    # finished
             video("v_done_build", build="b2", stage="curate"),    # its build is over
             video("v_never", state="registered"),                 # never handed out: its chunk's job
+            video("v_samples", stage="samples", done="mine"),     # its samples unit was lost
+            video("v_samples_busy", stage="samples", done="mine"),  # its samples unit is running
+            video("v_samples_mine", build="b5", stage="samples", done="mine"),  # its build stops at mine
         ])
         s.flush()
         s.add(Clip(id="c", video_id="v_stage_done", idx=0, start_frame=0, end_frame=9, start_s=0, end_s=1))
@@ -124,12 +127,12 @@ def test_reconcile_sends_exactly_the_lost_work(pg_db):
             StageAttempt(entity_type="video", entity_id="v_busy", stage="mine", status="running", started_at=recent),
             StageAttempt(entity_type="video", entity_id="v_dead", stage="mine", status="running", started_at=ancient),
             StageAttempt(entity_type="video", entity_id="v_stale", stage="mine", status="running", started_at=old),
-            StageAttempt(entity_type="sample", entity_id="s_busy", stage="verify", status="running",
+            StageAttempt(entity_type="video", entity_id="v_samples_busy", stage="samples", status="running",
                          started_at=recent),
         ])
 
-    lost = [("curate", "v_lost"), ("mine", "v_lost_mine"), ("mine", "v_dead"), ("synthesize", "s_pending"),
-            ("verify", "s_synth")]
+    # Samples are no units of their own (their video's samples unit is): none is sent alone.
+    lost = [("curate", "v_lost"), ("mine", "v_lost_mine"), ("mine", "v_dead"), ("samples", "v_samples")]
     # Without the broker's view: age decides, and an attempt marked running is trusted up
     # to the stage's hard time limit.
     sent: list[tuple[str, str]] = []
@@ -214,9 +217,9 @@ def test_messages_leave_the_time_limits_to_the_worker(fault_redis_url, monkeypat
 
 # --- faults in a running build -------------------------------------------------------------------------
 def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, reference):
-    """FLUSHDB the broker's Redis database twice, while video-stage messages and then
-    sample-stage messages wait in the queues: the reconciler sends the lost work again
-    (counted on each row) and the build finishes."""
+    """FLUSHDB the broker's Redis database twice, while curate/mine messages and then
+    samples units wait in the queues: the reconciler sends the lost work again (counted on
+    each video) and the build finishes."""
     import redis
 
     from opensubject_tasks.tasks import waiting_in_broker
@@ -227,10 +230,10 @@ def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, referenc
     client = redis.Redis.from_url(stack.redis_url)
     dropped: dict[str, int] = {}
 
-    kinds = {"cpu": {"curate", "mine"}, "gpu": {"synthesize", "verify"}}
+    kinds = {"cpu": {"curate", "mine"}, "gpu": {"samples"}}
 
     def chaos() -> None:
-        # First while video stages wait in the queue, then while sample stages do.
+        # First while curate/mine wait in the queue, then while samples units do.
         queue = "gpu" if "cpu" in dropped else "cpu"
         if queue in dropped:
             return
@@ -245,15 +248,15 @@ def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, referenc
     assert not run.failures, run.failures
     counts = check_finished_build(stack.context(), stack.store, "faults", reference)
     assert counts["videos"] == 3 and counts["verified"] > 0
-    # The reconciler sent lost video stages and lost sample stages again, and counted them.
+    # The reconciler sent lost curate/mine units and lost samples units again, and counted them.
     resent = " ".join(line for line in worker.log().splitlines() if "whose message was lost" in line)
     assert "curate(" in resent or "mine(" in resent, resent
-    assert "synthesize(" in resent or "verify(" in resent, resent
+    assert "samples(" in resent, resent
     from opensubject_tasks.db.engine import session_scope
-    from opensubject_tasks.db.models import Sample, Video
+    from opensubject_tasks.db.models import Video
 
     with session_scope(stack.context().sessions) as s:
-        assert sum(v.resends for v in s.query(Video)) > 0 and sum(x.resends for x in s.query(Sample)) > 0
+        assert sum(v.resends for v in s.query(Video) if v.queued_stage == "samples") > 0
 
 
 def test_object_store_outage_mid_build(stack, pg_db, media, reference):
@@ -279,7 +282,7 @@ def test_object_store_outage_mid_build(stack, pg_db, media, reference):
             outage["end"] = time.time()
 
         def chaos() -> None:
-            if "start" not in outage and running_stages(ctx) & {"mine", "synthesize", "verify"}:
+            if "start" not in outage and running_stages(ctx) & {"mine", "samples"}:
                 os.kill(server.proc.pid, signal.SIGSTOP)
                 outage["start"] = time.time()
                 timer.append(threading.Timer(30, resume))
@@ -327,7 +330,7 @@ def test_database_restart_mid_build(stack, s3_store_settings, media, reference):
 
         def chaos() -> None:
             # While short sample stages run: new tasks keep starting into the outage.
-            if "thread" not in outage and running_stages(ctx) & {"synthesize", "verify"}:
+            if "thread" not in outage and running_stages(ctx) & {"samples"}:
                 outage["thread"] = 1
                 threading.Thread(target=restart, daemon=True).start()
 
@@ -356,19 +359,20 @@ def test_database_restart_mid_build(stack, s3_store_settings, media, reference):
         cluster.destroy()
 
 
-@pytest.mark.parametrize(("stage", "limit"), [("synthesize", "soft"), ("synthesize", "hard"), ("mine", "hard")])
+@pytest.mark.parametrize(("stage", "limit"), [("samples", "soft"), ("samples", "hard"), ("mine", "hard")])
 def test_hung_stage_hits_its_time_limit_and_is_retried(stage, limit, stack, pg_db, s3_store_settings, media,
                                                        reference, tmp_path):
     """A model call that hangs (a test backend loaded into the worker, selected by
-    configuration) in synthesize or mine: the soft time limit of 2 s raises in the task
+    configuration) in a video's samples unit (its inpainter) or in mine: the soft time limit
+    of 2 s raises in the task
     (``soft``), or, when the call swallows that, the hard limit of 4 s kills the pool
     process (``hard``). Either way the attempt is recorded as a timeout, the task is sent
     again and the build finishes exactly; a video whose mining was killed is never taken
     for one without subjects (nothing is decided before mining has run)."""
     token = tmp_path / "hang-token"
-    interface = {"synthesize": "INPAINTER", "mine": "DETECTOR"}[stage]
+    interface = {"samples": "INPAINTER", "mine": "DETECTOR"}[stage]
     # mining takes seconds on these videos: only a hard limit, well above that
-    soft, hard = (2, 4) if stage == "synthesize" else ("null", 20)
+    soft, hard = (2, 4) if stage == "samples" else ("null", 20)
     env = stack.apply(pg_db, s3_store_settings,
                       **{f"OPENSUBJECT_BACKENDS__{interface}": "hang_once"},
                       OPENSUBJECT_TEST_HANG_ONCE=str(token),
@@ -387,10 +391,17 @@ def test_hung_stage_hits_its_time_limit_and_is_retried(stage, limit, stack, pg_d
     ctx = stack.context()
     counts = check_finished_build(ctx, stack.store, "faults", reference)
     assert counts["videos"] == 3
-    timed_out = [a for a in attempts(ctx) if a.status == "timeout"]
+    timed_out = [a for a in attempts(ctx) if a.status == "timeout" and a.stage == stage]
     assert len(timed_out) == 1, timed_out
     hung = timed_out[0]
-    assert hung.stage == stage
+    if stage == "samples":
+        # the samples of the batch the hang cut short: their synthesize attempts are closed
+        # (timeout in the task, or lost when the next run found them), then ran again, once
+        cut = [a for a in attempts(ctx) if a.stage == "synthesize" and a.status in ("timeout", "lost")]
+        assert cut and {a.status for a in cut} == {"timeout" if limit == "soft" else "lost"}, cut
+        for a in cut:
+            after = [b.status for b in attempts(ctx) if b.stage == "synthesize" and b.entity_id == a.entity_id]
+            assert after[-1] in ("ok", "rejected") and after.count("ok") <= 2, after  # <= 2: a re-synthesis
     tries = [a for a in attempts(ctx) if a.stage == stage and a.entity_id == hung.entity_id]
     if limit == "soft":
         assert "SoftTimeLimitExceeded" in hung.error
