@@ -1,18 +1,27 @@
 """Model call sites pass whole batches: mining names every class-agnostic identity of a
-clip with one VLM call.
+clip with one VLM call; a video's samples unit gives each model a batch of samples.
 
 No offline VLM can name categories (the tiny models have random weights), so the VLM
 and the class-agnostic detector here are scripted: the VLM names what it is shown by
 colour and records every call; the embedder is the real classical one."""
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
+import pytest
+from sqlalchemy import func, select
 
+from mining_fixtures import gt_clips, seed_video
 from opensubject_tasks.backends.base import CategoryList, Detection, Image, YesNo
-from opensubject_tasks.backends.registry import get_backend
-from opensubject_tasks.config import MineSettings
+from opensubject_tasks.backends.registry import get_backend, register
+from opensubject_tasks.config import MineSettings, load_settings
+from opensubject_tasks.context import Context
+from opensubject_tasks.db.engine import session_scope, upgrade
+from opensubject_tasks.db.models import Sample, StageAttempt, Video
+from opensubject_tasks.services.common import run_stage
 from opensubject_tasks.stages.mine import GENERIC, mine_clip
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
@@ -79,3 +88,129 @@ def test_class_agnostic_identities_are_named_in_one_vlm_call():
     assert all(s.category_source == "scripted-vlm" for s in result.subjects)
     # each identity got its own answer: the red one is the cat, the blue one the cup
     assert named["cat"].boxes[0] == BOXES["red"] and named["cup"].boxes[0] == BOXES["blue"]
+
+
+# --- a video's samples in batches -----------------------------------------------------------
+CALLS: dict[str, list[int]] = {}   # interface -> items per call, in order
+
+
+class _Counting:
+    """A classical backend that records how many items each call gives it."""
+
+    def __init__(self, interface: str, inner: Any) -> None:
+        self.interface, self.inner = interface, inner
+        self.name, self.family = f"counting:{inner.name}", getattr(inner, "family", "opencv")
+
+    def segment(self, images, boxes):  # noqa: ANN001, ANN201
+        CALLS.setdefault("segmenter", []).append(len(images))
+        return self.inner.segment(images, boxes)
+
+    def inpaint(self, images, masks, prompts, seeds, negative_prompts=None):  # noqa: ANN001, ANN201
+        CALLS.setdefault("inpainter", []).append(len(images))
+        return self.inner.inpaint(images, masks, prompts, seeds, negative_prompts)
+
+    def verify(self, samples, thresholds, embedder=None, vlm=None):  # noqa: ANN001, ANN201
+        CALLS.setdefault("verifier", []).append(len(samples))
+        return self.inner.verify(samples, thresholds, embedder=embedder, vlm=vlm)
+
+
+for _interface in ("segmenter", "inpainter", "verifier"):
+    register(_interface, "counting")(
+        lambda _i=_interface, **opts: _Counting(_i, get_backend(_i, "classical", **opts)))
+
+
+def _mined(tmp_path: Path, sample_media: Path, batch: int, counting: bool = False) -> tuple[Context, str]:
+    """A video of the sample media mined in a fresh embedded build, its samples pending."""
+    settings = load_settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                             store={"kind": "local", "local_root": str(tmp_path / "store")})
+    settings.synth.batch_samples = batch
+    if counting:
+        settings.backends.segmenter = settings.backends.inpainter = settings.backends.verifier = "counting"
+    ctx = Context.from_settings(settings)
+    upgrade(ctx.engine)
+    clips = [c for c in gt_clips(sample_media) if c.video == "rocket_dissolve.mp4"]
+    vid = seed_video(ctx, clips)
+    assert run_stage(ctx, "mine", vid).next == [("samples", vid)]
+    return ctx, vid
+
+
+def _outcome(ctx: Context) -> tuple[dict, dict]:
+    with session_scope(ctx.sessions) as s:
+        rows = {x.id: (x.state, x.attempt, x.seed, [(h["attempt"], h["reasons"]) for h in x.history or []],
+                       x.caption_short, dict(x.keys or {})) for x in s.query(Sample)}
+    objects = {k: hashlib.sha256(ctx.store.get_bytes(k)).hexdigest()
+               for _, _, _, _, _, keys in rows.values() for k in keys.values()}
+    return rows, objects
+
+
+def test_a_videos_samples_call_each_model_once_per_batch(tmp_path: Path, sample_media: Path) -> None:
+    """The samples unit gives the segmenter, the inpainter and the verifier a whole batch
+    per call (the inpainter: every generation canvas and manipulation frame of it), and
+    records each sample's attempts exactly once."""
+    ctx, vid = _mined(tmp_path, sample_media, batch=4, counting=True)
+    with session_scope(ctx.sessions) as s:
+        n = s.query(Sample).count()
+    assert n > 4, "the batch bound is not exercised"
+    CALLS.clear()
+    out = run_stage(ctx, "samples", vid)
+    assert out.status == "ok" and out.next == [], out
+    rows, _ = _outcome(ctx)
+    attempts = sum(len(h) for _, _, _, h, _, _ in rows.values())   # verified attempts, re-syntheses included
+    # each call carries up to 4 samples; a sample costs 1 segmenter, 2 inpainter, 1 verifier items
+    assert all(k <= 4 for k in CALLS["segmenter"]) and sum(CALLS["segmenter"]) == attempts
+    assert CALLS["inpainter"] == [2 * k for k in CALLS["segmenter"]]
+    assert all(k <= 4 for k in CALLS["verifier"]) and sum(CALLS["verifier"]) == attempts
+    assert len(CALLS["segmenter"]) < attempts   # fewer calls than samples: batched
+    with session_scope(ctx.sessions) as s:
+        assert all(x.state in ("verified", "rejected") for x in s.query(Sample))
+        steps = s.execute(select(StageAttempt.entity_id, StageAttempt.stage, func.count())
+                          .where(StageAttempt.entity_type == "sample")
+                          .group_by(StageAttempt.entity_id, StageAttempt.stage)).all()
+        assert s.get(Video, vid).state in ("done", "rejected")
+    per_sample = {(e, st): c for e, st, c in steps}
+    for sid, (_, _, _, history, _, _) in rows.items():   # one attempt row per step and attempt
+        assert per_sample.get((sid, "verify"), 0) == len(history)
+        assert per_sample.get((sid, "synthesize"), 0) == len(history)
+
+
+def test_batches_give_the_same_samples_as_one_at_a_time(tmp_path: Path, sample_media: Path) -> None:
+    """Per-video batches change how the models are called, not what they make: states,
+    attempts, seeds, reasons, captions and every stored image are the same bytes as with
+    batches of one."""
+    one, vid1 = _mined(tmp_path / "one", sample_media, batch=1)
+    many, vid2 = _mined(tmp_path / "many", sample_media, batch=16)
+    assert vid1 == vid2
+    assert run_stage(one, "samples", vid1).status == "ok"
+    assert run_stage(many, "samples", vid2).status == "ok"
+    assert _outcome(one) == _outcome(many)
+
+
+def test_a_samples_unit_cut_short_redoes_nothing_recorded(tmp_path: Path, sample_media: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error half way through a video's samples (after some were verified) fails the
+    unit; running it again finishes the rest and ends with what an uninterrupted run gives,
+    each sample's attempts recorded once."""
+    import opensubject_tasks.services.samples as samples_service
+
+    calm, vid = _mined(tmp_path / "calm", sample_media, batch=2)
+    assert run_stage(calm, "samples", vid).status == "ok"
+    ctx, _ = _mined(tmp_path / "cut", sample_media, batch=2)
+    real = samples_service.verify_samples
+    seen: list[int] = []
+
+    def dies_on_second_batch(c, ids):  # noqa: ANN001, ANN202
+        seen.append(len(ids))
+        if len(seen) == 2:
+            raise RuntimeError("the GPU fell off the bus")
+        return real(c, ids)
+
+    monkeypatch.setattr(samples_service, "verify_samples", dies_on_second_batch)
+    with pytest.raises(RuntimeError):
+        run_stage(ctx, "samples", vid)
+    monkeypatch.setattr(samples_service, "verify_samples", real)
+    assert run_stage(ctx, "samples", vid).status == "ok"
+    assert _outcome(ctx) == _outcome(calm)
+    with session_scope(ctx.sessions) as s:
+        cut = s.scalars(select(StageAttempt.status).where(StageAttempt.stage == "verify",
+                                                          StageAttempt.status == "error")).all()
+        assert len(cut) == seen[1]   # the batch that died: its attempts closed as errors

@@ -15,7 +15,7 @@ INTERFACES = ("vlm", "detector", "segmenter", "inpainter", "embedder", "quality"
 
 _FACTORIES: dict[tuple[str, str], Callable[..., Any]] = {}
 _INSTANCES: dict[tuple[str, str, str], Any] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: a factory may ask for the backends it builds on
 
 # Modules that register backends when imported; imported lazily so that heavy
 # libraries (torch, transformers) load only when an `hf`/`tiny` backend is asked for.

@@ -8,8 +8,9 @@ is killed half way loses nothing and redoes nothing that was recorded: its next 
 redelivery, the reconciler, a retried chunk) takes up what is still in flight.
 
 A rejected verification sends the sample back to ``pending`` with a new seed; the unit
-goes round again until every sample has ended, or hands itself out again when it has
-used its time budget (``synth.task_budget_s``), well inside its time limit.
+goes round again until every sample has ended, then gives the video its terminal state;
+or it hands itself out again when it has used its time budget (``synth.task_budget_s``),
+well inside its time limit.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject
-from opensubject_tasks.services.common import StageResult, run_steps, stage
+from opensubject_tasks.services.common import StageResult, finalize_video, run_steps, stage
 from opensubject_tasks.services.synthesize import synthesize_samples
 from opensubject_tasks.services.verify import verify_samples
 
@@ -57,7 +58,8 @@ def process_samples(ctx: Context, video_id: str) -> StageResult:
     for _ in range(rounds):
         work = in_flight(ctx, video_id)
         if not work["pending"] and not work["synthesized"]:
-            return StageResult(details={**counts, "batch_size": size})
+            # every sample has ended: the video is done (a verified sample) or rejected
+            return StageResult(details={**counts, "batch_size": size, "video": finalize_video(ctx, video_id)})
         for batch in batches(work["pending"], size):
             if time.monotonic() > deadline:
                 return _again(video_id, counts, "time budget used")
