@@ -403,7 +403,9 @@ def test_hung_stage_hits_its_time_limit_and_is_retried(stage, limit, stack, pg_d
         # the samples of the batch the hang cut short: their synthesize attempts are closed
         # (timeout in the task, or lost when the next run found them), then ran again, once
         cut = [a for a in attempts(ctx) if a.stage == "synthesize" and a.status in ("timeout", "lost")]
-        assert cut and {a.status for a in cut} == {"timeout" if limit == "soft" else "lost"}, cut
+        assert cut and {a.status for a in cut} == {"timeout" if limit == "soft" else "lost"}, \
+            [(a.stage, a.entity_id[:6], a.status, a.started_at.time()) for a in attempts(ctx)
+             if a.stage in ("samples", "synthesize")]
         for a in cut:
             after = [b.status for b in attempts(ctx) if b.stage == "synthesize" and b.entity_id == a.entity_id]
             assert after[-1] in ("ok", "rejected") and after.count("ok") <= 2, after  # <= 2: a re-synthesis

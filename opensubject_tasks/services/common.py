@@ -253,9 +253,8 @@ def run_steps(ctx: Context, step: str, sample_ids: list[str], batch_fn: BatchFn)
     try:
         outcomes = batch_fn(ctx, sample_ids)
     except BaseException as exc:
-        status = "timeout" if type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded") else "error"
-        _close_attempts(ctx, attempt_ids, {sid: (status, f"{type(exc).__name__}: {exc}", None)
-                                           for sid in sample_ids}, time.perf_counter() - t0)
+        status, error = _cut_short(exc)
+        _close_attempts(ctx, attempt_ids, dict.fromkeys(sample_ids, (status, error, None)), time.perf_counter() - t0)
         raise
     results: dict[str, StageResult] = {}
     closing = {}
@@ -268,6 +267,16 @@ def run_steps(ctx: Context, step: str, sample_ids: list[str], batch_fn: BatchFn)
         closing[sid] = (out.status, out.reason, out.details)
     _close_attempts(ctx, attempt_ids, closing, time.perf_counter() - t0)
     return results
+
+
+def _cut_short(exc: BaseException) -> tuple[str, str]:
+    """The status of a batch's attempts when an exception ends it: a time limit; the process
+    being stopped (the unit's hard limit or a shutdown: what is left of it is lost); an error."""
+    if type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded"):
+        return "timeout", f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        return "lost", f"the process running this batch was stopped ({type(exc).__name__})"
+    return "error", f"{type(exc).__name__}: {exc}"
 
 
 def _close_attempts(ctx: Context, attempt_ids: dict[str, int], outcome: dict[str, tuple], batch_s: float) -> None:
