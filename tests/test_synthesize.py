@@ -148,9 +148,13 @@ def mined_ctx(service_ctx, sample_media):
     ctx = service_ctx
     clips = [c for c in gt_clips(sample_media) if c.video == "rocket_dissolve.mp4"][:1]
     video_id = seed_video(ctx, clips)
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Sample
+
     res = run_stage(ctx, "mine", video_id)
-    assert res.status == "ok", res.reason
-    return ctx, video_id, [sid for _, sid in res.next]
+    assert res.status == "ok" and res.next == [("samples", video_id)], res
+    with session_scope(ctx.sessions) as s:
+        return ctx, video_id, sorted(x.id for x in s.query(Sample))
 
 
 def test_synthesize_service_writes_objects_then_rows_idempotently(mined_ctx, tmp_path) -> None:
