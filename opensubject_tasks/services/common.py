@@ -233,6 +233,14 @@ def _run_locked(ctx: Context, spec: StageSpec, entity_id: str, attempt: int, wai
 BatchFn = Callable[[Context, list[str]], dict[str, "StageResult | BadInput"]]
 
 
+def one_sample(batch_fn: BatchFn, ctx: Context, sample_id: str) -> StageResult:
+    """A batch step on one sample, as a stage function (its bad input raised for run_stage)."""
+    out = batch_fn(ctx, [sample_id])[sample_id]
+    if isinstance(out, BadInput):
+        raise out
+    return out
+
+
 def run_steps(ctx: Context, step: str, sample_ids: list[str], batch_fn: BatchFn) -> dict[str, StageResult]:
     """Run one sample step (synthesize, verify) on a batch of one video's samples, with the
     video's lock held by the caller (the samples unit). Each sample gets its own attempt

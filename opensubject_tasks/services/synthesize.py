@@ -19,7 +19,7 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject
 from opensubject_tasks.errors import BadInput
-from opensubject_tasks.services.common import StageResult, stage
+from opensubject_tasks.services.common import StageResult, one_sample, stage
 from opensubject_tasks.services.mine import decode_rgb
 from opensubject_tasks.stages.synthesize import PairInput, SynthResult, synthesize_pairs
 from opensubject_tasks.storage import Keys
@@ -80,10 +80,7 @@ class _Job:
 
 @stage("synthesize")
 def synthesize_sample(ctx: Context, sample_id: str) -> StageResult:
-    out = synthesize_samples(ctx, [sample_id])[sample_id]
-    if isinstance(out, BadInput):
-        raise out
-    return out
+    return one_sample(synthesize_samples, ctx, sample_id)
 
 
 def synthesize_samples(ctx: Context, sample_ids: list[str]) -> dict[str, StageResult | BadInput]:

@@ -22,7 +22,7 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Pair, Sample, Subject
 from opensubject_tasks.errors import BadInput
-from opensubject_tasks.services.common import StageResult, stage, utcnow
+from opensubject_tasks.services.common import StageResult, one_sample, stage, utcnow
 from opensubject_tasks.stages.verify import VerifyOutcome, decide, verify_and_caption_batch
 from opensubject_tasks.storage import ObjectStore
 
@@ -76,10 +76,7 @@ class _Job:
 
 @stage("verify")
 def verify_sample(ctx: Context, sample_id: str) -> StageResult:
-    out = verify_samples(ctx, [sample_id])[sample_id]
-    if isinstance(out, BadInput):
-        raise out
-    return out
+    return one_sample(verify_samples, ctx, sample_id)
 
 
 def verify_samples(ctx: Context, sample_ids: list[str]) -> dict[str, StageResult | BadInput]:
