@@ -16,8 +16,8 @@ from sqlalchemy import select
 from opensubject_tasks.catalogue import SAMPLE_STAGES, STAGES, UNTIL, runs
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Build, Clip, Pair, Sample, Subject
-from opensubject_tasks.services.common import StageResult, build_of, finalize_video
+from opensubject_tasks.db.models import Build
+from opensubject_tasks.services.common import StageResult, build_of, finalize_video, video_of_sample
 from opensubject_tasks.services.handoff import Send, hand_out_videos
 
 
@@ -29,13 +29,6 @@ def build_until(ctx: Context, build_id: str | None) -> str:
         params = s.scalar(select(Build.params).where(Build.id == build_id)) or {}
     until = params.get("until") or "verify"
     return until if until in UNTIL else "verify"
-
-
-def video_of_sample(ctx: Context, sample_id: str) -> str | None:
-    with session_scope(ctx.sessions) as s:
-        return s.scalar(select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id)
-                        .join(Pair, Pair.subject_id == Subject.id).join(Sample, Sample.pair_id == Pair.id)
-                        .where(Sample.id == sample_id))
 
 
 def continue_work(ctx: Context, stage: str, entity_id: str, result: StageResult, send: Send) -> None:
@@ -53,8 +46,10 @@ def continue_work(ctx: Context, stage: str, entity_id: str, result: StageResult,
         wanted = [(st, e) for st, e in result.next if runs(st, until)]
     for st, e in wanted:
         hand_out_videos(ctx, st, [e], send)
-    if not wanted and until == "verify" and result.status == "ok" and stage in ("mine", "samples", *SAMPLE_STAGES):
-        finalize_video(ctx, video_id)   # every sample has ended (or none was in flight: a re-run)
+    # mine with no sample in flight (a re-run), or a sample step run alone that ended its
+    # sample; the samples unit settles its video itself
+    if not wanted and until == "verify" and result.status == "ok" and stage in ("mine", *SAMPLE_STAGES):
+        finalize_video(ctx, video_id)
 
 
 def settle_video_of_sample(ctx: Context, sample_id: str) -> None:

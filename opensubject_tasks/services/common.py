@@ -144,18 +144,20 @@ def close_lost_attempts(ctx: Context, stage: str, entity_id: str) -> int:
     return lost
 
 
+def video_of_sample(ctx: Context, sample_id: str) -> str | None:
+    from opensubject_tasks.db.models import Clip, Pair, Subject
+
+    with session_scope(ctx.sessions) as s:
+        return s.scalar(select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id)
+                        .join(Pair, Pair.subject_id == Subject.id).join(Sample, Sample.pair_id == Pair.id)
+                        .where(Sample.id == sample_id))
+
+
 def lock_name(ctx: Context, entity_type: str, entity_id: str) -> str:
     """The lock a stage run holds: a sample's steps take its video's lock, which the video's
     samples unit holds while it works through them."""
-    if entity_type == "sample":
-        from opensubject_tasks.db.models import Clip, Pair, Subject
-
-        with session_scope(ctx.sessions) as s:
-            video_id = s.scalar(select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id)
-                                .join(Pair, Pair.subject_id == Subject.id).join(Sample, Sample.pair_id == Pair.id)
-                                .where(Sample.id == entity_id))
-        if video_id is not None:
-            return f"video:{video_id}"
+    if entity_type == "sample" and (video_id := video_of_sample(ctx, entity_id)) is not None:
+        return f"video:{video_id}"
     return f"{entity_type}:{entity_id}"
 
 
@@ -248,9 +250,9 @@ def run_steps(ctx: Context, step: str, sample_ids: list[str], batch_fn: BatchFn)
     sample; an error is recorded on every attempt of the batch and raised (the unit is
     retried; samples already recorded are skipped then)."""
     build_id = build_of(ctx, "sample", sample_ids[0]) if sample_ids else None
+    for sid in sample_ids:   # attempts of a process that died under an earlier batch
+        close_lost_attempts(ctx, step, sid)
     with session_scope(ctx.sessions) as s:
-        for sid in sample_ids:   # attempts of a process that died under an earlier batch
-            close_lost_attempts(ctx, step, sid)
         rows = [StageAttempt(build_id=build_id, entity_type="sample", entity_id=sid, stage=step, attempt=1,
                              worker=ctx.worker, status="running", details={"batch": len(sample_ids)})
                 for sid in sample_ids]

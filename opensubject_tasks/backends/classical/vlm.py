@@ -35,13 +35,15 @@ class NoVLM:
 
 def _from_pixels(image: Image, hint: dict[str, Any]) -> Caption:
     """Template captions of the hint's box (the whole image without one) in its scene."""
-    box_mask = None
+    box_mask, subject = None, image
     if hint.get("box"):
         h, w = image.shape[:2]
         x0, y0, x1, y1 = (int(round(v)) for v in hint["box"])
+        box = (slice(max(0, y0), min(h, y1)), slice(max(0, x0), min(w, x1)))
         box_mask = np.zeros((h, w), bool)
-        box_mask[max(0, y0):min(h, y1), max(0, x0):min(w, x1)] = True
-    subject = image[box_mask.any(axis=1)][:, box_mask.any(axis=0)] if box_mask is not None and box_mask.any() else image
+        box_mask[box] = True
+        if box_mask.any():
+            subject = image[box]
     return template_caption(subject, None, image, box_mask, str(hint.get("category") or "object"))
 
 
