@@ -174,7 +174,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     upgrade(ctx.engine)
     res = register_source(ctx, source, build_id=args.build)
     print(json.dumps({"new": len(res.new_ids), "known": len(res.known_ids),
-                      "skipped": [list(s) for s in res.skipped]}))
+                      "skipped": res.skipped.counts, "skipped_examples": res.skipped.examples}))
     return EXIT_OK
 
 

@@ -282,6 +282,10 @@ class CelerySettings(_Section):
     # The reconciler sends again work handed out longer ago than this whose message the broker
     # no longer holds and that no worker runs (keep it above the longest stage).
     reconcile_after_s: float = Field(1800.0, gt=0)
+    # With a broker whose queues cannot be read (not Redis), queued work looks lost: it is
+    # sent again only after this long, and at most reconcile_blind_max units per pass.
+    reconcile_blind_after_s: float = Field(21600.0, gt=0)
+    reconcile_blind_max: int = Field(100, ge=0)
     retry_backoff_s: float = Field(5.0, gt=0)        # first delay; doubles each retry
     retry_backoff_max_s: float = Field(600.0, gt=0)
     poll_interval_s: float = Field(5.0, gt=0)        # how often Airflow's triggers look at progress

@@ -18,12 +18,15 @@ import math
 import time
 from typing import Any
 
-from sqlalchemy import func, select, update
+from collections.abc import Iterator
+
+from sqlalchemy import Select, bindparam, func, select, update
 
 from opensubject_tasks.catalogue import UNTIL, VIDEO_TERMINAL, settled, stage_reached
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, TaskOutcome, Video
 from opensubject_tasks.storage.base import slug
 
@@ -92,28 +95,46 @@ def claim_build_videos(build_id: str, limit: int | None = None, video_ids: list[
     ``limit`` registered videos that no build holds (``FOR UPDATE SKIP LOCKED``), plus the
     build's own videos that are not finished (a re-run resumes; errored videos are retried).
     """
-    from opensubject_tasks.services.ingest import claim_videos
+    from opensubject_tasks.services.ingest import claim_count
 
     ctx = context()
-    with session_scope(ctx.sessions) as s:
-        if video_ids:
-            s.execute(update(Video).where(Video.id.in_(video_ids), Video.build_id.is_(None))
+    for part in batched(video_ids or [], ID_BATCH):
+        with session_scope(ctx.sessions) as s:
+            s.execute(update(Video).where(Video.id.in_(part), Video.build_id.is_(None))
                       .values(build_id=build_id).execution_options(synchronize_session=False))
     if not video_ids:
-        claim_videos(ctx, build_id, limit or None)
+        claim_count(ctx, build_id, limit or None)
     with session_scope(ctx.sessions) as s:
         todo = _needs_work(select(Video.id).where(Video.build_id == build_id))
         if video_ids:
-            todo = todo.where(Video.id.in_(video_ids))
-        count = int(s.scalar(select(func.count()).select_from(todo.subquery())) or 0)
-        size = chunk_size_for(count, max_chunks, chunk_size)
-        # One statement numbers them all: chunk = position in id order // size.
-        ranked = todo.add_columns((func.row_number().over(order_by=Video.id) - 1).label("rn")).subquery()
-        s.execute(update(Video).where(Video.id == ranked.c.id)
-                  .values(chunk=ranked.c.rn // size).execution_options(synchronize_session=False))
+            # the ones asked for (a list as long as the build's parameter), a batch at a time
+            ids = sorted({v for part in batched(sorted(set(video_ids)), ID_BATCH)
+                          for v in s.scalars(todo.where(Video.id.in_(part)))})
+            count = len(ids)
+            size = chunk_size_for(count, max_chunks, chunk_size)
+            table = Video.__table__
+            s.connection().execute(update(table).where(table.c.id == bindparam("vid")).values(chunk=bindparam("c")),
+                                   [{"vid": v, "c": n // size} for n, v in enumerate(ids)])
+        else:
+            count = int(s.scalar(select(func.count()).select_from(todo.subquery())) or 0)
+            size = chunk_size_for(count, max_chunks, chunk_size)
+            # One statement numbers them all: chunk = position in id order // size.
+            ranked = todo.add_columns((func.row_number().over(order_by=Video.id) - 1).label("rn")).subquery()
+            s.execute(update(Video).where(Video.id == ranked.c.id)
+                      .values(chunk=ranked.c.rn // size).execution_options(synchronize_session=False))
     chunks = math.ceil(count / size) if count else 0
     log.info("build %s: %d video(s) with work left in %d chunk(s) of %d", build_id, count, chunks, size)
     return list(range(chunks))
+
+
+# Ids per statement where a statement takes a list of ids: psycopg 3 refuses more than
+# 65,535 bind parameters, and psycopg2 takes minutes over a 10^6-id list.
+ID_BATCH = 1000
+
+
+def batched(ids: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(ids), size):
+        yield ids[i:i + size]
 
 
 def _needs_work(q: Any) -> Any:
@@ -126,8 +147,12 @@ def _needs_work(q: Any) -> Any:
 def unclaimed_videos() -> int:
     """Registered videos that no build holds (what a scheduled ingest builds next)."""
     with session_scope(context().sessions) as s:
-        return int(s.scalar(select(func.count(Video.id)).where(Video.build_id.is_(None),
-                                                               Video.state == "registered")) or 0)
+        return int(s.scalar(unclaimed_count()) or 0)
+
+
+@hot_query("scheduled ingest", lambda f: {})
+def unclaimed_count() -> Select:
+    return select(func.count(Video.id)).where(Video.build_id.is_(None), Video.state == "registered")
 
 
 # --- chunks ---------------------------------------------------------------------------------
@@ -144,49 +169,79 @@ def start_chunk(build_id: str, chunk: int) -> dict[str, int]:
     ctx = context()
     until = build_until(ctx, build_id)
     with session_scope(ctx.sessions) as s:
-        rows = s.execute(select(Video.id, Video.state, Video.stage_done, Video.error_stage, Video.queued_at)
-                         .where(Video.build_id == build_id, Video.chunk == chunk).order_by(Video.id)).all()
-        ids = [r.id for r in rows]
+        rows = s.execute(chunk_videos(build_id, chunk)).all()
         errored = sorted({r.id for r in rows if r.state == "failed" and r.error_stage}
-                         | set(_videos_with_errored_samples(s, ids)))
-        if errored:
-            _reset_errors(s, errored)
+                         | set(s.scalars(chunk_videos_with_errored_samples(build_id, chunk))))
+        for part in batched(errored, ID_BATCH):
+            _reset_errors(s, part)
         open_ = [r for r in rows if r.id not in errored and not settled(r.state, r.stage_done, until)]
         fresh = [r.id for r in open_ if r.queued_at is None]
         handed = [r.id for r in open_ if r.queued_at is not None]
-        idle = _idle(s, handed) if handed else []
+        idle = _idle(s, build_id, chunk, handed) if handed else []
     sent = hand_out_videos(ctx, "curate", fresh, _send)
     again = hand_out_videos(ctx, "curate", errored + idle, _send, again=True)
     return {"videos": len(rows), "sent": len(sent), "retried": len(errored), "resent": len(idle),
             "in_flight": len(handed) - len(idle), "handed_out": len(sent) + len(again)}
 
 
-def _idle(s: Any, video_ids: list[str]) -> list[str]:
-    """Of videos handed out before, those with nothing of theirs on the broker or running."""
+_CHUNK = lambda f: {"build_id": f.build, "chunk": f.chunk}  # noqa: E731 - the example of a chunk's queries
+
+
+def _of_chunk(build_id: str, chunk: int) -> Any:
+    return select(Video.id).where(Video.build_id == build_id, Video.chunk == chunk)
+
+
+@hot_query("chunk start", _CHUNK)
+def chunk_videos(build_id: str, chunk: int) -> Select:
+    return (select(Video.id, Video.state, Video.stage_done, Video.error_stage, Video.queued_at)
+            .where(Video.build_id == build_id, Video.chunk == chunk).order_by(Video.id))
+
+
+@hot_query("chunk start", _CHUNK)
+def chunk_videos_with_errored_samples(build_id: str, chunk: int) -> Select:
+    return (select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id).join(Pair, Pair.subject_id == Subject.id)
+            .join(Sample, Sample.pair_id == Pair.id)
+            .where(Clip.video_id.in_(_of_chunk(build_id, chunk)), Sample.state == "failed",
+                   Sample.error_stage.is_not(None)).distinct())
+
+
+@hot_query("chunk start", _CHUNK)
+def chunk_samples(build_id: str, chunk: int) -> Select:
+    """(sample id, video id) of the chunk's samples."""
+    return (select(Sample.id, Clip.video_id).join(Pair, Sample.pair_id == Pair.id)
+            .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
+            .where(Clip.video_id.in_(_of_chunk(build_id, chunk))))
+
+
+@hot_query("chunk start", _CHUNK)
+def chunk_running(build_id: str, chunk: int) -> Select:
+    """Entity ids of the attempts running now on the chunk's videos and their samples (the
+    running attempts are few: a partial index holds just them)."""
+    samples = chunk_samples(build_id, chunk).with_only_columns(Sample.id)
+    return select(StageAttempt.entity_id).where(
+        StageAttempt.status == "running",
+        ((StageAttempt.entity_type == "video") & StageAttempt.entity_id.in_(_of_chunk(build_id, chunk)))
+        | ((StageAttempt.entity_type == "sample") & StageAttempt.entity_id.in_(samples)))
+
+
+def _idle(s: Any, build_id: str, chunk: int, video_ids: list[str]) -> list[str]:
+    """Of the chunk's videos handed out before, those with nothing of theirs on the broker
+    or running."""
     from opensubject_tasks.tasks import waiting_in_broker
 
     held = waiting_in_broker()
     if held is None:  # cannot tell: leave them to the reconciler's age rule
         return []
     mine = set(video_ids)
-    sample_video = dict(s.execute(_samples_of_videos(video_ids).add_columns(Clip.video_id)).all())
+    sample_video = dict(s.execute(chunk_samples(build_id, chunk)).all())
     busy = {e if e in mine else sample_video.get(e) for (_, e) in held} - {None}
-    running = set(s.scalars(select(StageAttempt.entity_id).where(
-        StageAttempt.status == "running", StageAttempt.entity_id.in_([*video_ids, *sample_video]))))
-    busy |= {sample_video.get(e, e) for e in running}
-    return sorted(set(video_ids) - busy)
+    busy |= {sample_video.get(e, e) for e in s.scalars(chunk_running(build_id, chunk))}
+    return sorted(mine - busy)
 
 
 def _samples_of_videos(ids: list[str]) -> Any:
     return (select(Sample.id).join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
             .join(Clip, Subject.clip_id == Clip.id).where(Clip.video_id.in_(ids)))
-
-
-def _videos_with_errored_samples(s: Any, ids: list[str]) -> list[str]:
-    return list(s.scalars(
-        select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id).join(Pair, Pair.subject_id == Subject.id)
-        .join(Sample, Sample.pair_id == Pair.id)
-        .where(Clip.video_id.in_(ids), Sample.state == "failed", Sample.error_stage.is_not(None)).distinct()))
 
 
 def _reset_errors(s: Any, video_ids: list[str]) -> None:
@@ -198,6 +253,15 @@ def _reset_errors(s: Any, video_ids: list[str]) -> None:
               .values(state="running", error_stage=None, reason=None).execution_options(synchronize_session=False))
 
 
+@hot_query("chunk poll", lambda f: {"build_id": f.build, "chunk": f.chunk, "until": "verify"})
+def chunk_counts(build_id: str, chunk: int, until: str) -> Select:
+    """(videos, videos settled for a build that runs up to ``until``) of a chunk."""
+    done_until = Video.stage_done.in_([st for st in ("curate", "mine") if stage_reached(st, until)]) \
+        if until != "verify" else None
+    cond = Video.state.in_(VIDEO_TERMINAL) if done_until is None else (Video.state.in_(VIDEO_TERMINAL) | done_until)
+    return select(func.count(), func.count().filter(cond)).where(Video.build_id == build_id, Video.chunk == chunk)
+
+
 def chunk_progress(build_id: str, chunk: int) -> dict[str, int] | None:
     """None while any video of the chunk still has work in this build; else the counts.
     One indexed query (the chunk triggers' poll)."""
@@ -205,15 +269,21 @@ def chunk_progress(build_id: str, chunk: int) -> dict[str, int] | None:
 
     ctx = context()
     until = build_until(ctx, build_id)
-    done_until = Video.stage_done.in_([st for st in ("curate", "mine") if stage_reached(st, until)]) \
-        if until != "verify" else None
-    cond = Video.state.in_(VIDEO_TERMINAL) if done_until is None else (Video.state.in_(VIDEO_TERMINAL) | done_until)
     with session_scope(ctx.sessions) as s:
-        total, done = s.execute(select(func.count(), func.count().filter(cond))
-                                .where(Video.build_id == build_id, Video.chunk == chunk)).one()
+        total, done = s.execute(chunk_counts(build_id, chunk, until)).one()
     if done < total:
         return None
     return {"videos": int(total), "settled": int(done)}
+
+
+@hot_query("chunk end", _CHUNK)
+def chunk_sample_errors(build_id: str, chunk: int) -> Select:
+    return (select(Clip.video_id, Sample.id, Sample.error_stage, Sample.reason)
+            .join(Subject, Subject.clip_id == Clip.id).join(Pair, Pair.subject_id == Subject.id)
+            .join(Sample, Sample.pair_id == Pair.id)
+            .where(Clip.video_id.in_(_of_chunk(build_id, chunk)), Sample.state == "failed",
+                   Sample.error_stage.is_not(None))
+            .order_by(Sample.id))
 
 
 def chunk_report(build_id: str, chunk: int) -> dict[str, Any]:
@@ -223,13 +293,7 @@ def chunk_report(build_id: str, chunk: int) -> dict[str, Any]:
     with session_scope(ctx.sessions) as s:
         videos = s.execute(select(Video.id, Video.name, Video.state, Video.reason, Video.error_stage)
                            .where(Video.build_id == build_id, Video.chunk == chunk).order_by(Video.id)).all()
-        ids = [v.id for v in videos]
-        sample_errors = s.execute(
-            select(Clip.video_id, Sample.id, Sample.error_stage, Sample.reason)
-            .join(Subject, Subject.clip_id == Clip.id).join(Pair, Pair.subject_id == Subject.id)
-            .join(Sample, Sample.pair_id == Pair.id)
-            .where(Clip.video_id.in_(ids), Sample.state == "failed", Sample.error_stage.is_not(None))
-            .order_by(Sample.id)).all()
+        sample_errors = s.execute(chunk_sample_errors(build_id, chunk)).all()
     states: dict[str, int] = {}
     bad_input: dict[str, int] = {}
     errors = []
@@ -296,8 +360,8 @@ def rerun_on_workers(stage: str, video_id: str, timeout_s: float, poll_s: float 
     while time.monotonic() < deadline:
         with session_scope(ctx.sessions) as s:
             last = s.execute(select(StageAttempt.status, StageAttempt.error, StageAttempt.details)
-                             .where(StageAttempt.id > before, StageAttempt.stage == stage,
-                                    StageAttempt.entity_id == video_id)
+                             .where(StageAttempt.entity_type == "video", StageAttempt.entity_id == video_id,
+                                    StageAttempt.stage == stage, StageAttempt.id > before)
                              .order_by(StageAttempt.id.desc()).limit(1)).first()
             video_state = s.scalar(select(Video.state).where(Video.id == video_id))
         if last is not None and last.status in ("ok", "rejected", "failed"):

@@ -235,7 +235,7 @@ def run_build(ctx: Context, sources: list[str], build_id: str, *, until: str | N
               jobs: int = 1, progress: ProgressFactory | None = None,
               export_dir: str | None = None, params: dict[str, Any] | None = None) -> BuildSummary:
     """Run (or resume) a build over the given sources, up to and including ``until``."""
-    from opensubject_tasks.services.ingest import claim_videos, ensure_build, register_source
+    from opensubject_tasks.services.ingest import claim_count, ensure_build, register_source
 
     if until is not None and until not in UNTIL_CHOICES:
         raise ValueError(f"--until must be one of {', '.join(UNTIL_CHOICES)}")
@@ -252,7 +252,7 @@ def run_build(ctx: Context, sources: list[str], build_id: str, *, until: str | N
         n = 0
         for source in sources:
             n += len(register_source(ctx, source, build_id=build_id).new_ids)
-        claim_videos(ctx, build_id, None)
+        claim_count(ctx, build_id, None)
         return n
 
     timed("ingest", ingest)

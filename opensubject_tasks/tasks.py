@@ -38,7 +38,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, OperationalError
 
 from opensubject_tasks.catalogue import STAGES
@@ -48,7 +48,7 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Build, StageAttempt, TaskOutcome
 from opensubject_tasks.errors import TransientError
-from opensubject_tasks.services.common import build_of, mark_terminal, run_stage, utcnow
+from opensubject_tasks.services.common import build_of, close_running_attempts, mark_terminal, run_stage, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +201,7 @@ class StageTask(Task):
             entity_type = STAGES[self.stage].entity
             with session_scope(ctx.sessions) as s:
                 # The attempt the pool process opened (it is being killed: not "lost").
-                closed = s.execute(update(StageAttempt).where(
-                    StageAttempt.stage == self.stage, StageAttempt.entity_id == entity_id,
-                    StageAttempt.status == "running").values(status="timeout", error=error, finished_at=utcnow())
-                    .execution_options(synchronize_session=False)).rowcount
+                closed = s.execute(close_running_attempts(self.stage, entity_id, "timeout", error)).rowcount
                 if not closed:
                     s.add(StageAttempt(build_id=build_of(ctx, entity_type, entity_id), entity_type=entity_type,
                                        entity_id=entity_id, stage=self.stage, attempt=kills, worker=ctx.worker,
@@ -335,8 +332,12 @@ def reconcile(self: Task, older_than_s: float | None = None) -> dict[str, Any]:
 
     ctx = worker_context()
     age = older_than_s if older_than_s is not None else ctx.settings.celery.reconcile_after_s
-    sent = reconcile_work(ctx, send, older_than_s=age, waiting=waiting_in_broker())
+    # The broker is read only if there are candidates (reconcile calls it then).
+    sent = reconcile_work(ctx, send, older_than_s=age, waiting=waiting_in_broker)
+    by_stage: dict[str, int] = {}
+    for st, _ in sent:
+        by_stage[st] = by_stage.get(st, 0) + 1
     if sent:
-        log.warning("sent again %d unit(s) of work whose message was lost: %s", len(sent),
+        log.warning("sent again %d unit(s) of work whose message was lost (%s), e.g. %s", len(sent), by_stage,
                     ", ".join(f"{st}({e})" for st, e in sent[:20]))
-    return {"resent": [list(u) for u in sent]}
+    return {"resent": len(sent), "by_stage": by_stage}

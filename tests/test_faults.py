@@ -133,10 +133,17 @@ def test_reconcile_sends_exactly_the_lost_work(pg_db):
 
     # Samples are no units of their own (their video's samples unit is): none is sent alone.
     lost = [("curate", "v_lost"), ("mine", "v_lost_mine"), ("mine", "v_dead"), ("samples", "v_samples")]
-    # Without the broker's view: age decides, and an attempt marked running is trusted up
-    # to the stage's hard time limit.
+    # Without the broker's view a queued backlog looks lost: nothing is sent before the
+    # blind age (celery.reconcile_blind_after_s, 6 h)...
+    assert reconcile(ctx, lambda st, e, **kw: None, older_than_s=60) == []
+    # ... and then at most celery.reconcile_blind_max per pass, oldest first.
+    assert len(reconcile(ctx, lambda st, e, **kw: None, older_than_s=60, blind_older_than_s=60, blind_max=2)) == 2
+    with session_scope(ctx.sessions) as s:
+        s.execute(update(Video).where(Video.resends > 0).values(queued_at=old, resends=0))
+    # Past the blind age: age decides, and an attempt marked running is trusted up to the
+    # stage's hard time limit.
     sent: list[tuple[str, str]] = []
-    work = reconcile(ctx, lambda st, e, **kw: sent.append((st, e)), older_than_s=60)
+    work = reconcile(ctx, lambda st, e, **kw: sent.append((st, e)), older_than_s=60, blind_older_than_s=60)
     assert sent == work
     assert sorted(work) == sorted([*lost, ("curate", "v_waiting")])
     with session_scope(ctx.sessions) as s:

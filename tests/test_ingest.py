@@ -78,7 +78,9 @@ def test_folder_ingest_registers_each_content_once(ctx, tmp_path):
     assert res.known_ids == []
     # the byte-identical copy is no new video: it is recorded as a duplicate of the first
     assert res.duplicates == [("dup-of-a.mp4", vid(files["a.mp4"]))]
-    assert res.skipped == [("notes.txt", "not a video file name (extension '.txt')")]
+    reason = "not a video file name (extension '.txt')"
+    assert res.skipped.counts == {reason: 1} and res.skipped.examples == {reason: ["notes.txt"]}
+    assert res.to_dict()["skipped"] == {reason: 1}
     assert count_videos(ctx) == 6
     with session_scope(ctx.sessions) as s:
         [dup] = s.query(Duplicate).all()
@@ -143,7 +145,8 @@ def test_store_prefix_ingest(ctx):
     assert sorted(res.new_ids) == sorted(expected)
     # same etag+size: a duplicate of the first one listed
     assert res.known_ids == [] and res.duplicates == [("x.mp4", video_id_for(f"{info_x.etag}:{info_x.size}"))]
-    assert res.skipped == [("readme.txt", "not a video file name")]
+    assert res.skipped.counts == {"not a video file name": 1}
+    assert res.skipped.examples == {"not a video file name": ["readme.txt"]}
     with session_scope(ctx.sessions) as s:
         uris = {v.source_uri for v in s.scalars(select(Video))}
     # Listed in key order: copy-of-x comes first and x is then known by its etag+size.

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -40,6 +41,11 @@ def _ts(nullable: bool = False, onupdate: bool = False) -> Mapped[Any]:
         default=None if nullable else utcnow,
         onupdate=utcnow if onupdate else None,
     )
+
+
+def _where(condition: str) -> dict[str, Any]:
+    """A partial index's condition, for both dialects."""
+    return {"postgresql_where": text(condition), "sqlite_where": text(condition)}
 
 
 class SchemaMigration(Base):
@@ -68,6 +74,10 @@ class Video(Base):
         Index("videos_state_idx", "state"),
         Index("videos_build_idx", "build_id"),
         Index("videos_build_chunk_idx", "build_id", "chunk"),
+        # sql/005_hot_path_indexes.sql
+        Index("videos_in_flight_idx", "queued_at", "id", **_where("state NOT IN ('done', 'rejected', 'failed')")),
+        Index("videos_unclaimed_idx", "created_at", "id", **_where("build_id IS NULL AND state = 'registered'")),
+        Index("videos_source_uri_idx", "source_uri"),
     )
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     content_hash: Mapped[str] = mapped_column(Text, unique=True)
@@ -175,6 +185,9 @@ class StageAttempt(Base):
     __tablename__ = "stage_attempts"
     __table_args__ = (
         Index("stage_attempts_entity_idx", "entity_type", "entity_id", "stage"),
+        # sql/005_hot_path_indexes.sql
+        Index("stage_attempts_build_idx", "build_id"),
+        Index("stage_attempts_running_idx", "entity_type", "entity_id", **_where("status = 'running'")),
     )
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     build_id: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -11,12 +11,13 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, Update, select, update
 
 from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, SUCCEEDED, stage_reached
 from opensubject_tasks.catalogue import STAGES as CATALOGUE
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.locks import entity_lock
 from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video, utcnow
 from opensubject_tasks.errors import BadInput, Rejected
@@ -120,22 +121,34 @@ def mark_bad_input(ctx: Context, entity_type: str, entity_id: str, exc: BadInput
                   "rejected" if isinstance(exc, Rejected) else "failed", exc.reason)
 
 
+@hot_query("stage run, and each sample of a batch",
+           lambda f: {"stage": "verify", "entity_id": f.sample, "status": "lost", "error": "lost"})
+def close_running_attempts(stage: str, entity_id: str, status: str, error: str) -> Update:
+    """Close the attempts of a stage on an entity that are still marked running."""
+    return (update(StageAttempt)
+            .where(StageAttempt.entity_type == CATALOGUE[stage].entity, StageAttempt.entity_id == entity_id,
+                   StageAttempt.stage == stage, StageAttempt.status == "running")
+            .values(status=status, finished_at=utcnow(), error=error)
+            .execution_options(synchronize_session=False))
+
+
+@hot_query("stage run", lambda f: {"stage": "curate", "entity_id": f.video})
+def recent_attempt_statuses(stage: str, entity_id: str, limit: int = 100) -> Select:
+    return (select(StageAttempt.status)
+            .where(StageAttempt.entity_type == CATALOGUE[stage].entity, StageAttempt.entity_id == entity_id,
+                   StageAttempt.stage == stage)
+            .order_by(StageAttempt.id.desc()).limit(limit))
+
+
 def close_lost_attempts(ctx: Context, stage: str, entity_id: str) -> int:
     """Close this stage's attempts on the entity that are still marked running, and return
     how many times in a row its process was lost. Called with the entity's lock held:
     whoever ran those attempts no longer holds it, so they are dead."""
     with session_scope(ctx.sessions) as s:
-        s.execute(
-            update(StageAttempt)
-            .where(StageAttempt.stage == stage, StageAttempt.entity_id == entity_id,
-                   StageAttempt.status == "running")
-            .values(status="lost", finished_at=utcnow(),
-                    error="the process running this attempt was lost (killed, out of memory or a "
-                          "crash in native code); the stage ran again")
-            .execution_options(synchronize_session=False))
-        statuses = s.scalars(select(StageAttempt.status).where(
-            StageAttempt.stage == stage, StageAttempt.entity_id == entity_id)
-            .order_by(StageAttempt.id.desc()).limit(100)).all()
+        s.execute(close_running_attempts(
+            stage, entity_id, "lost", "the process running this attempt was lost (killed, out of memory or a "
+                                      "crash in native code); the stage ran again"))
+        statuses = s.scalars(recent_attempt_statuses(stage, entity_id)).all()
     lost = 0
     for st in statuses:
         if st != "lost":
@@ -144,13 +157,18 @@ def close_lost_attempts(ctx: Context, stage: str, entity_id: str) -> int:
     return lost
 
 
-def video_of_sample(ctx: Context, sample_id: str) -> str | None:
+@hot_query("stage run of a sample", lambda f: {"sample_id": f.sample})
+def video_of_sample_query(sample_id: str) -> Select:
     from opensubject_tasks.db.models import Clip, Pair, Subject
 
+    return (select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id)
+            .join(Pair, Pair.subject_id == Subject.id).join(Sample, Sample.pair_id == Pair.id)
+            .where(Sample.id == sample_id))
+
+
+def video_of_sample(ctx: Context, sample_id: str) -> str | None:
     with session_scope(ctx.sessions) as s:
-        return s.scalar(select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id)
-                        .join(Pair, Pair.subject_id == Subject.id).join(Sample, Sample.pair_id == Pair.id)
-                        .where(Sample.id == sample_id))
+        return s.scalar(video_of_sample_query(sample_id))
 
 
 def lock_name(ctx: Context, entity_type: str, entity_id: str) -> str:
@@ -302,21 +320,24 @@ def _close_attempts(ctx: Context, attempt_ids: dict[str, int], outcome: dict[str
             row.details = {**(row.details or {}), **(details or {}), "batch_s": round(batch_s, 3)}
 
 
+@hot_query("video settled", lambda f: {"video_id": f.video})
+def sample_states_of_video(video_id: str) -> Select:
+    from opensubject_tasks.db.models import Clip, Pair, Subject
+
+    return (select(Sample.state).join(Pair, Sample.pair_id == Pair.id)
+            .join(Subject, Pair.subject_id == Subject.id)
+            .join(Clip, Subject.clip_id == Clip.id).where(Clip.video_id == video_id))
+
+
 def finalize_video(ctx: Context, video_id: str) -> str:
     """Give a video its terminal state once mining has completed and none of its samples
     is in flight: done (at least one verified sample) or rejected (none). Decided on
     evidence only: a video whose mining never completed keeps its state."""
-    from opensubject_tasks.db.models import Clip, Pair, Subject
-
     with session_scope(ctx.sessions) as s:
         video = s.get(Video, video_id, with_for_update=True)
         if video is None or video.state in ("failed", "rejected") or not stage_reached(video.stage_done, "mine"):
             return video.state if video else "missing"
-        states = [st for (st,) in s.execute(
-            select(Sample.state).join(Pair, Sample.pair_id == Pair.id)
-            .join(Subject, Pair.subject_id == Subject.id)
-            .join(Clip, Subject.clip_id == Clip.id).where(Clip.video_id == video_id)
-        )]
+        states = list(s.scalars(sample_states_of_video(video_id)))
         if any(st in SAMPLE_IN_FLIGHT for st in states):
             return video.state
         if any(st == "verified" for st in states):

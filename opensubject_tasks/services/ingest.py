@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, Update, select, update
 from sqlalchemy.orm import Session
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Build, Duplicate, Video, utcnow
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.storage.sources import file_uri, parse_source, store_uri
@@ -34,17 +35,39 @@ VIDEO_EXTENSIONS = frozenset({
 _BATCH = 500  # candidates per database round trip
 
 
+_SKIP_EXAMPLES = 3  # names kept per skip reason (the counts are complete)
+
+
+@dataclass
+class Skipped:
+    """Inputs not registered, counted per reason, with the first few names of each: a
+    prefix laid out like video2dataset output holds a caption and a metadata file per
+    video, and no list of them travels to an orchestrator or a log."""
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, name: str, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < _SKIP_EXAMPLES:
+            shown.append(name)
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+
 @dataclass
 class IngestResult:
     new_ids: list[str] = field(default_factory=list)
     known_ids: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)     # (name, reason)
+    skipped: Skipped = field(default_factory=Skipped)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (name, id of the video it copies)
     replaced: list[str] = field(default_factory=list)               # old versions of overwritten objects
 
     def to_dict(self) -> dict[str, Any]:
+        """Counts only: this goes to task_outcomes, a trigger's event and Airflow's XCom."""
         return {"new": len(self.new_ids), "known": len(self.known_ids), "duplicates": len(self.duplicates),
-                "replaced": len(self.replaced), "skipped": [list(s) for s in self.skipped]}
+                "replaced": len(self.replaced), "skipped": dict(self.skipped.counts)}
 
 
 @dataclass(frozen=True)
@@ -107,7 +130,7 @@ def check_source_allowed(ctx: Context, source: str) -> str:
 
 
 # -- candidates ----------------------------------------------------------------
-def _folder_candidates(root: Path, skipped: list[tuple[str, str]]) -> Iterator[_Candidate]:
+def _folder_candidates(root: Path, skipped: Skipped) -> Iterator[_Candidate]:
     if root.is_file():
         files: Iterable[Path] = [root]
     elif root.is_dir():
@@ -117,22 +140,22 @@ def _folder_candidates(root: Path, skipped: list[tuple[str, str]]) -> Iterator[_
     for path in files:
         name = _display(path.name)
         if not is_video_name(path.name):
-            skipped.append((name, f"not a video file name (extension {path.suffix.lower() or 'none'!r})"))
+            skipped.add(name, f"not a video file name (extension {path.suffix.lower() or 'none'!r})")
             continue
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
         except OSError as exc:
-            skipped.append((name, f"unreadable: {exc.strerror or exc}"))
+            skipped.add(name, f"unreadable: {exc.strerror or type(exc).__name__}")
             continue
         yield _Candidate(digest, file_uri(path), name, size)
 
 
-def _walk(root: Path, skipped: list[tuple[str, str]]) -> Iterator[Path]:
+def _walk(root: Path, skipped: Skipped) -> Iterator[Path]:
     """Files under root in a stable order; does not follow symlinked folders (no loops)."""
     def onerror(exc: OSError) -> None:
-        skipped.append((_display(str(exc.filename)), f"unreadable folder: {exc.strerror or exc}"))
+        skipped.add(_display(str(exc.filename)), f"unreadable folder: {exc.strerror or type(exc).__name__}")
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
         dirnames.sort()
@@ -140,14 +163,14 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
-def _store_candidates(ctx: Context, prefix: str, skipped: list[tuple[str, str]]) -> Iterator[_Candidate]:
+def _store_candidates(ctx: Context, prefix: str, skipped: Skipped) -> Iterator[_Candidate]:
     for info in ctx.store.list(prefix):
         name = PurePosixPath(info.key).name
         if not is_video_name(name):
-            skipped.append((name, "not a video file name"))
+            skipped.add(name, "not a video file name")
             continue
         if not info.etag:
-            skipped.append((name, "the store gave no etag to identify it by"))
+            skipped.add(name, "the store gave no etag to identify it by")
             continue
         yield _Candidate(f"{info.etag}:{info.size}", store_uri(info.key), name, info.size)
 
@@ -193,9 +216,7 @@ def _register_batch(ctx: Context, batch: list[_Candidate], build_id: str | None,
     content), a file whose bytes equal a registered video's is recorded as its duplicate,
     and a new version of an object at a known key retires the old one if it never started."""
     with session_scope(ctx.sessions) as s:
-        known = {h: (vid, uri) for h, vid, uri in s.execute(
-            select(Video.content_hash, Video.id, Video.source_uri)
-            .where(Video.content_hash.in_({c.content_hash for c in batch})))}
+        known = {h: (vid, uri) for h, vid, uri in s.execute(known_by_content({c.content_hash for c in batch}))}
         firsts: dict[str, _Candidate] = {}
         copies: list[_Candidate] = []
         for c in batch:
@@ -234,14 +255,27 @@ def _register_batch(ctx: Context, batch: list[_Candidate], build_id: str | None,
             result.replaced += _retire_old_versions(s, [c for c in fresh if c.video_id in inserted])
 
 
+@hot_query("ingest batch", lambda f: {"content_hashes": f.content_hashes})
+def known_by_content(content_hashes: Iterable[str]) -> Select:
+    return (select(Video.content_hash, Video.id, Video.source_uri)
+            .where(Video.content_hash.in_(sorted(content_hashes))))
+
+
+@hot_query("ingest batch", lambda f: {"by_uri": dict(zip(f.source_uris, f.video_ids, strict=True))})
+def old_versions(by_uri: dict[str, str]) -> Select:
+    """Videos registered at these source URIs, other than ``by_uri``'s new ones, that no
+    work has touched yet."""
+    return select(Video.id, Video.source_uri).where(
+        Video.source_uri.in_(list(by_uri)), Video.id.not_in(list(by_uri.values())),
+        Video.state == "registered", Video.stage_done.is_(None), Video.queued_at.is_(None))
+
+
 def _retire_old_versions(s: Session, new: list[_Candidate]) -> list[str]:
     """An object overwritten at the same key is a new video: the row of the old version is
     rejected with that reason if no work on it has started (a started one is checked by
     curate, which refuses bytes that are no longer the ones registered)."""
     by_uri = {c.source_uri: c.video_id for c in new}
-    old = s.execute(select(Video.id, Video.source_uri).where(
-        Video.source_uri.in_(list(by_uri)), Video.id.not_in(list(by_uri.values())),
-        Video.state == "registered", Video.stage_done.is_(None), Video.queued_at.is_(None))).all()
+    old = s.execute(old_versions(by_uri)).all()
     for vid, uri in old:
         s.execute(update(Video).where(Video.id == vid).values(
             state="rejected", reason=f"replaced by a new version at {uri} (video {by_uri[uri]}) before "
@@ -272,34 +306,57 @@ def _ensure_build_exists(ctx: Context, build_id: str) -> None:
         ).on_conflict_do_nothing())
 
 
-def claim_videos(ctx: Context, build_id: str, limit: int | None = None) -> list[str]:
-    """Assign registered videos that no build holds yet to build_id; returns their ids.
+CLAIM_BATCH = 10_000  # videos per claiming statement (and transaction)
 
-    PostgreSQL: the candidates are locked with SELECT ... FOR UPDATE SKIP LOCKED and
-    then updated, so concurrent claimers never wait on each other and never share a
-    video. (Not one UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED):
-    PostgreSQL may run that subquery again per row and update more than n.)
-    SQLite: one UPDATE, serialised by the database write lock.
-    """
+
+@hot_query("claim", lambda f: {"build_id": f.build, "limit": CLAIM_BATCH})
+def claim_statement(build_id: str, limit: int, postgresql: bool = True) -> Update:
+    """Give up to ``limit`` registered videos that no build holds to ``build_id``, oldest
+    first; returns their ids.
+
+    PostgreSQL: the candidates are picked in a MATERIALIZED CTE with FOR UPDATE SKIP LOCKED,
+    so concurrent claimers never wait on each other and never share a video, and the pick
+    runs exactly once (an ``IN (SELECT ... LIMIT n)`` may run again per row and update more
+    than n). SQLite: one UPDATE, serialised by the database write lock."""
+    pick = (select(Video.id).where(Video.build_id.is_(None), Video.state == "registered")
+            .order_by(Video.created_at, Video.id).limit(limit))
+    if postgresql:
+        picked = pick.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+        target = Video.id == picked.c.id
+    else:
+        target = Video.id.in_(pick.scalar_subquery())
+    return (update(Video).where(target, Video.build_id.is_(None))
+            .values(build_id=build_id, updated_at=utcnow()).returning(Video.id)
+            .execution_options(synchronize_session=False))
+
+
+def claim_batches(ctx: Context, build_id: str, limit: int | None = None) -> Iterator[list[str]]:
+    """Claim registered videos that no build holds yet for ``build_id``, up to ``limit``
+    (None: all), ``CLAIM_BATCH`` per transaction; yields the ids of each batch. No list of
+    ids is ever sent to the database: a claim of 10^6 videos costs 10^2 statements."""
     if limit is not None and limit <= 0:
-        return []
+        return
     _ensure_build_exists(ctx, build_id)
-    with session_scope(ctx.sessions) as s:
-        pick = (select(Video.id)
-                .where(Video.build_id.is_(None), Video.state == "registered")
-                .order_by(Video.created_at, Video.id))
-        if limit is not None:
-            pick = pick.limit(limit)
-        if s.get_bind().dialect.name == "postgresql":
-            ids = list(s.scalars(pick.with_for_update(skip_locked=True)))
-            if not ids:
-                return []
-            target = Video.id.in_(ids)
-        else:
-            target = Video.id.in_(pick.scalar_subquery())
-        stmt = (update(Video)
-                .where(target, Video.build_id.is_(None))
-                .values(build_id=build_id, updated_at=utcnow())
-                .returning(Video.id)
-                .execution_options(synchronize_session=False))
-        return sorted(s.scalars(stmt))
+    left = limit
+    while left is None or left > 0:
+        size = CLAIM_BATCH if left is None else min(CLAIM_BATCH, left)
+        with session_scope(ctx.sessions) as s:
+            postgresql = s.get_bind().dialect.name == "postgresql"
+            ids = list(s.scalars(claim_statement(build_id, size, postgresql)))
+        if ids:
+            yield ids
+        if len(ids) < size:
+            return
+        if left is not None:
+            left -= len(ids)
+
+
+def claim_videos(ctx: Context, build_id: str, limit: int | None = None) -> list[str]:
+    """Assign registered videos that no build holds yet to build_id; returns their ids,
+    sorted (``claim_count`` when only their number matters)."""
+    return sorted(vid for ids in claim_batches(ctx, build_id, limit) for vid in ids)
+
+
+def claim_count(ctx: Context, build_id: str, limit: int | None = None) -> int:
+    """``claim_videos`` in memory bounded by a batch; returns how many were claimed."""
+    return sum(len(ids) for ids in claim_batches(ctx, build_id, limit))

@@ -11,11 +11,12 @@ were made from. Redoing it is an explicit recompute (services/rerun.py).
 from __future__ import annotations
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from opensubject_tasks.backends.base import Image
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.errors import BadInput, Rejected
 from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, stage_reached
@@ -56,6 +57,11 @@ def pair_id(subj_id: str, ref_frame: int, tgt_frame: int) -> str:
     return f"{subj_id}-p{ref_frame}-{tgt_frame}"
 
 
+@hot_query("stage run", lambda f: {"video_id": f.video})
+def minable_clips(video_id: str) -> Select:
+    return select(Clip).where(Clip.video_id == video_id, Clip.state.in_(MINABLE_CLIP_STATES)).order_by(Clip.idx)
+
+
 @stage("mine")
 def mine_video(ctx: Context, video_id: str) -> StageResult:
     with session_scope(ctx.sessions) as s:
@@ -65,9 +71,7 @@ def mine_video(ctx: Context, video_id: str) -> StageResult:
         if stage_reached(video.stage_done, "mine"):
             return _mined_already(s, video)
         build_id = video.build_id
-        clips = [(c.id, list(c.keyframes or [])) for c in s.scalars(
-            select(Clip).where(Clip.video_id == video_id, Clip.state.in_(MINABLE_CLIP_STATES))
-            .order_by(Clip.idx))]
+        clips = [(c.id, list(c.keyframes or [])) for c in s.scalars(minable_clips(video_id))]
     if not clips:
         raise Rejected("no subject: the video has no kept clip to mine")
 

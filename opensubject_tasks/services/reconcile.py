@@ -16,12 +16,19 @@ hand-off whose message is gone is dead; without it (a broker whose contents cann
 read), only one older than the stage's hard time limit is. The broker's view is what keeps
 a long GPU backlog, queued and waiting its turn, from being sent twice.
 
-Each unit sent again counts on its row (``resends``). Rows are locked
-(``FOR UPDATE SKIP LOCKED``) and their ``queued_at`` moved to now in the transaction that
-picks them, so two passes never hand out the same unit.
+Each unit sent again counts on its row (``resends``). No row is held locked while the
+broker is read: candidates are read without locks, then each page's rows are locked
+(``FOR UPDATE SKIP LOCKED``) in a short transaction that sends again only those whose
+hand-off did not change since (same task id) and moves their ``queued_at`` to now, so two
+passes never hand out the same unit and a worker updating a video never waits on a pass.
 
-Cost: one indexed query for candidates; the broker is read only when there
-are candidates, page by page.
+With a broker whose contents cannot be read (not Redis), a queued backlog looks exactly
+like lost work: a unit is sent again only after ``celery.reconcile_blind_after_s`` (6 h),
+and at most ``celery.reconcile_blind_max`` (100) per pass; duplicates that still happen are
+harmless (a stage run finds its work done and skips it).
+
+Cost: one indexed query per page of candidates (a partial index holds only unfinished
+videos); the broker is read only when there are candidates, page by page.
 
 This module knows nothing of Celery: the caller passes ``send(stage, entity_id, task_id=...)``.
 """
@@ -33,11 +40,12 @@ import uuid
 from collections.abc import Callable, Collection, Iterator
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Select, bindparam, select, tuple_, update
 
 from opensubject_tasks.catalogue import VIDEO_STAGES, VIDEO_TERMINAL, runs, stage_reached
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Build, StageAttempt, Video
 from opensubject_tasks.services.common import utcnow
 
@@ -54,12 +62,37 @@ def _alive_since(ctx: Context, older_than_s: float, stages: Collection[str], now
     return now - timedelta(seconds=max(older_than_s, hard))
 
 
-def _running(s, entity_type: str, ids: list[str], since: datetime) -> set[str]:  # noqa: ANN001
-    if not ids:
-        return set()
-    return set(s.scalars(select(StageAttempt.entity_id).where(
+_PASS_PAGE = 1000  # candidates per query and per locking transaction
+
+
+@hot_query("reconcile pass", lambda f: {"cutoff": utcnow() - timedelta(hours=1), "after": None,
+                                        "limit": _PASS_PAGE})
+def candidates(cutoff: datetime, after: tuple[datetime, str] | None, limit: int) -> Select:
+    """Videos in flight whose last hand-off is older than ``cutoff``, oldest first, after the
+    keyset ``after`` (queued_at, id): a partial index holds the unfinished videos only."""
+    q = (select(Video.id, Video.queued_stage, Video.queued_task_id, Video.queued_at, Video.stage_done,
+                Build.params)
+         .join(Build, Build.id == Video.build_id)
+         .where(Build.state == "running", Video.state.not_in(VIDEO_TERMINAL),
+                Video.queued_stage.in_(VIDEO_STAGES), Video.queued_at < cutoff))
+    if after is not None:
+        q = q.where(tuple_(Video.queued_at, Video.id) > tuple_(*after))
+    return q.order_by(Video.queued_at, Video.id).limit(limit)
+
+
+@hot_query("reconcile pass", lambda f: {"entity_type": "video", "ids": f.video_ids,
+                                        "since": utcnow() - timedelta(hours=1)})
+def running_attempts(entity_type: str, ids: list[str], since: datetime) -> Select:
+    return select(StageAttempt.entity_id).where(
         StageAttempt.entity_type == entity_type, StageAttempt.entity_id.in_(ids),
-        StageAttempt.status == "running", StageAttempt.started_at > since)))
+        StageAttempt.status == "running", StageAttempt.started_at > since)
+
+
+@hot_query("reconcile pass", lambda f: {"ids": f.video_ids})
+def lock_unchanged(ids: list[str]) -> Select:
+    """The candidates' rows, locked, skipping those a worker holds right now."""
+    return (select(Video.id, Video.queued_task_id).where(Video.id.in_(ids))
+            .with_for_update(skip_locked=True))
 
 
 def _until(params: dict | None) -> str:
@@ -67,44 +100,76 @@ def _until(params: dict | None) -> str:
 
 
 def reconcile(ctx: Context, send: Send, *, older_than_s: float, waiting: Waiting = None,
-              video_ids: Collection[str] | None = None) -> list[tuple[str, str]]:
+              blind_older_than_s: float | None = None, blind_max: int | None = None) -> list[tuple[str, str]]:
     """Hand out again every outstanding unit of work handed out more than ``older_than_s``
     seconds ago; returns the ``(stage, entity_id)`` pairs sent.
 
     ``waiting``: ``(stage, entity_id)`` of the messages on the broker now, or a function
-    that reads them (called only when there are candidates); None: unknown, and age alone
-    decides. ``video_ids``: only these videos (a chunk being retried)."""
+    that reads them (called only when there are candidates); None: unknown. With a broker
+    it cannot read, a queued backlog looks exactly like lost work, so a unit is sent again
+    only once its hand-off is older than ``blind_older_than_s`` (default
+    ``celery.reconcile_blind_after_s``), and at most ``blind_max`` (default
+    ``celery.reconcile_blind_max``) per pass, oldest first: never a mass re-send.
+
+    Cost: candidates are read a page at a time through an index that holds only unfinished
+    videos; no row is locked while the broker is read; each page's rows are then locked
+    briefly (``SKIP LOCKED``: a row a worker is updating is left to the next pass) and sent
+    again only if no hand-off happened since they were read (same task id)."""
+    c = ctx.settings.celery
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_s)
-    with session_scope(ctx.sessions) as s:
-        # The stage handed out last, until the video records it done (samples: until the
-        # video is settled).
-        q = (select(Video.id, Video.queued_stage, Video.stage_done, Build.params)
-             .join(Build, Build.id == Video.build_id)
-             .where(Build.state == "running", Video.state.not_in(VIDEO_TERMINAL),
-                    Video.queued_stage.in_(VIDEO_STAGES), Video.queued_at < cutoff))
-        if video_ids is not None:
-            q = q.where(Video.id.in_(list(video_ids)))
-        rows = [r for r in s.execute(q.order_by(Video.id).with_for_update(of=Video, skip_locked=True))
-                if not stage_reached(r.stage_done, r.queued_stage) and runs(r.queued_stage, _until(r.params))]
-        if not rows:
-            return []
+    first = _candidate_page(ctx, cutoff, None)
+    if not first:
+        return []
+    held = waiting() if callable(waiting) else waiting
+    known = held is not None
+    held = set(held or ())
+    if not known:
+        blind_after = max(older_than_s, c.reconcile_blind_after_s if blind_older_than_s is None else blind_older_than_s)
+        cutoff = now - timedelta(seconds=blind_after)
+        first = [r for r in first if r.queued_at < cutoff]
+    budget = (c.reconcile_blind_max if blind_max is None else blind_max) if not known else None
+    since = _alive_since(ctx, older_than_s, VIDEO_STAGES, now, known)
+    sent: list[tuple[str, str]] = []
+    page = first
+    while page and (budget is None or len(sent) < budget):
+        units = _resend_page(ctx, page, held, since, now, None if budget is None else budget - len(sent))
+        for stage, entity_id, task_id in units:
+            send(stage, entity_id, task_id=task_id)
+            sent.append((stage, entity_id))
+        if len(page) < _PASS_PAGE:
+            break
+        page = _candidate_page(ctx, cutoff, (page[-1].queued_at, page[-1].id))
+    return sent
 
-        held = waiting() if callable(waiting) else waiting
-        known = held is not None
-        held = set(held or ())
-        busy = _running(s, "video", [r.id for r in rows],
-                        _alive_since(ctx, older_than_s, VIDEO_STAGES, now, known))
-        units = [(r.queued_stage, r.id) for r in rows if r.id not in busy and (r.queued_stage, r.id) not in held]
-        task_ids = {e: str(uuid.uuid4()) for _, e in units}
+
+def _candidate_page(ctx: Context, cutoff: datetime, after: tuple[datetime, str] | None) -> list:
+    with session_scope(ctx.sessions) as s:
+        return s.execute(candidates(cutoff, after, _PASS_PAGE)).all()
+
+
+def _resend_page(ctx: Context, page: list, held: set[tuple[str, str]], since: datetime, now: datetime,
+                 budget: int | None) -> list[tuple[str, str, str]]:
+    """Of a page of candidates, those still outstanding: not finished, run by their build,
+    not on the broker, not running, and handed out by nobody since they were read; each
+    gets a new task id and hand-off time in one short transaction. Returns (stage, id, task id)."""
+    wanted = {r.id: r for r in page
+              if not stage_reached(r.stage_done, r.queued_stage) and runs(r.queued_stage, _until(r.params))
+              and (r.queued_stage, r.id) not in held}
+    if not wanted:
+        return []
+    with session_scope(ctx.sessions) as s:
+        busy = set(s.scalars(running_attempts("video", list(wanted), since)))
+        locked = s.execute(lock_unchanged([v for v in wanted if v not in busy])).all()
+        ids = [vid for vid, task_id in locked if task_id == wanted[vid].queued_task_id]
+        ids = ids[:budget] if budget is not None else ids
+        units = [(wanted[v].queued_stage, v, str(uuid.uuid4())) for v in ids]
         if units:
             table = Video.__table__
             s.connection().execute(
                 update(table).where(table.c.id == bindparam("vid"))
                 .values(queued_at=now, queued_task_id=bindparam("tid"), resends=table.c.resends + 1),
-                [{"vid": e, "tid": task_ids[e]} for _, e in units])
-    for stage, entity_id in units:
-        send(stage, entity_id, task_id=task_ids[entity_id])
+                [{"vid": v, "tid": t} for _, v, t in units])
     return units
 
 

@@ -86,7 +86,9 @@ def invalidate(ctx: Context, stage: str, video_id: str, *, reason: str, actor: s
                                      .order_by(Sample.id)))
             busy = s.scalars(select(StageAttempt.entity_id).where(
                 StageAttempt.status == "running",
-                StageAttempt.entity_id.in_([video_id, *(x.id for x in samples)])).limit(1)).first()
+                ((StageAttempt.entity_type == "video") & (StageAttempt.entity_id == video_id))
+                | ((StageAttempt.entity_type == "sample") & StageAttempt.entity_id.in_([x.id for x in samples])))
+                .limit(1)).first()
             if busy is not None:
                 raise WorkInFlight(f"video {video_id} has a stage running now ({busy}); "
                                    "recompute it once that has ended")

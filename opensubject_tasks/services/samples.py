@@ -17,24 +17,29 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject
 from opensubject_tasks.services.common import StageResult, finalize_video, run_steps, stage
 from opensubject_tasks.services.synthesize import synthesize_samples
 from opensubject_tasks.services.verify import verify_samples
 
 
+@hot_query("sample batch", lambda f: {"video_id": f.video})
+def in_flight_query(video_id: str) -> Select:
+    return (select(Sample.id, Sample.state).join(Pair, Sample.pair_id == Pair.id)
+            .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
+            .where(Clip.video_id == video_id, Sample.state.in_(SAMPLE_IN_FLIGHT)).order_by(Sample.id))
+
+
 def in_flight(ctx: Context, video_id: str) -> dict[str, list[str]]:
     """The video's unfinished samples by state (pending, synthesized), in id order."""
     with session_scope(ctx.sessions) as s:
-        rows = s.execute(
-            select(Sample.id, Sample.state).join(Pair, Sample.pair_id == Pair.id)
-            .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
-            .where(Clip.video_id == video_id, Sample.state.in_(SAMPLE_IN_FLIGHT)).order_by(Sample.id)).all()
+        rows = s.execute(in_flight_query(video_id)).all()
     out: dict[str, list[str]] = {st: [] for st in SAMPLE_IN_FLIGHT}
     for sid, st in rows:
         out[st].append(sid)
