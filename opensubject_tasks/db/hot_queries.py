@@ -40,7 +40,6 @@ MODULES = (
     "opensubject_tasks.services.reconcile",
     "opensubject_tasks.services.mine",
     "opensubject_tasks.orchestrate",
-    "opensubject_tasks.tasks",
 )
 
 
@@ -63,16 +62,23 @@ class HotQuery:
     per: str                                   # the unit of work it runs once per
     build: Callable[..., Executable]           # the builder the code calls
     example: Callable[[Facts], dict[str, Any]]
+    binds: Callable[[Facts], dict[str, Any]] | None = None  # values of the statement's own bind parameters
+
+    def statement(self, f: Facts) -> Executable:
+        return self.build(**self.example(f))
 
 
 HOT_QUERIES: dict[str, HotQuery] = {}
 
 
-def hot_query(per: str, example: Callable[[Facts], dict[str, Any]]) -> Callable:
-    """Register a statement builder that runs once per ``per``."""
+def hot_query(per: str, example: Callable[[Facts], dict[str, Any]],
+              binds: Callable[[Facts], dict[str, Any]] | None = None) -> Callable:
+    """Register a statement builder that runs once per ``per``; ``example``: its keyword
+    arguments from a database's facts; ``binds``: values for the bind parameters the
+    statement leaves to its caller (an executemany's rows)."""
     def deco(fn: Callable[..., Executable]) -> Callable[..., Executable]:
         name = f"{fn.__module__.removeprefix('opensubject_tasks.')}.{fn.__name__}"
-        HOT_QUERIES[name] = HotQuery(name, per, fn, example)
+        HOT_QUERIES[name] = HotQuery(name, per, fn, example, binds)
         return fn
     return deco
 
@@ -103,10 +109,15 @@ def facts(conn: Connection, batch: int = 100) -> Facts:
                  content_hashes=[r.content_hash for r in rows], source_uris=[r.source_uri for r in rows])
 
 
-def explain(conn: Connection, stmt: Executable) -> dict[str, Any]:
-    """PostgreSQL's plan of ``stmt`` (not run), as its JSON tree."""
+def _compiled(conn: Connection, stmt: Executable, binds: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
     compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
-    plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + str(compiled), compiled.params).scalar()
+    return str(compiled), compiled.construct_params(binds or None)
+
+
+def explain(conn: Connection, stmt: Executable, binds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """PostgreSQL's plan of ``stmt`` (not run), as its JSON tree."""
+    sql, params = _compiled(conn, stmt, binds)
+    plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql, params).scalar()
     plan = json.loads(plan) if isinstance(plan, str) else plan
     return plan[0]["Plan"]
 
@@ -123,6 +134,10 @@ def seq_scans(plan: dict[str, Any], tables: tuple[str, ...] = BIG_TABLES) -> lis
                    if n.get("Node Type") == "Seq Scan" and n.get("Relation Name") in tables})
 
 
-def plan_text(conn: Connection, stmt: Executable) -> str:
-    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
-    return "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params))
+def plan_text(conn: Connection, stmt: Executable, binds: dict[str, Any] | None = None,
+              analyze: bool = False) -> str:
+    """The plan as PostgreSQL prints it; ``analyze``: run it too (in a transaction the
+    caller rolls back), with times."""
+    sql, params = _compiled(conn, stmt, binds)
+    head = "EXPLAIN (ANALYZE, BUFFERS) " if analyze else "EXPLAIN "
+    return "\n".join(r[0] for r in conn.exec_driver_sql(head + sql, params))

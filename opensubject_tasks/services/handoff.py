@@ -14,15 +14,28 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import Update, bindparam, update
 
 from opensubject_tasks.catalogue import VIDEO_STAGES
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Video, utcnow
 
 Send = Callable[..., object]  # send(stage, entity_id, task_id=None)
+
+
+@hot_query("hand-out", lambda f: {"stage": "curate", "now": utcnow(), "again": True},
+           binds=lambda f: {"vid": f.video, "tid": "task"})
+def hand_out_statement(stage: str, now: datetime, again: bool) -> Update:
+    """Record one hand-off (run once per video, parameters ``vid`` and ``tid``)."""
+    table = Video.__table__
+    values = {"queued_stage": stage, "queued_task_id": bindparam("tid"), "queued_at": now}
+    if again:
+        values["resends"] = table.c.resends + 1
+    return update(table).where(table.c.id == bindparam("vid")).values(**values)
 
 
 def hand_out_videos(ctx: Context, stage: str, video_ids: Iterable[str], send: Send,
@@ -38,11 +51,7 @@ def hand_out_videos(ctx: Context, stage: str, video_ids: Iterable[str], send: Se
     task_ids = [str(uuid.uuid4()) for _ in ids]
     now = utcnow()
     with session_scope(ctx.sessions) as s:
-        table = Video.__table__
-        values = {"queued_stage": stage, "queued_task_id": bindparam("tid"), "queued_at": now}
-        if again:
-            values["resends"] = table.c.resends + 1
-        s.connection().execute(update(table).where(table.c.id == bindparam("vid")).values(**values),
+        s.connection().execute(hand_out_statement(stage, now, again),
                                [{"vid": v, "tid": t} for v, t in zip(ids, task_ids, strict=True)])
     for vid, tid in zip(ids, task_ids, strict=True):
         send(stage, vid, task_id=tid)
