@@ -4,7 +4,7 @@ given explicitly): what runs is decided here, the workers' part is tested elsewh
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from opensubject_tasks import orchestrate
 from opensubject_tasks.db.engine import session_scope, upgrade
@@ -149,3 +149,40 @@ def test_finalize_decides_only_on_evidence(ctx):
     assert finalize_video(ctx, vid) == "rejected"
     with session_scope(ctx.sessions) as s:
         assert s.get(Video, vid).reason == "no subject pair found"
+
+
+def test_claims_of_more_ids_than_a_statement_may_bind_work_through_psycopg3(pg_db, monkeypatch):
+    """psycopg 3 refuses more than 65,535 bind parameters in a statement: a claim of 66,000
+    registered videos, and a build given 66,000 video ids, go through in batches."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from opensubject_tasks.services.ingest import ensure_build
+
+    url = make_url(pg_db).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    monkeypatch.setenv("OPENSUBJECT_DATABASE_URL", url)
+    c = orchestrate.context()
+    assert c.engine.dialect.driver == "psycopg"
+    n = 66_000
+    with c.engine.begin() as conn:
+        conn.execute(text("INSERT INTO videos (id, content_hash, source_uri, name) "
+                          "SELECT 'v' || lpad(i::text, 6, '0'), 'h' || i, 'store://raw/' || i, i || '.mp4' "
+                          "FROM generate_series(0, :n - 1) AS i"), {"n": n})
+
+    def owners() -> dict:
+        with session_scope(c.sessions) as s:
+            return dict(s.execute(select(Video.build_id, func.count()).group_by(Video.build_id)).all())
+
+    try:
+        for build in ("claimed", "given"):
+            ensure_build(c, build, {}, "cpu")
+        chunks = orchestrate.claim_build_videos("claimed", max_chunks=1024)
+        assert owners() == {"claimed": n} and len(chunks) == 1016  # ceil(n / ceil(n / 1024))
+        with c.engine.begin() as conn:  # given back, then asked for by id
+            conn.execute(text("UPDATE videos SET build_id = NULL, chunk = NULL"))
+        given = orchestrate.claim_build_videos("given", video_ids=[f"v{i:06d}" for i in range(n)], max_chunks=1024)
+        assert owners() == {"given": n} and len(given) == 1016
+        with session_scope(c.sessions) as s:
+            assert s.scalar(select(func.count(func.distinct(Video.chunk)))) == 1016
+    finally:
+        c.engine.dispose()
