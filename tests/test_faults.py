@@ -174,6 +174,47 @@ def test_reconcile_sends_exactly_the_lost_work(pg_db):
     ctx.engine.dispose()
 
 
+def test_reconcile_holds_no_row_while_it_reads_the_broker(pg_db):
+    """A worker updating a video the reconciler has as a candidate is not blocked while the
+    pass reads the broker (two real connections: the worker's update must finish, under a
+    lock timeout, during the scan), and work handed out again meanwhile is not re-sent."""
+    from opensubject_tasks.config import load_settings
+    from opensubject_tasks.context import Context
+    from opensubject_tasks.db.engine import session_scope
+    from opensubject_tasks.db.models import Build, Video
+    from opensubject_tasks.services.reconcile import reconcile
+    from sqlalchemy import create_engine, text
+
+    ctx = Context.from_settings(load_settings(database_url=pg_db))
+    old = datetime.now(UTC) - timedelta(hours=1)
+    with session_scope(ctx.sessions) as s:
+        s.add(Build(id="b1", state="running"))
+        s.flush()
+        s.add_all([Video(id=v, content_hash=v, source_uri=f"store://raw/{v}", name=v, build_id="b1", state="running",
+                         queued_stage="curate", queued_at=old, queued_task_id=f"task-{v}") for v in ("v_worked", "v_lost")])
+    worker = create_engine(pg_db)
+    updated: list[str] = []
+
+    def broker_scan():  # noqa: ANN202 - the worker hands v_worked out again meanwhile
+        with worker.begin() as c:
+            c.execute(text("SET LOCAL lock_timeout = '3s'"))
+            c.execute(text("UPDATE videos SET queued_task_id = 'task-new', queued_at = now(), state = 'running' "
+                           "WHERE id = 'v_worked'"))
+            updated.append("v_worked")
+        return set()
+
+    try:
+        sent = reconcile(ctx, lambda st, e, **kw: None, older_than_s=60, waiting=broker_scan)
+    finally:
+        worker.dispose()
+    assert updated == ["v_worked"]          # the worker's update went through during the scan
+    assert sent == [("curate", "v_lost")]   # and the unit it handed out again was left alone
+    with session_scope(ctx.sessions) as s:
+        assert s.get(Video, "v_worked").queued_task_id == "task-new" and s.get(Video, "v_worked").resends == 0
+        assert s.get(Video, "v_lost").resends == 1
+    ctx.engine.dispose()
+
+
 def test_waiting_in_broker_reads_queued_and_delayed_messages(fault_redis_url, monkeypatch):
     import redis
 
