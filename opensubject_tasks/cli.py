@@ -124,7 +124,7 @@ def _print_funnel(doc: dict[str, Any], summary: dict[str, Any] | None = None) ->
 def cmd_status(args: argparse.Namespace) -> int:
     from opensubject_tasks.runner import funnel
 
-    out = _existing_out(args.out)
+    out = _existing_out(args.out, args=args)
     settings = _settings(args, out)
     _existing_database(settings)
     ctx = _context(settings)
@@ -181,7 +181,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from opensubject_tasks.services.export import export_build_to
 
-    out = _existing_out(args.out)
+    out = _existing_out(args.out, args=args)
     _name(args.build, "--build")
     settings = _settings(args, out)
     if args.exclude_bench:
@@ -200,7 +200,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     handed to the Celery workers as an orchestrator does, waiting for its outcome."""
     from opensubject_tasks.services.rerun import check_rerun, default_actor, invalidate
 
-    out = _existing_out(args.out)
+    out = _existing_out(args.out, args=args)
     settings = _settings(args, out)
     _existing_database(settings)
     ctx = _context(settings)

@@ -44,15 +44,24 @@ def _context(settings):
     return Context.from_settings(settings)
 
 
-def _existing_out(value: str | None, flag: str = "--out") -> Path | None:
-    """The output folder of an embedded build, which must hold its database."""
+def _existing_out(value: str | None, flag: str = "--out", args: argparse.Namespace | None = None) -> Path | None:
+    """The output folder of a build, which must hold its database unless one is configured
+    (``OPENSUBJECT_DATABASE_URL`` or --config), as ``run --out`` uses it."""
     if value is None:
         return None
     out = Path(value)
+    if out.is_dir() and _database_configured(args):
+        return out
     if not (out / "opensubject.db").is_file():
         what = "does not exist" if not out.exists() else "holds no build (no opensubject.db)"
         raise CannotRun(f"{flag} {value} {what}: give the folder an `opensubject run ... --out` wrote")
     return out
+
+
+def _database_configured(args: argparse.Namespace | None) -> bool:
+    from opensubject_tasks.config import load_settings
+
+    return "database_url" in load_settings(getattr(args, "config", None)).model_fields_set
 
 
 def _existing_database(settings, flag: str = "--out") -> None:  # noqa: ANN001

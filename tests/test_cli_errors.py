@@ -147,3 +147,37 @@ if __name__ == "__main__":  # the table for the docs
         msg = err.strip().replace(str(tmp), "…").replace("|", "\\|")
         print(f"| {case} | `opensubject {' '.join(argv)}` | {code} | {msg} |")
     sys.exit(0)
+
+
+def test_commands_taking_out_use_the_configured_database(pg_db, tmp_path, monkeypatch):
+    """`run --out DIR` with OPENSUBJECT_DATABASE_URL naming PostgreSQL keeps its rows there
+    (DIR holds the store and dataset only): status, export and rerun with the same --out
+    read that database instead of refusing a folder without opensubject.db."""
+    import json
+
+    from opensubject_tasks.testmedia.samples import tiny_video
+
+    media, out = tmp_path / "media", tmp_path / "out"
+    media.mkdir()
+    tiny_video(media / "one.mp4", 1)
+    monkeypatch.chdir(tmp_path)
+    for k in [k for k in os.environ if k.startswith("OPENSUBJECT_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("OPENSUBJECT_DATABASE_URL", pg_db)
+    monkeypatch.setenv("OPENSUBJECT_CURATE__MIN_SHORT_SIDE", "64")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", str(media), "--out", str(out), "--until", "curate", "--quiet"]) == 0
+    assert not (out / "opensubject.db").exists()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["status", "--out", str(out), "--json"]) == 0
+    doc = json.loads(printed.getvalue())
+    [video] = doc["videos"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["rerun", "curate", video["id"], "--out", str(out)]) == 0
+        assert main(["export", "--out", str(out), "--build", "default"]) == 0
+    assert (out / "dataset").is_dir()
+    # without a configured database the folder must still hold one
+    monkeypatch.delenv("OPENSUBJECT_DATABASE_URL")
+    code, err = run_case(["status", "--out", str(out)], {})
+    assert code == 1 and "holds no build (no opensubject.db)" in err

@@ -19,7 +19,7 @@ BASELINE_NAMES = ("copy-input", "paste-reference", "ground-truth")  # = bench.ba
 def _bench_settings(args: argparse.Namespace, db_out: str | None) -> Any:
     from opensubject_tasks.cli_common import _existing_out, _settings
 
-    out = _existing_out(db_out, "--db-out")
+    out = _existing_out(db_out, "--db-out", args)
     settings = _settings(args, out)
     for interface in ("vlm", "embedder"):
         name = getattr(args, interface, None)
