@@ -32,7 +32,7 @@ Send = Callable[..., object]  # send(stage, entity_id, task_id=None)
 def hand_out_statement(stage: str, now: datetime, again: bool) -> Update:
     """Record one hand-off (run once per video, parameters ``vid`` and ``tid``)."""
     table = Video.__table__
-    values = {"queued_stage": stage, "queued_task_id": bindparam("tid"), "queued_at": now}
+    values = {"queued_stage": stage, "queued_task_id": bindparam("tid"), "queued_at": now, "updated_at": now}
     if again:
         values["resends"] = table.c.resends + 1
     return update(table).where(table.c.id == bindparam("vid")).values(**values)
