@@ -335,3 +335,20 @@ def test_sources_from_outside_are_confined_to_the_store_and_allowed_roots(tmp_pa
     with session_scope(ctx.sessions) as s:
         assert s.get(Build, "b") is None
     assert orchestrate.start_build({"build_name": "b", "source": str(allowed / "sub")}, "run-1") == "b"
+
+
+def test_skipped_inputs_travel_as_counts(ctx, tmp_path):
+    """A prefix laid out like video2dataset output holds a caption and a metadata file per
+    video: what goes to the orchestrator (task outcome, trigger event, XCom, log) counts
+    them per reason, whatever their number; the first few names are kept as examples."""
+    root = tmp_path / "shards"
+    root.mkdir()
+    for i in range(40):
+        (root / f"{i:05d}.txt").write_text("a caption")
+        (root / f"{i:05d}.json").write_text("{}")
+    res = register_source(ctx, str(root))
+    txt, js = "not a video file name (extension '.txt')", "not a video file name (extension '.json')"
+    assert res.to_dict()["skipped"] == {txt: 40, js: 40} and len(res.skipped) == 80
+    assert res.skipped.examples == {js: ["00000.json", "00001.json", "00002.json"],
+                                    txt: ["00000.txt", "00001.txt", "00002.txt"]}
+    assert "00039" not in json.dumps(res.to_dict())
