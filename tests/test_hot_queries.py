@@ -12,7 +12,7 @@ import time
 import pytest
 from corpus_history import History, fill
 from local_services import pg_database
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 
 from opensubject_tasks.db.hot_queries import BIG_TABLES, all_hot_queries, explain, facts, seq_scans
 
@@ -37,10 +37,16 @@ def history(history_url):  # noqa: ANN001
     engine.dispose()
 
 
-def test_the_history_holds_what_was_asked(history):
+def test_the_history_holds_what_was_asked(history, pg_url):
     from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
 
     conn, f = history
+    # the fill drops and rebuilds plain indexes: the schema is the one applied
+    indexes = "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1"
+    schema_only = create_engine(pg_url)
+    with schema_only.connect() as c:
+        assert conn.execute(text(indexes)).all() == c.execute(text(indexes)).all()
+    schema_only.dispose()
     counted = {m.__tablename__: conn.scalar(select(func.count()).select_from(m))
                for m in (Build, Video, Clip, Subject, Pair, Sample, StageAttempt)}
     assert counted == HISTORY.counts()
