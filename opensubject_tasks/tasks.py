@@ -338,6 +338,7 @@ def reconcile(self: Task, older_than_s: float | None = None) -> dict[str, Any]:
     for st, _ in sent:
         by_stage[st] = by_stage.get(st, 0) + 1
     if sent:
-        log.warning("sent again %d unit(s) of work whose message was lost (%s), e.g. %s", len(sent), by_stage,
-                    ", ".join(f"{st}({e})" for st, e in sent[:20]))
+        log.warning("sent again %d unit(s) of work whose message was lost: %s%s; by stage: %s", len(sent),
+                    ", ".join(f"{st}({e})" for st, e in sent[:20]), " ..." if len(sent) > 20 else "",
+                    " ".join(f"{st}={n}" for st, n in sorted(by_stage.items())))
     return {"resent": len(sent), "by_stage": by_stage}
