@@ -202,14 +202,15 @@ class _Pass:
                     return
                 current, group = idx, []
             group.append(o)
-            if len(group) >= 2 * SEGMENT:   # grown: register its first half as a segment of its own
+            # A segment that grew is cut: its first SEGMENT keys stay, the rest starts a new
+            # one. The last segment (open-ended: where keys are appended) is cut at SEGMENT,
+            # the others at twice that.
+            if len(group) > (SEGMENT if current == len(self.bounds) - 1 else 2 * SEGMENT):
                 head, group = group[:SEGMENT], group[SEGMENT:]
-                self._changed(self.bounds[current], head)
+                if not self._finish(current, head, partial):
+                    return
                 self._split_at(group[0].key)
                 current = bisect.bisect_right(self.bounds, group[0].key) - 1
-                if self._out_of_time():
-                    self.result.complete = False
-                    return
         if group and not self._finish(current, group, partial):
             return
         self._save(None, finished=True)
