@@ -32,3 +32,14 @@ CREATE TABLE IF NOT EXISTS store_events (
     event_time  TIMESTAMPTZ NOT NULL,
     event_data  JSONB
 );
+-- MinIO creates the table itself (without the id) when it starts first.
+ALTER TABLE store_events ADD COLUMN IF NOT EXISTS id BIGSERIAL PRIMARY KEY;
+-- MinIO logs in as its own role (deploy/postgres/00-roles.sh), allowed to append events only
+-- (it checks the table with SELECT 1 at start).
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'opensubject_events') THEN
+        GRANT SELECT, INSERT ON store_events TO opensubject_events;
+        GRANT USAGE ON SEQUENCE store_events_id_seq TO opensubject_events;
+    END IF;
+END $$;
