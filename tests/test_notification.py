@@ -59,7 +59,7 @@ def test_notification_registers_and_hands_out_without_listing(ctx):
     sent = Sent()
     res = consume(ctx, RAW, build_id="live", send=sent)
     assert (res.events, res.new, res.known, res.handed_out) == (5, 2, 0, 2)
-    assert res.skipped == {"not a video file name": 1, "outside the watched prefix": 1,
+    assert res.skipped.counts == {"not a video file name": 1, "outside the watched prefix": 1,
                            "not an S3 event document": 1}
     assert sorted(stage for stage, _ in sent) == ["curate", "curate"]
     with session_scope(ctx.sessions) as s:

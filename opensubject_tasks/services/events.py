@@ -28,7 +28,7 @@ from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import StoreEvent, Video, utcnow
 from opensubject_tasks.services.handoff import Send, hand_out_videos
 from opensubject_tasks.services.ingest import (
-    _BATCH, IngestResult, _Candidate, _ensure_build_exists, _register_batch, store_candidate,
+    _BATCH, IngestResult, Skipped, _Candidate, _ensure_build_exists, _register_batch, store_candidate,
 )
 
 CREATED = "ObjectCreated:"
@@ -44,15 +44,15 @@ class EventResult:
     duplicates: int = 0
     replaced: int = 0
     handed_out: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)   # reason -> records
+    skipped: Skipped = field(default_factory=Skipped)   # counts per reason, a few names each
 
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+    def skip(self, reason: str, name: str = "") -> None:
+        self.skipped.add(name, reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {"events": self.events, "objects": self.objects, "new": self.new, "known": self.known,
                 "duplicates": self.duplicates, "replaced": self.replaced, "handed_out": self.handed_out,
-                "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(self.skipped)}
+                "skipped": dict(self.skipped.counts)}
 
 
 def records(doc: Any, bucket: str, prefix: str, result: EventResult) -> list[_Candidate]:  # noqa: ANN401
@@ -81,15 +81,15 @@ def records(doc: Any, bucket: str, prefix: str, result: EventResult) -> list[_Ca
             result.skip("malformed event record")
             continue
         if not name.removeprefix("s3:").startswith(CREATED):
-            result.skip("not an object-created event")
+            result.skip("not an object-created event", key)
         elif rec_bucket != bucket:
-            result.skip("another bucket")
+            result.skip("another bucket", key)
         elif not key.startswith(prefix):
-            result.skip("outside the watched prefix")
+            result.skip("outside the watched prefix", key)
         else:
             cand = store_candidate(key, etag, size)
             if isinstance(cand, str):
-                result.skip(cand)
+                result.skip(cand, key)
             else:
                 out.append(cand)
     return out
