@@ -124,3 +124,32 @@ def test_notifications_queue_down_the_listing_registers_everything(ctx):
     # the copy is recorded once (unique per source and video), every other object is known
     assert (res.new, res.known, res.handed_out) == (0, 10, 0)
     assert rows(ctx) == 10 and rows(ctx, Duplicate) == 1
+
+
+def test_notification_from_s3_through_sqs(ctx, s3_server):
+    """AWS's path, end to end on the S3 test server (moto implements S3 → SQS notifications):
+    the bucket's rule sends object-created events under raw/ to an SQS queue; the forwarder
+    moves them into the events table; the consumer registers them."""
+    import boto3
+
+    from opensubject_tasks.services.events import forward_sqs
+
+    endpoint = f"http://{s3_server.endpoint}"
+    aws = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "testkey",
+           "aws_secret_access_key": "testsecret"}
+    sqs, s3 = boto3.client("sqs", **aws), boto3.client("s3", **aws)
+    bucket = ctx.settings.store.bucket
+    ctx.store.put_bytes("raw/.keep", b"")          # the bucket exists
+    queue_url = sqs.create_queue(QueueName=f"{bucket}-events")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [{
+        "QueueArn": arn, "Events": ["s3:ObjectCreated:*"],
+        "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "raw/"}]}}}]})
+    for i in range(3):
+        upload(ctx, f"{RAW}sqs-{i}.mp4", f"video {i}".encode(), notify=False)   # S3 itself notifies
+    upload(ctx, "other/x.mp4", b"not watched", notify=False)
+    fwd = forward_sqs(ctx, queue_url, sqs, wait_s=0, until_empty=True)
+    assert fwd["forwarded"] == 3, fwd
+    res = consume(ctx, RAW, build_id="live", send=Sent())
+    assert (res.new, res.handed_out) == (3, 3)
+    assert forward_sqs(ctx, queue_url, sqs, wait_s=0, until_empty=True)["received"] == 0   # deleted once moved

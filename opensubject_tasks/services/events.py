@@ -175,3 +175,39 @@ def s3_event(bucket: str, key: str, etag: str, size: int, name: str = "s3:Object
                           "arn": f"arn:aws:s3:::{bucket}"},
                "object": {"key": quote_plus(key, safe="/"), "size": size, "eTag": etag,
                           "contentType": "video/mp4", "sequencer": "0"}}}]}
+
+
+def forward_sqs(ctx: Context, queue_url: str, client: Any, *, wait_s: int = 20,  # noqa: ANN401 - a boto3 SQS client
+                until_empty: bool = False) -> dict[str, int]:
+    """AWS S3 sends bucket notifications to an SQS queue: move them into ``store_events``,
+    where the same trigger and consumer as MinIO's take them. Each received batch (up to 10
+    messages, long-polled ``wait_s``) is inserted in one transaction and only then deleted
+    from the queue (at least once; registration is idempotent). S3's ``s3:TestEvent`` (sent
+    when the rule is created) is dropped. Runs until stopped, or with ``until_empty`` until a
+    receive returns nothing. Returns counts."""
+    counts = {"received": 0, "forwarded": 0, "test_events": 0}
+    while True:
+        msgs = client.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10,
+                                      WaitTimeSeconds=wait_s).get("Messages", [])
+        if not msgs:
+            if until_empty:
+                return counts
+            continue
+        counts["received"] += len(msgs)
+        docs = []
+        for m in msgs:
+            try:
+                doc = json.loads(m["Body"])
+            except ValueError:
+                doc = {"unreadable": m["Body"][:200]}   # kept: the consumer counts it as skipped
+            if isinstance(doc, dict) and doc.get("Event") == "s3:TestEvent":
+                counts["test_events"] += 1
+                continue
+            docs.append(doc)
+        if docs:
+            now = utcnow()
+            with session_scope(ctx.sessions) as s:
+                s.execute(insert(StoreEvent), [{"event_time": now, "event_data": d} for d in docs])
+            counts["forwarded"] += len(docs)
+        client.delete_message_batch(QueueUrl=queue_url, Entries=[
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)])
