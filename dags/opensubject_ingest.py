@@ -3,6 +3,11 @@ new (by content identity, so nothing is registered twice; a byte-identical copy 
 recorded as a duplicate) and trigger an `opensubject_build` run that claims every
 registered video no build holds yet.
 
+New objects normally arrive through bucket notifications (`opensubject_events`); this
+scheduled listing is the safety net for a lost one. It remembers what it has seen
+(services/listing.py): a run with nothing new costs list calls only, and a pass stopped by
+its time budget or a killed worker continues where it stopped.
+
 Nothing is stranded: the build claims *all* unclaimed videos, not only the ones this run
 registered, so a video registered by an attempt that was interrupted, or whose trigger
 failed, is built by the next run. The triggered run's id is derived from this run's

@@ -178,6 +178,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_events_forward_sqs(args: argparse.Namespace) -> int:
+    """AWS S3's bucket notifications, from their SQS queue into the events table."""
+    import boto3
+
+    from opensubject_tasks.services.events import forward_sqs
+
+    settings = _settings(args, None)
+    ctx = _context(settings)
+    client = boto3.client("sqs", region_name=args.region or settings.store.region or None,
+                          endpoint_url=args.endpoint_url or None)
+    print(json.dumps(forward_sqs(ctx, args.queue_url, client, wait_s=args.wait, until_empty=args.until_empty)))
+    return EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from opensubject_tasks.services.export import export_build_to
 
@@ -267,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--out")
     ing.add_argument("--build")
     ing.set_defaults(fn=cmd_ingest)
+
+    ev = sub.add_parser("events", help="bucket notifications").add_subparsers(dest="sub", required=True)
+    fw = ev.add_parser("forward-sqs", help="move AWS S3 notifications from an SQS queue into the events "
+                                           "table (credentials: the usual AWS environment)")
+    fw.add_argument("queue_url")
+    fw.add_argument("--region", help="default: the store's region")
+    fw.add_argument("--endpoint-url", help="an SQS-compatible endpoint (default: AWS)")
+    fw.add_argument("--wait", type=int, default=20, help="long-poll seconds per receive (0-20)")
+    fw.add_argument("--until-empty", action="store_true", help="stop when the queue is empty")
+    fw.set_defaults(fn=cmd_events_forward_sqs)
 
     ex = sub.add_parser("export", help="re-export a build from the database (no recompute)")
     ex.add_argument("--build", default="default")

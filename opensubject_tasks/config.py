@@ -48,6 +48,12 @@ class IngestSettings(_Section):
     # Folders on the workers that a source given from the UI or the API may name (with
     # everything below them); store://PREFIX sources are always allowed. Empty: store only.
     allowed_roots: list[Path] = Field(default_factory=list)
+    # The scheduled listing stops at a segment's end after this long and the next run goes
+    # on from there (below ingest's soft time limit, 600 s).
+    listing_budget_s: float = Field(480.0, gt=0)
+    # Prefixes whose new keys always sort after the old ones (e.g. raw/2026/12/07/...): listed
+    # from the greatest key seen instead of compared segment by segment.
+    append_only_prefixes: list[str] = Field(default_factory=list)
 
 
 class CurateSettings(_Section):

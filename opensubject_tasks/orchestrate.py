@@ -372,3 +372,21 @@ def rerun_on_workers(stage: str, video_id: str, timeout_s: float, poll_s: float 
     raise TimeoutError(f"{stage} of video {video_id} has not ended after {timeout_s:.0f} s; "
                        "`opensubject status` shows where it stands")
 
+
+
+# --- bucket notifications ---------------------------------------------------------------------------
+def consume_store_events(build_name: str | None = None) -> dict[str, Any]:
+    """Register the objects of the pending bucket events under the raw-videos prefix; with a
+    build name, they join that build and are handed to the queues at once. Returns counts."""
+    from opensubject_tasks.services.events import consume
+
+    ctx = context()
+    build_id = slug(build_name, 64) if build_name else None
+    return consume(ctx, ctx.settings.store.raw_prefix, build_id, _send if build_id else None).to_dict()
+
+
+def store_events_pending() -> int:
+    """The id of the newest bucket event waiting (0: none): what the event trigger watches."""
+    from opensubject_tasks.services.events import pending
+
+    return pending(context())

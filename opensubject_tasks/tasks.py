@@ -296,13 +296,19 @@ def outcome_recorded(task: str) -> Callable[[Callable[..., dict[str, Any]]], Cal
 @outcome_recorded("ingest")
 def ingest(self: Task, source: str, build_id: str | None = None) -> dict[str, Any]:
     """Register the videos under a source (a folder on the worker under an allowed root, or
-    store://prefix/; empty: the configured raw-videos prefix)."""
+    store://prefix/; empty: the configured raw-videos prefix). A store prefix is listed from
+    where the last run left it (services/listing.py): O(new), and a retry continues."""
     from opensubject_tasks.services.ingest import check_source_allowed, register_source
+    from opensubject_tasks.services.listing import list_and_register
+    from opensubject_tasks.storage.sources import parse_source
 
     ctx = worker_context()
     source = check_source_allowed(ctx, source.strip() or f"store://{ctx.settings.store.raw_prefix}")
     build_id = build_id or None
+    src = parse_source(source)
     try:
+        if src.kind == "store":
+            return {"source": source, "build_id": build_id, **list_and_register(ctx, src.key, build_id).to_dict()}
         result = register_source(ctx, source, build_id=build_id)
     except Exception as exc:
         if is_transient(exc) and self.request.retries < ctx.settings.celery.max_retries:

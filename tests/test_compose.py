@@ -279,3 +279,21 @@ def test_compose_file_is_valid_yaml_with_named_volumes(compose):
             if not src.startswith((".", "/", "$")):
                 assert src in compose["volumes"], (name, src)
     assert Path(REPO / "Dockerfile").read_text().count("USER ") >= 1
+
+
+def test_minio_notification_target_and_event_rule(services):
+    """New objects under raw/ reach store_events through MinIO's PostgreSQL target, as the
+    role that may only append there; the bucket's event rule is made at start."""
+    env = _env(services["minio"])
+    assert env["MINIO_NOTIFY_POSTGRES_ENABLE_PRIMARY"] == "on"
+    assert env["MINIO_NOTIFY_POSTGRES_TABLE_PRIMARY"] == "store_events"
+    assert env["MINIO_NOTIFY_POSTGRES_FORMAT_PRIMARY"] == "access"
+    conn = env["MINIO_NOTIFY_POSTGRES_CONNECTION_STRING_PRIMARY"]
+    assert "user=opensubject_events" in conn and "dbname=opensubject" in conn and "POSTGRES_PASSWORD" not in conn
+    assert env["MINIO_NOTIFY_POSTGRES_QUEUE_DIR_PRIMARY"] == "/events-queue"
+    assert any(v.endswith(":/events-queue") for v in services["minio"]["volumes"])
+    assert services["minio"]["depends_on"]["airflow-init"] == {"condition": "service_completed_successfully"}
+    entry = " ".join(services["minio-init"]["entrypoint"])
+    assert "mc event add" in entry and "arn:minio:sqs::PRIMARY:postgresql" in entry and "--prefix raw/" in entry
+    assert "opensubject_events" in (REPO / "deploy/postgres/00-roles.sh").read_text()
+    assert "store_events" in (REPO / "sql/007_listing_and_events.sql").read_text()

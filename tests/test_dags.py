@@ -10,7 +10,7 @@ import sys
 import pytest
 from airflow_fixtures import AIRFLOW_ENV, REPO
 
-DAG_IDS = {"opensubject_build", "opensubject_ingest", "opensubject_reconcile"}
+DAG_IDS = {"opensubject_build", "opensubject_events", "opensubject_ingest", "opensubject_reconcile"}
 # Modules a DAG file must not pull in when it is parsed: models, media, the database and
 # store clients, Celery. They belong in the tasks (imported when a task runs).
 HEAVY = ("torch", "transformers", "diffusers", "cv2", "av", "scenedetect", "skimage", "numpy",
@@ -134,6 +134,9 @@ def test_schedules_default_and_configurable(parsed):
     assert parsed["dags"]["opensubject_ingest"]["schedule"] == "@hourly"
     assert parsed["dags"]["opensubject_reconcile"]["schedule"] == "*/15 * * * *"
     assert parsed["dags"]["opensubject_build"]["schedule"] == "None"  # manual only
+    # new objects: an asset whose watcher reads the bucket-notification table
+    assert "opensubject_store_events" in parsed["dags"]["opensubject_events"]["schedule"]
+    assert parsed["dags"]["opensubject_events"]["params"]["build"]["type"] == "string"
     custom = _parse({"OPENSUBJECT_INGEST_SCHEDULE": "*/5 * * * *"})
     assert custom["dags"]["opensubject_ingest"]["schedule"] == "*/5 * * * *"
 
@@ -145,8 +148,10 @@ def test_triggers_import_from_plugins_folder_alone(tmp_path):
 import importlib, sys
 sys.path = [p for p in sys.path if not p.rstrip('/').endswith('dags')]
 sys.path.insert(0, sys.argv[1])
-from opensubject_airflow.triggers import ChunkTrigger, TaskOutcomeTrigger
-for t in (TaskOutcomeTrigger("abc", 1.0, 5.0), ChunkTrigger("b1", 3, 2.0, 0.0)):
+from opensubject_airflow.triggers import ChunkTrigger, StoreEventsTrigger, TaskOutcomeTrigger
+from airflow.triggers.base import BaseEventTrigger
+assert issubclass(StoreEventsTrigger, BaseEventTrigger)
+for t in (TaskOutcomeTrigger("abc", 1.0, 5.0), ChunkTrigger("b1", 3, 2.0, 0.0), StoreEventsTrigger(2.0)):
     path, kwargs = t.serialize()
     mod, _, name = path.rpartition(".")
     again = getattr(importlib.import_module(mod), name)(**kwargs)

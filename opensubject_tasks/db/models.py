@@ -253,3 +253,32 @@ class ExportShard(Base):
     bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     sha256: Mapped[str | None] = mapped_column(Text, nullable=True)
     written_at: Mapped[datetime | None] = _ts(nullable=True)
+
+
+class ListingSegment(Base):
+    """sql/007_listing_and_events.sql: a run of about a thousand keys of a listed source and
+    the digest of their (key, etag, size) when a pass last registered them."""
+    __tablename__ = "listing_segments"
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    lower_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    objects: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(Text)
+
+
+class ListingProgress(Base):
+    """sql/007_listing_and_events.sql: where the listing of a source stands."""
+    __tablename__ = "listing_progress"
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    resume_after: Mapped[str | None] = mapped_column(Text, nullable=True)
+    watermark: Mapped[str | None] = mapped_column(Text, nullable=True)
+    passes: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = _ts()
+
+
+class StoreEvent(Base):
+    """sql/007_listing_and_events.sql: a bucket notification, as MinIO's PostgreSQL target
+    (format access) writes it."""
+    __tablename__ = "store_events"
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    event_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    event_data: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)

@@ -165,14 +165,21 @@ def _walk(root: Path, skipped: Skipped) -> Iterator[Path]:
 
 def _store_candidates(ctx: Context, prefix: str, skipped: Skipped) -> Iterator[_Candidate]:
     for info in ctx.store.list(prefix):
-        name = PurePosixPath(info.key).name
-        if not is_video_name(name):
-            skipped.add(name, "not a video file name")
+        cand = store_candidate(info.key, info.etag, info.size)
+        if isinstance(cand, str):
+            skipped.add(PurePosixPath(info.key).name, cand)
             continue
-        if not info.etag:
-            skipped.add(name, "the store gave no etag to identify it by")
-            continue
-        yield _Candidate(f"{info.etag}:{info.size}", store_uri(info.key), name, info.size)
+        yield cand
+
+
+def store_candidate(key: str, etag: str, size: int) -> _Candidate | str:
+    """What registering a store object needs, or the reason it is skipped."""
+    name = PurePosixPath(key).name
+    if not is_video_name(name):
+        return "not a video file name"
+    if not etag:
+        return "the store gave no etag to identify it by"
+    return _Candidate(f"{etag}:{size}", store_uri(key), name, size)
 
 
 # -- registration ----------------------------------------------------------------

@@ -135,8 +135,9 @@ class LocalStore:
             raise FileNotFoundError(f"no such object: {key}")
         return self._info(key, path)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Objects whose key starts with prefix (a plain string prefix, as in S3), in key order."""
+    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Objects whose key starts with prefix (a plain string prefix, as in S3), in key order
+        (those after ``start_after`` when given)."""
         check_prefix(prefix)
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         base = self.root / folder
@@ -150,7 +151,7 @@ class LocalStore:
                 dirnames[:] = [d for d in dirnames if d != STAGING_DIR]
             for name in filenames:
                 key = rel + name
-                if key.startswith(prefix) and _addressable(key) and not os.path.islink(os.path.join(dirpath, name)):
+                if key.startswith(prefix) and (not start_after or key > start_after) and _addressable(key) and not os.path.islink(os.path.join(dirpath, name)):
                     keys.append(key)
         for key in sorted(keys):
             try:

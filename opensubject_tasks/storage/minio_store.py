@@ -236,10 +236,11 @@ class MinioStore:
             return False
         return True
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Objects under prefix in key order; a fault mid-listing resumes after the last key."""
+    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Objects under prefix in key order (after ``start_after`` when given); a fault
+        mid-listing resumes after the last key."""
         check_prefix(prefix)
-        last: str | None = None
+        last: str | None = start_after or None
         while True:
             page = self._call(f"list {prefix!r}", functools.partial(self._list_page, prefix, last))
             # Folder markers ("a/") are not objects.
