@@ -317,6 +317,18 @@ class CelerySettings(_Section):
         return self
 
 
+class DatabaseSettings(_Section):
+    """Connections of one process (PostgreSQL; SQLite ignores the pool). A process holds
+    at most ``pool_size + max_overflow`` connections: the bound docker-compose sizes
+    PostgreSQL's ``max_connections`` from (docs/distributed.md)."""
+    pool_size: int = Field(2, ge=1)          # kept open between tasks
+    max_overflow: int = Field(2, ge=0)       # opened for a moment when the kept ones are busy
+    pool_timeout_s: float = Field(30.0, gt=0)  # wait for a free connection, then a retried error
+    # Entity leases (db/locks.py): a run that stops renewing its lease (its host lost, its
+    # process frozen) is taken over this long after its last renewal; renewed every third.
+    lease_ttl_s: float = Field(60.0, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="OPENSUBJECT_", env_nested_delimiter="__", extra="forbid"
@@ -325,6 +337,7 @@ class Settings(BaseSettings):
     profile: Literal["cpu", "gpu", "tiny", "small"] = "cpu"
     database_url: str = "sqlite:///out/opensubject.db"
     broker_url: str = "redis://127.0.0.1:6379/0"
+    db: DatabaseSettings = Field(default_factory=DatabaseSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     curate: CurateSettings = Field(default_factory=CurateSettings)

@@ -27,7 +27,8 @@ class Context:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:
-        engine = make_engine(settings.database_url)
+        db = settings.db
+        engine = make_engine(settings.database_url, db.pool_size, db.max_overflow, db.pool_timeout_s)
         return cls(settings, engine, make_session_factory(engine), make_store(settings.store))
 
     # The interface type of each backend (backends/base.py), for readers and type checkers.

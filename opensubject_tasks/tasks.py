@@ -38,7 +38,6 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
-from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, OperationalError
 
 from opensubject_tasks.catalogue import STAGES
@@ -46,9 +45,17 @@ from opensubject_tasks.celery_app import app, task_name
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Build, StageAttempt, TaskOutcome
+from opensubject_tasks.db.models import StageAttempt, TaskOutcome
 from opensubject_tasks.errors import TransientError
-from opensubject_tasks.services.common import build_of, close_running_attempts, mark_terminal, run_stage, utcnow
+from opensubject_tasks.services.common import (
+    build_of,
+    close_running_attempts,
+    entity_facts,
+    mark_terminal,
+    run_stage,
+    utcnow,
+)
+from opensubject_tasks.storage import make_store
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +79,20 @@ def worker_context(profile: str | None = None) -> Context:
     if key not in _contexts:
         base = load_settings()
         settings = base if not profile or profile == base.profile else load_settings(profile=profile)
-        _contexts[key] = Context.from_settings(settings)
+        first = next(iter(_contexts.values()), None)
+        if first is not None and first.settings.database_url == settings.database_url \
+                and first.settings.db == settings.db:
+            # one pool per process whatever the builds' profiles: connections stay bounded
+            _contexts[key] = Context(settings, first.engine, first.sessions, make_store(settings.store))
+        else:
+            _contexts[key] = Context.from_settings(settings)
     return _contexts[key]
 
 
 def build_profile(ctx: Context, stage: str, entity_id: str) -> str | None:
     """The profile the entity's build was started with (None: the worker's own)."""
-    build_id = build_of(ctx, STAGES[stage].entity, entity_id)
-    if build_id is None:
-        return None
     with session_scope(ctx.sessions) as s:
-        return s.scalar(select(Build.profile).where(Build.id == build_id))
+        return entity_facts(s, STAGES[stage].entity, entity_id).profile
 
 
 # --- retry rules ----------------------------------------------------------------------------
@@ -163,11 +173,9 @@ class StageTask(Task):
         stage, retries = self.stage, self.request.retries
         try:
             ctx = worker_context(build_profile(worker_context(), stage, entity_id))
+            # the result, the hand-off down the video's chain and its message: run_stage
             result = run_stage(ctx, stage, entity_id, attempt=retries + 1,
-                               max_lost=ctx.settings.celery.max_worker_lost)
-            from opensubject_tasks.services.chain import continue_work
-
-            continue_work(ctx, stage, entity_id, result, send)
+                               max_lost=ctx.settings.celery.max_worker_lost, send=send)
         except Exception as exc:  # noqa: BLE001 - sorted into retry / give up below
             max_retries = load_settings().celery.max_retries
             if is_transient(exc) and retries < max_retries:

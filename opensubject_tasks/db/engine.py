@@ -25,7 +25,8 @@ def sql_files(sql_dir: Path = SQL_DIR) -> list[Path]:
     return files
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 2, max_overflow: int = 2, pool_timeout_s: float = 30.0) -> Engine:
+    """An engine holding at most ``pool_size + max_overflow`` PostgreSQL connections."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60})
 
@@ -39,7 +40,8 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # pool_pre_ping re-establishes connections dropped by a database restart.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
+                         pool_timeout=pool_timeout_s)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

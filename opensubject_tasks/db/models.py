@@ -282,3 +282,12 @@ class StoreEvent(Base):
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     event_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     event_data: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+
+
+class EntityLease(Base):
+    """sql/006_entity_leases.sql: one run per entity at a time (db/locks.py)."""
+    __tablename__ = "entity_leases"
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    holder: Mapped[str] = mapped_column(Text)
+    taken_at: Mapped[datetime] = _ts()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

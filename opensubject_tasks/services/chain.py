@@ -7,18 +7,18 @@ batches, re-synthesis included) as far as its build goes
 state (``finalize_video``). An orchestrator only waits until the database says the
 videos are settled: no message per stage passes through Airflow.
 
-The caller passes ``send``: nothing here knows Celery.
+``run_stage`` calls ``hand_on`` inside the transaction that records the stage's result and
+sends the messages it returns once that has committed: nothing here knows Celery.
 """
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from opensubject_tasks.catalogue import SAMPLE_STAGES, STAGES, UNTIL, runs
+from opensubject_tasks.catalogue import SAMPLE_STAGES, STAGES, runs
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Build
-from opensubject_tasks.services.common import StageResult, build_of, finalize_video, video_of_sample
-from opensubject_tasks.services.handoff import Send, hand_out_videos
+from opensubject_tasks.services.common import EntityFacts, StageResult, entity_facts, settle_video
+from opensubject_tasks.services.handoff import record_hand_out
 
 
 def build_until(ctx: Context, build_id: str | None) -> str:
@@ -26,33 +26,34 @@ def build_until(ctx: Context, build_id: str | None) -> str:
     if build_id is None:
         return "verify"
     with session_scope(ctx.sessions) as s:
-        params = s.scalar(select(Build.params).where(Build.id == build_id)) or {}
-    until = params.get("until") or "verify"
-    return until if until in UNTIL else "verify"
+        return entity_facts(s, "build", build_id).until
 
 
-def continue_work(ctx: Context, stage: str, entity_id: str, result: StageResult, send: Send) -> None:
-    """Hand the video to the next stage its build runs, and settle it once nothing of it
-    is left in flight."""
+def hand_on(s: Session, stage: str, entity_id: str, result: StageResult,
+            facts: EntityFacts) -> list[tuple[str, str, str]]:
+    """In the transaction that records a stage's result: record the hand-off of the video
+    to the next stage its build runs, and settle the video once nothing of it is left in
+    flight. Returns (stage, video, task id) of each message to send once committed."""
     entity = STAGES[stage].entity
-    video_id = entity_id if entity == "video" else video_of_sample(ctx, entity_id) if entity == "sample" else None
+    video_id = facts.video_id if entity in ("video", "sample") else None
     if video_id is None:
-        return
-    until = build_until(ctx, build_of(ctx, entity, entity_id))
+        return []
+    until = facts.until
     if entity == "sample":
         # a sample step run on its own (a rerun): the video's samples unit takes it on
         wanted = [("samples", video_id)] if result.next and runs("samples", until) else []
     else:
         wanted = [(st, e) for st, e in result.next if runs(st, until)]
-    for st, e in wanted:
-        hand_out_videos(ctx, st, [e], send)
+    sends = [(st, e, record_hand_out(s, st, [e])[0]) for st, e in wanted]
     # mine with no sample in flight (a re-run), or a sample step run alone that ended its
     # sample; the samples unit settles its video itself
     if not wanted and until == "verify" and result.status == "ok" and stage in ("mine", *SAMPLE_STAGES):
-        finalize_video(ctx, video_id)
+        settle_video(s, video_id)
+    return sends
 
 
 def settle_video_of_sample(ctx: Context, sample_id: str) -> None:
-    video_id = video_of_sample(ctx, sample_id)
-    if video_id is not None:
-        finalize_video(ctx, video_id)
+    with session_scope(ctx.sessions) as s:
+        video_id = entity_facts(s, "sample", sample_id).video_id
+        if video_id is not None:
+            settle_video(s, video_id)

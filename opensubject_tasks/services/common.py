@@ -12,18 +12,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sqlalchemy import Select, Update, select, update
+from sqlalchemy.orm import Session
 
-from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, SUCCEEDED, stage_reached
+from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, SUCCEEDED, UNTIL, stage_reached
 from opensubject_tasks.catalogue import STAGES as CATALOGUE
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
-from opensubject_tasks.db.locks import entity_lock
+from opensubject_tasks.db.locks import EntityLock, new_lock, wait_for
 from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video, utcnow
 from opensubject_tasks.errors import BadInput, Rejected
 
 # Follow-up work: (stage, entity_id) pairs an orchestrator should run next.
 Next = list[tuple[str, str]]
+Send = Callable[..., object]  # send(stage, entity_id, task_id=None): puts a task on its queue
 
 
 @dataclass
@@ -81,18 +83,67 @@ def load_stages() -> dict[str, StageSpec]:
     return STAGES
 
 
+@dataclass(frozen=True)
+class EntityFacts:
+    """What the bookkeeping of a stage run needs to know about its entity, read in one query."""
+    build_id: str | None = None
+    video_id: str | None = None        # the video a video or sample belongs to
+    until: str = "verify"              # the last stage its build runs (builds.params.until)
+    profile: str | None = None         # the profile its build was started with
+
+
+@hot_query("stage run", lambda f: {"entity_type": "sample", "entity_id": f.sample})
+def entity_facts_query(entity_type: str, entity_id: str) -> Select:
+    """(build id, video id, build params, build profile) of a video, sample, build or export part."""
+    from opensubject_tasks.db.models import Clip, Pair, Subject
+
+    cols = (Build.params, Build.profile)
+    if entity_type == "video":
+        return (select(Video.build_id, Video.id, *cols).outerjoin(Build, Build.id == Video.build_id)
+                .where(Video.id == entity_id))
+    if entity_type == "sample":
+        return (select(Sample.build_id, Clip.video_id, *cols)
+                .join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
+                .join(Clip, Subject.clip_id == Clip.id).outerjoin(Build, Build.id == Sample.build_id)
+                .where(Sample.id == entity_id))
+    build_id = entity_id if entity_type == "build" else entity_id.rpartition("#")[0]
+    return select(Build.id, None, *cols).where(Build.id == build_id)
+
+
+def entity_facts(s: Session, entity_type: str, entity_id: str) -> EntityFacts:
+    """The build, video, ``until`` and profile of a video, sample, build or export part."""
+    if entity_type not in ("video", "sample", "build", "export_part"):
+        return EntityFacts()
+    row = s.execute(entity_facts_query(entity_type, entity_id)).first()
+    if row is None:
+        if entity_type in ("build", "export_part"):   # a build row not (yet) written
+            return EntityFacts(entity_id if entity_type == "build" else entity_id.rpartition("#")[0])
+        return EntityFacts()
+    build_id, video_id, params, profile = row
+    until = (params or {}).get("until") or "verify"
+    return EntityFacts(build_id, video_id, until if until in UNTIL else "verify", profile)
+
+
 def build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
     """The build a video, sample or build belongs to (None for other entities)."""
     with session_scope(ctx.sessions) as s:
-        if entity_type == "video":
-            return s.scalar(select(Video.build_id).where(Video.id == entity_id))
-        if entity_type == "sample":
-            return s.scalar(select(Sample.build_id).where(Sample.id == entity_id))
-        if entity_type == "build":
-            return entity_id
-        if entity_type == "export_part":
-            return entity_id.rpartition("#")[0]
-    return None
+        return entity_facts(s, entity_type, entity_id).build_id
+
+
+def set_terminal(s: Session, entity_type: str, entity_id: str, state: str, reason: str,
+                 error_stage: str | None = None) -> None:
+    """``mark_terminal`` inside the caller's transaction."""
+    model = {"video": Video, "sample": Sample, "build": Build}.get(entity_type)
+    if model is None:
+        return
+    row = s.get(model, entity_id, with_for_update=True)
+    if row is None or (state != row.state and row.state == SUCCEEDED.get(entity_type)):
+        return
+    row.state = state
+    if hasattr(row, "reason"):
+        row.reason = reason[:2000]
+    if hasattr(row, "error_stage"):
+        row.error_stage = error_stage
 
 
 def mark_terminal(ctx: Context, entity_type: str, entity_id: str, state: str, reason: str,
@@ -101,32 +152,32 @@ def mark_terminal(ctx: Context, entity_type: str, entity_id: str, state: str, re
     one (a build does not). ``error_stage``: the stage whose error (not bad input) caused
     it, so that a retry redoes exactly that. A finished video or verified sample keeps its
     state: an error in a later re-run is recorded on its attempt only."""
-    model = {"video": Video, "sample": Sample, "build": Build}.get(entity_type)
-    if model is None:
-        return
     with session_scope(ctx.sessions) as s:
-        row = s.get(model, entity_id, with_for_update=True)
-        if row is None or (state != row.state and row.state == SUCCEEDED.get(entity_type)):
-            return
-        row.state = state
-        if hasattr(row, "reason"):
-            row.reason = reason[:2000]
-        if hasattr(row, "error_stage"):
-            row.error_stage = error_stage
+        set_terminal(s, entity_type, entity_id, state, reason, error_stage)
+
+
+def set_bad_input(s: Session, entity_type: str, entity_id: str, exc: BadInput) -> None:
+    """Record a terminal rejection/failure with its reason on the entity itself."""
+    set_terminal(s, entity_type, entity_id, "rejected" if isinstance(exc, Rejected) else "failed", exc.reason)
 
 
 def mark_bad_input(ctx: Context, entity_type: str, entity_id: str, exc: BadInput) -> None:
-    """Record a terminal rejection/failure with its reason on the entity itself."""
-    mark_terminal(ctx, entity_type, entity_id,
-                  "rejected" if isinstance(exc, Rejected) else "failed", exc.reason)
+    with session_scope(ctx.sessions) as s:
+        set_bad_input(s, entity_type, entity_id, exc)
+
+
+LOST_ERROR = ("the process running this attempt was lost (killed, out of memory or a crash in native "
+              "code); the stage ran again")
 
 
 @hot_query("stage run, and each sample of a batch",
-           lambda f: {"stage": "verify", "entity_id": f.sample, "status": "lost", "error": "lost"})
-def close_running_attempts(stage: str, entity_id: str, status: str, error: str) -> Update:
-    """Close the attempts of a stage on an entity that are still marked running."""
+           lambda f: {"stage": "verify", "entity_id": f.sample_ids, "status": "lost", "error": "lost"})
+def close_running_attempts(stage: str, entity_id: str | list[str], status: str, error: str) -> Update:
+    """Close the attempts of a stage on an entity (or a batch's entities) that are still
+    marked running."""
+    ids = [entity_id] if isinstance(entity_id, str) else list(entity_id)
     return (update(StageAttempt)
-            .where(StageAttempt.entity_type == CATALOGUE[stage].entity, StageAttempt.entity_id == entity_id,
+            .where(StageAttempt.entity_type == CATALOGUE[stage].entity, StageAttempt.entity_id.in_(ids),
                    StageAttempt.stage == stage, StageAttempt.status == "running")
             .values(status=status, finished_at=utcnow(), error=error)
             .execution_options(synchronize_session=False))
@@ -140,21 +191,29 @@ def recent_attempt_statuses(stage: str, entity_id: str, limit: int = 100) -> Sel
             .order_by(StageAttempt.id.desc()).limit(limit))
 
 
-def close_lost_attempts(ctx: Context, stage: str, entity_id: str) -> int:
-    """Close this stage's attempts on the entity that are still marked running, and return
-    how many times in a row its process was lost. Called with the entity's lock held:
-    whoever ran those attempts no longer holds it, so they are dead."""
-    with session_scope(ctx.sessions) as s:
-        s.execute(close_running_attempts(
-            stage, entity_id, "lost", "the process running this attempt was lost (killed, out of memory or a "
-                                      "crash in native code); the stage ran again"))
-        statuses = s.scalars(recent_attempt_statuses(stage, entity_id)).all()
+def close_lost(s: Session, stage: str, entity_ids: list[str]) -> None:
+    """Close this stage's attempts on the entities that are still marked running. Called
+    with the entities' lock held: whoever ran those attempts no longer holds it, so they
+    are dead."""
+    s.execute(close_running_attempts(stage, entity_ids, "lost", LOST_ERROR))
+
+
+def lost_in_a_row(s: Session, stage: str, entity_id: str) -> int:
+    """How many times in a row this stage's process was lost on the entity."""
+    statuses = s.scalars(recent_attempt_statuses(stage, entity_id)).all()
     lost = 0
     for st in statuses:
         if st != "lost":
             break
         lost += 1
     return lost
+
+
+def close_lost_attempts(ctx: Context, stage: str, entity_id: str) -> int:
+    """Close the entity's lost attempts of this stage; how many times in a row it was lost."""
+    with session_scope(ctx.sessions) as s:
+        close_lost(s, stage, [entity_id])
+        return lost_in_a_row(s, stage, entity_id)
 
 
 @hot_query("stage run of a sample", lambda f: {"sample_id": f.sample})
@@ -171,81 +230,139 @@ def video_of_sample(ctx: Context, sample_id: str) -> str | None:
         return s.scalar(video_of_sample_query(sample_id))
 
 
-def lock_name(ctx: Context, entity_type: str, entity_id: str) -> str:
+def lock_name(entity_type: str, entity_id: str, facts: EntityFacts) -> str:
     """The lock a stage run holds: a sample's steps take its video's lock, which the video's
     samples unit holds while it works through them."""
-    if entity_type == "sample" and (video_id := video_of_sample(ctx, entity_id)) is not None:
-        return f"video:{video_id}"
+    if entity_type == "sample" and facts.video_id is not None:
+        return f"video:{facts.video_id}"
     return f"{entity_type}:{entity_id}"
 
 
+@dataclass
+class _Start:
+    facts: EntityFacts
+    attempt_id: int | None = None          # None: given up (lost too often), already recorded
+    given_up: StageResult | None = None
+
+
 def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1,
-              max_lost: int | None = None) -> StageResult:
+              max_lost: int | None = None, send: Send | None = None) -> StageResult:
     """Run one stage on one entity; bad input becomes a recorded result, other errors
     are recorded and re-raised (the caller decides whether to retry).
 
     One run per entity at a time: a second copy (a redelivery racing the original, a
     re-run during a build) waits for the first, then finds its work done and skips it.
     ``max_lost``: after this many runs in a row whose process died (a video that crashes
-    its decoder or exhausts memory), the entity fails instead of killing another worker."""
+    its decoder or exhausts memory), the entity fails instead of killing another worker.
+    ``send``: hand the entity on down its chain (services/chain.py), recorded in the
+    transaction that records the result and sent once that has committed.
+
+    The bookkeeping takes two transactions: one takes the entity's lock, closes its lost
+    attempts and opens the attempt row; one closes the attempt, records bad input, the
+    hand-off and the video's settling, and releases the lock."""
     spec = load_stages()[stage_name]
     wait_s = ctx.settings.celery.limits(stage_name).hard_s
-    with entity_lock(ctx.engine, lock_name(ctx, spec.entity_type, entity_id), wait_s) as waited:
-        lost = close_lost_attempts(ctx, stage_name, entity_id)
-        if max_lost is not None and lost >= max_lost:
-            return _give_up_lost(ctx, spec, entity_id, attempt, lost)
-        return _run_locked(ctx, spec, entity_id, attempt, waited)
+    lock: EntityLock | None = None
+    start: _Start | None = None
 
+    def try_start() -> bool:
+        nonlocal lock, start
+        with session_scope(ctx.sessions) as s:
+            facts = entity_facts(s, spec.entity_type, entity_id)
+            if lock is None:
+                lock = new_lock(ctx.engine, lock_name(spec.entity_type, entity_id, facts),
+                                ctx.settings.db.lease_ttl_s)
+            if not lock.try_take(s):
+                return False
+            start = _open_attempt(s, ctx, spec, entity_id, attempt, max_lost, facts, lock)
+        return True
 
-def _give_up_lost(ctx: Context, spec: StageSpec, entity_id: str, attempt: int, lost: int) -> StageResult:
-    reason = (f"worker lost {lost} times running {spec.name} (killed, out of memory or a crash in "
-              "native code); not tried again")
-    with session_scope(ctx.sessions) as s:
-        s.add(StageAttempt(build_id=build_of(ctx, spec.entity_type, entity_id), entity_type=spec.entity_type,
-                           entity_id=entity_id, stage=spec.name, attempt=attempt, worker=ctx.worker,
-                           status="error", error=reason, finished_at=utcnow(), duration_s=0.0))
-    mark_terminal(ctx, spec.entity_type, entity_id, "failed", reason, error_stage=spec.name)
-    return StageResult(status="failed", reason=reason)
-
-
-def _run_locked(ctx: Context, spec: StageSpec, entity_id: str, attempt: int, waited: float) -> StageResult:
-    build_id = build_of(ctx, spec.entity_type, entity_id)
-    with session_scope(ctx.sessions) as s:
-        row = StageAttempt(build_id=build_id, entity_type=spec.entity_type, entity_id=entity_id,
-                           stage=spec.name, attempt=attempt, worker=ctx.worker, status="running")
-        s.add(row)
-        s.flush()
-        attempt_id = row.id
+    try:
+        waited = wait_for(try_start, f"{spec.entity_type}:{entity_id}", wait_s)
+    except BaseException:
+        if lock is not None:
+            lock.release(None)   # a flock taken by a start whose transaction failed
+        raise
+    assert lock is not None and start is not None
+    if start.given_up is not None:
+        lock.release(None)
+        return start.given_up
+    lock.keep()
     t0 = time.perf_counter()
-    status, error, result = "failed", None, None
+    bad: BadInput | None = None
     try:
         result = spec.fn(ctx, entity_id)
-        status, error = result.status, result.reason
-        return result
     except BadInput as exc:
-        mark_bad_input(ctx, spec.entity_type, entity_id, exc)
-        status = "rejected" if isinstance(exc, Rejected) else "failed"
-        error = exc.reason
-        result = StageResult(status=status, reason=exc.reason)
-        return result
+        bad = exc
+        result = StageResult(status="rejected" if isinstance(exc, Rejected) else "failed", reason=exc.reason)
     except BaseException as exc:
         status = "timeout" if type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded") else "error"
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+        _finish(ctx, spec, entity_id, start, lock, (status, error, {}), t0, waited)
         raise
-    finally:
+    sends = _finish(ctx, spec, entity_id, start, lock, (result.status, result.reason, result.details), t0, waited,
+                    bad=bad, result=result, send=send is not None)
+    for st, e, task_id in sends:
+        send(st, e, task_id=task_id)  # type: ignore[misc]
+    return result
+
+
+def _open_attempt(s: Session, ctx: Context, spec: StageSpec, entity_id: str, attempt: int,
+                  max_lost: int | None, facts: EntityFacts, lock: EntityLock) -> _Start:
+    """With the lock just taken in this transaction: close the entity's lost attempts and
+    open this run's attempt row, or give up on an entity whose runs keep dying."""
+    close_lost(s, spec.name, [entity_id])
+    lost = lost_in_a_row(s, spec.name, entity_id) if max_lost is not None else 0
+    if max_lost is not None and lost >= max_lost:
+        reason = (f"worker lost {lost} times running {spec.name} (killed, out of memory or a crash in "
+                  "native code); not tried again")
+        s.add(StageAttempt(build_id=facts.build_id, entity_type=spec.entity_type, entity_id=entity_id,
+                           stage=spec.name, attempt=attempt, worker=ctx.worker, status="error", error=reason,
+                           finished_at=utcnow(), duration_s=0.0))
+        set_terminal(s, spec.entity_type, entity_id, "failed", reason, error_stage=spec.name)
+        lock.release(s)
+        return _Start(facts, given_up=StageResult(status="failed", reason=reason))
+    row = StageAttempt(build_id=facts.build_id, entity_type=spec.entity_type, entity_id=entity_id,
+                       stage=spec.name, attempt=attempt, worker=ctx.worker, status="running")
+    s.add(row)
+    s.flush()
+    return _Start(facts, attempt_id=row.id)
+
+
+def _finish(ctx: Context, spec: StageSpec, entity_id: str, start: _Start, lock: EntityLock,
+            outcome: tuple[str, str | None, dict[str, Any]], t0: float, waited: float, *,
+            bad: BadInput | None = None, result: StageResult | None = None,
+            send: bool = False) -> list[tuple[str, str, str]]:
+    """One transaction: close the attempt, record bad input on the entity, hand the entity
+    on (returns the messages to send once committed) and release the lock."""
+    status, error, details = outcome
+    try:
         with session_scope(ctx.sessions) as s:
-            row = s.get(StageAttempt, attempt_id)
-            # Closed by someone else already (the worker's hard-limit handler): theirs stands.
-            if row is not None and row.status == "running":
-                row.status = status
-                row.error = error[:8000] if error else None
-                row.finished_at = utcnow()
-                row.duration_s = time.perf_counter() - t0
-                details = dict(result.details) if result is not None else {}
-                if waited >= 1.0:
-                    details["waited_for_other_run_s"] = round(waited, 1)
-                if details:
-                    row.details = details
+            # A run that stalled past its lease finds its attempt closed by the run that took
+            # over (or the worker's hard-limit handler closed it): theirs stands, and the
+            # hand-off is theirs too.
+            values: dict[str, Any] = {"status": status, "error": error[:8000] if error else None,
+                                      "finished_at": utcnow(), "duration_s": time.perf_counter() - t0}
+            details = dict(details or {})
+            if waited >= 1.0:
+                details["waited_for_other_run_s"] = round(waited, 1)
+            if details:
+                values["details"] = details
+            closed = s.execute(update(StageAttempt).where(StageAttempt.id == start.attempt_id,
+                                                          StageAttempt.status == "running").values(**values)
+                               .execution_options(synchronize_session=False)).rowcount
+            sends: list[tuple[str, str, str]] = []
+            if closed:
+                if bad is not None:
+                    set_bad_input(s, spec.entity_type, entity_id, bad)
+                if send and result is not None:
+                    from opensubject_tasks.services.chain import hand_on
+
+                    sends = hand_on(s, spec.name, entity_id, result, start.facts)
+            lock.release(s)
+        return sends
+    finally:
+        lock.release(None)   # the flock, and the lease's renewal, whatever happened above
 
 
 # A step over a batch of samples: each sample's outcome (its result, or the bad input that
@@ -266,11 +383,12 @@ def run_steps(ctx: Context, step: str, sample_ids: list[str], batch_fn: BatchFn)
     video's lock held by the caller (the samples unit). Each sample gets its own attempt
     row and its own outcome, exactly as when it runs alone: bad input is recorded on the
     sample; an error is recorded on every attempt of the batch and raised (the unit is
-    retried; samples already recorded are skipped then)."""
-    build_id = build_of(ctx, "sample", sample_ids[0]) if sample_ids else None
-    for sid in sample_ids:   # attempts of a process that died under an earlier batch
-        close_lost_attempts(ctx, step, sid)
+    retried; samples already recorded are skipped then). One transaction opens the
+    batch's attempts (closing those a dead process left running), one closes them."""
     with session_scope(ctx.sessions) as s:
+        build_id = s.scalar(select(Sample.build_id).where(Sample.id == sample_ids[0])) if sample_ids else None
+        if sample_ids:   # attempts of a process that died under an earlier batch
+            close_lost(s, step, sample_ids)
         rows = [StageAttempt(build_id=build_id, entity_type="sample", entity_id=sid, stage=step, attempt=1,
                              worker=ctx.worker, status="running", details={"batch": len(sample_ids)})
                 for sid in sample_ids]
@@ -282,18 +400,21 @@ def run_steps(ctx: Context, step: str, sample_ids: list[str], batch_fn: BatchFn)
         outcomes = batch_fn(ctx, sample_ids)
     except BaseException as exc:
         status, error = _cut_short(exc)
-        _close_attempts(ctx, attempt_ids, dict.fromkeys(sample_ids, (status, error, None)), time.perf_counter() - t0)
+        with session_scope(ctx.sessions) as s:
+            _close_attempts(s, attempt_ids, dict.fromkeys(sample_ids, (status, error, None)),
+                            time.perf_counter() - t0)
         raise
     results: dict[str, StageResult] = {}
     closing = {}
-    for sid in sample_ids:
-        out = outcomes[sid]
-        if isinstance(out, BadInput):
-            mark_bad_input(ctx, "sample", sid, out)
-            out = StageResult(status="rejected" if isinstance(out, Rejected) else "failed", reason=out.reason)
-        results[sid] = out
-        closing[sid] = (out.status, out.reason, out.details)
-    _close_attempts(ctx, attempt_ids, closing, time.perf_counter() - t0)
+    with session_scope(ctx.sessions) as s:
+        for sid in sample_ids:
+            out = outcomes[sid]
+            if isinstance(out, BadInput):
+                set_bad_input(s, "sample", sid, out)
+                out = StageResult(status="rejected" if isinstance(out, Rejected) else "failed", reason=out.reason)
+            results[sid] = out
+            closing[sid] = (out.status, out.reason, out.details)
+        _close_attempts(s, attempt_ids, closing, time.perf_counter() - t0)
     return results
 
 
@@ -307,17 +428,18 @@ def _cut_short(exc: BaseException) -> tuple[str, str]:
     return "error", f"{type(exc).__name__}: {exc}"
 
 
-def _close_attempts(ctx: Context, attempt_ids: dict[str, int], outcome: dict[str, tuple], batch_s: float) -> None:
+def _close_attempts(s: Session, attempt_ids: dict[str, int], outcome: dict[str, tuple], batch_s: float) -> None:
     """Close a batch's attempts: each with its own status; the batch's time shared out."""
-    with session_scope(ctx.sessions) as s:
-        for sid, attempt_id in attempt_ids.items():
-            row = s.get(StageAttempt, attempt_id)
-            if row is None or row.status != "running":
-                continue
-            status, error, details = outcome[sid]
-            row.status, row.error, row.finished_at = status, (error or "")[:8000] or None, utcnow()
-            row.duration_s = batch_s / max(len(attempt_ids), 1)
-            row.details = {**(row.details or {}), **(details or {}), "batch_s": round(batch_s, 3)}
+    rows = s.scalars(select(StageAttempt).where(StageAttempt.id.in_(list(attempt_ids.values())))).all()
+    by_id = {row.id: row for row in rows}
+    for sid, attempt_id in attempt_ids.items():
+        row = by_id.get(attempt_id)
+        if row is None or row.status != "running":
+            continue
+        status, error, details = outcome[sid]
+        row.status, row.error, row.finished_at = status, (error or "")[:8000] or None, utcnow()
+        row.duration_s = batch_s / max(len(attempt_ids), 1)
+        row.details = {**(row.details or {}), **(details or {}), "batch_s": round(batch_s, 3)}
 
 
 @hot_query("video settled", lambda f: {"video_id": f.video})
@@ -334,16 +456,21 @@ def finalize_video(ctx: Context, video_id: str) -> str:
     is in flight: done (at least one verified sample) or rejected (none). Decided on
     evidence only: a video whose mining never completed keeps its state."""
     with session_scope(ctx.sessions) as s:
-        video = s.get(Video, video_id, with_for_update=True)
-        if video is None or video.state in ("failed", "rejected") or not stage_reached(video.stage_done, "mine"):
-            return video.state if video else "missing"
-        states = list(s.scalars(sample_states_of_video(video_id)))
-        if any(st in SAMPLE_IN_FLIGHT for st in states):
-            return video.state
-        if any(st == "verified" for st in states):
-            video.state, video.reason = "done", None
-        else:
-            video.state = "rejected"
-            video.reason = video.reason or ("no sample passed verification" if states
-                                            else "no subject pair found")
+        return settle_video(s, video_id)
+
+
+def settle_video(s: Session, video_id: str) -> str:
+    """``finalize_video`` inside the caller's transaction."""
+    video = s.get(Video, video_id, with_for_update=True)
+    if video is None or video.state in ("failed", "rejected") or not stage_reached(video.stage_done, "mine"):
+        return video.state if video else "missing"
+    states = list(s.scalars(sample_states_of_video(video_id)))
+    if any(st in SAMPLE_IN_FLIGHT for st in states):
         return video.state
+    if any(st == "verified" for st in states):
+        video.state, video.reason = "done", None
+    else:
+        video.state = "rejected"
+        video.reason = video.reason or ("no sample passed verification" if states
+                                        else "no subject pair found")
+    return video.state

@@ -13,18 +13,20 @@ The caller passes ``send(stage, entity_id, task_id=...)``: nothing here knows Ce
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import Update, bindparam, update
+from sqlalchemy.orm import Session
 
 from opensubject_tasks.catalogue import VIDEO_STAGES
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Video, utcnow
+from opensubject_tasks.services.common import Send
 
-Send = Callable[..., object]  # send(stage, entity_id, task_id=None)
+__all__ = ["Send", "hand_out_videos", "record_hand_out"]
 
 
 @hot_query("hand-out", lambda f: {"stage": "curate", "now": utcnow(), "again": True},
@@ -43,16 +45,22 @@ def hand_out_videos(ctx: Context, stage: str, video_ids: Iterable[str], send: Se
     """Hand ``stage`` of each video to its queue, recording it first (one round trip for
     all of them); returns the Celery task ids, in the order of ``video_ids``. ``again``:
     the videos were handed out before (lost, retried, resumed): counted in ``resends``."""
-    if stage not in VIDEO_STAGES:
-        raise ValueError(f"{stage!r} is not a video stage ({', '.join(VIDEO_STAGES)})")
     ids = list(video_ids)
-    if not ids:
-        return []
-    task_ids = [str(uuid.uuid4()) for _ in ids]
-    now = utcnow()
     with session_scope(ctx.sessions) as s:
-        s.connection().execute(hand_out_statement(stage, now, again),
-                               [{"vid": v, "tid": t} for v, t in zip(ids, task_ids, strict=True)])
+        task_ids = record_hand_out(s, stage, ids, again)
     for vid, tid in zip(ids, task_ids, strict=True):
         send(stage, vid, task_id=tid)
+    return task_ids
+
+
+def record_hand_out(s: Session, stage: str, video_ids: list[str], again: bool = False) -> list[str]:
+    """Record the hand-off of ``stage`` of each video in the caller's transaction; returns
+    the task ids to send them under once it has committed."""
+    if stage not in VIDEO_STAGES:
+        raise ValueError(f"{stage!r} is not a video stage ({', '.join(VIDEO_STAGES)})")
+    if not video_ids:
+        return []
+    task_ids = [str(uuid.uuid4()) for _ in video_ids]
+    s.connection().execute(hand_out_statement(stage, utcnow(), again),
+                           [{"vid": v, "tid": t} for v, t in zip(video_ids, task_ids, strict=True)])
     return task_ids

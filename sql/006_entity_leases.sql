@@ -1,0 +1,10 @@
+-- One run per entity at a time, without holding a connection: a lease row per entity in
+-- work (video:<id>, build:<id>, ...), taken by an atomic upsert, renewed while its stage
+-- runs, deleted when it ends, and taken over once expired (its holder died or froze).
+-- Works behind PgBouncer's transaction pooling, where session-level advisory locks do not.
+CREATE TABLE IF NOT EXISTS entity_leases (
+    name        TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,                    -- host:pid:token of the run holding it
+    taken_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    expires_at  TIMESTAMPTZ NOT NULL
+);
