@@ -84,10 +84,10 @@ def render(doc: dict[str, Any]) -> str:
         for stage, a in sorted(doc["attempts"].items())], "no attempt recorded")
     builds = _table(["build", "state", "profile", "progress", "videos", "samples"], [
         [f'<a href="?build={e(b["id"])}">{e(b["id"])}</a>', e(b["state"]), e(b["profile"]),
-         f'<span class="prog"><span style="width:{int(100 * b["progress"])}%"></span></span> '
-         f'{b["videos_finished"]}/{b["videos_total"]}',
-         e(", ".join(f"{k}: {v}" for k, v in sorted(b["videos"].items()))),
-         e(", ".join(f"{k}: {v}" for k, v in sorted(b["samples"].items())))]
+         (f'<span class="prog"><span style="width:{int(100 * b["progress"])}%"></span></span> '
+          f'{b["videos_finished"]}/{b["videos_total"]}') if b["counted"] else '<span class="muted">its page</span>',
+         e(", ".join(f"{k}: {v}" for k, v in sorted(b.get("videos", {}).items()))),
+         e(", ".join(f"{k}: {v}" for k, v in sorted(b.get("samples", {}).items())))]
         for b in doc["builds"]], "no build yet")
     cards = "".join(
         '<div class="card">'
@@ -96,7 +96,7 @@ def render(doc: dict[str, Any]) -> str:
         + (f' &middot; {e(s["caption"])}' if s["caption"] else "")
         + (f' &middot; {e(s["reason"])}' if s["reason"] else "") + "</div></div>"
         for s in doc["recent_samples"]) or '<p class="muted">no sample yet</p>'
-    scope = f' &middot; build {e(doc["build"])} (<a href="?">all</a>)' if doc["build"] else ""
+    scope = f' &middot; build {e(doc["build"])} (<a href="?">latest</a>)' if doc["build"] else ""
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>OpenSubject dataset</title>'
             f'<style>{_CSS}</style></head><body><h1>OpenSubject dataset{scope}</h1>'
             f'<h2 id="funnel">Stage funnel</h2>{funnel}'

@@ -1,5 +1,13 @@
-"""What the dataset dashboard shows, as one JSON-ready document (count queries only, so
-it stays fast on a large database)."""
+"""What the dataset dashboard shows, as one JSON-ready document.
+
+Every query is scoped to one build and reaches its rows through an index on the build
+(``videos (build_id, state)``, ``samples (build_id, state)``, ``stage_attempts
+(build_id)``, each video's or sample's own keys): a load costs what the build holds,
+whatever other builds left in the database. Without a build named, the page shows the
+most recent build. The builds list names the most recent ``BUILDS_LISTED`` builds and
+counts the states of those still running and of the one shown; a finished build's
+counts are its own page (one click), so old builds cost nothing on every load.
+"""
 from __future__ import annotations
 
 import os
@@ -15,6 +23,7 @@ from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video
 from opensubject_tasks.storage import make_store
 
+BUILDS_LISTED = 10
 THUMB_EXPIRY_S = 300          # presigned thumbnail links live five minutes
 THUMB_NAMES = ("reference", "generation_input", "manipulation_input", "target")
 # Browsers reach the store under another name than the services do (compose: minio:9000
@@ -24,13 +33,6 @@ PUBLIC_ENDPOINT_ENV = "OPENSUBJECT_DASHBOARD_STORE_ENDPOINT"
 
 def _iso(t: datetime | None) -> str | None:
     return t.isoformat() if t else None
-
-
-def _by(s: Any, col: Any, where: Any = None) -> dict[str, int]:
-    q = select(col, func.count()).group_by(col)
-    if where is not None:
-        q = q.where(where)
-    return {str(k): int(v) for k, v in s.execute(q).all()}
 
 
 def _url_store(ctx: Context) -> Any:
@@ -43,11 +45,17 @@ def _url_store(ctx: Context) -> Any:
 def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
             failures: int = 50) -> dict[str, Any]:
     """Funnel, failures by reason, attempts and retries per stage, recent samples (with
-    short-lived thumbnail links) and per-build progress; ``build_id`` narrows to one build."""
-    vb = Video.build_id == build_id if build_id else None
-    sb = Sample.build_id == build_id if build_id else None
-    ab = StageAttempt.build_id == build_id if build_id else None
+    short-lived thumbnail links) of one build (the most recent one when none is named),
+    and the progress of the most recent builds."""
     with session_scope(ctx.sessions) as s:
+        build_rows = list(s.scalars(select(Build).order_by(Build.created_at.desc(), Build.id.desc())
+                                    .limit(BUILDS_LISTED)))
+        if build_id is None and build_rows:
+            build_id = build_rows[0].id
+        vb = [Video.build_id == build_id] if build_id else []
+        sb = [Sample.build_id == build_id] if build_id else []
+        ab = [StageAttempt.build_id == build_id] if build_id else []
+
         def count(q: Any) -> int:
             return int(s.scalar(q) or 0)
 
@@ -57,7 +65,7 @@ def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
 
         failed_videos = s.execute(
             select(Video.id, Video.name, Video.state, Video.reason, Video.updated_at)
-            .where(Video.state.in_(("failed", "rejected")), *([vb] if vb is not None else []))
+            .where(Video.state.in_(("failed", "rejected")), *vb)
             .order_by(Video.updated_at.desc()).limit(failures)).all()
         by_reason: dict[str, dict[str, Any]] = {}
         for vid, name, state, reason, _ in failed_videos:
@@ -74,39 +82,49 @@ def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
             {"reason": r or "(no reason recorded)", "state": st, "count": int(n)}
             for r, st, n in s.execute(
                 select(Sample.reason, Sample.state, func.count())
-                .where(Sample.state.in_(("rejected", "failed")), *([sb] if sb is not None else []))
+                .where(Sample.state.in_(("rejected", "failed")), *sb)
                 .group_by(Sample.reason, Sample.state).order_by(func.count().desc()).limit(failures)).all()
         ]
 
         attempts: dict[str, dict[str, Any]] = {}
-        aq = select(StageAttempt.stage, StageAttempt.status, func.count()).group_by(
-            StageAttempt.stage, StageAttempt.status)
-        rq = select(StageAttempt.stage, func.count()).where(StageAttempt.attempt > 1).group_by(StageAttempt.stage)
-        if ab is not None:
-            aq, rq = aq.where(ab), rq.where(ab)
-        for stage, status, n in s.execute(aq).all():
-            attempts.setdefault(stage, {"statuses": {}, "retries": 0})["statuses"][status] = int(n)
-        for stage, n in s.execute(rq).all():
-            attempts.setdefault(stage, {"statuses": {}, "retries": 0})["retries"] = int(n)
-        resynthesized = count(select(func.count()).select_from(Sample).where(
-            Sample.attempt > 1, *([sb] if sb is not None else [])))
+        for stage, status, n, retries in s.execute(
+                select(StageAttempt.stage, StageAttempt.status, func.count(),
+                       func.count().filter(StageAttempt.attempt > 1)).where(*ab)
+                .group_by(StageAttempt.stage, StageAttempt.status)).all():
+            a = attempts.setdefault(stage, {"statuses": {}, "retries": 0})
+            a["statuses"][status] = int(n)
+            a["retries"] += int(retries)
+        resynthesized = count(select(func.count()).select_from(Sample).where(Sample.attempt > 1, *sb))
 
         recent_rows = list(s.scalars(
-            select(Sample).where(Sample.state.in_(("synthesized", "verified", "rejected")),
-                                 *([sb] if sb is not None else []))
+            select(Sample).where(Sample.state.in_(("synthesized", "verified", "rejected")), *sb)
             .order_by(Sample.updated_at.desc(), Sample.id).limit(recent)))
 
-        build_rows = list(s.scalars(select(Build).order_by(Build.created_at.desc()).limit(20)))
+        # videos and samples by state of the running builds and the one shown: one indexed
+        # GROUP BY each
+        listed = [b.id for b in build_rows if b.state == "running" or b.id == build_id]
+        v_by: dict[str, dict[str, int]] = {b: {} for b in listed}
+        s_by: dict[str, dict[str, int]] = {b: {} for b in listed}
+        if listed:
+            for b, st, n in s.execute(select(Video.build_id, Video.state, func.count())
+                                      .where(Video.build_id.in_(listed)).group_by(Video.build_id, Video.state)):
+                v_by[b][str(st)] = int(n)
+            for b, st, n in s.execute(select(Sample.build_id, Sample.state, func.count())
+                                      .where(Sample.build_id.in_(listed)).group_by(Sample.build_id, Sample.state)):
+                s_by[b][str(st)] = int(n)
         builds = []
         for b in build_rows:
-            v = _by(s, Video.state, Video.build_id == b.id)
-            sm = _by(s, Sample.state, Sample.build_id == b.id)
-            total = sum(v.values())
-            finished = sum(n for st, n in v.items() if st in VIDEO_TERMINAL)
-            builds.append({"id": b.id, "state": b.state, "profile": b.profile,
-                           "created_at": _iso(b.created_at), "updated_at": _iso(b.updated_at),
-                           "videos": v, "samples": sm, "videos_total": total, "videos_finished": finished,
-                           "progress": round(finished / total, 3) if total else 0.0})
+            doc: dict[str, Any] = {"id": b.id, "state": b.state, "profile": b.profile,
+                                   "created_at": _iso(b.created_at), "updated_at": _iso(b.updated_at),
+                                   "counted": b.id in v_by}
+            if b.id in v_by:
+                v, sm = v_by[b.id], s_by[b.id]
+                total = sum(v.values())
+                finished = sum(n for st, n in v.items() if st in VIDEO_TERMINAL)
+                doc.update({"videos": dict(sorted(v.items())), "samples": dict(sorted(sm.items())),
+                            "videos_total": total, "videos_finished": finished,
+                            "progress": round(finished / total, 3) if total else 0.0})
+            builds.append(doc)
 
     url_store = _url_store(ctx)
     expiry = min(THUMB_EXPIRY_S, ctx.settings.store.presign_expiry_s)

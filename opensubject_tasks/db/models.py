@@ -78,6 +78,8 @@ class Video(Base):
         Index("videos_in_flight_idx", "queued_at", "id", **_where("state NOT IN ('done', 'rejected', 'failed')")),
         Index("videos_unclaimed_idx", "created_at", "id", **_where("build_id IS NULL AND state = 'registered'")),
         Index("videos_source_uri_idx", "source_uri"),
+        # sql/006_leases_and_build_reads.sql
+        Index("videos_build_state_idx", "build_id", "state"),
     )
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     content_hash: Mapped[str] = mapped_column(Text, unique=True)
@@ -285,7 +287,7 @@ class StoreEvent(Base):
 
 
 class EntityLease(Base):
-    """sql/006_entity_leases.sql: one run per entity at a time (db/locks.py)."""
+    """sql/006_leases_and_build_reads.sql: one run per entity at a time (db/locks.py)."""
     __tablename__ = "entity_leases"
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     holder: Mapped[str] = mapped_column(Text)

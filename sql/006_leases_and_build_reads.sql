@@ -8,3 +8,7 @@ CREATE TABLE IF NOT EXISTS entity_leases (
     taken_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
     expires_at  TIMESTAMPTZ NOT NULL
 );
+
+-- The read model counts a build's videos by state (dashboard, status, chunk reports) and
+-- lists its failed videos: an index-only GROUP BY over the build's own entries.
+CREATE INDEX IF NOT EXISTS videos_build_state_idx ON videos (build_id, state);
