@@ -2,8 +2,11 @@
 duplicate inputs. `opensubject status`, stats.json and the HTML report, the dashboard and
 the Airflow report task all read these, so they cannot disagree.
 
-Count queries only (indexed by build), so it stays fast on a large database. ``build_id``
-None means every video in the database.
+Count queries only, each reaching the build's rows through an index on the build (videos
+and samples carry their build: ``videos (build_id, state)``, ``samples (build_id, state)``)
+or through a video's own keys (clips, subjects, pairs), so a build's counts cost what the
+build holds, whatever the database holds. ``build_id`` None means every video in the
+database.
 """
 from __future__ import annotations
 
@@ -33,6 +36,11 @@ def _in_build(build_id: str | None) -> list[Any]:
     return [Video.build_id == build_id] if build_id else []
 
 
+def _samples_in_build(build_id: str | None) -> list[Any]:
+    """A sample carries its video's build (mining sets it and moves it with the video)."""
+    return [Sample.build_id == build_id] if build_id else []
+
+
 def _samples_of(stmt: Any) -> Any:
     """A select over samples joined up to their video."""
     return (stmt.join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
@@ -48,7 +56,7 @@ def funnel(s: Session, build_id: str | None = None) -> dict[str, int]:
 
     videos = count(select(func.count(Video.id)).where(*where))
     duplicates = count(select(func.count(Duplicate.id)).join(Video, Duplicate.video_id == Video.id).where(*where))
-    samples = _samples_of(select(func.count(Sample.id))).where(*where)
+    samples = select(func.count(Sample.id)).where(*_samples_in_build(build_id))
     return {
         "inputs": videos + duplicates,
         "duplicates": duplicates,
@@ -77,7 +85,7 @@ def states(s: Session, build_id: str | None = None) -> dict[str, dict[str, int]]
         "videos": by(select(Video.state, func.count()).where(*where).group_by(Video.state).order_by(Video.state)),
         "clips": by(select(Clip.state, func.count()).join(Video, Clip.video_id == Video.id).where(*where)
                     .group_by(Clip.state).order_by(Clip.state)),
-        "samples": by(_samples_of(select(Sample.state, func.count())).where(*where)
+        "samples": by(select(Sample.state, func.count()).where(*_samples_in_build(build_id))
                       .group_by(Sample.state).order_by(Sample.state)),
     }
 
