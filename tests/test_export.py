@@ -18,7 +18,7 @@ from verify_fixtures import add_sample, add_video, make_images, prepare_db
 from opensubject_tasks.config import ExportSettings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Sample
+from opensubject_tasks.db.models import ExportShard, Sample
 from opensubject_tasks.services.common import run_stage
 from opensubject_tasks.services.export import export_build_to
 from opensubject_tasks.stages.export import ShardWriter, member_size, sample_key, tar_size
@@ -332,3 +332,59 @@ def test_export_is_readable_by_other_users_whatever_the_umask(built, tmp_path: P
     files = {p: m for p, m in modes.items() if p.is_file()}
     assert len(files) >= 15 and set(files.values()) == {0o644}   # shards, images, layout, manifest...
     assert {m for p, m in modes.items() if p.is_dir()} == {0o755}
+
+
+def test_parts_write_their_own_parts_and_the_finish_lists_nothing(built, monkeypatch) -> None:
+    """The distributed export: each part writes its shard's manifest part and JSONL parts;
+    the finish merges them and, after a change, removes the files of shards no longer
+    planned, all without listing the store."""
+    ctx, ids = built
+    prefix = Keys.dataset("b1", "x")[:-1]
+
+    lists: list[str] = []
+    real_list = ctx.store.list
+
+    def stored() -> dict[str, bytes]:   # the test's own look, not counted
+        return {o.key[len(prefix):]: ctx.store.get_bytes(o.key) for o in real_list(prefix)}
+
+    monkeypatch.setattr(ctx.store, "list", lambda p="": (lists.append(p), real_list(p))[1])
+
+    def export() -> dict:
+        parts = run_stage(ctx, "export_plan", "b1").details["parts"]
+        assert all(run_stage(ctx, "export_part", p).status == "ok" for p in parts)
+        before_finish = set(stored())
+        res = run_stage(ctx, "export", "b1")
+        assert res.status == "ok", res.reason
+        return {"parts": parts, "before_finish": before_finish, "details": res.details}
+
+    first = export()
+    assert first["parts"] == ["b1#000000-000000", "b1#000001-000001"]
+    # the parts wrote their own manifest and JSONL parts; the merged manifest is the finish's
+    assert {"parts/shard-000000.parquet", "parts/shard-000001.parquet",
+            "omnigen2/jsonl/generation/part-000000.jsonl", "omnigen2/jsonl/generation/part-000001.jsonl",
+            "omnigen2/jsonl/manipulation/part-000000.jsonl", "omnigen2/jsonl/manipulation/part-000001.jsonl",
+            "omnigen2/jsonl/generation_multi_subject/part-000000.jsonl"} <= first["before_finish"]
+    assert "manifest.parquet" not in first["before_finish"] and "omnigen2/data.yml" not in first["before_finish"]
+    files = stored()
+    part_rows = [pq.read_table(io.BytesIO(files[f"parts/shard-{k:06d}.parquet"])).to_pylist() for k in (0, 1)]
+    assert [[r["sample_id"] for r in rows] for rows in part_rows] == [sorted([ids["a"], ids["b"]]), [ids["c"]]]
+    assert pq.read_table(io.BytesIO(files["manifest.parquet"])).to_pylist() == part_rows[0] + part_rows[1]
+    assert b"generation_multi_subject" in files["omnigen2/data.yml"]
+    assert lists == []                                   # nothing listed the store
+
+    # c is rejected: the plan has one shard left, the finish removes shard 1's files
+    with session_scope(ctx.sessions) as s:
+        s.get(Sample, ids["c"]).state = "rejected"
+    parts = run_stage(ctx, "export_plan", "b1").details["parts"]
+    with session_scope(ctx.sessions) as s:   # the dropped shard stays recorded, with no samples
+        assert [(x.shard, x.samples) for x in s.query(ExportShard).order_by(ExportShard.shard)] == [(0, 2), (1, 0)]
+    assert parts == ["b1#000000-000000"] and run_stage(ctx, "export_part", parts[0]).status == "ok"
+    res = run_stage(ctx, "export", "b1")
+    assert res.status == "ok" and res.details["samples"] == 2
+    after = stored()
+    shard1 = {k for k in files if "000001" in k}
+    assert len(shard1) == 7 and res.details["removed"] == 7   # tar, manifest part, 2 JSONL parts, 3 images
+    assert set(after) == set(files) - shard1
+    with session_scope(ctx.sessions) as s:
+        assert [x.shard for x in s.query(ExportShard)] == [0]
+    assert lists == []
