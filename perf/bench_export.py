@@ -16,7 +16,8 @@ the process's peak RSS (``ru_maxrss``), wall and CPU time are reported:
 
 ``--baseline DIR``: a checkout of another version of the code (e.g. ``git archive main |
 tar -x -C DIR``) run on a copy of the same database and store, its steps interleaved
-with this version's so that the machine's load hits both alike.
+with this version's so that the machine's load hits both alike. ``--code DIR``: measure
+that checkout alone instead of this one.
 """
 from __future__ import annotations
 
@@ -92,25 +93,25 @@ from opensubject_tasks.services import export as e
 from opensubject_tasks.services.export_sinks import StoreSink
 url, store, step = sys.argv[2], sys.argv[3], sys.argv[4]
 ctx = Context.from_settings(load_settings(database_url=url, store={"kind": "local", "local_root": store}))
-ctx.settings.export.shard_max_samples = %d
-sink = StoreSink(ctx.store, "%s")
+ctx.settings.export.shard_max_samples = __SHARD__
+sink = StoreSink(ctx.store, "__BUILD__")
 t1, c1 = time.perf_counter(), time.process_time()
 if step == "plan":
-    out = len(e.plan_export(ctx, "%s", max_parts=10**6))
+    out = len(e.plan_export(ctx, "__BUILD__", max_parts=10**6))
 elif step == "part":
-    out = e.write_part(ctx, "%s", 0, 0, sink)["samples"]
+    out = e.write_part(ctx, "__BUILD__", 0, 0, sink)["samples"]
 elif step == "parts":
     n = int(sys.argv[5])
-    out = e.write_part(ctx, "%s", 1, n - 1, sink)["samples"] if n > 1 else 0
+    out = e.write_part(ctx, "__BUILD__", 1, n - 1, sink)["samples"] if n > 1 else 0
 elif step == "idle":
     out = 0
 else:
-    out = e.finish_export(ctx, "%s", sink).samples
+    out = e.finish_export(ctx, "__BUILD__", sink).samples
 print(json.dumps({"wall_s": time.perf_counter() - t1, "cpu_s": time.process_time() - c1,
                   "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "import_s": t1 - t0, "out": out,
                   "code": __import__("opensubject_tasks").__file__}))
-""" % ((SHARD,) + (BUILD,) * 5)
+""".replace("__SHARD__", str(SHARD)).replace("__BUILD__", BUILD)
 
 
 def png(seed: int, name: str) -> bytes:
@@ -142,8 +143,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--baseline", type=Path, help="another checkout of the code to compare with")
+    ap.add_argument("--code", type=Path, default=REPO, help="the checkout measured as 'this' (default: this one)")
     args = ap.parse_args()
-    versions = {"this": REPO} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
+    versions = {"this": args.code.resolve()} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
     results = []
     for n in args.samples:
         videos = -(-n // PER_VIDEO)
