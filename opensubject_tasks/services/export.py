@@ -197,7 +197,12 @@ def _write_shard(ctx: Context, k: int, records: list[ExportRecord], root: str | 
         writer.finish()
     finally:
         writer.abort()   # drops a half-written shard after an error
-    multi = layout.finish(sink.put, sink.remove) if layout else {}
+    if layout:
+        multi = layout.finish(sink.put, sink.remove)
+    else:   # no training layout: an earlier export's records of this shard go
+        multi = {}
+        for kind in JSONL_DIRS:
+            sink.remove(jsonl_part(kind, k))
     keys = [r.key for r, _, _ in done]
     if len(set(keys)) != len(keys):  # keys are ids with unsafe characters replaced: two ids must not meet
         raise BadInput(f"sample ids map to the same dataset key: {sorted({x for x in keys if keys.count(x) > 1})[:5]}")
@@ -348,7 +353,9 @@ def finish_export(ctx: Context, build_id: str, sink: Sink) -> ExportResult:
         Path(tmp).unlink(missing_ok=True)
 
     training = None
-    if cfg.omnigen2:
+    if not cfg.omnigen2:
+        sink.remove(DATA_CONFIG)
+    else:
         root, relative_why = _layout_root(cfg, sink)
         kinds = [k for k in JSONL_DIRS if merged.jsonl_kinds[k]]
         sink.put(DATA_CONFIG, data_config(kinds, root))
