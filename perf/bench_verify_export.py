@@ -78,7 +78,7 @@ def main() -> None:
           f"rejected {states.count('rejected')}")
     print(f"verify (service, classical): {t_verify:.2f} s total, {1000 * t_verify / len(ids):.0f} ms/sample")
     print(f"export: {res.samples} samples, {len(res.shards)} shards, {mb:.1f} MB of shards, "
-          f"{len(res.files)} files: {t_export:.2f} s ({res.samples / t_export:.1f} samples/s); "
+          f"{res.files} files: {t_export:.2f} s ({res.samples / t_export:.1f} samples/s); "
           f"re-export {t_reexport:.2f} s")
     print(f"peak RSS {peak_mb:.0f} MB; output in {tmp}")
 

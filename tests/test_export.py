@@ -18,7 +18,7 @@ from verify_fixtures import add_sample, add_video, make_images, prepare_db
 from opensubject_tasks.config import ExportSettings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Sample
+from opensubject_tasks.db.models import ExportShard, Sample
 from opensubject_tasks.services.common import run_stage
 from opensubject_tasks.services.export import export_build_to
 from opensubject_tasks.stages.export import ShardWriter, member_size, sample_key, tar_size
@@ -135,7 +135,8 @@ def test_export_writes_a_loadable_dataset(built, tmp_path: Path) -> None:
     assert "<td>generation single</td><td>3</td>" in html and "<td>generation with 2 subjects</td><td>1</td>" in html
     assert SECRET not in html and "[redacted]" in html
     assert SECRET not in (out / "stats.json").read_text()
-    assert res.files and all((out / f).is_file() for f in res.files)
+    # every file is counted, the sink's temporary folder is gone
+    assert res.files == len(_files(out)) and not (out / ".tmp").exists()
 
 
 def _portable(files: dict[str, bytes], root: Path) -> dict[str, bytes]:
@@ -152,7 +153,7 @@ def test_reexport_is_byte_identical_and_both_sinks_agree(built, tmp_path: Path) 
     export_build_to(ctx, "b1", second)           # and into a fresh one
     assert _files(first) == before
     assert _portable(_files(second), second) == _portable(before, first)
-    assert b"<root>/Images/" in _portable(before, first)["omnigen2/jsonl/generation.jsonl"]
+    assert b"<root>/Images/" in _portable(before, first)["omnigen2/jsonl/generation/part-000000.jsonl"]
 
     # The distributed stages (plan, one task per part, finish) write the same files into the
     # store under datasets/<build>/; there the OmniGen2 records are relative (no folder is
@@ -167,7 +168,7 @@ def test_reexport_is_byte_identical_and_both_sinks_agree(built, tmp_path: Path) 
     layout = {"stats.json", "report.html"} | {k for k in before if k.startswith("omnigen2/")}
     assert set(stored) == set(before)
     assert {k: v for k, v in stored.items() if k not in layout} == {k: v for k, v in before.items() if k not in layout}
-    assert b'"output_image":"Images/generation/output_images/' in stored["omnigen2/jsonl/generation.jsonl"]
+    assert b'"output_image":"Images/generation/output_images/' in stored["omnigen2/jsonl/generation/part-000000.jsonl"]
     og = json.loads(stored["stats.json"])["export"]["omnigen2"]
     assert og["paths"] == "relative" and "export.omnigen2_root" in og["note"]
     assert "export.omnigen2_root" in stored["report.html"].decode()
@@ -182,18 +183,22 @@ def test_reexport_after_a_change_removes_stale_files(built, tmp_path: Path) -> N
     (out / "notes.txt").parent.mkdir(parents=True)
     (out / "notes.txt").write_text("not ours")
     export_build_to(ctx, "b1", out)
+    old = _files(out)
     (out / ".shard-x1.tar.part").write_bytes(b"left by an interrupted export")
     with session_scope(ctx.sessions) as s:
         s.get(Sample, ids["c"]).state = "rejected"
     res = export_build_to(ctx, "b1", out)
     key = sample_key(ids["c"])
     assert res.samples == 2 and res.shards == ["shard-000000.tar"]
-    assert not (out / "shard-000001.tar").exists()
-    gone = [rel for rel in res.removed if rel.startswith("Images/")]
-    # c's target and scene; its generation input stays: the constructed samples' generation
-    # inputs do not depend on the scene, so a and b hold the same bytes
-    assert len(gone) == 2
-    assert all(not (out / rel).exists() and not (out / rel).parent.exists() for rel in gone)
+    gone = sorted(set(old) - set(_files(out)))
+    # shard 1 (c alone): its tar, manifest part, two JSONL parts and its three images
+    # (generation input, scene, target; a shard holds the images its records use)
+    assert gone == sorted(["shard-000001.tar", "parts/shard-000001.parquet",
+                           "omnigen2/jsonl/generation/part-000001.jsonl",
+                           "omnigen2/jsonl/manipulation/part-000001.jsonl",
+                           *(rel for rel in old if rel.startswith("Images/") and "/000001/" in rel)])
+    assert res.removed == len(gone) == 7
+    assert not list((out / "Images").glob("*/*/000001"))     # emptied image folders go too
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     assert key not in {r["key"] for r in manifest}
     assert (out / "notes.txt").read_text() == "not ours"          # files not ours are kept
@@ -255,9 +260,11 @@ def test_postgresql_export_equals_sqlite_export(built, embedded_settings, pg_db,
 
 def _omnigen2_load(config: Path, cache: Path) -> list[dict]:
     """What OmniGen2's training dataset does with a data config (omnigen2/dataset/
-    omnigen2_train_dataset.py): every `data` entry needs path, type and ratio; a folder
-    means every *.jsonl / *.json under it; each file is loaded with `datasets`; then
-    every input and output image is opened with PIL exactly as the record writes it."""
+    omnigen2_train_dataset.py, `_collect_annotations`): every `data` entry needs path
+    and ratio (it sums the ratios, and the resampled copies it makes with them are
+    dropped: every record of every entry is used once); a folder means every *.jsonl /
+    *.json under it; each is loaded with `datasets`; then every input and output image
+    is opened with PIL exactly as the record writes it."""
     import glob
     import os
 
@@ -302,11 +309,11 @@ def test_omnigen2_layout_loads_from_any_working_directory(built, tmp_path: Path,
     folder = tmp_path / "folder.yml"
     folder.write_text(f"data:\n  - path: {out / 'omnigen2' / 'jsonl'}\n    type: ic\n    ratio: 1.0\n")
     assert len(_omnigen2_load(folder, tmp_path / "hf-cache")) == len(rows)
-    # no image is stored twice: every file under Images/ has bytes of its own
+    # within a shard no image is stored twice: 3 samples x 3 roles, but the three
+    # constructed generation inputs are the same bytes (a and b share shard 0, c is in 1)
     images = [p for p in (out / "Images").rglob("*") if p.is_file()]
-    # 3 samples x 3 roles, but the three constructed generation inputs are the same bytes
-    assert len({p.read_bytes() for p in images}) == len(images) == 7
-    assert all(p.parent.name.isdigit() and len(p.parent.name) == 4 for p in images)
+    assert len(images) == 8 and len({p.read_bytes() for p in images}) == 7
+    assert {p.parent.name for p in images} == {"000000", "000001"}   # a folder per shard
 
 
 def test_export_is_readable_by_other_users_whatever_the_umask(built, tmp_path: Path) -> None:
@@ -325,3 +332,59 @@ def test_export_is_readable_by_other_users_whatever_the_umask(built, tmp_path: P
     files = {p: m for p, m in modes.items() if p.is_file()}
     assert len(files) >= 15 and set(files.values()) == {0o644}   # shards, images, layout, manifest...
     assert {m for p, m in modes.items() if p.is_dir()} == {0o755}
+
+
+def test_parts_write_their_own_parts_and_the_finish_lists_nothing(built, monkeypatch) -> None:
+    """The distributed export: each part writes its shard's manifest part and JSONL parts;
+    the finish merges them and, after a change, removes the files of shards no longer
+    planned, all without listing the store."""
+    ctx, ids = built
+    prefix = Keys.dataset("b1", "x")[:-1]
+
+    lists: list[str] = []
+    real_list = ctx.store.list
+
+    def stored() -> dict[str, bytes]:   # the test's own look, not counted
+        return {o.key[len(prefix):]: ctx.store.get_bytes(o.key) for o in real_list(prefix)}
+
+    monkeypatch.setattr(ctx.store, "list", lambda p="": (lists.append(p), real_list(p))[1])
+
+    def export() -> dict:
+        parts = run_stage(ctx, "export_plan", "b1").details["parts"]
+        assert all(run_stage(ctx, "export_part", p).status == "ok" for p in parts)
+        before_finish = set(stored())
+        res = run_stage(ctx, "export", "b1")
+        assert res.status == "ok", res.reason
+        return {"parts": parts, "before_finish": before_finish, "details": res.details}
+
+    first = export()
+    assert first["parts"] == ["b1#000000-000000", "b1#000001-000001"]
+    # the parts wrote their own manifest and JSONL parts; the merged manifest is the finish's
+    assert {"parts/shard-000000.parquet", "parts/shard-000001.parquet",
+            "omnigen2/jsonl/generation/part-000000.jsonl", "omnigen2/jsonl/generation/part-000001.jsonl",
+            "omnigen2/jsonl/manipulation/part-000000.jsonl", "omnigen2/jsonl/manipulation/part-000001.jsonl",
+            "omnigen2/jsonl/generation_multi_subject/part-000000.jsonl"} <= first["before_finish"]
+    assert "manifest.parquet" not in first["before_finish"] and "omnigen2/data.yml" not in first["before_finish"]
+    files = stored()
+    part_rows = [pq.read_table(io.BytesIO(files[f"parts/shard-{k:06d}.parquet"])).to_pylist() for k in (0, 1)]
+    assert [[r["sample_id"] for r in rows] for rows in part_rows] == [sorted([ids["a"], ids["b"]]), [ids["c"]]]
+    assert pq.read_table(io.BytesIO(files["manifest.parquet"])).to_pylist() == part_rows[0] + part_rows[1]
+    assert b"generation_multi_subject" in files["omnigen2/data.yml"]
+    assert lists == []                                   # nothing listed the store
+
+    # c is rejected: the plan has one shard left, the finish removes shard 1's files
+    with session_scope(ctx.sessions) as s:
+        s.get(Sample, ids["c"]).state = "rejected"
+    parts = run_stage(ctx, "export_plan", "b1").details["parts"]
+    with session_scope(ctx.sessions) as s:   # the dropped shard stays recorded, with no samples
+        assert [(x.shard, x.samples) for x in s.query(ExportShard).order_by(ExportShard.shard)] == [(0, 2), (1, 0)]
+    assert parts == ["b1#000000-000000"] and run_stage(ctx, "export_part", parts[0]).status == "ok"
+    res = run_stage(ctx, "export", "b1")
+    assert res.status == "ok" and res.details["samples"] == 2
+    after = stored()
+    shard1 = {k for k in files if "000001" in k}
+    assert len(shard1) == 7 and res.details["removed"] == 7   # tar, manifest part, 2 JSONL parts, 3 images
+    assert set(after) == set(files) - shard1
+    with session_scope(ctx.sessions) as s:
+        assert [x.shard for x in s.query(ExportShard)] == [0]
+    assert lists == []

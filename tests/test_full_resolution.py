@@ -177,3 +177,29 @@ def test_verification_compares_the_subject_where_it_is_in_the_full_frame(full_fr
     threshold = ctx.settings.verify.same_individual_threshold("classical")
     assert verdict["scores"]["same_individual"] >= threshold
     assert not any(r.startswith("same individual") for r in verdict["reasons"])
+
+
+def test_manifest_boxes_are_in_the_exported_images_pixels(full_frame_sample, tmp_path: Path) -> None:
+    """The manifest's boxes are in the shipped images' pixels (mining's are in keyframe
+    pixels, half the size here), with the images' sizes beside them."""
+    import pyarrow.parquet as pq
+
+    from opensubject_tasks.services.export import export_build_to
+
+    ctx, sid, boxes, fulls = full_frame_sample
+    assert run_stage(ctx, "synthesize", sid).status == "ok"
+    with session_scope(ctx.sessions) as s:   # verification is not what is tested here
+        row = s.get(Sample, sid)
+        row.state, row.caption_short, row.caption_long, row.caption_source = "verified", "a cat", "a cat on grass", "test"
+        row.verdict = {"passed": True, "source": "test", "reasons": [], "scores": {"identity": 1.0}}
+    out = tmp_path / "dataset"
+    export_build_to(ctx, "b1", out)
+    [m] = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert m["tgt_box"] == [2 * v for v in boxes[40]] and m["tgt_size"] == [W, H]
+    assert m["ref_box"] == [2 * v for v in boxes[10]] and m["ref_size"] == [W, H]
+    target = cv2.cvtColor(cv2.imread(str(out / m["output_image"])), cv2.COLOR_BGR2RGB)
+    assert target.shape[1::-1] == tuple(m["tgt_size"]) and np.array_equal(target, fulls[40])
+    x0, y0, x1, y1 = (int(v) for v in m["tgt_box"])   # the box holds the subject: it differs from the grass
+    grass = cv2.resize(photo("grass"), (W, H), interpolation=cv2.INTER_CUBIC)
+    assert np.abs(target[y0:y1, x0:x1].astype(int) - grass[y0:y1, x0:x1]).mean() > 20
+    assert np.array_equal(target[:y0], grass[:y0])

@@ -1,66 +1,74 @@
 """Stage 5 service: export a build's verified samples, split so that it scales with the
 build. One implementation, two sinks: the object store under ``datasets/<build>/`` (the
 distributed stages) or a local folder (``export_build_to``: ``opensubject export`` and
-``opensubject run --out``).
+``opensubject run --out``). Every step holds at most one shard's samples in memory.
 
 1. ``plan_export``: the shards, ``export.shard_max_samples`` verified samples each in
    sample-id order, recorded in ``export_shards`` (first sample and count), grouped into
-   at most ``max_parts`` parts;
-2. ``export_part`` (one task per part, retried alone): writes its shards, the training
-   layout's images of their samples and one index per shard (``parts/shard-NNNNNN.jsonl``:
-   the manifest rows and layout entries). A shard's bytes depend only on its samples, so a
-   part killed and run again writes byte-identical shards;
-3. ``finish_export`` (the ``export`` stage): from the indexes, the manifest, the training
-   layout's JSONL files and data config, stats.json and report.html; files an earlier
-   export left that this one did not write are removed, so the root equals one export.
+   at most ``max_parts`` parts; shards an earlier plan had beyond this one's stay
+   recorded (with no samples) until the finish has removed their files;
+2. ``export_part`` (one task per part, retried alone): per shard, its tar, the training
+   layout's images and JSONL records of its samples, and its manifest part
+   (``parts/shard-NNNNNN.parquet``, written last: it lists the shard's images, so the
+   next export of the shard removes the ones it no longer writes). A shard's bytes
+   depend only on its samples, so a part killed and run again writes byte-identical files;
+3. ``finish_export`` (the ``export`` stage): merges the manifest parts into
+   ``manifest.parquet`` one part at a time, writes the data config, stats.json (SQL
+   aggregates) and report.html, and removes the files of shards no longer planned. It
+   lists nothing: the plan says which files are stale.
 
 Written under the export root:
-  shard-000000.tar ...          WebDataset shards (<key>.<image>.png, <key>.json)
-  parts/shard-000000.jsonl ...  per-shard index the final step reads
-  manifest.parquet              one row per sample
-  stats.json                    funnel, rejection reasons, verification, throughput
-  report.html                   self-contained report
-  Images/{generation,manipulation}/{input_images,output_images}/NNNN/...,
-  omnigen2/data.yml, omnigen2/jsonl/*.jsonl         OmniGen2 training layout (stages/omnigen2.py)
+  shard-000000.tar ...            WebDataset shards (<key>.<image>.png, <key>.json)
+  parts/shard-000000.parquet ...  manifest part of each shard (same columns as the manifest)
+  manifest.parquet                one row per sample, the parts merged
+  stats.json                      funnel, rejection reasons, verification, throughput
+  report.html                     self-contained report
+  Images/{generation,manipulation}/{input_images,output_images}/NNNNNN/...,
+  omnigen2/data.yml, omnigen2/jsonl/<kind>/part-NNNNNN.jsonl   OmniGen2 training layout
+                                                               (stages/omnigen2.py)
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
 import math
+import os
+import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import ExportShard
 from opensubject_tasks.errors import BadInput
-from opensubject_tasks.report import THUMB_NAMES, ReportSample, pick_grid, render_report, thumbnail_uri
+from opensubject_tasks.report import THUMB_NAMES, ReportSample, grid_rank, render_report, thumbnail_uri
 from opensubject_tasks.services.common import StageResult, stage, utcnow
 from opensubject_tasks.services.export_query import (
-    build_stats, check_build, held_out_summary, records_between, shard_starts, _held_out,
+    build_stats, check_build, held_out_summary, image_keys, records_between, shard_starts, _held_out,
 )
 from opensubject_tasks.services.export_sinks import DirSink, Sink, StoreSink
 from opensubject_tasks.stages.export import (
-    REQUIRED_IMAGES, SHARD_IMAGES, ExportRecord, ShardWriter, dumps, sample_members, shard_name,
+    REQUIRED_IMAGES, SHARD_IMAGES, ExportRecord, ShardWriter, dumps, image_boxes, image_size, sample_members,
+    shard_name,
 )
-from opensubject_tasks.stages.omnigen2 import (
-    IMAGE_DIRS, LayoutEntry, OmniGen2Layout, multi_subject_groups, multi_subject_key,
-)
+from opensubject_tasks.stages.omnigen2 import DATA_CONFIG, JSONL_DIRS, LayoutEntry, OmniGen2Layout, data_config, jsonl_part
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("sample_id", pa.string()), ("shard", pa.string()),
     ("video_id", pa.string()), ("video_name", pa.string()), ("clip_id", pa.string()),
     ("subject_id", pa.string()), ("pair_id", pa.string()), ("category", pa.string()),
     ("ref_frame", pa.int64()), ("tgt_frame", pa.int64()),
-    ("ref_box", pa.list_(pa.float64())), ("tgt_box", pa.list_(pa.float64())),
+    # boxes in the pixels of the shipped images, [w, h] beside them: tgt_box in the target's,
+    # ref_box in the reference frame's (at the resolution the reference crop was cut from)
+    ("ref_box", pa.list_(pa.float64())), ("ref_size", pa.list_(pa.int64())),
+    ("tgt_box", pa.list_(pa.float64())), ("tgt_size", pa.list_(pa.int64())),
     ("attempt", pa.int64()), ("seed", pa.int64()),
     ("caption_short", pa.string()), ("caption_long", pa.string()), ("caption_source", pa.string()),
     ("verifier", pa.string()), ("identity", pa.float64()), ("residual", pa.float64()),
@@ -71,8 +79,11 @@ MANIFEST_SCHEMA = pa.schema([
     ("multi_subject_key", pa.string()),   # the multi-subject record this sample is part of
 ])
 
-def index_name(shard: int) -> str:
-    return f"parts/shard-{shard:06d}.jsonl"
+IMAGE_COLUMNS = ("generation_input_image", "manipulation_input_images", "output_image")
+
+
+def manifest_part(shard: int) -> str:
+    return f"parts/shard-{shard:06d}.parquet"
 
 
 @dataclass
@@ -81,15 +92,15 @@ class ExportResult:
     root: str                              # folder or store prefix
     samples: int
     shards: list[str]
-    files: list[str] = field(default_factory=list)   # every file written, relative to root
+    files: int = 0                         # files the export holds
     shard_bytes: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
-    removed: list[str] = field(default_factory=list)  # stale files of an earlier export
+    removed: int = 0                       # stale files of an earlier export removed
 
     def __str__(self) -> str:
         return (f"{self.samples} samples in {len(self.shards)} shard(s) "
-                f"({self.shard_bytes / 1e6:.1f} MB), {len(self.files)} files under {self.root}"
-                + (f", {len(self.removed)} stale file(s) removed" if self.removed else ""))
+                f"({self.shard_bytes / 1e6:.1f} MB), {self.files} files under {self.root}"
+                + (f", {self.removed} stale file(s) removed" if self.removed else ""))
 
 
 
@@ -114,10 +125,14 @@ def plan_export(ctx: Context, build_id: str, max_parts: int = 1024) -> list[str]
     held_out = _held_out(ctx.settings.export.exclude_bench_dirs)
     with session_scope(ctx.sessions) as s:
         starts, total = shard_starts(s, build_id, held_out, per_shard)
+        before = s.scalar(select(func.max(ExportShard.shard)).where(ExportShard.build_id == build_id))
         s.execute(delete(ExportShard).where(ExportShard.build_id == build_id))
         s.add_all([ExportShard(build_id=build_id, shard=k, first_sample=first,
                                samples=min(per_shard, total - k * per_shard))
                    for k, first in enumerate(starts)])
+        # an earlier plan's shards beyond this one's: no samples, files for the finish to remove
+        s.add_all([ExportShard(build_id=build_id, shard=k, first_sample="", samples=0)
+                   for k in range(len(starts), -1 if before is None else before + 1)])
     if not starts:
         return []
     per_part = math.ceil(len(starts) / max(1, max_parts))
@@ -125,29 +140,22 @@ def plan_export(ctx: Context, build_id: str, max_parts: int = 1024) -> list[str]
 
 
 # -- 2. parts --------------------------------------------------------------------------
-def _overall(r: ExportRecord) -> float:
-    return float(r.scores.get("overall", r.scores.get("identity", 0.0)) or 0.0)
-
-
 def write_part(ctx: Context, build_id: str, first: int, last: int, sink: Sink) -> dict[str, int]:
-    """Write shards ``first``..``last`` as planned, with their samples' training-layout
-    images and one index per shard; returns counts."""
+    """Write shards ``first``..``last`` as planned: per shard its tar, its samples' training
+    layout and its manifest part; returns counts."""
     cfg = ctx.settings.export
     held_out = _held_out(cfg.exclude_bench_dirs)
     with session_scope(ctx.sessions) as s:
-        planned = list(s.execute(select(ExportShard.shard, ExportShard.first_sample).where(
-            ExportShard.build_id == build_id, ExportShard.shard >= first, ExportShard.shard <= last + 1)
-            .order_by(ExportShard.shard)).all())
-    starts = dict(planned)
+        starts = dict(s.execute(select(ExportShard.shard, ExportShard.first_sample).where(
+            ExportShard.build_id == build_id, ExportShard.shard >= first, ExportShard.shard <= last + 1,
+            ExportShard.samples > 0)).all())
     if any(k not in starts for k in range(first, last + 1)):
         raise BadInput(f"export of {build_id}: shards {first}-{last} are not planned (plan the export again)")
     root, _ = _layout_root(cfg, sink)
-    layout = OmniGen2Layout(root) if cfg.omnigen2 else None
-    counts = {"shards": 0, "samples": 0, "bytes": 0}
+    counts = {"shards": 0, "samples": 0, "bytes": 0, "removed": 0}
     for k in range(first, last + 1):
-        records, names = records_between(ctx, build_id, starts[k], starts.get(k + 1), held_out)
-        digest, size, index = _write_shard(ctx, k, records, names, layout, sink)
-        sink.put(index_name(k), index)
+        records = records_between(ctx, build_id, starts[k], starts.get(k + 1), held_out)
+        digest, size, removed = _write_shard(ctx, k, records, root if cfg.omnigen2 else False, sink)
         with session_scope(ctx.sessions) as s:
             s.execute(update(ExportShard).where(ExportShard.build_id == build_id, ExportShard.shard == k)
                       .values(samples=len(records), bytes=size, sha256=digest, written_at=utcnow())
@@ -155,23 +163,28 @@ def write_part(ctx: Context, build_id: str, first: int, last: int, sink: Sink) -
         counts["shards"] += 1
         counts["samples"] += len(records)
         counts["bytes"] += size
+        counts["removed"] += removed
     return counts
 
 
-def _write_shard(ctx: Context, k: int, records: list[ExportRecord], names: dict[str, str],
-                 layout: OmniGen2Layout | None, sink: Sink) -> tuple[str, int, bytes]:
-    """One shard's tar (its planned name whatever its size), its samples' layout images,
-    and its index (returned)."""
+def _write_shard(ctx: Context, k: int, records: list[ExportRecord], root: str | None | bool,
+                 sink: Sink) -> tuple[str, int, int]:
+    """One shard's tar (its planned name whatever its size), its samples' layout files
+    (``root`` False: none) and its manifest part, written last; the images its previous
+    manifest part listed that it no longer writes are removed. Returns the tar's digest
+    and size and the number of files removed."""
     name = shard_name(k)
     shard: dict[str, Any] = {}
+    before = _listed_images(sink, k)
 
     def put_shard(_: str, path: Path) -> None:
-        shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        shard["sha256"] = _sha256(path)
         shard["bytes"] = path.stat().st_size
         sink.put_file(name, path)
 
     writer = ShardWriter(put_shard, max_bytes=2**62, max_samples=2**62, tmp_dir=sink.tmp_dir)
-    lines = []
+    layout = OmniGen2Layout(root, k) if root is not False else None
+    done: list[tuple[ExportRecord, LayoutEntry | None, tuple[int, int]]] = []
     try:
         for r in records:
             missing = [n for n in REQUIRED_IMAGES if not r.image_keys.get(n)]
@@ -180,16 +193,51 @@ def _write_shard(ctx: Context, k: int, records: list[ExportRecord], names: dict[
             images = {n: ctx.store.get_bytes(r.image_keys[n]) for n in SHARD_IMAGES if r.image_keys.get(n)}
             writer.add(sample_members(r, images))
             entry = layout.add(r, images, sink.put) if layout else None
-            lines.append(dumps({"manifest": _manifest_row(r, name, entry, {}),
-                                "entry": dataclasses.asdict(entry) if entry else None,
-                                "overall": _overall(r), "video": names[r.sample_id],
-                                "caption_source": r.meta["captions"]["source"] or "",
-                                "attempt": r.meta["lineage"]["attempt"],
-                                "thumbs": {n: r.image_keys[n] for n in THUMB_NAMES if r.image_keys.get(n)}}))
+            done.append((r, entry, image_size(images["target"])))
         writer.finish()
     finally:
         writer.abort()   # drops a half-written shard after an error
-    return shard.get("sha256", ""), shard.get("bytes", 0), b"\n".join(lines) + (b"\n" if lines else b"")
+    if layout:
+        multi = layout.finish(sink.put, sink.remove)
+    else:   # no training layout: an earlier export's records of this shard go
+        multi = {}
+        for kind in JSONL_DIRS:
+            sink.remove(jsonl_part(kind, k))
+    keys = [r.key for r, _, _ in done]
+    if len(set(keys)) != len(keys):  # keys are ids with unsafe characters replaced: two ids must not meet
+        raise BadInput(f"sample ids map to the same dataset key: {sorted({x for x in keys if keys.count(x) > 1})[:5]}")
+    stale = sorted(before - (layout.written if layout else set()))
+    for rel in stale:
+        sink.remove(rel)
+    rows = [_manifest_row(r, name, entry, multi, size) for r, entry, size in done]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buf, compression="zstd")
+    sink.put(manifest_part(k), buf.getvalue())
+    return shard.get("sha256", ""), shard.get("bytes", 0), len(stale)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _listed_images(sink: Sink, k: int) -> set[str]:
+    """The layout images shard ``k``'s manifest part lists (none if it has none yet)."""
+    if not sink.exists(manifest_part(k)):
+        return set()
+    table = pq.read_table(io.BytesIO(sink.get(manifest_part(k))), columns=list(IMAGE_COLUMNS))
+    return _images_of(table)
+
+
+def _images_of(table: pa.Table) -> set[str]:
+    out: set[str] = set()
+    for col in IMAGE_COLUMNS:
+        for v in table.column(col).to_pylist():
+            out.update(x for x in (v if isinstance(v, list) else [v]) if x)
+    return out
 
 
 @stage("export_part")
@@ -202,15 +250,14 @@ def export_part(ctx: Context, entity_id: str) -> StageResult:
 
 # -- 3. finish ---------------------------------------------------------------------------
 def _manifest_row(r: ExportRecord, shard: str, entry: LayoutEntry | None,
-                  multi: dict[str, str]) -> dict[str, Any]:
+                  multi: dict[str, str], target_size: tuple[int, int]) -> dict[str, Any]:
     lin = r.meta["lineage"]
     return {
         "key": r.key, "sample_id": r.sample_id, "shard": shard,
         "video_id": lin["video"]["id"], "video_name": lin["video"]["name"],
         "clip_id": lin["clip"]["id"], "subject_id": lin["subject"]["id"], "pair_id": lin["pair"]["id"],
         "category": r.category, "ref_frame": lin["frames"]["reference"], "tgt_frame": lin["frames"]["target"],
-        "ref_box": [float(x) for x in r.meta["boxes"]["reference"]],
-        "tgt_box": [float(x) for x in r.meta["boxes"]["target"]],
+        **image_boxes(r.meta, target_size),
         "attempt": lin["attempt"], "seed": lin["seed"],
         "caption_short": r.caption_short, "caption_long": r.caption_long,
         "caption_source": r.meta["captions"]["source"], "verifier": r.meta["verdict"]["source"],
@@ -239,51 +286,91 @@ def _layout_root(cfg: Any, sink: Sink) -> tuple[str | None, str | None]:
     return root, None
 
 
+@dataclass
+class _Merged:
+    """What the finish keeps while it streams the manifest parts: counts and a few rows."""
+    samples: int = 0
+    generation: int = 0
+    manipulation: int = 0
+    multi_by_subjects: Counter = field(default_factory=Counter)
+    images: int = 0
+    jsonl_kinds: Counter = field(default_factory=Counter)   # kind -> shards with records of it
+    renamed: list[tuple[str, str]] = field(default_factory=list)   # (key, id) where they differ
+    grid: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    worst: list[tuple[tuple[float, str], dict[str, Any]]] = field(default_factory=list)
+
+    def add(self, table: pa.Table, grid_n: int, worst_n: int, seed: int) -> None:
+        rows = table.select(["key", "sample_id", "overall", "identity", "output_image", "multi_subject_key",
+                             "caption_short", "caption_long", "caption_source", "scores_json", "attempt",
+                             "video_name"]).to_pylist()
+        self.samples += len(rows)
+        laid_out = sum(1 for r in rows if r["output_image"])
+        self.generation += laid_out
+        self.manipulation += laid_out
+        groups = Counter(r["multi_subject_key"] for r in rows if r["multi_subject_key"])
+        self.multi_by_subjects.update(groups.values())
+        self.images += len(_images_of(table))
+        for kind, n in (("generation", laid_out), ("manipulation", laid_out), ("generation_multi", len(groups))):
+            self.jsonl_kinds[kind] += n > 0
+        self.renamed += [(r["key"], r["sample_id"]) for r in rows if r["key"] != r["sample_id"]]
+        self.grid = sorted(self.grid + [(grid_rank(r["key"], seed), r) for r in rows], key=lambda x: x[0])[:grid_n]
+
+        def badness(r: dict[str, Any]) -> tuple[float, str]:
+            score = r["overall"] if r["overall"] is not None else r["identity"]
+            return float(score or 0.0), r["key"]
+        self.worst = sorted(self.worst + [(badness(r), r) for r in rows], key=lambda x: x[0])[:worst_n]
+
+
 def finish_export(ctx: Context, build_id: str, sink: Sink) -> ExportResult:
-    """The manifest, the training layout's records, stats and report, from the parts'
-    indexes; then the files of an earlier export that this one did not write go."""
+    """The manifest (the parts merged), the training layout's data config, stats and
+    report; then the files of shards an earlier export had and this one has not go."""
     cfg = ctx.settings.export
     check_build(ctx, build_id)
     with session_scope(ctx.sessions) as s:
-        shards = list(s.scalars(select(ExportShard).where(ExportShard.build_id == build_id)
-                                .order_by(ExportShard.shard)))
+        rows = list(s.scalars(select(ExportShard).where(ExportShard.build_id == build_id)
+                              .order_by(ExportShard.shard)))
         stats = build_stats(s, build_id)
+    shards = [x for x in rows if x.samples > 0]
     unwritten = [x.shard for x in shards if x.written_at is None]
     if unwritten:
         raise BadInput(f"export of {build_id}: shard(s) {unwritten[:10]} were never written: run their parts")
-    items = [json.loads(line) for x in shards for line in sink.get(index_name(x.shard)).splitlines() if line]
-    keys = [it["manifest"]["key"] for it in items]
-    clashes = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) != len(keys) else []
-    if clashes:  # keys are ids with unsafe characters replaced: two ids must not meet
-        raise BadInput(f"sample ids map to the same dataset key: {', '.join(clashes[:5])}")
+    # shards to remove: those the plan keeps for that, and those the last finished export
+    # into this sink had beyond this one (it may have been planned for another folder)
+    stale = {x.shard for x in rows if x.samples == 0} | set(range(len(shards), _exported_shards(sink)))
 
-    written: list[str] = [shard_name(x.shard) for x in shards] + [index_name(x.shard) for x in shards]
+    merged = _Merged()
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".parquet.part", dir=sink.tmp_dir)
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, MANIFEST_SCHEMA, compression="zstd") as writer:
+            for x in shards:
+                table = pq.read_table(io.BytesIO(sink.get(manifest_part(x.shard))), schema=MANIFEST_SCHEMA)
+                writer.write_table(table)
+                merged.add(table, cfg.report_grid, cfg.report_worst, cfg.report_seed)
+        _check_keys(ctx, merged.renamed)
+        sink.put_file("manifest.parquet", Path(tmp))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
-    def put(rel: str, data: bytes) -> None:
-        sink.put(rel, data)
-        written.append(rel)
-
-    entries = [LayoutEntry(**it["entry"]) for it in items if it["entry"]]
-    written += sorted({getattr(e, role) for e in entries for role in IMAGE_DIRS})
-    multi = {e.key: multi_subject_key(g) for g in multi_subject_groups(entries) for e in g}
-    rows = [dict(it["manifest"], multi_subject_key=multi.get(it["manifest"]["key"])) for it in items]
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buf, compression="zstd")
-    put("manifest.parquet", buf.getvalue())
     training = None
-    if cfg.omnigen2:
+    if not cfg.omnigen2:
+        sink.remove(DATA_CONFIG)
+    else:
         root, relative_why = _layout_root(cfg, sink)
-        layout = OmniGen2Layout(root)
-        layout.entries = entries
-        layout.written = {getattr(e, role) for e in entries for role in IMAGE_DIRS}
-        training = layout.finish(put)
+        kinds = [k for k in JSONL_DIRS if merged.jsonl_kinds[k]]
+        sink.put(DATA_CONFIG, data_config(kinds, root))
+        training = {"generation_single": merged.generation,
+                    "generation_multi": sum(merged.multi_by_subjects.values()),
+                    "generation_multi_by_subjects": {str(n): c for n, c in sorted(merged.multi_by_subjects.items())},
+                    "manipulation": merged.manipulation, "images": merged.images,
+                    "paths": "absolute" if root else "relative", "data_config": DATA_CONFIG}
         if relative_why:
             training["note"] = relative_why
 
     shard_info = [{"name": shard_name(x.shard), "samples": x.samples, "bytes": x.bytes, "sha256": x.sha256}
                   for x in shards]
     shard_bytes = sum(int(x.bytes or 0) for x in shards)
-    stats["export"] = {"samples": len(items), "shards": len(shards), "bytes": shard_bytes,
+    stats["export"] = {"samples": merged.samples, "shards": len(shards), "bytes": shard_bytes,
                        "shard_list": shard_info}
     if training is not None:
         stats["export"]["omnigen2"] = training
@@ -291,35 +378,71 @@ def finish_export(ctx: Context, build_id: str, sink: Sink) -> ExportResult:
     if benches:
         stats["held_out"] = held_out_summary(ctx, build_id, benches, _held_out(benches))
     secrets = ctx.settings.secrets()
-    put("stats.json", _redact(dumps(stats), secrets))
-    grid, worst = _report_cards(ctx, items, cfg)
-    put("report.html", render_report(build_id, stats, grid, worst, secrets).encode("utf-8"))
+    sink.put("stats.json", _redact(dumps(stats), secrets))
+    grid, worst = _report_cards(ctx, merged)
+    sink.put("report.html", render_report(build_id, stats, grid, worst, secrets).encode("utf-8"))
 
-    keep = set(written)
-    removed = [rel for rel in sink.existing() if rel not in keep]
-    for rel in removed:
-        sink.remove(rel)
-    return ExportResult(build_id=build_id, root=sink.root, samples=len(items),
-                        shards=[shard_name(x.shard) for x in shards], files=sorted(keep),
+    removed = sum(_remove_shard(sink, k) for k in sorted(stale))
+    with session_scope(ctx.sessions) as s:
+        s.execute(delete(ExportShard).where(ExportShard.build_id == build_id, ExportShard.samples == 0))
+    sink.clean_temporary()
+    files = (2 * len(shards) + merged.images + sum(merged.jsonl_kinds.values())
+             + 3 + (1 if cfg.omnigen2 else 0))     # manifest, stats, report, data config
+    return ExportResult(build_id=build_id, root=sink.root, samples=merged.samples,
+                        shards=[shard_name(x.shard) for x in shards], files=files,
                         shard_bytes=shard_bytes, stats=stats, removed=removed)
 
 
-def _report_cards(ctx: Context, items: list[dict[str, Any]], cfg: Any) -> tuple[list[ReportSample], list[ReportSample]]:
+def _exported_shards(sink: Sink) -> int:
+    """How many shards the last finished export into this sink had (0: none known)."""
+    if not sink.exists("stats.json"):
+        return 0
+    try:
+        return int(json.loads(sink.get("stats.json"))["export"]["shards"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def _remove_shard(sink: Sink, k: int) -> int:
+    """Remove a shard's files: its layout images (as its manifest part lists them), JSONL
+    parts and tar, then the manifest part (last, so a retry still finds the images).
+    Returns how many files were there."""
+    files = [*sorted(_listed_images(sink, k)), *(jsonl_part(kind, k) for kind in JSONL_DIRS),
+             shard_name(k), manifest_part(k)]
+    removed = 0
+    for rel in files:
+        if sink.exists(rel):
+            sink.remove(rel)
+            removed += 1
+    return removed
+
+
+def _check_keys(ctx: Context, renamed: list[tuple[str, str]]) -> None:
+    """Dataset keys are sample ids with unsafe characters replaced: two ids must not meet.
+    Only ids that were changed can meet another (within a shard the part checks)."""
+    keys = [k for k, _ in renamed]
+    clashes = {k for k in keys if keys.count(k) > 1} | set(image_keys(ctx, keys))
+    if clashes:
+        raise BadInput(f"sample ids map to the same dataset key: {', '.join(sorted(clashes)[:5])}")
+
+
+def _report_cards(ctx: Context, merged: _Merged) -> tuple[list[ReportSample], list[ReportSample]]:
     """The report's random grid and its worst-scoring samples, with thumbnails read now
     (only for the samples shown)."""
-    by_key = {it["manifest"]["key"]: it for it in items}
-    grid_keys = sorted(pick_grid(list(by_key), cfg.report_grid, cfg.report_seed))
-    worst_keys = [k for k in sorted(by_key, key=lambda k: (by_key[k]["overall"], k))[:cfg.report_worst]]
+    shown = {r["sample_id"]: r for _, r in merged.grid + merged.worst}
+    stored = image_keys(ctx, list(shown))
 
-    def card(key: str) -> ReportSample:
-        it, m = by_key[key], by_key[key]["manifest"]
-        thumbs = {n: thumbnail_uri(ctx.store.get_bytes(k), cfg.report_thumb_px) for n, k in it["thumbs"].items()}
-        return ReportSample(key=key, caption_short=m["caption_short"], caption_long=m["caption_long"],
-                            caption_source=it["caption_source"], scores=json.loads(m["scores_json"]),
-                            attempt=it["attempt"], video=it["video"], thumbs=thumbs)
+    def card(r: dict[str, Any]) -> ReportSample:
+        keys = stored.get(r["sample_id"], {})
+        thumbs = {n: thumbnail_uri(ctx.store.get_bytes(keys[n]), ctx.settings.export.report_thumb_px)
+                  for n in THUMB_NAMES if keys.get(n)}
+        return ReportSample(key=r["key"], caption_short=r["caption_short"], caption_long=r["caption_long"],
+                            caption_source=r["caption_source"] or "", scores=json.loads(r["scores_json"]),
+                            attempt=r["attempt"], video=r["video_name"], thumbs=thumbs)
 
-    cards = {k: card(k) for k in set(grid_keys) | set(worst_keys)}
-    return [cards[k] for k in grid_keys], [cards[k] for k in worst_keys]
+    cards = {sid: card(r) for sid, r in shown.items()}
+    grid = sorted((r for _, r in merged.grid), key=lambda r: r["key"])
+    return [cards[r["sample_id"]] for r in grid], [cards[r["sample_id"]] for _, r in merged.worst]
 
 
 def _redact(data: bytes, secrets: list[str]) -> bytes:
@@ -335,10 +458,13 @@ def _redact(data: bytes, secrets: list[str]) -> bytes:
 # -- the whole export in one process, and the final stage -------------------------------
 def export_to_sink(ctx: Context, build_id: str, sink: Sink) -> ExportResult:
     """Plan, every part, finish: the same steps the distributed stages take, in order."""
+    removed = 0
     for part in plan_export(ctx, build_id, max_parts=1):
         _, first, last = parse_part(part)
-        write_part(ctx, build_id, first, last, sink)
-    return finish_export(ctx, build_id, sink)
+        removed += write_part(ctx, build_id, first, last, sink)["removed"]
+    res = finish_export(ctx, build_id, sink)
+    res.removed += removed
+    return res
 
 
 def export_build_to(ctx: Context, build_id: str, out_dir: Path) -> ExportResult:
@@ -360,4 +486,4 @@ def export_build(ctx: Context, build_id: str) -> StageResult:
     res = finish_export(ctx, build_id, StoreSink(ctx.store, build_id))
     return StageResult(status="ok", details={"samples": res.samples, "shards": len(res.shards),
                                              "shard_bytes": res.shard_bytes, "root": res.root,
-                                             "removed": len(res.removed)})
+                                             "removed": res.removed})

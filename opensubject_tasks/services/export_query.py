@@ -1,13 +1,13 @@
-"""What an export reads from the database: the verified samples of a build (all of them,
-or one shard's range), with their lineage, and the build's statistics."""
+"""What an export reads from the database: where its shards start, the verified samples
+of one shard's range with their lineage, and the build's statistics (aggregated in SQL:
+nothing here holds a row per sample of the build)."""
 from __future__ import annotations
 
-from collections import Counter
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import distinct, func, select, text
 from sqlalchemy.orm import Session
 
 from opensubject_tasks.context import Context
@@ -85,39 +85,57 @@ def _chain(stmt):  # noqa: ANN001, ANN202 - select joined from samples up to vid
             .join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id))
 
 
+# Verification history, unnested in SQL: (history entries, their reasons, a reason's check
+# name: the text before its first colon) per dialect.
+_FROM_SAMPLES = ("FROM samples s JOIN pairs p ON s.pair_id = p.id JOIN subjects su ON p.subject_id = su.id "
+                 "JOIN clips c ON su.clip_id = c.id JOIN videos v ON c.video_id = v.id")
+_HISTORY = {
+    "postgresql": (
+        "CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(s.history) WHEN 'array' "
+        "THEN s.history ELSE '[]'::jsonb END) AS h(value)",
+        "CROSS JOIN LATERAL jsonb_array_elements_text(CASE jsonb_typeof(h.value->'reasons') WHEN 'array' "
+        "THEN h.value->'reasons' ELSE '[]'::jsonb END) AS r(value)",
+        "split_part(r.value, ':', 1)", "TRUE"),
+    "sqlite": ("JOIN json_each(s.history) AS h", "JOIN json_each(h.value, '$.reasons') AS r",
+               "substr(r.value, 1, instr(r.value || ':', ':') - 1)", "r.type = 'text'"),
+}
+
+
+def _verification(s: Session, build_id: str) -> dict[str, Any]:
+    """Verification attempts, failed checks by name and the attempt samples verified at."""
+    entries, reasons, check, is_text = _HISTORY[s.get_bind().dialect.name]
+    where = {"b": build_id}
+    attempts = s.execute(text(f"SELECT count(*) {_FROM_SAMPLES} {entries} WHERE v.build_id = :b"), where).scalar()
+    failed = s.execute(text(f"SELECT {check} AS check_name, count(*) {_FROM_SAMPLES} {entries} {reasons} "
+                            f"WHERE v.build_id = :b AND {is_text} GROUP BY 1 ORDER BY 1"), where).all()
+    verified_at = s.execute(_chain(select(Sample.attempt, func.count())).where(
+        Video.build_id == build_id, Sample.state == "verified").group_by(Sample.attempt).order_by(Sample.attempt)).all()
+    return {"attempts": int(attempts or 0), "failed_checks": {str(k): int(n) for k, n in failed},
+            "verified_at_attempt": {str(a): int(n) for a, n in verified_at}}
+
+
+def _throughput(s: Session, build_id: str) -> dict[str, dict[str, Any]]:
+    where = (StageAttempt.build_id == build_id, StageAttempt.status != "running",
+             StageAttempt.stage.not_in(("export_plan", "export_part", "export")))
+    by_status = s.execute(select(StageAttempt.stage, StageAttempt.status, func.count(), func.sum(StageAttempt.duration_s))
+                          .where(*where).group_by(StageAttempt.stage, StageAttempt.status)).all()
+    entities = dict(s.execute(select(StageAttempt.stage, func.count(distinct(StageAttempt.entity_id)))
+                              .where(*where).group_by(StageAttempt.stage)).all())
+    return throughput(by_status, entities)
+
+
 def build_stats(s: Session, build_id: str) -> dict[str, Any]:
     """Funnel, states, rejection reasons, duplicates, verification history and throughput."""
     from opensubject_tasks import readmodel
 
-    in_build = Video.build_id == build_id
-    reasons = readmodel.rejection_reasons(s, build_id)
-    failed_checks: Counter[str] = Counter()
-    verified_at: Counter[str] = Counter()
-    verify_attempts = 0
-    for st, history, attempt in s.execute(
-            _chain(select(Sample.state, Sample.history, Sample.attempt)).where(in_build).order_by(Sample.id)):
-        for h in history or []:
-            verify_attempts += 1
-            for r in h.get("reasons") or []:
-                failed_checks[r.split(":", 1)[0]] += 1
-        if st == "verified":
-            verified_at[str(attempt)] += 1
-
-    attempts = [{"stage": a, "status": b, "duration_s": c, "entity_id": d} for a, b, c, d in s.execute(
-        select(StageAttempt.stage, StageAttempt.status, StageAttempt.duration_s, StageAttempt.entity_id)
-        .where(StageAttempt.build_id == build_id, StageAttempt.stage.not_in(("export_plan", "export_part", "export")),
-               StageAttempt.status != "running")
-        .order_by(StageAttempt.id))]
     return {
         "build": build_id,
         "funnel": readmodel.funnel(s, build_id),
         "states": readmodel.states(s, build_id),
-        "rejections": count_reasons(reasons),
+        "rejections": count_reasons(readmodel.rejection_reasons(s, build_id)),
         "duplicates": readmodel.duplicates(s, build_id, limit=1000),
-        "verification": {"attempts": verify_attempts,
-                         "failed_checks": dict(sorted(failed_checks.items())),
-                         "verified_at_attempt": dict(sorted(verified_at.items(), key=lambda kv: int(kv[0])))},
-        "throughput": throughput(attempts),
+        "verification": _verification(s, build_id),
+        "throughput": _throughput(s, build_id),
     }
 
 
@@ -148,18 +166,18 @@ def verified(build_id: str, held_out: set[str]) -> Any:
 
 def shard_starts(s: Session, build_id: str, held_out: set[str], per_shard: int) -> tuple[list[str], int]:
     """The first sample id of each shard of ``per_shard`` samples, and the sample count:
-    one query, whatever the size of the build."""
+    one pass of one query over the build's verified samples."""
     ranked = verified(build_id, held_out).add_columns(
-        func.row_number().over(order_by=Sample.id).label("rn")).order_by(None).subquery()
-    starts = list(s.scalars(select(ranked.c.id).where((ranked.c.rn - 1) % per_shard == 0).order_by(ranked.c.id)))
-    total = int(s.scalar(select(func.count()).select_from(ranked)) or 0)
-    return starts, total
+        func.row_number().over(order_by=Sample.id).label("rn"),
+        func.count().over().label("total")).order_by(None).subquery()
+    rows = s.execute(select(ranked.c.id, ranked.c.total).where((ranked.c.rn - 1) % per_shard == 0)
+                     .order_by(ranked.c.id)).all()
+    return [r.id for r in rows], int(rows[0].total) if rows else 0
 
 
 def records_between(ctx: Context, build_id: str, first: str, before: str | None,
-                    held_out: set[str]) -> tuple[list[ExportRecord], dict[str, str]]:
-    """The verified samples from ``first`` up to (not including) ``before``, and their
-    video names."""
+                    held_out: set[str]) -> list[ExportRecord]:
+    """The verified samples from ``first`` up to (not including) ``before``."""
     versions = _versions()
     with session_scope(ctx.sessions) as s:
         q = _chain(select(Sample, Pair, Subject, Clip, Video)).where(
@@ -168,16 +186,21 @@ def records_between(ctx: Context, build_id: str, first: str, before: str | None,
             q = q.where(Sample.id < before)
         if held_out:
             q = q.where(Video.id.not_in(sorted(held_out)))
-        rows = s.execute(q.order_by(Sample.id)).all()
-        records = [_record(build_id, *row, versions=versions) for row in rows]
-    return records, {r.sample_id: row[4].name for r, row in zip(records, rows, strict=True)}
+        return [_record(build_id, *row, versions=versions) for row in s.execute(q.order_by(Sample.id))]
 
 
 def held_out_summary(ctx: Context, build_id: str, benches: list[Path], held_out: set[str]) -> dict[str, Any]:
     """How many videos and verified samples the benches keep out of the training export."""
     with session_scope(ctx.sessions) as s:
-        rows = s.execute(_chain(select(Sample.id)).add_columns(Video.id)
-                         .where(Video.build_id == build_id, Sample.state == "verified")).all()
-    ids = [r[1] for r in rows]
-    return {"benches": [str(b) for b in benches], "videos": len(set(ids) & held_out),
-            "samples_excluded": sum(1 for v in ids if v in held_out)}
+        videos, samples = s.execute(_chain(select(func.count(distinct(Video.id)), func.count(Sample.id))).where(
+            Video.build_id == build_id, Sample.state == "verified", Video.id.in_(sorted(held_out)))).one()
+    return {"benches": [str(b) for b in benches], "videos": int(videos), "samples_excluded": int(samples)}
+
+
+def image_keys(ctx: Context, sample_ids: list[str]) -> dict[str, dict[str, str]]:
+    """The stored image keys of a few samples (the report's cards)."""
+    if not sample_ids:
+        return {}
+    with session_scope(ctx.sessions) as s:
+        return {sid: dict(keys or {}) for sid, keys in s.execute(
+            select(Sample.id, Sample.keys).where(Sample.id.in_(sorted(sample_ids))))}

@@ -1,22 +1,17 @@
 """Where an export is written: the object store under ``datasets/<build>/`` or a local
-folder. Both sinks take whole files (put, put_file), read one back (get), list what the
-exporter owns and remove a file."""
+folder. Both sinks take whole files (put, put_file), read one back (get, exists) and
+remove a file. Neither lists: the export knows its files from its plan and its manifest
+parts, so that finishing an export costs the same however many files it holds."""
 from __future__ import annotations
 
 import os
-import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
 
 from opensubject_tasks.storage import Keys, ObjectStore
 
-# Files this exporter owns in a local export folder (anything else there is left alone),
-# including temporary files an interrupted export left behind.
-_OWNED = re.compile(r"^(shard-\d{6}\.tar|parts/shard-\d{6}\.jsonl|manifest\.parquet|stats\.json|report\.html|"
-                    r"train_(generation|manipulation)\.jsonl|Images/(generation|manipulation)/"
-                    r"(input|output)_images/(\d{4}/)?[^/]+|omnigen2/(data\.yml|jsonl/[^/]+\.jsonl)|"
-                    r"((Images|omnigen2|parts)/(.*/)?)?\.[^/]*\.part)$")
 FILE_MODE, DIR_MODE = 0o644, 0o755   # readable by a training job under another user
 
 
@@ -28,8 +23,9 @@ class Sink(Protocol):
     def put(self, rel: str, data: bytes) -> None: ...
     def put_file(self, rel: str, path: Path) -> None: ...
     def get(self, rel: str) -> bytes: ...
-    def existing(self) -> list[str]: ...
+    def exists(self, rel: str) -> bool: ...
     def remove(self, rel: str) -> None: ...
+    def clean_temporary(self) -> None: ...
 
 
 class StoreSink:
@@ -51,17 +47,20 @@ class StoreSink:
     def get(self, rel: str) -> bytes:
         return self.store.get_bytes(Keys.dataset(self.build_id, rel))
 
-    def existing(self) -> list[str]:
-        return [o.key[len(self.prefix):] for o in self.store.list(self.prefix)]
+    def exists(self, rel: str) -> bool:
+        return self.store.exists(Keys.dataset(self.build_id, rel))
 
     def remove(self, rel: str) -> None:
         self.store.delete(Keys.dataset(self.build_id, rel))
 
+    def clean_temporary(self) -> None:
+        """Nothing to do: an object appears whole or not at all."""
+
 
 class DirSink:
-    """Writes into a local folder; each file appears whole (temp file + rename). Files
-    are 0644 and folders 0755 whatever the umask: a training job under another user
-    or in a container must be able to read them."""
+    """Writes into a local folder; each file appears whole (a temp file in ``.tmp/``,
+    renamed into place). Files are 0644 and folders 0755 whatever the umask: a training
+    job under another user or in a container must be able to read them."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out = Path(out_dir)
@@ -71,7 +70,8 @@ class DirSink:
             os.chmod(self.out, DIR_MODE)   # an existing export folder of ours made under a strict umask
         self.root = str(self.out)
         self.local_root = str(self.out.resolve())
-        self.tmp_dir = str(self.out)   # same filesystem: a finished shard is renamed into place
+        self.tmp_dir = str(self.out / ".tmp")   # same filesystem: a finished file is renamed into place
+        self._mkdir(Path(self.tmp_dir))
 
     def _mkdir(self, folder: Path) -> None:
         missing = [p for p in (folder, *folder.parents) if not p.exists()]
@@ -82,7 +82,7 @@ class DirSink:
     def put(self, rel: str, data: bytes) -> None:
         path = self.out / rel
         self._mkdir(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".part", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".part", dir=self.tmp_dir)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -100,9 +100,17 @@ class DirSink:
     def get(self, rel: str) -> bytes:
         return (self.out / rel).read_bytes()
 
-    def existing(self) -> list[str]:
-        return sorted(p.relative_to(self.out).as_posix() for p in self.out.rglob("*")
-                      if p.is_file() and _OWNED.match(p.relative_to(self.out).as_posix()))
+    def exists(self, rel: str) -> bool:
+        return (self.out / rel).is_file()
+
+    def clean_temporary(self) -> None:
+        """Drop what an interrupted export left: ``.tmp/`` and partial files in the root
+        (where earlier versions built shards)."""
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        with os.scandir(self.out) as entries:
+            for e in entries:
+                if e.name.startswith(".") and e.name.endswith(".part") and e.is_file():
+                    os.unlink(e.path)
 
     def remove(self, rel: str) -> None:
         path = self.out / rel

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from PIL import Image
+
 # Images per sample, in the order they are written to a shard: (name in the sample
 # row's keys, whether the exporter requires it).
 SHARD_IMAGES = ("reference", "mask", "generation_input", "generation_mask",
@@ -42,6 +44,12 @@ def sample_key(sample_id: str) -> str:
 def image_ext(store_key: str) -> str:
     ext = store_key.rsplit(".", 1)[-1].lower() if "." in store_key.rsplit("/", 1)[-1] else "png"
     return {"jpeg": "jpg"}.get(ext, ext)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """An encoded image's (width, height), from its header."""
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
 
 
 def dumps(obj: Any) -> bytes:
@@ -183,22 +191,46 @@ def count_reasons(items: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
             for (s, r), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def throughput(attempts: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per stage: attempts by status, busy seconds, and items per busy second."""
+def throughput(by_status: Iterable[tuple[str, str, int, float | None]],
+               entities: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Per stage: attempts by status, busy seconds, and items per busy second, from
+    (stage, status, attempts, seconds) counts and each stage's number of entities."""
     per: dict[str, dict[str, Any]] = {}
-    for a in attempts:
-        st = per.setdefault(a["stage"], {"attempts": 0, "by_status": Counter(), "seconds": 0.0,
-                                         "entities": set()})
-        st["attempts"] += 1
-        st["by_status"][a["status"]] += 1
-        st["seconds"] += float(a.get("duration_s") or 0.0)
-        st["entities"].add(a["entity_id"])
+    for stage, status, n, seconds in by_status:
+        st = per.setdefault(stage, {"attempts": 0, "by_status": {}, "seconds": 0.0})
+        st["attempts"] += int(n)
+        st["by_status"][status] = st["by_status"].get(status, 0) + int(n)
+        st["seconds"] += float(seconds or 0.0)
     out = {}
     for stage, st in sorted(per.items()):
         secs = st["seconds"]
-        out[stage] = {"attempts": st["attempts"], "entities": len(st["entities"]),
+        out[stage] = {"attempts": st["attempts"], "entities": int(entities.get(stage, 0)),
                       "by_status": dict(sorted(st["by_status"].items())),
                       "busy_seconds": round(secs, 3),
                       "mean_seconds": round(secs / st["attempts"], 4) if st["attempts"] else 0.0,
                       "per_second": round(st["attempts"] / secs, 3) if secs > 0 else None}
     return out
+
+
+# -- boxes ---------------------------------------------------------------------------
+def _scaled(box: Sequence[float], sx: float, sy: float) -> list[float]:
+    return [float(box[0]) * sx, float(box[1]) * sy, float(box[2]) * sx, float(box[3]) * sy]
+
+
+def image_boxes(meta: dict[str, Any], target_size: tuple[int, int]) -> dict[str, Any]:
+    """A sample's boxes in the pixels of the images it ships, with their sizes [w, h]:
+    ``tgt_box`` in the exported target's, ``ref_box`` in the reference frame's at the
+    resolution the reference crop was cut from (mining's boxes are in keyframe pixels)."""
+    boxes = meta["boxes"]
+    frames = ((meta.get("lineage") or {}).get("augment") or {}).get("frames") or {}
+    kf = boxes.get("target_frame_size")
+    if kf:
+        sx, sy = target_size[0] / kf[0], target_size[1] / kf[1]
+    else:
+        sx, sy = (frames.get("target") or {}).get("scale") or (1.0, 1.0)
+    ref = frames.get("reference") or {}
+    rx, ry = ref.get("scale") or (1.0, 1.0)
+    ref_size = ref.get("size") or boxes.get("reference_frame_size")
+    return {"tgt_box": _scaled(boxes["target"], sx, sy), "tgt_size": [int(v) for v in target_size],
+            "ref_box": _scaled(boxes["reference"], rx, ry),
+            "ref_size": [int(v) for v in ref_size] if ref_size else None}

@@ -1,30 +1,41 @@
 """The OmniGen2 training layout of an export: images, JSONL records and a data config.
 
-OmniGen2's training dataset reads a data-config YAML (``data: [{path, type, ratio}]``),
-loads each listed JSONL with ``datasets`` and opens every ``input_images`` /
+OmniGen2's training dataset (``omnigen2/dataset/omnigen2_train_dataset.py``) reads a
+data-config YAML (``data: [{path, type, ratio}]``); a ``path`` that is a folder means
+every ``*.jsonl``/``*.json`` under it; it opens every ``input_images`` /
 ``output_image`` path *as written*, from the trainer's working directory. So:
 
 * records hold absolute paths (``root`` + the file's path in the export) unless the
-  export is configured for relative ones; the YAML lists the JSONL files the same way;
+  export is configured for relative ones; the YAML lists the JSONL folders the same way;
 * the JSONL files and the YAML live in ``omnigen2/``, apart from ``stats.json`` and the
   rest (OmniGen2 globs every ``*.json``/``*.jsonl`` under a folder it is pointed at);
 * records have exactly the four keys OmniGen2's own data uses, so they concatenate
   with other OmniGen2 datasets.
+* ``ratio``: the released loader requires the key but does not apply it (the
+  resampled copies it computes are dropped, and the concatenation uses every record
+  of every entry once). Every record is therefore seen once per epoch whatever the
+  ratio; listing an entry twice is what doubles its weight there.
 
-Images follow the released corpus layout, ``Images/{generation,manipulation}/
-{input_images,output_images}/<NNNN>/<name>``, with 10,000 numbered sub-folders so no
-folder holds millions of files. A file's name is the hash of its bytes, so an image is
-stored once however many records use it: the target frame shared by a sample's
-generation and manipulation records (and by a multi-subject record), the subject image
-that is both a generation input and a manipulation reference. Every image lives in the
-folder of its first role (generation inputs and targets under ``generation/``, scenes
-to edit under ``manipulation/input_images``); manipulation records point there.
+The layout is written one export shard at a time, so that a part of the export needs
+memory for its own samples only: each shard's records go to
+``omnigen2/jsonl/<kind>/part-NNNNNN.jsonl`` and its images to
+``Images/{generation,manipulation}/{input_images,output_images}/NNNNNN/<name>``
+(one numbered folder per shard, as the released corpus numbers its folders, so no
+folder holds millions of files). A file's name is the hash of its bytes, so within a
+shard an image is stored once however many records use it: the target frame shared by
+a sample's generation and manipulation records (and by a multi-subject record), the
+subject image that is both a generation input and a manipulation reference. Every
+image lives in the folder of its first role (generation inputs and targets under
+``generation/``, scenes to edit under ``manipulation/input_images``); manipulation
+records point there. A shard's images are listed in its manifest part, which is how a
+later export finds the ones it no longer writes without listing the store.
 
 Multi-subject samples: verified samples of 2-4 different subjects of one clip that
-share the target frame make one generation record with one input per subject.
+share the target frame (and the shard) make one generation record with one input per
+subject.
 
-Pure functions and a small accumulator; the caller hands it image bytes and a ``put``
-callable, so the same code writes to a folder or an object store.
+Pure functions and a small accumulator; the caller hands it image bytes and ``put`` /
+``remove`` callables, so the same code writes to a folder or an object store.
 """
 from __future__ import annotations
 
@@ -37,7 +48,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from opensubject_tasks.stages.export import dumps
+from opensubject_tasks.stages.export import dumps, image_size
 from opensubject_tasks.instructions import (
     MAX_SUBJECTS, TASK_GENERATION, TASK_MANIPULATION, generation_instruction,
     manipulation_instruction, region_box, subject_phrase,
@@ -45,23 +56,27 @@ from opensubject_tasks.instructions import (
 
 LAYOUT_DIR = "omnigen2"
 DATA_CONFIG = f"{LAYOUT_DIR}/data.yml"
-# name -> (JSONL file, OmniGen2 task type); the order is the YAML's
-JSONL_FILES = {
-    "generation": (f"{LAYOUT_DIR}/jsonl/generation.jsonl", TASK_GENERATION),
-    "generation_multi": (f"{LAYOUT_DIR}/jsonl/generation_multi_subject.jsonl", TASK_GENERATION),
-    "manipulation": (f"{LAYOUT_DIR}/jsonl/manipulation.jsonl", TASK_MANIPULATION),
+# name -> (folder of the JSONL parts, OmniGen2 task type); the order is the YAML's
+JSONL_DIRS = {
+    "generation": (f"{LAYOUT_DIR}/jsonl/generation", TASK_GENERATION),
+    "generation_multi": (f"{LAYOUT_DIR}/jsonl/generation_multi_subject", TASK_GENERATION),
+    "manipulation": (f"{LAYOUT_DIR}/jsonl/manipulation", TASK_MANIPULATION),
 }
 IMAGE_DIRS = {"generation_input": "Images/generation/input_images",
               "target": "Images/generation/output_images",
               "manipulation_input": "Images/manipulation/input_images"}
-BUCKETS = 10_000
 Put = Callable[[str, bytes], None]
+Remove = Callable[[str], None]
 
 
-def image_path(role: str, data: bytes, ext: str = "png") -> str:
-    """Where an image goes: its role's folder, a numbered bucket, its content hash."""
-    digest = hashlib.sha256(data).hexdigest()
-    return f"{IMAGE_DIRS[role]}/{int(digest[:8], 16) % BUCKETS:04d}/{digest[:40]}.{ext}"
+def image_path(role: str, data: bytes, shard: int, ext: str = "png") -> str:
+    """Where an image goes: its role's folder, its shard's numbered folder, its content hash."""
+    return f"{IMAGE_DIRS[role]}/{shard:06d}/{hashlib.sha256(data).hexdigest()[:40]}.{ext}"
+
+
+def jsonl_part(name: str, shard: int) -> str:
+    """The JSONL file of one kind of record of one shard."""
+    return f"{JSONL_DIRS[name][0]}/part-{shard:06d}.jsonl"
 
 
 def absolute(rel: str, root: str | None) -> str:
@@ -86,11 +101,6 @@ class LayoutEntry:
     manipulation_instruction: str
 
 
-def _size(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as im:
-        return im.size
-
-
 def _mask_box(data: bytes) -> list[float] | None:
     with Image.open(io.BytesIO(data)) as im:
         return region_box(np.asarray(im.convert("L")) > 127)
@@ -99,7 +109,7 @@ def _mask_box(data: bytes) -> list[float] | None:
 def manipulation_region(meta: dict[str, Any], images: dict[str, bytes]) -> tuple[list[float], tuple[int, int]]:
     """The region to replace, in target pixels, and the target's size: the stored
     manipulation mask's box (as the benchmark takes it), else the synthesis record's."""
-    size = _size(images["target"])
+    size = image_size(images["target"])
     box = _mask_box(images["manipulation_mask"]) if images.get("manipulation_mask") else None
     augment = (meta.get("lineage") or {}).get("augment") or {}
     if box is None and augment.get("manipulation_box"):
@@ -119,11 +129,12 @@ def replaced_object(meta: dict[str, Any]) -> str | None:
 
 
 class OmniGen2Layout:
-    """Collects the layout of one export: ``add`` per verified sample writes its images
-    (once per content), ``finish`` writes the JSONL files and the data config."""
+    """The layout of one shard of an export: ``add`` per verified sample writes its
+    images (once per content), ``finish`` writes the shard's JSONL parts."""
 
-    def __init__(self, root: str | None) -> None:
+    def __init__(self, root: str | None, shard: int) -> None:
         self.root = root                      # absolute export root for the records, or None
+        self.shard = shard
         self.entries: list[LayoutEntry] = []
         self.written: set[str] = set()
 
@@ -132,7 +143,7 @@ class OmniGen2Layout:
         meta = record.meta
         paths = {}
         for role in IMAGE_DIRS:
-            rel = image_path(role, images[role], _ext(record.image_keys.get(role, "")))
+            rel = image_path(role, images[role], self.shard, _ext(record.image_keys.get(role, "")))
             if rel not in self.written:
                 put(rel, images[role])
                 self.written.add(rel)
@@ -153,23 +164,16 @@ class OmniGen2Layout:
         self.entries.append(entry)
         return entry
 
-    def finish(self, put: Put) -> dict[str, Any]:
-        """Write the JSONL files and the data config; returns the counts for stats."""
+    def finish(self, put: Put, remove: Remove) -> dict[str, str]:
+        """Write the shard's JSONL parts (a kind without records has no file: an empty
+        JSONL cannot be loaded) and return the multi-subject record of each sample in one."""
         records = training_records(self.entries, self.root)
-        listed = {}
-        for name, (rel, _) in JSONL_FILES.items():
-            if records[name]:  # an empty JSONL cannot be loaded: leave it out of the config
-                put(rel, b"".join(_line(r) for r in records[name]))
-                listed[name] = rel
-        put(DATA_CONFIG, data_config(listed, self.root))
-        groups = multi_subject_groups(self.entries)
-        return {"generation_single": len(records["generation"]),
-                "generation_multi": len(records["generation_multi"]),
-                "generation_multi_by_subjects": {str(n): sum(len(g) == n for g in groups)
-                                                 for n in sorted({len(g) for g in groups})},
-                "manipulation": len(records["manipulation"]),
-                "images": len(self.written), "paths": "absolute" if self.root else "relative",
-                "data_config": DATA_CONFIG}
+        for name in JSONL_DIRS:
+            if records[name]:
+                put(jsonl_part(name, self.shard), b"".join(_line(r) for r in records[name]))
+            else:   # an earlier export's part of this shard may have had some
+                remove(jsonl_part(name, self.shard))
+        return {e.key: multi_subject_key(g) for g in multi_subject_groups(self.entries) for e in g}
 
 
 def _ext(store_key: str) -> str:
@@ -209,7 +213,7 @@ def training_records(entries: Iterable[LayoutEntry], root: str | None) -> dict[s
     """The OmniGen2 records of a set of samples: one single-subject generation and one
     manipulation record per sample, one multi-subject generation record per group."""
     entries = sorted(entries, key=lambda e: e.key)
-    out: dict[str, list[dict[str, Any]]] = {name: [] for name in JSONL_FILES}
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in JSONL_DIRS}
     for e in entries:
         out["generation"].append(_record(TASK_GENERATION, e.generation_instruction,
                                          [e.generation_input], e.target, root))
@@ -228,11 +232,13 @@ def _record(task: str, instruction: str, inputs: Sequence[str], output: str, roo
             "input_images": [absolute(p, root) for p in inputs], "output_image": absolute(output, root)}
 
 
-def data_config(jsonl: dict[str, str], root: str | None) -> bytes:
-    """OmniGen2's data-config YAML listing each JSONL with its type and mixing ratio."""
-    data = [{"path": absolute(rel, root), "type": JSONL_FILES[name][1], "ratio": 1.0}
-            for name, rel in jsonl.items()]
+def data_config(kinds: Iterable[str], root: str | None) -> bytes:
+    """OmniGen2's data-config YAML listing the JSONL folder of each kind of record
+    (only kinds with records: OmniGen2 cannot load an empty folder)."""
+    data = [{"path": absolute(JSONL_DIRS[name][0], root), "type": JSONL_DIRS[name][1], "ratio": 1.0}
+            for name in JSONL_DIRS if name in set(kinds)]
     head = ("# OmniGen2 data config (options/*.yml: data.data_path). Paths are "
             + ("absolute." if root else "relative to the export folder: run the trainer from there.")
-            + "\n# ratio: relative sampling weight of each file.\n")
+            + "\n# ratio: required by OmniGen2's released loader, which does not apply it: every"
+            "\n# record of every entry is used once per epoch. List an entry twice to double its weight.\n")
     return (head + yaml.safe_dump({"data": data}, sort_keys=False)).encode()
