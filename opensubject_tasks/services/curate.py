@@ -33,13 +33,6 @@ def clip_id(video_id: str, idx: int) -> str:
     return f"{video_id}-c{idx}"
 
 
-def _encode_png(rgb: Any) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
 def _encode_jpeg(rgb: Any, quality: int) -> bytes:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
@@ -75,17 +68,16 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
             key = Keys.keyframe(video_id, cid, kf.frame)
             ctx.store.put_bytes(key, _encode_jpeg(kf.image, s.keyframe_quality), "image/jpeg")
             h, w = kf.image.shape[:2]
-            entries.append({"frame": kf.frame, "key": key, "width": w, "height": h})
-            full = getattr(kf.source, "full_image", None)
-            if s.frame_max_side and clip.state == "kept" and full is not None:
-                # lossless, at source resolution: the training targets and subject crops
-                image = full()
-                full_key = Keys.frame(video_id, cid, kf.frame)
-                ctx.store.put_bytes(full_key, _encode_png(image), "image/png")
-                entries[-1].update(full_key=full_key, full_width=image.shape[1], full_height=image.shape[0])
+            entry = {"frame": kf.frame, "key": key, "width": w, "height": h}
+            # where the frame lies in the stream: the pairs' frames are decoded again from
+            # there at full resolution when they are synthesized (media/frames.py)
+            for name in ("pts", "seek_pts"):
+                if getattr(kf.source, name, None) is not None:
+                    entry[name] = int(getattr(kf.source, name))
+            entries.append(entry)
         written[clip.idx] = entries
 
-    _check_unchanged(ctx, source, *registered)
+    check_source_unchanged(ctx, source, *registered)
     t0 = time.perf_counter()
     with local_copy(ctx.store, source) as path:
         timings["fetch_s"] = time.perf_counter() - t0
@@ -102,8 +94,11 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
                     row.probe = probe.to_dict()
                 check_video(probe, s)
                 scorer = ctx.backend("quality")
+                cpu0 = time.thread_time()
                 outcome = curate_frames(iter_frames(video, probe, s, stats), probe, s, scorer,
                                         on_clip=write_keyframes, total_frames=lambda: stats.frames)
+                # this thread: scaling, shot detection, clips, keyframes (the decode has its own)
+                timings["analysis_cpu_s"] = time.thread_time() - cpu0
         except BadInput:
             # keyframes of clips written before the input turned out bad
             _delete_stale_keyframes(ctx, video_id, set())
@@ -122,8 +117,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
         row.stage_done = "curate"
         if kept:
             row.state, row.reason = "running", None
-    _delete_stale_keyframes(ctx, video_id, {k for es in written.values() for e in es
-                                            for k in (e["key"], e.get("full_key")) if k})
+    _delete_stale_keyframes(ctx, video_id, {e["key"] for es in written.values() for e in es})
 
     details = {
         "frames": outcome.frames, "decoded_frames": stats.decoded, "cuts": outcome.cuts,
@@ -139,7 +133,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
     return StageResult(status="ok", next=[("mine", video_id)], details=details)
 
 
-def _check_unchanged(ctx: Context, source: str, content_hash: str, size: int) -> None:
+def check_source_unchanged(ctx: Context, source: str, content_hash: str, size: int) -> None:
     """The bytes at the source must still be the ones registered: an object overwritten at
     the same key is registered as another video, not processed under this one's id."""
     src = parse_source(source)
