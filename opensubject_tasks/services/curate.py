@@ -10,6 +10,7 @@ nothing: it returns what the first run produced, so the clips that later stages 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import cv2
@@ -58,15 +59,34 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
 
     timings: dict[str, float] = {}
     written: dict[int, list[dict[str, Any]]] = {}
+    # Keyframes are encoded and stored on a writer thread, so that the analysis goes on
+    # while they are written (a store's write can wait on the disk or the network).
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyframes")
+    writes: list[Future[None]] = []
+
+    writer_cpu = [0.0]
+
+    def put_jpeg(key: str, image: Any) -> None:
+        cpu = time.thread_time()
+        ctx.store.put_bytes(key, _encode_jpeg(image, s.keyframe_quality), "image/jpeg")
+        writer_cpu[0] += time.thread_time() - cpu
+
+    def writes_done() -> None:
+        """Wait for every keyframe write; the first that failed raises here."""
+        for f in writes:
+            f.result()
 
     def write_keyframes(clip: ClipResult) -> None:
         """Objects first: the rows written later point only at complete objects."""
+        for f in writes:
+            if f.done():
+                f.result()  # a failed write stops the pass now
         cid = clip_id(video_id, clip.idx)
         entries = []
         for kf in clip.keyframes:
             assert kf.image is not None
             key = Keys.keyframe(video_id, cid, kf.frame)
-            ctx.store.put_bytes(key, _encode_jpeg(kf.image, s.keyframe_quality), "image/jpeg")
+            writes.append(writer.submit(put_jpeg, key, kf.image))
             h, w = kf.image.shape[:2]
             entry = {"frame": kf.frame, "key": key, "width": w, "height": h}
             # where the frame lies in the stream: the pairs' frames are decoded again from
@@ -97,12 +117,18 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
                 cpu0 = time.thread_time()
                 outcome = curate_frames(iter_frames(video, probe, s, stats), probe, s, scorer,
                                         on_clip=write_keyframes, total_frames=lambda: stats.frames)
-                # this thread: scaling, shot detection, clips, keyframes (the decode has its own)
-                timings["analysis_cpu_s"] = time.thread_time() - cpu0
+                analysis_cpu = time.thread_time() - cpu0
+                writes_done()
+                # this thread (scaling, shot detection, clips, keyframes) and the writer's
+                # (JPEG, store); the decode has its own threads
+                timings["analysis_cpu_s"] = analysis_cpu + writer_cpu[0]
         except BadInput:
             # keyframes of clips written before the input turned out bad
+            writer.shutdown(wait=True)
             _delete_stale_keyframes(ctx, video_id, set())
             raise
+        finally:
+            writer.shutdown(wait=True, cancel_futures=True)
 
     rows = [Clip(id=clip_id(video_id, c.idx), video_id=video_id, idx=c.idx, start_frame=c.start_frame,
                  end_frame=c.end_frame, start_s=c.start_s, end_s=c.end_s, score=c.score, quality=c.quality,
