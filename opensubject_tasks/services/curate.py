@@ -91,9 +91,11 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
             entry = {"frame": kf.frame, "key": key, "width": w, "height": h}
             # where the frame lies in the stream: the pairs' frames are decoded again from
             # there at full resolution when they are synthesized (media/frames.py)
-            for name in ("pts", "seek_pts"):
-                if getattr(kf.source, name, None) is not None:
-                    entry[name] = int(getattr(kf.source, name))
+            # (pts None: a stream without timestamps, where the frame is found by its number)
+            pts, seek_pts = getattr(kf.source, "pts", None), getattr(kf.source, "seek_pts", None)
+            entry["pts"] = None if pts is None else int(pts)
+            if seek_pts is not None:
+                entry["seek_pts"] = int(seek_pts)
             entries.append(entry)
         written[clip.idx] = entries
 

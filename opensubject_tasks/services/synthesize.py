@@ -49,10 +49,12 @@ def _keyframe(keyframes: list[dict], frame: int, clip_id: str) -> dict:
 
 
 def _from_video(ctx: Context, kf: dict) -> bool:
-    """Whether a pair's frame is decoded again from the video (at full resolution) rather
-    than read from the store: a lossless frame stored by an earlier version of curation,
-    or the small keyframe when ``curate.frame_max_side`` is 0."""
-    return bool(ctx.settings.curate.frame_max_side) and not kf.get("full_key")
+    """Whether a pair's frame is decoded again from the video (at full resolution): where
+    curation recorded the frame's place in the stream (``pts``, None for a stream without
+    timestamps). Otherwise it is read from the store: the lossless frame an earlier
+    curation stored (``full_key``), or the small keyframe (``curate.frame_max_side`` 0,
+    or rows of a curation that kept neither)."""
+    return bool(ctx.settings.curate.frame_max_side) and not kf.get("full_key") and "pts" in kf
 
 
 def load_frame(ctx: Context, keyframes: list[dict], frame: int, clip_id: str,
