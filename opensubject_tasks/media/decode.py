@@ -16,9 +16,10 @@ detection and motion need. PyAV's decode and scale calls, OpenCV and NumPy relea
 the GIL, so the two threads run in parallel. The first frame at or after every
 ``keyframe_stride``-th is also kept as a keyframe candidate: a reference to the decoded picture, converted
 to an RGB keyframe (longest side at most ``keyframe_max_side``, rotated upright)
-only if a clip picks it, and to the full frame (longest side at most ``frame_max_side``)
-that training targets are cut from. Candidates from sources above 1080p are shrunk at
-once to ``frame_max_side`` so that holding them stays cheap.
+only if a clip picks it. A candidate records where it lies in the stream (its
+timestamp and that of the random-access frame before it), so that the few frames that
+become training targets can be decoded again at full resolution (media/frames.py).
+Candidates from sources above 1080p are shrunk at once so that holding them stays cheap.
 
 Given the probe's open video (``open_video``), the pass continues with the
 probe's decoder and starts with the frames the probe decoded: a video is opened
@@ -104,13 +105,16 @@ class Shrinker:
 class KeyframeCandidate:
     """A decoded picture held until a clip decides whether to keep it."""
 
-    __slots__ = ("_frame", "_size", "_full_size", "_rotation", "_shrinker")
+    __slots__ = ("_frame", "_size", "_full_size", "_rotation", "_shrinker", "pts", "seek_pts")
 
     def __init__(self, frame: av.VideoFrame, size: tuple[int, int], rotation: int,
-                 shrinker: Shrinker | None = None, full_size: tuple[int, int] | None = None) -> None:
+                 shrinker: Shrinker | None = None, full_size: tuple[int, int] | None = None,
+                 pts: int | None = None, seek_pts: int | None = None) -> None:
         self._frame, self._size, self._rotation = frame, size, rotation
         self._full_size = full_size or (frame.width, frame.height)
         self._shrinker = shrinker or Shrinker()
+        # where the picture lies in the stream: its timestamp and the random-access frame's
+        self.pts, self.seek_pts = pts, seek_pts
 
     def image(self) -> np.ndarray:
         """RGB uint8, upright, longest side <= keyframe_max_side. Call it from one
@@ -177,12 +181,6 @@ def iter_frames(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateS
     stats = stats if stats is not None else DecodeStats()
     aw, ah = analysis_size(probe.width, probe.height, s.analysis_width)
     kw, kh = fit_size(probe.width, probe.height, s.keyframe_max_side)
-    if not s.frame_max_side:
-        fw, fh = kw, kh
-    elif s.frame_max_side >= max(probe.width, probe.height):
-        fw, fh = probe.width, probe.height   # the source's own size
-    else:
-        fw, fh = fit_size(probe.width, probe.height, s.frame_max_side)
     stride = keyframe_stride(probe.fps, s)
     # one swscale context per purpose, reused for every frame (a fresh one per frame
     # costs about half as much again as the scaling itself)
@@ -195,6 +193,7 @@ def iter_frames(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateS
                               name="decode", daemon=True)
     deadline = time.monotonic() + s.decode_timeout_s
     next_analysed = next_candidate = 0
+    seek_pts = None   # timestamp of the last random-access frame
     worker.start()
     try:
         while True:
@@ -208,6 +207,8 @@ def iter_frames(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateS
             if isinstance(item, BaseException):
                 raise item
             index, frame = item
+            if frame.key_frame:
+                seek_pts = frame.pts
             # area averaging on one thread: swscale's thread pool costs more than it
             # saves at this size, and competes with the decoder. (Shrinking first and
             # converting after, as for keyframes, halves this cost but moved shot
@@ -222,8 +223,9 @@ def iter_frames(source: str | Path | OpenedVideo, probe: ProbeResult, s: CurateS
             if index >= next_candidate:  # the first frame at or after each stride-th
                 next_candidate = (index // stride + 1) * stride
                 held = (frame if frame.width * frame.height <= _HOLD_RAW_MAX_PIXELS
-                        else keyframes.shrink(frame, (fw, fh)))
-                cand = KeyframeCandidate(held, (kw, kh), probe.rotation, keyframes, (fw, fh))
+                        else keyframes.shrink(frame, (kw, kh)))
+                cand = KeyframeCandidate(held, (kw, kh), probe.rotation, keyframes,
+                                          pts=frame.pts, seek_pts=seek_pts)
             t = float(frame.time) if frame.time is not None else index / probe.fps
             yield Frame(index, t, small, cand, None if analysed else frame, (aw, ah))
     finally:

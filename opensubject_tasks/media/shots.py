@@ -32,9 +32,42 @@ import numpy as np
 from scenedetect import detectors as sd
 from scenedetect.common import FrameTimecode
 
+class _SameScoreFaster:
+    """PySceneDetect's content score (the weighted mean absolute differences of hue,
+    saturation and value between consecutive frames) computed from one HSV image with one
+    OpenCV ``absdiff`` and ``sumElems`` per frame, instead of three channels split out and
+    subtracted as int32 arrays: the same sums of integers, the same scores (tested), less
+    than half the time. With edges weighted or a stats manager attached, the library's
+    own code runs."""
+
+    _last_hsv: np.ndarray | None = None
+
+    def _calculate_frame_score(self, timecode: FrameTimecode, frame_img: np.ndarray) -> float:
+        if self._weights.delta_edges > 0.0 or self.stats_manager is not None:
+            return super()._calculate_frame_score(timecode, frame_img)  # type: ignore[misc]
+        hsv = cv2.cvtColor(frame_img, cv2.COLOR_BGR2HSV)
+        last, self._last_hsv = self._last_hsv, hsv
+        if last is None:
+            return 0.0
+        pixels = float(hsv.shape[0] * hsv.shape[1])
+        hue, sat, lum, _ = cv2.sumElems(cv2.absdiff(hsv, last))
+        components = sd.ContentDetector.Components(delta_hue=hue / pixels, delta_sat=sat / pixels,
+                                                   delta_lum=lum / pixels, delta_edges=0.0)
+        return sum(c * w for c, w in zip(components, self._weights, strict=True)) / sum(
+            abs(w) for w in self._weights)
+
+
+class AdaptiveDetector(_SameScoreFaster, sd.AdaptiveDetector):
+    pass
+
+
+class ContentDetector(_SameScoreFaster, sd.ContentDetector):
+    pass
+
+
 DETECTORS = {
-    "adaptive": sd.AdaptiveDetector,
-    "content": sd.ContentDetector,
+    "adaptive": AdaptiveDetector,
+    "content": ContentDetector,
     "histogram": sd.HistogramDetector,
     "hash": sd.HashDetector,
 }

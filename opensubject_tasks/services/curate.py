@@ -10,6 +10,7 @@ nothing: it returns what the first run produced, so the clips that later stages 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import cv2
@@ -31,13 +32,6 @@ from opensubject_tasks.storage.sources import local_copy, parse_source
 
 def clip_id(video_id: str, idx: int) -> str:
     return f"{video_id}-c{idx}"
-
-
-def _encode_png(rgb: Any) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
 
 
 def _encode_jpeg(rgb: Any, quality: int) -> bytes:
@@ -65,27 +59,47 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
 
     timings: dict[str, float] = {}
     written: dict[int, list[dict[str, Any]]] = {}
+    # Keyframes are encoded and stored on a writer thread, so that the analysis goes on
+    # while they are written (a store's write can wait on the disk or the network).
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyframes")
+    writes: list[Future[None]] = []
+
+    writer_cpu = [0.0]
+
+    def put_jpeg(key: str, image: Any) -> None:
+        cpu = time.thread_time()
+        ctx.store.put_bytes(key, _encode_jpeg(image, s.keyframe_quality), "image/jpeg")
+        writer_cpu[0] += time.thread_time() - cpu
+
+    def writes_done() -> None:
+        """Wait for every keyframe write; the first that failed raises here."""
+        for f in writes:
+            f.result()
 
     def write_keyframes(clip: ClipResult) -> None:
         """Objects first: the rows written later point only at complete objects."""
+        for f in writes:
+            if f.done():
+                f.result()  # a failed write stops the pass now
         cid = clip_id(video_id, clip.idx)
         entries = []
         for kf in clip.keyframes:
             assert kf.image is not None
             key = Keys.keyframe(video_id, cid, kf.frame)
-            ctx.store.put_bytes(key, _encode_jpeg(kf.image, s.keyframe_quality), "image/jpeg")
+            writes.append(writer.submit(put_jpeg, key, kf.image))
             h, w = kf.image.shape[:2]
-            entries.append({"frame": kf.frame, "key": key, "width": w, "height": h})
-            full = getattr(kf.source, "full_image", None)
-            if s.frame_max_side and clip.state == "kept" and full is not None:
-                # lossless, at source resolution: the training targets and subject crops
-                image = full()
-                full_key = Keys.frame(video_id, cid, kf.frame)
-                ctx.store.put_bytes(full_key, _encode_png(image), "image/png")
-                entries[-1].update(full_key=full_key, full_width=image.shape[1], full_height=image.shape[0])
+            entry = {"frame": kf.frame, "key": key, "width": w, "height": h}
+            # where the frame lies in the stream: the pairs' frames are decoded again from
+            # there at full resolution when they are synthesized (media/frames.py)
+            # (pts None: a stream without timestamps, where the frame is found by its number)
+            pts, seek_pts = getattr(kf.source, "pts", None), getattr(kf.source, "seek_pts", None)
+            entry["pts"] = None if pts is None else int(pts)
+            if seek_pts is not None:
+                entry["seek_pts"] = int(seek_pts)
+            entries.append(entry)
         written[clip.idx] = entries
 
-    _check_unchanged(ctx, source, *registered)
+    check_source_unchanged(ctx, source, *registered)
     t0 = time.perf_counter()
     with local_copy(ctx.store, source) as path:
         timings["fetch_s"] = time.perf_counter() - t0
@@ -102,12 +116,21 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
                     row.probe = probe.to_dict()
                 check_video(probe, s)
                 scorer = ctx.backend("quality")
+                cpu0 = time.thread_time()
                 outcome = curate_frames(iter_frames(video, probe, s, stats), probe, s, scorer,
                                         on_clip=write_keyframes, total_frames=lambda: stats.frames)
+                analysis_cpu = time.thread_time() - cpu0
+                writes_done()
+                # this thread (scaling, shot detection, clips, keyframes) and the writer's
+                # (JPEG, store); the decode has its own threads
+                timings["analysis_cpu_s"] = analysis_cpu + writer_cpu[0]
         except BadInput:
             # keyframes of clips written before the input turned out bad
+            writer.shutdown(wait=True)
             _delete_stale_keyframes(ctx, video_id, set())
             raise
+        finally:
+            writer.shutdown(wait=True, cancel_futures=True)
 
     rows = [Clip(id=clip_id(video_id, c.idx), video_id=video_id, idx=c.idx, start_frame=c.start_frame,
                  end_frame=c.end_frame, start_s=c.start_s, end_s=c.end_s, score=c.score, quality=c.quality,
@@ -122,8 +145,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
         row.stage_done = "curate"
         if kept:
             row.state, row.reason = "running", None
-    _delete_stale_keyframes(ctx, video_id, {k for es in written.values() for e in es
-                                            for k in (e["key"], e.get("full_key")) if k})
+    _delete_stale_keyframes(ctx, video_id, {e["key"] for es in written.values() for e in es})
 
     details = {
         "frames": outcome.frames, "decoded_frames": stats.decoded, "cuts": outcome.cuts,
@@ -139,7 +161,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
     return StageResult(status="ok", next=[("mine", video_id)], details=details)
 
 
-def _check_unchanged(ctx: Context, source: str, content_hash: str, size: int) -> None:
+def check_source_unchanged(ctx: Context, source: str, content_hash: str, size: int) -> None:
     """The bytes at the source must still be the ones registered: an object overwritten at
     the same key is registered as another video, not processed under this one's id."""
     src = parse_source(source)

@@ -17,12 +17,15 @@ from sqlalchemy import select
 from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS, SAMPLE_TERMINAL
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Clip, Pair, Sample, Subject
+from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.errors import BadInput
+from opensubject_tasks.media.frames import FramePosition, decode_frames
+from opensubject_tasks.services.curate import check_source_unchanged
 from opensubject_tasks.services.common import StageResult, one_sample, stage
 from opensubject_tasks.services.mine import decode_rgb
 from opensubject_tasks.stages.synthesize import PairInput, SynthResult, synthesize_pairs
 from opensubject_tasks.storage import Keys
+from opensubject_tasks.storage.sources import local_copy
 
 
 
@@ -45,17 +48,59 @@ def _keyframe(keyframes: list[dict], frame: int, clip_id: str) -> dict:
     raise BadInput(f"clip {clip_id} has no keyframe {frame}")
 
 
-def load_frame(ctx: Context, keyframes: list[dict], frame: int, clip_id: str) -> tuple[np.ndarray, dict]:
-    """A pair's frame for synthesis: the lossless full-resolution frame where curate
-    stored one, else the keyframe; with the scale from keyframe pixels (where mining's
-    boxes are) to the returned image's pixels."""
+def _from_video(ctx: Context, kf: dict) -> bool:
+    """Whether a pair's frame is decoded again from the video (at full resolution): where
+    curation recorded the frame's place in the stream (``pts``, None for a stream without
+    timestamps). Otherwise it is read from the store: the lossless frame an earlier
+    curation stored (``full_key``), or the small keyframe (``curate.frame_max_side`` 0,
+    or rows of a curation that kept neither)."""
+    return bool(ctx.settings.curate.frame_max_side) and not kf.get("full_key") and "pts" in kf
+
+
+def load_frame(ctx: Context, keyframes: list[dict], frame: int, clip_id: str,
+               decoded: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+    """A pair's frame for synthesis, with the scale from keyframe pixels (where mining's
+    boxes are) to the returned image's pixels: the full-resolution picture decoded from
+    the video (``decoded``, by frame number), else the stored frame or keyframe."""
     kf = _keyframe(keyframes, frame, clip_id)
-    key = kf.get("full_key") or kf["key"]
-    image = decode_rgb(_get(ctx, key), f"frame {frame}")
+    if _from_video(ctx, kf):
+        if decoded is None or int(frame) not in decoded:
+            raise BadInput(f"clip {clip_id}: frame {frame} was not decoded from the video")
+        image, source = decoded[int(frame)], "video"
+    else:
+        key = kf.get("full_key") or kf["key"]
+        image = decode_rgb(_get(ctx, key), f"frame {frame}")
+        source = "full" if kf.get("full_key") else "keyframe"
     h, w = image.shape[:2]
     scale = [w / kf["width"], h / kf["height"]] if kf.get("width") and kf.get("height") else [1.0, 1.0]
-    return image, {"source": "full" if kf.get("full_key") else "keyframe", "size": [w, h],
-                   "scale": [round(v, 6) for v in scale]}
+    return image, {"source": source, "size": [w, h], "scale": [round(v, 6) for v in scale]}
+
+
+def decode_pair_frames(ctx: Context, jobs: list[_Job]) -> dict[str, dict[int, np.ndarray] | BadInput]:
+    """The full-resolution pictures of the jobs' frames that come from their videos, by
+    video and frame number: each video opened once, only these frames decoded
+    (media/frames.py). A video that cannot give them maps to the reason."""
+    wanted: dict[str, set[FramePosition]] = {}
+    sources: dict[str, tuple[str, str, int]] = {}
+    for job in jobs:
+        for frame in (job.ref_frame, job.tgt_frame):
+            try:
+                kf = _keyframe(job.keyframes, frame, job.clip_id)
+            except BadInput:
+                continue  # reported by load_frame for this job
+            if _from_video(ctx, kf):
+                wanted.setdefault(job.video_id, set()).add(FramePosition.of(kf))
+                sources[job.video_id] = job.source
+    out: dict[str, dict[int, np.ndarray] | BadInput] = {}
+    for video_id, positions in wanted.items():
+        uri, content_hash, size = sources[video_id]
+        try:
+            check_source_unchanged(ctx, uri, content_hash, size)
+            with local_copy(ctx.store, uri) as path:
+                out[video_id] = decode_frames(path, positions, ctx.settings.curate)
+        except BadInput as exc:  # the video is gone, changed or does not decode
+            out[video_id] = BadInput(f"the pair's frames cannot be decoded from the video: {exc}")
+    return out
 
 
 def _scaled(box: list[float], scale: list[float]) -> list[float]:
@@ -76,6 +121,7 @@ class _Job:
     tgt_box: list[float]
     category: str
     wanted: dict[str, str]
+    source: tuple[str, str, int]   # the video's source URI, content hash and size as registered
 
 
 @stage("synthesize")
@@ -99,11 +145,15 @@ def synthesize_samples(ctx: Context, sample_ids: list[str]) -> dict[str, StageRe
         else:
             jobs.append(job)
     frames: dict[tuple[str, int], tuple[np.ndarray, dict]] = {}   # a frame shared by pairs is read once
+    decoded = decode_pair_frames(ctx, jobs)
     inputs, ready = [], []
     for job in jobs:
         try:
-            ref, ref_info = _frame(ctx, frames, job, job.ref_frame)
-            tgt, tgt_info = _frame(ctx, frames, job, job.tgt_frame)
+            from_video = decoded.get(job.video_id)
+            if isinstance(from_video, BadInput):
+                raise from_video
+            ref, ref_info = _frame(ctx, frames, job, job.ref_frame, from_video)
+            tgt, tgt_info = _frame(ctx, frames, job, job.tgt_frame, from_video)
         except BadInput as exc:
             outcomes[job.sample_id] = exc
             continue
@@ -129,15 +179,17 @@ def _job(ctx: Context, sample_id: str) -> _Job | StageResult:
         if row is None:
             raise BadInput(f"sample {sample_id} does not exist")
         found = s.execute(
-            select(Pair, Subject, Clip).join(Subject, Pair.subject_id == Subject.id)
-            .join(Clip, Subject.clip_id == Clip.id).where(Pair.id == row.pair_id)).first()
+            select(Pair, Subject, Clip, Video.source_uri, Video.content_hash, Video.size_bytes)
+            .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
+            .join(Video, Clip.video_id == Video.id).where(Pair.id == row.pair_id)).first()
         if found is None:
             raise BadInput(f"sample {sample_id}: its pair {row.pair_id} does not exist")
-        pair, subject, clip = found
+        pair, subject, clip, *source = found
         state, attempt, seed, keys = row.state, row.attempt, row.seed, dict(row.keys or {})
         job = _Job(sample_id, attempt, seed, clip.video_id, list(clip.keyframes or []), clip.id,
                    pair.ref_frame, pair.tgt_frame, list(pair.ref_box), list(pair.tgt_box), subject.category,
-                   {n: Keys.sample_file(clip.video_id, sample_id, attempt, f"{n}.png") for n in SAMPLE_IMAGES})
+                   {n: Keys.sample_file(clip.video_id, sample_id, attempt, f"{n}.png") for n in SAMPLE_IMAGES},
+                   (source[0], source[1], source[2] or 0))
     if state in SAMPLE_TERMINAL:
         return StageResult(details={"skipped": f"already {state}"})
     if state == "synthesized" and keys == job.wanted:
@@ -145,10 +197,11 @@ def _job(ctx: Context, sample_id: str) -> _Job | StageResult:
     return job
 
 
-def _frame(ctx: Context, cache: dict, job: _Job, frame: int) -> tuple[np.ndarray, dict]:
+def _frame(ctx: Context, cache: dict, job: _Job, frame: int,
+           decoded: dict[int, np.ndarray] | None) -> tuple[np.ndarray, dict]:
     key = (job.clip_id, int(frame))
     if key not in cache:
-        cache[key] = load_frame(ctx, job.keyframes, frame, job.clip_id)
+        cache[key] = load_frame(ctx, job.keyframes, frame, job.clip_id, decoded)
     return cache[key]
 
 

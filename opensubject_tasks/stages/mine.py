@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from opensubject_tasks.backends.base import VLM, CategoryList, Detection, Detector, Embedder, Image
 from opensubject_tasks.backends.categories import normalise_category
@@ -220,6 +219,10 @@ def assign(aff: np.ndarray, floor: float) -> list[int]:
     n_rows, n_cols = aff.shape
     if n_rows == 0:
         return []
+    # imported here: SciPy's optimize package costs a third of a second of start-up to
+    # every command and worker that never mines (`opensubject run --until curate`)
+    from scipy.optimize import linear_sum_assignment
+
     padded = np.hstack([aff, np.full((n_rows, n_rows), floor)])
     rows, cols = linear_sum_assignment(-padded)
     out = [-1] * n_rows
