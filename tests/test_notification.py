@@ -56,11 +56,13 @@ def test_notification_registers_and_hands_out_without_listing(ctx):
     upload(ctx, f"{RAW}readme.txt", b"text")                      # not a video name
     upload(ctx, "elsewhere/clip.mp4", b"video three")              # outside the watched prefix
     publish(ctx, {"not": "an event"})
+    # a key no object of ours may have: counted, and it blocks nothing behind it
+    publish(ctx, s3_event(ctx.settings.store.bucket, f"{RAW}../escape.mp4", "0123", 5))
     sent = Sent()
     res = consume(ctx, RAW, build_id="live", send=sent)
-    assert (res.events, res.new, res.known, res.handed_out) == (5, 2, 0, 2)
+    assert (res.events, res.new, res.known, res.handed_out) == (6, 2, 0, 2)
     assert res.skipped.counts == {"not a video file name": 1, "outside the watched prefix": 1,
-                           "not an S3 event document": 1}
+                                  "not an S3 event document": 1, "unsafe object key": 1}
     assert sorted(stage for stage, _ in sent) == ["curate", "curate"]
     with session_scope(ctx.sessions) as s:
         got = s.execute(select(Video.source_uri, Video.build_id, Video.queued_stage)).all()

@@ -25,7 +25,7 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Build, Duplicate, Video, utcnow
-from opensubject_tasks.errors import BadInput
+from opensubject_tasks.errors import BadInput, UnsafeKey
 from opensubject_tasks.storage.sources import file_uri, parse_source, store_uri
 
 VIDEO_EXTENSIONS = frozenset({
@@ -179,7 +179,11 @@ def store_candidate(key: str, etag: str, size: int) -> _Candidate | str:
         return "not a video file name"
     if not etag:
         return "the store gave no etag to identify it by"
-    return _Candidate(f"{etag}:{size}", store_uri(key), name, size)
+    try:
+        uri = store_uri(key)
+    except UnsafeKey:
+        return "unsafe object key"
+    return _Candidate(f"{etag}:{size}", uri, name, size)
 
 
 # -- registration ----------------------------------------------------------------
