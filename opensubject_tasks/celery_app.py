@@ -72,6 +72,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # A replacement pool process loads its models before it reports ready.
+        "worker_proc_alive_timeout": c.worker_ready_timeout_s,
         "task_track_started": backend is not None,
         "result_extended": True,
         "database_engine_options": {"pool_pre_ping": True},

@@ -285,6 +285,12 @@ class CelerySettings(_Section):
     # A task whose process dies under it (out of memory, a crash in native code) is given back
     # to the queue; after this many deaths in a row its video or sample fails instead.
     max_worker_lost: int = Field(3, ge=1)
+    # How long a pool process may take to load its models before it reports ready
+    # (Celery's worker_proc_alive_timeout, 4 s by default). The first processes are not
+    # timed, but a replacement for one that died (out of memory, a hard time limit) is
+    # killed after this long: below the model load time no replacement ever comes up.
+    # Profiles set it from their models' load time.
+    worker_ready_timeout_s: float = Field(60.0, gt=0)
     # The reconciler sends again work handed out longer ago than this whose message the broker
     # no longer holds and that no worker runs (keep it above the longest stage).
     reconcile_after_s: float = Field(1800.0, gt=0)
@@ -454,6 +460,10 @@ def _shown_input(err: Any) -> str:
 PROFILE_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     # The tiny VLM is random and never agrees on a category: ground unnamed subjects.
     "tiny": {"mine": {"without_consensus": "class_agnostic"}},
+    # Loading real weights (several GB from a network disk, moved to the GPU) takes
+    # minutes; the CPU models of the small profile about a minute.
+    "small": {"celery": {"worker_ready_timeout_s": 300.0}},
+    "gpu": {"celery": {"worker_ready_timeout_s": 900.0}},
 }
 
 

@@ -85,3 +85,25 @@ class HangQuality:
 @register("quality", "hang_always")
 def make_hang_quality(**_options: Any) -> HangQuality:
     return HangQuality()
+
+
+class SlowLoadQuality:
+    """The classical quality scorer behind a model load that takes
+    ``OPENSUBJECT_TEST_LOAD_S`` seconds, as real weights do: every pool process pays it in
+    its start-up, before it reports ready."""
+
+    name = "slow_load"
+
+    def __init__(self, load_s: float) -> None:
+        from opensubject_tasks.backends.classical.quality import make_classical_quality
+
+        time.sleep(load_s)
+        self.inner = make_classical_quality()
+
+    def score(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.score(*args, **kwargs)
+
+
+@register("quality", "slow_load")
+def make_slow_load_quality(**_options: Any) -> SlowLoadQuality:
+    return SlowLoadQuality(float(os.environ["OPENSUBJECT_TEST_LOAD_S"]))

@@ -137,6 +137,18 @@ def test_explicit_backend_beats_the_profile(tmp_path, monkeypatch):
     assert s.profile == "tiny" and s.backends.vlm == "none" and s.backends.detector == "tiny"
 
 
+def test_pool_processes_may_take_the_profiles_model_load_time_to_come_up():
+    """Celery kills a replacement pool process that has not reported ready after
+    worker_proc_alive_timeout (4 s by default): the profile's load time sets it."""
+    from opensubject_tasks.celery_app import celery_config
+
+    got = {p: celery_config(load_settings(profile=p))["worker_proc_alive_timeout"]
+           for p in ("cpu", "tiny", "small", "gpu")}
+    assert got == {"cpu": 60.0, "tiny": 60.0, "small": 300.0, "gpu": 900.0}
+    assert celery_config(load_settings(profile="gpu", celery={"worker_ready_timeout_s": 30}))[
+        "worker_proc_alive_timeout"] == 30
+
+
 def test_secrets_lists_configured_secrets():
     assert load_settings().secrets() == []
     s = load_settings(

@@ -505,6 +505,55 @@ def test_a_video_that_kills_its_worker_fails_after_n_deaths_and_the_rest_finishe
     assert worker.log().count("WorkerLostError") + worker.log().count("signal 9") >= 2
 
 
+def test_a_slow_loading_worker_comes_back_after_its_pool_process_dies(stack, pg_db, s3_store_settings, media,
+                                                                      reference, tmp_path):
+    """Models that take 6 s to load (longer than Celery's default 4 s wait for a new pool
+    process to report ready): SIGKILL the pool process while it runs a samples unit, as the
+    OOM killer does. The replacement loads its models and reports ready (it is not killed
+    for being slow), the unit's message comes back, and the build finishes exactly. The
+    health check counts only processes that loaded their models."""
+    from opensubject_tasks.workers import READY_DIR_ENV
+
+    ready_dir = tmp_path / "ready"
+    env = stack.apply(pg_db, s3_store_settings, OPENSUBJECT_BACKENDS__QUALITY="slow_load",
+                      OPENSUBJECT_TEST_LOAD_S="6", PYTHONPATH=str(Path(__file__).parent),
+                      **{READY_DIR_ENV: str(ready_dir)})
+    upload(stack.store, media)
+    worker = stack.worker(env, "slow-load", concurrency=1, include="hang_backend")
+    [first] = worker.pool_children()
+    ctx = stack.context()
+    killed: dict[str, int] = {}
+
+    def kill_a_samples_unit() -> None:
+        if "pid" in killed:
+            return
+        running = [a for a in attempts(ctx) if a.stage == "samples" and a.status == "running"]
+        if running:
+            killed["pid"] = first
+            os.kill(first, signal.SIGKILL)
+
+    run = drive_build("faults", timeout_s=240, poll_s=0.1, on_tick=kill_a_samples_unit)
+
+    assert killed, "no samples unit ran while the test watched"
+    assert not run.failures, run.failures
+    check_finished_build(ctx, stack.store, "faults", reference)
+    log = worker.log()
+    assert "Timed out waiting for UP message" not in log
+    assert "WorkerLostError" in log or "signal 9" in log
+    [replacement] = worker.pool_children()
+    assert replacement != first
+    # the unit the kill cut short ran again and finished
+    units = [a for a in attempts(ctx) if a.stage == "samples"]
+    lost = [a for a in units if a.status == "lost"]
+    assert len(lost) == 1, [(a.status, a.error) for a in units]
+    assert [a.status for a in units if a.entity_id == lost[0].entity_id][-1] == "ok"
+    # the health check: the dead process's marker no longer counts, the replacement's does
+    assert sorted(p.name for p in ready_dir.iterdir()) == sorted([str(first), str(replacement)])
+    from opensubject_tasks import workers
+
+    assert workers.ready_processes() == 1  # the stack set READY_DIR_ENV here too
+
+
 def test_an_export_part_killed_mid_way_writes_byte_identical_shards(stack, pg_db, s3_store_settings, media):
     """Export in one part of one-sample shards; the first time, SIGKILL the pool process
     while the part writes (its message comes back at once and the part runs again). The
