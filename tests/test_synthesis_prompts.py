@@ -39,7 +39,7 @@ def test_documented_defaults_per_model_family() -> None:
     assert sp.family_for("StableDiffusionXLInpaintPipeline") == "sdxl"
     assert sp.family_for("StableDiffusionInpaintPipeline") == "sd"
     assert sp.defaults("flux-fill") == {"steps": 50, "guidance_scale": 30.0, "strength": 1.0}
-    assert sp.defaults("sdxl") == {"steps": 20, "guidance_scale": 8.0, "strength": 0.99}
+    assert sp.defaults("sdxl") == {"steps": 20, "guidance_scale": 8.0, "strength": 1.0}
     assert sp.defaults("sd") == {"steps": 50, "guidance_scale": 7.5, "strength": 1.0}
 
 
@@ -72,6 +72,54 @@ def test_tiny_inpainter_gets_family_defaults_and_per_image_negatives(tmp_path: P
     configured.inpaint([img, img], [mask, mask], ["a plain wall", "a crate"], [1, 2], ["dog", ""])
     assert calls[0]["negative_prompt"] == ["dog, watermark", "watermark"]
     assert calls[0]["prompt"] == ["a plain wall", "a crate"] and calls[0]["num_inference_steps"] == 2
+
+
+def _first_unet_latents(inpainter: Any, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[Any, int]:
+    """The latents the UNet denoises at the first step (the pipeline's own, through a
+    forward hook on the real UNet) and how many denoising steps ran."""
+    seen: list[Any] = []
+    hook = inpainter.pipe.unet.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    try:
+        inpainter.inpaint([image], [mask], ["empty background"], [seed])
+    finally:
+        hook.remove()
+    return seen[0][:, :4], len(seen)
+
+
+def test_inpainting_starts_from_pure_noise_in_the_mask() -> None:
+    """What is masked (the subject to replace or remove, the canvas around an outpainted
+    subject) is erased: at the family's default strength the first denoising step sees
+    exactly the seed's Gaussian noise (nothing of the input image), and no step is
+    skipped. At strength 0.5 (half the steps skipped) the input would survive: there the
+    masked pixels are noise before the pipeline sees them."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from opensubject_tasks.backends.hf.inpainter import HFInpainter, erase_masked
+
+    model = tiny.ensure_tiny_models()["inpainter"]
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[16:48, 16:48] = (230, 40, 40)               # the subject, inside the mask
+    mask = np.zeros((64, 64), bool)
+    mask[12:52, 12:52] = True
+    for family in FAMILIES:                          # every family erases by default
+        assert sp.defaults(family)["strength"] == 1.0
+    full = HFInpainter(model=str(model), steps=4, guidance_scale=1.0, resolution=64)
+    assert full.strength == 1.0
+    latents, calls = _first_unet_latents(full, img, mask, seed=7)
+    assert calls == 4                                # the first step is not skipped
+    noise = randn_tensor(tuple(latents.shape), generator=torch.Generator("cpu").manual_seed(7),
+                         dtype=latents.dtype) * full.pipe.scheduler.init_noise_sigma
+    assert torch.equal(latents, noise)               # pure noise, nothing of the image
+    assert full.pipe.scheduler.timesteps[0] == max(full.pipe.scheduler.timesteps)
+
+    half = HFInpainter(model=str(model), steps=4, guidance_scale=1.0, resolution=64, strength=0.5)
+    latents_half, calls_half = _first_unet_latents(half, img, mask, seed=7)
+    assert calls_half == 2 and not torch.equal(latents_half, noise)   # strength < 1 keeps input signal...
+    erased = erase_masked(img, mask, 7)              # ...so the masked pixels are noise first
+    assert (erased[~mask] == img[~mask]).all()
+    assert not (erased[16:48, 16:48] == (230, 40, 40)).all(axis=-1).any()
+    assert abs(float(erased[mask].mean()) - 127.5) < 5
 
 
 class _Spied:

@@ -3,8 +3,9 @@ used for box-guided inpainting and mask-guided outpainting alike: it fills the T
 pixels of each mask and keeps every other pixel exactly as it was.
 
 Steps, guidance and strength default to what the model family's documentation gives
-(synthesis_prompts.yaml: SDXL inpainting 20 / 8.0 / 0.99, FLUX.1 Fill 50 / 30 / 1.0);
-configured values win."""
+(synthesis_prompts.yaml: SDXL inpainting 20 / 8.0, FLUX.1 Fill 50 / 30), at full strength
+so that nothing under the mask survives; configured values win. A strength configured
+below 1 runs on an input whose masked pixels are noise (``erase_masked``)."""
 from __future__ import annotations
 
 import inspect
@@ -30,6 +31,14 @@ def working_size(width: int, height: int, resolution: int, multiple: int = 16) -
     scale = resolution / max(width, height)
     return (max(multiple, round(width * scale / multiple) * multiple),
             max(multiple, round(height * scale / multiple) * multiple))
+
+
+def erase_masked(image: np.ndarray, mask: np.ndarray, seed: int) -> np.ndarray:
+    """The image with its masked pixels replaced by seeded uniform noise: what a pipeline
+    that skips its first steps (strength < 1) keeps of the masked input is then noise, never
+    the subject or a black canvas."""
+    noise = np.random.default_rng(seed).integers(0, 256, image.shape, dtype=np.uint8)
+    return np.where(mask[..., None], noise, image)
 
 
 class HFInpainter(HFBackend):
@@ -97,6 +106,8 @@ class HFInpainter(HFBackend):
     def _call(self, group: list[tuple[np.ndarray, np.ndarray, str, int, str]],
               size: tuple[int, int]) -> np.ndarray:
         w, h = size
+        if self.strength < 1.0:
+            group = [(erase_masked(im, m, s), m, p, s, n) for im, m, p, s, n in group]
         kwargs: dict[str, Any] = {
             "prompt": [p for _, _, p, _, _ in group],
             "image": [to_pil(im).resize(size, PILImage.Resampling.LANCZOS) for im, *_ in group],
