@@ -74,8 +74,10 @@ ATTEMPT_ERRORS = ("error", "timeout", "lost")   # the code or the system broke, 
 # --- a sample's images ------------------------------------------------------------------------
 # What synthesis stores per attempt (``<name>.png``), verification reads and the export ships.
 SAMPLE_IMAGES = ("reference", "mask", "generation_input", "generation_mask",
-                 "manipulation_input", "manipulation_mask", "target")
-SAMPLE_MASKS = ("mask", "generation_mask", "manipulation_mask")   # bool images, stored 0/255
+                 "manipulation_input", "manipulation_mask", "target", "target_mask")
+# bool images, stored 0/255; target_mask: the subject in the target (what the manipulation
+# input must no longer show)
+SAMPLE_MASKS = ("mask", "generation_mask", "manipulation_mask", "target_mask")
 
 # How far a build goes (the build DAG's `until`, the CLI's --until): the last stage run.
 UNTIL = ("curate", "mine", "verify")

@@ -129,6 +129,13 @@ class SynthSettings(_Section):
     # longest side of the generation canvas at most (never above the reference frame's)
     output_size: int = Field(1024, ge=64, le=2048)
     box_margin: float = Field(0.08, ge=0, le=0.5)      # manipulation box grown by this share (soft edges)
+    # The subject is segmented in the target inside its box grown by this share of its size on
+    # every side (a detector's box may hold only part of it); the manipulation box then
+    # covers that mask.
+    target_context: float = Field(0.5, ge=0, le=3)
+    # ... and prompted again around what it found while that reaches the prompt's edge, up
+    # to this many segmentations in all.
+    target_rounds: int = Field(3, ge=1, le=8)
     # The samples unit of a video works through its samples this many at a time (each model
     # then gets that many images per call), and hands itself out again after this long so
     # that no task runs into its time limit (celery.time_limits.samples).
@@ -152,6 +159,9 @@ class VerifySettings(_Section):
     min_keypoint_ratio: float = Field(1.0, gt=0)
     min_keypoints: int = Field(15, ge=4)            # fewer on the reference: no keypoint check
     max_unchanged_in_box: float = Field(0.5, ge=0, le=1)  # box pixels equal to the target
+    # The subject is still visible in the manipulation input: share of its mask in the
+    # target (target_mask) whose pixels the manipulation input left as they were.
+    max_subject_visible: float = Field(0.2, ge=0, le=1)
     # "all": a VLM verdict must also pass every classical check; "vlm": the VLM's answers
     # replace the classical identity/residual/artifact checks (mask sanity still applies).
     vlm_combine: Literal["all", "vlm"] = "all"

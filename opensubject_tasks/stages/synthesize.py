@@ -7,10 +7,14 @@
   and everything outside the eroded mask is synthesized by the inpainter. Pixels
   under the eroded mask are the augmented reference, untouched.
 * Manipulation input (box-guided inpainting): the target frame with the subject's
-  box (slightly grown, to cover soft edges) filled by the inpainter with *something
-  else*: a different object where the model family can be asked for one (the sample
-  then teaches "replace it with the reference subject"), plausible background where it
-  cannot (OpenCV). Everything outside the box is the target frame, untouched.
+  box filled by the inpainter with *something else*: a different object where the
+  model family can be asked for one (the sample then teaches "replace it with the
+  reference subject"), plausible background where it cannot (OpenCV). A detector's box
+  may hold only part of the subject (the front wheel of a motorcycle): the subject is
+  segmented in the target with the box grown by ``target_context`` as the prompt, and
+  the filled box is grown to cover that mask (dilated, for soft edges) so the input never
+  shows the subject it asks for. Everything outside the box is the target frame,
+  untouched; the subject's mask in the target is kept (``target_mask``) for the verifier.
 
 What each model family is asked (prompts, negative prompts) is in
 backends/synthesis_prompts.yaml; outpainting never names the subject, whose category
@@ -168,6 +172,7 @@ class _Plan:   # a pair's geometry and prompts, before the inpainter fills anyth
     canvas: Image
     eroded: Mask
     box_mask: Mask
+    target_mask: Mask
     outpaint: Any
     fill: Any
     seeds: tuple[int, int]
@@ -202,12 +207,28 @@ def synthesize_pairs(items: list[PairInput], *, segmenter: Segmenter, inpainter:
         else:
             crops[i] = (x0, y0, x1, y1)
     live = sorted(crops)
-    masks = segmenter.segment([items[i].ref_image for i in live],
-                              [[float(v) for v in crops[i]] for i in live]) if live else []
+    # one segmenter call: the subject in every reference and in every target
+    prompts = {i: target_prompt(items[i].tgt_box, settings.target_context, items[i].tgt_image.shape) for i in live}
+    masks = segmenter.segment([items[i].ref_image for i in live] + [items[i].tgt_image for i in live],
+                              [[float(v) for v in crops[i]] for i in live]
+                              + [[float(v) for v in prompts[i]] for i in live]) if live else []
+    tgt_masks = {i: target_subject(masks[len(live) + k], items[i].tgt_box, prompts[i]) for k, i in enumerate(live)}
+    # A subject that reaches the edge of its prompt may go on beyond it: prompt again around
+    # what was found (one batched call per round).
+    for _ in range(settings.target_rounds - 1):
+        again = {i: grown for i in live
+                 if (grown := regrown_prompt(tgt_masks[i], prompts[i], settings.target_context)) is not None}
+        if not again:
+            break
+        order = sorted(again)
+        more = segmenter.segment([items[i].tgt_image for i in order], [[float(v) for v in again[i]] for i in order])
+        for i, m in zip(order, more, strict=True):
+            prompts[i] = again[i]
+            tgt_masks[i] = target_subject(m, items[i].tgt_box, again[i])
     plans: dict[int, _Plan] = {}
-    for i, full_mask in zip(live, masks, strict=True):
+    for k, i in enumerate(live):
         try:
-            plans[i] = _plan(items[i], crops[i], full_mask, inpainter.family, settings)
+            plans[i] = _plan(items[i], crops[i], masks[k], tgt_masks[i], inpainter.family, settings)
         except Rejected as exc:
             out[i] = exc
     order = sorted(plans)
@@ -224,12 +245,73 @@ def synthesize_pairs(items: list[PairInput], *, segmenter: Segmenter, inpainter:
         p = plans[i]
         images = {"reference": p.crop, "mask": p.mask, "generation_input": painted[k],
                   "generation_mask": p.eroded, "manipulation_input": painted[n + k],
-                  "manipulation_mask": p.box_mask, "target": np.ascontiguousarray(items[i].tgt_image)}
+                  "manipulation_mask": p.box_mask, "target": np.ascontiguousarray(items[i].tgt_image),
+                  "target_mask": p.target_mask}
         out[i] = SynthResult(images, p.augment, dict(backends))
     return out  # type: ignore[return-value]
 
 
-def _plan(it: PairInput, crop_box: tuple[int, int, int, int], full_mask: Mask, family: str,
+def target_prompt(box: Box, context: float, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The box the target's subject is segmented in: its box grown by ``context`` of its
+    size on every side, so that a subject the box holds only part of is found whole."""
+    h, w = shape[:2]
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    return int_box([box[0] - context * bw, box[1] - context * bh, box[2] + context * bw, box[3] + context * bh], w, h)
+
+
+def target_subject(mask: Mask, box: Box, prompt: tuple[int, int, int, int]) -> Mask:
+    """The subject's mask in the target: the parts of the segmenter's mask (kept inside
+    the prompt box) that touch the subject's box; the box itself where it found none."""
+    mask = np.asarray(mask, bool)
+    h, w = mask.shape[:2]
+    inside = np.zeros((h, w), bool)
+    px0, py0, px1, py1 = prompt
+    inside[py0:py1, px0:px1] = mask[py0:py1, px0:px1]
+    n, labels = cv2.connectedComponents(inside.astype(np.uint8), connectivity=8)
+    x0, y0, x1, y1 = int_box(box, w, h)
+    keep = np.unique(labels[y0:y1, x0:x1])
+    keep = keep[keep > 0]
+    out = np.isin(labels, keep) if len(keep) else np.zeros((h, w), bool)
+    if out.sum() < 16:
+        out = np.zeros((h, w), bool)
+        out[y0:y1, x0:x1] = True
+    return out
+
+
+def regrown_prompt(subject: Mask, prompt: tuple[int, int, int, int],
+                   context: float) -> tuple[int, int, int, int] | None:
+    """A larger prompt around ``subject`` when it touches an edge of ``prompt`` that is not
+    the image's (it may go on beyond); None when it lies inside."""
+    h, w = subject.shape[:2]
+    ys, xs = np.nonzero(subject)
+    if not len(xs):
+        return None
+    x0, y0, x1, y1 = prompt
+    # near the edge: within 5 % of the prompt's size (segmenters keep off its very border)
+    tx, ty = max(2, round(0.05 * (x1 - x0))), max(2, round(0.05 * (y1 - y0)))
+    touches = ((xs.min() < x0 + tx and x0 > 0) or (xs.max() >= x1 - tx and x1 < w)
+               or (ys.min() < y0 + ty and y0 > 0) or (ys.max() >= y1 - ty and y1 < h))
+    if not touches:
+        return None
+    grown = target_prompt([float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)], context,
+                          subject.shape)
+    return grown if grown != prompt else None
+
+
+def covering_box(box: Box, subject: Mask, margin: float) -> tuple[int, int, int, int]:
+    """The manipulation box: the subject's box and its mask in the target, dilated by
+    ``margin`` of the mask's size (soft edges), in one box."""
+    h, w = subject.shape[:2]
+    bx0, by0, bx1, by1 = grow_box(box, margin, w, h)
+    ys, xs = np.nonzero(subject)
+    if len(xs):
+        mx0, my0, mx1, my1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        gx0, gy0, gx1, gy1 = grow_box([float(mx0), float(my0), float(mx1), float(my1)], margin, w, h)
+        bx0, by0, bx1, by1 = min(bx0, gx0), min(by0, gy0), max(bx1, gx1), max(by1, gy1)
+    return bx0, by0, bx1, by1
+
+
+def _plan(it: PairInput, crop_box: tuple[int, int, int, int], full_mask: Mask, tgt_mask: Mask, family: str,
           s: SynthSettings) -> _Plan:
     """Everything of one pair before inpainting: mask, augmentation, erosion, the
     manipulation box and both prompts, drawn from the pair's own (seed, attempt)."""
@@ -252,9 +334,10 @@ def _plan(it: PairInput, crop_box: tuple[int, int, int, int], full_mask: Mask, f
     canvas[eroded] = subject[eroded]
     outpaint = sp.synthesis_prompt(family, "outpaint", it.category)
 
-    # manipulation input: the target with the subject's box filled by something else
+    # manipulation input: the target with the subject's box, grown to its mask there,
+    # filled by something else
     th, tw = it.tgt_image.shape[:2]
-    bx0, by0, bx1, by1 = grow_box(it.tgt_box, s.box_margin, tw, th)
+    bx0, by0, bx1, by1 = covering_box(it.tgt_box, tgt_mask, s.box_margin)
     box_mask = np.zeros((th, tw), bool)
     box_mask[by0:by1, bx0:bx1] = True
     if sp.paints_objects(family):
@@ -273,4 +356,5 @@ def _plan(it: PairInput, crop_box: tuple[int, int, int, int], full_mask: Mask, f
                                             "negative": fill.negative}},
                # what now fills the subject's box (None: background), named by instructions
                "replacement": {"object": fill.replacement}}
-    return _Plan(crop, mask, crop_box, canvas, eroded, box_mask, outpaint, fill, (gen_seed, man_seed), augment)
+    return _Plan(crop, mask, crop_box, canvas, eroded, box_mask, tgt_mask, outpaint, fill, (gen_seed, man_seed),
+                 augment)

@@ -17,6 +17,9 @@ A sample (dict) carries the synthesized images: ``reference`` and its ``mask``,
   input? Embedding similarity of the box to the subject, placed between the scene
   around the box (0) and the target's box, which does hold the subject (1); the
   subject's keypoints found in the box; box pixels left equal to the target;
+* subject visible - the subject's mask in the target (``target_mask``; its box may have
+  held only part of it): the share of its pixels the manipulation input left as they
+  were. A manipulation input that still shows the subject holds the answer already;
 * artifact - seams: the gradient right on a mask/box edge against the gradient just
   inside and outside it; a blank synthesized image;
 * mask sanity - the subject must cover a plausible share of the generation input and
@@ -221,6 +224,9 @@ class ClassicalVerifier:
             man_mask = None
         if tgt is not None and tgt.shape != man.shape:
             tgt = None  # cannot compare pixel by pixel; the other checks still run
+        tgt_mask = as_mask(s.get("target_mask"))
+        if tgt_mask is not None and (tgt_mask.shape != man.shape[:2] or not tgt_mask.any()):
+            tgt_mask = None
         crops = {"ref": subject_view(ref, ref_mask), "gen": subject_view(gen, gen_mask)}
         # same individual: box crops on both sides, as mining compares them
         tgt_subject = box_crop(s["target"], s["tgt_box"]) if s.get("target") is not None and s.get("tgt_box") else None
@@ -237,7 +243,7 @@ class ClassicalVerifier:
             for j, c in enumerate(context_crops(man, box)):
                 crops[f"ctx{j}"] = c
         return {"ref": ref, "ref_mask": ref_mask, "gen": gen, "gen_mask": gen_mask, "man": man,
-                "man_mask": man_mask, "tgt": tgt, "crops": crops, "problems": problems}
+                "man_mask": man_mask, "tgt": tgt, "tgt_mask": tgt_mask, "crops": crops, "problems": problems}
 
     def _judge(self, p: dict[str, Any], v: dict[str, np.ndarray], t: VerifySettings, emb_name: str,
                same_min: float) -> Verdict:
@@ -297,6 +303,15 @@ class ClassicalVerifier:
                     reasons.append(f"residual: inpainted box left unchanged from the target "
                                    f"({unchanged:.0%} > max {t.max_unchanged_in_box:.0%})")
         scores["residual"] = residual
+
+        # Subject visible: its mask in the target, left as it was in the manipulation input.
+        if p["tgt"] is not None and p["tgt_mask"] is not None:
+            diff = np.abs(p["man"].astype(np.int16) - p["tgt"].astype(np.int16)).max(axis=2)
+            visible = float((diff[p["tgt_mask"]] <= 6).mean())
+            scores["subject_visible"] = visible
+            if visible > t.max_subject_visible:
+                reasons.append(f"subject visible: {visible:.0%} of the subject's mask in the target is "
+                               f"unchanged in the manipulation input (max {t.max_subject_visible:.0%})")
 
         # Artifacts: seams along the edges where synthesized pixels meet kept ones.
         seam_gen = seam_score(p["gen"], p["gen_mask"], t.seam_band_px) if p["gen_mask"] is not None else 0.0
