@@ -78,6 +78,8 @@ SAMPLE_IMAGES = ("reference", "mask", "generation_input", "generation_mask",
 # bool images, stored 0/255; target_mask: the subject in the target (what the manipulation
 # input must no longer show)
 SAMPLE_MASKS = ("mask", "generation_mask", "manipulation_mask", "target_mask")
+# Images a sample may lack: one synthesized before they were kept (its checks are skipped)
+SAMPLE_OPTIONAL = ("target_mask",)
 
 # How far a build goes (the build DAG's `until`, the CLI's --until): the last stage run.
 UNTIL = ("curate", "mine", "verify")

@@ -81,3 +81,65 @@ def test_a_manipulation_input_that_still_shows_the_subject_is_rejected_in_every_
     # without the subject's mask (a sample synthesized before it was kept) nothing is claimed
     old = {k: v for k, v in sample.items() if k != "target_mask"}
     assert "subject_visible" not in ClassicalVerifier().verify([old], t)[0].scores
+
+
+BLUE = np.array([30, 60, 220])
+
+
+class NaiveVLM:
+    """Answers as a VLM that cannot tell individuals apart would: any blue-striped vehicle
+    (the second individual) it is shown counts as "the vehicle" and as "a second copy";
+    the pair's own subject (red and yellow) in the repainted region counts as still there."""
+
+    name = "naive-vlm"
+
+    def __init__(self) -> None:
+        self.seen: list[list[np.ndarray]] = []
+
+    @staticmethod
+    def shows(image: np.ndarray, colour: np.ndarray) -> bool:
+        return bool((np.abs(image.astype(int) - colour).max(axis=-1) < 12).sum() > 20)
+
+    def ask_yes_no(self, images, questions):  # noqa: ANN001, ANN201
+        out = []
+        for imgs, q in zip(images, questions, strict=True):
+            self.seen.append(list(imgs))
+            other = any(self.shows(im, BLUE) for im in imgs)
+            if "same individual" in q:
+                out.append(YesNo(True, 0.9, "yes"))
+            elif "still visible" in q:
+                own = self.shows(imgs[1], np.array([200, 30, 30]))
+                out.append(YesNo(own or other, None, "yes" if own or other else "no"))
+            else:
+                out.append(YesNo(other, None, "yes" if other else "no"))
+        return out
+
+
+def test_a_second_individual_of_the_category_elsewhere_fails_nothing() -> None:
+    """A scene with two vehicles: the sample of the left one is verified by a VLM that
+    cannot tell two vehicles apart, because no question shows it the other one; and the
+    questions name what was painted in the subject's place."""
+    from opensubject_tasks.backends.verifier_vlm import VLMVerifier, questions_for
+
+    ref, _ = scene(1, 20)
+    tgt, _ = scene(2, 20)
+    other = np.zeros(tgt.shape[:2], bool)
+    other[30:80, 230:340] = True                     # the second vehicle, blue and white
+    stripes = ((np.arange(360) // 6) % 2).astype(bool)
+    tgt[other] = np.where(stripes[None, :, None], BLUE, [235, 235, 235]).repeat(240, 0)[other]
+    out = synthesize_pair(ref, [20.0, 100.0, 170.0, 160.0], tgt, [20.0, 100.0, 170.0, 160.0], seed=5, attempt=1,
+                          segmenter=get_backend("segmenter", "classical", **RUNTIME),
+                          inpainter=get_backend("inpainter", "classical", **RUNTIME),
+                          settings=SynthSettings(), category="vehicle")
+    sample = {**out.images, "category": "vehicle", "tgt_box": [20.0, 100.0, 170.0, 160.0],
+              "replacement": "wooden crate"}
+    assert NaiveVLM.shows(sample["manipulation_input"], BLUE)   # the other one is in the frame
+    asked = questions_for(sample)
+    assert all("vehicle" in q for _, q in asked)
+    assert "a wooden crate" in asked[1][1] and "a wooden crate" in asked[2][1]
+    assert "background only" in questions_for({**sample, "replacement": None})[1][1]
+    vlm = NaiveVLM()
+    verdict = VLMVerifier(vlm=vlm).verify([sample], VerifySettings())[0]
+    assert vlm.seen and not any(NaiveVLM.shows(im, BLUE) for imgs in vlm.seen for im in imgs)
+    assert not [r for r in verdict.reasons if r.startswith("vlm_")], verdict.reasons
+    assert verdict.scores["vlm_artifacts"] == 1.0 and verdict.scores["vlm_subject_present"] == 1.0

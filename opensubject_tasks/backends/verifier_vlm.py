@@ -2,10 +2,13 @@
 combines the answers with the classical scores.
 
 1. Are the reference and the subject in the target frame the same individual?         (yes)
-2. Is the subject still visible in the inpainted region of the manipulation input?   (no)
-3. Do the synthesized images show visible artifacts or extra copies of the subject?  (no)
+2. Is the subject still visible in the repainted region of the manipulation input?   (no)
+3. Do the painted parts show artifacts, or the generation input a second copy?        (no)
 
-The questions' wording is in prompts.yaml (``verify``). An answer the model's reply
+Each question sees the pair's own subject and the painted content only (the target's box
+crop, the repainted region of the manipulation input), and names what was painted there,
+so that another individual of the same category elsewhere in the frame (a herd, a crowd)
+fails nothing. The questions' wording is in prompts.yaml (``verify``). An answer the model's reply
 could not be parsed into (``YesNo.answer is None``) is recorded as such and fails the
 sample: a guess is never substituted.
 """
@@ -31,8 +34,8 @@ QUESTIONS: tuple[tuple[str, bool, str], ...] = (
 _REPLACED = ("identity:", "residual:", "artifact: seam")
 
 
-def _region(image: np.ndarray, mask: np.ndarray | None, margin: float = 0.15) -> np.ndarray:
-    """The inpainted box with some context around it."""
+def _region(image: np.ndarray, mask: np.ndarray | None, margin: float = 0.05) -> np.ndarray:
+    """The repainted box with a thin rim of its surroundings (to judge seams)."""
     b = bbox(mask) if mask is not None and mask.shape == image.shape[:2] else None
     if b is None:
         return image
@@ -54,8 +57,10 @@ def questions_for(sample: dict[str, Any]) -> list[tuple[list[np.ndarray], str]]:
     if tgt_subject is None:
         tgt_subject = target if target is not None else man
     region = _region(man, as_mask(sample.get("manipulation_mask")))
-    images = ([ref, tgt_subject], [ref, region], [gen, man])
-    return [(list(imgs), prompt_text("verify", key, category=category))
+    replacement = sample.get("replacement")
+    new_content = f"a {replacement}" if replacement else "background only"
+    images = ([ref, tgt_subject], [ref, region], [gen, region])
+    return [(list(imgs), prompt_text("verify", key, category=category, new_content=new_content))
             for imgs, (_, _, key) in zip(images, QUESTIONS, strict=True)]
 
 

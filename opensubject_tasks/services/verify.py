@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import select
 
-from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS, SAMPLE_TERMINAL
+from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS, SAMPLE_OPTIONAL, SAMPLE_TERMINAL
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Pair, Sample, Subject
@@ -37,11 +37,11 @@ def decode_image(data: bytes, is_mask: bool) -> np.ndarray:
 
 
 def load_sample_images(store: ObjectStore, keys: dict[str, str], sample_id: str) -> dict[str, np.ndarray]:
-    missing = [n for n in SAMPLE_IMAGES if not keys.get(n)]
+    missing = [n for n in SAMPLE_IMAGES if not keys.get(n) and n not in SAMPLE_OPTIONAL]
     if missing:
         raise BadInput(f"sample {sample_id} has no stored {', '.join(missing)}")
     images: dict[str, np.ndarray] = {}
-    for name in SAMPLE_IMAGES:
+    for name in (n for n in SAMPLE_IMAGES if keys.get(n)):
         try:
             data = store.get_bytes(keys[name])
         except (FileNotFoundError, KeyError) as exc:
@@ -128,7 +128,9 @@ def _job(ctx: Context, sample_id: str) -> _Job | StageResult:
         meta: dict[str, Any] = {"id": sample_id, "attempt": attempt, "seed": seed,
                                 "category": subject.category,
                                 "ref_box": _in_image(pair.ref_box, frames.get("reference")),
-                                "tgt_box": _in_image(pair.tgt_box, frames.get("target"))}
+                                "tgt_box": _in_image(pair.tgt_box, frames.get("target")),
+                                # what now fills the subject's place (None: background)
+                                "replacement": ((row.augment or {}).get("replacement") or {}).get("object")}
     if state in SAMPLE_TERMINAL:
         return _skip(f"already {state}")
     if state != "synthesized":
