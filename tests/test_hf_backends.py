@@ -228,6 +228,14 @@ def test_tiny_segmenter_box_prompts(tiny_models: dict[str, Path], frames: list[n
     seg.batcher.batch_size = 1  # one at a time gives the same masks
     for a, b in zip(seg.segment(frames, boxes), masks, strict=True):
         assert np.array_equal(a, b)
+    # a box prompt asks SAM for one mask, not three candidates to choose from
+    seen: list[int] = []
+    hook = seg.model.register_forward_hook(lambda _m, _a, out: seen.append(out.pred_masks.shape[2]))
+    try:
+        seg.segment(frames[:1], boxes[:1])
+    finally:
+        hook.remove()
+    assert seen == [1]
 
 
 # ----------------------------------------------------------------- inpainter

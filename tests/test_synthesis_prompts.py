@@ -231,3 +231,15 @@ def test_resynthesis_loop_ends(embedded_settings, sample_media, always_fails: bo
     else:
         assert (state, attempt, len(history)) == ("verified", 1, 1) and len(CALLS) == 2
     ctx.engine.dispose()
+
+
+def test_replacements_are_screened_by_word_and_kind_not_by_substring() -> None:
+    assert sp.same_kind("bag", "backpack") and sp.same_kind("Bags", "suitcase")       # a backpack is a bag
+    assert sp.same_kind("book", "stack of books") and sp.same_kind("bike", "bicycle")
+    assert sp.same_kind("plant", "potted plant") and sp.same_kind("box", "cardboard box")
+    assert not sp.same_kind("car", "cardboard box")                                    # a word, not a substring
+    assert not sp.same_kind("cat", "traffic cone") and not sp.same_kind("dog", "backpack")
+    rng = np.random.default_rng(1)
+    picks = {sp.pick_replacement(rng, "bag") for _ in range(300)}
+    assert picks and not picks & {"backpack", "suitcase"}
+    assert "cardboard box" in {sp.pick_replacement(rng, "car") for _ in range(300)}

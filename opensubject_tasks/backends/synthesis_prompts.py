@@ -67,10 +67,30 @@ def paints_objects(name: str) -> bool:
     return bool(family(name).get("paints_objects"))
 
 
+def _words(text: str) -> set[str]:
+    from opensubject_tasks.backends.categories import singular
+
+    return {singular(w) for w in text.lower().replace("-", " ").split() if w.isalpha() and w not in ("of", "a", "an")}
+
+
+def same_kind(category: str, replacement: str) -> bool:
+    """Is ``replacement`` the subject's own kind: a word in common (singular forms: "book"
+    and "stack of books"), or the category one of the kinds the replacement is
+    (``replacement_kinds``: a backpack is a bag)? Whole words only: a car is not a
+    cardboard box."""
+    cat = _words(category)
+    kinds = (load().get("replacement_kinds") or {}).get(replacement, [])
+    if cat & _words(replacement):
+        return True
+    phrase = " ".join(sorted(cat))
+    return any(cat & _words(k) and (len(_words(k)) == 1 or " ".join(sorted(_words(k))) == phrase) for k in kinds)
+
+
 def pick_replacement(rng: np.random.Generator, category: str) -> str:
-    """A replacement object that is not the subject's category (seeded)."""
-    cat = category.strip().lower()
-    options = [r for r in load()["replacements"] if r != cat and cat not in r and r not in cat]
+    """A replacement object that is not the subject's kind (seeded)."""
+    options = [r for r in load()["replacements"] if not same_kind(category, r)]
+    if not options:
+        raise ConfigError(f"no replacement in synthesis_prompts.yaml differs from the category {category!r}")
     return options[int(rng.integers(len(options)))]
 
 

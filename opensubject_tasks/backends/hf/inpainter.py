@@ -60,6 +60,11 @@ class HFInpainter(HFBackend):
         # variant="fp16" loads the *.fp16.safetensors files (half the download).
         extra = {"variant": variant} if variant else {}
         self.pipe = self.load(cls.from_pretrained, dtype=self.dtype, **extra)
+        # Stable Diffusion 1.x pipelines (LCM Dreamshaper of the small profile) carry an NSFW
+        # checker whose false positives come back as black images, which would be composited
+        # into the mask as the fill: the frames are the corpus's own videos, it is dropped.
+        if getattr(self.pipe, "safety_checker", None) is not None:
+            self.pipe.safety_checker = None
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._accepts = set(inspect.signature(self.pipe.__call__).parameters)

@@ -30,7 +30,10 @@ class HFSegmenter(HFBackend):
     default_model = DEFAULT_SEGMENTER
 
     def __init__(self, model: str = DEFAULT_SEGMENTER, device: str = "cpu", dtype: str = "auto",
-                 batch_size: int = 8, multimask: bool = True, name: str | None = None) -> None:
+                 batch_size: int = 8, multimask: bool = False, name: str | None = None) -> None:
+        # A box prompt is unambiguous: SAM's authors advise one mask for it (three
+        # candidates are for a single ambiguous point, and the best-rated of them is often
+        # a part of the object).
         super().__init__(model, device, dtype, batch_size, name)
         self.multimask = multimask
         self.processor = self.load(SamProcessor.from_pretrained)
