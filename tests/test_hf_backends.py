@@ -388,3 +388,27 @@ def test_backend_survives_out_of_memory(tiny_models: dict[str, Path], frames: li
     emb._embed = tight_memory
     assert np.allclose(emb.embed(frames), expected, atol=1e-5)
     assert emb.batch_size == 1
+
+
+def test_tiny_vlm_takes_extreme_aspect_crops_and_hint_boxes_in_its_pixels(vlm: HFVLM,
+                                                                          frames: list[np.ndarray]) -> None:
+    """A 1x300 crop (a sliver of a box) is padded, never a failed batch; a caption hint's
+    box is given in the pixels the model sees, not the frame's."""
+    from opensubject_tasks.backends.hf.vlm import MAX_ASPECT, MIN_SIDE, scale_hint_box
+
+    sliver = np.full((300, 1, 3), 200, np.uint8)
+    side, vlm.max_image_side = vlm.max_image_side, 768   # the sliver is seen at full size: 300:1
+    try:
+        answers = vlm.ask_yes_no([[sliver], [frames[0]], [sliver.transpose(1, 0, 2)]], ["Is it red?"] * 3)
+        seen = vlm.vlm_image(sliver)
+    finally:
+        vlm.max_image_side = side
+    assert len(answers) == 3
+    assert min(seen.size) >= MIN_SIDE and max(seen.size) / min(seen.size) <= MAX_ASPECT
+    assert np.array_equal(np.asarray(seen)[:300, :1], sliver)       # padded right/bottom: same coordinates
+    big = np.zeros((1080, 1920, 3), np.uint8)
+    scale = vlm.vlm_scale(big)
+    assert scale == vlm.max_image_side / 1920
+    assert scale_hint_box({"category": "dog", "box": [960, 540, 1920, 1080]}, scale)["box"] == \
+        [round(960 * scale), round(540 * scale), vlm.max_image_side, round(1080 * scale)]
+    assert vlm.vlm_scale(frames[0]) == 1.0 or max(frames[0].shape[:2]) > vlm.max_image_side

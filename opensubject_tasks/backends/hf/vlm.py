@@ -11,7 +11,9 @@ import json
 import re
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+from PIL import Image as PILImage
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from opensubject_tasks.backends.base import Caption, CategoryList, Image, YesNo
@@ -160,7 +162,7 @@ class HFVLM(HFBackend):
                         {"role": "user", "content": content}]
             texts.append(self.processor.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False) + reply_prefix)
-            images.extend(fit_within(to_pil(im), self.max_image_side) for im in imgs)
+            images.extend(self.vlm_image(im) for im in imgs)
         inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
         inputs = move(dict(inputs), self.device, self.dtype)
         with torch.inference_mode():
@@ -172,6 +174,18 @@ class HFVLM(HFBackend):
         replies = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         first = out.logits[0].float().cpu() if want_first_logits else None
         return [(r, first[i] if first is not None else None) for i, r in enumerate(replies)]
+
+    def vlm_image(self, image: Image) -> PILImage.Image:
+        """The image as the model sees it: at most ``max_image_side``, padded on the right
+        and bottom (coordinates unchanged) to at least MIN_SIDE px and an aspect ratio of at
+        most MAX_ASPECT: Qwen's smart_resize refuses ratios above 200 and a 1-px side."""
+        return pad_extreme(fit_within(to_pil(image), self.max_image_side))
+
+    def vlm_scale(self, image: Image) -> float:
+        """Factor from the image's pixels to the pixels the model sees."""
+        h, w = np.asarray(image).shape[:2]
+        side = max(h, w)
+        return self.max_image_side / side if self.max_image_side and side > self.max_image_side else 1.0
 
     def _run(self, turns: list[tuple[Sequence[Image], str]], **kw: Any) -> list[tuple[str, Any]]:
         return self.batcher.map(lambda chunk: self._generate(chunk, **kw), turns)
@@ -211,6 +225,9 @@ class HFVLM(HFBackend):
         if len(images) != len(hints):
             raise ValueError(f"{len(images)} images for {len(hints)} hints")
 
+        # boxes in the hints are in the image's pixels: in the model's pixels here
+        hints = [scale_hint_box(h, self.vlm_scale(im)) for im, h in zip(images, hints, strict=True)]
+
         def turns(key: str) -> list[tuple[list[Image], str]]:
             return [([im], prompt_text(key, hints=_hint_text(h))) for im, h in zip(images, hints, strict=True)]
 
@@ -218,6 +235,31 @@ class HFVLM(HFBackend):
         long = self._run(turns("caption_long"), max_new_tokens=self.long_caption_tokens)
         return [Caption(short=" ".join(s.split()), long=" ".join(lg.split()), source=self.name)
                 for (s, _), (lg, _) in zip(short, long, strict=True)]
+
+
+MIN_SIDE = 28        # Qwen2-VL's patch (14) x merge (2): one token's worth of pixels
+MAX_ASPECT = 50.0    # well inside smart_resize's 200
+
+
+def pad_extreme(image: PILImage.Image) -> PILImage.Image:
+    """Pad a sliver (a 1x300 crop) with grey on the right and bottom to at least MIN_SIDE
+    px and at most MAX_ASPECT:1, so it never fails a batch; other images as they are."""
+    w, h = image.size
+    nw, nh = max(w, MIN_SIDE), max(h, MIN_SIDE)
+    nw, nh = max(nw, int(np.ceil(nh / MAX_ASPECT))), max(nh, int(np.ceil(nw / MAX_ASPECT)))
+    if (nw, nh) == (w, h):
+        return image
+    out = PILImage.new("RGB", (nw, nh), (128, 128, 128))
+    out.paste(image.convert("RGB"), (0, 0))
+    return out
+
+
+def scale_hint_box(hint: dict[str, Any], scale: float) -> dict[str, Any]:
+    """A caption hint whose ``box`` is given in the pixels the model sees."""
+    box = (hint or {}).get("box")
+    if not box or scale == 1.0:
+        return hint
+    return {**hint, "box": [int(round(float(v) * scale)) for v in box]}
 
 
 def _hint_text(hints: dict[str, Any]) -> str:
