@@ -223,8 +223,11 @@ def synthesize_pairs(items: list[PairInput], *, segmenter: Segmenter, inpainter:
         order = sorted(again)
         more = segmenter.segment([items[i].tgt_image for i in order], [[float(v) for v in again[i]] for i in order])
         for i, m in zip(order, more, strict=True):
-            prompts[i] = again[i]
-            tgt_masks[i] = target_subject(m, items[i].tgt_box, again[i])
+            found = target_subject(m, items[i].tgt_box, again[i])
+            px0, py0, px1, py1 = again[i]
+            if found.sum() > LEAK_SHARE * (px1 - px0) * (py1 - py0):
+                continue   # the mask fills its whole prompt: a leak into the scene, not the subject
+            prompts[i], tgt_masks[i] = again[i], found
     plans: dict[int, _Plan] = {}
     for k, i in enumerate(live):
         try:
@@ -249,6 +252,11 @@ def synthesize_pairs(items: list[PairInput], *, segmenter: Segmenter, inpainter:
                   "target_mask": p.target_mask}
         out[i] = SynthResult(images, p.augment, dict(backends))
     return out  # type: ignore[return-value]
+
+
+# A target mask that fills this share of its prompt box found no boundary there: the
+# segmenter leaked into the scene, and the last round's mask stands.
+LEAK_SHARE = 0.85
 
 
 def target_prompt(box: Box, context: float, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
