@@ -7,8 +7,9 @@ answer, else throwaway servers started on first use and stopped at the end of th
 that cannot be had fails the test with a message that says what to do (it never skips
 silently).
 
-Every test that uses a service fixture is marked ``services`` here, so
-``pytest -m "not services"`` runs the others alone. The fixtures of airflow_fixtures.py,
+Every test that uses a service fixture is marked ``services`` here, and every test that
+uses a fixture which runs a build end to end is marked ``slow``: ``pytest -m "not services
+and not slow"`` is the fast tier (no server, no whole build), ``pytest`` runs everything. The fixtures of airflow_fixtures.py,
 fault_fixtures.py and model_fixtures.py come in through ``pytest_plugins``.
 """
 from __future__ import annotations
@@ -50,6 +51,8 @@ __all__ = ["REPO", "S3Server", "free_port", "wait_port"]
 
 # A test that uses any of these (directly or through another fixture) needs services.
 SERVICE_FIXTURES = frozenset({"pg_url", "redis_url", "fault_redis_url", "s3_server", "airflow_db"})
+# ... and these run builds end to end (a test that runs one itself carries @pytest.mark.slow).
+SLOW_FIXTURES = frozenset({"full_run", "reference", "stack", "scale", "mined_build"})
 
 
 def __getattr__(name: str) -> str:
@@ -63,10 +66,14 @@ def __getattr__(name: str) -> str:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):  # noqa: ANN001
-    """Mark ``services`` every test whose fixtures include a service (before ``-m`` selects)."""
+    """Mark ``services`` every test whose fixtures include a service, ``slow`` every test
+    whose fixtures run a build (before ``-m`` selects)."""
     for item in items:
-        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        names = getattr(item, "fixturenames", ())
+        if SERVICE_FIXTURES.intersection(names):
             item.add_marker(pytest.mark.services)
+        if SLOW_FIXTURES.intersection(names):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_report_header(config):  # noqa: ANN001
@@ -289,12 +296,11 @@ def s3_store_settings(s3_server: S3Server):
 # --- media and contexts ----------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def sample_media(tmp_path_factory) -> Path:
-    """The generated sample videos with their ground truth (made once per session)."""
-    from opensubject_tasks.testmedia.samples import make_samples
+    """The generated sample videos with their ground truth (a copy per session of the
+    ones kept on disk, tests/disk_cache.py)."""
+    from disk_cache import sample_videos
 
-    out = tmp_path_factory.mktemp("media")
-    make_samples(out)
-    return out
+    return sample_videos(tmp_path_factory.mktemp("media"))
 
 
 @pytest.fixture()

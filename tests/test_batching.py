@@ -7,6 +7,7 @@ colour and records every call; the embedder is the real classical one."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -119,19 +120,36 @@ for _interface in ("segmenter", "inpainter", "verifier"):
         lambda _i=_interface, **opts: _Counting(_i, get_backend(_i, "classical", **opts)))
 
 
-def _mined(tmp_path: Path, sample_media: Path, batch: int, counting: bool = False) -> tuple[Context, str]:
-    """A video of the sample media mined in a fresh embedded build, its samples pending."""
-    settings = load_settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
-                             store={"kind": "local", "local_root": str(tmp_path / "store")})
+def _settings(root: Path, batch: int = 1, counting: bool = False) -> Any:
+    settings = load_settings(database_url=f"sqlite:///{root / 'db.sqlite'}",
+                             store={"kind": "local", "local_root": str(root / "store")})
     settings.synth.batch_samples = batch
     if counting:
         settings.backends.segmenter = settings.backends.inpainter = settings.backends.verifier = "counting"
-    ctx = Context.from_settings(settings)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def mined_build(tmp_path_factory: pytest.TempPathFactory, sample_media: Path) -> tuple[Path, str]:
+    """A video of the sample media mined once in a fresh embedded build, its samples
+    pending: the database file and store folder, which each test copies. Mining reads
+    neither the samples' batch size nor the segmenter, inpainter or verifier."""
+    root = tmp_path_factory.mktemp("mined")
+    ctx = Context.from_settings(_settings(root))
     upgrade(ctx.engine)
     clips = [c for c in gt_clips(sample_media) if c.video == "rocket_dissolve.mp4"]
     vid = seed_video(ctx, clips)
     assert run_stage(ctx, "mine", vid).next == [("samples", vid)]
-    return ctx, vid
+    ctx.engine.dispose()
+    return root, vid
+
+
+def _mined(tmp_path: Path, mined_build: tuple[Path, str], batch: int,
+           counting: bool = False) -> tuple[Context, str]:
+    """A copy of the mined build, its samples pending, with the given batch size."""
+    root, vid = mined_build
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    return Context.from_settings(_settings(tmp_path, batch, counting)), vid
 
 
 def _outcome(ctx: Context) -> tuple[dict, dict]:
@@ -143,11 +161,11 @@ def _outcome(ctx: Context) -> tuple[dict, dict]:
     return rows, objects
 
 
-def test_a_videos_samples_call_each_model_once_per_batch(tmp_path: Path, sample_media: Path) -> None:
+def test_a_videos_samples_call_each_model_once_per_batch(tmp_path: Path, mined_build: tuple[Path, str]) -> None:
     """The samples unit gives the segmenter, the inpainter and the verifier a whole batch
     per call (the inpainter: every generation canvas and manipulation frame of it), and
     records each sample's attempts exactly once."""
-    ctx, vid = _mined(tmp_path, sample_media, batch=4, counting=True)
+    ctx, vid = _mined(tmp_path, mined_build, batch=4, counting=True)
     with session_scope(ctx.sessions) as s:
         n = s.query(Sample).count()
     assert n > 4, "the batch bound is not exercised"
@@ -173,28 +191,28 @@ def test_a_videos_samples_call_each_model_once_per_batch(tmp_path: Path, sample_
         assert per_sample.get((sid, "synthesize"), 0) == len(history)
 
 
-def test_batches_give_the_same_samples_as_one_at_a_time(tmp_path: Path, sample_media: Path) -> None:
+def test_batches_give_the_same_samples_as_one_at_a_time(tmp_path: Path, mined_build: tuple[Path, str]) -> None:
     """Per-video batches change how the models are called, not what they make: states,
     attempts, seeds, reasons, captions and every stored image are the same bytes as with
     batches of one."""
-    one, vid1 = _mined(tmp_path / "one", sample_media, batch=1)
-    many, vid2 = _mined(tmp_path / "many", sample_media, batch=16)
+    one, vid1 = _mined(tmp_path / "one", mined_build, batch=1)
+    many, vid2 = _mined(tmp_path / "many", mined_build, batch=16)
     assert vid1 == vid2
     assert run_stage(one, "samples", vid1).status == "ok"
     assert run_stage(many, "samples", vid2).status == "ok"
     assert _outcome(one) == _outcome(many)
 
 
-def test_a_samples_unit_cut_short_redoes_nothing_recorded(tmp_path: Path, sample_media: Path,
+def test_a_samples_unit_cut_short_redoes_nothing_recorded(tmp_path: Path, mined_build: tuple[Path, str],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """An error half way through a video's samples (after some were verified) fails the
     unit; running it again finishes the rest and ends with what an uninterrupted run gives,
     each sample's attempts recorded once."""
     import opensubject_tasks.services.samples as samples_service
 
-    calm, vid = _mined(tmp_path / "calm", sample_media, batch=2)
+    calm, vid = _mined(tmp_path / "calm", mined_build, batch=2)
     assert run_stage(calm, "samples", vid).status == "ok"
-    ctx, _ = _mined(tmp_path / "cut", sample_media, batch=2)
+    ctx, _ = _mined(tmp_path / "cut", mined_build, batch=2)
     real = samples_service.verify_samples
     seen: list[int] = []
 

@@ -110,6 +110,7 @@ def test_parallel_workers_do_not_wait_for_a_whole_stage(full_run: Path) -> None:
     assert first_synth < last_mine_end
 
 
+@pytest.mark.slow
 def test_jobs_and_resume_give_the_same_dataset(sample_media: Path, tmp_path: Path) -> None:
     media = _subset(sample_media, tmp_path / "media", 3)
     ref = tmp_path / "ref"
@@ -176,6 +177,7 @@ def test_bench_on_the_sample_build(full_run: Path, tmp_path: Path) -> None:
     assert summaries["copy-input"] and summaries["paste-reference"]
 
 
+@pytest.mark.slow
 def test_tiny_profile_end_to_end(sample_media: Path, tmp_path: Path, monkeypatch) -> None:
     """The hf code path with tiny random models, offline on CPU, through every stage.
     Outputs are meaningless; the plumbing is real."""

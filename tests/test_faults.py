@@ -39,11 +39,9 @@ pytestmark = pytest.mark.timeout(300)
 # --- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> Path:
-    from opensubject_tasks.testmedia.samples import make_samples
+    from disk_cache import sample_videos
 
-    out = tmp_path_factory.mktemp("fault-media")
-    make_samples(out, count=3, size=(320, 180))
-    return out
+    return sample_videos(tmp_path_factory.mktemp("fault-media"), count=3, size=(320, 180))
 
 
 @pytest.fixture(scope="module")

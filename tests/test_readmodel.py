@@ -8,9 +8,12 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 from opensubject_tasks.cli import main
 
 
+@pytest.mark.slow
 def test_all_surfaces_agree_on_one_build(sample_media: Path, tmp_path: Path, monkeypatch, capsys):
     gt = json.loads((sample_media / "ground_truth.json").read_text())
     media = tmp_path / "media"

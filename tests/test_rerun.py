@@ -69,6 +69,7 @@ def test_fickle_backend_really_answers_differently(sample_media: Path):
     assert vlm.list_categories(frames[:1])[0].categories != vlm.list_categories(frames[:1])[0].categories
 
 
+@pytest.mark.slow
 def test_reruns_with_a_fickle_backend_keep_every_verified_sample(sample_media: Path, tmp_path: Path,
                                                                   monkeypatch, capsys):
     for interface in ("detector", "vlm", "quality"):
@@ -100,6 +101,7 @@ def test_reruns_with_a_fickle_backend_keep_every_verified_sample(sample_media: P
     assert stages_after["mine"] == stages_before["mine"] + len(videos)
 
 
+@pytest.mark.slow
 def test_recompute_drops_later_work_and_records_it(sample_media: Path, tmp_path: Path, capsys):
     media = _media(sample_media, tmp_path / "media", 1)
     out = tmp_path / "out"
@@ -154,11 +156,9 @@ def test_a_finished_video_or_verified_sample_never_turns_failed(embedded_setting
 # --- two copies of a stage at once, on real workers ----------------------------------------------
 @pytest.fixture(scope="module")
 def race_media(tmp_path_factory) -> Path:
-    from opensubject_tasks.testmedia.samples import make_samples
+    from disk_cache import sample_videos
 
-    out = tmp_path_factory.mktemp("race-media")
-    make_samples(out, count=1, size=(320, 180))
-    return out
+    return sample_videos(tmp_path_factory.mktemp("race-media"), count=1, size=(320, 180))
 
 
 def test_two_workers_running_the_same_stage_of_a_video_at_once(stack, pg_db, s3_store_settings,

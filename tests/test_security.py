@@ -40,9 +40,9 @@ def test_secrets_never_reach_logs_results_rows_or_report(stack, pg_db, s3_server
     from sqlalchemy.engine import make_url
 
     from opensubject_tasks.config import StoreSettings
-    from opensubject_tasks.testmedia.samples import make_samples
+    from disk_cache import sample_videos
 
-    make_samples(tmp_path / "media", count=1, size=(320, 180))
+    sample_videos(tmp_path / "media", count=1, size=(320, 180))
     url = make_url(pg_db).set(password=DB_PASSWORD).render_as_string(hide_password=False)
     assert quote(DB_PASSWORD, safe="") in url  # the URL really carries it (trust auth ignores it)
     store_settings = StoreSettings(kind="minio", endpoint=s3_server.endpoint, access_key=ACCESS_KEY,
