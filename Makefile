@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: venv demo test lint audit system-deps clean freeze
+.PHONY: venv demo test test-fast lint audit system-deps clean freeze
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ test: venv system-deps
 	$(BIN)/ruff check --select S --ignore S101,S311 opensubject_tasks dags plugins
 	$(BIN)/pytest
 
+# On every change: the tests that need no server and run no whole build (see README, Tests).
+test-fast: venv
+	$(BIN)/pytest -m "not services and not slow"
+
 lint: venv
 	$(BIN)/ruff check opensubject_tasks dags plugins
 
@@ -54,7 +58,7 @@ audit: venv
 	$(BIN)/python tools/audit.py requirements.txt
 
 clean:
-	rm -rf out media .pytest_cache
+	rm -rf out media .pytest_cache .cache/tests
 
 freeze:
 	{ head -2 requirements.txt; $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|scenedetect|opensubject-tasks)=='; } > requirements.new && mv requirements.new requirements.txt
