@@ -160,6 +160,7 @@ def test_pairing_takes_the_shared_target_first() -> None:
     assert M.shared_target([{0, 1, 2}, {2, 3}, {3, 4}]) == 3 and M.shared_target([{0, 1}, {2, 3}]) is None
 
 
+@pytest.mark.slow
 def test_subjects_of_a_clip_share_a_target_frame(ground_truth) -> None:
     """Clips with two or more paired subjects have a target frame that several of their
     pairs share (the export's multi-subject samples); without shared_targets, fewer do."""
@@ -261,6 +262,7 @@ def test_fewer_than_two_keyframes_is_a_reason_not_a_crash() -> None:
 
 @pytest.fixture(scope="module")
 def ground_truth(sample_media):
+    """Every clip of the sample videos, mined (the tests that use it are marked slow)."""
     clips = gt_clips(sample_media)
     return [(c, mine(c.frames, c.frame_numbers)) for c in clips]
 
@@ -270,6 +272,7 @@ def _overlaps_other(clip, track: int, frame: int) -> bool:
     return any(iou(box, o[frame]) > 0 for t, o in clip.boxes.items() if t != track and frame in o)
 
 
+@pytest.mark.slow
 def test_grounding_boxes_match_the_ground_truth(ground_truth) -> None:
     """IoU >= 0.5 with the ground-truth box on >= 90% of the annotated keyframes, and
     of those where the subject does not overlap another subject. Where two subjects
@@ -290,6 +293,7 @@ def test_grounding_boxes_match_the_ground_truth(ground_truth) -> None:
     assert hits / total >= 0.9, f"IoU >= 0.5 on {hits}/{total} annotated subject keyframes"
 
 
+@pytest.mark.slow
 def test_identities_are_linked_across_keyframes(ground_truth) -> None:
     """The boxes that ground a ground-truth subject belong to one identity across the
     clip's keyframes (keyframes where it overlaps another subject aside: there both
@@ -307,6 +311,7 @@ def test_identities_are_linked_across_keyframes(ground_truth) -> None:
     assert linked >= 0.8 * sum(len(c.boxes) for c, _ in ground_truth)
 
 
+@pytest.mark.slow
 def test_every_clip_with_a_moving_subject_yields_diverse_pairs(ground_truth) -> None:
     for clip, r in ground_truth:
         if not clip.boxes:

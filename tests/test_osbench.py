@@ -108,21 +108,33 @@ def _cli(argv: list[str]) -> int:
     return args.fn(args)
 
 
+@pytest.fixture(scope="module")
+def imported_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """The released layout imported, and copy-input predictions laid out as the released
+    inference writes them: made once per module (tests get copies, ``imported``)."""
+    tmp = tmp_path_factory.mktemp("osbench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_CACHE", str(tmp / "hf-cache"))
+        rows = _osbench(tmp / "osbench")
+        bench = tmp / "bench"
+        assert _cli(["bench", "import-osbench", str(tmp / "osbench"), "--out", str(bench)]) == 0
+        flat = tmp / "flat"
+        run_baseline("copy-input", bench, flat)
+        results = tmp / "results"
+        for case in load_cases(bench):
+            dest = results / "fullset" / case.task_type / f"{case.key}.png"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(flat / f"{case.id}.png", dest)
+    return tmp, rows
+
+
 @pytest.fixture()
-def imported(tmp_path: Path, monkeypatch) -> tuple[Path, list[dict[str, Any]], Path]:
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    rows = _osbench(tmp_path / "osbench")
-    bench = tmp_path / "bench"
-    assert _cli(["bench", "import-osbench", str(tmp_path / "osbench"), "--out", str(bench)]) == 0
-    # copy-input predictions, laid out as the released inference writes them
-    flat = tmp_path / "flat"
-    run_baseline("copy-input", bench, flat)
-    results = tmp_path / "results"
-    for case in load_cases(bench):
-        dest = results / "fullset" / case.task_type / f"{case.key}.png"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(flat / f"{case.id}.png", dest)
-    return bench, rows, results
+def imported(imported_once, tmp_path: Path) -> tuple[Path, list[dict[str, Any]], Path]:
+    """A copy of the imported bench and its predictions (tests change both)."""
+    made, rows = imported_once
+    for name in ("bench", "results"):
+        shutil.copytree(made / name, tmp_path / name)
+    return tmp_path / "bench", rows, tmp_path / "results"
 
 
 def test_import_keeps_english_cases_in_the_released_task_types(imported) -> None:
