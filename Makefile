@@ -47,9 +47,11 @@ test: venv system-deps
 	$(BIN)/ruff check --select S --ignore S101,S311 opensubject_tasks dags plugins
 	$(BIN)/pytest
 
-# On every change: the tests that need no server and run no whole build (see README, Tests).
+# On every change: the tests that need no server and run no whole build (see README, Tests),
+# in TEST_WORKERS processes (pytest-xdist; each takes whole files, so a module's fixtures are made once).
+TEST_WORKERS ?= 2
 test-fast: venv
-	$(BIN)/pytest -m "not services and not slow"
+	$(BIN)/pytest -m "not services and not slow" -n $(TEST_WORKERS) --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check opensubject_tasks dags plugins
