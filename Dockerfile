@@ -5,6 +5,11 @@ FROM python:3.11.11-slim-bookworm
 
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# The torchvision built against that torch (0.28.0 requires torch==2.13.0), from the same
+# index. The GPU worker sets it: image processors then take their fast (tensor) paths,
+# e.g. OWLv2's pad-and-resize (0.45 s per 768-px keyframe on the CPU path) and Qwen's
+# full AutoProcessor. Empty: none (the CPU image; processors fall back to PIL).
+ARG TORCHVISION_SPEC=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -25,7 +30,7 @@ WORKDIR /opt/opensubject
 COPY requirements.txt pyproject.toml README.md ./
 # torch first (CPU or CUDA wheel), then the pinned set, then scenedetect without its
 # opencv-python extra (it would replace the contrib cv2 build the stages use).
-RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}" \
+RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}" ${TORCHVISION_SPEC:+"${TORCHVISION_SPEC}"} \
  && pip install -r requirements.txt \
  && pip install --no-deps scenedetect==0.7.2
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 from sqlalchemy import select
 
 from opensubject_tasks.backends.registry import get_backend
@@ -450,3 +451,20 @@ def test_training_export_leaves_out_the_held_out_videos(built, tmp_path, capsys)
                  "--exclude-bench", str(tmp_path)]) != 0
     assert "is not a bench directory" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "manifest.parquet").exists()
+
+
+def test_a_rubric_may_hold_the_released_wording_verbatim_braces_and_all(tmp_path) -> None:
+    """Braces that name no rubric field (a JSON reply shown in the prompt) are text."""
+    from opensubject_tasks.bench.judge import fill_fields
+
+    text = ('Instruction: "{instruction}"\nReply as JSON: {"score": <0-10>, "reasoning": "..."}\n'
+            'Only {instruction} and {box} are filled; {unknown} and {} stay.')
+    path = tmp_path / "released.yaml"
+    path.write_text(yaml.safe_dump({"version": "released", "format": "", "retry": "",
+                                    "axes": {"prompt_following": {"images": ["output"], "prompt": text}}}))
+    rubric = load_rubric(path)
+    out = rubric.render("prompt_following", {"instruction": "add a hat", "box": [1, 2, 3, 4]})
+    assert out.startswith('Instruction: "add a hat"\nReply as JSON: {"score": <0-10>, "reasoning": "..."}')
+    assert "Only add a hat and [1, 2, 3, 4] are filled; {unknown} and {} stay." in out
+    with pytest.raises(KeyError):
+        fill_fields("{category}", {})

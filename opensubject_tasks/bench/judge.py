@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import string
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -115,8 +114,24 @@ class Rubric:
     axes: dict[str, Axis]
 
     def render(self, axis: str, fields: dict[str, Any], *, retry: bool = False) -> str:
-        body = self.axes[axis].prompt.format_map(fields).rstrip()
+        body = fill_fields(self.axes[axis].prompt, fields).rstrip()
         return f"{body}\n\n{(self.retry if retry else self.format).rstrip()}"
+
+
+# What a rubric's prompt may name in braces; every other brace is text (the released
+# OSBench prompts show JSON replies such as {"score": ...} verbatim).
+RUBRIC_FIELDS = ("prompt", "category", "box", "instruction")
+_FIELD = re.compile(r"\{(" + "|".join(RUBRIC_FIELDS) + r")\}")
+
+
+def fill_fields(text: str, fields: dict[str, Any]) -> str:
+    """``text`` with {prompt}, {category}, {box} and {instruction} filled in; any other
+    brace left as written."""
+    def value(m: re.Match[str]) -> str:
+        if m.group(1) not in fields:
+            raise KeyError(f"rubric field {m.group(1)!r} has no value for this case")
+        return str(fields[m.group(1)])
+    return _FIELD.sub(value, text)
 
 
 @lru_cache(maxsize=8)
@@ -132,10 +147,6 @@ def load_rubric(path: str | Path = RUBRIC_FILE) -> Rubric:
     for name, spec in doc["axes"].items():
         if not isinstance(spec, dict) or not spec.get("prompt") or not spec.get("images"):
             raise ConfigError(f"judge rubric {path}: axis {name!r} needs `prompt` and `images`")
-        names = [f for _, f, _, _ in string.Formatter().parse(spec["prompt"]) if f]
-        unknown = set(names) - {"prompt", "category", "box", "instruction"}
-        if unknown:
-            raise ConfigError(f"judge rubric {path}: axis {name!r} uses unknown fields {sorted(unknown)}")
         axes[name] = Axis(name, tuple(spec["images"]), spec["prompt"])
     return Rubric(str(doc["version"]), str(doc.get("format", "")), str(doc.get("retry", "")), axes)
 
