@@ -122,18 +122,47 @@ MEASURES: dict[str, Callable[[Context, str], None]] = {"status": _status}
 
 
 # --- 2. a small real build per database ---------------------------------------------------------------
+BIG = ("videos", "clips", "subjects", "pairs", "samples", "stage_attempts")
+
+
+def table_reads(url: str) -> dict[str, int]:
+    """PostgreSQL's counters of the big tables: sequential scans and the rows read by
+    them and by index scans (pg_stat_user_tables; a backend reports them when it ends)."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    with engine.connect() as c:
+        c.execute(text("SELECT pg_stat_clear_snapshot()"))
+        rows = c.execute(text("SELECT relname, seq_scan, seq_tup_read, coalesce(idx_tup_fetch, 0) "
+                              "FROM pg_stat_user_tables WHERE relname = ANY(:t)"), {"t": list(BIG)}).all()
+    engine.dispose()
+    return {"seq_scans": sum(r[1] for r in rows), "rows_read": sum(r[2] + r[3] for r in rows),
+            **{f"rows_read.{r[0]}": r[2] + r[3] for r in rows}}
+
+
 def small_build(url: str, media: Path, store: Path, build_id: str, measures: list[str]) -> dict:
     from opensubject_tasks.runner import run_build
 
+    before = table_reads(url)
     ctx = context(url, store)
     clock = DbClock(ctx.engine)
     videos = len(list(media.glob("*.mp4")))
     t0 = time.perf_counter()
     summary = run_build(ctx, [str(media)], build_id, until="verify", jobs=1)
     wall = time.perf_counter() - t0
-    doc = {"videos": videos, "wall_s": round(wall, 2), "db_s": round(clock.seconds, 3),
-           "db_ms_per_video": round(1000 * clock.seconds / videos, 1),
-           "statements_per_video": round(clock.statements / videos, 1),
+    db_s, statements = clock.seconds, clock.statements
+    ctx.engine.dispose()  # the build's backends end: their counters reach pg_stat_user_tables
+    time.sleep(0.5)
+    after = table_reads(url)
+    ctx = context(url, store)
+    clock = DbClock(ctx.engine)
+    doc = {"videos": videos, "wall_s": round(wall, 2), "db_s": round(db_s, 3),
+           "db_ms_per_video": round(1000 * db_s / videos, 1),
+           "statements_per_video": round(statements / videos, 1),
+           "big_table_seq_scans": after["seq_scans"] - before["seq_scans"],
+           "big_table_rows_read_per_video": round((after["rows_read"] - before["rows_read"]) / videos, 1),
+           "rows_read_per_video_by_table": {k.split(".", 1)[1]: round((after[k] - before.get(k, 0)) / videos, 1)
+                                            for k in after if k.startswith("rows_read.")},
            "units": {t.stage: t.entities for t in summary.timings}}
     for name in measures:
         s0, w0 = clock.seconds, time.perf_counter()
@@ -294,6 +323,7 @@ def main() -> None:
     ap.add_argument("--lost", type=int, default=100)
     ap.add_argument("--measure", action="append", default=[], choices=sorted(MEASURES))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--skip-plans", action="store_true", help="no EXPLAIN ANALYZE section")
     args = ap.parse_args()
     from opensubject_tasks.testmedia.samples import tiny_video
 
@@ -328,10 +358,17 @@ def main() -> None:
         doc["db_ms_per_video_median_build"] = {
             label: statistics.median(x["db_ms_per_video"] for x in runs if x["db"] == label) for label in per}
         doc["full_over_empty"] = round(per["full"] / per["empty"], 3)
-        print(f"database time per video: {doc['db_ms_per_video']} (full/empty {doc['full_over_empty']})", flush=True)
+        doc["rows_read_per_video"] = {label: round(statistics.mean(
+            x["big_table_rows_read_per_video"] for x in runs if x["db"] == label), 1) for label in per}
+        doc["seq_scans_of_big_tables"] = {label: sum(x["big_table_seq_scans"] for x in runs if x["db"] == label)
+                                         for label in per}
+        print(f"database time per video: {doc['db_ms_per_video']} (full/empty {doc['full_over_empty']}); "
+              f"rows read per video: {doc['rows_read_per_video']}; "
+              f"sequential scans of big tables: {doc['seq_scans_of_big_tables']}", flush=True)
 
-        doc["plans"] = plans(full)
-        print(json.dumps({k: doc["plans"][k] for k in ("after", "before")}, indent=1), flush=True)
+        if not args.skip_plans:
+            doc["plans"] = plans(full)
+            print(json.dumps({k: doc["plans"][k] for k in ("after", "before")}, indent=1), flush=True)
 
         if args.claim:
             doc["claim"] = claim(full, Path(tmp) / "store-full", args.claim)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from datetime import datetime
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy import Select, Update, select, update
+from sqlalchemy import Select, Update, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from opensubject_tasks.context import Context
@@ -320,24 +321,30 @@ def _ensure_build_exists(ctx: Context, build_id: str) -> None:
 CLAIM_BATCH = 10_000  # videos per claiming statement (and transaction)
 
 
-@hot_query("claim", lambda f: {"build_id": f.build, "limit": CLAIM_BATCH})
-def claim_statement(build_id: str, limit: int, postgresql: bool = True) -> Update:
+@hot_query("claim", lambda f: {"build_id": f.build, "limit": CLAIM_BATCH, "after": (utcnow(), f.video)})
+def claim_statement(build_id: str, limit: int, postgresql: bool = True,
+                    after: tuple[datetime, str] | None = None) -> Update:
     """Give up to ``limit`` registered videos that no build holds to ``build_id``, oldest
     first; returns their ids.
 
     PostgreSQL: the candidates are picked in a MATERIALIZED CTE with FOR UPDATE SKIP LOCKED,
     so concurrent claimers never wait on each other and never share a video, and the pick
     runs exactly once (an ``IN (SELECT ... LIMIT n)`` may run again per row and update more
-    than n). SQLite: one UPDATE, serialised by the database write lock."""
+    than n). SQLite: one UPDATE, serialised by the database write lock. ``after``: the
+    (created_at, id) of the last video claimed by the previous batch, so that a batch starts
+    where the last one ended instead of stepping over the index entries of the videos
+    claimed before (dead until vacuumed)."""
     pick = (select(Video.id).where(Video.build_id.is_(None), Video.state == "registered")
             .order_by(Video.created_at, Video.id).limit(limit))
+    if after is not None:
+        pick = pick.where(tuple_(Video.created_at, Video.id) > tuple_(*after))
     if postgresql:
         picked = pick.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
         target = Video.id == picked.c.id
     else:
         target = Video.id.in_(pick.scalar_subquery())
     return (update(Video).where(target, Video.build_id.is_(None))
-            .values(build_id=build_id, updated_at=utcnow()).returning(Video.id)
+            .values(build_id=build_id, updated_at=utcnow()).returning(Video.id, Video.created_at)
             .execution_options(synchronize_session=False))
 
 
@@ -348,13 +355,16 @@ def claim_batches(ctx: Context, build_id: str, limit: int | None = None) -> Iter
     if limit is not None and limit <= 0:
         return
     _ensure_build_exists(ctx, build_id)
-    left = limit
+    left, after = limit, None
     while left is None or left > 0:
         size = CLAIM_BATCH if left is None else min(CLAIM_BATCH, left)
         with session_scope(ctx.sessions) as s:
             postgresql = s.get_bind().dialect.name == "postgresql"
-            ids = list(s.scalars(claim_statement(build_id, size, postgresql)))
+            rows = s.execute(claim_statement(build_id, size, postgresql, after)).all()
+        ids = [r.id for r in rows]
         if ids:
+            last = max(rows, key=lambda r: (r.created_at, r.id))
+            after = (last.created_at, last.id)
             yield ids
         if len(ids) < size:
             return
