@@ -78,7 +78,8 @@ class CurateSettings(_Section):
     keyframes_per_clip: int = Field(6, ge=2, le=64)
     keyframe_max_side: int = Field(768, ge=64, le=4096)  # stored keyframes; boxes use this scale
     keyframe_quality: int = Field(92, ge=50, le=100)     # JPEG quality of stored keyframes
-    # Full frames (lossless PNG) of kept clips' keyframes, longest side at most this: the
+    # A pair's frames, decoded again from the video when the pair is synthesized (curation
+    # records where each keyframe lies in the stream), longest side at most this: the
     # training targets and subject crops come from them. 1920 keeps 1080p at source
     # resolution; 0 = none (targets then come from the small JPEG keyframes).
     frame_max_side: int = Field(1920, ge=0, le=8192)

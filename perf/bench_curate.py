@@ -373,6 +373,9 @@ def main() -> None:
                 if path in separate:
                     scores[key] += sc
         table.append((path.name[:32], n, decoded, best, pr))
+        print(f"{path.name}: {n} frames, best wall s " + ", ".join(f"{k} {best[k][0]:.2f}" for k in names)
+              + "; CPU ms/frame " + ", ".join(f"{k} {1000 * best[k][1] / n:.2f}" for k in (*names, "analysis"))
+              + f"; load {' '.join(f'{x:.1f}' for x in os.getloadavg())}", file=sys.stderr, flush=True)
         if path in separate:
             total_frames += n
             total_decoded += decoded

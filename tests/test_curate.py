@@ -303,3 +303,31 @@ def test_analysis_step_keeps_hard_cuts_frame_exact(sample_media: Path):
     s = CurateSettings(analysis_step=2, gradual_detector="none")
     for name in ("many_cuts.mp4", "cat_pan_cut.mp4", "motorcycle_fast.mp4"):
         assert _stage_on_file(sample_media / name, s).cuts == gt[name]["cuts"], name
+
+
+def test_content_score_is_the_librarys(sample_media: Path) -> None:
+    """The content score computed with one absdiff per frame is PySceneDetect's own,
+    number for number, and so are the cuts (Adaptive and Content detectors)."""
+    from fractions import Fraction
+
+    import av
+    from scenedetect import detectors as sd
+    from scenedetect.common import FrameTimecode
+
+    from opensubject_tasks.media.shots import AdaptiveDetector, ContentDetector
+
+    pairs = [(sd.AdaptiveDetector(min_scene_len=15), AdaptiveDetector(min_scene_len=15)),
+             (sd.ContentDetector(min_scene_len=15), ContentDetector(min_scene_len=15))]
+    cuts: list[tuple[list[int], list[int]]] = [([], []) for _ in pairs]
+    frames = 0
+    for name in ("many_cuts.mp4", "motorcycle_fast.mp4"):
+        with av.open(str(sample_media / name)) as c:
+            for f in c.decode(video=0):
+                img = f.to_ndarray(width=256, height=144, format="bgr24")
+                tc = FrameTimecode(frames, Fraction(25))
+                frames += 1
+                for (lib, ours), (a, b) in zip(pairs, cuts, strict=True):
+                    a += [x.frame_num for x in lib.process_frame(tc, img)]
+                    b += [x.frame_num for x in ours.process_frame(tc, img)]
+                    assert ours._frame_score == lib._frame_score
+    assert cuts[0][0] and all(a == b for a, b in cuts)
