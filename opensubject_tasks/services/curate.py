@@ -30,6 +30,9 @@ from opensubject_tasks.storage.base import safe_key
 from opensubject_tasks.storage.sources import local_copy, parse_source
 
 
+_KEYFRAME_WRITERS = 4   # keyframes encoded and stored at once
+
+
 def clip_id(video_id: str, idx: int) -> str:
     return f"{video_id}-c{idx}"
 
@@ -59,17 +62,18 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
 
     timings: dict[str, float] = {}
     written: dict[int, list[dict[str, Any]]] = {}
-    # Keyframes are encoded and stored on a writer thread, so that the analysis goes on
-    # while they are written (a store's write can wait on the disk or the network).
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyframes")
+    # Keyframes are encoded and stored on writer threads, so that the analysis goes on
+    # while they are written; a store's write mostly waits (the local store's fsync, an
+    # S3 round trip), so a few run at once.
+    writer = ThreadPoolExecutor(max_workers=_KEYFRAME_WRITERS, thread_name_prefix="keyframes")
     writes: list[Future[None]] = []
 
-    writer_cpu = [0.0]
+    writer_cpu: list[float] = []
 
     def put_jpeg(key: str, image: Any) -> None:
         cpu = time.thread_time()
         ctx.store.put_bytes(key, _encode_jpeg(image, s.keyframe_quality), "image/jpeg")
-        writer_cpu[0] += time.thread_time() - cpu
+        writer_cpu.append(time.thread_time() - cpu)
 
     def writes_done() -> None:
         """Wait for every keyframe write; the first that failed raises here."""
@@ -123,7 +127,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
                 writes_done()
                 # this thread (scaling, shot detection, clips, keyframes) and the writer's
                 # (JPEG, store); the decode has its own threads
-                timings["analysis_cpu_s"] = analysis_cpu + writer_cpu[0]
+                timings["analysis_cpu_s"] = analysis_cpu + sum(writer_cpu)
         except BadInput:
             # keyframes of clips written before the input turned out bad
             writer.shutdown(wait=True)
