@@ -214,9 +214,14 @@ def test_synthesis_cuts_target_and_reference_from_full_frames(full_frame_sample)
     assert np.array_equal(img("reference"), fulls[10][y0:y1, x0:x1])
     bx0, by0, bx1, by1 = grow_box([v * 2 for v in boxes[40]], ctx.settings.synth.box_margin, W, H)
     region = img("manipulation_mask")
-    assert region.shape == (H, W) and region[by0:by1, bx0:bx1].all() and region.sum() == (bx1 - bx0) * (by1 - by0)
+    # the box (full-frame pixels), grown where the subject's mask in the target reaches beyond it
+    assert region.shape == (H, W) and region[by0:by1, bx0:bx1].all()
+    mx0, my0, mx1, my1 = augment["manipulation_box"]
+    assert mx0 <= bx0 and my0 <= by0 and mx1 >= bx1 and my1 >= by1
+    assert region.sum() == (mx1 - mx0) * (my1 - my0) and region[my0:my1, mx0:mx1].all()
+    subject = img("target_mask")
+    assert subject.shape == (H, W) and subject.any() and region[subject].all()
     assert augment["frames"]["target"] == {"source": "full", "size": [W, H], "scale": [2.0, 2.0]}
-    assert augment["manipulation_box"] == [bx0, by0, bx1, by1]
     assert max(img("generation_input").shape[:2]) == ctx.settings.synth.output_size   # 1024 of 1280
 
 
