@@ -29,12 +29,14 @@ demo: venv
 # Debian packages the tests need, installed when missing (needs root or sudo): Chromium
 # for the browser tests; PostgreSQL's and Redis's servers, from which the tests start
 # throwaway ones when no local server answers (tests/local_services.py); none when
-# OPENSUBJECT_TEST_DATABASE_URL / OPENSUBJECT_TEST_REDIS_URL name servers.
+# OPENSUBJECT_TEST_DATABASE_URL / OPENSUBJECT_TEST_REDIS_URL name servers; PgBouncer, which
+# the lock tests put between two workers and PostgreSQL in transaction pooling.
 system-deps:
 	@PKGS=""; \
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || PKGS=" chromium chromium-driver"; \
 	[ -n "$$OPENSUBJECT_TEST_DATABASE_URL" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || PKGS="$$PKGS postgresql"; \
 	[ -n "$$OPENSUBJECT_TEST_REDIS_URL" ] || command -v redis-server >/dev/null || PKGS="$$PKGS redis-server"; \
+	command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || PKGS="$$PKGS pgbouncer"; \
 	[ -z "$$PKGS" ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  echo "installing:$$PKGS"; \
