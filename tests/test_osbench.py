@@ -65,6 +65,12 @@ def _osbench(path: Path) -> list[dict[str, Any]]:
 
 # --- a scripted judge: replies that are known in advance ----------------------------
 SEEN: list[tuple[int, str]] = []   # (number of images, prompt) of every question
+CHAT: list[dict[str, Any]] = []    # the settings each batch was asked with
+PF_MARKS = ("fulfills the **instruction**", "**manipulated or integrated**")   # the two PF rubrics
+
+
+def is_pf(prompt: str) -> bool:
+    return any(m in prompt for m in PF_MARKS)
 
 
 STEP = 15   # patch grey level per case index
@@ -84,13 +90,13 @@ class ScriptedJudge:
 
     name = "scripted-judge"
 
-    def answer(self, images: Sequence[Sequence[np.ndarray]], prompts: Sequence[str]) -> list[str]:
+    def answer(self, images: Sequence[Sequence[np.ndarray]], prompts: Sequence[str], **chat: Any) -> list[str]:
+        CHAT.append(chat)
         out = []
         for imgs, prompt in zip(images, prompts, strict=True):
-            prompt = " ".join(prompt.split())
             SEEN.append((len(imgs), prompt))
             idx = round(float(imgs[-2][8:56, 8:56].mean()) / STEP)
-            kind = "pf" if "carries out the instruction" in prompt or "put into the scene" in prompt else "sc"
+            kind = "pf" if is_pf(prompt) else "sc"
             score = scripted_score(idx, kind)
             out.append("I cannot tell." if score is None else
                        f'Here is my rating: {{"score": {score}, "reasoning": "scripted"}}')
@@ -164,6 +170,7 @@ def test_scored_as_the_released_scorer_and_checked_by_hand(imported, tmp_path: P
     from opensubject_tasks.bench.score import ScoringContext, score_bench
 
     SEEN.clear()
+    CHAT.clear()
     summary = score_bench(ScoringContext(settings), bench, results, tmp_path / "s1", protocol="osbench",
                           judge_attempts=2)
 
@@ -193,11 +200,16 @@ def test_scored_as_the_released_scorer_and_checked_by_hand(imported, tmp_path: P
     assert english["case12"]["idx"] == 6
     assert unread["status"] == "unscored" and unread["pf"] is None
     assert unread["judge"]["prompt_following"]["raw"] == ["I cannot tell.", "I cannot tell."]   # retried, kept
+    # a retry is the same prompt again (no reminder), as released
+    asked = [p for _, p in SEEN if english["case12"]["instruction"] in p and "fulfills the **instruction**" in p]
+    assert len(asked) == 2 and asked[0] == asked[1]
+    # every question went as the released request: text first, no system line, 1400 tokens
+    assert CHAT and all(c == {"max_new_tokens": 1400, "system": False, "text_first": True} for c in CHAT)
 
     # the images the judge saw, in the released scorer's order and number
-    gen_pf = [n for n, p in SEEN if "carries out the instruction" in p]
-    man_pf = [n for n, p in SEEN if "put into the scene" in p]
-    sc = [n for n, p in SEEN if "carries out the instruction" not in p and "put into the scene" not in p]
+    gen_pf = [n for n, p in SEEN if PF_MARKS[0] in p]
+    man_pf = [n for n, p in SEEN if PF_MARKS[1] in p]
+    sc = [n for n, p in SEEN if not is_pf(p)]
     assert sorted(set(gen_pf)) == [1 + 2, 3 + 2]       # every input, the ground truth, the output
     assert set(man_pf) == {2} and set(sc) == {2}        # ground truth and output only
 
@@ -253,3 +265,110 @@ def test_tiny_vlm_judge_under_the_osbench_protocol(imported, tmp_path: Path) -> 
         scored += rec["status"] == "scored"
         assert (rec["status"] == "scored") == (rec["pf"] is not None and rec["sc"] is not None)
     assert summary["counts"]["scored"] == scored
+
+
+def test_output_resized_before_its_exif_orientation_is_applied_as_released(imported, tmp_path: Path) -> None:
+    """The released scorer resizes the output to the first input's size and only then
+    turns it upright (load_image's exif_transpose): an output tagged 'rotate 90' arrives
+    with its sides swapped and its content turned."""
+    from opensubject_tasks.bench.osbench import _rgb, judge_images
+
+    bench, _, _ = imported
+    case = next(c for c in load_cases(bench) if c.key == "case10")
+    w, h = scorer_size((1400, 1000))
+    raw = np.zeros((300, 400, 3), np.uint8)
+    raw[:60, :60] = (255, 0, 0)                         # a red corner, top left as stored
+    tagged = Image.fromarray(raw)
+    exif = tagged.getexif()
+    exif[0x0112] = 6                                    # EXIF orientation: rotate 90 clockwise to view
+    pred = tmp_path / "tagged.png"
+    tagged.save(pred, exif=exif)
+    out = judge_images(bench, case, pred)["output"]
+    assert out.shape[:2] == (w, h)                      # resized to (w, h), then turned: h x w -> w x h
+    assert out[5, -5, 0] > 200 and out[5, -5, 1] < 60   # the corner is now top right
+    assert out[5, 5].max() < 60
+
+    # an image handed over as bytes (no decoding by `datasets`) is turned upright at import
+    import io
+    buf = io.BytesIO()
+    tagged.save(buf, format="PNG", exif=exif)
+    upright = np.asarray(_rgb({"bytes": buf.getvalue()}, "test image"))
+    assert upright.shape == (400, 300, 3) and upright[5, -5, 0] > 200
+
+
+def _doc_differences() -> dict[str, str]:
+    """Keys of the 'Remaining differences' table in docs/benchmark.md -> their row."""
+    text = (Path(__file__).parents[1] / "docs" / "benchmark.md").read_text()
+    section = text.split("Remaining differences from the released scorer", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = line
+    return rows
+
+
+def _our_protocol() -> tuple[dict[str, str], dict[str, str]]:
+    """(prompts rendered for one instruction, settings) of `--protocol osbench`, read from
+    the code and rubric file that run it, in the released fixture's terms."""
+    import inspect
+
+    from opensubject_tasks.bench import osbench
+    from opensubject_tasks.bench.judge import load_rubric
+
+    rubric = load_rubric(osbench.RUBRIC_FILE)
+    fields = {"instruction": INSTRUCTION}
+    prompts = {axis: rubric.render(axis, fields) for axis in rubric.axes}
+    chat = rubric.chat
+    same_retry = all(rubric.render(a, fields, retry=True) == prompts[a] for a in rubric.axes)
+    one_gen_pf = [a for a in rubric.axes if a.startswith("pf_generation")] == ["pf_generation"]
+    missing = inspect.signature(osbench.score_osbench).parameters["missing"].default
+    settings = {
+        **{f"images.{a}": ", ".join(ax.images) for a, ax in rubric.axes.items()},
+        "message.order": "text, images" if chat.get("text_first") else "images, text",
+        "message.system": "none" if chat.get("system") is False else "the backend's system line",
+        "message.roles": "user" if chat.get("system") is False else "system, user",
+        "judge.model": "the configured VLM backend",
+        "judge.max_tokens": str(chat.get("max_new_tokens", "the backend's long_caption_tokens")),
+        "judge.sampling": "greedy",
+        "image.encoding": f"JPEG, PIL default quality ({osbench.JPEG_QUALITY})",
+        "image.inputs": "scaled to 1024x1024 pixels of area if larger, each side floored to a multiple of 16, "
+                        "then EXIF-transposed",
+        "image.output": "converted to RGB, resized to the first input's size, then EXIF-transposed",
+        "image.ground_truth": "EXIF-transposed",
+        "retry.prompt": "the same prompt" if same_retry else "a format reminder",
+        "retry.max_tries": str(inspect.signature(osbench.score_osbench).parameters["judge_attempts"].default),
+        "retry.unit": "each of PF and SC on its own",
+        "retry.exhausted": "unscored, kept and counted",
+        "reply.parse": "JSON object or a bare integer; malformed JSON unreadable",
+        "rubric.pf_generation": "multiple-subject prompt for every generation case" if one_gen_pf else "per case",
+        "missing_prediction": "skipped" if missing == "skip" else "scored 0",
+        "languages": "other languages left out at import",
+    }
+    return prompts, settings
+
+
+INSTRUCTION = "Put the brown dog from image 1 on the red sofa from image 2."
+
+
+def test_protocol_diff_against_the_released_scorer_is_what_the_docs_list() -> None:
+    """Line by line, prompts and settings of `--protocol osbench` against the released
+    scorer's (tests/osbench_released.py). Prompts must be identical; every setting that
+    differs must have its row in docs/benchmark.md, and every row there must differ."""
+    import difflib
+
+    import osbench_released as released
+
+    ours, settings = _our_protocol()
+    assert set(ours) == set(released.PROMPTS)
+    for axis, text in released.PROMPTS.items():
+        theirs = text.replace(released.PLACEHOLDER, INSTRUCTION)
+        diff = list(difflib.unified_diff(theirs.splitlines(keepends=True), ours[axis].splitlines(keepends=True),
+                                         f"released/{axis}", f"ours/{axis}"))
+        assert not diff, "".join(diff)
+    assert set(settings) == set(released.SETTINGS)
+    differ = {k for k in settings if settings[k] != released.SETTINGS[k]}
+    listed = _doc_differences()
+    diff = "\n".join(f"{k}: released {released.SETTINGS[k]!r} / ours {settings[k]!r}" for k in sorted(differ))
+    assert differ - set(listed) == set(), f"differences not listed in docs/benchmark.md:\n{diff}"
+    assert set(listed) - differ == set(), f"docs/benchmark.md lists as different what is not: {set(listed) - differ}"

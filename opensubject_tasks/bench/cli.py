@@ -124,7 +124,8 @@ def add_bench_commands(subparsers: Any) -> None:
     s.add_argument("--profile", choices=["cpu", "gpu", "tiny"])
     s.add_argument("--vlm", help="VLM backend for the judge (overrides the configuration)")
     s.add_argument("--embedder", help="embedder backend (overrides the configuration)")
-    s.add_argument("--judge-attempts", type=int, default=3, help="tries per judge question (default 3)")
+    s.add_argument("--judge-attempts", type=int,
+                   help="tries per judge question (default 3; 10 with --protocol osbench, as released)")
     s.add_argument("--worst", type=int, default=20, help="cases on the worst-cases page (default 20)")
     s.add_argument("--protocol", choices=["opensubject", "osbench"], default="opensubject",
                    help="opensubject: four axes, classical metrics and judge; osbench: the released OSBench "

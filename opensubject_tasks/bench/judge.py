@@ -1,8 +1,9 @@
 """The VLM judge: fixed, versioned rubric prompts and a strict score parser.
 
 A reply that cannot be read as exactly one score from 0 to 10 is retried a bounded
-number of times with a format reminder; if it still cannot be read, the result is
-*unscored* and keeps the raw replies. No score is ever invented.
+number of times (with the rubric's format reminder, or the same prompt when it has
+none); if it still cannot be read, the result is *unscored* and keeps the raw replies.
+No score is ever invented.
 """
 from __future__ import annotations
 
@@ -106,31 +107,41 @@ class Axis:
     prompt: str
 
 
+# How the judge's question goes to the VLM (`chat` in a rubric file); VLM.answer takes
+# these as keywords. Unset: the backend's own defaults.
+CHAT_SETTINGS = ("max_new_tokens", "system", "text_first")
+
+
 @dataclass(frozen=True)
 class Rubric:
     version: str
-    format: str
-    retry: str
+    format: str        # appended to every prompt ("" = nothing)
+    retry: str         # appended instead on a retry ("" = the same prompt again)
     axes: dict[str, Axis]
+    preamble: str = ""  # put before every axis's prompt, as written
+    chat: dict[str, Any] = field(default_factory=dict)
 
     def render(self, axis: str, fields: dict[str, Any], *, retry: bool = False) -> str:
-        body = fill_fields(self.axes[axis].prompt, fields).rstrip()
-        return f"{body}\n\n{(self.retry if retry else self.format).rstrip()}"
+        body = fill_fields(self.preamble + self.axes[axis].prompt, fields)
+        tail = (self.retry or self.format) if retry else self.format
+        return f"{body.rstrip()}\n\n{tail.rstrip()}" if tail.strip() else body
 
 
 # What a rubric's prompt may name in braces; every other brace is text (the released
-# OSBench prompts show JSON replies such as {"score": ...} verbatim).
+# OSBench prompts show JSON replies such as {"score": ...} verbatim). The released
+# prompts write the instruction's place as <instruction>: filled the same way.
 RUBRIC_FIELDS = ("prompt", "category", "box", "instruction")
-_FIELD = re.compile(r"\{(" + "|".join(RUBRIC_FIELDS) + r")\}")
+_FIELD = re.compile(r"\{(" + "|".join(RUBRIC_FIELDS) + r")\}|<(instruction)>")
 
 
 def fill_fields(text: str, fields: dict[str, Any]) -> str:
-    """``text`` with {prompt}, {category}, {box} and {instruction} filled in; any other
-    brace left as written."""
+    """``text`` with {prompt}, {category}, {box} and {instruction} (or <instruction>)
+    filled in; any other brace left as written."""
     def value(m: re.Match[str]) -> str:
-        if m.group(1) not in fields:
-            raise KeyError(f"rubric field {m.group(1)!r} has no value for this case")
-        return str(fields[m.group(1)])
+        name = m.group(1) or m.group(2)
+        if name not in fields:
+            raise KeyError(f"rubric field {name!r} has no value for this case")
+        return str(fields[name])
     return _FIELD.sub(value, text)
 
 
@@ -148,7 +159,11 @@ def load_rubric(path: str | Path = RUBRIC_FILE) -> Rubric:
         if not isinstance(spec, dict) or not spec.get("prompt") or not spec.get("images"):
             raise ConfigError(f"judge rubric {path}: axis {name!r} needs `prompt` and `images`")
         axes[name] = Axis(name, tuple(spec["images"]), spec["prompt"])
-    return Rubric(str(doc["version"]), str(doc.get("format", "")), str(doc.get("retry", "")), axes)
+    chat = doc.get("chat") or {}
+    if not isinstance(chat, dict) or set(chat) - set(CHAT_SETTINGS):
+        raise ConfigError(f"judge rubric {path}: `chat` may set only {', '.join(CHAT_SETTINGS)}")
+    return Rubric(str(doc["version"]), str(doc.get("format") or ""), str(doc.get("retry") or ""), axes,
+                  preamble=str(doc.get("preamble") or ""), chat=dict(chat))
 
 
 # --- the judge ---------------------------------------------------------------------
@@ -227,7 +242,8 @@ class Judge:
     def _ask(self, images: list[list[np.ndarray]], prompts: list[str]) -> list[str]:
         """One batched call; a transient backend failure counts as an unreadable reply."""
         try:
-            replies = list(self.vlm.answer(images, prompts))
+            chat = self.rubric.chat
+            replies = list(self.vlm.answer(images, prompts, **chat) if chat else self.vlm.answer(images, prompts))
         except TransientError as exc:
             return [f"<backend error: {exc}>"] * len(prompts)
         if len(replies) != len(prompts):

@@ -9,9 +9,13 @@ containing "single" a single-subject case (the released scorer's own rule).
 
 Scoring (``bench score --protocol osbench``), as the released scorer does it:
 
+* the released prompts verbatim (osbench_rubrics.yaml), sent as one user message with the
+  text before the images, no system line, a 1400-token reply cap; an unreadable reply
+  is asked again with the same prompt, up to 10 tries;
 * inputs larger than 1024x1024 pixels are scaled down to that area, every input to a
-  multiple of 16 per side; the output is resized to the first input's size; the ground
-  truth is sent as it is; every image goes to the judge as a JPEG (PIL's quality 75);
+  multiple of 16 per side; the output is resized to the first input's size; then every
+  image is turned upright by its EXIF orientation; every image goes to the judge as a
+  JPEG (PIL's quality 75);
 * prompt following (PF): generation sees the inputs, the ground truth and the output;
   manipulation sees the ground truth and the output. Consistency (SC): ground truth
   and output for both;
@@ -19,11 +23,9 @@ Scoring (``bench score --protocol osbench``), as the released scorer does it:
   scores sqrt(PF * SC); a task type averages its cases; the overall figure averages
   the task types.
 
-Two deliberate differences: a reply that cannot be read is retried a bounded number of
-times and then stays *unscored* (kept, counted, left out of the means) where the
-released scorer substitutes a random number; and a missing prediction is either
-skipped (``--missing skip``, the released scorer's behaviour and this protocol's
-default) or scored 0 (``--missing zero``). docs/benchmark.md lists every difference.
+Deliberate differences: a reply that still cannot be read stays *unscored* (kept,
+counted, left out of the means) where the released scorer substitutes a random number;
+docs/benchmark.md lists every difference and tests/test_osbench.py checks that list.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from opensubject_tasks.bench.build import HELD_OUT_FILE, Case, load_cases
 from opensubject_tasks.bench.judge import Judge, JudgeItem, Parsed, load_rubric
@@ -52,6 +54,7 @@ JPEG_QUALITY = 75   # PIL's default, which the released scorer's encoder uses
 AXES = {"generation": ("pf_generation", "sc_generation"), "manipulation": ("pf_manipulation", "sc_manipulation")}
 MISSING = ("skip", "zero")
 CHUNK = 16
+MAX_TRIES = 10      # the released scorer's tries per case
 
 
 # --- import ---------------------------------------------------------------------------
@@ -62,13 +65,17 @@ def task_of(task_type: str) -> tuple[str, str]:
 
 
 def _rgb(value: Any, what: str) -> Image.Image:
+    """Upright RGB: its EXIF orientation applied (as ``datasets`` does when it decodes the
+    released rows, so the released scorer sees them upright too)."""
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, dict) and value.get("bytes"):
-        return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
-    if isinstance(value, (str, os.PathLike)) and Path(value).is_file():
-        return Image.open(value).convert("RGB")
-    raise BadInput(f"{what} is not an image ({type(value).__name__})")
+        im = value
+    elif isinstance(value, dict) and value.get("bytes"):
+        im = Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, (str, os.PathLike)) and Path(value).is_file():
+        im = Image.open(value)
+    else:
+        raise BadInput(f"{what} is not an image ({type(value).__name__})")
+    return ImageOps.exif_transpose(im).convert("RGB")
 
 
 def import_osbench(src: str | Path, out_dir: str | Path, *, language: str = "en") -> dict[str, Any]:
@@ -157,14 +164,23 @@ def _as_sent(im: Image.Image) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
+def _upright(im: Image.Image) -> Image.Image:
+    # what the released scorer's load_image does to every image it sends, last
+    return ImageOps.exif_transpose(im).convert("RGB")
+
+
 def judge_images(bench: Path, case: Case, output: Path) -> dict[str, Any]:
+    """The images as the released scorer sends them, in its order of steps: inputs
+    resized, the output converted and resized to the first input's size, and only then
+    each one turned upright by its EXIF orientation (so an output carrying an orientation
+    tag is resized before it is turned, as there)."""
     inputs = []
     for rel in case.input_images:
         with Image.open(bench / rel) as im:
-            inputs.append(im.convert("RGB").resize(scorer_size(im.size)))
+            inputs.append(im.resize(scorer_size(im.size)))
     with Image.open(bench / case.images["target"]) as gt, Image.open(output) as out:
-        return {"inputs": [_as_sent(im) for im in inputs], "ground_truth": _as_sent(gt),
-                "output": _as_sent(out.convert("RGB").resize(inputs[0].size))}
+        return {"inputs": [_as_sent(_upright(im)) for im in inputs], "ground_truth": _as_sent(_upright(gt)),
+                "output": _as_sent(_upright(out.convert("RGB").resize(inputs[0].size)))}
 
 
 # --- the reply ------------------------------------------------------------------------
@@ -202,7 +218,7 @@ def parse_json_reply(text: str | None) -> Parsed:
 
 # --- scoring ---------------------------------------------------------------------------
 def score_osbench(vlm: Any, bench_dir: str | Path, predictions: dict[str, Path], out_dir: str | Path, *,
-                  name: str, missing: str = "skip", judge_attempts: int = 3,
+                  name: str, missing: str = "skip", judge_attempts: int = MAX_TRIES,
                   rubric_file: str | Path | None = None) -> dict[str, Any]:
     """Score predictions of a bench under the released scorer's protocol; writes
     cases/<id>.json and summary.json/.md (and returns the summary)."""

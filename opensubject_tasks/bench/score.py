@@ -168,7 +168,7 @@ def _judge_items(case: Case, imgs: dict[str, np.ndarray], out: np.ndarray) -> Ju
 
 def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, predictions_dir: str | Path,
                 out_dir: str | Path, *, name: str | None = None, scorer: str = "auto",
-                judge_attempts: int = 3, worst: int = 20, protocol: str = "opensubject",
+                judge_attempts: int | None = None, worst: int = 20, protocol: str = "opensubject",
                 missing: str | None = None, rubric: str | Path | None = None) -> dict[str, Any]:
     """Score ``predictions_dir`` (one ``<case id>.png`` per case, or OSBench's
     ``fullset/<task_type>/<key>.png``) against the bench.
@@ -179,6 +179,7 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
     mapped to 0-10) or "auto" (judge when a VLM other than "none" is configured).
     ``missing``: a missing prediction scores 0 ("zero", this protocol's default) or is
     left out ("skip", the osbench protocol's default, as the released scorer does).
+    ``judge_attempts``: tries per judge question (default 3; osbench: 10, as released).
     Writes cases/<id>.json, summary.json, summary.csv, summary.md and worst.html.
     """
     bench, preds, out = Path(bench_dir), Path(predictions_dir), Path(out_dir)
@@ -190,7 +191,9 @@ def score_bench(ctx: Context | ScoringContext, bench_dir: str | Path, prediction
         from opensubject_tasks.bench.osbench import score_osbench
 
         return score_osbench(ctx.backend("vlm"), bench, find_predictions(preds), out, name=name or preds.name,
-                             missing=missing or "skip", judge_attempts=judge_attempts, rubric_file=rubric)
+                             missing=missing or "skip", rubric_file=rubric,
+                             **({"judge_attempts": judge_attempts} if judge_attempts else {}))
+    judge_attempts = judge_attempts or 3
     if scorer not in ("auto", "judge", "classical"):
         raise ValueError(f"scorer must be auto, judge or classical, got {scorer!r}")
     if (missing or "zero") not in ("zero", "skip"):

@@ -26,7 +26,7 @@ class NoVLM:
     def ask_yes_no(self, images: Sequence[Sequence[Image]], questions: Sequence[str]) -> list[YesNo]:
         return [YesNo(answer=None, p_yes=None, raw=NO_VLM) for _ in questions]
 
-    def answer(self, images: Sequence[Sequence[Image]], prompts: Sequence[str]) -> list[str]:
+    def answer(self, images: Sequence[Sequence[Image]], prompts: Sequence[str], **_: Any) -> list[str]:
         return ["" for _ in prompts]
 
     def caption(self, images: Sequence[Image], hints: Sequence[dict[str, Any]]) -> list[Caption]:

@@ -90,7 +90,7 @@ class FlorenceVLM(_Florence):
     def ask_yes_no(self, images: Sequence[Sequence[Image]], questions: Sequence[str]) -> list[YesNo]:
         return [YesNo(None, None, raw=NO_QUESTIONS) for _ in questions]
 
-    def answer(self, images: Sequence[Sequence[Image]], prompts: Sequence[str]) -> list[str]:
+    def answer(self, images: Sequence[Sequence[Image]], prompts: Sequence[str], **_: Any) -> list[str]:
         return ["" for _ in prompts]
 
     def caption(self, images: Sequence[Image], hints: Sequence[dict[str, Any]]) -> list[Caption]:

@@ -152,14 +152,16 @@ class HFVLM(HFBackend):
 
     # -- one batched generate over (images, prompt) turns
     def _generate(self, turns: list[tuple[Sequence[Image], str]], max_new_tokens: int,
-                  reply_prefix: str = "", want_first_logits: bool = False
-                  ) -> list[tuple[str, torch.Tensor | None]]:
+                  reply_prefix: str = "", want_first_logits: bool = False, system: bool = True,
+                  text_first: bool = False) -> list[tuple[str, torch.Tensor | None]]:
         texts, images = [], []
         for imgs, prompt in turns:
             content: list[dict[str, Any]] = [{"type": "image"} for _ in imgs]
-            content.append({"type": "text", "text": prompt})
-            messages = [{"role": "system", "content": [{"type": "text", "text": prompt_text("system")}]},
-                        {"role": "user", "content": content}]
+            text = {"type": "text", "text": prompt}
+            content = [text, *content] if text_first else [*content, text]
+            messages = [{"role": "user", "content": content}]
+            if system:
+                messages.insert(0, {"role": "system", "content": [{"type": "text", "text": prompt_text("system")}]})
             texts.append(self.processor.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False) + reply_prefix)
             images.extend(self.vlm_image(im) for im in imgs)
@@ -215,11 +217,13 @@ class HFVLM(HFBackend):
         replies = self._run(turns, max_new_tokens=4, want_first_logits=True)
         return [YesNo(parse_yes_no(reply), self.p_yes(logits), raw=reply) for reply, logits in replies]
 
-    def answer(self, images: Sequence[Sequence[Image]], prompts: Sequence[str]) -> list[str]:
+    def answer(self, images: Sequence[Sequence[Image]], prompts: Sequence[str], *,
+               max_new_tokens: int | None = None, system: bool = True, text_first: bool = False) -> list[str]:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
         turns = [(list(imgs), prompt_text("answer", prompt=p)) for imgs, p in zip(images, prompts, strict=True)]
-        return [r.strip() for r, _ in self._run(turns, max_new_tokens=self.long_caption_tokens)]
+        return [r.strip() for r, _ in self._run(turns, max_new_tokens=max_new_tokens or self.long_caption_tokens,
+                                                 system=system, text_first=text_first)]
 
     def caption(self, images: Sequence[Image], hints: Sequence[dict[str, Any]]) -> list[Caption]:
         if len(images) != len(hints):
