@@ -2,6 +2,7 @@
 
     opensubject models check [--profile gpu] [--verify]       # one table; exit 1 when something is missing
     opensubject models fetch [--profile gpu] [--endpoint URL] # every weight, resumable, checksummed
+    opensubject models lock [--profile gpu] [--endpoint URL]  # pin the hub's current commits in the lock file
     opensubject models calibrate [--profile gpu] [--media DIR] # same-individual threshold of the embedder
 """
 from __future__ import annotations
@@ -32,13 +33,31 @@ def _print_report(report: Any, profile: str) -> None:
     for col in ("interface", "model", "state", "size", "where / why"):
         t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
     for s in report.statuses:
-        t.add_row(", ".join(s.weight.interfaces), s.weight.label, s.state,
-                  f"{s.size / 1e9:.2f} GB" if s.size else "", s.detail)
+        w = s.weight
+        pinned = f" (pinned {w.revision[:12]}{', ' + w.variant if w.variant else ''})" if w.revision else ""
+        size = s.size if s.state == "present" else w.size
+        t.add_row(", ".join(w.interfaces), w.label + pinned, s.state,
+                  size_text(size) if size else "", s.detail)
     for p in report.problems:
         t.add_row("verify", p.what, "missing", "", p.detail)
     if not report.statuses and not report.problems:
         t.add_row("-", "(no weights: this profile's backends need none)", "present", "", "")
     Console(width=160).print(t)
+    todo, unknown = report.to_fetch()
+    total, total_unknown = report.total()
+    print(f"To fetch: {size_text(todo)} of {size_text(total)} for profile {profile} (sizes from the lock file "
+          f"{_lock_name()})" + (f"; size not in the lock file: {', '.join(unknown)}" if unknown else "")
+          + (f"; not counted in the total: {', '.join(total_unknown)}" if total_unknown and not unknown else ""))
+
+
+def size_text(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _lock_name() -> str:
+    from opensubject_tasks import weights
+
+    return weights.LOCK_FILE.name
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
@@ -65,6 +84,15 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     report = fetch(settings, Fetcher(endpoint=args.endpoint))
     _print_report(report, settings.profile)
     return EXIT_OK if report.ok else EXIT_CANNOT_RUN
+
+
+def cmd_models_lock(args: argparse.Namespace) -> int:
+    from opensubject_tasks.cli_common import EXIT_OK, _settings
+    from opensubject_tasks import weights
+
+    pins = weights.lock(_settings(args), weights.Fetcher(endpoint=args.endpoint))
+    print(f"{len(pins)} repositories pinned in {weights.LOCK_FILE}")
+    return EXIT_OK
 
 
 def cmd_models_calibrate(args: argparse.Namespace) -> int:
@@ -112,6 +140,12 @@ def add_models_commands(sub: Any) -> None:
     f.add_argument("--endpoint", help="Hugging Face Hub endpoint (default $HF_ENDPOINT or huggingface.co)")
     f.add_argument("--models-dir", help="override backends.models_dir")
     f.set_defaults(fn=cmd_models_fetch)
+
+    lk = m.add_parser("lock", help="pin the profile's Hub repositories at their current commit (fp16 where "
+                                   "published) in the lock file, with their sizes")
+    lk.add_argument("--profile", choices=profiles)
+    lk.add_argument("--endpoint", help="Hugging Face Hub endpoint (default $HF_ENDPOINT or huggingface.co)")
+    lk.set_defaults(fn=cmd_models_lock)
 
     k = m.add_parser("calibrate", help="same-individual threshold of the profile's embedder, on "
                                        "ground-truth tracks")

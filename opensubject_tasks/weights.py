@@ -10,6 +10,12 @@ continues it with an HTTP range request), its digest compared with the one the h
 publishes (SHA-256 for LFS files, the git blob id for small ones) or the pinned one,
 and only then renamed into place; ``.opensubject-fetch.json`` in the model directory
 records what was fetched, so ``check`` can tell a complete model from a partial one.
+
+What is fetched is pinned in ``weights_lock.yaml`` (beside this module): per Hub
+repository the commit to download, the precision variant (``fp16`` where the repository
+publishes one, e.g. a diffusers pipeline's ``*.fp16.safetensors``) and the bytes those
+files take, so ``check`` can say how much a profile still has to fetch without asking
+the network. ``opensubject models lock`` refreshes it from the Hub.
 """
 from __future__ import annotations
 
@@ -23,11 +29,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import quote
 
+import yaml
+
 from opensubject_tasks.config import Settings
-from opensubject_tasks.errors import ModelNotAvailable
+from opensubject_tasks.errors import ConfigError, ModelNotAvailable
 
 HUB = "https://huggingface.co"
 RECORD = ".opensubject-fetch.json"
+LOCK_FILE = Path(__file__).with_name("weights_lock.yaml")
+# Interfaces whose backends load a precision variant (``variant`` option); a pinned
+# variant is passed to them so they load the files that were fetched.
+VARIANT_INTERFACES = ("inpainter",)
 _CHUNK = 1 << 20          # hashing
 _NET_CHUNK = 1 << 16      # network reads: what arrived before a dropped connection is kept
 
@@ -50,6 +62,7 @@ class UrlFile:
     url: str
     sha256: str
     dest: str                  # relative to the models directory
+    size: int | None = None    # bytes
 
 
 # LFS-free single file: LAION's improved aesthetic predictor head for CLIP ViT-L/14. The
@@ -71,6 +84,8 @@ class Weight:
     variant: str | None = None       # e.g. "fp16": fetch *.fp16.safetensors only
     url: UrlFile | None = None       # a single file from a URL
     in_cache: Path | None = None     # found in the Hugging Face cache instead
+    revision: str | None = None      # the commit the lock file pins (None: the hub's main)
+    size: int | None = None          # bytes to fetch, from the lock file (None: not known)
 
     @property
     def label(self) -> str:
@@ -101,6 +116,18 @@ class Report:
     def ok(self) -> bool:
         return not self.problems and all(s.state == "present" for s in self.statuses)
 
+    def to_fetch(self) -> tuple[int, list[str]]:
+        """(bytes still to fetch by the lock file's sizes, weights not present whose size
+        the lock does not know)."""
+        todo = [s for s in self.statuses if s.state != "present"]
+        return (sum(s.weight.size or 0 for s in todo),
+                [s.weight.label for s in todo if s.weight.size is None])
+
+    def total(self) -> tuple[int, list[str]]:
+        """(bytes of every weight of the profile by the lock file, those it does not know)."""
+        return (sum(s.weight.size or 0 for s in self.statuses),
+                [s.weight.label for s in self.statuses if s.weight.size is None])
+
     def missing_text(self, profile: str) -> str:
         """One line naming everything missing (``models check`` shows where it looked)."""
         items = [f"{s.weight.label} ({', '.join(s.weight.interfaces)}{', ' + s.state if s.state != 'missing' else ''})"
@@ -123,9 +150,61 @@ def interface_options(settings: Settings, interface: str) -> dict[str, Any]:
     return dict(settings.backends.options.get(interface, {}))
 
 
+@dataclass(frozen=True)
+class Pin:
+    """One Hub repository in the lock file."""
+    revision: str
+    variant: str | None
+    size: int | None                 # bytes of the files fetched at that revision and variant
+    files: int | None = None
+
+
+def load_lock(path: Path | None = None) -> dict[str, Pin]:
+    """The lock file: {repo: Pin}."""
+    path = path or LOCK_FILE
+    if not path.is_file():
+        return {}
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot read the weights lock file {path}: {exc}") from exc
+    pins = {}
+    for repo, spec in (doc.get("repos") or {}).items():
+        rev = str((spec or {}).get("revision") or "")
+        if len(rev) != 40 or any(c not in "0123456789abcdef" for c in rev):
+            raise ConfigError(f"weights lock file {path}: {repo} needs `revision`, a 40-hex-digit commit")
+        pins[repo] = Pin(rev, spec.get("variant"), spec.get("size"), spec.get("files"))
+    return pins
+
+
+def write_lock(pins: dict[str, Pin], path: Path | None = None) -> None:
+    path = path or LOCK_FILE
+    head = ("# Hub revisions `opensubject models fetch` downloads: per repository the commit, the\n"
+            "# precision variant (fp16 where the repository publishes one) and the bytes of the files\n"
+            "# fetched (what `models check` reports). Written by `opensubject models lock`.\n")
+    body = {"repos": {repo: {k: v for k, v in (("revision", p.revision), ("variant", p.variant),
+                                                 ("size", p.size), ("files", p.files)) if v is not None}
+                      for repo, p in sorted(pins.items())}}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(head + yaml.safe_dump(body, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _pinned(w: Weight, pin: Pin | None, variant_set: bool) -> Weight:
+    if pin is None:
+        return w
+    if not variant_set:
+        w.variant = pin.variant
+    w.revision = pin.revision
+    w.size = pin.size if w.variant == pin.variant else None
+    return w
+
+
 def required_weights(settings: Settings) -> list[Weight]:
-    """Every model (and file) the settings' backends load, once each."""
+    """Every model (and file) the settings' backends load, once each; Hub repositories
+    carry the lock file's revision, variant (unless the settings set one) and size."""
     root = models_dir(settings)
+    lock = load_lock()
     out: dict[str, Weight] = {}
     for interface in ("vlm", "detector", "segmenter", "inpainter", "embedder", "quality"):
         backend = getattr(settings.backends, interface)
@@ -137,7 +216,8 @@ def required_weights(settings: Settings) -> list[Weight]:
         if _looks_like_path(model) or Path(model).expanduser().is_dir():
             w = Weight([interface], model, Path(model).expanduser(), variant=opts.get("variant"))
         else:
-            w = Weight([interface], model, root / model, repo=model, variant=opts.get("variant"))
+            w = _pinned(Weight([interface], model, root / model, repo=model, variant=opts.get("variant")),
+                        lock.get(model), bool(opts.get("variant")))
         key = f"{w.path}|{w.variant}"
         if key in out:
             out[key].interfaces.append(interface)
@@ -149,7 +229,7 @@ def required_weights(settings: Settings) -> list[Weight]:
                 out[f"head|{head}"] = Weight(["quality head"], str(head), Path(str(head)).expanduser())
             else:
                 out["head|default"] = Weight(["quality head"], AESTHETIC_HEAD.dest, root / AESTHETIC_HEAD.dest,
-                                             url=AESTHETIC_HEAD)
+                                             url=AESTHETIC_HEAD, size=AESTHETIC_HEAD.size)
     return list(out.values())
 
 
@@ -167,6 +247,9 @@ def local_model_options(settings: Settings, interface: str) -> dict[str, Any]:
         out["model"] = str(models_dir(settings) / model)
         if interface != "quality" and not opts.get("name"):
             out["name"] = f"{backend}:{model}"         # recorded by its Hub id, not this machine's path
+        fetched = _record(models_dir(settings) / model).get("variant")
+        if interface in VARIANT_INTERFACES and fetched and not opts.get("variant"):
+            out["variant"] = fetched                   # load the precision that was fetched
     if interface == "quality" and backend == "hf" and not opts.get("head"):
         head = models_dir(settings) / AESTHETIC_HEAD.dest
         if head.is_file():
@@ -178,6 +261,10 @@ def local_model_options(settings: Settings, interface: str) -> dict[str, Any]:
 
 _CONFIGS = ("config.json", "model_index.json")
 _WEIGHT_EXT = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def _record(path: Path) -> dict[str, Any]:
+    return json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else {}
 
 
 def _complete_dir(path: Path) -> tuple[bool, str, int]:
@@ -223,6 +310,11 @@ def check_weight(w: Weight, verify: bool = False) -> Status:
             return Status(w, "incomplete", f"{w.path} does not have the pinned SHA-256", size)
         return Status(w, "present", str(w.path), size)
     ok, detail, size = _complete_dir(w.path)
+    record = _record(w.path) if ok else {}
+    if ok and record and w.revision and (record.get("commit"), record.get("variant")) != (w.revision, w.variant):
+        return Status(w, "incomplete", f"{w.path} holds commit {str(record.get('commit'))[:12]} variant "
+                                       f"{record.get('variant')}; the lock pins {w.revision[:12]} variant "
+                                       f"{w.variant} (fetch again)", size)
     if ok and verify:
         bad = verify_record(w.path)
         if bad:
@@ -465,12 +557,50 @@ def fetch(settings: Settings, fetcher: Fetcher | None = None) -> Report:
             fetcher.log(f"{w.label}: fetching {w.url.url}")
             fetcher.fetch_url(w.url, w.path)
         elif w.repo:
-            fetcher.log(f"{w.label}: fetching into {w.path}")
-            fetcher.fetch_repo(w.repo, w.path, w.variant)
+            fetcher.log(f"{w.label}: fetching {w.revision or 'main (not in the lock file)'} into {w.path}")
+            fetcher.fetch_repo(w.repo, w.path, w.variant, revision=w.revision or "main")
         else:
             fetcher.log(f"{w.label}: configured as a local path, not a Hub id: put the model there yourself")
     return check(settings)
 
 
-__all__ = ["AESTHETIC_HEAD", "DEFAULT_MODELS", "Fetcher", "Report", "Status", "UrlFile", "Weight", "check",
-           "check_weight", "fetch", "local_model_options", "required_weights", "wanted_files"]
+def lock(settings: Settings, fetcher: Fetcher | None = None, path: Path | None = None) -> dict[str, Pin]:
+    """Pin every Hub repository of the settings' backends at the hub's current main: its
+    commit, the fp16 variant where the repository publishes one for every weight file
+    (unless the settings set a variant) and the bytes of the files fetched. Other
+    repositories already in the lock file are kept."""
+    fetcher = fetcher or Fetcher()
+    pins = load_lock(path)
+    for w in required_weights(settings):
+        if not w.repo:
+            continue
+        commit, files = fetcher.repo_files(w.repo, "main")
+        variant = interface_variant(settings, w)
+        if variant is None and any(i in VARIANT_INTERFACES for i in w.interfaces) and \
+                _complete_variant(files, "fp16"):
+            variant = "fp16"
+        names = wanted_files(files, variant)
+        pins[w.repo] = Pin(commit, variant, sum(files[n]["size"] for n in names), len(names))
+        fetcher.log(f"{w.repo}: {commit} {variant or 'default precision'}, {pins[w.repo].size / 1e9:.2f} GB")
+    write_lock(pins, path)
+    return pins
+
+
+def interface_variant(settings: Settings, w: Weight) -> str | None:
+    for i in w.interfaces:
+        v = interface_options(settings, i).get("variant")
+        if v:
+            return str(v)
+    return None
+
+
+def _complete_variant(files: Iterable[str], variant: str) -> bool:
+    """Whether every safetensors weight of the repository has a ``variant`` copy."""
+    plain = [n for n in wanted_files(files) if n.endswith(".safetensors")]
+    have = set(wanted_files(files, variant))
+    return bool(plain) and all(n[: -len(".safetensors")] + f".{variant}.safetensors" in have for n in plain)
+
+
+__all__ = ["AESTHETIC_HEAD", "DEFAULT_MODELS", "Fetcher", "LOCK_FILE", "Pin", "Report", "Status", "UrlFile",
+           "Weight", "check", "check_weight", "fetch", "load_lock", "local_model_options", "lock",
+           "required_weights", "wanted_files", "write_lock"]

@@ -123,10 +123,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(autouse=True)
 def empty_hf_cache(tmp_path, monkeypatch) -> None:
-    """Whatever this machine has in its Hugging Face cache does not count here."""
+    """Whatever this machine has in its Hugging Face cache does not count here, nor the
+    package's lock file (its commits are the real hub's): each test starts unpinned."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(weights, "LOCK_FILE", tmp_path / "weights_lock.yaml")
 
 
 @pytest.fixture()
@@ -137,7 +139,11 @@ def hub(tiny_models, monkeypatch) -> FakeHub:
     h.add_dir(d[("vlm", "hf")], tiny_models["vlm"], NOT_WANTED)
     h.add_dir(d[("detector", "hf")], tiny_models["detector"])
     h.add_dir(d[("segmenter", "hf")], tiny_models["segmenter"])
-    h.add_dir(d[("inpainter", "hf")], tiny_models["inpainter"], {"single_file_checkpoint.safetensors": b"s" * 64})
+    # the inpainter publishes an fp16 copy of every weight file, as SDXL inpainting does
+    fp16 = {str(p.relative_to(tiny_models["inpainter"])).replace(".safetensors", ".fp16.safetensors"): p.read_bytes()
+            for p in tiny_models["inpainter"].rglob("*.safetensors")}
+    h.add_dir(d[("inpainter", "hf")], tiny_models["inpainter"],
+              {"single_file_checkpoint.safetensors": b"s" * 64} | fp16)
     h.add_dir(d[("embedder", "hf")], tiny_models["clip"])
     buf = io.BytesIO()        # the tiny head as a torch state dict, like LAION's .pth
     from safetensors.torch import load_file
@@ -295,3 +301,84 @@ def test_default_models_are_the_backend_classes_defaults() -> None:
     assert d[("inpainter", "hf")] == inpainter.DEFAULT_INPAINTER
     assert d[("embedder", "hf")] == d[("quality", "hf")] == embedder.DEFAULT_EMBEDDER
     assert d[("vlm", "florence")] == d[("detector", "florence")] == florence.DEFAULT_FLORENCE
+
+
+def _bytes_on_disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != weights.RECORD)
+
+
+def test_lock_pins_commits_and_fp16_then_fetch_follows_it_and_check_says_what_is_left(
+        hub, tmp_path, capsys) -> None:
+    models = tmp_path / "models"
+    settings = gpu_settings(models)
+    d = weights.DEFAULT_MODELS
+    inpainter = d[("inpainter", "hf")]
+
+    # `models lock` through the (fake) hub: every repository pinned, fp16 where published
+    assert main(["models", "lock", "--profile", "gpu"]) == 0
+    pins = weights.load_lock()
+    assert set(pins) == {d[(i, "hf")] for i in ("vlm", "detector", "segmenter", "inpainter", "embedder")}
+    assert all(p.revision == COMMIT for p in pins.values())
+    assert pins[inpainter].variant == "fp16"
+    assert {p.variant for r, p in pins.items() if r != inpainter} == {None}   # no fp16 copies there
+
+    # check, before anything is fetched and without the network: the size to fetch
+    hub.requests.clear()
+    report = weights.check(settings)
+    assert not hub.requests
+    todo, unknown = report.to_fetch()
+    assert todo == sum(p.size for p in pins.values()) > 0
+    assert unknown == [weights.AESTHETIC_HEAD.dest]            # a URL file: not in the lock
+    capsys.readouterr()
+    main(["--config", str(_cfg(tmp_path, models)), "models", "check", "--profile", "gpu"])
+    out = capsys.readouterr().out
+    from opensubject_tasks.models_cli import size_text
+
+    assert f"To fetch: {size_text(todo)} of {size_text(todo)}" in out and "size not in the lock file: aesthetic/" in out
+
+    # fetch asks for the pinned commit and the fp16 files only
+    hub.requests.clear()
+    assert weights.fetch(settings, weights.Fetcher(log=lambda _: None)).ok
+    paths = [p for p, _ in hub.requests]
+    assert f"/api/models/{inpainter}/revision/{COMMIT}" in paths
+    fetched = [p.relative_to(models / inpainter) for p in (models / inpainter).rglob("*.safetensors")]
+    assert fetched and all(p.name.endswith(".fp16.safetensors") for p in fetched)
+    for repo, pin in pins.items():                             # the lock's sizes are what landed on disk
+        assert _bytes_on_disk(models / repo) == pin.size, repo
+    assert weights.check(settings).to_fetch() == (0, [])
+
+    # the inpainter loads the precision that was fetched
+    clear_cache()
+    try:
+        ctx = Context.from_settings(load_settings(
+            profile="gpu", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+            store={"kind": "local", "local_root": str(tmp_path / "store")},
+            backends={"models_dir": str(models), "device": "cpu",
+                      "options": {"inpainter": tiny.TINY_DEFAULTS["inpainter"]}}))
+        assert weights.local_model_options(ctx.settings, "inpainter")["variant"] == "fp16"
+        assert str(models) in str(ctx.backend("inpainter").path)
+    finally:
+        clear_cache()
+
+    # a model fetched at another commit than the lock pins is fetched again
+    lock_text = weights.LOCK_FILE.read_text()
+    weights.LOCK_FILE.write_text(lock_text.replace(COMMIT, "f" * 40, 1))
+    stale = [s for s in weights.check(settings).statuses if s.state != "present"]
+    assert len(stale) == 1 and "the lock pins ffffffffffff" in stale[0].detail
+
+
+def _cfg(tmp_path: Path, models: Path) -> Path:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"backends: {{models_dir: {models}}}\n"
+                   "verify: {same_individual_min: {clip-vit-large-patch14: 0.5}}\n")
+    return cfg
+
+
+def test_the_package_lock_file_is_well_formed() -> None:
+    """The shipped lock (not the per-test one): 40-hex commits, sizes, known repositories."""
+    from opensubject_tasks import weights as w
+
+    pins = w.load_lock(Path(w.__file__).with_name("weights_lock.yaml"))
+    assert pins and all(p.size and p.size > 0 for p in pins.values())
+    assert set(pins) <= set(w.DEFAULT_MODELS.values()) | {"SimianLuo/LCM_Dreamshaper_v7", "facebook/sam-vit-base",
+                                                           "facebook/dinov2-small"}
