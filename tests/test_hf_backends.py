@@ -173,6 +173,29 @@ def test_tiny_vlm_caption_and_answer(vlm: HFVLM, frames: list[np.ndarray]) -> No
         vlm.caption(frames[:2], [{}])
 
 
+def test_tiny_vlm_answer_as_one_user_turn_text_first(vlm: HFVLM, frames: list[np.ndarray]) -> None:
+    """The released OSBench request: no system turn, the text before the images; the
+    token ids the model gets follow that order (the chat template renders it)."""
+    rendered: list[str] = []
+    real = vlm.processor.apply_chat_template
+
+    def spy(messages, **kw):  # noqa: ANN001, ANN003 - the processor's own signature
+        rendered.append(real(messages, **kw))
+        return rendered[-1]
+
+    vlm.processor.apply_chat_template = spy
+    try:
+        vlm.answer([[frames[0]]], ["Rate it."], max_new_tokens=3, system=False, text_first=True)
+        vlm.answer([[frames[0]]], ["Rate it."], max_new_tokens=3)
+    finally:
+        vlm.processor.apply_chat_template = real
+    released, default = rendered
+    system = prompt_text("system")
+    assert system not in released and system in default
+    assert released.index("Rate it.") < released.index("<|vision_start|>")
+    assert default.index("<|vision_start|>") < default.index("Rate it.")
+
+
 def test_prompts_file_is_versioned() -> None:
     data = load_prompts()
     assert str(data["version"]) == prompts_version()
