@@ -253,8 +253,16 @@ def test_tiny_vlm_judge_under_the_osbench_protocol(imported, tmp_path: Path) -> 
     lines = (bench / "cases.jsonl").read_text().splitlines()
     (bench / "cases.jsonl").write_text("\n".join(lines[::3]) + "\n")   # 4 cases keep the test short
     settings = load_settings(backends={"vlm": "tiny"})
+    # the released rubric with replies capped at 16 tokens: a random tiny model never stops
+    # early, and 1400 tokens per question would only cost time here
+    import yaml
+
+    from opensubject_tasks.bench.osbench import RUBRIC_FILE
+    doc = yaml.safe_load(RUBRIC_FILE.read_text())
+    doc["chat"]["max_new_tokens"] = 16
+    (tmp_path / "rubric.yaml").write_text(yaml.safe_dump(doc))
     summary = score_bench(ScoringContext(settings), bench, results, tmp_path / "tiny", protocol="osbench",
-                          judge_attempts=2)
+                          judge_attempts=2, rubric=tmp_path / "rubric.yaml")
     assert summary["judge"]["backend"].startswith("tiny:vlm") and summary["counts"]["cases"] == 4
     scored = 0
     for case in load_cases(bench):
