@@ -29,7 +29,8 @@ from sqlalchemy import select
 from opensubject_tasks.config import Settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
-from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
+from opensubject_tasks.db.lineage import lineage
+from opensubject_tasks.db.models import Clip, Sample, Video
 from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, STAGE_ORDER, VIDEO_TERMINAL
 from opensubject_tasks.services.common import finalize_video, load_stages, mark_terminal, run_stage
 
@@ -226,8 +227,7 @@ def _video_ids(ctx: Context, build_id: str, stage_done: Iterable[str | None]) ->
 def _videos_with_samples_in_flight(ctx: Context, build_id: str) -> list[str]:
     with session_scope(ctx.sessions) as s:
         return list(s.scalars(
-            select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id).join(Pair, Pair.subject_id == Subject.id)
-            .join(Sample, Sample.pair_id == Pair.id)
+            lineage(select(Clip.video_id), Sample, Clip)
             .where(Sample.build_id == build_id, Sample.state.in_(SAMPLE_IN_FLIGHT)).distinct().order_by(Clip.video_id)))
 
 

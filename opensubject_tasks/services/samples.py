@@ -23,7 +23,8 @@ from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
-from opensubject_tasks.db.models import Clip, Pair, Sample, Subject
+from opensubject_tasks.db.lineage import lineage
+from opensubject_tasks.db.models import Clip, Sample
 from opensubject_tasks.services.common import StageResult, finalize_video, run_steps, stage
 from opensubject_tasks.services.synthesize import synthesize_samples
 from opensubject_tasks.services.verify import verify_samples
@@ -31,8 +32,7 @@ from opensubject_tasks.services.verify import verify_samples
 
 @hot_query("sample batch", lambda f: {"video_id": f.video})
 def in_flight_query(video_id: str) -> Select:
-    return (select(Sample.id, Sample.state).join(Pair, Sample.pair_id == Pair.id)
-            .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
+    return (lineage(select(Sample.id, Sample.state), Sample, Clip)
             .where(Clip.video_id == video_id, Sample.state.in_(SAMPLE_IN_FLIGHT)).order_by(Sample.id))
 
 
