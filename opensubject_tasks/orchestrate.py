@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from sqlalchemy import Select, bindparam, func, select, update
 
-from opensubject_tasks.catalogue import UNTIL, VIDEO_TERMINAL, settled, stage_reached
+from opensubject_tasks.catalogue import FIRST_STAGE, UNTIL, VIDEO_TERMINAL, settled, stage_reached
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
@@ -179,8 +179,8 @@ def start_chunk(build_id: str, chunk: int) -> dict[str, int]:
         fresh = [r.id for r in open_ if r.queued_at is None]
         handed = [r.id for r in open_ if r.queued_at is not None]
         idle = _idle(s, build_id, chunk, handed) if handed else []
-    sent = hand_out_videos(ctx, "curate", fresh, _send)
-    again = hand_out_videos(ctx, "curate", errored + idle, _send, again=True)
+    sent = hand_out_videos(ctx, FIRST_STAGE, fresh, _send)
+    again = hand_out_videos(ctx, FIRST_STAGE, errored + idle, _send, again=True)
     return {"videos": len(rows), "sent": len(sent), "retried": len(errored), "resent": len(idle),
             "in_flight": len(handed) - len(idle), "handed_out": len(sent) + len(again)}
 

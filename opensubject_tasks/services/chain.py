@@ -1,8 +1,8 @@
 """What happens after a stage ran on a worker: each video walks its own chain.
 
-A build hands every video of a chunk to ``curate`` once; from there the workers carry it
-on (curate -> mine -> samples, which synthesizes and verifies the video's samples in
-batches, re-synthesis included) as far as its build goes
+A build hands every video of a chunk to the first stage once; from there the workers carry
+it on along the catalogue's stage graph (curate -> mine -> samples, which synthesizes and
+verifies the video's samples in batches, re-synthesis included) as far as its build goes
 (``builds.params.until``), and the last piece of work of a video gives it its terminal
 state (``finalize_video``). An orchestrator only waits until the database says the
 videos are settled: no message per stage passes through Airflow.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from opensubject_tasks.catalogue import SAMPLE_STAGES, STAGES, runs
+from opensubject_tasks.catalogue import SAMPLE_STAGES, SAMPLE_UNIT, STAGES, runs
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.services.common import EntityFacts, StageResult, entity_facts, settle_video
@@ -41,7 +41,7 @@ def hand_on(s: Session, stage: str, entity_id: str, result: StageResult,
     until = facts.until
     if entity == "sample":
         # a sample step run on its own (a rerun): the video's samples unit takes it on
-        wanted = [("samples", video_id)] if result.next and runs("samples", until) else []
+        wanted = [(SAMPLE_UNIT, video_id)] if result.next and runs(SAMPLE_UNIT, until) else []
     else:
         wanted = [(st, e) for st, e in result.next if runs(st, until)]
     sends = [(st, e, record_hand_out(s, st, [e])[0]) for st, e in wanted]

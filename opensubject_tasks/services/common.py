@@ -48,7 +48,8 @@ class StageSpec:
     fn: Callable[[Context, str], StageResult]
 
 
-STAGES: dict[str, StageSpec] = {}
+# The one registry of stage functions, keyed by the catalogue's stage names.
+STAGE_FUNCTIONS: dict[str, StageSpec] = {}
 
 
 def already_done(stage: str, why: str, **kw: Any) -> StageResult:
@@ -66,22 +67,21 @@ def stage(name: str) -> Callable[[StageFn], StageFn]:
     """Register a stage service function under its catalogue name (which says the entity it
     works on and its queue)."""
     def deco(fn: StageFn) -> StageFn:
-        STAGES[name] = StageSpec(name, CATALOGUE[name].entity, fn)
+        STAGE_FUNCTIONS[name] = StageSpec(name, CATALOGUE[name].entity, fn)
         return fn
     return deco
 
 
 def load_stages() -> dict[str, StageSpec]:
-    """Import the stage modules so that they register themselves."""
+    """Import the service module of each catalogue stage so that its function registers itself."""
     import importlib
 
-    for mod in ("curate", "mine", "synthesize", "verify", "samples", "export"):  # services/<module>.py
-        try:
-            importlib.import_module(f"opensubject_tasks.services.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"opensubject_tasks.services.{mod}":
-                raise
-    return STAGES
+    for mod in dict.fromkeys(st.service for st in CATALOGUE.values() if st.service):
+        importlib.import_module(f"opensubject_tasks.services.{mod}")
+    missing = [name for name, st in CATALOGUE.items() if st.service and name not in STAGE_FUNCTIONS]
+    if missing:
+        raise RuntimeError(f"stage(s) {', '.join(missing)} declared in the catalogue but not registered by their service")
+    return STAGE_FUNCTIONS
 
 
 @dataclass(frozen=True)

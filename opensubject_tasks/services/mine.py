@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import Select, select
 
 from opensubject_tasks.backends.base import Image
-from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, stage_reached
+from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, follow, stage_reached
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
@@ -103,7 +103,7 @@ def mine_video(ctx: Context, video_id: str) -> StageResult:
 
 def _follow_up(video_id: str, states: dict[str, str]) -> list[tuple[str, str]]:
     """The video's samples unit, while any of its samples is unfinished."""
-    return [("samples", video_id)] if any(st in SAMPLE_IN_FLIGHT for st in states.values()) else []
+    return follow("mine", video_id) if any(st in SAMPLE_IN_FLIGHT for st in states.values()) else []
 
 
 def _mined_already(s, video: Video) -> StageResult:  # noqa: ANN001 - an open session

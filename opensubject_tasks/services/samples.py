@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from sqlalchemy import Select, select
 
-from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT
+from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, SAMPLE_UNIT
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
@@ -51,7 +51,7 @@ def batches(ids: list[str], size: int) -> Iterator[list[str]]:
         yield ids[i:i + size]
 
 
-@stage("samples")
+@stage(SAMPLE_UNIT)
 def process_samples(ctx: Context, video_id: str) -> StageResult:
     size = ctx.settings.synth.batch_samples
     deadline = time.monotonic() + ctx.settings.synth.task_budget_s
@@ -82,4 +82,4 @@ def process_samples(ctx: Context, video_id: str) -> StageResult:
 
 def _again(video_id: str, counts: dict[str, int], why: str) -> StageResult:
     """Hand the unit out again (a new task, a fresh time limit) for what is left."""
-    return StageResult(next=[("samples", video_id)], details={**counts, "continued": why})
+    return StageResult(next=[(SAMPLE_UNIT, video_id)], details={**counts, "continued": why})

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from sqlalchemy import select
 
-from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS, SAMPLE_TERMINAL
+from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS, SAMPLE_TERMINAL, follow
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.lineage import lineage
@@ -192,7 +192,7 @@ def _job(ctx: Context, sample_id: str) -> _Job | StageResult:
     if state in SAMPLE_TERMINAL:
         return StageResult(details={"skipped": f"already {state}"})
     if state == "synthesized" and keys == job.wanted:
-        return StageResult(next=[("verify", sample_id)], details={"skipped": f"attempt {attempt} done"})
+        return StageResult(next=follow("synthesize", sample_id), details={"skipped": f"attempt {attempt} done"})
     return job
 
 
@@ -220,7 +220,7 @@ def _store(ctx: Context, job: _Job, result: SynthResult) -> StageResult:
         row.augment = result.augment
         row.backends = {**(row.backends or {}), **result.backends}
         row.state, row.reason = "synthesized", None
-    return StageResult(next=[("verify", job.sample_id)],
+    return StageResult(next=follow("synthesize", job.sample_id),
                        details={"attempt": job.attempt, "seed": job.seed, "backends": result.backends})
 
 
