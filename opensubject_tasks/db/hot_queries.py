@@ -33,7 +33,6 @@ BIG_TABLES = ("videos", "clips", "subjects", "pairs", "samples", "stage_attempts
 
 # Modules whose builders register themselves when imported.
 MODULES = (
-    "opensubject_tasks.db.lineage",
     "opensubject_tasks.services.common",
     "opensubject_tasks.services.samples",
     "opensubject_tasks.services.ingest",

@@ -11,7 +11,6 @@ from typing import Any
 
 from sqlalchemy import Select, select
 
-from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 
 # Each entity with the column that names its parent, child first.
@@ -46,7 +45,6 @@ def lineage_sql(aliases: dict[Any, str], start: Any = Sample, to: Any = Video) -
     return out
 
 
-@hot_query("stage run of a sample", lambda f: {"sample_id": f.sample})
 def video_of_sample_query(sample_id: str) -> Select:
     return lineage(select(Clip.video_id), Sample, Clip).where(Sample.id == sample_id)
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from opensubject_tasks.catalogue import SAMPLE_STAGES, SAMPLE_UNIT, STAGES, runs
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.lineage import video_of_sample
 from opensubject_tasks.services.common import EntityFacts, StageResult, entity_facts, settle_video
 from opensubject_tasks.services.handoff import record_hand_out
 
@@ -54,6 +55,6 @@ def hand_on(s: Session, stage: str, entity_id: str, result: StageResult,
 
 def settle_video_of_sample(ctx: Context, sample_id: str) -> None:
     with session_scope(ctx.sessions) as s:
-        video_id = entity_facts(s, "sample", sample_id).video_id
+        video_id = video_of_sample(s, sample_id)
         if video_id is not None:
             settle_video(s, video_id)

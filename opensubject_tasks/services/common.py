@@ -19,7 +19,7 @@ from opensubject_tasks.catalogue import STAGES as CATALOGUE
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
-from opensubject_tasks.db.lineage import lineage
+from opensubject_tasks.db.lineage import lineage, video_of_sample_query
 from opensubject_tasks.db.locks import EntityLock, new_lock, wait_for
 from opensubject_tasks.db.models import Build, Clip, Sample, StageAttempt, Video, utcnow
 from opensubject_tasks.errors import BadInput, Rejected
@@ -211,6 +211,10 @@ def close_lost_attempts(ctx: Context, stage: str, entity_id: str) -> int:
     with session_scope(ctx.sessions) as s:
         close_lost(s, stage, [entity_id])
         return lost_in_a_row(s, stage, entity_id)
+
+
+# settling a video after a sample step run alone
+hot_query("stage run of a sample", lambda f: {"sample_id": f.sample})(video_of_sample_query)
 
 
 def lock_name(entity_type: str, entity_id: str, facts: EntityFacts) -> str:
