@@ -2,8 +2,9 @@
 
 Trigger it from the UI ("Trigger DAG"): the form shows the parameters below. `claim` takes
 the build's videos and splits the ones with work left into chunks; one `chunk` task per
-chunk hands its videos to the Celery workers, which chain each video's stages (curate ->
-mine -> synthesize <-> verify, re-synthesis included), and waits in the triggerer until
+chunk hands its videos to the Celery workers, which chain each video's stages along the
+catalogue's stage graph (curate -> mine -> samples: each video's samples synthesized and
+verified in batches, re-synthesis included), and waits in the triggerer until
 the database says every video of the chunk is settled. A video rejected or failed on its
 input stops with its reason; the other videos go on. A chunk whose videos failed on an
 *error* turns red and lists them (stage and error) in its log: clear it to retry exactly

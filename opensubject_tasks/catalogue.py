@@ -1,5 +1,6 @@
-"""The pipeline's vocabulary in one place: stages, the entity each works on, its queue and
-the stage after it; the states of videos, samples and builds and which of them are
+"""The pipeline's vocabulary in one place: stages, the entity each works on, its queue, the
+stage after it (the one graph the embedded runner, the Celery chain and the Airflow chunk
+follow: ``FIRST_STAGE``, ``follow``) and the service module that implements it; the states of videos, samples and builds and which of them are
 terminal; attempt statuses. Imports nothing heavy: Airflow's DAG files, triggers, the
 Celery router and the dashboard read it without loading a stage.
 """
@@ -19,6 +20,8 @@ class Stage:
     queue: str
     next: str | None     # the stage a success hands the entity (or its samples) to
     backends: tuple[str, ...] = ()  # model interfaces it calls (a worker loads them at start)
+    service: str | None = None      # opensubject_tasks.services.<service> registers its function
+    retry: str | None = None        # where a failed check sends the entity for another attempt
 
 
 # The pipeline's stages in order, then the work that runs on workers around them. A
@@ -26,25 +29,45 @@ class Stage:
 # GPU models see batches; ``synthesize`` and ``verify`` are the steps it records on each
 # sample (an attempt row per sample and step, as when a sample runs alone).
 PIPELINE = (
-    Stage("curate", "video", CPU, "mine", ("quality",)),
-    Stage("mine", "video", GPU, "samples", ("vlm", "detector", "embedder")),
-    Stage("samples", "video", GPU, None, ("segmenter", "inpainter", "verifier", "embedder", "vlm")),
+    Stage("curate", "video", CPU, "mine", ("quality",), "curate"),
+    Stage("mine", "video", GPU, "samples", ("vlm", "detector", "embedder"), "mine"),
+    Stage("samples", "video", GPU, None, ("segmenter", "inpainter", "verifier", "embedder", "vlm"), "samples"),
 )
 SAMPLE_STEPS = (
-    Stage("synthesize", "sample", GPU, "verify", ("segmenter", "inpainter")),
-    Stage("verify", "sample", GPU, None, ("verifier", "embedder", "vlm")),  # or back to synthesize
+    Stage("synthesize", "sample", GPU, "verify", ("segmenter", "inpainter"), "synthesize"),
+    Stage("verify", "sample", GPU, None, ("verifier", "embedder", "vlm"), "verify", retry="synthesize"),
 )
 AUXILIARY = (
     Stage("ingest", "source", MAINTENANCE, None),
-    Stage("export_plan", "build", CPU, None),        # an export's shards, split into parts
-    Stage("export_part", "export_part", CPU, None),  # a range of shards of a build's export
-    Stage("export", "build", CPU, None),             # manifest, stats, report, training layout
+    Stage("export_plan", "build", CPU, None, service="export"),        # an export's shards, split into parts
+    Stage("export_part", "export_part", CPU, None, service="export"),  # a range of shards of a build's export
+    Stage("export", "build", CPU, None, service="export"),             # manifest, stats, report, training layout
     Stage("reconcile", "system", MAINTENANCE, None),
 )
 STAGES = {s.name: s for s in PIPELINE + SAMPLE_STEPS + AUXILIARY}
 STAGE_ORDER = ("curate", "mine", "samples", "synthesize", "verify", "export")
 VIDEO_STAGES = tuple(s.name for s in PIPELINE)
 SAMPLE_STAGES = tuple(s.name for s in SAMPLE_STEPS)
+# Where a build hands each video first.
+FIRST_STAGE = PIPELINE[0].name
+# The video unit that runs a video's sample steps in batches: a sample step run alone
+# hands its video back to it.
+SAMPLE_UNIT = "samples"
+assert SAMPLE_UNIT in VIDEO_STAGES
+
+
+def follow(stage: str, entity_id: str) -> list[tuple[str, str]]:
+    """The unit a success of ``stage`` on ``entity_id`` hands on to (none after the last)."""
+    after = STAGES[stage].next
+    return [(after, entity_id)] if after else []
+
+
+def retry(stage: str, entity_id: str) -> list[tuple[str, str]]:
+    """The unit a failed check of ``stage`` on ``entity_id`` sends it back to."""
+    again = STAGES[stage].retry
+    if again is None:
+        raise ValueError(f"stage {stage} sends nothing back for another attempt")
+    return [(again, entity_id)]
 
 
 def stage_reached(stage_done: str | None, stage: str) -> bool:

@@ -10,7 +10,8 @@ from sqlalchemy import select
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
-from opensubject_tasks.db.models import Pair, Sample, Subject
+from opensubject_tasks.db.lineage import lineage
+from opensubject_tasks.db.models import Sample, Subject
 
 COLUMNS = (("reference", "reference"), ("mask", "mask"), ("generation_input", "generation input"),
            ("manipulation_input", "manipulation input"), ("target", "target"))
@@ -59,8 +60,7 @@ def write_contact_sheet(ctx: Context, out_png: Path, limit: int = 8) -> Path:
     out_png = Path(out_png)
     with session_scope(ctx.sessions) as s:
         rows = s.execute(
-            select(Sample.id, Sample.state, Sample.attempt, Sample.keys, Subject.category)
-            .join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
+            lineage(select(Sample.id, Sample.state, Sample.attempt, Sample.keys, Subject.category), Sample, Subject)
             .where(Sample.state.in_(("synthesized", "verified")))
             .order_by((Sample.state != "verified"), Sample.id).limit(max(0, limit))).all()
     width = CELL * len(COLUMNS)

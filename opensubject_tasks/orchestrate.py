@@ -22,12 +22,13 @@ from collections.abc import Iterator
 
 from sqlalchemy import Select, bindparam, func, select, update
 
-from opensubject_tasks.catalogue import UNTIL, VIDEO_TERMINAL, settled, stage_reached
+from opensubject_tasks.catalogue import FIRST_STAGE, UNTIL, VIDEO_TERMINAL, settled, stage_reached
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.lineage import lineage
 from opensubject_tasks.db.hot_queries import hot_query
-from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, TaskOutcome, Video
+from opensubject_tasks.db.models import Build, Clip, Sample, StageAttempt, TaskOutcome, Video
 from opensubject_tasks.storage.base import slug
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,8 @@ def start_chunk(build_id: str, chunk: int) -> dict[str, int]:
         fresh = [r.id for r in open_ if r.queued_at is None]
         handed = [r.id for r in open_ if r.queued_at is not None]
         idle = _idle(s, build_id, chunk, handed) if handed else []
-    sent = hand_out_videos(ctx, "curate", fresh, _send)
-    again = hand_out_videos(ctx, "curate", errored + idle, _send, again=True)
+    sent = hand_out_videos(ctx, FIRST_STAGE, fresh, _send)
+    again = hand_out_videos(ctx, FIRST_STAGE, errored + idle, _send, again=True)
     return {"videos": len(rows), "sent": len(sent), "retried": len(errored), "resent": len(idle),
             "in_flight": len(handed) - len(idle), "handed_out": len(sent) + len(again)}
 
@@ -199,8 +200,7 @@ def chunk_videos(build_id: str, chunk: int) -> Select:
 
 @hot_query("chunk start", _CHUNK)
 def chunk_videos_with_errored_samples(build_id: str, chunk: int) -> Select:
-    return (select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id).join(Pair, Pair.subject_id == Subject.id)
-            .join(Sample, Sample.pair_id == Pair.id)
+    return (lineage(select(Clip.video_id), Sample, Clip)
             .where(Clip.video_id.in_(_of_chunk(build_id, chunk)), Sample.state == "failed",
                    Sample.error_stage.is_not(None)).distinct())
 
@@ -208,8 +208,7 @@ def chunk_videos_with_errored_samples(build_id: str, chunk: int) -> Select:
 @hot_query("chunk start", _CHUNK)
 def chunk_samples(build_id: str, chunk: int) -> Select:
     """(sample id, video id) of the chunk's samples."""
-    return (select(Sample.id, Clip.video_id).join(Pair, Sample.pair_id == Pair.id)
-            .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
+    return (lineage(select(Sample.id, Clip.video_id), Sample, Clip)
             .where(Clip.video_id.in_(_of_chunk(build_id, chunk))))
 
 
@@ -240,8 +239,7 @@ def _idle(s: Any, build_id: str, chunk: int, video_ids: list[str]) -> list[str]:
 
 
 def _samples_of_videos(ids: list[str]) -> Any:
-    return (select(Sample.id).join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
-            .join(Clip, Subject.clip_id == Clip.id).where(Clip.video_id.in_(ids)))
+    return lineage(select(Sample.id), Sample, Clip).where(Clip.video_id.in_(ids))
 
 
 def _reset_errors(s: Any, video_ids: list[str]) -> None:
@@ -278,9 +276,7 @@ def chunk_progress(build_id: str, chunk: int) -> dict[str, int] | None:
 
 @hot_query("chunk end", _CHUNK)
 def chunk_sample_errors(build_id: str, chunk: int) -> Select:
-    return (select(Clip.video_id, Sample.id, Sample.error_stage, Sample.reason)
-            .join(Subject, Subject.clip_id == Clip.id).join(Pair, Pair.subject_id == Subject.id)
-            .join(Sample, Sample.pair_id == Pair.id)
+    return (lineage(select(Clip.video_id, Sample.id, Sample.error_stage, Sample.reason), Sample, Clip)
             .where(Clip.video_id.in_(_of_chunk(build_id, chunk)), Sample.state == "failed",
                    Sample.error_stage.is_not(None))
             .order_by(Sample.id))

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from opensubject_tasks.db.lineage import lineage
 from opensubject_tasks.db.models import Clip, Duplicate, Pair, Sample, Subject, Video
 
 # Funnel steps in order, each with what it counts: a label says what it counts.
@@ -41,12 +42,6 @@ def _samples_in_build(build_id: str | None) -> list[Any]:
     return [Sample.build_id == build_id] if build_id else []
 
 
-def _samples_of(stmt: Any) -> Any:
-    """A select over samples joined up to their video."""
-    return (stmt.join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
-            .join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id))
-
-
 def funnel(s: Session, build_id: str | None = None) -> dict[str, int]:
     """Entities that passed each step (FUNNEL); samples == verified + rejected once all ended."""
     where = _in_build(build_id)
@@ -62,12 +57,10 @@ def funnel(s: Session, build_id: str | None = None) -> dict[str, int]:
         "duplicates": duplicates,
         "videos": videos,
         "curated": count(select(func.count(Video.id)).where(Video.stage_done.is_not(None), *where)),
-        "clips": count(select(func.count(Clip.id)).join(Video, Clip.video_id == Video.id)
-                       .where(Clip.state != "rejected", *where)),
-        "subjects": count(select(func.count(Subject.id)).join(Clip, Subject.clip_id == Clip.id)
-                          .join(Video, Clip.video_id == Video.id).where(Subject.state != "rejected", *where)),
-        "pairs": count(select(func.count(Pair.id)).join(Subject, Pair.subject_id == Subject.id)
-                       .join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id).where(*where)),
+        "clips": count(lineage(select(func.count(Clip.id)), Clip).where(Clip.state != "rejected", *where)),
+        "subjects": count(lineage(select(func.count(Subject.id)), Subject)
+                          .where(Subject.state != "rejected", *where)),
+        "pairs": count(lineage(select(func.count(Pair.id)), Pair).where(*where)),
         "samples": count(samples),
         "verified": count(samples.where(Sample.state == "verified")),
         "rejected": count(samples.where(Sample.state.in_(("rejected", "failed")))),
@@ -83,7 +76,7 @@ def states(s: Session, build_id: str | None = None) -> dict[str, dict[str, int]]
 
     return {
         "videos": by(select(Video.state, func.count()).where(*where).group_by(Video.state).order_by(Video.state)),
-        "clips": by(select(Clip.state, func.count()).join(Video, Clip.video_id == Video.id).where(*where)
+        "clips": by(lineage(select(Clip.state, func.count()), Clip).where(*where)
                     .group_by(Clip.state).order_by(Clip.state)),
         "samples": by(select(Sample.state, func.count()).where(*_samples_in_build(build_id))
                       .group_by(Sample.state).order_by(Sample.state)),
@@ -97,12 +90,10 @@ def rejection_reasons(s: Session, build_id: str | None = None) -> list[tuple[str
     out: list[tuple[str, str]] = [("video", r) for (r,) in s.execute(
         select(Video.reason).where(Video.state.in_(("rejected", "failed")), *where).order_by(Video.id))]
     out += [("clip", r) for (r,) in s.execute(
-        select(Clip.reason).join(Video, Clip.video_id == Video.id)
-        .where(Clip.state == "rejected", *where).order_by(Clip.id))]
+        lineage(select(Clip.reason), Clip).where(Clip.state == "rejected", *where).order_by(Clip.id))]
     out += [("subject", r) for (r,) in s.execute(
-        select(Subject.reason).join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id)
-        .where(Subject.state == "rejected", *where).order_by(Subject.id))]
-    for st, verdict, reason in s.execute(_samples_of(select(Sample.state, Sample.verdict, Sample.reason))
+        lineage(select(Subject.reason), Subject).where(Subject.state == "rejected", *where).order_by(Subject.id))]
+    for st, verdict, reason in s.execute(lineage(select(Sample.state, Sample.verdict, Sample.reason))
                                          .where(Sample.state.in_(("rejected", "failed")), *where)
                                          .order_by(Sample.id)):
         last = (verdict or {}).get("reasons") if st == "rejected" else None

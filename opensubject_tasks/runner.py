@@ -29,8 +29,9 @@ from sqlalchemy import select
 from opensubject_tasks.config import Settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
-from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
-from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, STAGE_ORDER, VIDEO_TERMINAL
+from opensubject_tasks.db.lineage import lineage
+from opensubject_tasks.db.models import Clip, Sample, Video
+from opensubject_tasks.catalogue import FIRST_STAGE, SAMPLE_IN_FLIGHT, SAMPLE_UNIT, STAGE_ORDER, VIDEO_TERMINAL, follow
 from opensubject_tasks.services.common import finalize_video, load_stages, mark_terminal, run_stage
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,8 @@ class Runner:
             span[stage][1] = time.perf_counter()
             counts[stage] = counts.get(stage, 0) + 1
             bar(stage, 1)
-            for follow in result[3]:
-                add(*follow)
+            for unit in result[3]:
+                add(*unit)
 
         for unit in units:
             add(*unit)
@@ -226,8 +227,7 @@ def _video_ids(ctx: Context, build_id: str, stage_done: Iterable[str | None]) ->
 def _videos_with_samples_in_flight(ctx: Context, build_id: str) -> list[str]:
     with session_scope(ctx.sessions) as s:
         return list(s.scalars(
-            select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id).join(Pair, Pair.subject_id == Subject.id)
-            .join(Sample, Sample.pair_id == Pair.id)
+            lineage(select(Clip.video_id), Sample, Clip)
             .where(Sample.build_id == build_id, Sample.state.in_(SAMPLE_IN_FLIGHT)).distinct().order_by(Clip.video_id)))
 
 
@@ -280,9 +280,9 @@ def run_build(ctx: Context, sources: list[str], build_id: str, *, until: str | N
 def _open_units(ctx: Context, build_id: str) -> list[tuple[str, str]]:
     """Where each unfinished entity of the build stands: the unit it needs next (a run
     that was stopped resumes from here)."""
-    units = [("curate", vid) for vid in _video_ids(ctx, build_id, [None])]
-    units += [("mine", vid) for vid in _video_ids(ctx, build_id, ["curate"])]
-    units += [("samples", vid) for vid in _videos_with_samples_in_flight(ctx, build_id)]
+    units = [(FIRST_STAGE, vid) for vid in _video_ids(ctx, build_id, [None])]
+    units += [u for vid in _video_ids(ctx, build_id, [FIRST_STAGE]) for u in follow(FIRST_STAGE, vid)]
+    units += [(SAMPLE_UNIT, vid) for vid in _videos_with_samples_in_flight(ctx, build_id)]
     return units
 
 

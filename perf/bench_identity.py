@@ -55,7 +55,8 @@ def build_counts(media: Path, out: Path) -> dict:
     from opensubject_tasks.config import load_settings
     from opensubject_tasks.context import Context
     from opensubject_tasks.db.engine import session_scope
-    from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
+    from opensubject_tasks.db.lineage import lineage
+    from opensubject_tasks.db.models import Pair, Sample, Video
 
     t0 = time.perf_counter()
     rc = cli_main(["run", str(media), "--out", str(out), "--jobs", "1", "--quiet"])
@@ -68,9 +69,7 @@ def build_counts(media: Path, out: Path) -> dict:
               "wrong_identity_exported": 0, "same_individual_rejected": 0, "verified": 0,
               "exported": len(exported), "seconds": round(seconds, 1), "exit_code": rc}
     with session_scope(ctx.sessions) as s:
-        rows = s.execute(select(Sample, Pair, Video.name).join(Pair, Sample.pair_id == Pair.id)
-                         .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
-                         .join(Video, Clip.video_id == Video.id)).all()
+        rows = s.execute(lineage(select(Sample, Pair, Video.name))).all()
         for sample, pair, name in rows:
             counts["samples"] += 1
             counts["verified"] += sample.state == "verified"

@@ -99,7 +99,8 @@ def measure(out: Path, media: Path | None) -> dict:
     from opensubject_tasks.config import load_settings
     from opensubject_tasks.context import Context
     from opensubject_tasks.db.engine import session_scope
-    from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
+    from opensubject_tasks.db.lineage import lineage
+    from opensubject_tasks.db.models import Clip, Pair, Sample, Video
     from opensubject_tasks.services.verify import decode_image
 
     gt_path = (media / "ground_truth.json") if media else None
@@ -111,9 +112,7 @@ def measure(out: Path, media: Path | None) -> dict:
     rows = []
     rejected_visible = 0
     with session_scope(ctx.sessions) as s:
-        found = s.execute(select(Sample, Pair, Clip, Video).join(Pair, Sample.pair_id == Pair.id)
-                          .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
-                          .join(Video, Clip.video_id == Video.id)).all()
+        found = s.execute(lineage(select(Sample, Pair, Clip, Video))).all()
         for sample, pair, clip, video in found:
             history = list(sample.history or [])
             if any(str(r).startswith("subject visible") for h in history for r in h.get("reasons") or []):

@@ -39,6 +39,7 @@ from sqlalchemy import select
 from opensubject_tasks.catalogue import SAMPLE_IMAGES
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.lineage import lineage
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.instructions import (
@@ -232,9 +233,7 @@ def build_bench(ctx: Context, build_id: str, out_dir: str | Path, *, share: floa
         raise BadInput(f"{out} exists and is not a bench directory; refusing to overwrite it")
     with session_scope(ctx.sessions) as s:
         rows = s.execute(
-            select(Sample, Pair, Subject, Clip, Video)
-            .join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
-            .join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id)
+            lineage(select(Sample, Pair, Subject, Clip, Video))
             .where(Video.build_id == build_id, Sample.state == "verified")  # as the export selects
             .order_by(Sample.id)).all()
         video_ids = sorted({r[4].id for r in rows})

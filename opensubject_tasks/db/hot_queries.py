@@ -92,7 +92,8 @@ def all_hot_queries() -> dict[str, HotQuery]:
 def facts(conn: Connection, batch: int = 100) -> Facts:
     """Facts from the middle of what the database holds (not its first rows, which an
     index-less plan could find by luck)."""
-    from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
+    from opensubject_tasks.db.lineage import lineage
+    from opensubject_tasks.db.models import Clip, Sample, Video
 
     # ids are hex digests: "8" is the middle of the key space
     rows = conn.execute(select(Video.id, Video.content_hash, Video.source_uri, Video.build_id, Video.chunk)
@@ -101,8 +102,7 @@ def facts(conn: Connection, batch: int = 100) -> Facts:
         raise ValueError("the database holds no video to take facts from")
     video = rows[0]
     samples = list(conn.scalars(
-        select(Sample.id).join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
-        .join(Clip, Subject.clip_id == Clip.id).where(Clip.video_id.in_([r.id for r in rows]))
+        lineage(select(Sample.id), Sample, Clip).where(Clip.video_id.in_([r.id for r in rows]))
         .order_by(Sample.id).limit(batch)))
     return Facts(video=video.id, sample=samples[0] if samples else "", build=video.build_id or "",
                  chunk=video.chunk or 0, video_ids=[r.id for r in rows], sample_ids=samples,

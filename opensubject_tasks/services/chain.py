@@ -1,8 +1,8 @@
 """What happens after a stage ran on a worker: each video walks its own chain.
 
-A build hands every video of a chunk to ``curate`` once; from there the workers carry it
-on (curate -> mine -> samples, which synthesizes and verifies the video's samples in
-batches, re-synthesis included) as far as its build goes
+A build hands every video of a chunk to the first stage once; from there the workers carry
+it on along the catalogue's stage graph (curate -> mine -> samples, which synthesizes and
+verifies the video's samples in batches, re-synthesis included) as far as its build goes
 (``builds.params.until``), and the last piece of work of a video gives it its terminal
 state (``finalize_video``). An orchestrator only waits until the database says the
 videos are settled: no message per stage passes through Airflow.
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from opensubject_tasks.catalogue import SAMPLE_STAGES, STAGES, runs
+from opensubject_tasks.catalogue import SAMPLE_STAGES, SAMPLE_UNIT, STAGES, runs
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.lineage import video_of_sample
 from opensubject_tasks.services.common import EntityFacts, StageResult, entity_facts, settle_video
 from opensubject_tasks.services.handoff import record_hand_out
 
@@ -41,7 +42,7 @@ def hand_on(s: Session, stage: str, entity_id: str, result: StageResult,
     until = facts.until
     if entity == "sample":
         # a sample step run on its own (a rerun): the video's samples unit takes it on
-        wanted = [("samples", video_id)] if result.next and runs("samples", until) else []
+        wanted = [(SAMPLE_UNIT, video_id)] if result.next and runs(SAMPLE_UNIT, until) else []
     else:
         wanted = [(st, e) for st, e in result.next if runs(st, until)]
     sends = [(st, e, record_hand_out(s, st, [e])[0]) for st, e in wanted]
@@ -54,6 +55,6 @@ def hand_on(s: Session, stage: str, entity_id: str, result: StageResult,
 
 def settle_video_of_sample(ctx: Context, sample_id: str) -> None:
     with session_scope(ctx.sessions) as s:
-        video_id = entity_facts(s, "sample", sample_id).video_id
+        video_id = video_of_sample(s, sample_id)
         if video_id is not None:
             settle_video(s, video_id)

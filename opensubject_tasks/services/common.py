@@ -19,8 +19,9 @@ from opensubject_tasks.catalogue import STAGES as CATALOGUE
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
+from opensubject_tasks.db.lineage import lineage, video_of_sample_query
 from opensubject_tasks.db.locks import EntityLock, new_lock, wait_for
-from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video, utcnow
+from opensubject_tasks.db.models import Build, Clip, Sample, StageAttempt, Video, utcnow
 from opensubject_tasks.errors import BadInput, Rejected
 
 # Follow-up work: (stage, entity_id) pairs an orchestrator should run next.
@@ -47,7 +48,8 @@ class StageSpec:
     fn: Callable[[Context, str], StageResult]
 
 
-STAGES: dict[str, StageSpec] = {}
+# The one registry of stage functions, keyed by the catalogue's stage names.
+STAGE_FUNCTIONS: dict[str, StageSpec] = {}
 
 
 def already_done(stage: str, why: str, **kw: Any) -> StageResult:
@@ -65,22 +67,21 @@ def stage(name: str) -> Callable[[StageFn], StageFn]:
     """Register a stage service function under its catalogue name (which says the entity it
     works on and its queue)."""
     def deco(fn: StageFn) -> StageFn:
-        STAGES[name] = StageSpec(name, CATALOGUE[name].entity, fn)
+        STAGE_FUNCTIONS[name] = StageSpec(name, CATALOGUE[name].entity, fn)
         return fn
     return deco
 
 
 def load_stages() -> dict[str, StageSpec]:
-    """Import the stage modules so that they register themselves."""
+    """Import the service module of each catalogue stage so that its function registers itself."""
     import importlib
 
-    for mod in ("curate", "mine", "synthesize", "verify", "samples", "export"):  # services/<module>.py
-        try:
-            importlib.import_module(f"opensubject_tasks.services.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"opensubject_tasks.services.{mod}":
-                raise
-    return STAGES
+    for mod in dict.fromkeys(st.service for st in CATALOGUE.values() if st.service):
+        importlib.import_module(f"opensubject_tasks.services.{mod}")
+    missing = [name for name, st in CATALOGUE.items() if st.service and name not in STAGE_FUNCTIONS]
+    if missing:
+        raise RuntimeError(f"stage(s) {', '.join(missing)} declared in the catalogue but not registered by their service")
+    return STAGE_FUNCTIONS
 
 
 @dataclass(frozen=True)
@@ -95,17 +96,13 @@ class EntityFacts:
 @hot_query("stage run", lambda f: {"entity_type": "sample", "entity_id": f.sample})
 def entity_facts_query(entity_type: str, entity_id: str) -> Select:
     """(build id, video id, build params, build profile) of a video, sample, build or export part."""
-    from opensubject_tasks.db.models import Clip, Pair, Subject
-
     cols = (Build.params, Build.profile)
     if entity_type == "video":
         return (select(Video.build_id, Video.id, *cols).outerjoin(Build, Build.id == Video.build_id)
                 .where(Video.id == entity_id))
     if entity_type == "sample":
-        return (select(Sample.build_id, Clip.video_id, *cols)
-                .join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
-                .join(Clip, Subject.clip_id == Clip.id).outerjoin(Build, Build.id == Sample.build_id)
-                .where(Sample.id == entity_id))
+        return (lineage(select(Sample.build_id, Clip.video_id, *cols), Sample, Clip)
+                .outerjoin(Build, Build.id == Sample.build_id).where(Sample.id == entity_id))
     build_id = entity_id if entity_type == "build" else entity_id.rpartition("#")[0]
     return select(Build.id, None, *cols).where(Build.id == build_id)
 
@@ -216,18 +213,8 @@ def close_lost_attempts(ctx: Context, stage: str, entity_id: str) -> int:
         return lost_in_a_row(s, stage, entity_id)
 
 
-@hot_query("stage run of a sample", lambda f: {"sample_id": f.sample})
-def video_of_sample_query(sample_id: str) -> Select:
-    from opensubject_tasks.db.models import Clip, Pair, Subject
-
-    return (select(Clip.video_id).join(Subject, Subject.clip_id == Clip.id)
-            .join(Pair, Pair.subject_id == Subject.id).join(Sample, Sample.pair_id == Pair.id)
-            .where(Sample.id == sample_id))
-
-
-def video_of_sample(ctx: Context, sample_id: str) -> str | None:
-    with session_scope(ctx.sessions) as s:
-        return s.scalar(video_of_sample_query(sample_id))
+# settling a video after a sample step run alone
+hot_query("stage run of a sample", lambda f: {"sample_id": f.sample})(video_of_sample_query)
 
 
 def lock_name(entity_type: str, entity_id: str, facts: EntityFacts) -> str:
@@ -444,11 +431,7 @@ def _close_attempts(s: Session, attempt_ids: dict[str, int], outcome: dict[str, 
 
 @hot_query("video settled", lambda f: {"video_id": f.video})
 def sample_states_of_video(video_id: str) -> Select:
-    from opensubject_tasks.db.models import Clip, Pair, Subject
-
-    return (select(Sample.state).join(Pair, Sample.pair_id == Pair.id)
-            .join(Subject, Pair.subject_id == Subject.id)
-            .join(Clip, Subject.clip_id == Clip.id).where(Clip.video_id == video_id))
+    return lineage(select(Sample.state), Sample, Clip).where(Clip.video_id == video_id)
 
 
 def finalize_video(ctx: Context, video_id: str) -> str:

@@ -22,7 +22,7 @@ from opensubject_tasks.db.models import Clip, Video
 from opensubject_tasks.errors import BadInput, Rejected
 from opensubject_tasks.media.decode import DecodeStats, iter_frames
 from opensubject_tasks.media.probe import open_video
-from opensubject_tasks.catalogue import stage_reached
+from opensubject_tasks.catalogue import follow, stage_reached
 from opensubject_tasks.services.common import StageResult, already_done, stage
 from opensubject_tasks.stages.curate import ClipResult, check_video, curate_frames
 from opensubject_tasks.storage import Keys
@@ -56,7 +56,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
             kept = db.scalar(select(func.count(Clip.id)).where(Clip.video_id == video_id,
                                                                Clip.state != "rejected"))
             if kept:
-                return already_done("curate", f"{kept} clip(s) kept", next=[("mine", video_id)])
+                return already_done("curate", f"{kept} clip(s) kept", next=follow("curate", video_id))
             return already_done("curate", "no clip kept", status="rejected",
                                 reason=video.reason or "no clip kept")
 
@@ -162,7 +162,7 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
         reasons = "; ".join(f"clip {c.idx} [{c.start_frame}-{c.end_frame}): {c.reason}" for c in outcome.clips[:8])
         raise Rejected(f"no clip kept ({len(outcome.clips)} clip(s)): {reasons}" if outcome.clips
                        else "no clip kept: no shot found")
-    return StageResult(status="ok", next=[("mine", video_id)], details=details)
+    return StageResult(status="ok", next=follow("curate", video_id), details=details)
 
 
 def check_source_unchanged(ctx: Context, source: str, content_hash: str, size: int) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.lineage import lineage, lineage_sql
 from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.stages.export import ExportRecord, count_reasons, throughput
@@ -80,15 +81,9 @@ def _record(build_id: str, sample: Sample, pair: Pair, subject: Subject, clip: C
                         caption_long=sample.caption_long or "", scores=dict(verdict.get("scores", {})))
 
 
-def _chain(stmt):  # noqa: ANN001, ANN202 - select joined from samples up to videos
-    return (stmt.join(Pair, Sample.pair_id == Pair.id).join(Subject, Pair.subject_id == Subject.id)
-            .join(Clip, Subject.clip_id == Clip.id).join(Video, Clip.video_id == Video.id))
-
-
 # Verification history, unnested in SQL: (history entries, their reasons, a reason's check
 # name: the text before its first colon) per dialect.
-_FROM_SAMPLES = ("FROM samples s JOIN pairs p ON s.pair_id = p.id JOIN subjects su ON p.subject_id = su.id "
-                 "JOIN clips c ON su.clip_id = c.id JOIN videos v ON c.video_id = v.id")
+_FROM_SAMPLES = lineage_sql({Sample: "s", Pair: "p", Subject: "su", Clip: "c", Video: "v"})
 _HISTORY = {
     "postgresql": (
         "CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(s.history) WHEN 'array' "
@@ -108,7 +103,7 @@ def _verification(s: Session, build_id: str) -> dict[str, Any]:
     attempts = s.execute(text(f"SELECT count(*) {_FROM_SAMPLES} {entries} WHERE v.build_id = :b"), where).scalar()
     failed = s.execute(text(f"SELECT {check} AS check_name, count(*) {_FROM_SAMPLES} {entries} {reasons} "
                             f"WHERE v.build_id = :b AND {is_text} GROUP BY 1 ORDER BY 1"), where).all()
-    verified_at = s.execute(_chain(select(Sample.attempt, func.count())).where(
+    verified_at = s.execute(lineage(select(Sample.attempt, func.count())).where(
         Video.build_id == build_id, Sample.state == "verified").group_by(Sample.attempt).order_by(Sample.attempt)).all()
     return {"attempts": int(attempts or 0), "failed_checks": {str(k): int(n) for k, n in failed},
             "verified_at_attempt": {str(a): int(n) for a, n in verified_at}}
@@ -158,7 +153,7 @@ def check_build(ctx: Context, build_id: str) -> None:
 
 def verified(build_id: str, held_out: set[str]) -> Any:
     """The build's verified samples, the held-out videos' left out, in id order."""
-    q = _chain(select(Sample.id)).where(Video.build_id == build_id, Sample.state == "verified")
+    q = lineage(select(Sample.id)).where(Video.build_id == build_id, Sample.state == "verified")
     if held_out:
         q = q.where(Video.id.not_in(sorted(held_out)))
     return q.order_by(Sample.id)
@@ -180,7 +175,7 @@ def records_between(ctx: Context, build_id: str, first: str, before: str | None,
     """The verified samples from ``first`` up to (not including) ``before``."""
     versions = _versions()
     with session_scope(ctx.sessions) as s:
-        q = _chain(select(Sample, Pair, Subject, Clip, Video)).where(
+        q = lineage(select(Sample, Pair, Subject, Clip, Video)).where(
             Video.build_id == build_id, Sample.state == "verified", Sample.id >= first)
         if before is not None:
             q = q.where(Sample.id < before)
@@ -192,7 +187,7 @@ def records_between(ctx: Context, build_id: str, first: str, before: str | None,
 def held_out_summary(ctx: Context, build_id: str, benches: list[Path], held_out: set[str]) -> dict[str, Any]:
     """How many videos and verified samples the benches keep out of the training export."""
     with session_scope(ctx.sessions) as s:
-        videos, samples = s.execute(_chain(select(func.count(distinct(Video.id)), func.count(Sample.id))).where(
+        videos, samples = s.execute(lineage(select(func.count(distinct(Video.id)), func.count(Sample.id))).where(
             Video.build_id == build_id, Sample.state == "verified", Video.id.in_(sorted(held_out)))).one()
     return {"benches": [str(b) for b in benches], "videos": int(videos), "samples_excluded": int(samples)}
 

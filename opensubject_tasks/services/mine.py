@@ -14,12 +14,13 @@ import numpy as np
 from sqlalchemy import Select, select
 
 from opensubject_tasks.backends.base import Image
+from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, follow, stage_reached
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
+from opensubject_tasks.db.lineage import lineage
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.errors import BadInput, Rejected
-from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, stage_reached
 from opensubject_tasks.services.common import StageResult, already_done, stage, utcnow
 from opensubject_tasks.stages.mine import MineResult, mine_clip
 from opensubject_tasks.stages.verify import sample_seed
@@ -102,14 +103,12 @@ def mine_video(ctx: Context, video_id: str) -> StageResult:
 
 def _follow_up(video_id: str, states: dict[str, str]) -> list[tuple[str, str]]:
     """The video's samples unit, while any of its samples is unfinished."""
-    return [("samples", video_id)] if any(st in SAMPLE_IN_FLIGHT for st in states.values()) else []
+    return follow("mine", video_id) if any(st in SAMPLE_IN_FLIGHT for st in states.values()) else []
 
 
 def _mined_already(s, video: Video) -> StageResult:  # noqa: ANN001 - an open session
     states = dict(s.execute(
-        select(Sample.id, Sample.state).join(Pair, Sample.pair_id == Pair.id)
-        .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
-        .where(Clip.video_id == video.id)).all())
+        lineage(select(Sample.id, Sample.state), Sample, Clip).where(Clip.video_id == video.id)).all())
     if not states:
         return already_done("mine", "no subject pair", status="rejected",
                             reason=video.reason or "no subject pair found")

@@ -19,11 +19,12 @@ from collections.abc import Iterator
 
 from sqlalchemy import Select, select
 
-from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT
+from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, SAMPLE_UNIT
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
-from opensubject_tasks.db.models import Clip, Pair, Sample, Subject
+from opensubject_tasks.db.lineage import lineage
+from opensubject_tasks.db.models import Clip, Sample
 from opensubject_tasks.services.common import StageResult, finalize_video, run_steps, stage
 from opensubject_tasks.services.synthesize import synthesize_samples
 from opensubject_tasks.services.verify import verify_samples
@@ -31,8 +32,7 @@ from opensubject_tasks.services.verify import verify_samples
 
 @hot_query("sample batch", lambda f: {"video_id": f.video})
 def in_flight_query(video_id: str) -> Select:
-    return (select(Sample.id, Sample.state).join(Pair, Sample.pair_id == Pair.id)
-            .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
+    return (lineage(select(Sample.id, Sample.state), Sample, Clip)
             .where(Clip.video_id == video_id, Sample.state.in_(SAMPLE_IN_FLIGHT)).order_by(Sample.id))
 
 
@@ -51,7 +51,7 @@ def batches(ids: list[str], size: int) -> Iterator[list[str]]:
         yield ids[i:i + size]
 
 
-@stage("samples")
+@stage(SAMPLE_UNIT)
 def process_samples(ctx: Context, video_id: str) -> StageResult:
     size = ctx.settings.synth.batch_samples
     deadline = time.monotonic() + ctx.settings.synth.task_budget_s
@@ -82,4 +82,4 @@ def process_samples(ctx: Context, video_id: str) -> StageResult:
 
 def _again(video_id: str, counts: dict[str, int], why: str) -> StageResult:
     """Hand the unit out again (a new task, a fresh time limit) for what is left."""
-    return StageResult(next=[("samples", video_id)], details={**counts, "continued": why})
+    return StageResult(next=[(SAMPLE_UNIT, video_id)], details={**counts, "continued": why})

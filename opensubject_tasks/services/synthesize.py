@@ -14,19 +14,19 @@ import cv2
 import numpy as np
 from sqlalchemy import select
 
-from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS, SAMPLE_TERMINAL
+from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS, SAMPLE_TERMINAL, follow
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.lineage import lineage
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.media.frames import FramePosition, decode_frames
-from opensubject_tasks.services.curate import check_source_unchanged
 from opensubject_tasks.services.common import StageResult, one_sample, stage
+from opensubject_tasks.services.curate import check_source_unchanged
 from opensubject_tasks.services.mine import decode_rgb
 from opensubject_tasks.stages.synthesize import PairInput, SynthResult, synthesize_pairs
 from opensubject_tasks.storage import Keys
 from opensubject_tasks.storage.sources import local_copy
-
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -179,9 +179,8 @@ def _job(ctx: Context, sample_id: str) -> _Job | StageResult:
         if row is None:
             raise BadInput(f"sample {sample_id} does not exist")
         found = s.execute(
-            select(Pair, Subject, Clip, Video.source_uri, Video.content_hash, Video.size_bytes)
-            .join(Subject, Pair.subject_id == Subject.id).join(Clip, Subject.clip_id == Clip.id)
-            .join(Video, Clip.video_id == Video.id).where(Pair.id == row.pair_id)).first()
+            lineage(select(Pair, Subject, Clip, Video.source_uri, Video.content_hash, Video.size_bytes), Pair)
+            .where(Pair.id == row.pair_id)).first()
         if found is None:
             raise BadInput(f"sample {sample_id}: its pair {row.pair_id} does not exist")
         pair, subject, clip, *source = found
@@ -193,7 +192,7 @@ def _job(ctx: Context, sample_id: str) -> _Job | StageResult:
     if state in SAMPLE_TERMINAL:
         return StageResult(details={"skipped": f"already {state}"})
     if state == "synthesized" and keys == job.wanted:
-        return StageResult(next=[("verify", sample_id)], details={"skipped": f"attempt {attempt} done"})
+        return StageResult(next=follow("synthesize", sample_id), details={"skipped": f"attempt {attempt} done"})
     return job
 
 
@@ -221,7 +220,7 @@ def _store(ctx: Context, job: _Job, result: SynthResult) -> StageResult:
         row.augment = result.augment
         row.backends = {**(row.backends or {}), **result.backends}
         row.state, row.reason = "synthesized", None
-    return StageResult(next=[("verify", job.sample_id)],
+    return StageResult(next=follow("synthesize", job.sample_id),
                        details={"attempt": job.attempt, "seed": job.seed, "backends": result.backends})
 
 

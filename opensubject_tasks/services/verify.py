@@ -20,12 +20,12 @@ from sqlalchemy import select
 from opensubject_tasks.catalogue import SAMPLE_IMAGES, SAMPLE_MASKS, SAMPLE_OPTIONAL, SAMPLE_TERMINAL
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.lineage import lineage
 from opensubject_tasks.db.models import Pair, Sample, Subject
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.services.common import StageResult, one_sample, stage, utcnow
 from opensubject_tasks.stages.verify import VerifyOutcome, decide, verify_and_caption_batch
 from opensubject_tasks.storage import ObjectStore
-
 
 
 def decode_image(data: bytes, is_mask: bool) -> np.ndarray:
@@ -116,8 +116,7 @@ def _job(ctx: Context, sample_id: str) -> _Job | StageResult:
         state, attempt, seed = row.state, row.attempt, row.seed
         keys, history = dict(row.keys or {}), list(row.history or [])
         found = s.execute(
-            select(Pair, Subject).join(Subject, Pair.subject_id == Subject.id)
-            .where(Pair.id == row.pair_id)
+            lineage(select(Pair, Subject), Pair, Subject).where(Pair.id == row.pair_id)
         ).first()
         if found is None:
             raise BadInput(f"sample {sample_id}: its pair {row.pair_id} does not exist")

@@ -13,7 +13,7 @@ import numpy as np
 
 from opensubject_tasks.backends.base import VLM, Caption, Embedder, Verdict, Verifier
 from opensubject_tasks.captions import template_caption
-from opensubject_tasks.catalogue import SAMPLE_IMAGES
+from opensubject_tasks.catalogue import SAMPLE_IMAGES, retry
 from opensubject_tasks.config import VerifySettings
 from opensubject_tasks.geometry import as_mask, mask_box
 
@@ -117,5 +117,5 @@ def decide(sample_id: str, attempt: int, seed: int, verdict: Verdict,
     if attempt < max_attempts:
         nxt = attempt + 1
         return Decision("pending", nxt, sample_seed(sample_id, nxt, base_seed), entry,
-                        next=[("synthesize", sample_id)])
+                        next=retry("verify", sample_id))
     return Decision("rejected", attempt, seed, entry, reason=rejection_summary([*history, entry]))
