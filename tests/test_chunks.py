@@ -72,7 +72,7 @@ def test_a_chunk_hands_out_each_video_once_and_a_clear_only_what_needs_it(ctx, s
     assert orchestrate.claim_build_videos("b", chunk_size=4) == [0]
     counts = orchestrate.start_chunk("b", 0)
     assert sorted(v for _, v in out) == ids and {st for st, _ in out} == {"curate"}
-    assert counts == {"videos": 4, "sent": 4, "retried": 0, "resent": 0, "in_flight": 0, "handed_out": 4}
+    assert counts == {"videos": 4, "waiting": 4, "retried": 0, "resent": 0, "in_flight": 0, "handed_out": 4}
     assert orchestrate.chunk_progress("b", 0) is None
 
     # The chunk task runs again (an Airflow retry, an operator's clear) while the work is
