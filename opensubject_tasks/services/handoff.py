@@ -20,7 +20,6 @@ gave up) and fills them (``top_up``).
 """
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
@@ -76,16 +75,11 @@ def record_hand_out(s: Session, stage: str, video_ids: list[str], again: bool = 
 
 
 # --- the bound on videos in flight ------------------------------------------------------------
-# Serializes count-then-hand-out so that concurrent pulls never exceed the bound; held to the
-# end of a short transaction (PostgreSQL only: the embedded SQLite runner has one writer).
+# Serializes the count-then-fill of free places (a chunk's start, a reconcile pass) so that two
+# fills never pass the bound together; held to the end of a short transaction (PostgreSQL
+# only: the embedded SQLite runner has one writer). A video leaving the queues does not take
+# it: it hands its own place to one waiting video, which leaves the count unchanged.
 _FLOW_LOCK = 0x6F736266
-
-
-@functools.cache
-def _configured_bound() -> int:
-    from opensubject_tasks.config import load_settings
-
-    return load_settings().celery.max_videos_in_flight
 
 
 @hot_query("video settled", lambda f: {})
@@ -115,16 +109,16 @@ def wait_for_hand_out(s: Session, video_ids: list[str], again: bool = False) -> 
                   .execution_options(synchronize_session=False))
 
 
-def pull_waiting(s: Session, max_in_flight: int | None = None) -> list[tuple[str, str, str]]:
+def pull_waiting(s: Session, max_in_flight: int) -> list[tuple[str, str, str]]:
     """Hand waiting videos to ``curate`` while fewer than the bound are in flight, recorded
     in the caller's transaction; returns (stage, video, task id) to send once committed."""
-    bound = _configured_bound() if max_in_flight is None else max_in_flight
     if s.get_bind().dialect.name == "postgresql":
         s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _FLOW_LOCK})
-    free = bound - int(s.scalar(in_flight_count()) or 0)
-    if free <= 0:
-        return []
-    ids = list(s.scalars(next_waiting(free)))
+    return _hand_out_waiting(s, max_in_flight - int(s.scalar(in_flight_count()) or 0))
+
+
+def _hand_out_waiting(s: Session, count: int) -> list[tuple[str, str, str]]:
+    ids = list(s.scalars(next_waiting(count))) if count > 0 else []
     if not ids:
         return []
     s.execute(update(Video).where(Video.id.in_(ids)).values(flow="queued")
@@ -132,16 +126,16 @@ def pull_waiting(s: Session, max_in_flight: int | None = None) -> list[tuple[str
     return [("curate", v, t) for v, t in zip(ids, record_hand_out(s, "curate", ids), strict=True)]
 
 
-def leave_flight(s: Session, video_id: str, until: str,
-                 max_in_flight: int | None = None) -> list[tuple[str, str, str]]:
+def leave_flight(s: Session, video_id: str, until: str) -> list[tuple[str, str, str]]:
     """In the transaction that records a stage's end: a video its build needs nothing more
-    from gives its place to the next waiting video. Returns the messages to send."""
+    from gives its place to the next waiting video (one for one: no lock, no count; a place
+    no video waits for is filled by the next ``top_up``). Returns the messages to send."""
     row = s.execute(flow_of(video_id)).first()
     if row is None or row.flow != "queued" or not settled(row.state, row.stage_done, until):
         return []
     s.execute(update(Video).where(Video.id == video_id).values(flow=None)
               .execution_options(synchronize_session=False))
-    return pull_waiting(s, max_in_flight)
+    return _hand_out_waiting(s, 1)
 
 
 @hot_query("reconcile pass", lambda f: {})
