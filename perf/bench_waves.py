@@ -8,9 +8,10 @@ videos are rows registered and chunked by ``orchestrate.claim_build_videos``; th
 is an in-process queue and each "worker" a thread that sleeps for a video's stage time,
 then records its end in one transaction that calls ``handoff.leave_flight`` (the chain's
 call) and sends what it returns. No media: a video's work is ``--base-s`` seconds, and the
-first video of every chunk takes ``--slow`` times that. The first message of the second
-video of chunk 0 is lost; a reconcile pass (``services.reconcile.reconcile``, the real one)
-runs every second and resends work handed out over a second ago whose message is gone.
+last (``--slow-first``: first) video of every chunk takes ``--slow`` times that. The first
+message of the second video of chunk 0 is lost; a reconcile pass
+(``services.reconcile.reconcile``, the real one) runs every ``--reconcile-s`` seconds and
+resends work handed out longer ago than that whose message is gone.
 
 * waves (before): at most ``--active-chunks`` chunks at once, each handing out all its
   videos (``handoff.hand_out_videos``) and holding its slot until they are all settled;
@@ -60,7 +61,7 @@ def run(mode: str, args: argparse.Namespace) -> dict[str, float]:
         chunks = orchestrate.claim_build_videos("b", chunk_size=args.per_chunk)
         with session_scope(ctx.sessions) as s:
             of_chunk = {c: [v for (v,) in s.execute(orchestrate._of_chunk("b", c).order_by(Video.id))] for c in chunks}
-        slow = {ids[0] for ids in of_chunk.values()}
+        slow = {ids[0 if args.slow_first else -1] for ids in of_chunk.values()}
         lost = {of_chunk[0][1]}
 
         broker: queue.Queue = queue.Queue()
@@ -101,8 +102,8 @@ def run(mode: str, args: argparse.Namespace) -> dict[str, float]:
                     send(st, v, task_id=tid)
 
         def reconciler() -> None:
-            while not stop.wait(1.0):
-                reconcile(ctx, send, older_than_s=1.0, waiting=lambda: set(held))
+            while not stop.wait(args.reconcile_s):
+                reconcile(ctx, send, older_than_s=args.reconcile_s, waiting=lambda: set(held))
 
         def settled(c: int) -> bool:
             return orchestrate.chunk_progress("b", c) is not None
@@ -149,9 +150,12 @@ def main() -> None:
     p.add_argument("--base-s", type=float, default=0.05)
     p.add_argument("--slow", type=float, default=20)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--slow-first", action="store_true", help="the slow video first in its chunk (default: last)")
+    p.add_argument("--reconcile-s", type=float, default=1.0, help="reconcile period and age of lost work")
     args = p.parse_args()
-    print(f"{args.chunks} chunks x {args.per_chunk} simulated videos ({args.base_s} s each, the first of "
-          f"each chunk {args.slow:g}x), {args.workers} worker threads, 1 lost message; waves: "
+    print(f"{args.chunks} chunks x {args.per_chunk} simulated videos ({args.base_s} s each, the "
+          f"{'first' if args.slow_first else 'last'} of each chunk {args.slow:g}x), {args.workers} worker "
+          f"threads, 1 lost message, reconcile every {args.reconcile_s:g} s; waves: "
           f"{args.active_chunks} chunks at once; continuous: bound {2 * args.workers}")
     print("| mode | round | wall s | worker busy share | stage work s | end-of-video transaction ms | "
           "CPU ms/video (this process) |")
