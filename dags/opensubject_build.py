@@ -13,8 +13,9 @@ shards, `export`) and published as the `opensubject_dataset` asset, and the buil
 reported; `watch` turns the run red when any task failed.
 
 Task instances grow with chunks, not videos (a 10^6-video build stays under `[core]
-max_map_length`); at most `OPENSUBJECT_MAX_ACTIVE_CHUNKS` chunks of a run are in flight
-at once, so a build never floods the queues.
+max_map_length`). A chunk task registers its videos as waiting and defers: all chunks are
+active at once, and at most `OPENSUBJECT_CELERY__MAX_VIDEOS_IN_FLIGHT` videos are queued or
+running, each finished video handing out the next waiting one from any chunk.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from airflow.sdk import Asset, Param, dag, task
 from opensubject_airflow.notifiers import failure_notifiers
 from opensubject_airflow.operators import CeleryTaskOperator, ChunkOperator, ExportOperator, ExportPlanOperator
 
-# Chunks of one run handed to the workers at once (deferred chunk tasks count: Airflow's
-# max_active_tis_per_dagrun). Read when the file is parsed.
+# Export parts of one run at once (Airflow's max_active_tis_per_dagrun). Read when the file
+# is parsed.
 MAX_ACTIVE_CHUNKS = int(os.environ.get("OPENSUBJECT_MAX_ACTIVE_CHUNKS", "16"))
 DATASET = Asset(name="opensubject_dataset", uri="opensubject://datasets")
 
@@ -120,8 +121,8 @@ def opensubject_build():
                                   args=["{{ params.source or '' }}", build_id])
     chunks = claim(build_id)
     has_source() >> register >> chunks
-    work = ChunkOperator.partial(task_id="chunk", build_id=build_id,
-                                 max_active_tis_per_dagrun=MAX_ACTIVE_CHUNKS).expand(chunk=chunks)
+    # no cap on chunks: the bound is on videos in flight (services/handoff.py)
+    work = ChunkOperator.partial(task_id="chunk", build_id=build_id).expand(chunk=chunks)
     # The export, split to scale with the build: its plan, one task per part of its shards
     # (each retried alone), then the manifest, stats, report and training layout.
     plan = ExportPlanOperator(task_id="export_plan", build_id=build_id, toggle="export", trigger_rule="all_done")

@@ -309,6 +309,10 @@ class CelerySettings(_Section):
     # sent again only after this long, and at most reconcile_blind_max units per pass.
     reconcile_blind_after_s: float = Field(21600.0, gt=0)
     reconcile_blind_max: int = Field(100, ge=0)
+    # At most this many videos of the builds are queued or running at once; the others wait
+    # in the database and each video that leaves the queues pulls the next one, from any
+    # chunk (services/handoff.py). Size it to keep every worker fed: a few per worker slot.
+    max_videos_in_flight: int = Field(2000, ge=1)
     retry_backoff_s: float = Field(5.0, gt=0)        # first delay; doubles each retry
     retry_backoff_max_s: float = Field(600.0, gt=0)
     poll_interval_s: float = Field(5.0, gt=0)        # how often Airflow's triggers look at progress

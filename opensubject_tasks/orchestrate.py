@@ -1,9 +1,9 @@
 """What an orchestrator (Airflow) asks of the package: start a build, split its videos into
 chunks, hand a chunk to the workers, and read progress and outcomes. No Airflow import.
 
-Airflow maps one task over the *chunks* of a build, not over videos: a chunk task hands
-each of its videos to the workers once (``start_chunk``; the workers chain the stages) and
-waits in the triggerer until the database says every video is settled (``chunk_progress``).
+Airflow maps one task over the *chunks* of a build, not over videos: a chunk task registers
+its videos as waiting (``start_chunk``; the next waiting video of any chunk is handed out as
+soon as one leaves the queues, and the workers chain the stages) and waits in the triggerer until the database says every video is settled (``chunk_progress``).
 Task instances grow with chunks; a 10^6-video build stays under ``[core] max_map_length``.
 
 Airflow tasks call these in short-lived processes; Airflow triggers call the read-only
@@ -158,14 +158,15 @@ def unclaimed_count() -> Select:
 
 # --- chunks ---------------------------------------------------------------------------------
 def start_chunk(build_id: str, chunk: int) -> dict[str, int]:
-    """Hand the chunk's videos that need work to the workers, each to ``curate`` (the chain
-    skips what is done and goes on from there): videos never handed out, videos an error
-    failed (their errored samples go back to pending), and videos handed out before whose
-    work is nowhere (not on the broker, not running: a lost message, or a build resumed
+    """Register the chunk's videos that need work as waiting for ``curate`` (the chain skips
+    what is done and goes on from there; services/handoff.py hands them out as places in
+    flight free up, from any chunk): videos never handed out and videos an error failed
+    (their errored samples go back to pending); send again at once videos handed out before
+    whose work is nowhere (not on the broker, not running: a lost message, or a build resumed
     with a later ``until``). Work that is queued or running is left alone, so a retried or
     cleared chunk sends nothing twice. Returns counts."""
     from opensubject_tasks.services.chain import build_until
-    from opensubject_tasks.services.handoff import hand_out_videos
+    from opensubject_tasks.services.handoff import hand_out_videos, top_up, wait_for_hand_out
 
     ctx = context()
     until = build_until(ctx, build_id)
@@ -179,10 +180,13 @@ def start_chunk(build_id: str, chunk: int) -> dict[str, int]:
         fresh = [r.id for r in open_ if r.queued_at is None]
         handed = [r.id for r in open_ if r.queued_at is not None]
         idle = _idle(s, build_id, chunk, handed) if handed else []
-    sent = hand_out_videos(ctx, FIRST_STAGE, fresh, _send)
-    again = hand_out_videos(ctx, FIRST_STAGE, errored + idle, _send, again=True)
-    return {"videos": len(rows), "sent": len(sent), "retried": len(errored), "resent": len(idle),
-            "in_flight": len(handed) - len(idle), "handed_out": len(sent) + len(again)}
+        wait_for_hand_out(s, fresh)
+        wait_for_hand_out(s, errored, again=True)
+    # lost messages keep the place in flight their video holds
+    again = hand_out_videos(ctx, FIRST_STAGE, idle, _send, again=True)
+    pulled = top_up(ctx, _send)
+    return {"videos": len(rows), "waiting": len(fresh), "retried": len(errored), "resent": len(idle),
+            "in_flight": len(handed) - len(idle), "handed_out": len(pulled) + len(again)}
 
 
 _CHUNK = lambda f: {"build_id": f.build, "chunk": f.chunk}  # noqa: E731 - the example of a chunk's queries

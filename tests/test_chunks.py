@@ -72,7 +72,7 @@ def test_a_chunk_hands_out_each_video_once_and_a_clear_only_what_needs_it(ctx, s
     assert orchestrate.claim_build_videos("b", chunk_size=4) == [0]
     counts = orchestrate.start_chunk("b", 0)
     assert sorted(v for _, v in out) == ids and {st for st, _ in out} == {"curate"}
-    assert counts == {"videos": 4, "sent": 4, "retried": 0, "resent": 0, "in_flight": 0, "handed_out": 4}
+    assert counts == {"videos": 4, "waiting": 4, "retried": 0, "resent": 0, "in_flight": 0, "handed_out": 4}
     assert orchestrate.chunk_progress("b", 0) is None
 
     # The chunk task runs again (an Airflow retry, an operator's clear) while the work is
@@ -186,3 +186,53 @@ def test_claims_of_more_ids_than_a_statement_may_bind_work_through_psycopg3(pg_d
             assert s.scalar(select(func.count(func.distinct(Video.chunk)))) == 1016
     finally:
         c.engine.dispose()
+
+
+def test_places_in_flight_pass_from_chunk_to_chunk_and_the_reconciler_frees_lost_ones(ctx, sent, monkeypatch):
+    """Two chunks, a bound of 2: each video that leaves the queues hands out the next
+    waiting one (whatever its chunk) in its own transaction; a video that ended outside the
+    chain frees its place at the reconcile pass; a pulled video whose message was lost is
+    sent again by the reconciler, and no pass ever exceeds the bound."""
+    from opensubject_tasks.services.handoff import leave_flight
+    from opensubject_tasks.services.reconcile import reconcile
+
+    out, broker = sent
+    monkeypatch.setenv("OPENSUBJECT_CELERY__MAX_VIDEOS_IN_FLIGHT", "2")
+    ctx = orchestrate.context()
+    ids = add_videos(ctx, "w", 5)
+    assert orchestrate.claim_build_videos("w", chunk_size=3) == [0, 1]
+    assert orchestrate.start_chunk("w", 0)["handed_out"] == 2
+    assert orchestrate.start_chunk("w", 1)["handed_out"] == 0     # no place left
+    assert [v for _, v in out] == ids[:2]
+
+    def flows() -> dict[str, str | None]:
+        with session_scope(ctx.sessions) as s:
+            return dict(s.execute(select(Video.id, Video.flow)).all())
+
+    # ids[0] ends through the chain: its place goes to ids[2], in the same transaction
+    with session_scope(ctx.sessions) as s:
+        s.get(Video, ids[0]).state = "rejected"
+        s.flush()
+        pulled = leave_flight(s, ids[0], "verify")
+        assert leave_flight(s, ids[1], "verify") == []   # still in work
+    assert [(st, v) for st, v, _ in pulled] == [("curate", ids[2])]
+    assert list(flows().values()).count("queued") == 2
+
+    # ids[1] fails after its retries (not through the chain): its place stays taken until a
+    # reconcile pass frees it and hands out ids[3] (chunk 1); ids[2]'s message is on the broker
+    with session_scope(ctx.sessions) as s:
+        s.get(Video, ids[1]).state, s.get(Video, ids[1]).error_stage = "failed", "curate"
+    out.clear()
+    broker.add(("curate", ids[2]))
+    got = reconcile(ctx, lambda st, v, task_id=None: out.append((st, v)), older_than_s=3600, waiting=broker)
+    assert got == [("curate", ids[3])] and out == got
+    f = flows()
+    assert (f[ids[1]], f[ids[3]], f[ids[4]]) == (None, "queued", "waiting")
+
+    # ids[3]'s message is lost: a later pass sends it again, still within the bound
+    out.clear()
+    with session_scope(ctx.sessions) as s:
+        s.get(Video, ids[3]).queued_at = s.get(Video, ids[3]).queued_at.replace(year=2000)
+    got = reconcile(ctx, lambda st, v, task_id=None: out.append((st, v)), older_than_s=3600, waiting=broker)
+    assert got == [("curate", ids[3])]
+    assert list(flows().values()).count("queued") == 2 and flows()[ids[4]] == "waiting"

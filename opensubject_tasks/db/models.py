@@ -80,6 +80,9 @@ class Video(Base):
         Index("videos_source_uri_idx", "source_uri"),
         # sql/006_leases_and_build_reads.sql
         Index("videos_build_state_idx", "build_id", "state"),
+        # sql/009_continuous_hand_out.sql
+        Index("videos_waiting_idx", "id", **_where("flow = 'waiting'")),
+        Index("videos_flow_queued_idx", "id", **_where("flow = 'queued'")),
     )
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     content_hash: Mapped[str] = mapped_column(Text, unique=True)
@@ -103,6 +106,8 @@ class Video(Base):
     chunk: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error_stage: Mapped[str | None] = mapped_column(Text, nullable=True)
     resends: Mapped[int] = mapped_column(Integer, default=0)
+    # sql/009_continuous_hand_out.sql: waiting | queued | NULL (services/handoff.py)
+    flow: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Clip(Base):

@@ -19,7 +19,7 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.lineage import video_of_sample
 from opensubject_tasks.services.common import EntityFacts, StageResult, entity_facts, settle_video
-from opensubject_tasks.services.handoff import record_hand_out
+from opensubject_tasks.services.handoff import leave_flight, record_hand_out
 
 
 def build_until(ctx: Context, build_id: str | None) -> str:
@@ -34,7 +34,8 @@ def hand_on(s: Session, stage: str, entity_id: str, result: StageResult,
             facts: EntityFacts) -> list[tuple[str, str, str]]:
     """In the transaction that records a stage's result: record the hand-off of the video
     to the next stage its build runs, and settle the video once nothing of it is left in
-    flight. Returns (stage, video, task id) of each message to send once committed."""
+    flight, which gives its place in flight to the next waiting video. Returns (stage,
+    video, task id) of each message to send once committed."""
     entity = STAGES[stage].entity
     video_id = facts.video_id if entity in ("video", "sample") else None
     if video_id is None:
@@ -50,7 +51,7 @@ def hand_on(s: Session, stage: str, entity_id: str, result: StageResult,
     # sample; the samples unit settles its video itself
     if not wanted and until == "verify" and result.status == "ok" and stage in ("mine", *SAMPLE_STAGES):
         settle_video(s, video_id)
-    return sends
+    return sends + leave_flight(s, video_id, until)
 
 
 def settle_video_of_sample(ctx: Context, sample_id: str) -> None:

@@ -115,12 +115,16 @@ def reconcile(ctx: Context, send: Send, *, older_than_s: float, waiting: Waiting
     videos; no row is locked while the broker is read; each page's rows are then locked
     briefly (``SKIP LOCKED``: a row a worker is updating is left to the next pass) and sent
     again only if no hand-off happened since they were read (same task id)."""
+    from opensubject_tasks.services.handoff import top_up
+
     c = ctx.settings.celery
+    # places in flight freed outside the chain (a task that gave up) go to waiting videos
+    topped = top_up(ctx, send)
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_s)
     first = _candidate_page(ctx, cutoff, None)
     if not first:
-        return []
+        return topped
     held = waiting() if callable(waiting) else waiting
     known = held is not None
     held = set(held or ())
@@ -140,7 +144,7 @@ def reconcile(ctx: Context, send: Send, *, older_than_s: float, waiting: Waiting
         if len(page) < _PASS_PAGE:
             break
         page = _candidate_page(ctx, cutoff, (page[-1].queued_at, page[-1].id))
-    return sent
+    return topped + sent
 
 
 def _candidate_page(ctx: Context, cutoff: datetime, after: tuple[datetime, str] | None) -> list:

@@ -99,9 +99,10 @@ class ChunkOperator(BaseOperator):
         from opensubject_tasks.orchestrate import start_chunk
 
         counts = start_chunk(self.build_id, int(self.chunk))
-        self.log.info("chunk %s of build %s: %d video(s); handed %d to the workers (%d retried after an "
-                      "error), sent %d lost unit(s) again", self.chunk, self.build_id, counts["videos"],
-                      counts["sent"], counts["retried"], counts["resent"])
+        self.log.info("chunk %s of build %s: %d video(s); %d waiting for a place in flight (%d retried "
+                      "after an error), sent %d lost unit(s) again; %d handed to the workers now",
+                      self.chunk, self.build_id, counts["videos"], counts["waiting"] + counts["retried"],
+                      counts["retried"], counts["resent"], counts["handed_out"])
         return _wait(self, ChunkTrigger(self.build_id, int(self.chunk), **_timing(self.poll_interval)),
                      self.wait_timeout, context)
 
