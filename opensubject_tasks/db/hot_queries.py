@@ -40,6 +40,7 @@ MODULES = (
     "opensubject_tasks.services.reconcile",
     "opensubject_tasks.services.mine",
     "opensubject_tasks.orchestrate",
+    "opensubject_tasks.readmodel",
 )
 
 

@@ -128,10 +128,11 @@ def build_stats(s: Session, build_id: str) -> dict[str, Any]:
     """Funnel, states, rejection reasons, duplicates, verification history and throughput."""
     from opensubject_tasks import readmodel
 
+    counted = readmodel.counts(s, build_id)
     return {
         "build": build_id,
-        "funnel": readmodel.funnel(s, build_id),
-        "states": readmodel.states(s, build_id),
+        "funnel": readmodel.funnel(s, build_id, counted),
+        "states": readmodel.states(s, build_id, counted),
         "rejections": count_reasons(readmodel.rejection_reasons(s, build_id)),
         "duplicates": readmodel.duplicates(s, build_id, limit=1000),
         "verification": _verification(s, build_id),
