@@ -94,17 +94,23 @@ def counted_from_rows(s: Session, build_id: str | None = None) -> Counts:
     return out
 
 
+_FOLD_BUILD = text(
+    "WITH moved AS (DELETE FROM build_count_deltas WHERE build_id = :build_id RETURNING build_id, kind, key, d) "
+    "INSERT INTO build_counts (build_id, kind, key, n) "
+    "SELECT build_id, kind, key, sum(d) FROM moved GROUP BY build_id, kind, key "
+    "ON CONFLICT (build_id, kind, key) DO UPDATE SET n = build_counts.n + EXCLUDED.n")
+_FOLD_ALL = text(
+    "WITH moved AS (DELETE FROM build_count_deltas RETURNING build_id, kind, key, d) "
+    "INSERT INTO build_counts (build_id, kind, key, n) "
+    "SELECT build_id, kind, key, sum(d) FROM moved GROUP BY build_id, kind, key "
+    "ON CONFLICT (build_id, kind, key) DO UPDATE SET n = build_counts.n + EXCLUDED.n")
+
+
 @hot_query("dashboard or status load", lambda f: {"build_id": f.build})
 def fold_count_deltas(build_id: str | None) -> Executable:
     """Fold the changes the triggers recorded since the last read into build_counts (one
     build's, or every build's): O(changes since then)."""
-    where = "WHERE build_id = :build_id" if build_id is not None else ""
-    stmt = text(
-        f"WITH moved AS (DELETE FROM build_count_deltas {where} RETURNING build_id, kind, key, d) "
-        "INSERT INTO build_counts (build_id, kind, key, n) "
-        "SELECT build_id, kind, key, sum(d) FROM moved GROUP BY build_id, kind, key "
-        "ON CONFLICT (build_id, kind, key) DO UPDATE SET n = build_counts.n + EXCLUDED.n")
-    return stmt.bindparams(build_id=build_id) if build_id is not None else stmt
+    return _FOLD_BUILD.bindparams(build_id=build_id) if build_id is not None else _FOLD_ALL
 
 
 @hot_query("dashboard or status load", lambda f: {"build_id": f.build})

@@ -13,12 +13,13 @@ import os
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from opensubject_tasks import readmodel
 from opensubject_tasks.catalogue import VIDEO_TERMINAL
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video
 from opensubject_tasks.storage import make_store
 
@@ -41,6 +42,31 @@ def _url_store(ctx: Context) -> Any:
     return ctx.store
 
 
+@hot_query("dashboard load", lambda f: {"build_id": f.build, "limit": 50})
+def failed_videos_of(build_id: str | None, limit: int) -> Select:
+    """The build's most recently failed or rejected videos."""
+    vb = [Video.build_id == build_id] if build_id else []
+    return (select(Video.id, Video.name, Video.state, Video.reason, Video.updated_at)
+            .where(Video.state.in_(("failed", "rejected")), *vb).order_by(Video.updated_at.desc()).limit(limit))
+
+
+@hot_query("dashboard load", lambda f: {"video_id": f.video})
+def last_failed_attempt(video_id: str) -> Select:
+    """Where a failed video last failed."""
+    return (select(StageAttempt.stage, StageAttempt.error)
+            .where(StageAttempt.entity_type == "video", StageAttempt.entity_id == video_id,
+                   StageAttempt.status != "ok")
+            .order_by(StageAttempt.id.desc()).limit(1))
+
+
+@hot_query("dashboard load", lambda f: {"build_id": f.build, "limit": 12})
+def recent_samples_of(build_id: str | None, limit: int) -> Select:
+    """The build's most recently changed samples that have images."""
+    sb = [Sample.build_id == build_id] if build_id else []
+    return (select(Sample).where(Sample.state.in_(("synthesized", "verified", "rejected")), *sb)
+            .order_by(Sample.updated_at.desc(), Sample.id).limit(limit))
+
+
 def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
             failures: int = 50) -> dict[str, Any]:
     """Funnel, failures by reason, attempts and retries per stage, recent samples (with
@@ -51,24 +77,16 @@ def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
                                     .limit(BUILDS_LISTED)))
         if build_id is None and build_rows:
             build_id = build_rows[0].id
-        vb = [Video.build_id == build_id] if build_id else []
-        sb = [Sample.build_id == build_id] if build_id else []
 
         counted = readmodel.counts(s, build_id)
         funnel = readmodel.funnel(s, build_id, counted)
         samples = readmodel.by_key(counted, "samples")
         duplicates = readmodel.duplicates(s, build_id, limit=failures)
 
-        failed_videos = s.execute(
-            select(Video.id, Video.name, Video.state, Video.reason, Video.updated_at)
-            .where(Video.state.in_(("failed", "rejected")), *vb)
-            .order_by(Video.updated_at.desc()).limit(failures)).all()
+        failed_videos = s.execute(failed_videos_of(build_id, failures)).all()
         by_reason: dict[str, dict[str, Any]] = {}
         for vid, name, state, reason, _ in failed_videos:
-            last = s.execute(select(StageAttempt.stage, StageAttempt.error)
-                             .where(StageAttempt.entity_type == "video", StageAttempt.entity_id == vid,
-                                    StageAttempt.status != "ok")
-                             .order_by(StageAttempt.id.desc()).limit(1)).first()
+            last = s.execute(last_failed_attempt(vid)).first()
             key = reason or "(no reason recorded)"
             group = by_reason.setdefault(key, {"reason": key, "state": state, "count": 0, "videos": []})
             group["count"] += 1
@@ -89,9 +107,7 @@ def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
                 attempts[kind.split(":", 1)[1]]["retries"] += n
         resynthesized = counted.get(("resynthesized", ""), 0)
 
-        recent_rows = list(s.scalars(
-            select(Sample).where(Sample.state.in_(("synthesized", "verified", "rejected")), *sb)
-            .order_by(Sample.updated_at.desc(), Sample.id).limit(recent)))
+        recent_rows = list(s.scalars(recent_samples_of(build_id, recent)))
 
         # videos and samples by state of the running builds and the one shown: their kept
         # counts
