@@ -31,8 +31,8 @@ CREATE TABLE IF NOT EXISTS build_count_deltas (
 CREATE INDEX IF NOT EXISTS build_count_deltas_build_idx ON build_count_deltas (build_id);
 
 -- The dashboard's most recent samples of a build: the newest entries of the build's index,
--- not a sort of all its samples.
-CREATE INDEX IF NOT EXISTS samples_build_updated_idx ON samples (build_id, updated_at);
+-- read backwards, not a sort of all its samples.
+CREATE INDEX IF NOT EXISTS samples_build_updated_idx ON samples (build_id, updated_at, id);
 
 -- One row's change: -1 for each of its old keys in its old build, +1 for each new key in
 -- its new build; keys are 'kind<US>key' (US = chr(31)), a NULL build adds nothing.

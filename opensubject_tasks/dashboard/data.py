@@ -64,7 +64,7 @@ def recent_samples_of(build_id: str | None, limit: int) -> Select:
     """The build's most recently changed samples that have images."""
     sb = [Sample.build_id == build_id] if build_id else []
     return (select(Sample).where(Sample.state.in_(("synthesized", "verified", "rejected")), *sb)
-            .order_by(Sample.updated_at.desc(), Sample.id).limit(limit))
+            .order_by(Sample.updated_at.desc(), Sample.id.desc()).limit(limit))
 
 
 def summary(ctx: Context, build_id: str | None = None, recent: int = 12,

@@ -157,7 +157,7 @@ class Sample(Base):
     __table_args__ = (Index("samples_state_idx", "state"),
                       Index("samples_build_state_idx", "build_id", "state"),
                       # sql/008_build_counts.sql
-                      Index("samples_build_updated_idx", "build_id", "updated_at"))
+                      Index("samples_build_updated_idx", "build_id", "updated_at", "id"))
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     pair_id: Mapped[str] = mapped_column(
         Text, ForeignKey("pairs.id", ondelete="RESTRICT"), unique=True
