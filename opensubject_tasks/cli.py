@@ -88,7 +88,7 @@ def _print_funnel(doc: dict[str, Any], summary: dict[str, Any] | None = None) ->
     from opensubject_tasks.readmodel import FUNNEL
 
     console = Console(stderr=False)
-    f = Table(title="Stage funnel")
+    f = Table(title=f"Stage funnel of build {doc['build']}" if doc.get("build") else "Stage funnel")
     f.add_column("step")
     f.add_column("what it counts")
     f.add_column("count", justify="right")
@@ -258,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress", action="store_true", help="progress bars even when not a terminal")
     r.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("status", help="stage funnel and per-video states")
+    s = sub.add_parser("status", help="stage funnel and per-video states of one build")
     s.add_argument("--out", help="output folder of an embedded build")
-    s.add_argument("--build")
+    s.add_argument("--build", help="build name (default: the most recent build)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_status)
 

@@ -335,8 +335,9 @@ def build_report(build_id: str) -> dict[str, Any]:
 
     ctx = context()
     with session_scope(ctx.sessions) as s:
-        doc = {"build_id": build_id, "funnel": readmodel.funnel(s, build_id)}
-        st = readmodel.states(s, build_id)
+        counted = readmodel.counts(s, build_id)
+        doc = {"build_id": build_id, "funnel": readmodel.funnel(s, build_id, counted)}
+        st = readmodel.states(s, build_id, counted)
         doc["videos_by_state"], doc["samples_by_state"] = st["videos"], st["samples"]
         build = s.get(Build, build_id)
         if build is not None and build.state == "running":

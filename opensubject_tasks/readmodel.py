@@ -2,21 +2,23 @@
 duplicate inputs. `opensubject status`, stats.json and the HTML report, the dashboard and
 the Airflow report task all read these, so they cannot disagree.
 
-Count queries only, each reaching the build's rows through an index on the build (videos
-and samples carry their build: ``videos (build_id, state)``, ``samples (build_id, state)``)
-or through a video's own keys (clips, subjects, pairs), so a build's counts cost what the
-build holds, whatever the database holds. ``build_id`` None means every video in the
-database.
+Counts come from ``counts()``: on PostgreSQL the per-build counters its triggers keep
+(sql/008_build_counts.sql), a few dozen rows per build whatever the build or the database
+holds; on SQLite (one embedded build) by counting the build's rows. The lists (reasons,
+duplicates) reach the build's rows through an index on the build. ``build_id`` None means
+every video in the database.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select, text
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Executable
 
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.lineage import lineage
-from opensubject_tasks.db.models import Clip, Duplicate, Pair, Sample, Subject, Video
+from opensubject_tasks.db.models import BuildCount, Clip, Duplicate, Pair, Sample, StageAttempt, Subject, Video
 
 # Funnel steps in order, each with what it counts: a label says what it counts.
 FUNNEL = {
@@ -33,6 +35,9 @@ FUNNEL = {
 }
 
 
+Counts = dict[tuple[str, str], int]
+
+
 def _in_build(build_id: str | None) -> list[Any]:
     return [Video.build_id == build_id] if build_id else []
 
@@ -42,45 +47,111 @@ def _samples_in_build(build_id: str | None) -> list[Any]:
     return [Sample.build_id == build_id] if build_id else []
 
 
-def funnel(s: Session, build_id: str | None = None) -> dict[str, int]:
+def counted_from_rows(s: Session, build_id: str | None = None) -> Counts:
+    """The build's counts (kinds as in sql/008_build_counts.sql) by counting its rows:
+    O(the build's rows). SQLite's embedded builds are read this way (one small build on one
+    machine: keeping a second copy of PostgreSQL's triggers in SQLite's dialect would cost
+    more than it saves); on PostgreSQL it is the truth the maintained counts are checked
+    against."""
+    vb, sb = _in_build(build_id), _samples_in_build(build_id)
+    ab = [StageAttempt.build_id == build_id] if build_id else []
+    out: Counts = {}
+
+    def add(kind: str, rows: Any) -> None:
+        for key, n in rows:
+            if n:
+                out[(kind, str(key or ""))] = out.get((kind, str(key or "")), 0) + int(n)
+
+    add("videos", s.execute(select(Video.state, func.count()).where(*vb).group_by(Video.state)))
+    add("curated", [("", s.scalar(select(func.count()).select_from(Video)
+                                  .where(Video.stage_done.is_not(None), *vb)))])
+    add("clips", s.execute(lineage(select(Clip.state, func.count()), Clip).where(*vb).group_by(Clip.state)))
+    add("subjects", s.execute(lineage(select(Subject.state, func.count()), Subject)
+                              .where(*vb).group_by(Subject.state)))
+    add("pairs", [("", s.scalar(lineage(select(func.count(Pair.id)), Pair).where(*vb)))])
+    add("duplicates", [("", s.scalar(select(func.count(Duplicate.id)).join(Video, Duplicate.video_id == Video.id)
+                                     .where(*vb)))])
+    add("samples", s.execute(select(Sample.state, func.count()).where(*sb).group_by(Sample.state)))
+    add("resynthesized", [("", s.scalar(select(func.count()).select_from(Sample).where(Sample.attempt > 1, *sb)))])
+    for st, reason, n in s.execute(select(Sample.state, Sample.reason, func.count())
+                                   .where(Sample.state.in_(("rejected", "failed")), *sb)
+                                   .group_by(Sample.state, Sample.reason)):
+        add(f"sample_reason:{st}", [(reason, n)])
+    for stage, status, n, retries in s.execute(
+            select(StageAttempt.stage, StageAttempt.status, func.count(),
+                   func.count().filter(StageAttempt.attempt > 1)).where(*ab)
+            .group_by(StageAttempt.stage, StageAttempt.status)):
+        add(f"attempts:{stage}", [(status, n)])
+        add(f"retries:{stage}", [(status, retries)])
+    return out
+
+
+_FOLD_BUILD = text(
+    "WITH moved AS (DELETE FROM build_count_deltas WHERE build_id = :build_id RETURNING build_id, kind, key, d) "
+    "INSERT INTO build_counts (build_id, kind, key, n) "
+    "SELECT build_id, kind, key, sum(d) FROM moved GROUP BY build_id, kind, key "
+    "ON CONFLICT (build_id, kind, key) DO UPDATE SET n = build_counts.n + EXCLUDED.n")
+_FOLD_ALL = text(
+    "WITH moved AS (DELETE FROM build_count_deltas RETURNING build_id, kind, key, d) "
+    "INSERT INTO build_counts (build_id, kind, key, n) "
+    "SELECT build_id, kind, key, sum(d) FROM moved GROUP BY build_id, kind, key "
+    "ON CONFLICT (build_id, kind, key) DO UPDATE SET n = build_counts.n + EXCLUDED.n")
+
+
+@hot_query("dashboard or status load", lambda f: {"build_id": f.build})
+def fold_count_deltas(build_id: str | None) -> Executable:
+    """Fold the changes the triggers recorded since the last read into build_counts (one
+    build's, or every build's): O(changes since then)."""
+    return _FOLD_BUILD.bindparams(build_id=build_id) if build_id is not None else _FOLD_ALL
+
+
+@hot_query("dashboard or status load", lambda f: {"build_id": f.build})
+def maintained_counts(build_id: str | None) -> Select:
+    """One build's kept counts (or every build's, summed)."""
+    where = [BuildCount.build_id == build_id] if build_id is not None else []
+    return (select(BuildCount.kind, BuildCount.key, func.sum(BuildCount.n)).where(*where)
+            .group_by(BuildCount.kind, BuildCount.key).having(func.sum(BuildCount.n) != 0))
+
+
+def counts(s: Session, build_id: str | None = None) -> Counts:
+    """One build's counts (every build's when None): on PostgreSQL the counts its triggers
+    keep (a few dozen rows per build, whatever the build holds), elsewhere counted from the
+    rows."""
+    if s.get_bind().dialect.name != "postgresql":
+        return counted_from_rows(s, build_id)
+    b = build_id or None
+    s.execute(fold_count_deltas(b))
+    return {(k, key): int(n) for k, key, n in s.execute(maintained_counts(b))}
+
+
+def by_key(c: Counts, kind: str) -> dict[str, int]:
+    """One kind's counts by key, in key order."""
+    return dict(sorted((key, n) for (k, key), n in c.items() if k == kind))
+
+
+def funnel(s: Session, build_id: str | None = None, c: Counts | None = None) -> dict[str, int]:
     """Entities that passed each step (FUNNEL); samples == verified + rejected once all ended."""
-    where = _in_build(build_id)
-
-    def count(stmt: Any) -> int:
-        return int(s.scalar(stmt) or 0)
-
-    videos = count(select(func.count(Video.id)).where(*where))
-    duplicates = count(select(func.count(Duplicate.id)).join(Video, Duplicate.video_id == Video.id).where(*where))
-    samples = select(func.count(Sample.id)).where(*_samples_in_build(build_id))
+    c = counts(s, build_id) if c is None else c
+    videos, clips, subjects, samples = (by_key(c, k) for k in ("videos", "clips", "subjects", "samples"))
+    duplicates = c.get(("duplicates", ""), 0)
     return {
-        "inputs": videos + duplicates,
+        "inputs": sum(videos.values()) + duplicates,
         "duplicates": duplicates,
-        "videos": videos,
-        "curated": count(select(func.count(Video.id)).where(Video.stage_done.is_not(None), *where)),
-        "clips": count(lineage(select(func.count(Clip.id)), Clip).where(Clip.state != "rejected", *where)),
-        "subjects": count(lineage(select(func.count(Subject.id)), Subject)
-                          .where(Subject.state != "rejected", *where)),
-        "pairs": count(lineage(select(func.count(Pair.id)), Pair).where(*where)),
-        "samples": count(samples),
-        "verified": count(samples.where(Sample.state == "verified")),
-        "rejected": count(samples.where(Sample.state.in_(("rejected", "failed")))),
+        "videos": sum(videos.values()),
+        "curated": c.get(("curated", ""), 0),
+        "clips": sum(n for st, n in clips.items() if st != "rejected"),
+        "subjects": sum(n for st, n in subjects.items() if st != "rejected"),
+        "pairs": c.get(("pairs", ""), 0),
+        "samples": sum(samples.values()),
+        "verified": samples.get("verified", 0),
+        "rejected": samples.get("rejected", 0) + samples.get("failed", 0),
     }
 
 
-def states(s: Session, build_id: str | None = None) -> dict[str, dict[str, int]]:
+def states(s: Session, build_id: str | None = None, c: Counts | None = None) -> dict[str, dict[str, int]]:
     """Videos, clips and samples by state."""
-    where = _in_build(build_id)
-
-    def by(stmt: Any) -> dict[str, int]:
-        return {str(k): int(n) for k, n in s.execute(stmt).all()}
-
-    return {
-        "videos": by(select(Video.state, func.count()).where(*where).group_by(Video.state).order_by(Video.state)),
-        "clips": by(lineage(select(Clip.state, func.count()), Clip).where(*where)
-                    .group_by(Clip.state).order_by(Clip.state)),
-        "samples": by(select(Sample.state, func.count()).where(*_samples_in_build(build_id))
-                      .group_by(Sample.state).order_by(Sample.state)),
-    }
+    c = counts(s, build_id) if c is None else c
+    return {k: by_key(c, k) for k in ("videos", "clips", "samples")}
 
 
 def rejection_reasons(s: Session, build_id: str | None = None) -> list[tuple[str, str]]:

@@ -24,13 +24,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from opensubject_tasks.config import Settings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.lineage import lineage
-from opensubject_tasks.db.models import Clip, Sample, Video
+from opensubject_tasks.db.models import Build, Clip, Sample, Video
 from opensubject_tasks.catalogue import FIRST_STAGE, SAMPLE_IN_FLIGHT, SAMPLE_UNIT, STAGE_ORDER, VIDEO_TERMINAL, follow
 from opensubject_tasks.services.common import finalize_video, load_stages, mark_terminal, run_stage
 
@@ -294,24 +295,35 @@ def _counts(ctx: Context, build_id: str) -> tuple[dict[str, int], dict[str, int]
     return st["videos"], st["samples"]
 
 
+@hot_query("status load", lambda f: {"build_id": f.build})
+def videos_of_build(build_id: str | None) -> Select:
+    """The per-video list of `status`: one build's videos (O(the build's videos))."""
+    return select(Video).where(Video.build_id == build_id).order_by(Video.name, Video.id)
+
+
+@hot_query("status load", lambda f: {"video_ids": f.video_ids})
+def clip_frames_of(video_ids: list[str]) -> Select:
+    return (select(Clip.video_id, Clip.start_frame, Clip.end_frame)
+            .where(Clip.video_id.in_(video_ids)).order_by(Clip.video_id, Clip.idx))
+
+
 def funnel(ctx: Context, build_id: str | None = None) -> dict[str, Any]:
-    """The status document: the stage funnel (the read model every surface shares),
-    per-video state and clips, and the inputs recorded as duplicates; for one build or
-    every video in the database."""
+    """The status document of one build (the most recent when none is named): the stage
+    funnel (the read model every surface shares), per-video state and clips, and the inputs
+    recorded as duplicates. The per-video list is the build's, never the whole database's."""
     from opensubject_tasks import readmodel
 
     with session_scope(ctx.sessions) as s:
-        vq = select(Video).order_by(Video.name, Video.id)
-        if build_id:
-            vq = vq.where(Video.build_id == build_id)
-        videos = list(s.scalars(vq))
+        if build_id is None:
+            build_id = s.scalar(select(Build.id).order_by(Build.created_at.desc(), Build.id.desc()).limit(1))
+        videos = list(s.scalars(videos_of_build(build_id)))
         clips: dict[str, list[list[int]]] = {v.id: [] for v in videos}
-        for vid, a, b in s.execute(select(Clip.video_id, Clip.start_frame, Clip.end_frame)
-                                   .where(Clip.video_id.in_(list(clips))).order_by(Clip.video_id, Clip.idx)):
+        for vid, a, b in s.execute(clip_frames_of(list(clips))):
             clips[vid].append([a, b])
         return {
+            "build": build_id,
             "videos": [{"name": v.name, "id": v.id, "state": v.state, "reason": v.reason,
                         "stage_done": v.stage_done, "clips": clips[v.id]} for v in videos],
-            "funnel": readmodel.funnel(s, build_id),
-            "duplicates": readmodel.duplicates(s, build_id),
+            "funnel": readmodel.funnel(s, build_id) if build_id else dict.fromkeys(readmodel.FUNNEL, 0),
+            "duplicates": readmodel.duplicates(s, build_id) if build_id else [],
         }

@@ -13,7 +13,9 @@ samples and stage attempts over five finished builds) and everything is read aga
 * the small build's dashboard (``dashboard.data.summary``) and status (``runner.funnel``,
   what ``opensubject status --build`` prints), which must equal the empty database's;
 * the dashboard with no build named (the most recent build);
-* a history build's dashboard (a finished build of videos/5 videos).
+* a history build's dashboard (a finished build of videos/5 videos), and the same build's
+  counts taken from its rows (``readmodel.counted_from_rows``: what every load paid before
+  PostgreSQL kept each build's counts), which must equal the kept counts.
 
 Each read is timed three times (median wall, and this process's CPU time: the rest is the
 database's). ``--old-dashboard``: a file holding another version of
@@ -78,8 +80,10 @@ def main() -> int:
             "OPENSUBJECT_STORE__LOCAL_ROOT": str(tmp / "store"), "OPENSUBJECT_CURATE__MIN_SHORT_SIDE": "64",
             "OPENSUBJECT_MINE__MAX_PAIRS_PER_SUBJECT": "1", "OPENSUBJECT_VERIFY__MAX_ATTEMPTS": "2",
         })
+        from opensubject_tasks import readmodel
         from opensubject_tasks.config import load_settings
         from opensubject_tasks.context import Context
+        from opensubject_tasks.db.engine import session_scope
         from opensubject_tasks.dashboard.data import summary
         from opensubject_tasks.runner import funnel, run_build
 
@@ -94,6 +98,10 @@ def main() -> int:
         run_build(ctx, [str(media)], "small", jobs=1)
         print(f"small build: {args.build_videos} tiny videos in {time.perf_counter() - t0:.1f} s", flush=True)
 
+        def rows_counted(build_id: str) -> dict:
+            with session_scope(ctx.sessions) as s:
+                return readmodel.counted_from_rows(s, build_id)
+
         def reads(label: str) -> dict[str, object]:
             out = {}
             named = {
@@ -103,6 +111,8 @@ def main() -> int:
             }
             if label == "history":
                 named["dashboard, a history build"] = lambda: summary(ctx, history.build_ids()[0])
+                # what each load paid before the kept counts: the build's rows counted
+                named["history build counted from rows"] = lambda: rows_counted(history.build_ids()[0])
             if old is not None:
                 named["old dashboard, small build"] = lambda: old.summary(ctx, "small")
                 named["old dashboard, no build named"] = lambda: old.summary(ctx)
@@ -120,12 +130,16 @@ def main() -> int:
         full = reads("history")
         same_dashboard = comparable(empty["dashboard, small build"]) == comparable(full["dashboard, small build"])
         same_status = empty["status --build small"] == full["status --build small"]
-        print(f"small build's dashboard equal beside the history: {same_dashboard}; status equal: {same_status}")
-        results["equal"] = {"dashboard": same_dashboard, "status": same_status}
+        hb = history.build_ids()[0]
+        with session_scope(ctx.sessions) as s:
+            same_counts = readmodel.counts(s, hb) == full["history build counted from rows"]
+        print(f"small build's dashboard equal beside the history: {same_dashboard}; status equal: {same_status}; "
+              f"a history build's kept counts equal its rows counted: {same_counts}")
+        results["equal"] = {"dashboard": same_dashboard, "status": same_status, "history counts": same_counts}
         ctx.engine.dispose()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    return 0 if same_dashboard and same_status else 1
+    return 0 if same_dashboard and same_status and same_counts else 1
 
 
 if __name__ == "__main__":

@@ -169,6 +169,9 @@ class _Tables:
             order += free
             for t in free:
                 del parents[t]
+        # the kept counts last: deleting the rows they count appends changes to them
+        order = [t for t in order if not t.startswith("build_count")] + \
+            [t for t in order if t.startswith("build_count")]
         self.delete_sql = "; ".join(f'DELETE FROM "{t}"' for t in order)
 
     def empty(self) -> None:

@@ -1,9 +1,8 @@
 """What the dataset dashboard shows, as one JSON-ready document.
 
-Every query is scoped to one build and reaches its rows through an index on the build
-(``videos (build_id, state)``, ``samples (build_id, state)``, ``stage_attempts
-(build_id)``, each video's or sample's own keys): a load costs what the build holds,
-whatever other builds left in the database. Without a build named, the page shows the
+Counts (funnel, states, attempts, rejection reasons) are the build's kept counts
+(readmodel.counts: a few dozen rows on PostgreSQL whatever the build holds); the lists are
+scoped to the build and limited, through an index on the build. Without a build named, the page shows the
 most recent build. The builds list names the most recent ``BUILDS_LISTED`` builds and
 counts the states of those still running and of the one shown; a finished build's
 counts are its own page (one click), so old builds cost nothing on every load.
@@ -14,12 +13,13 @@ import os
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, select
 
 from opensubject_tasks import readmodel
 from opensubject_tasks.catalogue import VIDEO_TERMINAL
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video
 from opensubject_tasks.storage import make_store
 
@@ -42,6 +42,31 @@ def _url_store(ctx: Context) -> Any:
     return ctx.store
 
 
+@hot_query("dashboard load", lambda f: {"build_id": f.build, "limit": 50})
+def failed_videos_of(build_id: str | None, limit: int) -> Select:
+    """The build's most recently failed or rejected videos."""
+    vb = [Video.build_id == build_id] if build_id else []
+    return (select(Video.id, Video.name, Video.state, Video.reason, Video.updated_at)
+            .where(Video.state.in_(("failed", "rejected")), *vb).order_by(Video.updated_at.desc()).limit(limit))
+
+
+@hot_query("dashboard load", lambda f: {"video_id": f.video})
+def last_failed_attempt(video_id: str) -> Select:
+    """Where a failed video last failed."""
+    return (select(StageAttempt.stage, StageAttempt.error)
+            .where(StageAttempt.entity_type == "video", StageAttempt.entity_id == video_id,
+                   StageAttempt.status != "ok")
+            .order_by(StageAttempt.id.desc()).limit(1))
+
+
+@hot_query("dashboard load", lambda f: {"build_id": f.build, "limit": 12})
+def recent_samples_of(build_id: str | None, limit: int) -> Select:
+    """The build's most recently changed samples that have images."""
+    sb = [Sample.build_id == build_id] if build_id else []
+    return (select(Sample).where(Sample.state.in_(("synthesized", "verified", "rejected")), *sb)
+            .order_by(Sample.updated_at.desc(), Sample.id.desc()).limit(limit))
+
+
 def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
             failures: int = 50) -> dict[str, Any]:
     """Funnel, failures by reason, attempts and retries per stage, recent samples (with
@@ -52,66 +77,46 @@ def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
                                     .limit(BUILDS_LISTED)))
         if build_id is None and build_rows:
             build_id = build_rows[0].id
-        vb = [Video.build_id == build_id] if build_id else []
-        sb = [Sample.build_id == build_id] if build_id else []
-        ab = [StageAttempt.build_id == build_id] if build_id else []
 
-        def count(q: Any) -> int:
-            return int(s.scalar(q) or 0)
-
-        funnel = readmodel.funnel(s, build_id)
-        samples = readmodel.states(s, build_id)["samples"]
+        counted = readmodel.counts(s, build_id)
+        funnel = readmodel.funnel(s, build_id, counted)
+        samples = readmodel.by_key(counted, "samples")
         duplicates = readmodel.duplicates(s, build_id, limit=failures)
 
-        failed_videos = s.execute(
-            select(Video.id, Video.name, Video.state, Video.reason, Video.updated_at)
-            .where(Video.state.in_(("failed", "rejected")), *vb)
-            .order_by(Video.updated_at.desc()).limit(failures)).all()
+        failed_videos = s.execute(failed_videos_of(build_id, failures)).all()
         by_reason: dict[str, dict[str, Any]] = {}
         for vid, name, state, reason, _ in failed_videos:
-            last = s.execute(select(StageAttempt.stage, StageAttempt.error)
-                             .where(StageAttempt.entity_type == "video", StageAttempt.entity_id == vid,
-                                    StageAttempt.status != "ok")
-                             .order_by(StageAttempt.id.desc()).limit(1)).first()
+            last = s.execute(last_failed_attempt(vid)).first()
             key = reason or "(no reason recorded)"
             group = by_reason.setdefault(key, {"reason": key, "state": state, "count": 0, "videos": []})
             group["count"] += 1
             group["videos"].append({"id": vid, "name": name, "stage": last.stage if last else None,
                                     "error": (last.error or "")[:2000] if last else None})
-        sample_reasons = [
-            {"reason": r or "(no reason recorded)", "state": st, "count": int(n)}
-            for r, st, n in s.execute(
-                select(Sample.reason, Sample.state, func.count())
-                .where(Sample.state.in_(("rejected", "failed")), *sb)
-                .group_by(Sample.reason, Sample.state).order_by(func.count().desc()).limit(failures)).all()
-        ]
+        sample_reasons = sorted(
+            ({"reason": r or "(no reason recorded)", "state": kind.split(":", 1)[1], "count": n}
+             for (kind, r), n in counted.items() if kind.startswith("sample_reason:")),
+            key=lambda g: (-g["count"], g["state"], g["reason"]))[:failures]
 
         attempts: dict[str, dict[str, Any]] = {}
-        for stage, status, n, retries in s.execute(
-                select(StageAttempt.stage, StageAttempt.status, func.count(),
-                       func.count().filter(StageAttempt.attempt > 1)).where(*ab)
-                .group_by(StageAttempt.stage, StageAttempt.status)).all():
-            a = attempts.setdefault(stage, {"statuses": {}, "retries": 0})
-            a["statuses"][status] = int(n)
-            a["retries"] += int(retries)
-        resynthesized = count(select(func.count()).select_from(Sample).where(Sample.attempt > 1, *sb))
+        for (kind, status), n in sorted(counted.items()):
+            if kind.startswith("attempts:"):
+                a = attempts.setdefault(kind.split(":", 1)[1], {"statuses": {}, "retries": 0})
+                a["statuses"][status] = n
+        for (kind, _), n in counted.items():
+            if kind.startswith("retries:"):
+                attempts[kind.split(":", 1)[1]]["retries"] += n
+        resynthesized = counted.get(("resynthesized", ""), 0)
 
-        recent_rows = list(s.scalars(
-            select(Sample).where(Sample.state.in_(("synthesized", "verified", "rejected")), *sb)
-            .order_by(Sample.updated_at.desc(), Sample.id).limit(recent)))
+        recent_rows = list(s.scalars(recent_samples_of(build_id, recent)))
 
-        # videos and samples by state of the running builds and the one shown: one indexed
-        # GROUP BY each
+        # videos and samples by state of the running builds and the one shown: their kept
+        # counts
         listed = [b.id for b in build_rows if b.state == "running" or b.id == build_id]
-        v_by: dict[str, dict[str, int]] = {b: {} for b in listed}
-        s_by: dict[str, dict[str, int]] = {b: {} for b in listed}
-        if listed:
-            for b, st, n in s.execute(select(Video.build_id, Video.state, func.count())
-                                      .where(Video.build_id.in_(listed)).group_by(Video.build_id, Video.state)):
-                v_by[b][str(st)] = int(n)
-            for b, st, n in s.execute(select(Sample.build_id, Sample.state, func.count())
-                                      .where(Sample.build_id.in_(listed)).group_by(Sample.build_id, Sample.state)):
-                s_by[b][str(st)] = int(n)
+        v_by: dict[str, dict[str, int]] = {}
+        s_by: dict[str, dict[str, int]] = {}
+        for b in listed:
+            c = counted if b == build_id else readmodel.counts(s, b)
+            v_by[b], s_by[b] = readmodel.by_key(c, "videos"), readmodel.by_key(c, "samples")
         builds = []
         for b in build_rows:
             doc: dict[str, Any] = {"id": b.id, "state": b.state, "profile": b.profile,

@@ -1,7 +1,8 @@
 """Every query on a hot path, in one registry.
 
 A hot path runs once per unit of work: a stage run, a sample batch, a chunk poll, an
-ingest batch, a reconcile pass, a claim or hand-out, a dashboard or status load. Its
+ingest batch, a reconcile pass, a claim or hand-out, a dashboard or status load, an
+event batch, an export part, a lease taken or renewed. Its
 queries must reach their own rows through an index whatever the database already holds
 (10^6 videos and 10^7 attempts of earlier builds), or the cost per video grows with the
 corpus.
@@ -40,6 +41,12 @@ MODULES = (
     "opensubject_tasks.services.reconcile",
     "opensubject_tasks.services.mine",
     "opensubject_tasks.orchestrate",
+    "opensubject_tasks.readmodel",
+    "opensubject_tasks.dashboard.data",
+    "opensubject_tasks.runner",
+    "opensubject_tasks.db.locks",
+    "opensubject_tasks.services.events",
+    "opensubject_tasks.services.export_query",
 )
 
 

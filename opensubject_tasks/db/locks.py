@@ -32,9 +32,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, TextClause, text
 from sqlalchemy.orm import Session
 
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.errors import TransientError
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,31 @@ _HOLDER = text("SELECT holder FROM entity_leases WHERE name = :name")
 _RENEW = text("UPDATE entity_leases SET expires_at = now() + make_interval(secs => :ttl)"
               " WHERE name = :name AND holder = :holder")
 _RELEASE = text("DELETE FROM entity_leases WHERE name = :name AND holder = :holder")
+
+
+def _lease_args(f) -> dict:  # noqa: ANN001 - hot_queries.Facts
+    return {"name": f"video:{f.video}", "holder": "host:1:token", "ttl": 60.0, "dead": ""}
+
+
+# Each runs once per stage run (take, look at the holder, release) or per renewal.
+@hot_query("stage run (entity lease)", lambda f: {}, binds=_lease_args)
+def take_lease() -> TextClause:
+    return _TAKE
+
+
+@hot_query("stage run (entity lease)", lambda f: {}, binds=_lease_args)
+def lease_holder() -> TextClause:
+    return _HOLDER
+
+
+@hot_query("lease renewal", lambda f: {}, binds=_lease_args)
+def renew_lease() -> TextClause:
+    return _RENEW
+
+
+@hot_query("stage run (entity lease)", lambda f: {}, binds=_lease_args)
+def release_lease() -> TextClause:
+    return _RELEASE
 
 
 def process_gone(holder: str) -> bool:

@@ -160,7 +160,9 @@ class Pair(Base):
 class Sample(Base):
     __tablename__ = "samples"
     __table_args__ = (Index("samples_state_idx", "state"),
-                      Index("samples_build_state_idx", "build_id", "state"))
+                      Index("samples_build_state_idx", "build_id", "state"),
+                      # sql/008_build_counts.sql
+                      Index("samples_build_updated_idx", "build_id", "updated_at", "id"))
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     pair_id: Mapped[str] = mapped_column(
         Text, ForeignKey("pairs.id", ondelete="RESTRICT"), unique=True
@@ -298,3 +300,24 @@ class EntityLease(Base):
     holder: Mapped[str] = mapped_column(Text)
     taken_at: Mapped[datetime] = _ts()
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class BuildCount(Base):
+    """sql/008_build_counts.sql: a build's counts, kept by PostgreSQL triggers (readmodel.py);
+    SQLite counts its rows instead."""
+    __tablename__ = "build_counts"
+    build_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class BuildCountDelta(Base):
+    """sql/008_build_counts.sql: one change of a build's counts, not yet folded into build_counts."""
+    __tablename__ = "build_count_deltas"
+    __table_args__ = (Index("build_count_deltas_build_idx", "build_id"),)
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    build_id: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)
+    key: Mapped[str] = mapped_column(Text)
+    d: Mapped[int] = mapped_column(BigInteger)

@@ -21,10 +21,11 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import Select, delete, func, insert, select
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import StoreEvent, Video, utcnow
 from opensubject_tasks.services.handoff import Send, hand_out_videos
 from opensubject_tasks.services.ingest import (
@@ -142,10 +143,16 @@ def _hand_out(ctx: Context, build_id: str, ids: list[str], send: Send) -> int:
     """Hand to curate the build's videos among ``ids`` that were never handed out (also those a
     consumer that died registered but did not hand out)."""
     with session_scope(ctx.sessions) as s:
-        todo = list(s.scalars(select(Video.id).where(Video.id.in_(ids), Video.build_id == build_id,
-                                                     Video.state == "registered", Video.queued_at.is_(None))
-                              .order_by(Video.id)))
+        todo = list(s.scalars(never_handed_out(build_id, ids)))
     return len(hand_out_videos(ctx, "curate", todo, send))
+
+
+@hot_query("event batch", lambda f: {"build_id": f.build, "ids": f.video_ids})
+def never_handed_out(build_id: str, ids: list[str]) -> Select:
+    """Which of a batch's registered videos the build has not handed out yet."""
+    return (select(Video.id).where(Video.id.in_(ids), Video.build_id == build_id,
+                                   Video.state == "registered", Video.queued_at.is_(None))
+            .order_by(Video.id))
 
 
 def pending(ctx: Context) -> int:

@@ -7,11 +7,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import distinct, func, select, text
+from sqlalchemy import Select, distinct, func, select, text
 from sqlalchemy.orm import Session
 
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
+from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.lineage import lineage, lineage_sql
 from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
 from opensubject_tasks.errors import BadInput
@@ -123,10 +124,11 @@ def build_stats(s: Session, build_id: str) -> dict[str, Any]:
     """Funnel, states, rejection reasons, duplicates, verification history and throughput."""
     from opensubject_tasks import readmodel
 
+    counted = readmodel.counts(s, build_id)
     return {
         "build": build_id,
-        "funnel": readmodel.funnel(s, build_id),
-        "states": readmodel.states(s, build_id),
+        "funnel": readmodel.funnel(s, build_id, counted),
+        "states": readmodel.states(s, build_id, counted),
         "rejections": count_reasons(readmodel.rejection_reasons(s, build_id)),
         "duplicates": readmodel.duplicates(s, build_id, limit=1000),
         "verification": _verification(s, build_id),
@@ -175,13 +177,21 @@ def records_between(ctx: Context, build_id: str, first: str, before: str | None,
     """The verified samples from ``first`` up to (not including) ``before``."""
     versions = _versions()
     with session_scope(ctx.sessions) as s:
-        q = lineage(select(Sample, Pair, Subject, Clip, Video)).where(
-            Video.build_id == build_id, Sample.state == "verified", Sample.id >= first)
-        if before is not None:
-            q = q.where(Sample.id < before)
-        if held_out:
-            q = q.where(Video.id.not_in(sorted(held_out)))
-        return [_record(build_id, *row, versions=versions) for row in s.execute(q.order_by(Sample.id))]
+        return [_record(build_id, *row, versions=versions)
+                for row in s.execute(part_rows(build_id, first, before, held_out))]
+
+
+@hot_query("export part", lambda f: {"build_id": f.build, "first": f.sample_ids[0], "before": f.sample_ids[-1],
+                                     "held_out": set(f.video_ids[:3])})
+def part_rows(build_id: str, first: str, before: str | None, held_out: set[str]) -> Select:
+    """One export part's verified samples with their lineage, in id order."""
+    q = lineage(select(Sample, Pair, Subject, Clip, Video)).where(
+        Video.build_id == build_id, Sample.state == "verified", Sample.id >= first)
+    if before is not None:
+        q = q.where(Sample.id < before)
+    if held_out:
+        q = q.where(Video.id.not_in(sorted(held_out)))
+    return q.order_by(Sample.id)
 
 
 def held_out_summary(ctx: Context, build_id: str, benches: list[Path], held_out: set[str]) -> dict[str, Any]:
