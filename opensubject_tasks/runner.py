@@ -301,10 +301,12 @@ def videos_of_build(build_id: str | None) -> Select:
     return select(Video).where(Video.build_id == build_id).order_by(Video.name, Video.id)
 
 
-@hot_query("status load", lambda f: {"video_ids": f.video_ids})
-def clip_frames_of(video_ids: list[str]) -> Select:
-    return (select(Clip.video_id, Clip.start_frame, Clip.end_frame)
-            .where(Clip.video_id.in_(video_ids)).order_by(Clip.video_id, Clip.idx))
+@hot_query("status load", lambda f: {"build_id": f.build})
+def clip_frames_of(build_id: str | None) -> Select:
+    """The clips of one build's videos: by the build, not a list of its video ids (a
+    bind parameter per video would fail past 65,535 of them with psycopg 3)."""
+    return (lineage(select(Clip.video_id, Clip.start_frame, Clip.end_frame), Clip)
+            .where(Video.build_id == build_id).order_by(Clip.video_id, Clip.idx))
 
 
 def funnel(ctx: Context, build_id: str | None = None) -> dict[str, Any]:
@@ -318,7 +320,7 @@ def funnel(ctx: Context, build_id: str | None = None) -> dict[str, Any]:
             build_id = s.scalar(select(Build.id).order_by(Build.created_at.desc(), Build.id.desc()).limit(1))
         videos = list(s.scalars(videos_of_build(build_id)))
         clips: dict[str, list[list[int]]] = {v.id: [] for v in videos}
-        for vid, a, b in s.execute(clip_frames_of(list(clips))):
+        for vid, a, b in s.execute(clip_frames_of(build_id)):
             clips[vid].append([a, b])
         return {
             "build": build_id,
