@@ -301,12 +301,11 @@ def videos_of_build(build_id: str | None) -> Select:
     return select(Video).where(Video.build_id == build_id).order_by(Video.name, Video.id)
 
 
-@hot_query("status load", lambda f: {"build_id": f.build})
-def clip_frames_of(build_id: str | None) -> Select:
-    """The clips of one build's videos: by the build, not a list of its video ids (a
-    bind parameter per video would fail past 65,535 of them with psycopg 3)."""
-    return (lineage(select(Clip.video_id, Clip.start_frame, Clip.end_frame), Clip)
-            .where(Video.build_id == build_id).order_by(Clip.video_id, Clip.idx))
+@hot_query("status load", lambda f: {"video_ids": f.video_ids})
+def clip_frames_of(video_ids: list[str]) -> Select:
+    """The clips of some videos (the caller passes at most ID_BATCH ids per statement)."""
+    return (select(Clip.video_id, Clip.start_frame, Clip.end_frame)
+            .where(Clip.video_id.in_(video_ids)).order_by(Clip.video_id, Clip.idx))
 
 
 def funnel(ctx: Context, build_id: str | None = None) -> dict[str, Any]:
@@ -314,14 +313,16 @@ def funnel(ctx: Context, build_id: str | None = None) -> dict[str, Any]:
     funnel (the read model every surface shares), per-video state and clips, and the inputs
     recorded as duplicates. The per-video list is the build's, never the whole database's."""
     from opensubject_tasks import readmodel
+    from opensubject_tasks.orchestrate import ID_BATCH, batched
 
     with session_scope(ctx.sessions) as s:
         if build_id is None:
             build_id = s.scalar(select(Build.id).order_by(Build.created_at.desc(), Build.id.desc()).limit(1))
         videos = list(s.scalars(videos_of_build(build_id)))
         clips: dict[str, list[list[int]]] = {v.id: [] for v in videos}
-        for vid, a, b in s.execute(clip_frames_of(build_id)):
-            clips[vid].append([a, b])
+        for part in batched(list(clips), ID_BATCH):
+            for vid, a, b in s.execute(clip_frames_of(part)):
+                clips[vid].append([a, b])
         return {
             "build": build_id,
             "videos": [{"name": v.name, "id": v.id, "state": v.state, "reason": v.reason,
