@@ -67,17 +67,14 @@ def opensubject_events():
     def build_conf(counts: dict, params=None, run_id=None) -> dict:
         """The build to start, when no build was named and registered videos wait for one."""
         from airflow.sdk.exceptions import AirflowSkipException
-        from opensubject_tasks.orchestrate import unclaimed_videos
-        from opensubject_tasks.storage.base import slug
+        from opensubject_tasks.orchestrate import waiting_build_conf
 
         if params["build"]:
             raise AirflowSkipException(f"the new videos joined build {params['build']!r}")
-        waiting = unclaimed_videos()
-        print(f"{waiting} registered video(s) wait for a build")
-        if not waiting:
+        conf = waiting_build_conf(f"events-{run_id}", params["profile"])
+        if conf is None:
             raise AirflowSkipException("no video waits for a build")
-        return {"build_name": slug(f"events-{run_id}", 64), "video_ids": [], "profile": params["profile"],
-                "source": "", "limit": 0}
+        return conf
 
     conf = build_conf(register_events())
     trigger = TriggerDagRunOperator(task_id="trigger_build", trigger_dag_id="opensubject_build",

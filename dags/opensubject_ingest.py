@@ -54,15 +54,12 @@ def opensubject_ingest():
     def build_conf(params=None, run_id=None) -> dict:
         """The build's parameters, when any registered video waits for a build."""
         from airflow.sdk.exceptions import AirflowSkipException
-        from opensubject_tasks.orchestrate import unclaimed_videos
-        from opensubject_tasks.storage.base import slug
+        from opensubject_tasks.orchestrate import waiting_build_conf
 
-        waiting = unclaimed_videos()
-        print(f"{waiting} registered video(s) wait for a build")
-        if not waiting:
+        conf = waiting_build_conf(f"ingest-{run_id}", params["profile"])
+        if conf is None:
             raise AirflowSkipException("no video waits for a build")
-        return {"build_name": slug(f"ingest-{run_id}", 64), "video_ids": [], "profile": params["profile"],
-                "source": "", "limit": 0}
+        return conf
 
     conf = build_conf()
     trigger = TriggerDagRunOperator(task_id="trigger_build", trigger_dag_id="opensubject_build",

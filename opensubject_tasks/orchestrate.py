@@ -151,6 +151,16 @@ def unclaimed_videos() -> int:
         return int(s.scalar(unclaimed_count()) or 0)
 
 
+def waiting_build_conf(name: str, profile: str) -> dict[str, Any] | None:
+    """The trigger conf of a build of every registered video no build holds (named ``name``),
+    or None when none waits: what the scheduled ingest and the bucket-event runs start."""
+    waiting = unclaimed_videos()
+    log.info("%d registered video(s) wait for a build", waiting)
+    if not waiting:
+        return None
+    return {"build_name": slug(name, 64), "video_ids": [], "profile": profile, "source": "", "limit": 0}
+
+
 @hot_query("scheduled ingest", lambda f: {})
 def unclaimed_count() -> Select:
     return select(func.count(Video.id)).where(Video.build_id.is_(None), Video.state == "registered")
