@@ -134,6 +134,13 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.clip(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12), -1, 1))
 
 
+
+def unchanged_share(man: np.ndarray, tgt: np.ndarray, mask: np.ndarray) -> float:
+    """Share of ``mask``'s pixels the manipulation input left as they are in the target
+    (every channel within 6 levels: encoder noise, not a repaint)."""
+    diff = np.abs(man.astype(np.int16) - tgt.astype(np.int16)).max(axis=2)
+    return float((diff[mask] <= 6).mean())
+
 class KeypointMatcher:
     """Is the masked subject of one image present, up to a similarity transform and a
     mirror flip, in the masked region of another? Returns Brown & Lowe's ratio."""
@@ -296,8 +303,7 @@ class ClassicalVerifier:
                     reasons.append(f"residual: subject keypoints found in the inpainted box "
                                    f"(ratio {kp_box:.2f} >= {t.min_keypoint_ratio:.2f})")
             if p["tgt"] is not None:
-                diff = np.abs(p["man"].astype(np.int16) - p["tgt"].astype(np.int16)).max(axis=2)
-                unchanged = float((diff[p["man_mask"]] <= 6).mean())
+                unchanged = unchanged_share(p["man"], p["tgt"], p["man_mask"])
                 scores["unchanged_in_box"] = unchanged
                 if unchanged > t.max_unchanged_in_box:
                     reasons.append(f"residual: inpainted box left unchanged from the target "
@@ -306,8 +312,7 @@ class ClassicalVerifier:
 
         # Subject visible: its mask in the target, left as it was in the manipulation input.
         if p["tgt"] is not None and p["tgt_mask"] is not None:
-            diff = np.abs(p["man"].astype(np.int16) - p["tgt"].astype(np.int16)).max(axis=2)
-            visible = float((diff[p["tgt_mask"]] <= 6).mean())
+            visible = unchanged_share(p["man"], p["tgt"], p["tgt_mask"])
             scores["subject_visible"] = visible
             if visible > t.max_subject_visible:
                 reasons.append(f"subject visible: {visible:.0%} of the subject's mask in the target is "
