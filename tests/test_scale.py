@@ -199,7 +199,7 @@ def test_clearing_a_red_chunk_reruns_only_its_failed_video(scale, tmp_path):
     stack.clear("opensubject_build", run_id, [["chunk", green]], downstream=True)
     assert stack.wait_run("opensubject_build", run_id, timeout=900) == "success"
     assert verified() == kept and _attempt_counts(ctx) == attempts_before
-    assert "handed 0 to the workers" in stack.log("opensubject_build", run_id, "chunk", green, try_number=2)
+    assert "; 0 handed to the workers now" in stack.log("opensubject_build", run_id, "chunk", green, try_number=2)
 
 
 def test_a_retried_trigger_starts_no_second_build_run(scale, tmp_path):
