@@ -18,7 +18,7 @@ from sqlalchemy.sql import Executable
 
 from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.lineage import lineage
-from opensubject_tasks.db.models import BuildCount, Clip, Duplicate, Pair, Sample, StageAttempt, Subject, Video
+from opensubject_tasks.db.models import Build, BuildCount, Clip, Duplicate, Pair, Sample, StageAttempt, Subject, Video
 
 # Funnel steps in order, each with what it counts: a label says what it counts.
 FUNNEL = {
@@ -86,16 +86,13 @@ def counted_from_rows(s: Session, build_id: str | None = None) -> Counts:
     return out
 
 
-_FOLD_BUILD = text(
-    "WITH moved AS (DELETE FROM build_count_deltas WHERE build_id = :build_id RETURNING build_id, kind, key, d) "
-    "INSERT INTO build_counts (build_id, kind, key, n) "
-    "SELECT build_id, kind, key, sum(d) FROM moved GROUP BY build_id, kind, key "
-    "ON CONFLICT (build_id, kind, key) DO UPDATE SET n = build_counts.n + EXCLUDED.n")
-_FOLD_ALL = text(
-    "WITH moved AS (DELETE FROM build_count_deltas RETURNING build_id, kind, key, d) "
-    "INSERT INTO build_counts (build_id, kind, key, n) "
-    "SELECT build_id, kind, key, sum(d) FROM moved GROUP BY build_id, kind, key "
-    "ON CONFLICT (build_id, kind, key) DO UPDATE SET n = build_counts.n + EXCLUDED.n")
+# Moves change rows into build_counts; {where}: one build's rows or every build's.
+_FOLD = ("WITH moved AS (DELETE FROM build_count_deltas {where}RETURNING build_id, kind, key, d) "
+         "INSERT INTO build_counts (build_id, kind, key, n) "
+         "SELECT build_id, kind, key, sum(d) FROM moved GROUP BY build_id, kind, key "
+         "ON CONFLICT (build_id, kind, key) DO UPDATE SET n = build_counts.n + EXCLUDED.n")
+_FOLD_BUILD = text(_FOLD.format(where="WHERE build_id = :build_id "))
+_FOLD_ALL = text(_FOLD.format(where=""))
 
 
 @hot_query("dashboard or status load", lambda f: {"build_id": f.build})
@@ -122,6 +119,11 @@ def counts(s: Session, build_id: str | None = None) -> Counts:
     b = build_id or None
     s.execute(fold_count_deltas(b))
     return {(k, key): int(n) for k, key, n in s.execute(maintained_counts(b))}
+
+
+def recent_builds(limit: int) -> Select:
+    """The most recent builds, newest first (the one shown when none is named)."""
+    return select(Build).order_by(Build.created_at.desc(), Build.id.desc()).limit(limit)
 
 
 def by_key(c: Counts, kind: str) -> dict[str, int]:

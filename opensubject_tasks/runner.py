@@ -31,7 +31,7 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
 from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.lineage import lineage
-from opensubject_tasks.db.models import Build, Clip, Sample, Video
+from opensubject_tasks.db.models import Clip, Sample, Video
 from opensubject_tasks.catalogue import FIRST_STAGE, SAMPLE_IN_FLIGHT, SAMPLE_UNIT, STAGE_ORDER, VIDEO_TERMINAL, follow
 from opensubject_tasks.services.common import finalize_video, load_stages, mark_terminal, run_stage
 
@@ -317,7 +317,8 @@ def funnel(ctx: Context, build_id: str | None = None) -> dict[str, Any]:
 
     with session_scope(ctx.sessions) as s:
         if build_id is None:
-            build_id = s.scalar(select(Build.id).order_by(Build.created_at.desc(), Build.id.desc()).limit(1))
+            latest = s.scalars(readmodel.recent_builds(1)).first()
+            build_id = latest.id if latest else None
         videos = list(s.scalars(videos_of_build(build_id)))
         clips: dict[str, list[list[int]]] = {v.id: [] for v in videos}
         for part in batched(list(clips), ID_BATCH):

@@ -20,7 +20,7 @@ from opensubject_tasks.catalogue import VIDEO_TERMINAL
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
-from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video
+from opensubject_tasks.db.models import Sample, StageAttempt, Video
 from opensubject_tasks.storage import make_store
 
 BUILDS_LISTED = 10
@@ -73,8 +73,7 @@ def summary(ctx: Context, build_id: str | None = None, recent: int = 12,
     short-lived thumbnail links) of one build (the most recent one when none is named),
     and the progress of the most recent builds."""
     with session_scope(ctx.sessions) as s:
-        build_rows = list(s.scalars(select(Build).order_by(Build.created_at.desc(), Build.id.desc())
-                                    .limit(BUILDS_LISTED)))
+        build_rows = list(s.scalars(readmodel.recent_builds(BUILDS_LISTED)))
         if build_id is None and build_rows:
             build_id = build_rows[0].id
 
