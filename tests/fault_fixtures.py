@@ -62,8 +62,9 @@ class Stack:
         return env
 
     def worker(self, env: dict[str, str], name: str, concurrency: int = 1, include: str | None = None,
-               loglevel: str = "INFO") -> Worker:
-        w = Worker(env, name, self.tmp / f"worker-{name}.log", concurrency=concurrency, include=include)
+               loglevel: str = "INFO", queues: str = "cpu,gpu,maintenance") -> Worker:
+        w = Worker(env, name, self.tmp / f"worker-{name}.log", queues=queues, concurrency=concurrency,
+                   include=include)
         w.cmd[w.cmd.index("--loglevel") + 1] = loglevel
         self.workers.append(w)
         return w.start()

@@ -274,7 +274,10 @@ def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, referenc
 
     env = stack.apply(pg_db, s3_store_settings)
     upload(stack.store, media)
-    worker = stack.worker(env, "flush", concurrency=1)  # one at a time: the rest waits in the queues
+    # One CPU process, one at a time: the rest waits in the queues. No GPU worker until the
+    # second flush, so samples units are sure to wait in the gpu queue when it comes.
+    worker = stack.worker(env, "flush", concurrency=1, queues="cpu,maintenance")
+    workers = [worker]
     client = redis.Redis.from_url(stack.redis_url)
     dropped: dict[str, int] = {}
 
@@ -292,15 +295,15 @@ def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, referenc
         if waiting and any(u and u[0] in kinds[queue] for u in queued):
             client.flushdb()
             dropped[queue] = len(waiting)
-
-    run = drive_build("faults", on_tick=chaos, timeout_s=240)
+            if queue == "gpu":
+                workers.append(stack.worker(env, "flush-gpu", concurrency=1, queues="gpu"))
 
     assert set(dropped) == {"cpu", "gpu"} and all(n > 0 for n in dropped.values()), dropped
     assert not run.failures, run.failures
     counts = check_finished_build(stack.context(), stack.store, "faults", reference)
     assert counts["videos"] == 3 and counts["verified"] > 0
     # The reconciler sent lost curate/mine units and lost samples units again, and counted them.
-    resent = " ".join(line for line in worker.log().splitlines() if "whose message was lost" in line)
+    resent = " ".join(line for w in workers for line in w.log().splitlines() if "whose message was lost" in line)
     assert "curate(" in resent or "mine(" in resent, resent
     assert "samples(" in resent, resent
     from opensubject_tasks.db.engine import session_scope
