@@ -32,6 +32,7 @@ from local_services import (
     pg_admin_url,
     pg_database,
     redis_base_url,
+    redis_db,
     stop_process,
     stop_throwaway,
     throwaway_started,
@@ -233,7 +234,7 @@ def redis_url() -> str:
     base = _service(redis_base_url, "Redis")
     # A database index of this test session's own, so that parallel test sessions on
     # one Redis never consume each other's Celery messages.
-    db = int(os.environ.get("OPENSUBJECT_TEST_REDIS_DB", 1 + os.getpid() % 15))
+    db = int(os.environ.get("OPENSUBJECT_TEST_REDIS_DB", redis_db("broker")))
     url = f"{base}/{db}"
     client = redis.Redis.from_url(url)
     try:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from airflow_fixtures import Worker, service_env
 from airflow_fixtures import row_snapshot as rows  # noqa: F401 - the fault tests compare these
-from local_services import PgCluster, free_port, redis_base_url  # noqa: F401 - the fault tests use these
+from local_services import PgCluster, free_port, redis_base_url, redis_db  # noqa: F401 - the fault tests use these
 
 TERMINAL_VIDEO = {"done", "rejected", "failed"}
 
@@ -76,16 +76,15 @@ class Stack:
         return context()
 
 
-# A Redis database of these tests' own: they flush it, and a worker of another test
-# session on the same server must never take their messages.
-FAULT_REDIS_DB = 10
+# A Redis database of these tests' own (local_services.redis_db): they flush it, and a
+# worker of another test session on the same server must never take their messages.
 
 
 @pytest.fixture()
 def fault_redis_url() -> str:
     import redis
 
-    url = f"{redis_base_url()}/{FAULT_REDIS_DB}"
+    url = f"{redis_base_url()}/{redis_db('fault')}"
     redis.Redis.from_url(url).flushdb()  # no message left over from another test
     yield url
     redis.Redis.from_url(url).flushdb()

@@ -231,6 +231,21 @@ def pg_admin_url() -> str:
     return _resolve(DATABASE_VAR, LOCAL_PG, _pg_answers, lambda: PgCluster(database="postgres").start())
 
 
+def xdist_index() -> int:
+    """This process's index among pytest-xdist's workers (gw0, gw1, ...); 0 without xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(name[2:]) if name.startswith("gw") else 0
+
+
+# Redis database indexes: 1-9 for the sessions' brokers, 10-15 for the fault tests, which
+# flush theirs. Under xdist each worker takes the index of its number, so no two workers
+# of one run share a database (at most 6 workers run fault tests apart).
+def redis_db(kind: str) -> int:
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return (1 + xdist_index() % 9) if kind == "broker" else (10 + xdist_index() % 6)
+    return (1 + os.getpid() % 9) if kind == "broker" else 10
+
+
 def redis_base_url() -> str:
     """A Redis server's URL, without a database index."""
     return _resolve(REDIS_VAR, LOCAL_REDIS, _redis_answers, lambda: RedisServer().start()).rstrip("/")

@@ -298,6 +298,8 @@ def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, referenc
             if queue == "gpu":
                 workers.append(stack.worker(env, "flush-gpu", concurrency=1, queues="gpu"))
 
+    run = drive_build("faults", on_tick=chaos, timeout_s=240)
+
     assert set(dropped) == {"cpu", "gpu"} and all(n > 0 for n in dropped.values()), dropped
     assert not run.failures, run.failures
     counts = check_finished_build(stack.context(), stack.store, "faults", reference)
