@@ -243,7 +243,7 @@ def test_manifest_boxes_are_in_the_exported_images_pixels(full_frame_sample, tmp
     pixels, half the size here), with the images' sizes beside them."""
     import pyarrow.parquet as pq
 
-    from opensubject_tasks.services.export import export_build_to
+    from opensubject_tasks.export.service import export_build_to
 
     ctx, sid, boxes, fulls = full_frame_sample
     assert run_stage(ctx, "synthesize", sid).status == "ok"

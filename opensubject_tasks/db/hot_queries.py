@@ -46,7 +46,7 @@ MODULES = (
     "opensubject_tasks.runner",
     "opensubject_tasks.db.locks",
     "opensubject_tasks.services.events",
-    "opensubject_tasks.services.export_query",
+    "opensubject_tasks.export.query",
 )
 
 

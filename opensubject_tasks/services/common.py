@@ -1,8 +1,8 @@
 """The service layer's shared shell: run one stage on one entity, record the attempt.
 
-Stage services (``services/<stage>.py``) are plain functions ``fn(ctx, entity_id)
--> StageResult``. The embedded runner and the Celery tasks both call ``run_stage``;
-neither knows what a stage does.
+Stage services (``services/<stage>.py``, and ``export/service.py``) are plain functions
+``fn(ctx, entity_id) -> StageResult``. The embedded runner and the Celery tasks both call
+``run_stage``; neither knows what a stage does.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def load_stages() -> dict[str, StageSpec]:
     import importlib
 
     for mod in dict.fromkeys(st.service for st in CATALOGUE.values() if st.service):
-        importlib.import_module(f"opensubject_tasks.services.{mod}")
+        importlib.import_module(f"opensubject_tasks.{mod}")
     missing = [name for name, st in CATALOGUE.items() if st.service and name not in STAGE_FUNCTIONS]
     if missing:
         raise RuntimeError(f"stage(s) {', '.join(missing)} declared in the catalogue but not registered by their service")
