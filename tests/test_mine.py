@@ -10,7 +10,7 @@ from mining_fixtures import BORDER, FULL_FRAME, ONE_CAT, TINY, gt_clips, iou, ma
 from opensubject_tasks.backends.base import CategoryList, Detection
 from opensubject_tasks.backends.registry import get_backend
 from opensubject_tasks.config import MineSettings
-from opensubject_tasks.stages import mine as M
+from opensubject_tasks.steps import subjects as M
 
 RUNTIME = {"device": "cpu", "dtype": "auto", "batch_size": 4}
 SETTINGS = MineSettings()
@@ -363,7 +363,7 @@ def test_mine_service_writes_rows_idempotently(service_ctx, two_videos) -> None:
     from opensubject_tasks.db.engine import session_scope
     from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
     from opensubject_tasks.services.common import run_stage
-    from opensubject_tasks.stages.verify import sample_seed
+    from opensubject_tasks.steps.verdict import sample_seed
 
     ctx = service_ctx
     with_subject, without = two_videos
