@@ -83,7 +83,7 @@ def track_crops(media_dir: str | Path, per_shot: int = 6, max_side: int = 768, j
     """Ground-truth subject crops of the sample media in ``media_dir``."""
     import av
 
-    from opensubject_tasks.stages.mine import box_problem, crop
+    from opensubject_tasks.steps.boxes import box_problem, crop
 
     mine = mine or MineSettings()
     media_dir = Path(media_dir)

@@ -20,7 +20,7 @@ class Stage:
     queue: str
     next: str | None     # the stage a success hands the entity (or its samples) to
     backends: tuple[str, ...] = ()  # model interfaces it calls (a worker loads them at start)
-    service: str | None = None      # opensubject_tasks.services.<service> registers its function
+    service: str | None = None      # opensubject_tasks.<service> registers its function
     retry: str | None = None        # where a failed check sends the entity for another attempt
 
 
@@ -29,19 +29,19 @@ class Stage:
 # GPU models see batches; ``synthesize`` and ``verify`` are the steps it records on each
 # sample (an attempt row per sample and step, as when a sample runs alone).
 PIPELINE = (
-    Stage("curate", "video", CPU, "mine", ("quality",), "curate"),
-    Stage("mine", "video", GPU, "samples", ("vlm", "detector", "embedder"), "mine"),
-    Stage("samples", "video", GPU, None, ("segmenter", "inpainter", "verifier", "embedder", "vlm"), "samples"),
+    Stage("curate", "video", CPU, "mine", ("quality",), "services.curate"),
+    Stage("mine", "video", GPU, "samples", ("vlm", "detector", "embedder"), "services.mine"),
+    Stage("samples", "video", GPU, None, ("segmenter", "inpainter", "verifier", "embedder", "vlm"), "services.samples"),
 )
 SAMPLE_STEPS = (
-    Stage("synthesize", "sample", GPU, "verify", ("segmenter", "inpainter"), "synthesize"),
-    Stage("verify", "sample", GPU, None, ("verifier", "embedder", "vlm"), "verify", retry="synthesize"),
+    Stage("synthesize", "sample", GPU, "verify", ("segmenter", "inpainter"), "services.synthesize"),
+    Stage("verify", "sample", GPU, None, ("verifier", "embedder", "vlm"), "services.verify", retry="synthesize"),
 )
 AUXILIARY = (
     Stage("ingest", "source", MAINTENANCE, None),
-    Stage("export_plan", "build", CPU, None, service="export"),        # an export's shards, split into parts
-    Stage("export_part", "export_part", CPU, None, service="export"),  # a range of shards of a build's export
-    Stage("export", "build", CPU, None, service="export"),             # manifest, stats, report, training layout
+    Stage("export_plan", "build", CPU, None, service="export.service"),        # an export's shards, in parts
+    Stage("export_part", "export_part", CPU, None, service="export.service"),  # a range of shards of an export
+    Stage("export", "build", CPU, None, service="export.service"),             # manifest, stats, report, layout
     Stage("reconcile", "system", MAINTENANCE, None),
 )
 STAGES = {s.name: s for s in PIPELINE + SAMPLE_STEPS + AUXILIARY}

@@ -193,7 +193,7 @@ def cmd_events_forward_sqs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from opensubject_tasks.services.export import export_build_to
+    from opensubject_tasks.export.service import export_build_to
 
     out = _existing_out(args.out, args=args)
     _name(args.build, "--build")

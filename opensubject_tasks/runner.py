@@ -267,7 +267,7 @@ def run_build(ctx: Context, sources: list[str], build_id: str, *, until: str | N
             for vid in _video_ids(ctx, build_id, ["mine"]):
                 finalize_video(ctx, vid)
     if until in (None, "export") and export_dir:
-        from opensubject_tasks.services.export import export_build_to
+        from opensubject_tasks.export.service import export_build_to
 
         def export() -> int:
             export_build_to(ctx, build_id, export_dir)

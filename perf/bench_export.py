@@ -89,8 +89,8 @@ sys.path.insert(0, sys.argv[1])
 t0, c0 = time.perf_counter(), time.process_time()
 from opensubject_tasks.config import load_settings
 from opensubject_tasks.context import Context
-from opensubject_tasks.services import export as e
-from opensubject_tasks.services.export_sinks import StoreSink
+from opensubject_tasks.export import service as e
+from opensubject_tasks.export.sinks import StoreSink
 url, store, step = sys.argv[2], sys.argv[3], sys.argv[4]
 ctx = Context.from_settings(load_settings(database_url=url, store={"kind": "local", "local_root": store}))
 ctx.settings.export.shard_max_samples = __SHARD__

@@ -32,8 +32,8 @@ from mining_fixtures import gt_clips, iou  # noqa: E402
 from opensubject_tasks.backends.registry import get_backend  # noqa: E402
 from opensubject_tasks.config import load_settings  # noqa: E402
 from opensubject_tasks.services.synthesize import encode_png  # noqa: E402
-from opensubject_tasks.stages.mine import mine_clip  # noqa: E402
-from opensubject_tasks.stages.synthesize import apply_augmentation, synthesize_pair  # noqa: E402
+from opensubject_tasks.steps.pair_inputs import apply_augmentation, synthesize_pair  # noqa: E402
+from opensubject_tasks.steps.subjects import mine_clip  # noqa: E402
 
 RUNTIME = {"device": "cpu", "dtype": "auto", "batch_size": 8}
 

@@ -26,7 +26,7 @@ from opensubject_tasks.backends.registry import get_backend  # noqa: E402
 from opensubject_tasks.config import load_settings  # noqa: E402
 from opensubject_tasks.context import Context  # noqa: E402
 from opensubject_tasks.services.common import run_stage  # noqa: E402
-from opensubject_tasks.services.export import export_build_to  # noqa: E402
+from opensubject_tasks.export.service import export_build_to  # noqa: E402
 
 SCENES = ("brick", "coffee", "hubble", "grass")
 

@@ -23,7 +23,7 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
 from opensubject_tasks.db.models import Sample, StageAttempt, Video
 from opensubject_tasks.services.common import run_stage
-from opensubject_tasks.stages.mine import GENERIC, mine_clip
+from opensubject_tasks.steps.subjects import GENERIC, mine_clip
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
 BOXES = {"red": [20.0, 20.0, 80.0, 80.0], "blue": [140.0, 60.0, 210.0, 130.0]}

@@ -26,7 +26,7 @@ from opensubject_tasks.testmedia.samples import photo
 from opensubject_tasks.media.shots import ShotDetector, ShotScore, score_cuts
 from opensubject_tasks.services.common import run_stage
 from opensubject_tasks.services.rerun import invalidate
-from opensubject_tasks.stages.curate import check_video, curate_frames, pick_keyframes, split_shot
+from opensubject_tasks.steps.clips import check_video, curate_frames, pick_keyframes, split_shot
 from opensubject_tasks.storage.sources import file_uri, store_uri
 
 

@@ -15,7 +15,7 @@ DAG_IDS = {"opensubject_build", "opensubject_events", "opensubject_ingest", "ope
 # store clients, Celery. They belong in the tasks (imported when a task runs).
 HEAVY = ("torch", "transformers", "diffusers", "cv2", "av", "scenedetect", "skimage", "numpy",
          "celery", "kombu", "minio", "psycopg2", "webdataset", "pyarrow",
-         "opensubject_tasks.services", "opensubject_tasks.backends", "opensubject_tasks.stages",
+         "opensubject_tasks.services", "opensubject_tasks.backends", "opensubject_tasks.steps", "opensubject_tasks.export",
          "opensubject_tasks.tasks", "opensubject_tasks.celery_app")
 
 # Runs in a fresh interpreter: parses dags/ with every socket connection refused and no

@@ -17,7 +17,7 @@ from opensubject_tasks.errors import BadInput
 from opensubject_tasks.media.decode import DecodeStats, Shrinker, analysis_size, fit_size, iter_frames
 from opensubject_tasks.media.probe import FrameNumbers, open_video, probe_video
 from opensubject_tasks.testmedia.samples import photo
-from opensubject_tasks.stages.curate import curate_frames
+from opensubject_tasks.steps.clips import curate_frames
 
 
 def _video(path: Path, n: int = 60, size=(320, 180), codec: str = "libx264", pix_fmt: str = "yuv420p",

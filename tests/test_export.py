@@ -19,9 +19,9 @@ from opensubject_tasks.config import ExportSettings
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import ExportShard, Sample
+from opensubject_tasks.export.service import export_build_to
+from opensubject_tasks.export.shards import ShardWriter, member_size, sample_key, tar_size
 from opensubject_tasks.services.common import run_stage
-from opensubject_tasks.services.export import export_build_to
-from opensubject_tasks.stages.export import ShardWriter, member_size, sample_key, tar_size
 from opensubject_tasks.storage import Keys
 
 SECRET = "s3cr3t-Vb8qZ2xLw"

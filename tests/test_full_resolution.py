@@ -19,8 +19,8 @@ from opensubject_tasks.db.engine import session_scope, upgrade
 from opensubject_tasks.db.models import Build, Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.testmedia.samples import cutout, encode, photo
 from opensubject_tasks.services.common import run_stage
-from opensubject_tasks.stages.synthesize import grow_box, int_box
-from opensubject_tasks.stages.verify import sample_seed
+from opensubject_tasks.steps.pair_inputs import grow_box, int_box
+from opensubject_tasks.steps.verdict import sample_seed
 from opensubject_tasks.storage import Keys
 from opensubject_tasks.storage.sources import file_uri
 
@@ -243,7 +243,7 @@ def test_manifest_boxes_are_in_the_exported_images_pixels(full_frame_sample, tmp
     pixels, half the size here), with the images' sizes beside them."""
     import pyarrow.parquet as pq
 
-    from opensubject_tasks.services.export import export_build_to
+    from opensubject_tasks.export.service import export_build_to
 
     ctx, sid, boxes, fulls = full_frame_sample
     assert run_stage(ctx, "synthesize", sid).status == "ok"

@@ -10,7 +10,12 @@ from mining_fixtures import BORDER, FULL_FRAME, ONE_CAT, TINY, gt_clips, iou, ma
 from opensubject_tasks.backends.base import CategoryList, Detection
 from opensubject_tasks.backends.registry import get_backend
 from opensubject_tasks.config import MineSettings
-from opensubject_tasks.stages import mine as M
+from opensubject_tasks.geometry import box_area
+from opensubject_tasks.steps.boxes import box_problem, find_merged, join_pieces, replace_boxes
+from opensubject_tasks.steps.consensus import category_consensus
+from opensubject_tasks.steps.identities import TrackedBox
+from opensubject_tasks.steps.pairing import DIVERSITY_WEIGHTS, choose_pairs, shared_target
+from opensubject_tasks.steps.subjects import MineResult, SubjectResult, mine_clip, subject_problem
 
 RUNTIME = {"device": "cpu", "dtype": "auto", "batch_size": 4}
 SETTINGS = MineSettings()
@@ -22,8 +27,8 @@ def backends():
             "embedder": get_backend("embedder", "classical", **RUNTIME)}
 
 
-def mine(frames, numbers, settings: MineSettings = SETTINGS) -> M.MineResult:
-    return M.mine_clip(frames, numbers, settings=settings, **backends())
+def mine(frames, numbers, settings: MineSettings = SETTINGS) -> MineResult:
+    return mine_clip(frames, numbers, settings=settings, **backends())
 
 
 # ------------------------------------------------------------------- pure helpers
@@ -31,11 +36,11 @@ def mine(frames, numbers, settings: MineSettings = SETTINGS) -> M.MineResult:
 def test_category_consensus_keeps_what_most_frames_agree_on() -> None:
     lists = [CategoryList(["Cat", "cup"]), CategoryList(["cat."]), CategoryList(["cat", "dog"]),
              CategoryList([], error="unparsable reply")]
-    got = M.category_consensus(lists, 0.5, 2)
+    got = category_consensus(lists, 0.5, 2)
     # divided by the 4 frames asked, not the 3 that answered
     assert got.kept == {"cat": 0.75} and got.answered == 3 and got.asked == 4 and got.reason is None
     assert got.named == {"cat": 0.75, "cup": 0.25, "dog": 0.25} and got.errors == ["unparsable reply"]
-    assert M.category_consensus(lists, 0.25, 2).kept == {"cat": 0.75, "cup": 0.25, "dog": 0.25}
+    assert category_consensus(lists, 0.25, 2).kept == {"cat": 0.75, "cup": 0.25, "dog": 0.25}
 
 
 def test_category_consensus_keeps_valid_entries_and_records_refused_words() -> None:
@@ -47,7 +52,7 @@ def test_category_consensus_keeps_valid_entries_and_records_refused_words() -> N
                '{"categories": ["dog", "person"]}', '{"categories": ["dogs", "tree"]}']
     lists = [parse_categories(r) for r in replies]
     assert [cl.error for cl in lists] == [None] * 4
-    got = M.category_consensus(lists, 0.5, 2)
+    got = category_consensus(lists, 0.5, 2)
     assert got.kept == {"dog": 1.0}
     assert got.named == {"dog": 1.0, "person": 0.25, "tree": 0.25}
     assert got.rejected == {"grass (not a subject)": 1, "sky (not a subject)": 1}
@@ -56,15 +61,15 @@ def test_category_consensus_keeps_valid_entries_and_records_refused_words() -> N
 
 def test_category_consensus_fails_with_a_reason() -> None:
     one = [CategoryList(["dog"]), *[CategoryList([], error="reply is not JSON: 'x'")] * 3]
-    got = M.category_consensus(one, 0.25, 2)        # dog on 1 of 4 would pass the share...
+    got = category_consensus(one, 0.25, 2)        # dog on 1 of 4 would pass the share...
     assert got.kept == {} and got.reason.startswith("no category consensus: 1 of 4 keyframes")
     assert "at least 2 needed" in got.reason and "not JSON" in got.reason
     split = [CategoryList(["dog"]), CategoryList(["cat"]), CategoryList(["cow"]),
              CategoryList([], rejected=["sky (not a subject)"])]
-    got = M.category_consensus(split, 0.5, 2)
+    got = category_consensus(split, 0.5, 2)
     assert got.kept == {} and "no category named on 50% of 4 keyframes" in got.reason
     assert "refused: sky (not a subject)" in got.reason
-    assert M.category_consensus([CategoryList([], error="empty reply")] * 3, 0.5, 2).reason
+    assert category_consensus([CategoryList([], error="empty reply")] * 3, 0.5, 2).reason
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +93,13 @@ class _Replies:
 def test_clip_without_consensus_is_rejected_not_labelled_object(one_cat_clip) -> None:
     frames, numbers = one_cat_clip
     failing = _Replies([CategoryList([], raw="???", error="reply is not JSON: '???'")] * 4)
-    r = M.mine_clip(frames, numbers, vlm=failing, detector=backends()["detector"],
+    r = mine_clip(frames, numbers, vlm=failing, detector=backends()["detector"],
                     embedder=backends()["embedder"], settings=SETTINGS)
     assert r.subjects == [] and r.pairs == [] and r.categories == {}
     assert r.reason.startswith("no category consensus: 0 of 4 keyframes gave a usable answer")
     assert r.details["consensus"]["errors"] == ["reply is not JSON: '???'"] * 4
     # configured fallback: unnamed subjects, said so
-    fallback = M.mine_clip(frames, numbers, vlm=failing, detector=backends()["detector"],
+    fallback = mine_clip(frames, numbers, vlm=failing, detector=backends()["detector"],
                            embedder=backends()["embedder"],
                            settings=MineSettings(without_consensus="class_agnostic"))
     assert fallback.pairs and {x.category_source for x in fallback.subjects} == {"none"}
@@ -103,29 +108,29 @@ def test_clip_without_consensus_is_rejected_not_labelled_object(one_cat_clip) ->
 
 def test_box_problems_and_subject_reasons() -> None:
     w, h = 640, 360
-    assert M.box_problem([100, 100, 300, 300], w, h, SETTINGS) is None
-    assert M.box_problem([100, 100, 120, 115], w, h, SETTINGS) == "tiny"
-    assert M.box_problem([5, 3, 636, 358], w, h, SETTINGS) == "full-frame"
-    assert M.box_problem([0, 100, 200, 300], w, h, SETTINGS) == "border"
-    assert M.box_problem([100, 100, 640, 300], w, h, SETTINGS) == "border"
+    assert box_problem([100, 100, 300, 300], w, h, SETTINGS) is None
+    assert box_problem([100, 100, 120, 115], w, h, SETTINGS) == "tiny"
+    assert box_problem([5, 3, 636, 358], w, h, SETTINGS) == "full-frame"
+    assert box_problem([0, 100, 200, 300], w, h, SETTINGS) == "border"
+    assert box_problem([100, 100, 640, 300], w, h, SETTINGS) == "border"
 
     def subject(flags, usable, seen=6):
-        return M.SubjectResult(0, "object", "none", 1.0, {i: [0, 0, 1, 1] for i in range(seen)},
+        return SubjectResult(0, "object", "none", 1.0, {i: [0, 0, 1, 1] for i in range(seen)},
                                {}, usable, flags)
 
-    full = M.subject_problem(subject({i: "full-frame" for i in range(5)}, [5]), 6, SETTINGS)
+    full = subject_problem(subject({i: "full-frame" for i in range(5)}, [5]), 6, SETTINGS)
     assert full.startswith("full-frame subject") and "5 of 6" in full
-    assert M.subject_problem(subject({i: "tiny" for i in range(6)}, []), 6, SETTINGS).startswith("tiny subject")
-    assert "frame border" in M.subject_problem(subject({0: "border", 1: "border"}, [2]), 6, SETTINGS)
-    assert "overlaps another subject in 2 of 6" in M.subject_problem(subject({0: "overlap", 1: "overlap"}, [2]),
+    assert subject_problem(subject({i: "tiny" for i in range(6)}, []), 6, SETTINGS).startswith("tiny subject")
+    assert "frame border" in subject_problem(subject({0: "border", 1: "border"}, [2]), 6, SETTINGS)
+    assert "overlaps another subject in 2 of 6" in subject_problem(subject({0: "overlap", 1: "overlap"}, [2]),
                                                                      6, SETTINGS)
-    assert M.subject_problem(subject({}, [0, 1], seen=2), 6, SETTINGS) == "seen in only 2 of 6 keyframes"
-    assert M.subject_problem(subject({}, [0, 1, 2, 3]), 6, SETTINGS) is None
+    assert subject_problem(subject({}, [0, 1], seen=2), 6, SETTINGS) == "seen in only 2 of 6 keyframes"
+    assert subject_problem(subject({}, [0, 1, 2, 3]), 6, SETTINGS) is None
 
 
-def _view(frame: int, box, emb) -> M._Box:
+def _view(frame: int, box, emb) -> TrackedBox:
     v = np.asarray(emb, np.float32)
-    return M._Box(frame, Detection(list(map(float, box)), 0.9, "object", 0), v / np.linalg.norm(v))
+    return TrackedBox(frame, Detection(list(map(float, box)), 0.9, "object", 0), v / np.linalg.norm(v))
 
 
 def test_pairing_prefers_diverse_pairs_and_rejects_near_duplicates() -> None:
@@ -136,35 +141,35 @@ def test_pairing_prefers_diverse_pairs_and_rejects_near_duplicates() -> None:
              _view(3, [300, 150, 380, 250], [1.0, 0.25, 0.1]),
              _view(4, [60, 60, 260, 260], [0.2, 1.0, 0.0])]                          # another look
     s = MineSettings(max_pairs_per_subject=2)
-    pairs, dropped = M.choose_pairs(ident, {0, 1, 2, 3, 4}, numbers, 640, 360, s)
+    pairs, dropped = choose_pairs(ident, {0, 1, 2, 3, 4}, numbers, 640, 360, s)
     assert len(pairs) == 2
     assert dropped["near-duplicate"] == 1                # frames 0 and 1
     assert dropped["identity below threshold"] == 4      # frame 4 against every other view
     divs = [sc["diversity"] for _, _, sc in pairs]
     assert divs == sorted(divs, reverse=True) and min(divs) >= s.min_diversity
     for ref, tgt, sc in pairs:
-        assert M.box_area(ref.det.box) >= M.box_area(tgt.det.box)   # larger view is the reference
+        assert box_area(ref.det.box) >= box_area(tgt.det.box)   # larger view is the reference
         assert set(sc) >= {"identity", "diversity", "temporal", "scale", "position", "aspect", "appearance"}
-        assert all(0.0 <= sc[k] <= 1.0 for k in M.DIVERSITY_WEIGHTS)
+        assert all(0.0 <= sc[k] <= 1.0 for k in DIVERSITY_WEIGHTS)
 
 
 def test_pairing_takes_the_shared_target_first() -> None:
     numbers = [0, 10, 20, 30, 40, 50]
     ident = [_view(k, [40 + 60 * k, 100, 140 + 60 * k + 8 * k, 200], [1.0, 0.05 * k, 0.0]) for k in range(6)]
     s = MineSettings(max_pairs_per_subject=2)
-    free, _ = M.choose_pairs(ident, set(range(6)), numbers, 640, 360, s)
+    free, _ = choose_pairs(ident, set(range(6)), numbers, 640, 360, s)
     assert all(2 not in (r.frame, t.frame) for r, t, _ in free)      # frame 2 is not the most diverse
-    pairs, _ = M.choose_pairs(ident, set(range(6)), numbers, 640, 360, s, prefer_target=2)
+    pairs, _ = choose_pairs(ident, set(range(6)), numbers, 640, 360, s, prefer_target=2)
     assert len(pairs) == 2 and pairs[0][1].frame == 2 and pairs[0][0].frame != 2
     assert {frozenset((r.frame, t.frame)) for r, t, _ in pairs[1:]} <= {frozenset((r.frame, t.frame)) for r, t, _ in free}
-    assert M.shared_target([{0, 1, 2}, {2, 3}, {3, 4}]) == 3 and M.shared_target([{0, 1}, {2, 3}]) is None
+    assert shared_target([{0, 1, 2}, {2, 3}, {3, 4}]) == 3 and shared_target([{0, 1}, {2, 3}]) is None
 
 
 @pytest.mark.slow
 def test_subjects_of_a_clip_share_a_target_frame(ground_truth) -> None:
     """Clips with two or more paired subjects have a target frame that several of their
     pairs share (the export's multi-subject samples); without shared_targets, fewer do."""
-    def shares(r: M.MineResult) -> bool:
+    def shares(r: MineResult) -> bool:
         targets: dict[int, set[int]] = {}
         for p in r.pairs:
             targets.setdefault(p.tgt_frame, set()).add(p.subject_idx)
@@ -176,7 +181,7 @@ def test_subjects_of_a_clip_share_a_target_frame(ground_truth) -> None:
     assert sum(shares(mine(c.frames, c.frame_numbers, apart)) for c, _ in several) < len(several)
 
 
-def _track(boxes: dict[int, list[float]], emb) -> list[M._Box]:
+def _track(boxes: dict[int, list[float]], emb) -> list[TrackedBox]:
     return [_view(k, b, emb) for k, b in sorted(boxes.items())]
 
 
@@ -190,11 +195,11 @@ _B = {0: [460, 120, 540, 200], 1: [380, 120, 460, 200], 3: [120, 120, 200, 200],
 def test_a_box_around_two_crossing_subjects_is_split() -> None:
     numbers = [0, 10, 20, 30, 40]
     idents = [_track(_A, [1.0, 0.1, 0.0]), _track(_B, [0.0, 1.0, 0.1])]
-    parts = {i: d.box for i, k, d in M.find_merged(idents, 5, numbers) if k == 2}
+    parts = {i: d.box for i, k, d in find_merged(idents, 5, numbers) if k == 2}
     assert iou(parts[0], [160, 100, 260, 200]) > 0.9     # A where it was heading
     assert iou(parts[1], [250, 120, 330, 200]) > 0.9     # B, inside the merged box
     frames = [np.random.default_rng(k).integers(0, 255, (360, 640, 3), np.uint8) for k in range(5)]
-    out = M.replace_boxes(idents, M.find_merged(idents, 5, numbers), frames,
+    out = replace_boxes(idents, find_merged(idents, 5, numbers), frames,
                           get_backend("embedder", "classical", **RUNTIME), split=True)
     assert [len(i) for i in out] == [5, 5]
     split = [b for ident in out for b in ident if b.split]
@@ -206,12 +211,12 @@ def test_no_split_for_pieces_of_one_subject_or_a_subject_alone() -> None:
     # B overlaps A before and after: two pieces of one subject (found whole on keyframe 2)
     upper = {k: [b[0], 100, b[2], 150] for k, b in _A.items() if k != 2} | {2: [160, 100, 260, 200]}
     legs = {k: [b[0], 140, b[2], 200] for k, b in _A.items() if k != 2}
-    assert M.find_merged([_track(upper, [1.0, 0.1, 0.0]), _track(legs, [0.0, 1.0, 0.1])], 5, numbers) == []
+    assert find_merged([_track(upper, [1.0, 0.1, 0.0]), _track(legs, [0.0, 1.0, 0.1])], 5, numbers) == []
     # A's box at keyframe 2 is A's own size: B is hidden behind A (or not found), A keeps its box
     alone = {**_A, 2: [160, 100, 260, 200]}
     behind = {0: [280, 120, 360, 200], 1: [220, 120, 300, 200], 3: [100, 120, 180, 200],
               4: [40, 120, 120, 200]}
-    assert M.find_merged([_track(alone, [1.0, 0.1, 0.0]), _track(behind, [0.0, 1.0, 0.1])], 5, numbers) == []
+    assert find_merged([_track(alone, [1.0, 0.1, 0.0]), _track(behind, [0.0, 1.0, 0.1])], 5, numbers) == []
 
 
 def test_pieces_of_a_subject_are_joined_but_a_neighbour_is_not() -> None:
@@ -220,7 +225,7 @@ def test_pieces_of_a_subject_are_joined_but_a_neighbour_is_not() -> None:
     piece = {2: [165, 200, 255, 258]}                    # the lower part, found on its own
     neighbour = {2: [262, 120, 330, 258]}                # another subject right beside it
     idents = [_track(whole, [1.0, 0.1, 0.0]), _track(piece, [0.9, 0.3, 0.0]), _track(neighbour, [0.0, 1.0, 0.1])]
-    joins, pieces = M.join_pieces(idents, numbers)
+    joins, pieces = join_pieces(idents, numbers)
     assert [(i, k) for i, k, _ in joins] == [(0, 2)] and pieces == {(1, 2)}
     assert iou(joins[0][2].box, [160, 100, 260, 260]) > 0.9
 
@@ -363,7 +368,7 @@ def test_mine_service_writes_rows_idempotently(service_ctx, two_videos) -> None:
     from opensubject_tasks.db.engine import session_scope
     from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
     from opensubject_tasks.services.common import run_stage
-    from opensubject_tasks.stages.verify import sample_seed
+    from opensubject_tasks.steps.verdict import sample_seed
 
     ctx = service_ctx
     with_subject, without = two_videos

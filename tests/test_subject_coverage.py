@@ -11,7 +11,7 @@ from opensubject_tasks.backends.classical.verifier import ClassicalVerifier
 from opensubject_tasks.backends.registry import get_backend
 from opensubject_tasks.backends.verifier_vlm import QUESTIONS, combine
 from opensubject_tasks.config import SynthSettings, VerifySettings
-from opensubject_tasks.stages.synthesize import synthesize_pair
+from opensubject_tasks.steps.pair_inputs import synthesize_pair
 
 RUNTIME = {"device": "cpu", "dtype": "auto", "batch_size": 4}
 

@@ -16,7 +16,7 @@ from opensubject_tasks.catalogue import SAMPLE_IMAGES
 from opensubject_tasks.config import SynthSettings
 from opensubject_tasks.errors import Rejected
 from opensubject_tasks.services.synthesize import encode_png
-from opensubject_tasks.stages.synthesize import (
+from opensubject_tasks.steps.pair_inputs import (
     apply_augmentation,
     irregular_erosion,
     synthesize_pair,

@@ -16,7 +16,7 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Sample, StageAttempt
 from opensubject_tasks.services.common import run_stage
-from opensubject_tasks.stages.verify import sample_seed
+from opensubject_tasks.steps.verdict import sample_seed
 from verify_fixtures import add_sample, add_video, make_images, make_sample, prepare_db, store_attempt
 
 SCENES = ("brick", "coffee", "hubble", "grass")
@@ -344,7 +344,7 @@ def test_vlm_is_asked_about_reference_and_target_subject() -> None:
 
     verdict = get_backend("verifier", "vlm").verify([make_sample()], vlm=SaysNo())[0]
     assert "vlm_same_individual: scripted-vlm answered no" in verdict.reasons
-    from opensubject_tasks.stages.verify import decide
+    from opensubject_tasks.steps.verdict import decide
 
     d = decide("s", 1, 7, verdict, [], max_attempts=3)
     assert d.state == "rejected" and d.next == [] and d.reason.startswith("wrong identity")

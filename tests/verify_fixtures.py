@@ -24,7 +24,7 @@ from opensubject_tasks.backends.registry import register
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope, upgrade
 from opensubject_tasks.db.models import Build, Clip, Pair, Sample, Subject, Video
-from opensubject_tasks.stages.verify import sample_seed
+from opensubject_tasks.steps.verdict import sample_seed
 from opensubject_tasks.storage import Keys
 
 SIZE = 256

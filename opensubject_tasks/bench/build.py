@@ -42,10 +42,10 @@ from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.lineage import lineage
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.errors import BadInput
+from opensubject_tasks.export.omnigen2 import multi_subject_groups
 from opensubject_tasks.instructions import (
     generation_instruction, manipulation_instruction, region_box, subject_phrase,
 )
-from opensubject_tasks.stages.omnigen2 import multi_subject_groups
 from opensubject_tasks.storage import slug
 
 BENCH_VERSION = 2   # 2: OmniGen2 instructions and inputs, multi-subject generation cases

@@ -35,6 +35,7 @@ BIG_TABLES = ("videos", "clips", "subjects", "pairs", "samples", "stage_attempts
 # Modules whose builders register themselves when imported.
 MODULES = (
     "opensubject_tasks.services.common",
+    "opensubject_tasks.services.entity",
     "opensubject_tasks.services.samples",
     "opensubject_tasks.services.ingest",
     "opensubject_tasks.services.handoff",
@@ -46,7 +47,7 @@ MODULES = (
     "opensubject_tasks.runner",
     "opensubject_tasks.db.locks",
     "opensubject_tasks.services.events",
-    "opensubject_tasks.services.export_query",
+    "opensubject_tasks.export.query",
 )
 
 

@@ -18,7 +18,7 @@ from opensubject_tasks.catalogue import SAMPLE_STAGES, SAMPLE_UNIT, STAGES, runs
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.lineage import video_of_sample
-from opensubject_tasks.services.common import EntityFacts, StageResult, entity_facts, settle_video
+from opensubject_tasks.services.entity import EntityFacts, StageResult, entity_facts, settle_video
 from opensubject_tasks.services.handoff import leave_flight, record_hand_out
 
 

@@ -1,44 +1,32 @@
 """The service layer's shared shell: run one stage on one entity, record the attempt.
 
-Stage services (``services/<stage>.py``) are plain functions ``fn(ctx, entity_id)
--> StageResult``. The embedded runner and the Celery tasks both call ``run_stage``;
-neither knows what a stage does.
+Stage services (``services/<stage>.py``, and ``export/service.py``) are plain functions
+``fn(ctx, entity_id) -> StageResult``. The embedded runner and the Celery tasks both call
+``run_stage``; neither knows what a stage does. What a run knows of its entity and the
+result it records are in services/entity.py; what follows a run is services/chain.py.
 """
 from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from sqlalchemy import Select, Update, select, update
 from sqlalchemy.orm import Session
 
-from opensubject_tasks.catalogue import SAMPLE_IN_FLIGHT, SUCCEEDED, UNTIL, stage_reached
+from opensubject_tasks.catalogue import SUCCEEDED
 from opensubject_tasks.catalogue import STAGES as CATALOGUE
 from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
-from opensubject_tasks.db.lineage import lineage, video_of_sample_query
+from opensubject_tasks.db.lineage import video_of_sample_query
 from opensubject_tasks.db.locks import EntityLock, new_lock, wait_for
-from opensubject_tasks.db.models import Build, Clip, Sample, StageAttempt, Video, utcnow
+from opensubject_tasks.db.models import Build, Sample, StageAttempt, Video, utcnow
 from opensubject_tasks.errors import BadInput, Rejected
-
-# Follow-up work: (stage, entity_id) pairs an orchestrator should run next.
-Next = list[tuple[str, str]]
-Send = Callable[..., object]  # send(stage, entity_id, task_id=None): puts a task on its queue
-
-
-@dataclass
-class StageResult:
-    status: str = "ok"                 # ok | rejected | failed
-    reason: str | None = None
-    next: Next = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "reason": self.reason,
-                "next": [list(n) for n in self.next], "details": self.details}
+from opensubject_tasks.services.chain import hand_on
+from opensubject_tasks.services.entity import EntityFacts, StageResult, entity_facts, settle_video
+from opensubject_tasks.services.handoff import Send
 
 
 @dataclass(frozen=True)
@@ -77,48 +65,11 @@ def load_stages() -> dict[str, StageSpec]:
     import importlib
 
     for mod in dict.fromkeys(st.service for st in CATALOGUE.values() if st.service):
-        importlib.import_module(f"opensubject_tasks.services.{mod}")
+        importlib.import_module(f"opensubject_tasks.{mod}")
     missing = [name for name, st in CATALOGUE.items() if st.service and name not in STAGE_FUNCTIONS]
     if missing:
         raise RuntimeError(f"stage(s) {', '.join(missing)} declared in the catalogue but not registered by their service")
     return STAGE_FUNCTIONS
-
-
-@dataclass(frozen=True)
-class EntityFacts:
-    """What the bookkeeping of a stage run needs to know about its entity, read in one query."""
-    build_id: str | None = None
-    video_id: str | None = None        # the video a video or sample belongs to
-    until: str = "verify"              # the last stage its build runs (builds.params.until)
-    profile: str | None = None         # the profile its build was started with
-
-
-@hot_query("stage run", lambda f: {"entity_type": "sample", "entity_id": f.sample})
-def entity_facts_query(entity_type: str, entity_id: str) -> Select:
-    """(build id, video id, build params, build profile) of a video, sample, build or export part."""
-    cols = (Build.params, Build.profile)
-    if entity_type == "video":
-        return (select(Video.build_id, Video.id, *cols).outerjoin(Build, Build.id == Video.build_id)
-                .where(Video.id == entity_id))
-    if entity_type == "sample":
-        return (lineage(select(Sample.build_id, Clip.video_id, *cols), Sample, Clip)
-                .outerjoin(Build, Build.id == Sample.build_id).where(Sample.id == entity_id))
-    build_id = entity_id if entity_type == "build" else entity_id.rpartition("#")[0]
-    return select(Build.id, None, *cols).where(Build.id == build_id)
-
-
-def entity_facts(s: Session, entity_type: str, entity_id: str) -> EntityFacts:
-    """The build, video, ``until`` and profile of a video, sample, build or export part."""
-    if entity_type not in ("video", "sample", "build", "export_part"):
-        return EntityFacts()
-    row = s.execute(entity_facts_query(entity_type, entity_id)).first()
-    if row is None:
-        if entity_type in ("build", "export_part"):   # a build row not (yet) written
-            return EntityFacts(entity_id if entity_type == "build" else entity_id.rpartition("#")[0])
-        return EntityFacts()
-    build_id, video_id, params, profile = row
-    until = (params or {}).get("until") or "verify"
-    return EntityFacts(build_id, video_id, until if until in UNTIL else "verify", profile)
 
 
 def build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
@@ -343,8 +294,6 @@ def _finish(ctx: Context, spec: StageSpec, entity_id: str, start: _Start, lock: 
                 if bad is not None:
                     set_bad_input(s, spec.entity_type, entity_id, bad)
                 if send and result is not None:
-                    from opensubject_tasks.services.chain import hand_on
-
                     sends = hand_on(s, spec.name, entity_id, result, start.facts)
             lock.release(s)
         return sends
@@ -429,31 +378,9 @@ def _close_attempts(s: Session, attempt_ids: dict[str, int], outcome: dict[str, 
         row.details = {**(row.details or {}), **(details or {}), "batch_s": round(batch_s, 3)}
 
 
-@hot_query("video settled", lambda f: {"video_id": f.video})
-def sample_states_of_video(video_id: str) -> Select:
-    return lineage(select(Sample.state), Sample, Clip).where(Clip.video_id == video_id)
-
-
 def finalize_video(ctx: Context, video_id: str) -> str:
     """Give a video its terminal state once mining has completed and none of its samples
     is in flight: done (at least one verified sample) or rejected (none). Decided on
     evidence only: a video whose mining never completed keeps its state."""
     with session_scope(ctx.sessions) as s:
         return settle_video(s, video_id)
-
-
-def settle_video(s: Session, video_id: str) -> str:
-    """``finalize_video`` inside the caller's transaction."""
-    video = s.get(Video, video_id, with_for_update=True)
-    if video is None or video.state in ("failed", "rejected") or not stage_reached(video.stage_done, "mine"):
-        return video.state if video else "missing"
-    states = list(s.scalars(sample_states_of_video(video_id)))
-    if any(st in SAMPLE_IN_FLIGHT for st in states):
-        return video.state
-    if any(st == "verified" for st in states):
-        video.state, video.reason = "done", None
-    else:
-        video.state = "rejected"
-        video.reason = video.reason or ("no sample passed verification" if states
-                                        else "no subject pair found")
-    return video.state

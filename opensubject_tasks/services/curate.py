@@ -24,7 +24,7 @@ from opensubject_tasks.media.decode import DecodeStats, iter_frames
 from opensubject_tasks.media.probe import open_video
 from opensubject_tasks.catalogue import follow, stage_reached
 from opensubject_tasks.services.common import StageResult, already_done, stage
-from opensubject_tasks.stages.curate import ClipResult, check_video, curate_frames
+from opensubject_tasks.steps.clips import ClipResult, check_video, curate_frames
 from opensubject_tasks.storage import Keys
 from opensubject_tasks.storage.base import safe_key
 from opensubject_tasks.storage.sources import local_copy, parse_source

@@ -21,7 +21,7 @@ gave up) and fills them (``top_up``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from sqlalchemy import Select, Update, bindparam, func, select, text, update
@@ -32,7 +32,9 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.models import Video, utcnow
-from opensubject_tasks.services.common import Send
+
+# send(stage, entity_id, task_id=None): puts a task on its queue
+Send = Callable[..., object]
 
 __all__ = ["Send", "hand_out_videos", "leave_flight", "pull_waiting", "record_hand_out", "top_up", "wait_for_hand_out"]
 

@@ -22,8 +22,8 @@ from opensubject_tasks.db.lineage import lineage
 from opensubject_tasks.db.models import Clip, Pair, Sample, Subject, Video
 from opensubject_tasks.errors import BadInput, Rejected
 from opensubject_tasks.services.common import StageResult, already_done, stage, utcnow
-from opensubject_tasks.stages.mine import MineResult, mine_clip
-from opensubject_tasks.stages.verify import sample_seed
+from opensubject_tasks.steps.subjects import MineResult, mine_clip
+from opensubject_tasks.steps.verdict import sample_seed
 from opensubject_tasks.storage import ObjectStore
 
 MINABLE_CLIP_STATES = ("kept", "mined")

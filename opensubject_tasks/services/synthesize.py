@@ -24,7 +24,7 @@ from opensubject_tasks.media.frames import FramePosition, decode_frames
 from opensubject_tasks.services.common import StageResult, one_sample, stage
 from opensubject_tasks.services.curate import check_source_unchanged
 from opensubject_tasks.services.mine import decode_rgb
-from opensubject_tasks.stages.synthesize import PairInput, SynthResult, synthesize_pairs
+from opensubject_tasks.steps.pair_inputs import PairInput, SynthResult, synthesize_pairs
 from opensubject_tasks.storage import Keys
 from opensubject_tasks.storage.sources import local_copy
 
@@ -131,7 +131,7 @@ def synthesize_sample(ctx: Context, sample_id: str) -> StageResult:
 
 def synthesize_samples(ctx: Context, sample_ids: list[str]) -> dict[str, StageResult | BadInput]:
     """Synthesize the current attempt of each sample, the models called once for the batch
-    (stages/synthesize.py ``synthesize_pairs``); each sample's outcome, bad input included."""
+    (steps/pair_inputs.py ``synthesize_pairs``); each sample's outcome, bad input included."""
     outcomes: dict[str, StageResult | BadInput] = {}
     jobs: list[_Job] = []
     for sid in sample_ids:

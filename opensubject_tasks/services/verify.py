@@ -24,7 +24,7 @@ from opensubject_tasks.db.lineage import lineage
 from opensubject_tasks.db.models import Pair, Sample, Subject
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.services.common import StageResult, one_sample, stage, utcnow
-from opensubject_tasks.stages.verify import VerifyOutcome, decide, verify_and_caption_batch
+from opensubject_tasks.steps.verdict import VerifyOutcome, decide, verify_and_caption_batch
 from opensubject_tasks.storage import ObjectStore
 
 

@@ -165,7 +165,7 @@ class ShardWriter:
         self._tar = self._path = None
 
 
-# The OmniGen2 training layout is its own unit: stages/omnigen2.py.
+# The OmniGen2 training layout is its own unit: export/omnigen2.py.
 
 
 # -- stats ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ Written under the export root:
   report.html                     self-contained report
   Images/{generation,manipulation}/{input_images,output_images}/NNNNNN/...,
   omnigen2/data.yml, omnigen2/jsonl/<kind>/part-NNNNNN.jsonl   OmniGen2 training layout
-                                                               (stages/omnigen2.py)
+                                                               (export/omnigen2.py)
 """
 from __future__ import annotations
 
@@ -48,17 +48,17 @@ from opensubject_tasks.context import Context
 from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import ExportShard
 from opensubject_tasks.errors import BadInput
-from opensubject_tasks.report import THUMB_NAMES, ReportSample, grid_rank, render_report, thumbnail_uri
-from opensubject_tasks.services.common import StageResult, stage, utcnow
-from opensubject_tasks.services.export_query import (
+from opensubject_tasks.export.omnigen2 import DATA_CONFIG, JSONL_DIRS, LayoutEntry, OmniGen2Layout, data_config, jsonl_part
+from opensubject_tasks.export.query import (
     build_stats, check_build, held_out_summary, image_keys, records_between, shard_starts, _held_out,
 )
-from opensubject_tasks.services.export_sinks import DirSink, Sink, StoreSink
-from opensubject_tasks.stages.export import (
+from opensubject_tasks.export.shards import (
     REQUIRED_IMAGES, SHARD_IMAGES, ExportRecord, ShardWriter, dumps, image_boxes, image_size, sample_members,
     shard_name,
 )
-from opensubject_tasks.stages.omnigen2 import DATA_CONFIG, JSONL_DIRS, LayoutEntry, OmniGen2Layout, data_config, jsonl_part
+from opensubject_tasks.export.sinks import DirSink, Sink, StoreSink
+from opensubject_tasks.report import THUMB_NAMES, ReportSample, grid_rank, render_report, thumbnail_uri
+from opensubject_tasks.services.common import StageResult, stage, utcnow
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("sample_id", pa.string()), ("shard", pa.string()),

@@ -16,7 +16,7 @@ from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.lineage import lineage, lineage_sql
 from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
 from opensubject_tasks.errors import BadInput
-from opensubject_tasks.stages.export import ExportRecord, count_reasons, throughput
+from opensubject_tasks.export.shards import ExportRecord, count_reasons, throughput
 
 _VERSIONED = ("opensubject-tasks", "numpy", "opencv-contrib-python-headless", "pillow",
               "scikit-image", "torch", "transformers", "diffusers")

@@ -48,7 +48,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from opensubject_tasks.stages.export import dumps, image_size
+from opensubject_tasks.export.shards import dumps, image_size
 from opensubject_tasks.instructions import (
     MAX_SUBJECTS, TASK_GENERATION, TASK_MANIPULATION, generation_instruction,
     manipulation_instruction, region_box, subject_phrase,
