@@ -45,13 +45,16 @@ system-deps:
 # Security lint (bandit's rules in ruff) gates the tests; `make audit` checks the
 # pinned requirements against known vulnerabilities (pip-audit; needs PyPI's JSON API
 # or OSV, and says how many packages it could not check).
+# Both run in TEST_WORKERS processes (pytest-xdist; each takes whole files, so a module's
+# fixtures are made once; files that run builds start first). Most of the full suite waits on
+# servers, workers and schedulers, so it runs more processes than there are cores.
 test: venv system-deps
 	$(BIN)/ruff check --select S --ignore S101,S311 opensubject_tasks dags plugins
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS_ALL) --dist loadfile
 
-# On every change: the tests that need no server and run no whole build (see README, Tests),
-# in TEST_WORKERS processes (pytest-xdist; each takes whole files, so a module's fixtures are made once).
+# On every change: the tests that need no server and run no whole build (see README, Tests).
 TEST_WORKERS ?= 2
+TEST_WORKERS_ALL ?= 4
 test-fast: venv
 	$(BIN)/pytest -m "not services and not slow" -n $(TEST_WORKERS) --dist loadfile
 

@@ -75,6 +75,14 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
             item.add_marker(pytest.mark.services)
         if SLOW_FIXTURES.intersection(names):
             item.add_marker(pytest.mark.slow)
+    # Files that run builds first, then those that need services, then the rest (each
+    # file's tests keep their order): under xdist the long files start early instead
+    # of finishing last on one worker while the others idle.
+    weight: dict[str, int] = {}
+    for item in items:
+        rank = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("services") else 2
+        weight[item.nodeid.split("::")[0]] = min(rank, weight.get(item.nodeid.split("::")[0], 2))
+    items.sort(key=lambda it: weight[it.nodeid.split("::")[0]])
 
 
 def pytest_report_header(config):  # noqa: ANN001

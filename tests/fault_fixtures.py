@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,36 @@ def _video_states(ctx, build_id: str) -> dict[str, str]:  # noqa: ANN001
 
     with session_scope(ctx.sessions) as s:
         return dict(s.execute(select(Video.id, Video.state).where(Video.build_id == build_id)).all())
+
+
+# --- the videos of the fault tests, and their undisturbed build ----------------------------------------
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    from disk_cache import sample_videos
+
+    return sample_videos(tmp_path_factory.mktemp("fault-media"), count=3, size=(320, 180))
+
+
+@pytest.fixture(scope="module")
+def reference(s3_server, media, tmp_path_factory) -> dict:
+    """The embedded runner's undisturbed build of the same videos with the same settings."""
+    from opensubject_tasks.config import StoreSettings, load_settings
+    from opensubject_tasks.context import Context
+    from opensubject_tasks.runner import run_build
+    from opensubject_tasks.storage import make_store
+
+    store_settings = StoreSettings(kind="minio", endpoint=s3_server.endpoint, access_key="testkey",
+                                   secret_key="testsecret", bucket=f"ref-{uuid.uuid4().hex[:10]}")
+    upload(make_store(store_settings), media)
+    db = tmp_path_factory.mktemp("fault-reference") / "ref.sqlite"
+    ctx = Context.from_settings(load_settings(database_url=f"sqlite:///{db}", store=store_settings.model_dump(),
+                                              **SMALL))
+    run_build(ctx, ["store://raw/"], "faults")
+    ref = {"rows": rows(ctx), "objects": set(store_keys(ctx.store, "videos/"))}
+    ctx.engine.dispose()
+    states = {st for st, _, _ in ref["rows"]["samples"].values()}
+    assert len(ref["rows"]["videos"]) == 3 and {"verified", "rejected"} <= states  # both outcomes covered
+    return ref
 
 
 # --- what a finished build must look like -----------------------------------------------------------
