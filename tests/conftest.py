@@ -54,6 +54,8 @@ __all__ = ["REPO", "S3Server", "free_port", "wait_port"]
 SERVICE_FIXTURES = frozenset({"pg_url", "redis_url", "fault_redis_url", "s3_server", "airflow_db"})
 # ... and these run builds end to end (a test that runs one itself carries @pytest.mark.slow).
 SLOW_FIXTURES = frozenset({"full_run", "reference", "stack", "scale", "mined_build"})
+# ... and of those, these take minutes (a whole Airflow stack, an 8-video run).
+LONGEST_FIXTURES = frozenset({"full_run", "scale"})
 
 
 def __getattr__(name: str) -> str:
@@ -75,13 +77,18 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
             item.add_marker(pytest.mark.services)
         if SLOW_FIXTURES.intersection(names):
             item.add_marker(pytest.mark.slow)
-    # Files that run builds first, then those that need services, then the rest (each
-    # file's tests keep their order): under xdist the long files start early instead
-    # of finishing last on one worker while the others idle.
+    # Under xdist each process takes whole files: the longest files start first (a real
+    # Airflow stack or an 8-video run, then other builds, then services, then the rest; each
+    # file's tests keep their order), so that none of them finishes last while the others idle.
+    def rank(item) -> int:  # noqa: ANN001
+        if LONGEST_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2 if item.get_closest_marker("services") else 3
+
     weight: dict[str, int] = {}
     for item in items:
-        rank = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("services") else 2
-        weight[item.nodeid.split("::")[0]] = min(rank, weight.get(item.nodeid.split("::")[0], 2))
+        path = item.nodeid.split("::")[0]
+        weight[path] = min(rank(item), weight.get(path, 3))
     items.sort(key=lambda it: weight[it.nodeid.split("::")[0]])
 
 
