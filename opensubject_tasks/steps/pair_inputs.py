@@ -209,9 +209,9 @@ def synthesize_pairs(items: list[PairInput], *, segmenter: Segmenter, inpainter:
     live = sorted(crops)
     # one segmenter call: the subject in every reference and in every target
     prompts = {i: target_prompt(items[i].tgt_box, settings.target_context, items[i].tgt_image.shape) for i in live}
-    masks = segmenter.segment([items[i].ref_image for i in live] + [items[i].tgt_image for i in live],
-                              [[float(v) for v in crops[i]] for i in live]
-                              + [[float(v) for v in prompts[i]] for i in live]) if live else []
+    masks = segment_distinct(segmenter, [items[i].ref_image for i in live] + [items[i].tgt_image for i in live],
+                             [[float(v) for v in crops[i]] for i in live]
+                             + [[float(v) for v in prompts[i]] for i in live]) if live else []
     tgt_masks = {i: target_subject(masks[len(live) + k], items[i].tgt_box, prompts[i]) for k, i in enumerate(live)}
     # A subject that reaches the edge of its prompt may go on beyond it: prompt again around
     # what was found (one batched call per round).
@@ -221,7 +221,8 @@ def synthesize_pairs(items: list[PairInput], *, segmenter: Segmenter, inpainter:
         if not again:
             break
         order = sorted(again)
-        more = segmenter.segment([items[i].tgt_image for i in order], [[float(v) for v in again[i]] for i in order])
+        more = segment_distinct(segmenter, [items[i].tgt_image for i in order],
+                                [[float(v) for v in again[i]] for i in order])
         for i, m in zip(order, more, strict=True):
             found = target_subject(m, items[i].tgt_box, again[i])
             px0, py0, px1, py1 = again[i]
@@ -252,6 +253,20 @@ def synthesize_pairs(items: list[PairInput], *, segmenter: Segmenter, inpainter:
                   "target_mask": p.target_mask}
         out[i] = SynthResult(images, p.augment, dict(backends))
     return out  # type: ignore[return-value]
+
+
+def segment_distinct(segmenter: Segmenter, images: list[Image], boxes: list[list[float]]) -> list[Mask]:
+    """``segmenter.segment`` asked once per distinct (frame, box): the pairs of a batch share
+    frames (a subject's reference in several pairs, a clip's shared target), and the same
+    frame with the same box gives the same mask. Frames are told apart by identity (the
+    service decodes each frame of a batch once); repeats get copies."""
+    keys = [(id(img), tuple(box)) for img, box in zip(images, boxes, strict=True)]
+    first: dict[tuple, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    asked = sorted(first.values())
+    found = dict(zip(asked, segmenter.segment([images[i] for i in asked], [boxes[i] for i in asked]), strict=True))
+    return [found[i] if first[k] == i else found[first[k]].copy() for i, k in enumerate(keys)]
 
 
 # A target mask that fills this share of its prompt box found no boundary there: the
