@@ -50,7 +50,7 @@ system-deps:
 # servers, workers and schedulers, so it runs more processes than there are cores.
 test: venv system-deps
 	$(BIN)/ruff check --select S --ignore S101,S311 opensubject_tasks dags plugins
-	$(BIN)/pytest -n $(TEST_WORKERS_ALL) --dist loadfile
+	$(BIN)/pytest -n $(TEST_WORKERS_ALL) --dist loadfile --durations=10
 
 # On every change: the tests that need no server and run no whole build (see README, Tests).
 TEST_WORKERS ?= 2

@@ -10,7 +10,7 @@ silently).
 Every test that uses a service fixture is marked ``services`` here, and every test that
 uses a fixture which runs a build end to end is marked ``slow``: ``pytest -m "not services
 and not slow"`` is the fast tier (no server, no whole build), ``pytest`` runs everything. The fixtures of airflow_fixtures.py,
-fault_fixtures.py and model_fixtures.py come in through ``pytest_plugins``.
+fault_fixtures.py, model_fixtures.py and scale_stack.py come in through ``pytest_plugins``.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 # airflow_fixtures first: it configures Airflow before anything imports it.
-pytest_plugins = ["airflow_fixtures", "fault_fixtures", "model_fixtures"]
+pytest_plugins = ["airflow_fixtures", "fault_fixtures", "model_fixtures", "scale_stack"]
 
 __all__ = ["REPO", "S3Server", "free_port", "wait_port"]
 
