@@ -46,11 +46,12 @@ system-deps:
 # pinned requirements against known vulnerabilities (pip-audit; needs PyPI's JSON API
 # or OSV, and says how many packages it could not check).
 # Both run in TEST_WORKERS processes (pytest-xdist; each takes whole files, so a module's
-# fixtures are made once; files that run builds start first). Most of the full suite waits on
-# servers, workers and schedulers, so it runs more processes than there are cores.
+# fixtures are made once). The full suite keeps the order tests/conftest.py gives the files
+# (--no-loadscope-reorder: the longest first, instead of xdist's "most tests first"), and
+# runs more processes than there are cores: most of it waits on servers, workers and schedulers.
 test: venv system-deps
 	$(BIN)/ruff check --select S --ignore S101,S311 opensubject_tasks dags plugins
-	$(BIN)/pytest -n $(TEST_WORKERS_ALL) --dist loadfile --durations=10
+	$(BIN)/pytest -n $(TEST_WORKERS_ALL) --dist loadfile --no-loadscope-reorder --durations=10
 
 # On every change: the tests that need no server and run no whole build (see README, Tests).
 TEST_WORKERS ?= 2

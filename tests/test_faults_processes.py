@@ -1,10 +1,7 @@
 """Processes that die under a running build: PostgreSQL restarted, a worker pool process
 killed by its video every time, a slow-loading worker whose pool process dies, an export
-part killed half way.
-
-Each build is driven through the Celery workers as the ``opensubject_build`` DAG drives
-it (tests/fault_fixtures.py), and ends with the exact check against an undisturbed build of
-the same videos (``check_finished_build``)."""
+part killed half way. Each build is driven and checked as in tests/test_faults.py: it ends
+exactly like an undisturbed build of the same videos."""
 from __future__ import annotations
 
 import os

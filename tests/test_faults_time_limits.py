@@ -1,20 +1,12 @@
 """A model call that hangs inside a stage: the stage's soft or hard time limit ends it,
-the attempt is recorded as a timeout and sent again, and the build finishes exactly.
-
-Each build is driven through the Celery workers as the ``opensubject_build`` DAG drives
-it (tests/fault_fixtures.py), and ends with the exact check against an undisturbed build of
-the same videos (``check_finished_build``)."""
+the attempt is recorded as a timeout and sent again, and the build (driven and checked as
+in tests/test_faults.py) ends exactly like an undisturbed one."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from fault_fixtures import (
-    attempts,
-    check_finished_build,
-    drive_build,
-    upload,
-)
+from fault_fixtures import attempts, check_finished_build, drive_build, upload
 
 pytestmark = pytest.mark.timeout(600)
 
