@@ -33,7 +33,7 @@ from opensubject_tasks.db.hot_queries import hot_query
 from opensubject_tasks.db.lineage import lineage
 from opensubject_tasks.db.models import Clip, Sample, Video
 from opensubject_tasks.catalogue import FIRST_STAGE, SAMPLE_IN_FLIGHT, SAMPLE_UNIT, STAGE_ORDER, VIDEO_TERMINAL, follow
-from opensubject_tasks.services.common import finalize_video, load_stages, mark_terminal, run_stage
+from opensubject_tasks.services.common import finalize_video, load_stages, mark_terminal, run_stage, stage_spec
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _run_one(ctx: Context, stage: str, entity_id: str) -> UnitResult:
     except Exception as exc:  # noqa: BLE001 - recorded on the entity, the build goes on
         reason = f"internal error in {stage}: {type(exc).__name__}: {exc}"
         log.error("%s\n%s", reason, traceback.format_exc())
-        mark_terminal(ctx, load_stages()[stage].entity_type, entity_id, "failed", reason, error_stage=stage)
+        mark_terminal(ctx, stage_spec(stage).entity_type, entity_id, "failed", reason, error_stage=stage)
         return entity_id, "failed", reason, []
 
 

@@ -61,15 +61,24 @@ def stage(name: str) -> Callable[[StageFn], StageFn]:
 
 
 def load_stages() -> dict[str, StageSpec]:
-    """Import the service module of each catalogue stage so that its function registers itself."""
-    import importlib
-
-    for mod in dict.fromkeys(st.service for st in CATALOGUE.values() if st.service):
-        importlib.import_module(f"opensubject_tasks.{mod}")
-    missing = [name for name, st in CATALOGUE.items() if st.service and name not in STAGE_FUNCTIONS]
-    if missing:
-        raise RuntimeError(f"stage(s) {', '.join(missing)} declared in the catalogue but not registered by their service")
+    """Import the service module of each catalogue stage so that its function registers itself
+    (a worker does it once at start, before its pool forks)."""
+    for name, st in CATALOGUE.items():
+        if st.service:
+            stage_spec(name)
     return STAGE_FUNCTIONS
+
+
+def stage_spec(name: str) -> StageSpec:
+    """One stage's registered function, its service module imported on first use: a command
+    that runs only curation does not import mining, synthesis or the export (and pyarrow)."""
+    if name not in STAGE_FUNCTIONS:
+        import importlib
+
+        importlib.import_module(f"opensubject_tasks.{CATALOGUE[name].service}")
+        if name not in STAGE_FUNCTIONS:
+            raise RuntimeError(f"stage {name} declared in the catalogue but not registered by its service")
+    return STAGE_FUNCTIONS[name]
 
 
 def build_of(ctx: Context, entity_type: str, entity_id: str) -> str | None:
@@ -198,7 +207,7 @@ def run_stage(ctx: Context, stage_name: str, entity_id: str, attempt: int = 1,
     The bookkeeping takes two transactions: one takes the entity's lock, closes its lost
     attempts and opens the attempt row; one closes the attempt, records bad input, the
     hand-off and the video's settling, and releases the lock."""
-    spec = load_stages()[stage_name]
+    spec = stage_spec(stage_name)
     wait_s = ctx.settings.celery.limits(stage_name).hard_s
     lock: EntityLock | None = None
     start: _Start | None = None
