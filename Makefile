@@ -45,8 +45,8 @@ system-deps:
 # Security lint (bandit's rules in ruff) gates the tests; `make audit` checks the
 # pinned requirements against known vulnerabilities (pip-audit; needs PyPI's JSON API
 # or OSV, and says how many packages it could not check).
-# Both run in TEST_WORKERS processes (pytest-xdist; each takes whole files, so a module's
-# fixtures are made once). The full suite keeps the order tests/conftest.py gives the files
+# The tests run in TEST_WORKERS_ALL processes here and TEST_WORKERS in test-fast (pytest-xdist;
+# each takes whole files, so a module's fixtures are made once). The full suite keeps the order tests/conftest.py gives the files
 # (--no-loadscope-reorder: the longest first, instead of xdist's "most tests first"), and
 # runs more processes than there are cores: most of it waits on servers, workers and schedulers.
 test: venv system-deps

@@ -15,10 +15,10 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 
 import pytest
-from datetime import UTC
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -84,6 +84,23 @@ def service_env(database_url: str, broker_url: str, store_settings, **extra: str
     }
     env.update(extra)
     return env
+
+
+def use_services(env: dict[str, str], monkeypatch, *, migrate: bool = False) -> None:  # noqa: ANN001
+    """Point this process at the services of ``env`` as its worker processes see them: the
+    variables set (``monkeypatch`` undoes them), Celery configured from them and, with
+    ``migrate``, the schema applied to their database."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    from opensubject_tasks.celery_app import configure
+
+    configure()
+    if migrate:
+        from opensubject_tasks.db.engine import make_engine, upgrade
+
+        engine = make_engine(env["OPENSUBJECT_DATABASE_URL"])
+        upgrade(engine)
+        engine.dispose()
 
 
 class Worker:
@@ -192,12 +209,11 @@ def seed_dashboard_data(ctx) -> None:
     from datetime import datetime, timedelta
 
     from PIL import Image
+    from skimage import data as photos
 
     from opensubject_tasks.db.engine import session_scope
     from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
     from opensubject_tasks.storage import Keys
-
-    from skimage import data as photos
 
     cat = Image.fromarray(photos.chelsea())
     keys = {}

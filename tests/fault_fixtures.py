@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow_fixtures import Worker, service_env
+from airflow_fixtures import Worker, service_env, use_services
 from airflow_fixtures import row_snapshot as rows  # noqa: F401 - the fault tests compare these
 from local_services import PgCluster, free_port, redis_base_url, redis_db  # noqa: F401 - the fault tests use these
 
@@ -48,17 +48,10 @@ class Stack:
         self.workers: list[Worker] = []
 
     def apply(self, database_url: str, store_settings, **extra: str) -> dict[str, str]:  # noqa: ANN001
-        from opensubject_tasks.celery_app import configure
-        from opensubject_tasks.db.engine import make_engine, upgrade
         from opensubject_tasks.storage import make_store
 
         env = service_env(database_url, self.redis_url, store_settings, **SMALL_ENV, **FAST_RETRY, **extra)
-        for k, v in env.items():
-            self.monkeypatch.setenv(k, v)
-        configure()
-        engine = make_engine(database_url)
-        upgrade(engine)
-        engine.dispose()
+        use_services(env, self.monkeypatch, migrate=True)
         self.store = make_store(store_settings)
         return env
 
@@ -77,12 +70,10 @@ class Stack:
         return context()
 
 
-# A Redis database of these tests' own (local_services.redis_db): they flush it, and a
-# worker of another test session on the same server must never take their messages.
-
-
 @pytest.fixture()
 def fault_redis_url() -> str:
+    """A Redis database of these tests' own (local_services.redis_db): they flush it, and a
+    worker of another test session on the same server must never take their messages."""
     import redis
 
     url = f"{redis_base_url()}/{redis_db('fault')}"

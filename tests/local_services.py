@@ -231,19 +231,16 @@ def pg_admin_url() -> str:
     return _resolve(DATABASE_VAR, LOCAL_PG, _pg_answers, lambda: PgCluster(database="postgres").start())
 
 
-def xdist_index() -> int:
-    """This process's index among pytest-xdist's workers (gw0, gw1, ...); 0 without xdist."""
-    name = os.environ.get("PYTEST_XDIST_WORKER", "")
-    return int(name[2:]) if name.startswith("gw") else 0
-
-
-# Redis database indexes: 1-9 for the sessions' brokers, 10-15 for the fault tests, which
-# flush theirs. Under xdist each worker takes the index of its number, so no two workers
-# of one run share a database (at most 6 workers run fault tests apart).
 def redis_db(kind: str) -> int:
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        return (1 + xdist_index() % 9) if kind == "broker" else (10 + xdist_index() % 6)
-    return (1 + os.getpid() % 9) if kind == "broker" else 10
+    """A Redis database index for a session's ``broker`` (1-9) or for the fault tests (10-15),
+    which flush theirs. Under pytest-xdist each worker (gw0, gw1, ...) takes the index of its
+    number, so no two workers of one run share a database (at most 6 apart for the fault
+    tests); otherwise a broker takes one by process id."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    n = int(name[2:]) if name.startswith("gw") else None
+    if kind == "broker":
+        return 1 + (os.getpid() if n is None else n) % 9
+    return 10 + (n or 0) % 6
 
 
 def redis_base_url() -> str:

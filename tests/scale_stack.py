@@ -5,12 +5,11 @@ PostgreSQL metadata database, a Celery worker and the S3 test server, all separa
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
 import pytest
-from airflow_fixtures import service_env
+from airflow_fixtures import service_env, use_services
 from airflow_stack import AirflowStack, celery_worker, pg_database
 
 MAP_LENGTH = 8
@@ -38,29 +37,18 @@ def scale(tmp_path_factory, redis_url, s3_server):
                           OPENSUBJECT_MAX_ACTIVE_CHUNKS="4",
                           AIRFLOW__CORE__MAX_MAP_LENGTH=str(MAP_LENGTH),
                           PYTHONPATH=str(Path(__file__).parent))
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # this process reads the same database and store as the stack
-        from opensubject_tasks.celery_app import configure
-        from opensubject_tasks.db.engine import make_engine, upgrade
-
-        configure()
-        engine = make_engine(data_url)
-        upgrade(engine)
-        engine.dispose()
-        stack = AirflowStack(work, af_url, env).start()
-        worker = celery_worker(env, work / "worker.log", "scale", concurrency=2, include="fickle_backend")
-        try:
-            stack.wait_parsed("opensubject_build", "opensubject_ingest")
-            yield {"stack": stack, "worker": worker, "store": make_store(store_settings), "flag": flag,
-                   "work": work, "store_settings": store_settings}
-        finally:
-            worker.stop()
-            stack.stop()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        # this process reads the same database and store as the stack
+        with pytest.MonkeyPatch.context() as mp:
+            use_services(env, mp, migrate=True)
+            stack = AirflowStack(work, af_url, env).start()
+            worker = celery_worker(env, work / "worker.log", "scale", concurrency=2, include="fickle_backend")
+            try:
+                stack.wait_parsed("opensubject_build", "opensubject_ingest")
+                yield {"stack": stack, "worker": worker, "store": make_store(store_settings), "flag": flag,
+                       "work": work, "store_settings": store_settings}
+            finally:
+                worker.stop()
+                stack.stop()
 
 
 def upload_videos(store, paths, prefix: str) -> None:  # noqa: ANN001

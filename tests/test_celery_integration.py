@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from airflow_fixtures import Worker, age_rows, load_dag, row_snapshot, run_dag_test, service_env
+from airflow_fixtures import Worker, age_rows, load_dag, row_snapshot, run_dag_test, service_env, use_services
 
 VIDEOS = ("cat_pan_cut.mp4", "static_scene.mp4")
 NEW = "two_subjects.mp4"  # arrives between two ingest runs
@@ -81,9 +81,8 @@ def reference(s3_server, sample_media, tmp_path_factory):
 @pytest.fixture()
 def stack(pg_db, redis_url, s3_store_settings, monkeypatch, airflow_db, tmp_path):
     """Environment for this test's services, shared by the workers and Airflow's tasks."""
-    from airflow_fixtures import BROKER_PREFIX
-
     import redis
+    from airflow_fixtures import BROKER_PREFIX
 
     # No message left over from an earlier test of this session (its keys only).
     r = redis.Redis.from_url(redis_url)
@@ -92,11 +91,7 @@ def stack(pg_db, redis_url, s3_store_settings, monkeypatch, airflow_db, tmp_path
 
     def apply(**extra: str) -> dict[str, str]:
         env = service_env(pg_db, redis_url, s3_store_settings, **extra)
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        from opensubject_tasks.celery_app import configure
-
-        configure()
+        use_services(env, monkeypatch)
         return env
 
     from opensubject_tasks.orchestrate import context

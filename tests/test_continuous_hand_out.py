@@ -8,7 +8,7 @@ import time
 import uuid
 
 import pytest
-from airflow_fixtures import BROKER_PREFIX, Worker, service_env
+from airflow_fixtures import BROKER_PREFIX, Worker, service_env, use_services
 from sqlalchemy import func, select
 
 pytestmark = pytest.mark.timeout(900)
@@ -33,7 +33,6 @@ def test_a_build_bounded_below_its_videos_finishes_every_video_never_above_the_b
 
     from opensubject_tasks import orchestrate
     from opensubject_tasks.catalogue import VIDEO_TERMINAL
-    from opensubject_tasks.celery_app import configure
     from opensubject_tasks.db.engine import session_scope
     from opensubject_tasks.db.models import StageAttempt, Video
     from opensubject_tasks.services.ingest import register_source
@@ -44,9 +43,7 @@ def test_a_build_bounded_below_its_videos_finishes_every_video_never_above_the_b
     for key in r.scan_iter(match=f"{BROKER_PREFIX}*"):
         r.delete(key)
     env = service_env(pg_db, redis_url, s3_store_settings, **SETTINGS)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    configure()
+    use_services(env, monkeypatch)
     ctx = orchestrate.context()
     store = make_store(s3_store_settings)
     for p in make_tiny_videos(tmp_path / "media", VIDEOS):

@@ -249,7 +249,11 @@ def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, referenc
     client = redis.Redis.from_url(stack.redis_url)
     ctx = stack.context()
     dropped: dict[str, int] = {}
-    paused = {"on": False, "idle_ticks": 0}
+    gpu = {"stopped": False, "idle_ticks": 0}
+
+    def resume_gpu() -> None:
+        os.kill(gpu_main, signal.SIGCONT)
+        gpu["stopped"] = False
 
     def queued(queue: str, stage: str) -> list:
         return [u for raw in client.lrange(f"{BROKER_PREFIX}{queue}", 0, -1)
@@ -268,22 +272,19 @@ def test_broker_flush_mid_build(stack, pg_db, s3_store_settings, media, referenc
         if waiting := queued("gpu", "samples"):
             client.flushdb()
             dropped["gpu"] = len(waiting)
-        elif not paused["on"]:
-            if "mine" in running_stages(ctx):
+            resume_gpu()
+        elif "mine" in running_stages(ctx):
+            if not gpu["stopped"]:
                 # The GPU worker's main process stopped while its pool process mines: it takes
                 # no message, so the samples unit that mining hands on waits in the queue.
                 os.kill(gpu_main, signal.SIGSTOP)
-                paused.update(on=True, idle_ticks=0)
-            return
-        elif "mine" in running_stages(ctx):
-            return
-        else:
-            paused["idle_ticks"] += 1
-            if paused["idle_ticks"] < 3:
-                return  # the unit mining hands on may be on its way
-        # Flushed, or the mining ended before the stop and its samples unit was taken: go on.
-        os.kill(gpu_main, signal.SIGCONT)
-        paused["on"] = False
+                gpu.update(stopped=True, idle_ticks=0)
+        elif gpu["stopped"]:
+            # Mining ended and no samples unit waits: after a few ticks (the unit may be on
+            # its way), it was taken before the stop; go on and try at the next mining.
+            gpu["idle_ticks"] += 1
+            if gpu["idle_ticks"] >= 3:
+                resume_gpu()
 
     try:
         run = drive_build("faults", on_tick=chaos, timeout_s=420)

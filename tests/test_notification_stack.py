@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from airflow_fixtures import service_env
+from airflow_fixtures import service_env, use_services
 from airflow_stack import AirflowStack, pg_database, wait_for
 
 pytestmark = pytest.mark.timeout(900)
@@ -37,26 +37,14 @@ def stack(tmp_path_factory, redis_url, s3_server):
                           AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="5",
                           # this checkout's package and the tests' helpers, in every component
                           PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)]))
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        from opensubject_tasks.celery_app import configure
-        from opensubject_tasks.db.engine import make_engine, upgrade
-
-        configure()
-        engine = make_engine(data_url)
-        upgrade(engine)
-        engine.dispose()
-        airflow = AirflowStack(work, af_url, env).start()
-        try:
-            airflow.wait_parsed("opensubject_events")
-            yield {"airflow": airflow, "af_url": af_url, "store_settings": store_settings}
-        finally:
-            airflow.stop()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        with pytest.MonkeyPatch.context() as mp:
+            use_services(env, mp, migrate=True)
+            airflow = AirflowStack(work, af_url, env).start()
+            try:
+                airflow.wait_parsed("opensubject_events")
+                yield {"airflow": airflow, "af_url": af_url, "store_settings": store_settings}
+            finally:
+                airflow.stop()
 
 
 def _watcher_running(af_url: str) -> bool:

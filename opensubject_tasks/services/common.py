@@ -75,6 +75,8 @@ def stage_spec(name: str) -> StageSpec:
     if name not in STAGE_FUNCTIONS:
         import importlib
 
+        if CATALOGUE[name].service is None:
+            raise KeyError(f"stage {name} runs no stage function (it has no service module)")
         importlib.import_module(f"opensubject_tasks.{CATALOGUE[name].service}")
         if name not in STAGE_FUNCTIONS:
             raise RuntimeError(f"stage {name} declared in the catalogue but not registered by its service")
