@@ -279,7 +279,9 @@ def test_service_embedded_and_rerun(embedded_settings, sample_media: Path):
     ctx.engine.dispose()
 
 
-def test_service_postgres_and_s3(pg_db, s3_store_settings, sample_media: Path):
+def test_service_postgres_and_s3(pg_db, s3_store_settings, sample_media: Path, tmp_path: Path, monkeypatch):
+    # downloads go to a folder of this test's own: other test processes download sources too
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     ctx = _ctx(load_settings(database_url=pg_db, store=s3_store_settings))
     gt = {v["file"]: v for v in json.loads((sample_media / "ground_truth.json").read_text())["videos"]}
     name = "dissolve_two.mp4"
