@@ -88,7 +88,7 @@ class CurateSettings(_Section):
     # less decoding on common encodes, same shot precision/recall (docs/curation.md);
     # False decodes and analyses every frame
     decode_skip_nonref: bool = True
-    decode_threads: int = Field(0, ge=0)    # 0: FFmpeg picks (one per core)
+    decode_threads: int = Field(0, ge=0)    # 0: FFmpeg's count, at least 8 from 640x360 (media/probe.py)
     decode_timeout_s: float = Field(600.0, gt=0)
     max_pixels: int = Field(7680 * 4320, gt=0)
     max_frames: int = Field(10_000_000, gt=0)

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -15,15 +16,14 @@ from opensubject_tasks.backends.classical.quality import ClassicalQuality
 from opensubject_tasks.config import CurateSettings
 from opensubject_tasks.errors import BadInput
 from opensubject_tasks.media.decode import DecodeStats, Shrinker, analysis_size, fit_size, iter_frames
-from opensubject_tasks.media.probe import FrameNumbers, open_video, probe_video
+from opensubject_tasks.media.probe import FrameNumbers, decode_threads, open_video, probe_video
 from opensubject_tasks.testmedia.samples import photo
 from opensubject_tasks.steps.clips import curate_frames
 
 
 def _video(path: Path, n: int = 60, size=(320, 180), codec: str = "libx264", pix_fmt: str = "yuv420p",
            fmt: str | None = None) -> Path:
-    base = photo("coffee")[:size[1], :size[0]]
-    other = photo("astronaut")[:size[1], :size[0]]
+    base, other = _picture("coffee", size), _picture("astronaut", size)
     with av.open(str(path), "w", format=fmt) as out:
         s = out.add_stream(codec, rate=25)
         s.width, s.height = size
@@ -36,6 +36,13 @@ def _video(path: Path, n: int = 60, size=(320, 180), codec: str = "libx264", pix
         for p in s.encode():
             out.mux(p)
     return path
+
+
+def _picture(name: str, size: tuple[int, int]) -> np.ndarray:
+    img = photo(name)
+    if img.shape[0] < size[1] or img.shape[1] < size[0]:
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    return img[:size[1], :size[0]]
 
 
 def _decode_threads() -> list[threading.Thread]:
@@ -89,6 +96,25 @@ def test_the_probes_open_video_continues_into_every_frame(tmp_path: Path, codec:
     assert all(np.array_equal(f.small, plain[f.index]) for f in frames)
     assert not _open_by_us(path)
     video.close()  # closing again (as the service does) is harmless
+
+
+def test_pictures_from_640x360_up_are_decoded_on_at_least_8_frame_threads(tmp_path: Path):
+    """FFmpeg's own count (cores + 1) keeps too few frames in flight on small machines;
+    from 640x360 up the decoder gets at least 8 threads, and the frames stay those of a
+    plain decode. A count set in the settings is kept; small pictures keep FFmpeg's."""
+    s = CurateSettings()
+    assert decode_threads(320, 180, s) == 0
+    assert 8 <= decode_threads(1280, 720, s) <= 16
+    assert decode_threads(1280, 720, CurateSettings(decode_threads=3)) == 3
+    path = _video(tmp_path / "v.mp4", n=30, size=(640, 360))
+    aw, ah = analysis_size(640, 360, s.analysis_width)
+    with av.open(str(path)) as c:
+        plain = [f.to_ndarray(width=aw, height=ah, format="bgr24", interpolation="AREA") for f in c.decode(video=0)]
+    video = open_video(path, s)
+    assert video.stream.codec_context.thread_count >= 8
+    frames = list(iter_frames(video, video.probe, s))
+    assert 15 <= len(frames) < 30  # B-frames skipped
+    assert all(np.array_equal(f.small, plain[f.index]) for f in frames)
 
 
 def _packet(pts: int | None) -> av.Packet:

@@ -82,9 +82,9 @@ def curate_video(ctx: Context, video_id: str) -> StageResult:
 
     def write_keyframes(clip: ClipResult) -> None:
         """Objects first: the rows written later point only at complete objects."""
-        for f in writes:
-            if f.done():
-                f.result()  # a failed write stops the pass now
+        for f in [f for f in writes if f.done()]:
+            f.result()  # a failed write stops the pass now
+            writes.remove(f)  # checked once: a long video's clips do not go over every write again
         cid = clip_id(video_id, clip.idx)
         entries = []
         for kf in clip.keyframes:
