@@ -224,3 +224,19 @@ def test_the_registry_refuses_a_second_backend_under_a_taken_name():
         @register("embedder", "registry-test-one")
         def second(**_):  # noqa: ANN003, ANN202
             return None
+
+
+def test_asking_for_one_classical_backend_imports_only_its_module():
+    """A curation run asks for the quality scorer alone: it must not pay for SciPy and
+    scikit-image, which only the detector needs; every classical backend is still found."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from opensubject_tasks.backends.registry import available, get_backend\n"
+            "get_backend('quality', 'classical')\n"
+            "print(sorted(m for m in ('scipy', 'skimage') if m in sys.modules))\n"
+            "print([i for i in ('detector', 'segmenter', 'inpainter', 'embedder', 'verifier', 'quality')"
+            " if 'classical' not in available(i)] + ([] if 'none' in available('vlm') else ['vlm']))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[]", "[]"]

@@ -45,10 +45,21 @@ def register(interface: str, name: str) -> Callable[[Callable[..., Any]], Callab
     return deco
 
 
+def _load_provider(module: str, interface: str) -> None:
+    """Import what registers ``module``'s backends of ``interface``: its submodule named
+    after the interface when it has one (classical/quality.py), and the module itself."""
+    try:
+        importlib.import_module(f"{module}.{interface}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{module}.{interface}":
+            raise  # a library the backend needs is missing: say which
+    importlib.import_module(module)
+
+
 def available(interface: str) -> list[str]:
     for module in set(_PROVIDERS.values()):
         try:
-            importlib.import_module(module)
+            _load_provider(module, interface)
         except ImportError:
             pass
     return sorted(n for (i, n) in _FACTORIES if i == interface)
@@ -61,7 +72,7 @@ def get_backend(interface: str, name: str, /, **options: Any) -> Any:
         if key in _INSTANCES:
             return _INSTANCES[key]
         if (interface, name) not in _FACTORIES and name in _PROVIDERS:
-            importlib.import_module(_PROVIDERS[name])
+            _load_provider(_PROVIDERS[name], interface)
         factory = _FACTORIES.get((interface, name))
         if factory is None:
             raise KeyError(

@@ -1,7 +1,4 @@
-"""Classical CPU backends (OpenCV/numpy, no downloaded weights). Importing this
-package imports every module in it, and each module registers its backends."""
-import importlib
-import pkgutil
-
-for _mod in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_mod.name}")
+"""Classical CPU backends (OpenCV/numpy, no downloaded weights). Each module is named after
+the interface it serves and registers its backends when imported; the registry imports
+only the one it is asked for (a curation run loads the quality scorer, not SciPy and
+scikit-image for the detector)."""
