@@ -133,7 +133,7 @@ def distributed_build(stack: AirflowStack, sampler: ConnectionSampler, store, vi
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=2000, help="videos of the curation-only build")
-    ap.add_argument("--full-videos", type=int, default=200, help="videos of the whole-pipeline build")
+    ap.add_argument("--full-videos", type=int, default=200, help="videos of the whole-pipeline build (0: none)")
     ap.add_argument("--concurrency", type=int, default=2, help="worker processes (and embedded jobs)")
     ap.add_argument("--work", type=Path, help="folder for media and logs (default: a new temporary one)")
     ap.add_argument("--json", type=Path)
@@ -176,14 +176,16 @@ def main() -> None:
             results["curate_only"] = distributed_build(stack, sampler, ctx.store, curate_videos, "raw", "scale",
                                                        {"until": "curate"})
             print(json.dumps(results["curate_only"], default=str), flush=True)
-            results["full"] = distributed_build(stack, sampler, ctx.store, full_videos, "raw-full", "full", {})
-            print(json.dumps(results["full"], default=str), flush=True)
+            if full_videos:
+                results["full"] = distributed_build(stack, sampler, ctx.store, full_videos, "raw-full", "full", {})
+                print(json.dumps(results["full"], default=str), flush=True)
         finally:
             sampler.stop_flag.set()
             worker.stop()
             stack.stop()
         results["curate_only"]["embedded"] = embedded(curate_videos, "curate", args.concurrency, s3, work)
-        results["full"]["embedded"] = embedded(full_videos, None, args.concurrency, s3, work)
+        if full_videos:
+            results["full"]["embedded"] = embedded(full_videos, None, args.concurrency, s3, work)
     for r in results.values():
         emb = r["embedded"]
         r["same_counts_as_embedded"] = r["funnel"] == emb["funnel"] and r["states"] == emb["states"]
