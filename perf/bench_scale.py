@@ -19,7 +19,7 @@ Reported per build: wall time (trigger to the run's end), the run's task instanc
 videos by state and the funnel against the embedded build's, the peak number of PostgreSQL
 connections (``pg_stat_activity`` of both databases, sampled every 0.5 s), the embedded
 wall time and the share of the distributed wall time that is orchestration overhead
-(1 - embedded / distributed).
+(1 - embedded / distributed), and the CPU seconds each component spent during each build.
 """
 from __future__ import annotations
 
@@ -75,6 +75,37 @@ class ConnectionSampler(threading.Thread):
         self.peak_total = 0
 
 
+_COMPONENTS = (  # (name, what its command line holds), first match wins
+    ("airflow scheduler", "airflow scheduler"), ("airflow triggerer", "airflow triggerer"),
+    ("airflow dag-processor", "airflow dag-processor"), ("airflow api-server", "airflow api-server"),
+    ("airflow task processes", "airflow"), ("celery worker", "celery"), ("postgresql", "postgres"),
+    ("redis", "redis-server"), ("s3 server", "moto"), ("s3 server", "_services"),
+)
+
+
+def cpu_by_component() -> dict[str, float]:
+    """CPU seconds so far of every process on the machine, by component (a process's own
+    and its waited-for children's: Airflow's short-lived task processes count with the
+    process that started them)."""
+    import psutil
+
+    out: dict[str, float] = {"all processes (machine)": sum(psutil.cpu_times()[:3])}
+    for p in psutil.process_iter(["cmdline", "cpu_times"]):
+        cmd, t = " ".join(p.info["cmdline"] or []), p.info["cpu_times"]
+        if t is None:
+            continue
+        name = next((n for n, key in _COMPONENTS if key in cmd), "benchmark (this process)"
+                    if p.pid == os.getpid() else None)
+        if name is not None:
+            out[name] = out.get(name, 0.0) + t.user + t.system + t.children_user + t.children_system
+    return out
+
+
+def _cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before.get(k, 0.0), 1) for k in sorted(after, key=lambda k: -after[k])
+            if after[k] - before.get(k, 0.0) >= 0.5}
+
+
 def _db_name(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -105,9 +136,11 @@ def embedded(videos: list[Path], until: str | None, jobs: int, s3: str, work: Pa
     for p in videos:
         ctx.store.put_file(f"raw/{p.name}", p, "video/mp4")
     t0 = time.monotonic()
+    cpu0 = cpu_by_component()
     run_build(ctx, ["store://raw/"], "emb", until=until, jobs=jobs)
     wall = time.monotonic() - t0
-    out = {"wall_s": round(wall, 1), **funnel_of(ctx, "emb")}
+    out = {"wall_s": round(wall, 1), "cpu_s_by_component": _cpu_spent(cpu0, cpu_by_component()),
+           **funnel_of(ctx, "emb")}
     ctx.engine.dispose()
     return out
 
@@ -119,15 +152,17 @@ def distributed_build(stack: AirflowStack, sampler: ConnectionSampler, store, vi
     for p in videos:
         store.put_file(f"{prefix}/{p.name}", p, "video/mp4")
     sampler.reset()
+    cpu0 = cpu_by_component()
     t0 = time.monotonic()
     run_id = stack.trigger("opensubject_build", {"source": f"store://{prefix}/", "build_name": build, **conf})
     state = stack.wait_run("opensubject_build", run_id, timeout=6 * 3600, interval=2.0)
     wall = time.monotonic() - t0
+    cpu = _cpu_spent(cpu0, cpu_by_component())
     tis = stack.task_instances("opensubject_build", run_id)
     return {"state": state, "wall_s": round(wall, 1), "task_instances": len(tis),
             "chunks": sum(1 for t in tis if t["task_id"] == "chunk"),
             "peak_pg_connections": dict(sampler.peak), "peak_pg_connections_total": sampler.peak_total,
-            **funnel_of(context(), build)}
+            "cpu_s_by_component": cpu, **funnel_of(context(), build)}
 
 
 def main() -> None:
@@ -190,6 +225,7 @@ def main() -> None:
         emb = r["embedded"]
         r["same_counts_as_embedded"] = r["funnel"] == emb["funnel"] and r["states"] == emb["states"]
         r["orchestration_overhead_share"] = round(1 - emb["wall_s"] / r["wall_s"], 3)
+        r["distributed_over_embedded"] = round(r["wall_s"] / emb["wall_s"], 2)
     out = {"videos": args.videos, "full_videos": args.full_videos, "concurrency": args.concurrency,
            "cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
            "stack_ready_s": round(stack.ready_s, 1), "results": results, "logs": str(work)}

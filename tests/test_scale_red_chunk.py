@@ -46,6 +46,12 @@ def test_clearing_a_red_chunk_reruns_only_its_failed_video(scale, tmp_path):
     log = stack.log("opensubject_build", run_id, "chunk", bad_chunk)
     assert f"video {bad_id} (wide.mp4), video, stage curate" in log and "injected error" in log, log[-3000:]
     assert "/opensubject/?build=red" in log
+    # Only the red chunk needed its task back after the wait; a green chunk ended in the
+    # triggerer, its summary in its log, with no second task process.
+    assert "resumed to read its outcome" in log
+    green_log = stack.log("opensubject_build", run_id, "chunk", min(
+        i for (t, i), st in states.items() if t == "chunk" and i != bad_chunk))
+    assert "video(s) by state" in green_log and "resumed to read its outcome" not in green_log, green_log[-3000:]
     # The failure notifier (configured for this stack) wrote its message.
     notes = wait_for("failure notification", lambda: [
         json.loads(line) for line in (scale["work"] / "notify.jsonl").read_text().splitlines()

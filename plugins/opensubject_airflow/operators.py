@@ -43,16 +43,20 @@ def _wait(operator: BaseOperator, trigger: Any, timeout: timedelta, context: Any
         operator.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)
     import asyncio
 
+    from airflow.triggers.base import TaskSuccessEvent
+
     async def first_event() -> Any:
         async for event in trigger.run():
-            return event.payload
+            return event
         return None
 
     try:
-        payload = asyncio.run(asyncio.wait_for(first_event(), timeout.total_seconds()))
+        event = asyncio.run(asyncio.wait_for(first_event(), timeout.total_seconds()))
     except TimeoutError:
         raise AirflowFailException(f"no outcome after {timeout}") from None
-    return operator.execute_complete(context, payload)
+    if isinstance(event, TaskSuccessEvent):  # the trigger ended the task: its result is final
+        return (event.xcoms or {}).get("return_value")
+    return operator.execute_complete(context, event.payload if event is not None else None)
 
 
 def _timing(poll_interval: float | None) -> dict[str, float]:
@@ -76,6 +80,18 @@ def dashboard_url(build_id: str) -> str:
 
     base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
     return f"{base}/opensubject/?build={quote(build_id)}"
+
+
+def log_chunk_report(log: Any, report: dict[str, Any]) -> None:
+    """A settled chunk's videos by state and its bad inputs by reason (errors apart)."""
+    log.info("chunk %s: %d video(s) by state %s", report["chunk"], report["videos"], report["states"])
+    for reason, n in sorted(report["bad_input"].items(), key=lambda kv: -kv[1]):
+        log.info("not used (input): %d x %s", n, reason)
+
+
+def chunk_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """A chunk task's result."""
+    return {k: report[k] for k in ("chunk", "videos", "states", "bad_input")}
 
 
 class ChunkOperator(BaseOperator):
@@ -106,13 +122,14 @@ class ChunkOperator(BaseOperator):
         return _wait(self, ChunkTrigger(self.build_id, int(self.chunk), **_timing(self.poll_interval)),
                      self.wait_timeout, context)
 
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+    def execute_complete(self, context: Any, event: Any) -> dict[str, Any]:
+        """Runs when the chunk's trigger found work failed on an error (a green chunk ends
+        in the trigger), or where the trigger runs in this process (no triggerer, dag.test)."""
         from opensubject_tasks.orchestrate import chunk_report
 
+        self.log.info("chunk %s resumed to read its outcome", self.chunk)
         report = chunk_report(self.build_id, int(self.chunk))
-        self.log.info("chunk %s: %d video(s) by state %s", self.chunk, report["videos"], report["states"])
-        for reason, n in sorted(report["bad_input"].items(), key=lambda kv: -kv[1]):
-            self.log.info("not used (input): %d x %s", n, reason)
+        log_chunk_report(self.log, report)
         errors = report["errors"]
         if errors:
             self.log.error("%d piece(s) of work failed on an error (details: %s):", len(errors),
@@ -126,7 +143,7 @@ class ChunkOperator(BaseOperator):
             raise AirflowFailException(
                 f"{len(errors)} piece(s) of work in chunk {self.chunk} failed on an error; clear this task "
                 "to retry exactly those")
-        return {k: report[k] for k in ("chunk", "videos", "states", "bad_input")}
+        return chunk_summary(report)
 
 
 class CeleryTaskOperator(BaseOperator):
@@ -139,6 +156,8 @@ class CeleryTaskOperator(BaseOperator):
 
     template_fields = ("args",)
     ui_color = "#fbeee8"
+    # a success needs nothing more of this task: the trigger ends it (see on_result)
+    ends_in_trigger = True
 
     def __init__(self, *, stage: str, args: Any = (), toggle: str | None = None,
                  poll_interval: float | None = None, wait_timeout: timedelta = DEFAULT_WAIT,
@@ -156,9 +175,16 @@ class CeleryTaskOperator(BaseOperator):
         args = [self.args] if isinstance(self.args, str) else list(self.args)
         celery_id = send_task(self.stage, args)
         self.log.info("Handed opensubject.%s%s to the workers as task %s", self.stage, tuple(args), celery_id)
-        return _wait(self, TaskOutcomeTrigger(celery_id, **_timing(self.poll_interval)), self.wait_timeout, context)
+        trigger = TaskOutcomeTrigger(celery_id, **_timing(self.poll_interval), end_on_success=self.ends_in_trigger,
+                                     label=self.stage)
+        return _wait(self, trigger, self.wait_timeout, context)
 
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+    def execute_complete(self, context: Any, event: dict[str, Any] | str) -> Any:
+        if not isinstance(event, dict):
+            # the trigger ended the task on success, its result pushed there; only a run
+            # that plays triggers in the task's process (dag.test) hands that end back here
+            self.log.info("%s ended (result in the trigger's log)", self.stage)
+            return None
         if event["status"] == "success":
             result = event["result"]
             self.log.info("%s ended: %s", self.stage, result)
@@ -168,7 +194,8 @@ class CeleryTaskOperator(BaseOperator):
         raise AirflowFailException(f"{self.stage} failed on the worker: {event.get('error')}")
 
     def on_result(self, context: Any, result: Any) -> None:
-        """What to do with a successful result (nothing here)."""
+        """What to do with a successful result (nothing here; an operator that does
+        something sets ``ends_in_trigger = False``, so that it resumes to do it)."""
 
 
 class ExportPlanOperator(CeleryTaskOperator):
@@ -177,6 +204,8 @@ class ExportPlanOperator(CeleryTaskOperator):
 
     def __init__(self, *, build_id: Any, **kwargs: Any) -> None:
         super().__init__(stage="export_plan", args=[build_id], **kwargs)
+
+    ends_in_trigger = False  # its result becomes the parts to map over
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> list[list[str]]:
         result = super().execute_complete(context, event)
@@ -192,6 +221,8 @@ class ExportOperator(CeleryTaskOperator):
 
     def __init__(self, *, build_id: Any, **kwargs: Any) -> None:
         super().__init__(stage="export", args=[build_id], **kwargs)
+
+    ends_in_trigger = False  # publishes the asset event
 
     def on_result(self, context: Any, result: Any) -> None:
         details = (result or {}).get("details") or {}

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
 _CLASSPATH = "opensubject_airflow.triggers."
 
@@ -36,7 +36,10 @@ async def _poll(check: Callable[[], dict[str, Any] | None], interval: float, log
 
 class ChunkTrigger(BaseTrigger):
     """Fires once every video of a build's chunk is settled (terminal, or as far as the
-    build goes). Payload: ``{"videos": n, "settled": n}``."""
+    build goes). When no work of the chunk failed on an error, it ends the task here, green,
+    with the chunk's summary in this log and as its result: a build's chunks need no second
+    task process each (one Airflow task start costs seconds of CPU). Otherwise it resumes
+    the task (payload ``{"videos": n, "settled": n}``), which lists the errors and turns red."""
 
     def __init__(self, build_id: str, chunk: int, poll_interval: float = 5.0, min_wait: float = 0.0) -> None:
         super().__init__()
@@ -52,24 +55,49 @@ class ChunkTrigger(BaseTrigger):
 
         return chunk_progress(self.build_id, self.chunk)
 
+    def _clean_summary(self) -> dict[str, Any] | None:
+        """The chunk's summary when none of its work failed on an error; else None."""
+        from opensubject_airflow.operators import chunk_summary, log_chunk_report
+        from opensubject_tasks.orchestrate import chunk_report
+
+        report = chunk_report(self.build_id, self.chunk)
+        if report["errors"]:
+            return None
+        log_chunk_report(self.log, report)
+        return chunk_summary(report)
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        yield TriggerEvent(await _poll(self._check, self.poll_interval, self.log, self.min_wait))
+        progress = await _poll(self._check, self.poll_interval, self.log, self.min_wait)
+        try:
+            summary = await asyncio.to_thread(self._clean_summary)
+        except Exception as exc:  # noqa: BLE001 - the resumed task reads the report again
+            self.log.warning("chunk report failed here (%s: %s); the task reads it", type(exc).__name__, exc)
+            summary = None
+        if summary is None:
+            yield TriggerEvent(progress)
+        else:
+            yield TaskSuccessEvent(xcoms={"return_value": summary})
 
 
 class TaskOutcomeTrigger(BaseTrigger):
     """Fires once a worker task (ingest, export, reconcile) has recorded its outcome.
 
     Payload: ``{"status": "success", "result": ...}`` or ``{"status": "failure", "error": ...}``.
+    With ``end_on_success`` a success ends the task here, the result as its return value (for
+    operators with nothing more to do then): no second task process.
     """
 
-    def __init__(self, celery_task_id: str, poll_interval: float = 5.0, min_wait: float = 0.0) -> None:
+    def __init__(self, celery_task_id: str, poll_interval: float = 5.0, min_wait: float = 0.0,
+                 end_on_success: bool = False, label: str = "") -> None:
         super().__init__()
         self.celery_task_id = celery_task_id
         self.poll_interval, self.min_wait = poll_interval, min_wait
+        self.end_on_success, self.label = end_on_success, label
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (_CLASSPATH + "TaskOutcomeTrigger", {"celery_task_id": self.celery_task_id,
-                                                   "poll_interval": self.poll_interval, "min_wait": self.min_wait})
+                                                   "poll_interval": self.poll_interval, "min_wait": self.min_wait,
+                                                   "end_on_success": self.end_on_success, "label": self.label})
 
     def _check(self) -> dict[str, Any] | None:
         from opensubject_tasks.orchestrate import task_outcome
@@ -77,7 +105,12 @@ class TaskOutcomeTrigger(BaseTrigger):
         return task_outcome(self.celery_task_id)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        yield TriggerEvent(await _poll(self._check, self.poll_interval, self.log, self.min_wait))
+        outcome = await _poll(self._check, self.poll_interval, self.log, self.min_wait)
+        if self.end_on_success and outcome["status"] == "success":
+            self.log.info("%s ended: %s", self.label or self.celery_task_id, outcome["result"])
+            yield TaskSuccessEvent(xcoms={"return_value": outcome["result"]})
+        else:
+            yield TriggerEvent(outcome)
 
 
 try:  # Airflow >= 3.0
