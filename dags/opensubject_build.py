@@ -9,8 +9,9 @@ the database says every video of the chunk is settled. A video rejected or faile
 input stops with its reason; the other videos go on. A chunk whose videos failed on an
 *error* turns red and lists them (stage and error) in its log: clear it to retry exactly
 those. Then the dataset is exported (`export_plan`, one `export_part` per part of its
-shards, `export`) and published as the `opensubject_dataset` asset, and the build is
-reported; `watch` turns the run red when any task failed.
+shards, `export`; skipped when the run stops before verify) and published as the
+`opensubject_dataset` asset, and the build is reported; `watch` turns the run red when any
+task failed.
 
 Task instances grow with chunks, not videos (a 10^6-video build stays under `[core]
 max_map_length`). A chunk task registers its videos as waiting and defers: all chunks are
@@ -66,7 +67,8 @@ DATASET = Asset(name="opensubject_dataset", uri="opensubject://datasets")
         "until": Param("verify", type="string", enum=["curate", "mine", "verify"], title="Run up to",
                        description="The last stage: curate (clips and keyframes), mine (subjects and "
                                    "pairs) or verify (synthesized, verified and captioned samples)."),
-        "export": Param(True, type="boolean", title="Export shards, manifest and report"),
+        "export": Param(True, type="boolean", title="Export shards, manifest and report",
+                        description="After verify (a run up to curate or mine exports nothing)."),
         "chunk_size": Param(0, type="integer", minimum=0, title="Videos per chunk",
                             description="0: automatic (at least 50, and as many as needed to stay "
                                         "within Airflow's max_map_length)."),

@@ -400,8 +400,9 @@ def test_reconcile_sends_lost_sample_work_once_and_never_a_waiting_backlog(stack
     worker = stack["worker"]("s1", env)
     # Curate and mine only: the samples stay pending, never handed to a queue.
     _, states = run_dag_test(load_dag("opensubject_build"),
-                             {"source": "store://raw/", "build_name": "sweep", "until": "mine", "export": False})
-    assert states[("chunk", 0)] == "success" and states[("export", -1)] == "skipped"
+                             {"source": "store://raw/", "build_name": "sweep", "until": "mine"})
+    assert states[("chunk", 0)] == "success"
+    assert states[("export_plan", -1)] == states[("export", -1)] == "skipped"  # nothing to export before verify
     ctx = stack["context"]()
     with session_scope(ctx.sessions) as s:
         ids = sorted(x.id for x in s.query(Sample))

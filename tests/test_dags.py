@@ -132,6 +132,22 @@ def test_no_cycles_and_expected_structure():
     assert [a.name for a in dag.get_task("export").outlets] == ["opensubject_dataset"]
 
 
+@pytest.mark.usefixtures("airflow_db")
+def test_the_export_skips_runs_that_stop_before_verify():
+    """As the embedded runner: a run up to curate or mine has no sample to export, so the
+    export's steps skip, saying why; the form's switch still turns it off for a full run."""
+    from airflow_fixtures import load_dag
+
+    dag = load_dag("opensubject_build")
+    for tid in ("export_plan", "export"):
+        step = dag.get_task(tid)
+        for until in ("curate", "mine"):
+            assert "nothing to export" in step.skip_reason({"params": {"until": until, "export": True}})
+        assert "switched off" in step.skip_reason({"params": {"until": "verify", "export": False}})
+        assert step.skip_reason({"params": {"until": "verify", "export": True}}) is None
+    assert dag.get_task("register").skip_reason({"params": {"until": "curate"}}) is None
+
+
 def test_schedules_default_and_configurable(parsed):
     assert parsed["dags"]["opensubject_ingest"]["schedule"] == "@hourly"
     assert parsed["dags"]["opensubject_reconcile"]["schedule"] == "*/15 * * * *"

@@ -170,8 +170,9 @@ class CeleryTaskOperator(BaseOperator):
         from opensubject_airflow.triggers import TaskOutcomeTrigger
         from opensubject_tasks.orchestrate import send_task
 
-        if _switched_off(context, self.toggle):
-            raise AirflowSkipException(f"{self.stage} is switched off for this run")
+        reason = self.skip_reason(context)
+        if reason:
+            raise AirflowSkipException(reason)
         args = [self.args] if isinstance(self.args, str) else list(self.args)
         celery_id = send_task(self.stage, args)
         self.log.info("Handed opensubject.%s%s to the workers as task %s", self.stage, tuple(args), celery_id)
@@ -193,12 +194,29 @@ class CeleryTaskOperator(BaseOperator):
         self.log.error("%s failed on the worker: %s", self.stage, event.get("error"))
         raise AirflowFailException(f"{self.stage} failed on the worker: {event.get('error')}")
 
+    def skip_reason(self, context: Any) -> str | None:
+        """Why this run does not need this task (None: it does)."""
+        if _switched_off(context, self.toggle):
+            return f"{self.stage} is switched off for this run"
+        return None
+
     def on_result(self, context: Any, result: Any) -> None:
         """What to do with a successful result (nothing here; an operator that does
         something sets ``ends_in_trigger = False``, so that it resumes to do it)."""
 
 
-class ExportPlanOperator(CeleryTaskOperator):
+class _ExportStep(CeleryTaskOperator):
+    """A step of the export: skipped, like the embedded runner's, when the run stops before
+    verify (no sample exists yet to export)."""
+
+    def skip_reason(self, context: Any) -> str | None:
+        until = context["params"].get("until") or "verify"
+        if until != "verify":
+            return f"nothing to export: this run goes up to {until}, samples come at verify"
+        return super().skip_reason(context)
+
+
+class ExportPlanOperator(_ExportStep):
     """Plan a build's export on a worker; returns its parts as the arguments of the
     ``export_part`` tasks mapped over them (at most ``export.max_parts``)."""
 
@@ -214,7 +232,7 @@ class ExportPlanOperator(CeleryTaskOperator):
         return [[p] for p in parts]
 
 
-class ExportOperator(CeleryTaskOperator):
+class ExportOperator(_ExportStep):
     """Finish a build's export on a worker (its parts written), then publish it: each asset
     in ``outlets`` gets an event saying which build, where and how many samples, so a
     training DAG scheduled on the asset finds the new dataset."""
