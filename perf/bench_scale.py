@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=2000, help="videos of the curation-only build")
     ap.add_argument("--full-videos", type=int, default=200, help="videos of the whole-pipeline build (0: none)")
     ap.add_argument("--concurrency", type=int, default=2, help="worker processes (and embedded jobs)")
+    ap.add_argument("--chunk-size", type=int, default=0, help="videos per chunk (0: automatic)")
     ap.add_argument("--work", type=Path, help="folder for media and logs (default: a new temporary one)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -209,7 +210,7 @@ def main() -> None:
             stack.unpause("opensubject_build")
             print(f"stack ready in {stack.ready_s:.0f} s", flush=True)
             results["curate_only"] = distributed_build(stack, sampler, ctx.store, curate_videos, "raw", "scale",
-                                                       {"until": "curate"})
+                                                       {"until": "curate", "chunk_size": args.chunk_size})
             print(json.dumps(results["curate_only"], default=str), flush=True)
             if full_videos:
                 results["full"] = distributed_build(stack, sampler, ctx.store, full_videos, "raw-full", "full", {})
