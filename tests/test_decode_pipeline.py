@@ -115,6 +115,11 @@ def test_pictures_from_640x360_up_are_decoded_on_at_least_8_frame_threads(tmp_pa
     frames = list(iter_frames(video, video.probe, s))
     assert 15 <= len(frames) < 30  # B-frames skipped
     assert all(np.array_equal(f.small, plain[f.index]) for f in frames)
+    # Which frames the coarse pass skips is the stream's, not the thread count's: a curation
+    # on a 2-core machine and one on 16 cores (or in `--jobs N` workers) find the same shots.
+    for threads in (1, 3, 16):
+        single = CurateSettings(decode_threads=threads)
+        assert [f.index for f in iter_frames(path, probe_video(path, single), single)] == [f.index for f in frames]
 
 
 def _packet(pts: int | None) -> av.Packet:
@@ -215,7 +220,7 @@ def test_stopping_early_ends_the_thread_and_closes_the_file(clip: Path):
     s = CurateSettings()
     frames = iter_frames(clip, probe_video(clip, s), s)
     for f in frames:
-        if f.index == 3:
+        if f.index >= 3:  # (frame 3 itself may be one the coarse pass skips)
             break
     assert _decode_threads()  # still open: the generator is only suspended
     frames.close()

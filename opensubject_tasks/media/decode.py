@@ -273,14 +273,12 @@ def _decode(source: str | Path | OpenedVideo, s: CurateSettings, stats: DecodeSt
     try:
         with (source if isinstance(source, OpenedVideo) else open_video(source, s)) as video:
             numbers, decoder = video.numbers, video.stream.codec_context
-            skipping = s.decode_skip_nonref and numbers.exact
+            skipping = video.skipping  # set by the probe before its first packet
 
             def decoded() -> Iterator[av.VideoFrame]:
-                yield from video.take_first_frames()  # decoded whole by the probe
+                yield from video.take_first_frames()
                 if video.ended:
                     return
-                if skipping:
-                    decoder.skip_frame = "NONREF"
                 for packet in video.container.demux(video.stream):
                     numbers.packet(packet)
                     yield from packet.decode()

@@ -140,10 +140,11 @@ class OpenedVideo:
 
     def __init__(self, probe: ProbeResult, container: av.container.InputContainer,
                  stream: av.video.stream.VideoStream, first_frames: list[av.VideoFrame],
-                 ended: bool, numbers: FrameNumbers) -> None:
+                 ended: bool, numbers: FrameNumbers, skipping: bool = False) -> None:
         self.probe, self.container, self.stream = probe, container, stream
         self._first, self.ended = first_frames, ended  # ended: the decoder is flushed
         self.numbers = numbers
+        self.skipping = skipping  # the decoder skips unreferenced frames (decode_skip_nonref)
 
     def take_first_frames(self) -> list[av.VideoFrame]:
         """The frames the probe decoded, once (then released)."""
@@ -220,8 +221,17 @@ def _probe(path: Path, c: av.container.InputContainer, s: CurateSettings) -> Ope
     # The decode pass continues with this decoder, so it gets that pass's threading now.
     v.thread_type = "AUTO"
     v.thread_count = decode_threads(width, height, s)
+    # The coarse pass (decode_skip_nonref) skips from the first packet on, so which frames
+    # come out is the stream's affair (each picture says whether others refer to it), not
+    # the thread count's: frames in flight when skipping began would come out whole, more
+    # of them with more threads. A stream without a frame rate is measured from its first
+    # frames' timestamps, which skipping would space unevenly: decoded whole.
     numbers = FrameNumbers()
+    skipping = s.decode_skip_nonref and fps is not None
+    if skipping:
+        v.codec_context.skip_frame = "NONREF"
     first, ended = _first_frames(c, v, deadline, numbers, n=1 if fps is not None else 3)
+    skipping = skipping and numbers.exact  # _first_frames stopped it for a stream without timestamps
     if not first:
         raise BadInput(f"no frame of the {codec} stream could be decoded")
     f0 = first[0]
@@ -263,7 +273,7 @@ def _probe(path: Path, c: av.container.InputContainer, s: CurateSettings) -> Ope
         rotation=rotation, pix_fmt=f0.format.name or (cc.pix_fmt if cc else None),
         bit_rate=int(c.bit_rate) if c.bit_rate else None, streams=streams, notes=notes,
     )
-    return OpenedVideo(probe, c, v, first, ended, numbers)
+    return OpenedVideo(probe, c, v, first, ended, numbers, skipping)
 
 
 # FFmpeg's own choice is one frame thread per core, plus one. With so few frames in flight
@@ -299,6 +309,8 @@ def _first_frames(c: av.container.InputContainer, v: av.video.stream.VideoStream
     try:
         for packet in c.demux(v):
             numbers.packet(packet)
+            if not numbers.exact:  # no timestamps to number skipped frames by
+                v.codec_context.skip_frame = "DEFAULT"
             for frame in packet.decode():
                 out.append(frame)
             if len(out) >= n or time.monotonic() > deadline:
