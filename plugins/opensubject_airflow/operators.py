@@ -1,7 +1,9 @@
 """Operators that hand OpenSubject work to the Celery workers and wait without a worker slot.
 
 ``execute`` puts the work on its queue (milliseconds) and defers to a trigger; the
-triggerer waits; ``execute_complete`` runs when the work has ended, logs the outcome and
+triggerer waits. Work that ended well and needs nothing more of the task ends it in the
+trigger (its summary in the log, its result as the return value): an Airflow task process
+costs about a second of CPU. Otherwise ``execute_complete`` runs, logs the outcome and
 fails the Airflow task, with the errors, when work failed on an error.
 
 * ``ChunkOperator``: one chunk of a build's videos (mapped over the chunks). The workers
