@@ -167,7 +167,7 @@ def distributed_build(stack: AirflowStack, sampler: ConnectionSampler, store, vi
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--videos", type=int, default=2000, help="videos of the curation-only build")
+    ap.add_argument("--videos", type=int, default=2000, help="videos of the curation-only build (0: none)")
     ap.add_argument("--full-videos", type=int, default=200, help="videos of the whole-pipeline build (0: none)")
     ap.add_argument("--concurrency", type=int, default=2, help="worker processes (and embedded jobs)")
     ap.add_argument("--chunk-size", type=int, default=0, help="videos per chunk (0: automatic)")
@@ -209,9 +209,10 @@ def main() -> None:
             stack.wait_parsed("opensubject_build")
             stack.unpause("opensubject_build")
             print(f"stack ready in {stack.ready_s:.0f} s", flush=True)
-            results["curate_only"] = distributed_build(stack, sampler, ctx.store, curate_videos, "raw", "scale",
-                                                       {"until": "curate", "chunk_size": args.chunk_size})
-            print(json.dumps(results["curate_only"], default=str), flush=True)
+            if curate_videos:
+                results["curate_only"] = distributed_build(stack, sampler, ctx.store, curate_videos, "raw", "scale",
+                                                           {"until": "curate", "chunk_size": args.chunk_size})
+                print(json.dumps(results["curate_only"], default=str), flush=True)
             if full_videos:
                 results["full"] = distributed_build(stack, sampler, ctx.store, full_videos, "raw-full", "full", {})
                 print(json.dumps(results["full"], default=str), flush=True)
@@ -219,7 +220,8 @@ def main() -> None:
             sampler.stop_flag.set()
             worker.stop()
             stack.stop()
-        results["curate_only"]["embedded"] = embedded(curate_videos, "curate", args.concurrency, s3, work)
+        if curate_videos:
+            results["curate_only"]["embedded"] = embedded(curate_videos, "curate", args.concurrency, s3, work)
         if full_videos:
             results["full"]["embedded"] = embedded(full_videos, None, args.concurrency, s3, work)
     for r in results.values():
