@@ -70,7 +70,7 @@ DATASET = Asset(name="opensubject_dataset", uri="opensubject://datasets")
         "export": Param(True, type="boolean", title="Export shards, manifest and report",
                         description="After verify (a run up to curate or mine exports nothing)."),
         "chunk_size": Param(0, type="integer", minimum=0, title="Videos per chunk",
-                            description="0: automatic (at least 200, and as many as needed to stay "
+                            description="0: automatic (at least 1,000, and as many as needed to stay "
                                         "within Airflow's max_map_length)."),
     },
 )

@@ -316,9 +316,10 @@ class CelerySettings(_Section):
     retry_backoff_s: float = Field(5.0, gt=0)        # first delay; doubles each retry
     retry_backoff_max_s: float = Field(600.0, gt=0)
     poll_interval_s: float = Field(5.0, gt=0)        # how often Airflow's triggers look at progress
-    # A trigger fires no sooner than this after it started: the scheduler must first see the
-    # deferring run's own exit, or it takes the resumed task for a stray (Airflow race,
-    # apache/airflow#67287 and #72716) and retries it.
+    # A trigger that resumes its task fires no sooner than this after it started: the
+    # scheduler must first see the deferring run's own exit, or it takes the resumed task for
+    # a stray (Airflow race, apache/airflow#67287 and #72716) and retries it. A trigger that
+    # ends its task does not wait.
     trigger_min_wait_s: float = Field(5.0, ge=0)
 
     def limits(self, stage: str) -> StageTimeLimit:

@@ -34,11 +34,12 @@ from opensubject_tasks.storage.base import slug
 log = logging.getLogger(__name__)
 
 # A chunk holds at least this many videos and is made larger when a build would need more
-# chunks than Airflow maps. Chunks do not bound the work's parallelism (videos in flight
-# do), but each costs an Airflow task process (about 1 s of CPU) and a trigger: a 2,000-video
-# build in chunks of 50 spent 82 s of CPU in Airflow, in chunks of 200 37 s, and took 156 s
-# instead of 188 s on 2 cores (docs/distributed.md).
-MIN_CHUNK = 200
+# chunks than Airflow maps (10^6 videos: 1,000 chunks). Chunks do not bound the work's
+# parallelism (videos in flight do), but each costs an Airflow task process (about 1 s of
+# CPU) and a trigger: a 2,000-video build in chunks of 50 spent 82 s of CPU in Airflow, in
+# chunks of 200 37 s (docs/distributed.md). A chunk is also what turns red in the UI when one
+# of its videos failed on an error; its log lists which.
+MIN_CHUNK = 1000
 
 _contexts: dict[str, Context] = {}
 

@@ -7,7 +7,10 @@ joins all of them (so that start-up costs do not dominate), adds any videos give
 on the command line, and prints for each file, in one run:
 
 * bare decode fps: PyAV, threaded (``thread_type=AUTO``), frames decoded and
-  dropped (no conversion) -- the floor;
+  dropped (no conversion) -- what a user's own decode loop costs;
+* coarse decode fps: the same, but only the frames curation's coarse pass decodes
+  (unreferenced frames skipped, curation's decoding threads): curation's floor, so
+  ``coarse decode / CLI`` is the most ``curate / CLI`` can be on this machine;
 * curate fps: the curate stage through the real service, as ``opensubject run
   --until curate`` runs it (``run_stage(ctx, "curate", video_id)`` on an embedded
   context: SQLite + local store): probe, the one decode pass, shot detection,
@@ -67,7 +70,7 @@ sys.path.insert(0, str(REPO))
 from opensubject_tasks.config import CurateSettings, load_settings  # noqa: E402
 from opensubject_tasks.context import Context  # noqa: E402
 from opensubject_tasks.media.decode import iter_frames  # noqa: E402
-from opensubject_tasks.media.probe import probe_video  # noqa: E402
+from opensubject_tasks.media.probe import decode_threads, probe_video  # noqa: E402
 from opensubject_tasks.testmedia.samples import encode, make_samples  # noqa: E402
 from opensubject_tasks.media.shots import ShotDetector, ShotScore, score_cuts  # noqa: E402
 from opensubject_tasks.runner import run_build  # noqa: E402
@@ -91,6 +94,23 @@ def bare_decode(path: Path) -> tuple[int, float, float]:
         s = c.streams.video[0]
         s.thread_type = "AUTO"
         for _ in c.decode(s):
+            n += 1
+    return n, time.perf_counter() - t, _cpu() - c0
+
+
+def coarse_decode(path: Path, s: CurateSettings) -> tuple[int, float, float]:
+    """Frames decoded, wall seconds, CPU seconds of a bare decode of only the frames that
+    curation's coarse pass decodes (unreferenced frames skipped, the same decoding threads),
+    no conversion, no analysis: the floor for curation on this machine."""
+    t, c0 = time.perf_counter(), _cpu()
+    n = 0
+    with av.open(str(path)) as c:
+        st = c.streams.video[0]
+        st.thread_type = "AUTO"
+        st.codec_context.thread_count = decode_threads(st.codec_context.width, st.codec_context.height, s)
+        if s.decode_skip_nonref:
+            st.codec_context.skip_frame = "NONREF"
+        for _ in c.decode(st):
             n += 1
     return n, time.perf_counter() - t, _cpu() - c0
 
@@ -360,7 +380,7 @@ def main() -> None:
 
     # Runs are interleaved so that changes in the machine's load hit every contender alike;
     # each figure is the best (lowest) of the runs.
-    names = ("bare", "curate", "command", "cli")
+    names = ("bare", "coarse", "curate", "command", "cli")
     table = []
     totals = {k: [0.0, 0.0] for k in names}
     total_frames = total_decoded = 0
@@ -376,6 +396,9 @@ def main() -> None:
             n, w_, c_ = bare_decode(path)
             wall["bare"].append(w_)
             cpu["bare"].append(c_)
+            _, w_, c_ = coarse_decode(path, s)
+            wall["coarse"].append(w_)
+            cpu["coarse"].append(c_)
             n_cur, decoded, w_, c_, cuts["curate"] = service.run(path)
             assert n_cur == n, (path, n_cur, n)
             wall["curate"].append(w_)
@@ -421,26 +444,30 @@ def main() -> None:
           + " ".join(f"{x:.1f}" for x in os.getloadavg()) + "\n")
     print("Wall-clock frames per second (higher is better); shot P/R at ±2 frames with dissolves. "
           "`curate` = the curate service in a warm process, default settings (decoded: the frames its "
-          "coarse pass decoded); `command` = `opensubject run DIR --until curate --jobs 1` end to end; "
+          "coarse pass decoded); `coarse decode` = a bare decode of just those frames (same decoding "
+          "threads, nothing else): curation's floor, so `coarse decode / CLI` bounds `curate / CLI`; `command` = `opensubject run DIR --until curate --jobs 1` end to end; "
           "CLI = `scenedetect -i FILE detect-adaptive list-scenes`; CLI P/R = its detector fed every frame.\n")
-    print("| file | frames | decoded | bare decode | curate | command | PySceneDetect CLI | curate / bare | "
-          "command / bare | curate / CLI | command / CLI | P/R curate | P/R CLI detector |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    print("| file | frames | decoded | bare decode | coarse decode | curate | command | PySceneDetect CLI | "
+          "curate / bare | command / bare | curate / CLI | command / CLI | coarse decode / CLI | "
+          "P/R curate | P/R CLI detector |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for name, n, decoded, best, pr in table:
         fps = {k: n / best[k][0] for k in names}
-        print(f"| {name} | {n} | {decoded / n:.0%} | {fps['bare']:.0f} | {fps['curate']:.0f} | "
+        print(f"| {name} | {n} | {decoded / n:.0%} | {fps['bare']:.0f} | {fps['coarse']:.0f} | {fps['curate']:.0f} | "
               f"{fps['command']:.0f} | {fps['cli']:.0f} | {fps['curate'] / fps['bare']:.2f}x | "
               f"{fps['command'] / fps['bare']:.2f}x | {fps['curate'] / fps['cli']:.2f}x | "
-              f"{fps['command'] / fps['cli']:.2f}x | {pr.get('curate', '')} | {pr.get('cli', '')} |")
+              f"{fps['command'] / fps['cli']:.2f}x | {fps['coarse'] / fps['cli']:.2f}x | "
+              f"{pr.get('curate', '')} | {pr.get('cli', '')} |")
     print("\nCPU milliseconds per frame, all threads (lower is better; less sensitive to other load). "
           "curate = decode + analysis: analysis is the caller's thread (probe, scaling, shot detection, "
           "clips, keyframes, JPEG, quality, rows), decode the decode thread and FFmpeg's threads.\n")
-    print("| file | bare decode | curate | curate: decode | curate: analysis | command | PySceneDetect CLI | "
-          "curate / bare | CLI / curate |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| file | bare decode | coarse decode | curate | curate: decode | curate: analysis | command | "
+          "PySceneDetect CLI | curate / bare | CLI / curate |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, n, _, best, _ in table:
         ms = {k: 1000 * best[k][1] / n for k in (*names, "analysis")}
-        print(f"| {name} | {ms['bare']:.2f} | {ms['curate']:.2f} | {ms['curate'] - ms['analysis']:.2f} | "
+        print(f"| {name} | {ms['bare']:.2f} | {ms['coarse']:.2f} | {ms['curate']:.2f} | "
+              f"{ms['curate'] - ms['analysis']:.2f} | "
               f"{ms['analysis']:.2f} | {ms['command']:.2f} | {ms['cli']:.2f} | "
               f"{ms['curate'] / ms['bare']:.2f}x | {ms['cli'] / ms['curate']:.2f}x |")
     shutil.rmtree(service_dir, ignore_errors=True)

@@ -233,6 +233,20 @@ def pg_db(pg_url: str, _pg_tables: _Tables) -> str:
 
 
 @pytest.fixture()
+def orchestrate_ctx(pg_db: str, monkeypatch):
+    """The context of the orchestration functions (``orchestrate.context()``, what Airflow's
+    tasks and triggers use), on the session database."""
+    from opensubject_tasks import orchestrate
+    from opensubject_tasks.db.engine import upgrade
+
+    monkeypatch.setenv("OPENSUBJECT_DATABASE_URL", pg_db)
+    c = orchestrate.context()
+    upgrade(c.engine)
+    yield c
+    c.engine.dispose()
+
+
+@pytest.fixture()
 def pg_fresh_db(pg_url: str) -> str:
     """A database of this test's own with a freshly applied schema, dropped afterwards:
     for tests that change or drop the schema itself."""

@@ -7,17 +7,13 @@ import pytest
 from sqlalchemy import func, select
 
 from opensubject_tasks import orchestrate
-from opensubject_tasks.db.engine import session_scope, upgrade
+from opensubject_tasks.db.engine import session_scope
 from opensubject_tasks.db.models import Build, Clip, Pair, Sample, StageAttempt, Subject, Video
 
 
 @pytest.fixture()
-def ctx(pg_db, monkeypatch):
-    monkeypatch.setenv("OPENSUBJECT_DATABASE_URL", pg_db)
-    c = orchestrate.context()
-    upgrade(c.engine)
-    yield c
-    c.engine.dispose()
+def ctx(orchestrate_ctx):
+    return orchestrate_ctx
 
 
 @pytest.fixture()
@@ -45,7 +41,8 @@ def add_videos(c, build: str, n: int, **kw) -> list[str]:
 
 
 @pytest.mark.parametrize(("videos", "wanted", "limit", "size"), [
-    (10, 0, 1024, 200), (3000, 0, 1024, 200), (300_000, 0, 1024, 293), (1_000_000, 0, 1024, 977),
+    (10, 0, 1024, 1000), (3000, 0, 1024, 1000), (300_000, 0, 1024, 1000), (1_000_000, 0, 1024, 1000),
+    (2_000_000, 0, 1024, 1954),
     (20, 2, 8, 3), (20, 5, 8, 5)])
 def test_chunk_size_keeps_a_build_within_the_mapping_limit(videos, wanted, limit, size):
     got = orchestrate.chunk_size_for(videos, limit, wanted)
@@ -176,11 +173,12 @@ def test_claims_of_more_ids_than_a_statement_may_bind_work_through_psycopg3(pg_d
     try:
         for build in ("claimed", "given"):
             ensure_build(c, build, {}, "cpu")
-        chunks = orchestrate.claim_build_videos("claimed", max_chunks=300)
-        assert owners() == {"claimed": n} and len(chunks) == 300  # chunks of ceil(n / 300) = 220
+        chunks = orchestrate.claim_build_videos("claimed", max_chunks=300, chunk_size=220)
+        assert owners() == {"claimed": n} and len(chunks) == 300  # chunks of 220
         with c.engine.begin() as conn:  # given back, then asked for by id
             conn.execute(text("UPDATE videos SET build_id = NULL, chunk = NULL"))
-        given = orchestrate.claim_build_videos("given", video_ids=[f"v{i:06d}" for i in range(n)], max_chunks=300)
+        given = orchestrate.claim_build_videos("given", video_ids=[f"v{i:06d}" for i in range(n)], max_chunks=300,
+                                               chunk_size=100)  # grown to 220 to fit 300 chunks
         assert owners() == {"given": n} and len(given) == 300
         with session_scope(c.sessions) as s:
             assert s.scalar(select(func.count(func.distinct(Video.chunk)))) == 300

@@ -16,11 +16,8 @@ from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 _CLASSPATH = "opensubject_airflow.triggers."
 
 
-async def _poll(check: Callable[[], dict[str, Any] | None], interval: float, log: Any,
-                min_wait: float = 0.0) -> dict[str, Any]:
-    """Call ``check`` in a thread every ``interval`` s until it returns an outcome; never
-    return before ``min_wait`` s have passed."""
-    earliest = asyncio.get_running_loop().time() + min_wait
+async def _poll(check: Callable[[], dict[str, Any] | None], interval: float, log: Any) -> dict[str, Any]:
+    """Call ``check`` in a thread every ``interval`` s until it returns an outcome."""
     while True:
         try:
             outcome = await asyncio.to_thread(check)
@@ -29,9 +26,17 @@ async def _poll(check: Callable[[], dict[str, Any] | None], interval: float, log
                         type(exc).__name__, exc, interval)
             outcome = None
         if outcome is not None:
-            await asyncio.sleep(max(0.0, earliest - asyncio.get_running_loop().time()))
             return outcome
         await asyncio.sleep(interval)
+
+
+async def _resume_not_before(started: float, min_wait: float) -> None:
+    """Hold an event that resumes the task until ``min_wait`` s after the trigger started:
+    the scheduler must first see the deferring run's exit, or it may take the resumed task
+    for a stray (apache/airflow#67287, #72716). An event that ends the task needs no wait:
+    a finished task instance is not mistaken for one (the scheduler's check covers queued
+    and running states only)."""
+    await asyncio.sleep(max(0.0, started + min_wait - asyncio.get_running_loop().time()))
 
 
 class ChunkTrigger(BaseTrigger):
@@ -67,13 +72,15 @@ class ChunkTrigger(BaseTrigger):
         return chunk_summary(report)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        progress = await _poll(self._check, self.poll_interval, self.log, self.min_wait)
+        started = asyncio.get_running_loop().time()
+        progress = await _poll(self._check, self.poll_interval, self.log)
         try:
             summary = await asyncio.to_thread(self._clean_summary)
         except Exception as exc:  # noqa: BLE001 - the resumed task reads the report again
             self.log.warning("chunk report failed here (%s: %s); the task reads it", type(exc).__name__, exc)
             summary = None
         if summary is None:
+            await _resume_not_before(started, self.min_wait)
             yield TriggerEvent(progress)
         else:
             yield TaskSuccessEvent(xcoms={"return_value": summary})
@@ -105,11 +112,13 @@ class TaskOutcomeTrigger(BaseTrigger):
         return task_outcome(self.celery_task_id)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        outcome = await _poll(self._check, self.poll_interval, self.log, self.min_wait)
+        started = asyncio.get_running_loop().time()
+        outcome = await _poll(self._check, self.poll_interval, self.log)
         if self.end_on_success and outcome["status"] == "success":
             self.log.info("%s ended: %s", self.label or self.celery_task_id, outcome["result"])
             yield TaskSuccessEvent(xcoms={"return_value": outcome["result"]})
         else:
+            await _resume_not_before(started, self.min_wait)
             yield TriggerEvent(outcome)
 
 
