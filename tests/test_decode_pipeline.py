@@ -122,6 +122,19 @@ def test_pictures_from_640x360_up_are_decoded_on_at_least_8_frame_threads(tmp_pa
         assert [f.index for f in iter_frames(path, probe_video(path, single), single)] == [f.index for f in frames]
 
 
+def test_skipping_the_deblocking_filter_is_opt_in_and_keeps_the_frames_analysed(tmp_path: Path):
+    """``decode_skip_loop_filter`` makes the one decode pass cheaper: the same frames come
+    out (the coarse pass's choice does not depend on it), their pictures a little off the
+    filtered ones; by default the pictures are those of a plain decode (test above)."""
+    path = _video(tmp_path / "v.mp4", n=30, size=(640, 360))
+    s = CurateSettings(decode_skip_loop_filter=True)
+    filtered = {f.index: f.small for f in iter_frames(path, probe_video(path, CurateSettings()), CurateSettings())}
+    unfiltered = {f.index: f.small for f in iter_frames(path, probe_video(path, s), s)}
+    assert list(unfiltered) == list(filtered)
+    diffs = [float(np.abs(unfiltered[i].astype(np.int16) - filtered[i]).mean()) for i in filtered]
+    assert max(diffs) > 0 and float(np.mean(diffs)) < 3.0
+
+
 def _packet(pts: int | None) -> av.Packet:
     packet = av.Packet(b"\0\0")
     packet.pts = pts

@@ -221,6 +221,8 @@ def _probe(path: Path, c: av.container.InputContainer, s: CurateSettings) -> Ope
     # The decode pass continues with this decoder, so it gets that pass's threading now.
     v.thread_type = "AUTO"
     v.thread_count = decode_threads(width, height, s)
+    if s.decode_skip_loop_filter:  # a decoder option: set before it opens, at the first packet
+        v.codec_context.options = {**v.codec_context.options, "skip_loop_filter": "all"}
     # The coarse pass (decode_skip_nonref) skips from the first packet on, so which frames
     # come out is the stream's affair (each picture says whether others refer to it), not
     # the thread count's: frames in flight when skipping began would come out whole, more
